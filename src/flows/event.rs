@@ -1,0 +1,616 @@
+//! What a flow event is, and how one is recognised inside a span event or a log record.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+
+use super::intern::Interner;
+use crate::config::{Config, DimensionSource};
+
+/// Values of the configured dimensions of one side (start or end), in config order.
+pub type DimValues = Arc<[Arc<str>]>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Success,
+    Failure,
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    /// Case-insensitive, with the aliases of SPEC §2.
+    pub fn parse(raw: &str) -> Option<Outcome> {
+        const TABLE: [(&str, Outcome); 7] = [
+            ("success", Outcome::Success),
+            ("ok", Outcome::Success),
+            ("failure", Outcome::Failure),
+            ("failed", Outcome::Failure),
+            ("error", Outcome::Failure),
+            ("cancelled", Outcome::Cancelled),
+            ("canceled", Outcome::Cancelled),
+        ];
+        let raw = raw.trim();
+        TABLE
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(raw))
+            .map(|(_, o)| *o)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Start,
+    End(Outcome),
+}
+
+impl EventKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            EventKind::Start => "start",
+            EventKind::End(_) => "end",
+        }
+    }
+}
+
+/// Where a flow event was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    SpanEvent,
+    Log,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::SpanEvent => "span_event",
+            Source::Log => "log",
+        }
+    }
+}
+
+/// The trace and span an event was emitted in, for exemplars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceRef {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+}
+
+impl TraceRef {
+    /// Only well-formed, non-zero ids make an exemplar.
+    pub fn from_ids(trace_id: &[u8], span_id: &[u8]) -> Option<TraceRef> {
+        let trace_id: [u8; 16] = trace_id.try_into().ok()?;
+        let span_id: [u8; 8] = span_id.try_into().ok()?;
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        Some(TraceRef { trace_id, span_id })
+    }
+}
+
+/// One recognised flow event, ready for the correlation table.
+#[derive(Debug, Clone)]
+pub struct FlowEvent {
+    pub flow: Arc<str>,
+    pub correlation_id: Box<str>,
+    pub kind: EventKind,
+    /// Unix nanoseconds: the event's own time, else the time it was received.
+    pub timestamp_nanos: u64,
+    /// Values of the dimensions read from this side (start dims on a start, end dims on
+    /// an end).
+    pub dims: DimValues,
+    pub trace: Option<TraceRef>,
+    pub source: Source,
+}
+
+/// Why a flow event was refused. The label values are public (`reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    InvalidFlowName,
+    MissingCorrelationId,
+    CorrelationIdTooLong,
+    InvalidOutcome(String),
+    UnknownFlow,
+}
+
+impl Rejection {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::InvalidFlowName => "invalid_flow_name",
+            Rejection::MissingCorrelationId => "missing_correlation_id",
+            Rejection::CorrelationIdTooLong => "correlation_id_too_long",
+            Rejection::InvalidOutcome(_) => "invalid_outcome",
+            Rejection::UnknownFlow => "unknown_flow",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::InvalidFlowName => f.write_str("invalid flow name"),
+            Rejection::MissingCorrelationId => f.write_str("missing correlation id"),
+            Rejection::CorrelationIdTooLong => f.write_str("correlation id too long"),
+            Rejection::InvalidOutcome(v) => write!(f, "invalid outcome {v:?}"),
+            Rejection::UnknownFlow => f.write_str("unknown flow"),
+        }
+    }
+}
+
+/// 1–128 characters of `[A-Za-z0-9_.:-]`.
+pub fn is_valid_flow_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Attribute lists searched in order: the event, its span (or log record), the resource.
+#[derive(Clone, Copy, Default)]
+pub struct AttributeLayers<'a> {
+    pub event: &'a [KeyValue],
+    pub parent: &'a [KeyValue],
+    pub resource: &'a [KeyValue],
+}
+
+impl<'a> AttributeLayers<'a> {
+    fn find(&self, key: &str) -> Option<&'a any_value::Value> {
+        [self.event, self.parent, self.resource]
+            .into_iter()
+            .find_map(|layer| find_attribute(layer, key))
+    }
+}
+
+fn find_attribute<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+/// A string or integer attribute as text; other types do not count as present.
+fn scalar_text(value: &any_value::Value) -> Option<std::borrow::Cow<'_, str>> {
+    match value {
+        any_value::Value::StringValue(s) if !s.is_empty() => Some(s.as_str().into()),
+        any_value::Value::IntValue(i) => Some(i.to_string().into()),
+        _ => None,
+    }
+}
+
+/// A dimension value as a label value: strings as they are, scalars printed.
+fn label_text(value: &any_value::Value) -> Option<String> {
+    match value {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        any_value::Value::BoolValue(b) => Some(b.to_string()),
+        any_value::Value::DoubleValue(d) => Some(d.to_string()),
+        _ => None,
+    }
+}
+
+struct DimensionRule {
+    attribute: String,
+    default: Arc<str>,
+}
+
+/// Everything needed to recognise flow events, built once from the config.
+pub struct Extractor {
+    prefix: String,
+    start_suffix: String,
+    end_suffix: String,
+    correlation_keys: Vec<String>,
+    outcome_key: String,
+    max_correlation_id_bytes: usize,
+    known_flows: Option<HashSet<String>>,
+    start_dims: Vec<DimensionRule>,
+    end_dims: Vec<DimensionRule>,
+    names: Interner,
+    values: Interner,
+    empty_dims: DimValues,
+}
+
+/// Limit on remembered distinct flow names and dimension values.
+const INTERNER_CAPACITY: usize = 100_000;
+
+impl Extractor {
+    pub fn new(config: &Config) -> Self {
+        let rules = |side: DimensionSource| {
+            config
+                .dimensions
+                .iter()
+                .filter(|d| d.from == side)
+                .map(|d| DimensionRule {
+                    attribute: d.attribute.clone(),
+                    default: Arc::from(d.default.as_deref().unwrap_or("")),
+                })
+                .collect()
+        };
+        Self {
+            prefix: config.events.prefix.clone(),
+            start_suffix: config.events.start_suffix.clone(),
+            end_suffix: config.events.end_suffix.clone(),
+            correlation_keys: config.events.correlation_keys.clone(),
+            outcome_key: config.events.outcome_key.clone(),
+            max_correlation_id_bytes: config.events.max_correlation_id_bytes,
+            known_flows: (!config.flows.allow_unknown)
+                .then(|| config.flows.per_flow.keys().cloned().collect()),
+            start_dims: rules(DimensionSource::Start),
+            end_dims: rules(DimensionSource::End),
+            names: Interner::new(INTERNER_CAPACITY),
+            values: Interner::new(INTERNER_CAPACITY),
+            empty_dims: Arc::from(Vec::new()),
+        }
+    }
+
+    /// Splits an event name into (is_start, flow name) when it has the flow shape.
+    /// Names with the prefix but neither suffix are not flow events at all.
+    fn classify<'n>(&self, name: &'n str) -> Option<(bool, &'n str)> {
+        let rest = name.strip_prefix(self.prefix.as_str())?;
+        if let Some(flow) = rest.strip_suffix(self.start_suffix.as_str()) {
+            Some((true, flow))
+        } else {
+            rest.strip_suffix(self.end_suffix.as_str())
+                .map(|flow| (false, flow))
+        }
+    }
+
+    /// Cheap pre-check: could this name be a flow event?
+    pub fn may_be_flow_event(&self, name: &str) -> bool {
+        name.starts_with(self.prefix.as_str())
+    }
+
+    /// Recognises one event. `Ok(None)`: not a flow event. `is_error`: the span's status
+    /// is ERROR (or the log record's severity is ERROR or worse), used when no outcome
+    /// attribute is given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn extract(
+        &self,
+        name: &str,
+        layers: AttributeLayers<'_>,
+        timestamp_nanos: u64,
+        received_nanos: u64,
+        is_error: bool,
+        trace: Option<TraceRef>,
+        source: Source,
+    ) -> Result<Option<FlowEvent>, Rejection> {
+        let Some((is_start, flow)) = self.classify(name) else {
+            return Ok(None);
+        };
+        if !is_valid_flow_name(flow) {
+            return Err(Rejection::InvalidFlowName);
+        }
+        if let Some(known) = &self.known_flows {
+            if !known.contains(flow) {
+                return Err(Rejection::UnknownFlow);
+            }
+        }
+        let correlation_id = self
+            .correlation_keys
+            .iter()
+            .find_map(|key| layers.find(key).and_then(scalar_text))
+            .ok_or(Rejection::MissingCorrelationId)?;
+        if correlation_id.len() > self.max_correlation_id_bytes {
+            return Err(Rejection::CorrelationIdTooLong);
+        }
+        let kind = if is_start {
+            EventKind::Start
+        } else {
+            let outcome = match find_attribute(layers.event, &self.outcome_key) {
+                Some(any_value::Value::StringValue(raw)) => Outcome::parse(raw)
+                    .ok_or_else(|| Rejection::InvalidOutcome(truncate(raw, 64)))?,
+                Some(other) => {
+                    return Err(Rejection::InvalidOutcome(truncate(
+                        &label_text(other).unwrap_or_default(),
+                        64,
+                    )))
+                }
+                None if is_error => Outcome::Failure,
+                None => Outcome::Success,
+            };
+            EventKind::End(outcome)
+        };
+        let rules = if is_start {
+            &self.start_dims
+        } else {
+            &self.end_dims
+        };
+        let dims = if rules.is_empty() {
+            self.empty_dims.clone()
+        } else {
+            rules
+                .iter()
+                .map(
+                    |rule| match layers.find(&rule.attribute).and_then(label_text) {
+                        Some(v) => self.values.intern(&v),
+                        None => rule.default.clone(),
+                    },
+                )
+                .collect()
+        };
+        Ok(Some(FlowEvent {
+            flow: self.names.intern(flow),
+            correlation_id: correlation_id.into(),
+            kind,
+            timestamp_nanos: if timestamp_nanos == 0 {
+                received_nanos
+            } else {
+                timestamp_nanos
+            },
+            dims,
+            trace,
+            source,
+        }))
+    }
+
+    /// The values an end contributes when there was no end (time-outs): all empty.
+    pub fn end_dim_count(&self) -> usize {
+        self.end_dims.len()
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::common::v1::AnyValue;
+
+    fn kv(key: &str, value: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        }
+    }
+
+    fn s(key: &str, v: &str) -> KeyValue {
+        kv(key, any_value::Value::StringValue(v.into()))
+    }
+
+    fn extractor() -> Extractor {
+        Extractor::new(&Config::default())
+    }
+
+    fn extract(
+        x: &Extractor,
+        name: &str,
+        event: &[KeyValue],
+        is_error: bool,
+    ) -> Result<Option<FlowEvent>, Rejection> {
+        x.extract(
+            name,
+            AttributeLayers {
+                event,
+                ..Default::default()
+            },
+            10,
+            99,
+            is_error,
+            None,
+            Source::SpanEvent,
+        )
+    }
+
+    #[test]
+    fn recognises_start_and_end_with_dotted_flow_names() {
+        let x = extractor();
+        let e = extract(
+            &x,
+            "flow.checkout.payment.start",
+            &[s("correlation-id", "a")],
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(&*e.flow, "checkout.payment");
+        assert_eq!(e.kind, EventKind::Start);
+        assert_eq!(&*e.correlation_id, "a");
+        let e = extract(&x, "flow.order.end", &[s("correlation_id", "b")], false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.kind, EventKind::End(Outcome::Success));
+    }
+
+    #[test]
+    fn other_event_names_are_not_flow_events() {
+        let x = extractor();
+        for name in ["exception", "flow.bytes.delta", "order.start", "flow.start"] {
+            assert_eq!(
+                extract(&x, name, &[s("correlation-id", "a")], false)
+                    .unwrap()
+                    .map(|e| e.flow),
+                None,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_flow_names_are_rejected() {
+        let x = extractor();
+        let long = format!("flow.{}.start", "a".repeat(129));
+        for name in [
+            "flow..start",
+            "flow.a b.start",
+            "flow.é.start",
+            long.as_str(),
+        ] {
+            assert_eq!(
+                extract(&x, name, &[s("correlation-id", "a")], false).unwrap_err(),
+                Rejection::InvalidFlowName,
+                "{name}"
+            );
+        }
+        let ok = format!("flow.{}.start", "a".repeat(128));
+        assert!(extract(&x, &ok, &[s("correlation-id", "a")], false).is_ok());
+    }
+
+    #[test]
+    fn outcome_aliases_are_case_insensitive() {
+        let x = extractor();
+        for (raw, want) in [
+            ("success", Outcome::Success),
+            ("OK", Outcome::Success),
+            ("Failure", Outcome::Failure),
+            ("failed", Outcome::Failure),
+            ("ERROR", Outcome::Failure),
+            ("cancelled", Outcome::Cancelled),
+            ("Canceled", Outcome::Cancelled),
+        ] {
+            let e = extract(
+                &x,
+                "flow.o.end",
+                &[s("correlation-id", "a"), s("outcome", raw)],
+                false,
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(e.kind, EventKind::End(want), "{raw}");
+        }
+        assert_eq!(
+            extract(
+                &x,
+                "flow.o.end",
+                &[s("correlation-id", "a"), s("outcome", "done")],
+                false
+            )
+            .unwrap_err(),
+            Rejection::InvalidOutcome("done".into())
+        );
+    }
+
+    #[test]
+    fn missing_outcome_follows_span_status() {
+        let x = extractor();
+        let e = extract(&x, "flow.o.end", &[s("correlation-id", "a")], true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.kind, EventKind::End(Outcome::Failure));
+        let e = extract(&x, "flow.o.end", &[s("correlation-id", "a")], false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.kind, EventKind::End(Outcome::Success));
+        // An explicit outcome wins over the status.
+        let e = extract(
+            &x,
+            "flow.o.end",
+            &[s("correlation-id", "a"), s("outcome", "cancelled")],
+            true,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(e.kind, EventKind::End(Outcome::Cancelled));
+    }
+
+    #[test]
+    fn correlation_id_lookup_order_types_and_limits() {
+        let x = extractor();
+        let span = [s("correlation-id", "from-span")];
+        let resource = [s("correlation-id", "from-resource")];
+        let event = [kv("correlation_id", any_value::Value::IntValue(42))];
+        let get = |event: &[KeyValue], parent: &[KeyValue], resource: &[KeyValue]| {
+            x.extract(
+                "flow.f.start",
+                AttributeLayers {
+                    event,
+                    parent,
+                    resource,
+                },
+                1,
+                2,
+                false,
+                None,
+                Source::SpanEvent,
+            )
+        };
+        // First key in the list wins across layers? No: the first *key* present anywhere,
+        // searched event → span → resource for each key in order.
+        assert_eq!(
+            &*get(&[], &span, &resource).unwrap().unwrap().correlation_id,
+            "from-span"
+        );
+        assert_eq!(
+            &*get(&[], &[], &resource).unwrap().unwrap().correlation_id,
+            "from-resource"
+        );
+        assert_eq!(
+            &*get(&event, &[], &[]).unwrap().unwrap().correlation_id,
+            "42"
+        );
+        assert_eq!(
+            get(&[], &[], &[]).unwrap_err(),
+            Rejection::MissingCorrelationId
+        );
+        let bools = [kv("correlation-id", any_value::Value::BoolValue(true))];
+        assert_eq!(
+            get(&bools, &[], &[]).unwrap_err(),
+            Rejection::MissingCorrelationId
+        );
+        let empty = [s("correlation-id", "")];
+        assert_eq!(
+            get(&empty, &[], &[]).unwrap_err(),
+            Rejection::MissingCorrelationId
+        );
+        let long = [s("correlation-id", &"x".repeat(257))];
+        assert_eq!(
+            get(&long, &[], &[]).unwrap_err(),
+            Rejection::CorrelationIdTooLong
+        );
+        let just_fits = [s("correlation-id", &"x".repeat(256))];
+        assert!(get(&just_fits, &[], &[]).is_ok());
+    }
+
+    #[test]
+    fn zero_timestamp_means_received_time() {
+        let x = extractor();
+        let e = x
+            .extract(
+                "flow.f.start",
+                AttributeLayers {
+                    event: &[s("correlation-id", "a")],
+                    ..Default::default()
+                },
+                0,
+                777,
+                false,
+                None,
+                Source::Log,
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.timestamp_nanos, 777);
+    }
+
+    #[test]
+    fn unknown_flows_are_rejected_when_not_allowed() {
+        let mut c = Config::default();
+        c.flows.allow_unknown = false;
+        c.flows.per_flow.insert("known".into(), Default::default());
+        let x = Extractor::new(&c);
+        assert!(extract(&x, "flow.known.start", &[s("correlation-id", "a")], false).is_ok());
+        assert_eq!(
+            extract(&x, "flow.other.start", &[s("correlation-id", "a")], false).unwrap_err(),
+            Rejection::UnknownFlow
+        );
+    }
+
+    #[test]
+    fn trace_refs_need_well_formed_ids() {
+        assert!(TraceRef::from_ids(&[1; 16], &[2; 8]).is_some());
+        assert!(TraceRef::from_ids(&[1; 15], &[2; 8]).is_none());
+        assert!(TraceRef::from_ids(&[0; 16], &[2; 8]).is_none());
+        assert!(TraceRef::from_ids(&[1; 16], &[]).is_none());
+    }
+}

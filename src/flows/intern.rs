@@ -1,0 +1,62 @@
+//! Bounded string interning for flow names and dimension values: a million open instances
+//! of one flow share one allocation for its name. Past `capacity` distinct strings, new
+//! ones are no longer remembered (still correct, only not shared), so a flood of unique
+//! values cannot grow the interner without bound.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+pub struct Interner {
+    strings: RwLock<HashSet<Arc<str>>>,
+    capacity: usize,
+}
+
+impl Interner {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            strings: RwLock::new(HashSet::new()),
+            capacity,
+        }
+    }
+
+    pub fn intern(&self, s: &str) -> Arc<str> {
+        if let Some(found) = self.strings.read().expect("interner lock").get(s) {
+            return found.clone();
+        }
+        let mut strings = self.strings.write().expect("interner lock");
+        if let Some(found) = strings.get(s) {
+            return found.clone();
+        }
+        let fresh: Arc<str> = Arc::from(s);
+        if strings.len() < self.capacity {
+            strings.insert(fresh.clone());
+        }
+        fresh
+    }
+
+    pub fn len(&self) -> usize {
+        self.strings.read().expect("interner lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_and_stays_bounded() {
+        let i = Interner::new(2);
+        let a = i.intern("a");
+        assert!(Arc::ptr_eq(&a, &i.intern("a")));
+        i.intern("b");
+        let c1 = i.intern("c");
+        let c2 = i.intern("c");
+        assert_eq!(&*c1, "c");
+        assert!(!Arc::ptr_eq(&c1, &c2));
+        assert_eq!(i.len(), 2);
+    }
+}

@@ -1,0 +1,275 @@
+//! Request bytes (+ media type, + content encoding) → OTLP request messages.
+
+use std::io::Read;
+
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+use serde::de::DeserializeOwned;
+
+/// Body formats of OTLP/HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaType {
+    Protobuf,
+    Json,
+}
+
+impl MediaType {
+    /// Parses a `Content-Type` header; parameters (`; charset=utf-8`) are ignored.
+    pub fn from_header(value: Option<&str>) -> Option<MediaType> {
+        let essence = value?.split(';').next()?.trim();
+        if essence.eq_ignore_ascii_case("application/x-protobuf")
+            || essence.eq_ignore_ascii_case("application/protobuf")
+        {
+            Some(MediaType::Protobuf)
+        } else if essence.eq_ignore_ascii_case("application/json") {
+            Some(MediaType::Json)
+        } else {
+            None
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            MediaType::Protobuf => "application/x-protobuf",
+            MediaType::Json => "application/json",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentEncoding {
+    Identity,
+    Gzip,
+    Deflate,
+    Zstd,
+}
+
+impl ContentEncoding {
+    pub fn from_header(value: Option<&str>) -> Option<ContentEncoding> {
+        match value.map(str::trim) {
+            None | Some("") => Some(ContentEncoding::Identity),
+            Some(v) if v.eq_ignore_ascii_case("identity") => Some(ContentEncoding::Identity),
+            Some(v) if v.eq_ignore_ascii_case("gzip") || v.eq_ignore_ascii_case("x-gzip") => {
+                Some(ContentEncoding::Gzip)
+            }
+            Some(v) if v.eq_ignore_ascii_case("deflate") => Some(ContentEncoding::Deflate),
+            Some(v) if v.eq_ignore_ascii_case("zstd") => Some(ContentEncoding::Zstd),
+            Some(_) => None,
+        }
+    }
+}
+
+/// Why a body could not be turned into a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Larger than the limit after decompression.
+    TooLarge { limit: usize },
+    /// Not valid for its encoding or media type; the message says where.
+    Invalid(String),
+}
+
+/// Decompresses `body`, refusing to produce more than `limit` bytes (a gzip bomb stops
+/// at the limit, it never allocates its full size).
+pub fn decompress(
+    body: Bytes,
+    encoding: ContentEncoding,
+    limit: usize,
+) -> Result<Bytes, DecodeError> {
+    let reader: Box<dyn Read + '_> = match encoding {
+        ContentEncoding::Identity => {
+            return if body.len() > limit {
+                Err(DecodeError::TooLarge { limit })
+            } else {
+                Ok(body)
+            }
+        }
+        ContentEncoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
+        ContentEncoding::Deflate => {
+            // "deflate" is zlib-wrapped per RFC 9110, but some clients send raw deflate.
+            if looks_like_zlib(&body) {
+                Box::new(flate2::read::ZlibDecoder::new(&body[..]))
+            } else {
+                Box::new(flate2::read::DeflateDecoder::new(&body[..]))
+            }
+        }
+        ContentEncoding::Zstd => Box::new(
+            zstd::stream::read::Decoder::new(&body[..])
+                .map_err(|e| DecodeError::Invalid(format!("zstd body: {e}")))?,
+        ),
+    };
+    let mut out = Vec::with_capacity((body.len() * 4).min(limit));
+    let read = reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| DecodeError::Invalid(format!("compressed body: {e}")))?;
+    if read > limit {
+        return Err(DecodeError::TooLarge { limit });
+    }
+    Ok(Bytes::from(out))
+}
+
+fn looks_like_zlib(b: &[u8]) -> bool {
+    b.len() >= 2 && b[0] & 0x0f == 8 && (u16::from(b[0]) << 8 | u16::from(b[1])) % 31 == 0
+}
+
+/// Message types that can arrive over OTLP/HTTP.
+pub trait OtlpRequest: Message + Default + DeserializeOwned {
+    /// The top-level JSON key, to spot snake_case bodies that would decode as empty.
+    const SNAKE_CASE_KEY: &'static str;
+    fn is_empty(&self) -> bool;
+    /// Checks what neither prost nor serde checks: trace and span id lengths.
+    fn check_ids(&self) -> Result<(), String>;
+}
+
+fn check_id(bytes: &[u8], len: usize, what: &str) -> Result<(), String> {
+    if bytes.is_empty() || bytes.len() == len {
+        Ok(())
+    } else {
+        Err(format!("{what} must be {len} bytes, got {}", bytes.len()))
+    }
+}
+
+impl OtlpRequest for ExportTraceServiceRequest {
+    const SNAKE_CASE_KEY: &'static str = "\"resource_spans\"";
+    fn is_empty(&self) -> bool {
+        self.resource_spans.is_empty()
+    }
+    fn check_ids(&self) -> Result<(), String> {
+        for span in self
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+        {
+            check_id(&span.trace_id, 16, "traceId")?;
+            check_id(&span.span_id, 8, "spanId")?;
+            check_id(&span.parent_span_id, 8, "parentSpanId")?;
+        }
+        Ok(())
+    }
+}
+
+impl OtlpRequest for ExportLogsServiceRequest {
+    const SNAKE_CASE_KEY: &'static str = "\"resource_logs\"";
+    fn is_empty(&self) -> bool {
+        self.resource_logs.is_empty()
+    }
+    fn check_ids(&self) -> Result<(), String> {
+        for record in self
+            .resource_logs
+            .iter()
+            .flat_map(|r| &r.scope_logs)
+            .flat_map(|s| &s.log_records)
+        {
+            check_id(&record.trace_id, 16, "traceId")?;
+            check_id(&record.span_id, 8, "spanId")?;
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a complete (decompressed) body.
+pub fn decode<R: OtlpRequest>(body: &[u8], media: MediaType) -> Result<R, DecodeError> {
+    let request = match media {
+        MediaType::Protobuf => {
+            R::decode(body).map_err(|e| DecodeError::Invalid(format!("protobuf body: {e}")))?
+        }
+        MediaType::Json => {
+            let request: R = serde_json::from_slice(body)
+                .map_err(|e| DecodeError::Invalid(format!("JSON body: {e}")))?;
+            if request.is_empty() && contains(body, R::SNAKE_CASE_KEY.as_bytes()) {
+                return Err(DecodeError::Invalid(format!(
+                    "JSON body uses the snake_case key {}: OTLP/JSON keys are lowerCamelCase",
+                    R::SNAKE_CASE_KEY
+                )));
+            }
+            request
+        }
+    };
+    request.check_ids().map_err(DecodeError::Invalid)?;
+    Ok(request)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn media_types_ignore_parameters_and_case() {
+        assert_eq!(
+            MediaType::from_header(Some("application/json; charset=utf-8")),
+            Some(MediaType::Json)
+        );
+        assert_eq!(
+            MediaType::from_header(Some("Application/X-Protobuf")),
+            Some(MediaType::Protobuf)
+        );
+        assert_eq!(MediaType::from_header(Some("text/plain")), None);
+        assert_eq!(MediaType::from_header(None), None);
+    }
+
+    #[test]
+    fn decompression_is_bounded() {
+        let big = vec![0u8; 10 * 1024 * 1024];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&big).unwrap();
+        let gz = Bytes::from(gz.finish().unwrap());
+        assert!(gz.len() < 100 * 1024);
+        assert_eq!(
+            decompress(gz.clone(), ContentEncoding::Gzip, 1024 * 1024),
+            Err(DecodeError::TooLarge { limit: 1024 * 1024 })
+        );
+        assert_eq!(
+            decompress(gz, ContentEncoding::Gzip, 10 * 1024 * 1024)
+                .unwrap()
+                .len(),
+            big.len()
+        );
+    }
+
+    #[test]
+    fn deflate_accepts_zlib_and_raw() {
+        let data = b"hello hello hello".to_vec();
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&data).unwrap();
+        let mut raw =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        raw.write_all(&data).unwrap();
+        for body in [z.finish().unwrap(), raw.finish().unwrap()] {
+            assert_eq!(
+                &decompress(Bytes::from(body), ContentEncoding::Deflate, 1000).unwrap()[..],
+                &data[..]
+            );
+        }
+    }
+
+    #[test]
+    fn corrupt_bodies_are_invalid() {
+        let junk = Bytes::from_static(b"\x1f\x8b not really gzip");
+        assert!(matches!(
+            decompress(junk, ContentEncoding::Gzip, 1000),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode::<ExportTraceServiceRequest>(b"\xff\xff\xff", MediaType::Protobuf),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn json_ids_are_length_checked_and_snake_case_is_refused() {
+        let bad = br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"abcd","spanId":"1111111111111111"}]}]}]}"#;
+        let err = decode::<ExportTraceServiceRequest>(bad, MediaType::Json).unwrap_err();
+        assert!(matches!(err, DecodeError::Invalid(m) if m.contains("traceId")));
+        let snake = br#"{"resource_spans":[{"scope_spans":[]}]}"#;
+        let err = decode::<ExportTraceServiceRequest>(snake, MediaType::Json).unwrap_err();
+        assert!(matches!(err, DecodeError::Invalid(m) if m.contains("lowerCamelCase")));
+    }
+}

@@ -1,0 +1,5 @@
+//! Transports in: OTLP/HTTP and OTLP/gRPC, both feeding [`crate::pipeline::Pipeline`].
+
+pub mod decode;
+pub mod http;
+pub mod reply;

@@ -1,0 +1,149 @@
+//! The `flowmetrics` command: `run` (the default) and `check-config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use flowmetrics::config::{Config, LogFormat};
+use flowmetrics::App;
+
+const USAGE: &str = "\
+flowmetrics: OpenTelemetry flow events in, Prometheus RED metrics per flow out.
+
+Usage:
+  flowmetrics [run] [--config PATH]        run the service
+  flowmetrics check-config [--config PATH] validate and print the effective config
+  flowmetrics --help | --version
+
+With no config file the service runs on its built-in defaults. The file may also be
+named by FLOWMETRICS_CONFIG; FLOWMETRICS_<KEY> variables (`__` nests) override it,
+e.g. FLOWMETRICS_LISTEN__OTLP_HTTP=0.0.0.0:4318. RUST_LOG overrides log.level.
+";
+
+enum Command {
+    Run,
+    CheckConfig,
+}
+
+fn parse_args() -> Result<(Command, Option<PathBuf>), String> {
+    let mut command = None;
+    let mut config = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            "-V" | "--version" => {
+                println!("flowmetrics {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            "-c" | "--config" => {
+                config = Some(PathBuf::from(args.next().ok_or("--config needs a path")?));
+            }
+            s if s.starts_with("--config=") => {
+                config = Some(PathBuf::from(&s["--config=".len()..]))
+            }
+            "run" if command.is_none() => command = Some(Command::Run),
+            "check-config" if command.is_none() => command = Some(Command::CheckConfig),
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    Ok((command.unwrap_or(Command::Run), config))
+}
+
+fn init_logging(config: &Config) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::EnvFilter>().ok())
+        .unwrap_or_else(|| {
+            config
+                .log
+                .level
+                .parse()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let (command, config_path) = match parse_args() {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("flowmetrics: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::from_process_env(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("flowmetrics: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::CheckConfig => {
+            print!("{}", config.to_yaml());
+            eprintln!("flowmetrics: configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Command::Run => run(config),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flowmetrics: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let app = match App::new(config).start().await {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "flowmetrics started");
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing requests in flight");
+        app.shutdown().await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

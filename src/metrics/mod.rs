@@ -1,0 +1,509 @@
+//! Every public metric family (SPEC §4), the flow table's sink, and encoding.
+
+mod process;
+pub mod series;
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::{CounterWithExemplar, HistogramWithExemplars};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::config::{sanitize_label_name, Config, DimensionSource};
+use crate::flows::event::{DimValues, Outcome, Rejection, Source, TraceRef};
+use crate::flows::table::{EndRecord, FlowSink, Report};
+use crate::flows::EventKind;
+use series::{LimitedFamily, OverflowReporter};
+pub use series::{SeriesLabels, OVERFLOW_LABEL};
+
+/// Exemplar labels: the end event's trace and span (69 characters, well inside the
+/// OpenMetrics 128-character limit).
+pub type ExemplarLabels = Vec<(&'static str, String)>;
+
+type Pair = [(&'static str, &'static str); 1];
+type Pairs2 = [(&'static str, &'static str); 2];
+type Pairs3 = [(&'static str, &'static str); 3];
+
+/// Which OTLP transport a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Http,
+    Grpc,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Grpc => "grpc",
+        }
+    }
+}
+
+/// The OTLP signal of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Logs,
+    Metrics,
+}
+
+impl Signal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Signal::Traces => "traces",
+            Signal::Logs => "logs",
+            Signal::Metrics => "metrics",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    label_names: LabelNames,
+    /// How many end dimensions there are (empty values on series no end produced).
+    end_dim_count: usize,
+
+    flows_started: LimitedFamily<Counter>,
+    flows_completed: LimitedFamily<CounterWithExemplar<ExemplarLabels>>,
+    flow_errors: LimitedFamily<Counter>,
+    flow_duration: LimitedFamily<HistogramWithExemplars<ExemplarLabels>>,
+    flows_in_progress: LimitedFamily<Gauge>,
+    flows_dropped: LimitedFamily<Counter>,
+    unmatched_ends: LimitedFamily<Counter>,
+    negative_durations: LimitedFamily<Counter>,
+
+    events: Family<Pairs2, Counter>,
+    events_rejected: Family<Pair, Counter>,
+    events_duplicate: Family<Pair, Counter>,
+    otlp_requests: Family<Pairs3, Counter>,
+    otlp_spans: Family<Pair, Counter>,
+    otlp_log_records: Family<Pair, Counter>,
+    in_flight_entries: Gauge,
+}
+
+/// Label names shared by every series (interned once).
+struct LabelNames {
+    flow: Arc<str>,
+    outcome: Arc<str>,
+    error_reason: Arc<str>,
+    reason: Arc<str>,
+    start_dims: Vec<Arc<str>>,
+    end_dims: Vec<Arc<str>>,
+}
+
+impl Metrics {
+    pub fn new(config: &Config) -> Self {
+        let mut registry = Registry::default();
+        let max = config.limits.max_series_per_metric;
+
+        let overflow_family = Family::<Pair, Counter>::default();
+        registry.register(
+            "flowmetrics_series_overflow",
+            "Recordings folded into a family's otel_metric_overflow=\"true\" series because \
+             the family reached limits.max_series_per_metric",
+            overflow_family.clone(),
+        );
+        let overflow = Arc::new(OverflowReporter::new(move |metric| {
+            overflow_family.get_or_create(&[("metric", metric)]).clone()
+        }));
+
+        let counter = |name: &'static str| {
+            LimitedFamily::new(name, MetricType::Counter, max, overflow.clone(), |_| {
+                Counter::default()
+            })
+        };
+
+        let flows_started = counter("flowmetrics_flows_started_total");
+        registry.register(
+            "flowmetrics_flows_started",
+            "Flow instances opened by a start event",
+            flows_started.clone(),
+        );
+        let flows_completed = LimitedFamily::new(
+            "flowmetrics_flows_completed_total",
+            MetricType::Counter,
+            max,
+            overflow.clone(),
+            |_| CounterWithExemplar::default(),
+        );
+        registry.register(
+            "flowmetrics_flows_completed",
+            "Flow instances closed by an end event, by outcome (success, failure, cancelled)",
+            flows_completed.clone(),
+        );
+        let flow_errors = counter("flowmetrics_flow_errors_total");
+        registry.register(
+            "flowmetrics_flow_errors",
+            "Failed flows: error_reason=\"failure\" for failure ends, \"incomplete\" for \
+             instances whose timeout passed without an end",
+            flow_errors.clone(),
+        );
+        let default_buckets = config.flows.default.buckets.clone();
+        let per_flow: std::collections::HashMap<String, Vec<f64>> = config
+            .flows
+            .per_flow
+            .iter()
+            .filter_map(|(name, o)| o.buckets.clone().map(|b| (name.clone(), b)))
+            .collect();
+        let flow_duration = LimitedFamily::new(
+            "flowmetrics_flow_duration_seconds",
+            MetricType::Histogram,
+            max,
+            overflow.clone(),
+            move |labels: &SeriesLabels| {
+                let buckets = labels
+                    .value_of("flow")
+                    .and_then(|f| per_flow.get(f))
+                    .unwrap_or(&default_buckets);
+                HistogramWithExemplars::new(buckets.iter().copied())
+            },
+        );
+        registry.register_with_unit(
+            "flowmetrics_flow_duration",
+            "Start-to-end duration of successful flows, from the two events' timestamps",
+            Unit::Seconds,
+            flow_duration.clone(),
+        );
+        let flows_in_progress = LimitedFamily::new(
+            "flowmetrics_flows_in_progress",
+            MetricType::Gauge,
+            max,
+            overflow.clone(),
+            |_| Gauge::default(),
+        );
+        registry.register(
+            "flowmetrics_flows_in_progress",
+            "Flow instances open now (started, not yet ended, timed out or dropped)",
+            flows_in_progress.clone(),
+        );
+        let flows_dropped = counter("flowmetrics_flows_dropped_total");
+        registry.register(
+            "flowmetrics_flows_dropped",
+            "Open flow instances dropped before they ended; reason=\"capacity\": the \
+             correlation table was full (limits.max_in_flight)",
+            flows_dropped.clone(),
+        );
+        let unmatched_ends = counter("flowmetrics_flow_unmatched_ends_total");
+        registry.register(
+            "flowmetrics_flow_unmatched_ends",
+            "End events whose start never arrived within the flow's timeout (or that were \
+             evicted from a full table while waiting)",
+            unmatched_ends.clone(),
+        );
+        let negative_durations = counter("flowmetrics_flow_negative_durations_total");
+        registry.register(
+            "flowmetrics_flow_negative_durations",
+            "Successful flows whose end timestamp is earlier than their start (clock skew); \
+             not observed in the duration histogram",
+            negative_durations.clone(),
+        );
+
+        let events = Family::<Pairs2, Counter>::default();
+        registry.register(
+            "flowmetrics_flow_events",
+            "Flow events accepted, by kind (start, end) and source (span_event, log)",
+            events.clone(),
+        );
+        let events_rejected = Family::<Pair, Counter>::default();
+        registry.register(
+            "flowmetrics_flow_events_rejected",
+            "Flow events refused, by reason",
+            events_rejected.clone(),
+        );
+        let events_duplicate = Family::<Pair, Counter>::default();
+        registry.register(
+            "flowmetrics_flow_events_duplicate",
+            "Flow events ignored as duplicates (a second start or end of an instance, or \
+             a retried export within limits.dedup_window)",
+            events_duplicate.clone(),
+        );
+        let otlp_requests = Family::<Pairs3, Counter>::default();
+        registry.register(
+            "flowmetrics_otlp_requests",
+            "OTLP export requests, by transport, signal and response code (HTTP status or \
+             gRPC code name)",
+            otlp_requests.clone(),
+        );
+        let otlp_spans = Family::<Pair, Counter>::default();
+        registry.register(
+            "flowmetrics_otlp_spans",
+            "Spans received in OTLP trace exports",
+            otlp_spans.clone(),
+        );
+        let otlp_log_records = Family::<Pair, Counter>::default();
+        registry.register(
+            "flowmetrics_otlp_log_records",
+            "Log records received in OTLP log exports",
+            otlp_log_records.clone(),
+        );
+        let in_flight_entries = Gauge::default();
+        registry.register(
+            "flowmetrics_in_flight_entries",
+            "Entries in the correlation table now: open instances plus ends waiting for \
+             their start",
+            in_flight_entries.clone(),
+        );
+        let build_info = Family::<Pair, Gauge>::default();
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        registry.register(
+            "flowmetrics_build_info",
+            "Build identity of this flowmetrics (always 1)",
+            build_info,
+        );
+        registry.register_collector(Box::new(process::ProcessCollector));
+
+        let dim_names = |side| {
+            config
+                .dimensions
+                .iter()
+                .filter(|d| d.from == side)
+                .map(|d| Arc::from(sanitize_label_name(&d.label)))
+                .collect::<Vec<Arc<str>>>()
+        };
+        let label_names = LabelNames {
+            flow: Arc::from("flow"),
+            outcome: Arc::from("outcome"),
+            error_reason: Arc::from("error_reason"),
+            reason: Arc::from("reason"),
+            start_dims: dim_names(DimensionSource::Start),
+            end_dims: dim_names(DimensionSource::End),
+        };
+        Self {
+            registry,
+            end_dim_count: label_names.end_dims.len(),
+            label_names,
+            flows_started,
+            flows_completed,
+            flow_errors,
+            flow_duration,
+            flows_in_progress,
+            flows_dropped,
+            unmatched_ends,
+            negative_durations,
+            events,
+            events_rejected,
+            events_duplicate,
+            otlp_requests,
+            otlp_spans,
+            otlp_log_records,
+            in_flight_entries,
+        }
+    }
+
+    /// The whole registry as OpenMetrics text.
+    pub fn encode(&self, table_entries: u64) -> String {
+        self.in_flight_entries
+            .set(i64::try_from(table_entries).unwrap_or(i64::MAX));
+        let mut out = String::with_capacity(16 * 1024);
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn event_accepted(&self, kind: EventKind, source: Source) {
+        self.events
+            .get_or_create(&[("kind", kind.label()), ("source", source.label())])
+            .inc();
+    }
+
+    pub fn event_rejected(&self, rejection: &Rejection) {
+        self.events_rejected
+            .get_or_create(&[("reason", rejection.reason())])
+            .inc();
+    }
+
+    pub fn request(&self, transport: Transport, signal: Signal, code: &'static str) {
+        self.otlp_requests
+            .get_or_create(&[
+                ("transport", transport.label()),
+                ("signal", signal.label()),
+                ("code", code),
+            ])
+            .inc();
+    }
+
+    pub fn spans_received(&self, transport: Transport, n: u64) {
+        self.otlp_spans
+            .get_or_create(&[("transport", transport.label())])
+            .inc_by(n);
+    }
+
+    pub fn log_records_received(&self, transport: Transport, n: u64) {
+        self.otlp_log_records
+            .get_or_create(&[("transport", transport.label())])
+            .inc_by(n);
+    }
+
+    /// Series counts per limited family (for tests and the benchmark).
+    pub fn series_counts(&self) -> [(&'static str, usize); 8] {
+        [
+            ("flows_started", self.flows_started.len()),
+            ("flows_completed", self.flows_completed.len()),
+            ("flow_errors", self.flow_errors.len()),
+            ("flow_duration", self.flow_duration.len()),
+            ("flows_in_progress", self.flows_in_progress.len()),
+            ("flows_dropped", self.flows_dropped.len()),
+            ("unmatched_ends", self.unmatched_ends.len()),
+            ("negative_durations", self.negative_durations.len()),
+        ]
+    }
+
+    // --- label sets -----------------------------------------------------------------
+
+    fn flow_only(&self, flow: &Arc<str>) -> SeriesLabels {
+        SeriesLabels::Labels(Box::new([(self.label_names.flow.clone(), flow.clone())]))
+    }
+
+    /// flow, [extra], start dims, end dims (empty values when `end` is None).
+    fn labels(
+        &self,
+        flow: &Arc<str>,
+        extra: Option<(&Arc<str>, &'static str)>,
+        start_dims: &DimValues,
+        end_dims: Option<&DimValues>,
+        with_end_dims: bool,
+    ) -> SeriesLabels {
+        let n = &self.label_names;
+        let mut pairs = Vec::with_capacity(2 + start_dims.len() + self.end_dim_count);
+        pairs.push((n.flow.clone(), flow.clone()));
+        if let Some((name, value)) = extra {
+            pairs.push((name.clone(), Arc::from(value)));
+        }
+        pairs.extend(n.start_dims.iter().cloned().zip(start_dims.iter().cloned()));
+        if with_end_dims {
+            match end_dims {
+                Some(values) => {
+                    pairs.extend(n.end_dims.iter().cloned().zip(values.iter().cloned()))
+                }
+                None => pairs.extend(n.end_dims.iter().map(|name| (name.clone(), Arc::from("")))),
+            }
+        }
+        SeriesLabels::Labels(pairs.into_boxed_slice())
+    }
+}
+
+fn exemplar(trace: Option<TraceRef>) -> Option<ExemplarLabels> {
+    trace.map(|t| vec![("trace_id", hex(&t.trace_id)), ("span_id", hex(&t.span_id))])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
+
+impl FlowSink for Metrics {
+    fn report(&self, report: Report<'_>) {
+        let n = &self.label_names;
+        match report {
+            Report::Opened { flow, start_dims } => {
+                self.flows_started
+                    .with(self.labels(flow, None, start_dims, None, false), |c| {
+                        c.inc()
+                    });
+                self.flows_in_progress
+                    .with(self.flow_only(flow), |g| g.inc());
+            }
+            Report::Completed {
+                flow,
+                start_dims,
+                end,
+                duration_secs,
+            } => {
+                self.completed(flow, start_dims, end, duration_secs);
+            }
+            Report::TimedOut { flow, start_dims } => {
+                self.flow_errors.with(
+                    self.labels(
+                        flow,
+                        Some((&n.error_reason, "incomplete")),
+                        start_dims,
+                        None,
+                        true,
+                    ),
+                    |c| c.inc(),
+                );
+                self.flows_in_progress
+                    .with(self.flow_only(flow), |g| g.dec());
+            }
+            Report::Dropped { flow, .. } => {
+                let labels = SeriesLabels::Labels(Box::new([
+                    (n.flow.clone(), flow.clone()),
+                    (n.reason.clone(), Arc::from("capacity")),
+                ]));
+                self.flows_dropped.with(labels, |c| c.inc());
+                self.flows_in_progress
+                    .with(self.flow_only(flow), |g| g.dec());
+            }
+            Report::Unmatched { flow, .. } => {
+                self.unmatched_ends.with(self.flow_only(flow), |c| c.inc());
+            }
+            Report::Duplicate { kind } => {
+                self.events_duplicate
+                    .get_or_create(&[("kind", kind.label())])
+                    .inc();
+            }
+        }
+    }
+}
+
+impl Metrics {
+    fn completed(
+        &self,
+        flow: &Arc<str>,
+        start_dims: &DimValues,
+        end: &EndRecord,
+        duration_secs: f64,
+    ) {
+        let n = &self.label_names;
+        let outcome = end.outcome.as_str();
+        self.flows_completed.with(
+            self.labels(
+                flow,
+                Some((&n.outcome, outcome)),
+                start_dims,
+                Some(&end.dims),
+                true,
+            ),
+            |c| {
+                c.inc_by(1, exemplar(end.trace), None);
+            },
+        );
+        self.flows_in_progress
+            .with(self.flow_only(flow), |g| g.dec());
+        match end.outcome {
+            Outcome::Failure => self.flow_errors.with(
+                self.labels(
+                    flow,
+                    Some((&n.error_reason, "failure")),
+                    start_dims,
+                    Some(&end.dims),
+                    true,
+                ),
+                |c| {
+                    c.inc();
+                },
+            ),
+            Outcome::Success if duration_secs < 0.0 => {
+                self.negative_durations.with(self.flow_only(flow), |c| {
+                    c.inc();
+                })
+            }
+            Outcome::Success => self.flow_duration.with(
+                self.labels(flow, None, start_dims, Some(&end.dims), true),
+                |h| h.observe(duration_secs, exemplar(end.trace), None),
+            ),
+            Outcome::Cancelled => {}
+        }
+    }
+}

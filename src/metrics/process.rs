@@ -1,0 +1,117 @@
+//! Standard `process_*` metrics, read from /proc at scrape time (Linux; elsewhere the
+//! family set is simply empty).
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
+
+#[derive(Debug, Default)]
+pub struct ProcessCollector;
+
+struct Sample {
+    cpu_seconds: f64,
+    resident_bytes: i64,
+    virtual_bytes: i64,
+    start_time_seconds: f64,
+    threads: i64,
+    open_fds: i64,
+    max_fds: i64,
+}
+
+fn sample() -> Option<Sample> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // /proc/[pid]/stat numbering: field 3 is fields[0] here.
+    let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+    let ticks = 100.0; // USER_HZ on Linux
+    let page = 4096.0;
+    let boot_time = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<f64>().ok())?;
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    let open_fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as i64)
+        .unwrap_or(0);
+    Some(Sample {
+        cpu_seconds: (field(14)? + field(15)?) / ticks,
+        virtual_bytes: field(23)? as i64,
+        resident_bytes: (field(24)? * page) as i64,
+        start_time_seconds: boot_time + field(22)? / ticks,
+        threads: field(20)? as i64,
+        open_fds,
+        max_fds,
+    })
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(s) = sample() else {
+            return Ok(());
+        };
+        let cpu = ConstCounter::new(s.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu",
+            "Total user and system CPU time spent in seconds.",
+            Some(&Unit::Seconds),
+            cpu.metric_type(),
+        )?)?;
+        let gauges: [(&str, &str, Option<Unit>, i64); 5] = [
+            (
+                "process_resident_memory",
+                "Resident memory size in bytes.",
+                Some(Unit::Bytes),
+                s.resident_bytes,
+            ),
+            (
+                "process_virtual_memory",
+                "Virtual memory size in bytes.",
+                Some(Unit::Bytes),
+                s.virtual_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                None,
+                s.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                None,
+                s.max_fds,
+            ),
+            (
+                "process_threads",
+                "Number of OS threads in the process.",
+                None,
+                s.threads,
+            ),
+        ];
+        for (name, help, unit, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, unit.as_ref(), g.metric_type())?)?;
+        }
+        let start = ConstGauge::new(s.start_time_seconds);
+        start.encode(encoder.encode_descriptor(
+            "process_start_time",
+            "Start time of the process since unix epoch in seconds.",
+            Some(&Unit::Seconds),
+            start.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! The one way in for every transport: walk an OTLP request, extract flow events, hand
+//! them to the correlation table, count what happened.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
+
+use crate::flows::event::AttributeLayers;
+use crate::flows::{Extractor, FlowEvent, FlowTable, Rejection, Source, TraceRef};
+use crate::ingest::reply::RejectionSummary;
+use crate::metrics::{Metrics, Transport};
+
+/// OpenTelemetry severity numbers 17–24 are ERROR and FATAL.
+const SEVERITY_ERROR: i32 = 17;
+
+pub struct Pipeline {
+    extractor: Extractor,
+    table: Arc<FlowTable>,
+    metrics: Arc<Metrics>,
+}
+
+impl Pipeline {
+    pub fn new(extractor: Extractor, table: Arc<FlowTable>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            extractor,
+            table,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn table(&self) -> &FlowTable {
+        &self.table
+    }
+
+    fn accept(
+        &self,
+        result: Result<Option<FlowEvent>, Rejection>,
+        rejected: &mut RejectionSummary,
+    ) {
+        match result {
+            Ok(None) => {}
+            Ok(Some(event)) => {
+                self.metrics.event_accepted(event.kind, event.source);
+                self.table.apply(event);
+            }
+            Err(rejection) => {
+                self.metrics.event_rejected(&rejection);
+                tracing::debug!(
+                    reason = rejection.reason(),
+                    "flow event rejected: {rejection}"
+                );
+                rejected.add(rejection);
+            }
+        }
+    }
+
+    /// Span events named `flow.<flow>.start|end`.
+    pub fn traces(
+        &self,
+        request: &ExportTraceServiceRequest,
+        transport: Transport,
+    ) -> RejectionSummary {
+        let received = now_nanos();
+        let mut rejected = RejectionSummary::default();
+        let mut spans = 0u64;
+        for resource_spans in &request.resource_spans {
+            let resource = resource_spans
+                .resource
+                .as_ref()
+                .map(|r| r.attributes.as_slice())
+                .unwrap_or_default();
+            for scope_spans in &resource_spans.scope_spans {
+                spans += scope_spans.spans.len() as u64;
+                for span in &scope_spans.spans {
+                    let mut flow_events = span
+                        .events
+                        .iter()
+                        .filter(|e| self.extractor.may_be_flow_event(&e.name))
+                        .peekable();
+                    if flow_events.peek().is_none() {
+                        continue;
+                    }
+                    let is_error = span
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.code == StatusCode::Error as i32);
+                    let trace = TraceRef::from_ids(&span.trace_id, &span.span_id);
+                    for event in flow_events {
+                        let layers = AttributeLayers {
+                            event: &event.attributes,
+                            parent: &span.attributes,
+                            resource,
+                        };
+                        let result = self.extractor.extract(
+                            &event.name,
+                            layers,
+                            event.time_unix_nano,
+                            received,
+                            is_error,
+                            trace,
+                            Source::SpanEvent,
+                        );
+                        self.accept(result, &mut rejected);
+                    }
+                }
+            }
+        }
+        self.metrics.spans_received(transport, spans);
+        rejected
+    }
+
+    /// Log records whose `event_name` (or `event.name` attribute) is a flow event name.
+    pub fn logs(
+        &self,
+        request: &ExportLogsServiceRequest,
+        transport: Transport,
+    ) -> RejectionSummary {
+        let received = now_nanos();
+        let mut rejected = RejectionSummary::default();
+        let mut records = 0u64;
+        for resource_logs in &request.resource_logs {
+            let resource = resource_logs
+                .resource
+                .as_ref()
+                .map(|r| r.attributes.as_slice())
+                .unwrap_or_default();
+            for scope_logs in &resource_logs.scope_logs {
+                records += scope_logs.log_records.len() as u64;
+                for record in &scope_logs.log_records {
+                    let name = if record.event_name.is_empty() {
+                        match record.attributes.iter().find(|kv| kv.key == "event.name") {
+                            Some(kv) => match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => s.as_str(),
+                                _ => continue,
+                            },
+                            None => continue,
+                        }
+                    } else {
+                        record.event_name.as_str()
+                    };
+                    if !self.extractor.may_be_flow_event(name) {
+                        continue;
+                    }
+                    let timestamp = if record.time_unix_nano != 0 {
+                        record.time_unix_nano
+                    } else {
+                        record.observed_time_unix_nano
+                    };
+                    let layers = AttributeLayers {
+                        event: &record.attributes,
+                        parent: &[],
+                        resource,
+                    };
+                    let result = self.extractor.extract(
+                        name,
+                        layers,
+                        timestamp,
+                        received,
+                        record.severity_number >= SEVERITY_ERROR,
+                        TraceRef::from_ids(&record.trace_id, &record.span_id),
+                        Source::Log,
+                    );
+                    self.accept(result, &mut rejected);
+                }
+            }
+        }
+        self.metrics.log_records_received(transport, records);
+        rejected
+    }
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
