@@ -1,0 +1,106 @@
+//! Shared helpers for the integration tests: start a real flowmetrics on loopback
+//! ephemeral ports, talk HTTP to it, read its `/metrics`.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flowmetrics::config::Config;
+use flowmetrics::{App, RunningApp};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// A config listening on ephemeral loopback ports.
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.listen.otlp_http = "127.0.0.1:0".into();
+    c.listen.otlp_grpc = "127.0.0.1:0".into();
+    c.listen.metrics = "127.0.0.1:0".into();
+    c
+}
+
+pub async fn start(config: Config) -> RunningApp {
+    App::new(config).start().await.expect("flowmetrics starts")
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request; `headers` are (name, value) pairs.
+pub async fn request(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut builder = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let response = client
+        .request(builder.body(Full::new(body.into())).unwrap())
+        .await
+        .expect("request sent");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Reply { status, headers, body }
+}
+
+pub async fn post(url: &str, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    request(Method::POST, url, &[("content-type", content_type)], body).await
+}
+
+/// The raw exposition from `/metrics`.
+pub async fn scrape_text(app: &RunningApp) -> String {
+    let r = request(Method::GET, &format!("http://{}/metrics", app.metrics), &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    r.text()
+}
+
+/// Samples by their full series text (`name{labels}`), exemplars stripped.
+pub async fn scrape(app: &RunningApp) -> BTreeMap<String, f64> {
+    parse_samples(&scrape_text(app).await)
+}
+
+pub fn parse_samples(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let line = line.split(" # ").next().unwrap();
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        out.insert(series.to_string(), value.parse().unwrap());
+    }
+    out
+}
+
+/// Value of a series, 0 when absent.
+pub fn value(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
+    samples.get(series).copied().unwrap_or(0.0)
+}
+
+/// Scrapes until `ok` holds or `timeout` passes; returns the last scrape.
+pub async fn scrape_until(
+    app: &RunningApp,
+    timeout: Duration,
+    ok: impl Fn(&BTreeMap<String, f64>) -> bool,
+) -> BTreeMap<String, f64> {
+    let give_up = Instant::now() + timeout;
+    loop {
+        let s = scrape(app).await;
+        if ok(&s) || Instant::now() > give_up {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
