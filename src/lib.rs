@@ -107,7 +107,22 @@ impl App {
             tracing::info!("OTLP/HTTP: disabled (listen.otlp_http is empty)");
         }
 
-        let otlp_grpc = None;
+        let mut otlp_grpc = None;
+        if !config.listen.otlp_grpc.is_empty() {
+            let listener = bind(&config.listen.otlp_grpc, "listen.otlp_grpc").await?;
+            let addr = listener.local_addr()?;
+            let handler =
+                ingest::grpc::OtlpGrpc::new(pipeline.clone(), config.limits.max_request_body_bytes);
+            tasks.push(tokio::spawn(server::serve(
+                listener,
+                move |req| handler.clone().handle(req),
+                stop.clone(),
+            )));
+            tracing::info!("OTLP/gRPC: {addr} (TraceService, LogsService, MetricsService)");
+            otlp_grpc = Some(addr);
+        } else {
+            tracing::info!("OTLP/gRPC: disabled (listen.otlp_grpc is empty)");
+        }
 
         ready.store(true, Ordering::Release);
         Ok(RunningApp {

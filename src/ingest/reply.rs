@@ -60,6 +60,10 @@ impl RejectionSummary {
 /// Spans and log records themselves are never refused (`rejected_*: 0`): flowmetrics
 /// only reads flow events out of them.
 pub fn export_response(signal: Signal, media: MediaType, rejected: &RejectionSummary) -> Bytes {
+    if rejected.is_empty() && media == MediaType::Json {
+        // serde would write `{"partialSuccess":null}`; an empty message is `{}`.
+        return Bytes::from_static(b"{}");
+    }
     let message = (!rejected.is_empty()).then(|| rejected.message());
     match signal {
         Signal::Traces => encode(

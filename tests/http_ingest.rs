@@ -1,0 +1,623 @@
+//! OTLP/HTTP over loopback against a real flowmetrics: the seed's curl bodies, every
+//! body format and encoding, every error status of SPEC §6, and a concurrent load
+//! whose counters must match exactly what was sent.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use hyper::{Method, StatusCode};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
+use prost::Message;
+
+fn seed_body(event: &str, id: &str, outcome: Option<&str>, ts_secs: u64, service: &str) -> String {
+    let outcome = outcome
+        .map(|o| format!(r#", {{"key": "outcome", "value": {{ "stringValue": "{o}" }}}}"#))
+        .unwrap_or_default();
+    // The shape of the curl examples in the Go connector's README, verbatim apart from
+    // the substituted values.
+    format!(
+        r#"{{
+        "resourceSpans": [{{
+            "resource": {{
+            "attributes": [{{
+                "key": "service.name",
+                "value": {{ "stringValue": "{service}" }}
+            }}]
+            }},
+            "scopeSpans": [{{
+            "spans": [{{
+                "traceId": "99999999999999999999999999999999",
+                "spanId": "1111111111111111",
+                "name": "create-order",
+                "startTimeUnixNano": "{ts_secs}000000000",
+                "endTimeUnixNano": "{ts_secs}000000000",
+                "events": [{{
+                "timeUnixNano": "{ts_secs}000000000",
+                "name": "{event}",
+                "attributes": [{{
+                    "key": "correlation-id",
+                    "value": {{ "stringValue": "{id}" }}
+                }}{outcome}]
+                }}]
+            }}]
+            }}]
+        }}]
+        }}"#
+    )
+}
+
+fn s(key: &str, v: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(v.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// One span per event: (event name, correlation id, outcome, timestamp ns).
+fn request(events: &[(&str, &str, Option<&str>, u64)]) -> ExportTraceServiceRequest {
+    let spans = events
+        .iter()
+        .enumerate()
+        .map(|(i, (name, id, outcome, ts))| {
+            let mut attributes = vec![s("correlation-id", id)];
+            if let Some(o) = outcome {
+                attributes.push(s("outcome", o));
+            }
+            Span {
+                trace_id: vec![0xab; 16],
+                span_id: ((i as u64) + 1).to_be_bytes().to_vec(),
+                name: "work".into(),
+                events: vec![span::Event {
+                    time_unix_nano: *ts,
+                    name: name.to_string(),
+                    attributes,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![s("service.name", "test")],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+fn traces_url(app: &flowmetrics::RunningApp) -> String {
+    format!("http://{}/v1/traces", app.otlp_http.unwrap())
+}
+
+const PB: &str = "application/x-protobuf";
+const JSON: &str = "application/json";
+const SEC: u64 = 1_000_000_000;
+
+#[tokio::test]
+async fn seed_curl_examples_work_unchanged() {
+    let app = start(test_config()).await;
+    let url = traces_url(&app);
+    let now = 1_700_000_000;
+    for body in [
+        seed_body(
+            "flow.order_processing.start",
+            "order-001",
+            None,
+            now,
+            "order-service",
+        ),
+        seed_body(
+            "flow.order_processing.end",
+            "order-001",
+            Some("success"),
+            now + 2,
+            "fulfillment-service",
+        ),
+        seed_body(
+            "flow.order_processing.end",
+            "order-002",
+            Some("cancelled"),
+            now + 3,
+            "fulfillment-service",
+        ),
+    ] {
+        let r = post(&url, JSON, body).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.headers["content-type"], JSON);
+        assert_eq!(r.text(), "{}");
+    }
+    // The cancelled end for a second order pairs once its start arrives.
+    post(
+        &url,
+        JSON,
+        seed_body(
+            "flow.order_processing.start",
+            "order-002",
+            None,
+            now,
+            "order-service",
+        ),
+    )
+    .await;
+    let m = scrape(&app).await;
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flows_started_total{flow="order_processing"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="success"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="cancelled"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flow_duration_seconds_count{flow="order_processing"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flow_duration_seconds_sum{flow="order_processing"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flows_in_progress{flow="order_processing"}"#
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_otlp_requests_total{transport="http",signal="traces",code="200"}"#
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#
+        ),
+        2.0
+    );
+    app.shutdown().await;
+}
+
+fn gzip(b: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+fn deflate(b: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test]
+async fn protobuf_in_every_encoding() {
+    let app = start(test_config()).await;
+    let url = traces_url(&app);
+    let encodings: [(&str, fn(&[u8]) -> Vec<u8>); 4] = [
+        ("identity", |b| b.to_vec()),
+        ("gzip", gzip),
+        ("deflate", deflate),
+        ("zstd", |b| zstd::encode_all(b, 3).unwrap()),
+    ];
+    for (i, (encoding, compress)) in encodings.iter().enumerate() {
+        let id = format!("o-{i}");
+        let body = request(&[
+            ("flow.pay.start", &id, None, 10 * SEC),
+            ("flow.pay.end", &id, Some("failure"), 11 * SEC),
+        ])
+        .encode_to_vec();
+        let r = request_with(&url, PB, encoding, compress(&body)).await;
+        assert_eq!(r.status, StatusCode::OK, "{encoding}: {}", r.text());
+        assert_eq!(r.headers["content-type"], PB);
+        let reply = ExportTraceServiceResponse::decode(&r.body[..]).unwrap();
+        assert!(reply.partial_success.is_none());
+    }
+    let m = scrape(&app).await;
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flows_completed_total{flow="pay",outcome="failure"}"#
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flow_errors_total{flow="pay",error_reason="failure"}"#
+        ),
+        4.0
+    );
+    assert_eq!(
+        value(&m, r#"flowmetrics_flow_duration_seconds_count{flow="pay"}"#),
+        0.0
+    );
+    app.shutdown().await;
+}
+
+async fn request_with(url: &str, content_type: &str, encoding: &str, body: Vec<u8>) -> Reply {
+    common::request(
+        Method::POST,
+        url,
+        &[
+            ("content-type", content_type),
+            ("content-encoding", encoding),
+        ],
+        body,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn rejected_events_get_partial_success_and_counters() {
+    let app = start(test_config()).await;
+    let url = traces_url(&app);
+    let mut req = request(&[
+        ("flow.ok.start", "1", None, SEC),
+        ("flow.ok.end", "1", Some("done"), 2 * SEC),
+        ("flow.bad name.start", "2", None, SEC),
+    ]);
+    // An event with no correlation id anywhere.
+    req.resource_spans[0].scope_spans[0].spans[0].events.push(
+        opentelemetry_proto::tonic::trace::v1::span::Event {
+            name: "flow.ok.start".into(),
+            time_unix_nano: SEC,
+            ..Default::default()
+        },
+    );
+    let r = post(&url, PB, req.encode_to_vec()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let reply = ExportTraceServiceResponse::decode(&r.body[..]).unwrap();
+    let partial = reply.partial_success.expect("partial success");
+    assert_eq!(partial.rejected_spans, 0);
+    assert_eq!(
+        partial.error_message,
+        "3 flow events rejected: 1 missing correlation id, 1 invalid outcome \"done\", 1 invalid flow name"
+    );
+    // JSON answers carry the same in JSON.
+    let json = post(
+        &url,
+        JSON,
+        seed_body("flow.x.end", "9", Some("maybe"), 5, "svc"),
+    )
+    .await;
+    assert_eq!(json.status, StatusCode::OK);
+    assert!(
+        json.text()
+            .contains(r#""errorMessage":"1 flow event rejected: 1 invalid outcome \"maybe\"""#),
+        "{}",
+        json.text()
+    );
+    let m = scrape(&app).await;
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flow_events_rejected_total{reason="invalid_outcome"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flow_events_rejected_total{reason="missing_correlation_id"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flow_events_rejected_total{reason="invalid_flow_name"}"#
+        ),
+        1.0
+    );
+    // The valid start in the same request was kept.
+    assert_eq!(
+        value(&m, r#"flowmetrics_flows_started_total{flow="ok"}"#),
+        1.0
+    );
+    app.shutdown().await;
+}
+
+/// Every error answer is a google.rpc.Status in the request's media type.
+#[derive(prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+#[tokio::test]
+async fn error_statuses() {
+    let mut config = test_config();
+    config.limits.max_request_body_bytes = 64 * 1024;
+    let app = start(config).await;
+    let base = format!("http://{}", app.otlp_http.unwrap());
+    let url = format!("{base}/v1/traces");
+
+    // 400: undecodable protobuf and JSON.
+    let r = post(&url, PB, Bytes::from_static(b"\xff\xff\xff\xff")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let status = RpcStatus::decode(&r.body[..]).unwrap();
+    assert_eq!(status.code, 3);
+    assert!(status.message.contains("protobuf"), "{}", status.message);
+    let r = post(&url, JSON, "{not json").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["code"], 3);
+    // 400: corrupt gzip.
+    let r = request_with(&url, PB, "gzip", b"\x1f\x8bnot gzip at all".to_vec()).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // 404 and 405.
+    let r = post(&format!("{base}/v1/spans"), JSON, "{}").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = common::request(Method::GET, &url, &[("content-type", JSON)], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers["allow"], "POST");
+
+    // 415: media type and content encoding.
+    let r = post(&url, "text/plain", "hi").await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let r = request_with(&url, PB, "br", vec![1, 2, 3]).await;
+    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // 413: too large as sent, and too large once decompressed (a gzip bomb).
+    let r = post(&url, PB, vec![0u8; 65 * 1024]).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let bomb = gzip(&vec![0u8; 50 * 1024 * 1024]);
+    assert!(bomb.len() < 64 * 1024);
+    let r = request_with(&url, PB, "gzip", bomb).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(RpcStatus::decode(&r.body[..]).unwrap().code, 8);
+
+    // None of it changed any state; a good request still works.
+    let ok = post(
+        &url,
+        PB,
+        request(&[("flow.f.start", "1", None, SEC)]).encode_to_vec(),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    // (moka counts entries after its next maintenance run.)
+    let m = scrape_until(&app, Duration::from_secs(5), |m| {
+        value(m, "flowmetrics_in_flight_entries") == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(&m, r#"flowmetrics_flows_started_total{flow="f"}"#),
+        1.0
+    );
+    assert_eq!(value(&m, "flowmetrics_in_flight_entries"), 1.0);
+    for code in ["400", "404", "405", "413", "415"] {
+        let series = format!(
+            r#"flowmetrics_otlp_requests_total{{transport="http",signal="traces",code="{code}"}}"#
+        );
+        assert!(value(&m, &series) >= 1.0, "{series}");
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_signal_is_accepted_and_discarded() {
+    let app = start(test_config()).await;
+    let url = format!("http://{}/v1/metrics", app.otlp_http.unwrap());
+    let r = post(&url, PB, Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let m = scrape(&app).await;
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_otlp_requests_total{transport="http",signal="metrics",code="200"}"#
+        ),
+        1.0
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_endpoints() {
+    let app = start(test_config()).await;
+    let base = format!("http://{}", app.metrics);
+    for (path, want) in [
+        ("/healthz", StatusCode::OK),
+        ("/readyz", StatusCode::OK),
+        ("/", StatusCode::OK),
+        ("/nope", StatusCode::NOT_FOUND),
+    ] {
+        let r = common::request(Method::GET, &format!("{base}{path}"), &[], Bytes::new()).await;
+        assert_eq!(r.status, want, "{path}");
+    }
+    let r = common::request(Method::GET, &format!("{base}/"), &[], Bytes::new()).await;
+    assert!(r.text().contains("/metrics"));
+    let r = common::request(Method::GET, &format!("{base}/metrics"), &[], Bytes::new()).await;
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let text = r.text();
+    assert!(text.ends_with("# EOF\n"));
+    for family in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "flowmetrics_build_info{version=",
+    ] {
+        assert!(text.contains(family), "{family} missing");
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn timeouts_count_incomplete_through_the_service() {
+    let mut config = test_config();
+    config.flows.default.timeout = Duration::from_millis(300);
+    let app = start(config).await;
+    let url = traces_url(&app);
+    post(
+        &url,
+        PB,
+        request(&[
+            ("flow.slow.start", "1", None, SEC),
+            ("flow.slow.end", "2", None, SEC),
+        ])
+        .encode_to_vec(),
+    )
+    .await;
+    let m = scrape_until(&app, Duration::from_secs(5), |m| {
+        value(
+            m,
+            r#"flowmetrics_flow_errors_total{flow="slow",error_reason="incomplete"}"#,
+        ) == 1.0
+            && value(m, r#"flowmetrics_flow_unmatched_ends_total{flow="slow"}"#) == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flow_errors_total{flow="slow",error_reason="incomplete"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, r#"flowmetrics_flow_unmatched_ends_total{flow="slow"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(&m, r#"flowmetrics_flows_in_progress{flow="slow"}"#),
+        0.0
+    );
+    assert_eq!(value(&m, "flowmetrics_in_flight_entries"), 0.0);
+    app.shutdown().await;
+}
+
+/// Several clients, thousands of flows with known outcomes, ends sometimes before starts
+/// and in other requests: the scraped counters must match exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_counters_match_exactly() {
+    const CLIENTS: usize = 8;
+    const FLOWS_PER_CLIENT: usize = 500;
+    const BATCH: usize = 50;
+    let app = start(test_config()).await;
+    let url = traces_url(&app);
+    let outcome_of = |i: usize| match i % 10 {
+        0..=5 => Some("success"),
+        6 | 7 => Some("failure"),
+        8 => Some("cancelled"),
+        _ => None, // never ends
+    };
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            for batch_start in (0..FLOWS_PER_CLIENT).step_by(BATCH) {
+                let ids: Vec<String> = (batch_start..batch_start + BATCH)
+                    .map(|i| format!("c{c}-{i}"))
+                    .collect();
+                let mut starts = Vec::new();
+                let mut ends = Vec::new();
+                for (k, id) in ids.iter().enumerate() {
+                    let i = batch_start + k;
+                    starts.push(("flow.conc.start", id.as_str(), None, 100 * SEC));
+                    if let Some(o) = outcome_of(i) {
+                        ends.push(("flow.conc.end", id.as_str(), Some(o), 101 * SEC));
+                    }
+                }
+                // Odd batches send their ends first.
+                let (first, second) = if (batch_start / BATCH) % 2 == 1 {
+                    (ends, starts)
+                } else {
+                    (starts, ends)
+                };
+                for part in [first, second] {
+                    let r = post(&url, PB, request(&part).encode_to_vec()).await;
+                    assert_eq!(r.status, StatusCode::OK);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = (CLIENTS * FLOWS_PER_CLIENT) as f64;
+    let m = scrape(&app).await;
+    let get = |s: &str| value(&m, s);
+    assert_eq!(
+        get(r#"flowmetrics_flows_started_total{flow="conc"}"#),
+        total
+    );
+    assert_eq!(
+        get(r#"flowmetrics_flows_completed_total{flow="conc",outcome="success"}"#),
+        total * 0.6
+    );
+    assert_eq!(
+        get(r#"flowmetrics_flows_completed_total{flow="conc",outcome="failure"}"#),
+        total * 0.2
+    );
+    assert_eq!(
+        get(r#"flowmetrics_flows_completed_total{flow="conc",outcome="cancelled"}"#),
+        total * 0.1
+    );
+    assert_eq!(
+        get(r#"flowmetrics_flows_in_progress{flow="conc"}"#),
+        total * 0.1
+    );
+    assert_eq!(
+        get(r#"flowmetrics_flow_duration_seconds_count{flow="conc"}"#),
+        total * 0.6
+    );
+    assert_eq!(
+        get(r#"flowmetrics_flow_duration_seconds_sum{flow="conc"}"#),
+        total * 0.6
+    );
+    assert_eq!(
+        get(r#"flowmetrics_flow_errors_total{flow="conc",error_reason="failure"}"#),
+        total * 0.2
+    );
+    assert_eq!(
+        get(r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#),
+        0.0
+    );
+    app.shutdown().await;
+}
