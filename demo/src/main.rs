@@ -1,1 +1,962 @@
-fn main() {}
+//! `flowmetrics-demo`: a traffic generator that simulates a small shop and emits flow
+//! start/end span events through the OpenTelemetry Rust SDK, so flowmetrics (or anything
+//! else speaking OTLP) has realistic flows to count.
+//!
+//! Three services, each with its own tracer provider and `service.name`:
+//! `order-service`, `payment-service` and `fulfillment-service`. Three flows:
+//!
+//! * `checkout`: started by order-service, charged by payment-service (a child span in the
+//!   same trace, no flow event), ended by fulfillment-service in a trace of its own;
+//! * `payment`: started and ended by payment-service, in two different traces (the end
+//!   comes from the payment provider's callback);
+//! * `refund`: started by order-service, ended by payment-service.
+//!
+//! Choices (flow, outcome, latency, ordering) come from a seeded PRNG, so a seed replays
+//! the same sequence of flow instances.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::hyper::HyperClient;
+use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+};
+use opentelemetry_sdk::Resource;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+const HELP: &str = "\
+flowmetrics-demo - simulated shop traffic for flowmetrics, sent with the OpenTelemetry SDK
+
+USAGE:
+    flowmetrics-demo [OPTIONS]
+
+Simulates three services (order-service, payment-service, fulfillment-service), each with
+its own OpenTelemetry tracer provider and service.name, running three business flows:
+
+    checkout  start: order-service    (payment-service charges in between)
+              end:   fulfillment-service
+    payment   start: payment-service   end: payment-service (callback, another trace)
+    refund    start: order-service     end: payment-service
+
+Each flow instance is a span carrying the event `flow.<flow>.start` with attribute
+`correlation-id`, and later, in another service and trace, a span carrying
+`flow.<flow>.end` with attributes `correlation-id` and `outcome`. Outcomes are mostly
+`success`, some `failure` (span status ERROR), some `cancelled`; about 2% of instances
+never end (flowmetrics counts them as `incomplete` once the flow timeout passes). About
+10% of instances export their end before their start (the start's span stays open until
+after the end has been exported). Latencies follow a log-normal spread per flow, from
+milliseconds to tens of seconds, capped at --max-latency. Spans are exported in batches
+every 500ms.
+
+OPTIONS:
+    --endpoint URL         OTLP endpoint. HTTP: base URL, `/v1/traces` is appended
+                           unless present. gRPC: the server URL.
+                           [default: http://127.0.0.1:4318 for http,
+                                     http://127.0.0.1:4317 for grpc]
+    --protocol PROTO       `http` (OTLP/HTTP protobuf) or `grpc` (OTLP/gRPC)
+                           [default: http]
+    --rate N               flow instances started per second, on average (Poisson
+                           arrivals); fractions allowed [default: 20]
+    --duration D           how long to start new flows, e.g. 30s, 5m, 1h30m;
+                           0 runs until SIGINT/SIGTERM [default: 60s]
+    --seed N               seed (u64) for every random choice; the same seed replays
+                           the same flows [default: derived from the clock, printed]
+    --max-latency D        cap on a flow's start-to-end latency; also bounds how long
+                           the exit waits for in-flight flows [default: 30s]
+    --summary PATH         write what was sent as JSON:
+                           {\"flows\":{\"checkout\":{\"started\":N,\"success\":N,
+                           \"failure\":N,\"cancelled\":N,\"unfinished\":N},...}}
+                           unfinished = started without an end sent
+    -h, --help             print this help
+
+EXIT:
+    When --duration is over, or on SIGINT/SIGTERM, no new flows start; flows in flight
+    still get their end (the wait is bounded by --max-latency plus 3s), then the
+    providers are flushed and shut down, the summary is written and a one-line summary
+    goes to stderr. A second SIGINT/SIGTERM stops waiting: flows still in flight count as
+    unfinished.
+    Exit status: 0 on success, 1 when an export failed, 2 on bad arguments.
+
+EXAMPLES:
+    flowmetrics-demo --duration 10s --summary /tmp/sent.json
+    flowmetrics-demo --protocol grpc --rate 100 --duration 0
+    flowmetrics-demo --endpoint http://flowmetrics:4318 --seed 7 --max-latency 5s
+";
+
+/// How long a start span stays open after its end was emitted, for instances whose end is
+/// exported first: longer than the batch delay, so the end's batch leaves first.
+const END_FIRST_HOLD: Duration = Duration::from_millis(2000);
+const BATCH_DELAY: Duration = Duration::from_millis(500);
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------
+// Arguments
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Http,
+    Grpc,
+}
+
+#[derive(Debug)]
+struct Args {
+    endpoint: String,
+    transport: Transport,
+    rate: f64,
+    /// `None`: forever.
+    duration: Option<Duration>,
+    seed: u64,
+    summary: Option<PathBuf>,
+    max_latency: Duration,
+}
+
+enum Parsed {
+    Run(Args),
+    Help,
+}
+
+fn parse_duration(flag: &str, value: &str) -> Result<Duration, String> {
+    if value.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(value.trim())
+        .map_err(|e| format!("{flag}: invalid duration {value:?} ({e}); use e.g. 30s, 5m, 1h"))
+}
+
+fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> {
+    let mut endpoint = None;
+    let mut transport = Transport::Http;
+    let mut rate = 20.0;
+    let mut duration = Some(Duration::from_secs(60));
+    let mut seed = None;
+    let mut summary = None;
+    let mut max_latency = Duration::from_secs(30);
+
+    while let Some(arg) = argv.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(Parsed::Help);
+        }
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let known = [
+            "--endpoint",
+            "--protocol",
+            "--rate",
+            "--duration",
+            "--seed",
+            "--summary",
+            "--max-latency",
+        ];
+        if !known.contains(&flag.as_str()) {
+            return Err(format!("unknown argument {arg:?}"));
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => argv.next().ok_or_else(|| format!("{flag} needs a value"))?,
+        };
+        match flag.as_str() {
+            "--endpoint" => {
+                if !(value.starts_with("http://") || value.starts_with("https://")) {
+                    return Err(format!("--endpoint: {value:?} is not an http:// URL"));
+                }
+                endpoint = Some(value);
+            }
+            "--protocol" => {
+                transport = match value.to_ascii_lowercase().as_str() {
+                    "http" | "http/protobuf" => Transport::Http,
+                    "grpc" => Transport::Grpc,
+                    _ => return Err(format!("--protocol: {value:?} is neither http nor grpc")),
+                }
+            }
+            "--rate" => {
+                rate = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|r| r.is_finite() && *r > 0.0 && *r <= 1_000_000.0)
+                    .ok_or_else(|| format!("--rate: {value:?} is not a number in (0, 1000000]"))?
+            }
+            "--duration" => {
+                let d = parse_duration("--duration", &value)?;
+                duration = (!d.is_zero()).then_some(d);
+            }
+            "--seed" => {
+                seed =
+                    Some(value.parse::<u64>().map_err(|_| {
+                        format!("--seed: {value:?} is not an unsigned 64-bit integer")
+                    })?)
+            }
+            "--summary" => summary = Some(PathBuf::from(value)),
+            "--max-latency" => {
+                max_latency = parse_duration("--max-latency", &value)?;
+                if max_latency < Duration::from_millis(1) {
+                    return Err("--max-latency must be at least 1ms".into());
+                }
+            }
+            _ => unreachable!(),
+        }
+    }
+    let endpoint = endpoint.unwrap_or_else(|| match transport {
+        Transport::Http => "http://127.0.0.1:4318".into(),
+        Transport::Grpc => "http://127.0.0.1:4317".into(),
+    });
+    let seed = seed.unwrap_or_else(|| {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+    });
+    Ok(Parsed::Run(Args {
+        endpoint,
+        transport,
+        rate,
+        duration,
+        seed,
+        summary,
+        max_latency,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Randomness
+
+/// SplitMix64: small, fast, and good enough for choosing flows.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.unit(); // (0, 1]
+        let u2 = self.unit();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// Index chosen with the given weights.
+    fn pick(&mut self, weights: &[f64]) -> usize {
+        let total: f64 = weights.iter().sum();
+        let mut x = self.unit() * total;
+        for (i, w) in weights.iter().enumerate() {
+            if x < *w {
+                return i;
+            }
+            x -= w;
+        }
+        weights.len() - 1
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The shop
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Service {
+    Order,
+    Payment,
+    Fulfillment,
+}
+
+const SERVICES: [(Service, &str); 3] = [
+    (Service::Order, "order-service"),
+    (Service::Payment, "payment-service"),
+    (Service::Fulfillment, "fulfillment-service"),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Success,
+    Failure,
+    Cancelled,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+struct FlowSpec {
+    name: &'static str,
+    /// Share of all instances.
+    weight: f64,
+    start: (Service, &'static str),
+    /// A span in between, in the start's trace, at 40% of the latency.
+    via: Option<(Service, &'static str)>,
+    end: (Service, &'static str),
+    /// Log-normal latency: median and sigma of the underlying normal.
+    median: Duration,
+    sigma: f64,
+    /// Weights of success, failure, cancelled, never finished.
+    outcomes: [f64; 4],
+}
+
+const FLOWS: [FlowSpec; 3] = [
+    FlowSpec {
+        name: "checkout",
+        weight: 0.5,
+        start: (Service::Order, "POST /checkout"),
+        via: Some((Service::Payment, "charge card")),
+        end: (Service::Fulfillment, "ship order"),
+        median: Duration::from_millis(1200),
+        sigma: 1.1,
+        outcomes: [0.85, 0.08, 0.05, 0.02],
+    },
+    FlowSpec {
+        name: "payment",
+        weight: 0.35,
+        start: (Service::Payment, "authorize payment"),
+        via: None,
+        end: (Service::Payment, "capture callback"),
+        median: Duration::from_millis(250),
+        sigma: 1.0,
+        outcomes: [0.91, 0.06, 0.02, 0.01],
+    },
+    FlowSpec {
+        name: "refund",
+        weight: 0.15,
+        start: (Service::Order, "POST /refund"),
+        via: None,
+        end: (Service::Payment, "refund settled"),
+        median: Duration::from_secs(4),
+        sigma: 1.0,
+        outcomes: [0.78, 0.10, 0.09, 0.03],
+    },
+];
+
+/// One flow instance, fully decided up front.
+struct Plan {
+    flow: usize,
+    correlation_id: String,
+    latency: Duration,
+    /// `None`: never finished.
+    outcome: Option<Outcome>,
+    end_first: bool,
+}
+
+fn plan(rng: &mut Rng, run_id: &str, n: u64, max_latency: Duration) -> Plan {
+    let weights: Vec<f64> = FLOWS.iter().map(|f| f.weight).collect();
+    let flow = rng.pick(&weights);
+    let spec = &FLOWS[flow];
+    let latency_s = spec.median.as_secs_f64() * (spec.sigma * rng.normal()).exp();
+    let latency = Duration::from_secs_f64(latency_s.clamp(0.001, max_latency.as_secs_f64()));
+    let outcome = match rng.pick(&spec.outcomes) {
+        0 => Some(Outcome::Success),
+        1 => Some(Outcome::Failure),
+        2 => Some(Outcome::Cancelled),
+        _ => None,
+    };
+    let end_first = rng.unit() < 0.10;
+    Plan {
+        flow,
+        correlation_id: format!("{}-{run_id}-{n}", spec.name),
+        latency,
+        outcome,
+        end_first: end_first && outcome.is_some(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// What was sent
+
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    started: u64,
+    success: u64,
+    failure: u64,
+    cancelled: u64,
+}
+
+impl Counts {
+    fn unfinished(&self) -> u64 {
+        self.started - self.success - self.failure - self.cancelled
+    }
+}
+
+type Tally = Arc<Mutex<BTreeMap<&'static str, Counts>>>;
+
+fn summary_json(tally: &BTreeMap<&'static str, Counts>) -> String {
+    let mut out = String::from("{\"flows\":{");
+    for (i, spec) in FLOWS.iter().enumerate() {
+        let c = tally.get(spec.name).copied().unwrap_or_default();
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "\"{}\":{{\"started\":{},\"success\":{},\"failure\":{},\"cancelled\":{},\"unfinished\":{}}}",
+            spec.name,
+            c.started,
+            c.success,
+            c.failure,
+            c.cancelled,
+            c.unfinished()
+        );
+    }
+    out.push_str("}}\n");
+    out
+}
+
+fn summary_line(tally: &BTreeMap<&'static str, Counts>) -> String {
+    let mut parts = Vec::new();
+    for spec in &FLOWS {
+        let c = tally.get(spec.name).copied().unwrap_or_default();
+        parts.push(format!(
+            "{} {} started/{} success/{} failure/{} cancelled/{} unfinished",
+            spec.name,
+            c.started,
+            c.success,
+            c.failure,
+            c.cancelled,
+            c.unfinished()
+        ));
+    }
+    parts.join(", ")
+}
+
+// ---------------------------------------------------------------------------------------
+// Export plumbing
+
+/// The SDK's batch processor exports from its own thread, outside any Tokio runtime; the
+/// Hyper client needs one, so each request runs as a task on the demo's runtime.
+#[derive(Debug)]
+struct RuntimeHyperClient {
+    inner: HyperClient,
+    runtime: tokio::runtime::Handle,
+}
+
+#[async_trait]
+impl HttpClient for RuntimeHyperClient {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let inner = self.inner.clone();
+        self.runtime
+            .spawn(async move { inner.send_bytes(request).await })
+            .await?
+    }
+}
+
+#[derive(Debug, Default)]
+struct ExportStats {
+    spans_ok: AtomicU64,
+    spans_failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+/// Counts exported and failed spans; reports the first failure at once.
+#[derive(Debug)]
+struct CountingExporter {
+    inner: opentelemetry_otlp::SpanExporter,
+    stats: Arc<ExportStats>,
+    service: &'static str,
+}
+
+impl SpanExporter for CountingExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        match &result {
+            Ok(()) => {
+                self.stats.spans_ok.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.spans_failed.fetch_add(n, Ordering::Relaxed);
+                let mut first = self.stats.first_error.lock().unwrap();
+                if first.is_none() {
+                    let msg = format!("{}: export of {n} spans failed: {e}", self.service);
+                    eprintln!("flowmetrics-demo: warning: {msg}");
+                    *first = Some(msg);
+                }
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+fn build_provider(
+    args: &Args,
+    service: &'static str,
+    stats: &Arc<ExportStats>,
+) -> Result<SdkTracerProvider, String> {
+    let exporter = match args.transport {
+        Transport::Http => {
+            let base = args.endpoint.trim_end_matches('/');
+            let url = if base.ends_with("/v1/traces") {
+                base.to_string()
+            } else {
+                format!("{base}/v1/traces")
+            };
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(url)
+                .with_timeout(EXPORT_TIMEOUT)
+                .with_http_client(RuntimeHyperClient {
+                    inner: HyperClient::with_default_connector(EXPORT_TIMEOUT, None),
+                    runtime: tokio::runtime::Handle::current(),
+                })
+                .build()
+        }
+        Transport::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(args.endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build(),
+    }
+    .map_err(|e| format!("cannot build the OTLP exporter for {service}: {e}"))?;
+    let exporter = CountingExporter {
+        inner: exporter,
+        stats: stats.clone(),
+        service,
+    };
+    let processor = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(BATCH_DELAY)
+                .with_max_queue_size(65_536)
+                .with_max_export_batch_size(1024)
+                .build(),
+        )
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_resource(
+            Resource::builder_empty()
+                .with_service_name(service)
+                .with_attribute(KeyValue::new("service.namespace", "shop"))
+                .with_attribute(KeyValue::new("deployment.environment.name", "demo"))
+                .build(),
+        )
+        .with_span_processor(processor)
+        .build())
+}
+
+struct Shop {
+    tracers: Vec<(Service, SdkTracer)>,
+}
+
+impl Shop {
+    fn tracer(&self, service: Service) -> &SdkTracer {
+        &self.tracers.iter().find(|(s, _)| *s == service).unwrap().1
+    }
+}
+
+/// Sleeps for `d`; false when aborted first.
+async fn sleep_or_abort(d: Duration, abort: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = abort.wait_for(|a| *a) => false,
+    }
+}
+
+async fn run_instance(shop: Arc<Shop>, plan: Plan, tally: Tally, mut abort: watch::Receiver<bool>) {
+    let spec = &FLOWS[plan.flow];
+    let id = plan.correlation_id;
+    let start_tracer = shop.tracer(spec.start.0);
+    let mut start_span = start_tracer
+        .span_builder(spec.start.1)
+        .with_kind(SpanKind::Server)
+        .start(start_tracer);
+    start_span.add_event(
+        format!("flow.{}.start", spec.name),
+        vec![KeyValue::new("correlation-id", id.clone())],
+    );
+    tally.lock().unwrap().entry(spec.name).or_default().started += 1;
+    let start_cx = Context::new().with_remote_span_context(start_span.span_context().clone());
+    if !plan.end_first {
+        start_span.end();
+    }
+
+    let alive = if let Some((service, op)) = spec.via {
+        let before = plan.latency.mul_f64(0.4);
+        let mut alive = sleep_or_abort(before, &mut abort).await;
+        if alive {
+            let tracer = shop.tracer(service);
+            let mut span = tracer
+                .span_builder(op)
+                .with_kind(SpanKind::Internal)
+                .start_with_context(tracer, &start_cx);
+            span.set_attribute(KeyValue::new("payment.amount", 42.0));
+            span.end();
+            alive = sleep_or_abort(plan.latency - before, &mut abort).await;
+        }
+        alive
+    } else {
+        sleep_or_abort(plan.latency, &mut abort).await
+    };
+
+    if let (true, Some(outcome)) = (alive, plan.outcome) {
+        let tracer = shop.tracer(spec.end.0);
+        let kind = if spec.end.0 == Service::Fulfillment {
+            SpanKind::Consumer
+        } else {
+            SpanKind::Server
+        };
+        // A root span: the end lives in a trace of its own.
+        let mut span = tracer
+            .span_builder(spec.end.1)
+            .with_kind(kind)
+            .start_with_context(tracer, &Context::new());
+        span.add_event(
+            format!("flow.{}.end", spec.name),
+            vec![
+                KeyValue::new("correlation-id", id),
+                KeyValue::new("outcome", outcome.as_str()),
+            ],
+        );
+        if outcome == Outcome::Failure {
+            span.set_status(Status::error(format!("{} failed", spec.name)));
+        }
+        span.end();
+        {
+            let mut tally = tally.lock().unwrap();
+            let c = tally.entry(spec.name).or_default();
+            match outcome {
+                Outcome::Success => c.success += 1,
+                Outcome::Failure => c.failure += 1,
+                Outcome::Cancelled => c.cancelled += 1,
+            }
+        }
+        if plan.end_first {
+            sleep_or_abort(END_FIRST_HOLD, &mut abort).await;
+        }
+    }
+    // Ends the start span if still open (end-first instances, aborted ones).
+    drop(start_span);
+}
+
+// ---------------------------------------------------------------------------------------
+// Main
+
+/// Counts SIGINT/SIGTERM.
+fn watch_signals() -> watch::Receiver<u32> {
+    let (tx, rx) = watch::channel(0u32);
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        loop {
+            #[cfg(unix)]
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => { if r.is_err() { std::future::pending::<()>().await; } }
+                _ = term.recv() => {}
+            }
+            #[cfg(not(unix))]
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    rx
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Parsed::Run(args)) => args,
+        Ok(Parsed::Help) => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("flowmetrics-demo: {e}\nTry `flowmetrics-demo --help`.");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let stats = Arc::new(ExportStats::default());
+    let mut providers = Vec::new();
+    let mut tracers = Vec::new();
+    for (service, name) in SERVICES {
+        let provider = match build_provider(&args, name, &stats) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("flowmetrics-demo: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        tracers.push((service, provider.tracer("flowmetrics-demo")));
+        providers.push(provider);
+    }
+    let shop = Arc::new(Shop { tracers });
+
+    let run_id = format!(
+        "{:x}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+            & 0xff_ffff_ffff
+    );
+    eprintln!(
+        "flowmetrics-demo: {} flows/s to {} ({}), {}, seed {}, max latency {}",
+        args.rate,
+        args.endpoint,
+        match args.transport {
+            Transport::Http => "OTLP/HTTP protobuf",
+            Transport::Grpc => "OTLP/gRPC",
+        },
+        match args.duration {
+            Some(d) => format!("for {}", humantime::format_duration(d)),
+            None => "until stopped".into(),
+        },
+        args.seed,
+        humantime::format_duration(args.max_latency),
+    );
+
+    let tally: Tally = Arc::default();
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let mut signals = watch_signals();
+    let mut rng = Rng(args.seed);
+    let mut tasks = JoinSet::new();
+    let began = Instant::now();
+    let stop_at = args.duration.map(|d| began + d);
+    let mut next = began;
+    let mut n = 0u64;
+
+    // Generate until the duration is over or a signal comes.
+    loop {
+        // Poisson arrivals: exponential gaps.
+        let gap = -(1.0 - rng.unit()).ln() / args.rate;
+        next += Duration::from_secs_f64(gap);
+        if stop_at.is_some_and(|s| next >= s) {
+            tokio::select! {
+                _ = tokio::time::sleep_until(stop_at.unwrap()) => {}
+                _ = signals.changed() => {}
+            }
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = signals.changed() => break,
+        }
+        let p = plan(&mut rng, &run_id, n, args.max_latency);
+        n += 1;
+        tasks.spawn(run_instance(
+            shop.clone(),
+            p,
+            tally.clone(),
+            abort_rx.clone(),
+        ));
+        while tasks.try_join_next().is_some() {}
+    }
+
+    // Let flows in flight end, bounded.
+    if !tasks.is_empty() {
+        eprintln!(
+            "flowmetrics-demo: stopped starting flows; waiting for {} in flight (at most {}, signal again to stop now)",
+            tasks.len(),
+            humantime::format_duration(args.max_latency + END_FIRST_HOLD + Duration::from_secs(1))
+        );
+        let deadline = Instant::now() + args.max_latency + END_FIRST_HOLD + Duration::from_secs(1);
+        let drained = async { while tasks.join_next().await.is_some() {} };
+        tokio::pin!(drained);
+        let finished = tokio::select! {
+            _ = &mut drained => true,
+            _ = tokio::time::sleep_until(deadline) => false,
+            _ = signals.changed() => false,
+        };
+        if !finished {
+            let _ = abort_tx.send(true);
+            drained.await;
+        }
+    }
+
+    // Flush and shut down the providers; both block, so off the async workers.
+    let flushed = tokio::task::spawn_blocking(move || {
+        let mut errors = Vec::new();
+        for p in &providers {
+            if let Err(e) = p.force_flush() {
+                errors.push(format!("flush: {e}"));
+            }
+        }
+        for p in &providers {
+            if let Err(e) = p.shutdown() {
+                errors.push(format!("shutdown: {e}"));
+            }
+        }
+        errors
+    })
+    .await
+    .unwrap_or_else(|e| vec![format!("flush task: {e}")]);
+    for e in &flushed {
+        eprintln!("flowmetrics-demo: warning: {e}");
+    }
+
+    let tally = tally.lock().unwrap().clone();
+    let mut code = ExitCode::SUCCESS;
+    if let Some(path) = &args.summary {
+        if let Err(e) = std::fs::write(path, summary_json(&tally)) {
+            eprintln!("flowmetrics-demo: cannot write {}: {e}", path.display());
+            code = ExitCode::FAILURE;
+        }
+    }
+    let ok = stats.spans_ok.load(Ordering::Relaxed);
+    let failed = stats.spans_failed.load(Ordering::Relaxed);
+    eprintln!(
+        "flowmetrics-demo: sent {} in {:.1}s; {ok} spans exported, {failed} failed",
+        summary_line(&tally),
+        began.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        code = ExitCode::FAILURE;
+    }
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Parsed, String> {
+        parse_args(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let Parsed::Run(a) = args(&["--seed", "7"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.endpoint, "http://127.0.0.1:4318");
+        assert_eq!(a.transport, Transport::Http);
+        assert_eq!(a.rate, 20.0);
+        assert_eq!(a.duration, Some(Duration::from_secs(60)));
+        assert_eq!(a.seed, 7);
+        assert_eq!(a.max_latency, Duration::from_secs(30));
+
+        let Parsed::Run(a) = args(&[
+            "--protocol=grpc",
+            "--duration",
+            "0",
+            "--rate",
+            "2.5",
+            "--max-latency",
+            "5s",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.endpoint, "http://127.0.0.1:4317");
+        assert_eq!(a.transport, Transport::Grpc);
+        assert_eq!(a.duration, None);
+        assert_eq!(a.rate, 2.5);
+        assert_eq!(a.max_latency, Duration::from_secs(5));
+
+        assert!(matches!(args(&["--help"]), Ok(Parsed::Help)));
+        for bad in [
+            &["--rate", "0"][..],
+            &["--rate"],
+            &["--protocol", "udp"],
+            &["--duration", "soon"],
+            &["--endpoint", "localhost:4318"],
+            &["--frobnicate"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_plans() {
+        let draw = |seed| {
+            let mut rng = Rng(seed);
+            (0..200)
+                .map(|n| {
+                    let p = plan(&mut rng, "r", n, Duration::from_secs(30));
+                    (p.flow, p.latency, p.outcome, p.end_first)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(1), draw(1));
+        assert_ne!(draw(1), draw(2));
+    }
+
+    #[test]
+    fn plans_have_the_promised_spread() {
+        let mut rng = Rng(99);
+        let max = Duration::from_secs(30);
+        let plans: Vec<Plan> = (0..20_000).map(|n| plan(&mut rng, "r", n, max)).collect();
+        let share = |f: &dyn Fn(&Plan) -> bool| {
+            plans.iter().filter(|p| f(p)).count() as f64 / plans.len() as f64
+        };
+        assert!(share(&|p| p.flow == 0) > 0.45);
+        assert!(share(&|p| p.outcome == Some(Outcome::Success)) > 0.8);
+        assert!(share(&|p| p.outcome == Some(Outcome::Failure)) > 0.04);
+        assert!(share(&|p| p.outcome == Some(Outcome::Cancelled)) > 0.02);
+        assert!(share(&|p| p.outcome.is_none()) > 0.005);
+        assert!(share(&|p| p.end_first) > 0.05);
+        assert!(share(&|p| p.latency < Duration::from_millis(100)) > 0.02);
+        assert!(share(&|p| p.latency > Duration::from_secs(10)) > 0.005);
+        assert!(plans
+            .iter()
+            .all(|p| p.latency <= max && p.latency >= Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn summary_shape() {
+        let mut t = BTreeMap::new();
+        t.insert(
+            "payment",
+            Counts {
+                started: 5,
+                success: 2,
+                failure: 1,
+                cancelled: 1,
+            },
+        );
+        assert_eq!(
+            summary_json(&t),
+            "{\"flows\":{\"checkout\":{\"started\":0,\"success\":0,\"failure\":0,\"cancelled\":0,\"unfinished\":0},\
+             \"payment\":{\"started\":5,\"success\":2,\"failure\":1,\"cancelled\":1,\"unfinished\":1},\
+             \"refund\":{\"started\":0,\"success\":0,\"failure\":0,\"cancelled\":0,\"unfinished\":0}}}\n"
+        );
+    }
+}
