@@ -219,9 +219,6 @@ pub struct Extractor {
     empty_dims: DimValues,
 }
 
-/// Limit on remembered distinct flow names and dimension values.
-const INTERNER_CAPACITY: usize = 100_000;
-
 impl Extractor {
     pub fn new(config: &Config) -> Self {
         let rules = |side: DimensionSource| {
@@ -246,8 +243,10 @@ impl Extractor {
                 .then(|| config.flows.per_flow.keys().cloned().collect()),
             start_dims: rules(DimensionSource::Start),
             end_dims: rules(DimensionSource::End),
-            names: Interner::new(INTERNER_CAPACITY),
-            values: Interner::new(INTERNER_CAPACITY),
+            // Past the series limit, new names and values land in the overflow series
+            // anyway: there is no point remembering more of them than that.
+            names: Interner::new(config.limits.max_series_per_metric),
+            values: Interner::new(config.limits.max_series_per_metric.saturating_mul(2)),
             empty_dims: Arc::from(Vec::new()),
         }
     }

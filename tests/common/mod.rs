@@ -39,7 +39,12 @@ impl Reply {
 }
 
 /// Sends one request; `headers` are (name, value) pairs.
-pub async fn request(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub async fn request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut builder = Request::builder().method(method).uri(url);
     for (k, v) in headers {
@@ -52,7 +57,11 @@ pub async fn request(method: Method, url: &str, headers: &[(&str, &str)], body: 
     let status = response.status();
     let headers = response.headers().clone();
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 pub async fn post(url: &str, content_type: &str, body: impl Into<Bytes>) -> Reply {
@@ -61,7 +70,13 @@ pub async fn post(url: &str, content_type: &str, body: impl Into<Bytes>) -> Repl
 
 /// The raw exposition from `/metrics`.
 pub async fn scrape_text(app: &RunningApp) -> String {
-    let r = request(Method::GET, &format!("http://{}/metrics", app.metrics), &[], Bytes::new()).await;
+    let r = request(
+        Method::GET,
+        &format!("http://{}/metrics", app.metrics),
+        &[],
+        Bytes::new(),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     r.text()
 }
