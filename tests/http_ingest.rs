@@ -234,7 +234,8 @@ fn deflate(b: &[u8]) -> Vec<u8> {
 async fn protobuf_in_every_encoding() {
     let app = start(test_config()).await;
     let url = traces_url(&app);
-    let encodings: [(&str, fn(&[u8]) -> Vec<u8>); 4] = [
+    type Compress = fn(&[u8]) -> Vec<u8>;
+    let encodings: [(&str, Compress); 4] = [
         ("identity", |b| b.to_vec()),
         ("gzip", gzip),
         ("deflate", deflate),
