@@ -8,9 +8,10 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
-use crate::flows::event::AttributeLayers;
+use crate::flows::event::{AttributeLayers, NO_ATTRIBUTES};
 use crate::flows::{Extractor, FlowEvent, FlowTable, Rejection, Source, TraceRef};
 use crate::ingest::reply::RejectionSummary;
+use crate::ingest::selective::scan_traces;
 use crate::metrics::{Metrics, Transport};
 
 /// OpenTelemetry severity numbers 17–24 are ERROR and FATAL.
@@ -61,7 +62,23 @@ impl Pipeline {
         }
     }
 
-    /// Span events named `flow.<flow>.start|end`.
+    /// A protobuf `ExportTraceServiceRequest`, decoded selectively (see
+    /// [`crate::ingest::selective`]). A malformed body changes nothing.
+    pub fn traces_protobuf(
+        &self,
+        body: &[u8],
+        transport: Transport,
+    ) -> Result<RejectionSummary, String> {
+        let scan = scan_traces(body, &self.extractor, now_nanos())?;
+        self.metrics.spans_received(transport, scan.spans);
+        let mut rejected = RejectionSummary::default();
+        for result in scan.events {
+            self.accept(result.map(Some), &mut rejected);
+        }
+        Ok(rejected)
+    }
+
+    /// Span events named `flow.<flow>.start|end`, from a decoded request (OTLP/JSON).
     pub fn traces(
         &self,
         request: &ExportTraceServiceRequest,
@@ -94,8 +111,8 @@ impl Pipeline {
                     let trace = TraceRef::from_ids(&span.trace_id, &span.span_id);
                     for event in flow_events {
                         let layers = AttributeLayers {
-                            event: &event.attributes,
-                            parent: &span.attributes,
+                            event: &event.attributes[..],
+                            parent: &span.attributes[..],
                             resource,
                         };
                         let result = self.extractor.extract(
@@ -154,8 +171,8 @@ impl Pipeline {
                         record.observed_time_unix_nano
                     };
                     let layers = AttributeLayers {
-                        event: &record.attributes,
-                        parent: &[],
+                        event: &record.attributes[..],
+                        parent: NO_ATTRIBUTES,
                         resource,
                     };
                     let result = self.extractor.extract(

@@ -154,47 +154,74 @@ pub fn is_valid_flow_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
-/// Attribute lists searched in order: the event, its span (or log record), the resource.
-#[derive(Clone, Copy, Default)]
-pub struct AttributeLayers<'a> {
-    pub event: &'a [KeyValue],
-    pub parent: &'a [KeyValue],
-    pub resource: &'a [KeyValue],
+/// An attribute value as flowmetrics reads it (borrowed, never copied).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AttrValue<'a> {
+    Str(&'a str),
+    Int(i64),
+    Bool(bool),
+    Double(f64),
+    /// Arrays, maps, bytes, or an empty value: never a correlation id or a label.
+    Other,
 }
 
-impl<'a> AttributeLayers<'a> {
-    fn find(&self, key: &str) -> Option<&'a any_value::Value> {
-        [self.event, self.parent, self.resource]
-            .into_iter()
-            .find_map(|layer| find_attribute(layer, key))
+/// Somewhere attributes can be looked up by key: decoded `KeyValue`s, or raw protobuf
+/// bytes (see `ingest::selective`).
+pub trait Attributes {
+    /// The first attribute named `key`.
+    fn find(&self, key: &str) -> Option<AttrValue<'_>>;
+}
+
+impl Attributes for &[KeyValue] {
+    fn find(&self, key: &str) -> Option<AttrValue<'_>> {
+        let kv = self.iter().find(|kv| kv.key == key)?;
+        Some(match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(any_value::Value::StringValue(s)) => AttrValue::Str(s),
+            Some(any_value::Value::IntValue(i)) => AttrValue::Int(*i),
+            Some(any_value::Value::BoolValue(b)) => AttrValue::Bool(*b),
+            Some(any_value::Value::DoubleValue(d)) => AttrValue::Double(*d),
+            _ => AttrValue::Other,
+        })
     }
 }
 
-fn find_attribute<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v| v.value.as_ref())
+/// No attributes at all.
+pub const NO_ATTRIBUTES: &[KeyValue] = &[];
+
+/// Attribute lists searched in order: the event, its span (or log record), the resource.
+#[derive(Clone, Copy)]
+pub struct AttributeLayers<E, P, R> {
+    pub event: E,
+    pub parent: P,
+    pub resource: R,
 }
 
-/// A string or integer attribute as text; other types do not count as present.
-fn scalar_text(value: &any_value::Value) -> Option<std::borrow::Cow<'_, str>> {
+impl<E: Attributes, P: Attributes, R: Attributes> AttributeLayers<E, P, R> {
+    fn find(&self, key: &str) -> Option<AttrValue<'_>> {
+        self.event
+            .find(key)
+            .or_else(|| self.parent.find(key))
+            .or_else(|| self.resource.find(key))
+    }
+}
+
+/// A string or integer attribute as text; other types (and "") do not count as present.
+fn scalar_text(value: AttrValue<'_>) -> Option<std::borrow::Cow<'_, str>> {
     match value {
-        any_value::Value::StringValue(s) if !s.is_empty() => Some(s.as_str().into()),
-        any_value::Value::IntValue(i) => Some(i.to_string().into()),
+        AttrValue::Str(s) if !s.is_empty() => Some(s.into()),
+        AttrValue::Int(i) => Some(i.to_string().into()),
         _ => None,
     }
 }
 
 /// A dimension value as a label value: strings as they are, scalars printed.
-fn label_text(value: &any_value::Value) -> Option<String> {
+fn label_text(value: AttrValue<'_>) -> Option<std::borrow::Cow<'_, str>> {
     match value {
-        any_value::Value::StringValue(s) => Some(s.clone()),
-        any_value::Value::IntValue(i) => Some(i.to_string()),
-        any_value::Value::BoolValue(b) => Some(b.to_string()),
-        any_value::Value::DoubleValue(d) => Some(d.to_string()),
-        _ => None,
+        AttrValue::Str(s) => Some(s.into()),
+        AttrValue::Int(i) => Some(i.to_string().into()),
+        AttrValue::Bool(b) => Some(b.to_string().into()),
+        AttrValue::Double(d) => Some(d.to_string().into()),
+        AttrValue::Other => None,
     }
 }
 
@@ -272,10 +299,10 @@ impl Extractor {
     /// is ERROR (or the log record's severity is ERROR or worse), used when no outcome
     /// attribute is given.
     #[allow(clippy::too_many_arguments)]
-    pub fn extract(
+    pub fn extract<E: Attributes, P: Attributes, R: Attributes>(
         &self,
         name: &str,
-        layers: AttributeLayers<'_>,
+        layers: AttributeLayers<E, P, R>,
         timestamp_nanos: u64,
         received_nanos: u64,
         is_error: bool,
@@ -296,7 +323,12 @@ impl Extractor {
         let correlation_id = self
             .correlation_keys
             .iter()
-            .find_map(|key| layers.find(key).and_then(scalar_text))
+            .find_map(|key| {
+                layers
+                    .find(key)
+                    .and_then(scalar_text)
+                    .map(|c| c.into_owned())
+            })
             .ok_or(Rejection::MissingCorrelationId)?;
         if correlation_id.len() > self.max_correlation_id_bytes {
             return Err(Rejection::CorrelationIdTooLong);
@@ -304,8 +336,8 @@ impl Extractor {
         let kind = if is_start {
             EventKind::Start
         } else {
-            let outcome = match find_attribute(layers.event, &self.outcome_key) {
-                Some(any_value::Value::StringValue(raw)) => Outcome::parse(raw)
+            let outcome = match layers.event.find(&self.outcome_key) {
+                Some(AttrValue::Str(raw)) => Outcome::parse(raw)
                     .ok_or_else(|| Rejection::InvalidOutcome(truncate(raw, 64)))?,
                 Some(other) => {
                     return Err(Rejection::InvalidOutcome(truncate(
@@ -392,7 +424,8 @@ mod tests {
             name,
             AttributeLayers {
                 event,
-                ..Default::default()
+                parent: NO_ATTRIBUTES,
+                resource: NO_ATTRIBUTES,
             },
             10,
             99,
@@ -578,8 +611,9 @@ mod tests {
             .extract(
                 "flow.f.start",
                 AttributeLayers {
-                    event: &[s("correlation-id", "a")],
-                    ..Default::default()
+                    event: &[s("correlation-id", "a")][..],
+                    parent: NO_ATTRIBUTES,
+                    resource: NO_ATTRIBUTES,
                 },
                 0,
                 777,

@@ -13,7 +13,6 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tokio::sync::Semaphore;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
@@ -86,11 +85,10 @@ impl OtlpGrpc {
             DecodeError::Invalid(m) => Status::invalid_argument(m),
         };
         let rejected = match signal {
-            Signal::Traces => {
-                let request: ExportTraceServiceRequest =
-                    decode(&body, MediaType::Protobuf).map_err(invalid)?;
-                self.pipeline.traces(&request, Transport::Grpc)
-            }
+            Signal::Traces => self
+                .pipeline
+                .traces_protobuf(&body, Transport::Grpc)
+                .map_err(|m| invalid(DecodeError::Invalid(m)))?,
             Signal::Logs => {
                 let request: ExportLogsServiceRequest =
                     decode(&body, MediaType::Protobuf).map_err(invalid)?;

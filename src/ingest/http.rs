@@ -195,6 +195,10 @@ impl OtlpHttp {
             }
         };
         let rejected = match signal {
+            Signal::Traces if media == MediaType::Protobuf => self
+                .pipeline
+                .traces_protobuf(&body, Transport::Http)
+                .map_err(|m| invalid(DecodeError::Invalid(m)))?,
             Signal::Traces => {
                 let request: ExportTraceServiceRequest = decode(&body, media).map_err(invalid)?;
                 self.pipeline.traces(&request, Transport::Http)

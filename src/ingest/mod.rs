@@ -4,3 +4,5 @@ pub mod decode;
 pub mod grpc;
 pub mod http;
 pub mod reply;
+pub mod selective;
+pub mod wire;
