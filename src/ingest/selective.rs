@@ -347,9 +347,13 @@ mod tests {
     }
 
     fn config() -> Config {
-        let mut c = Config::default();
-        c.dimensions = serde_yaml::from_str("- { label: tier, attribute: tier, default: none }\n- { label: service, attribute: service.name }\n").unwrap();
-        c
+        Config {
+            dimensions: serde_yaml::from_str(
+                "- { label: tier, attribute: tier, default: none }\n- { label: service, attribute: service.name }\n",
+            )
+            .unwrap(),
+            ..Default::default()
+        }
     }
 
     /// The same events as a full prost decode through the decoded-struct path.
