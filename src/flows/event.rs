@@ -65,8 +65,8 @@ impl EventKind {
 /// Where a flow event was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
-    SpanEvent,
-    Log,
+    SpanEvent = 0,
+    Log = 1,
 }
 
 impl Source {
@@ -123,6 +123,15 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every `reason` label value.
+    pub const REASONS: [&'static str; 5] = [
+        "invalid_flow_name",
+        "missing_correlation_id",
+        "correlation_id_too_long",
+        "invalid_outcome",
+        "unknown_flow",
+    ];
+
     pub fn reason(&self) -> &'static str {
         match self {
             Rejection::InvalidFlowName => "invalid_flow_name",

@@ -77,9 +77,11 @@ pub struct Metrics {
     unmatched_ends: LimitedFamily<Counter>,
     negative_durations: LimitedFamily<Counter>,
 
-    events: Family<Pairs2, Counter>,
+    /// flow_events_total by [source][kind].
+    accepted: [[Counter; 2]; 2],
     events_rejected: Family<Pair, Counter>,
-    events_duplicate: Family<Pair, Counter>,
+    /// flow_events_duplicate_total by kind.
+    duplicates: [Counter; 2],
     otlp_requests: Family<Pairs3, Counter>,
     otlp_spans: Family<Pair, Counter>,
     otlp_log_records: Family<Pair, Counter>,
@@ -94,6 +96,18 @@ struct LabelNames {
     reason: Arc<str>,
     start_dims: Vec<Arc<str>>,
     end_dims: Vec<Arc<str>>,
+    /// Fixed label values, allocated once rather than per recording.
+    constants: Vec<(&'static str, Arc<str>)>,
+}
+
+impl LabelNames {
+    fn constant(&self, value: &'static str) -> Arc<str> {
+        self.constants
+            .iter()
+            .find(|(v, _)| *v == value)
+            .map(|(_, a)| a.clone())
+            .unwrap_or_else(|| Arc::from(value))
+    }
 }
 
 impl Metrics {
@@ -274,7 +288,32 @@ impl Metrics {
             reason: Arc::from("reason"),
             start_dims: dim_names(DimensionSource::Start),
             end_dims: dim_names(DimensionSource::End),
+            constants: [
+                "success",
+                "failure",
+                "cancelled",
+                "incomplete",
+                "capacity",
+                "",
+            ]
+            .into_iter()
+            .map(|v| (v, Arc::from(v)))
+            .collect(),
         };
+        // Self-metric series exist from the start (at 0), so rates and alerts work
+        // before the first event; their handles skip the family lookup per event.
+        let accepted = [Source::SpanEvent, Source::Log].map(|source| {
+            ["start", "end"].map(|kind| {
+                events
+                    .get_or_create(&[("kind", kind), ("source", source.label())])
+                    .clone()
+            })
+        });
+        let duplicates =
+            ["start", "end"].map(|kind| events_duplicate.get_or_create(&[("kind", kind)]).clone());
+        for reason in Rejection::REASONS {
+            let _ = events_rejected.get_or_create(&[("reason", reason)]);
+        }
         Self {
             registry,
             end_dim_count: label_names.end_dims.len(),
@@ -287,9 +326,9 @@ impl Metrics {
             flows_dropped,
             unmatched_ends,
             negative_durations,
-            events,
+            accepted,
             events_rejected,
-            events_duplicate,
+            duplicates,
             otlp_requests,
             otlp_spans,
             otlp_log_records,
@@ -307,9 +346,7 @@ impl Metrics {
     }
 
     pub fn event_accepted(&self, kind: EventKind, source: Source) {
-        self.events
-            .get_or_create(&[("kind", kind.label()), ("source", source.label())])
-            .inc();
+        self.accepted[source as usize][kind_index(kind)].inc();
     }
 
     pub fn event_rejected(&self, rejection: &Rejection) {
@@ -373,7 +410,7 @@ impl Metrics {
         let mut pairs = Vec::with_capacity(2 + start_dims.len() + self.end_dim_count);
         pairs.push((n.flow.clone(), flow.clone()));
         if let Some((name, value)) = extra {
-            pairs.push((name.clone(), Arc::from(value)));
+            pairs.push((name.clone(), n.constant(value)));
         }
         pairs.extend(n.start_dims.iter().cloned().zip(start_dims.iter().cloned()));
         if with_end_dims {
@@ -381,10 +418,17 @@ impl Metrics {
                 Some(values) => {
                     pairs.extend(n.end_dims.iter().cloned().zip(values.iter().cloned()))
                 }
-                None => pairs.extend(n.end_dims.iter().map(|name| (name.clone(), Arc::from("")))),
+                None => pairs.extend(n.end_dims.iter().map(|name| (name.clone(), n.constant("")))),
             }
         }
         SeriesLabels::Labels(pairs.into_boxed_slice())
+    }
+}
+
+fn kind_index(kind: EventKind) -> usize {
+    match kind {
+        EventKind::Start => 0,
+        EventKind::End(_) => 1,
     }
 }
 
@@ -439,7 +483,7 @@ impl FlowSink for Metrics {
             Report::Dropped { flow, .. } => {
                 let labels = SeriesLabels::Labels(Box::new([
                     (n.flow.clone(), flow.clone()),
-                    (n.reason.clone(), Arc::from("capacity")),
+                    (n.reason.clone(), n.constant("capacity")),
                 ]));
                 self.flows_dropped.with(labels, |c| c.inc());
                 self.flows_in_progress
@@ -449,9 +493,7 @@ impl FlowSink for Metrics {
                 self.unmatched_ends.with(self.flow_only(flow), |c| c.inc());
             }
             Report::Duplicate { kind } => {
-                self.events_duplicate
-                    .get_or_create(&[("kind", kind.label())])
-                    .inc();
+                self.duplicates[kind_index(kind)].inc();
             }
         }
     }
