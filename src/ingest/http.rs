@@ -24,6 +24,9 @@ use crate::server::HttpResponse;
 /// a flood cannot pile up bodies in memory (each up to `max_request_body_bytes`).
 pub const MAX_CONCURRENT_EXPORTS: usize = 64;
 
+/// How long a request body may take to arrive.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct OtlpHttp {
     pipeline: Arc<Pipeline>,
@@ -165,23 +168,33 @@ impl OtlpHttp {
                 "too many export requests in progress; retry shortly",
             )
         })?;
-        let body = Limited::new(req.into_body(), self.max_body_bytes)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    too_large()
-                } else {
-                    Failure::new(
-                        StatusCode::BAD_REQUEST,
-                        grpc_code::INVALID_ARGUMENT,
-                        format!("reading body: {e}"),
-                    )
-                }
-            })?
-            .to_bytes();
+        // A client that stalls mid-body must not hold a permit (and memory) for ever.
+        let body = tokio::time::timeout(
+            BODY_READ_TIMEOUT,
+            Limited::new(req.into_body(), self.max_body_bytes).collect(),
+        )
+        .await
+        .map_err(|_| {
+            Failure::new(
+                StatusCode::REQUEST_TIMEOUT,
+                grpc_code::UNAVAILABLE,
+                format!("request body not received within {BODY_READ_TIMEOUT:?}"),
+            )
+        })?
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                too_large()
+            } else {
+                Failure::new(
+                    StatusCode::BAD_REQUEST,
+                    grpc_code::INVALID_ARGUMENT,
+                    format!("reading body: {e}"),
+                )
+            }
+        })?
+        .to_bytes();
         let body = decompress(body, encoding, self.max_body_bytes).map_err(|e| match e {
             DecodeError::TooLarge { .. } => too_large(),
             DecodeError::Invalid(m) => {
@@ -248,6 +261,7 @@ fn status_label(status: StatusCode) -> &'static str {
         404 => "404",
         405 => "405",
         413 => "413",
+        408 => "408",
         415 => "415",
         503 => "503",
         _ => "500",
