@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""Checks for scripts/e2e.sh against a running Prometheus and flowmetrics (stdlib only).
+
+Subcommands (each prints "PASS <check>" / "FAIL <check>: <why>" lines, exits 1 on a FAIL):
+  probe      --otlp URL                 send edge-case flow events (flow "e2e_probe"): a
+                                        duplicate start, an end without start, a negative
+                                        duration, an invalid outcome
+  queries    --prom URL --dashboards DIR --rate-interval 1m
+                                        every dashboard variable and panel query, template
+                                        variables substituted, must succeed with >= 1 series
+  rules      --prom URL                 every loaded rule healthy; every recording rule's
+                                        query and recorded series non-empty; every alert
+                                        expression evaluates without error
+  counters   --prom URL --summary PATH [--summary PATH ...] --timeout S
+                                        flow counters stored in Prometheus == what the
+                                        traffic generator(s) reported sending
+  exemplars  --prom URL                 exemplars with trace_id stored for the duration histogram
+  om2text                               OpenMetrics exposition (stdin) -> Prometheus text
+                                        format 0.0.4 (stdout), for `promtool check metrics`
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+FAILED = False
+
+
+def report(name, ok, why=""):
+    global FAILED
+    if ok:
+        print(f"PASS {name}")
+    else:
+        FAILED = True
+        print(f"FAIL {name}: {why}")
+
+
+def api(prom, path, post=False, **params):
+    """GET (or POST, form-encoded, for long queries) an HTTP API endpoint; returns its JSON."""
+    data = urllib.parse.urlencode(params, doseq=True)
+    if post:
+        req = urllib.request.Request(prom + path, data=data.encode(),
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    else:
+        req = urllib.request.Request(prom + path + ("?" + data if data else ""))
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            body = json.load(r)
+    except urllib.error.HTTPError as e:
+        try:
+            body = json.load(e)
+        except ValueError:
+            body = {"status": "error", "error": f"HTTP {e.code}"}
+    except (urllib.error.URLError, OSError) as e:
+        body = {"status": "error", "error": str(e)}
+    return body
+
+
+def query(prom, expr):
+    """Returns (result list, error string or None)."""
+    b = api(prom, "/api/v1/query", post=True, query=expr)
+    if b.get("status") != "success":
+        return [], f"{b.get('errorType', '')} {b.get('error', 'unknown error')}".strip()
+    return b["data"]["result"], None
+
+
+def scalar_by(prom, expr, label):
+    res, err = query(prom, expr)
+    if err:
+        raise RuntimeError(err)
+    return {s["metric"].get(label, ""): float(s["value"][1]) for s in res}
+
+
+# ------------------------------------------------------------------ probe
+def cmd_probe(a):
+    now = time.time_ns()
+
+    def event(name, cid, ts, outcome=None):
+        attrs = [{"key": "correlation-id", "value": {"stringValue": cid}}]
+        if outcome:
+            attrs.append({"key": "outcome", "value": {"stringValue": outcome}})
+        return {"timeUnixNano": str(ts), "name": name, "attributes": attrs}
+
+    def send(events):
+        spans = [{"traceId": os.urandom(16).hex(), "spanId": os.urandom(8).hex(), "name": "e2e-probe",
+                  "kind": 1, "startTimeUnixNano": str(now), "endTimeUnixNano": str(now), "events": [e]}
+                 for e in events]
+        body = {"resourceSpans": [{"resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": "e2e-probe"}}]}, "scopeSpans": [{"spans": spans}]}]}
+        req = urllib.request.Request(a.otlp.rstrip("/") + "/v1/traces", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.load(r)
+
+    run = f"{now:x}"
+    cases = [
+        ("duplicate start", [event("flow.e2e_probe.start", f"dup-{run}", now),
+                             event("flow.e2e_probe.start", f"dup-{run}", now)], None),
+        ("end without a start (unmatched after the flow timeout)",
+         [event("flow.e2e_probe.end", f"orphan-{run}", now, "success")], None),
+        ("success end before its start (negative duration)",
+         [event("flow.e2e_probe.start", f"neg-{run}", now),
+          event("flow.e2e_probe.end", f"neg-{run}", now - 1_000_000_000, "success")], None),
+        ("invalid outcome (rejected)", [event("flow.e2e_probe.end", f"bad-{run}", now, "done")], "invalid outcome"),
+    ]
+    for name, events, expect_msg in cases:
+        try:
+            status, resp = send(events)
+            msg = ((resp or {}).get("partialSuccess") or {}).get("errorMessage") or ""
+            ok = status == 200 and (expect_msg is None or expect_msg in msg)
+            report(f"probe: {name}", ok, f"HTTP {status}, response {resp}")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            report(f"probe: {name}", False, str(e))
+
+
+# ------------------------------------------------------------------ queries
+def substitute(expr, values):
+    """Replaces $name / ${name} / ${name:fmt} with values[name] (unknown names stay)."""
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), expr)
+
+
+def label_values(prom, q, values):
+    m = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\)\s*", q, re.S)
+    if not m:
+        return None, f"not a label_values() query: {q}"
+    selector, label = substitute(m.group(1), values), m.group(2)
+    b = api(prom, f"/api/v1/label/{label}/values", **{"match[]": selector})
+    if b.get("status") != "success":
+        return None, b.get("error")
+    return b["data"], None
+
+
+def cmd_queries(a):
+    for path in sorted(f for f in os.listdir(a.dashboards) if f.endswith(".json")):
+        d = json.load(open(os.path.join(a.dashboards, path)))
+        values = {"__rate_interval": a.rate_interval, "__interval": "15s", "__range": "5m"}
+        # Variables in order, as Grafana resolves them: each "All" is the regex of every value.
+        for v in d.get("templating", {}).get("list", []):
+            name = v.get("name")
+            if v.get("type") == "query":
+                q = v.get("query")
+                q = q.get("query") if isinstance(q, dict) else q
+                vals, err = label_values(a.prom, q, values)
+                report(f"{path}: variable ${name} = {q}", bool(vals) and err is None,
+                       err or "no values")
+                # Grafana's multi-value format: regex-escaped values, escaped again for a PromQL string.
+                values[name] = "(" + "|".join(re.escape(x).replace("\\", "\\\\") for x in (vals or ["none"])) + ")"
+                if vals:
+                    print(f"     ${name} -> {values[name]}")
+            elif v.get("type") in ("textbox", "constant", "custom"):
+                values[name] = str(v.get("query", "")).split(",")[0]
+        for p in d.get("panels", []):
+            for sub in [p] + p.get("panels", []):
+                for t in sub.get("targets", []):
+                    expr = substitute(t.get("expr", ""), values)
+                    res, err = query(a.prom, expr)
+                    one_line = " ".join(t.get("expr", "").split())
+                    report(f"{path}: panel {sub.get('title')!r} [{t.get('refId')}] {one_line}",
+                           err is None and len(res) > 0, err or "query returned no series")
+
+
+# ------------------------------------------------------------------ rules
+def cmd_rules(a):
+    b = api(a.prom, "/api/v1/rules")
+    groups = b.get("data", {}).get("groups", []) if b.get("status") == "success" else []
+    report("rules: Prometheus loaded the rule files", bool(groups), b.get("error", "no rule groups loaded"))
+    for g in groups:
+        for r in g["rules"]:
+            name = r.get("name")
+            kind = "record" if r["type"] == "recording" else "alert"
+            healthy = r.get("health") == "ok" and not r.get("lastError")
+            res, err = query(a.prom, r["query"])
+            if kind == "record":
+                stored, err2 = query(a.prom, name)
+                report(f"rules: {kind} {name} evaluates to series and is recorded",
+                       healthy and err is None and res and err2 is None and stored,
+                       f"health={r.get('health')} lastError={r.get('lastError')!r} query error={err} "
+                       f"series={len(res)} recorded={len(stored)}")
+            else:
+                # An alert expression returns series only while the alert condition holds;
+                # here it must load, be evaluated by Prometheus without error and run via the API.
+                report(f"rules: {kind} {name} evaluates without error ({r.get('state')}, {len(res)} series now)",
+                       healthy and err is None,
+                       f"health={r.get('health')} lastError={r.get('lastError')!r} query error={err}")
+
+
+# ------------------------------------------------------------------ counters
+def cmd_counters(a):
+    sent = {}
+    for path in a.summary:
+        try:
+            s = json.load(open(path))["flows"]
+        except (OSError, ValueError, KeyError) as e:
+            report(f"counters: read generator summary {path}", False, repr(e))
+            return
+        for flow, c in s.items():
+            acc = sent.setdefault(flow, {})
+            for k, v in c.items():
+                acc[k] = acc.get(k, 0) + int(v)
+    report(f"counters: generator summary lists flows ({', '.join(sorted(sent))})", bool(sent), "no flows in summary")
+    if not sent:
+        return
+    job = 'job="flowmetrics"'
+    deadline = time.time() + a.timeout
+    while True:
+        checks = []
+        try:
+            started = scalar_by(a.prom, f"sum by (flow) (flowmetrics_flows_started_total{{{job}}})", "flow")
+            completed = {}
+            for s in query(a.prom, f"sum by (flow, outcome) (flowmetrics_flows_completed_total{{{job}}})")[0]:
+                completed[(s["metric"]["flow"], s["metric"]["outcome"])] = float(s["value"][1])
+            errors = {}
+            for s in query(a.prom, f"sum by (flow, error_reason) (flowmetrics_flow_errors_total{{{job}}})")[0]:
+                errors[(s["metric"]["flow"], s["metric"]["error_reason"])] = float(s["value"][1])
+            in_progress = scalar_by(a.prom, f"sum by (flow) (flowmetrics_flows_in_progress{{{job}}})", "flow")
+            dropped = scalar_by(a.prom, f"sum by (flow) (flowmetrics_flows_dropped_total{{{job}}})", "flow")
+        except RuntimeError as e:
+            checks = [("counters: query Prometheus", False, str(e))]
+        else:
+            for flow, c in sorted(sent.items()):
+                got = started.get(flow, 0)
+                checks.append((f"counters: {flow} started = {c.get('started', 0)} sent",
+                               got == c.get("started", 0), f"Prometheus has {got:g}"))
+                for outcome in ("success", "failure", "cancelled"):
+                    got = completed.get((flow, outcome), 0)
+                    checks.append((f"counters: {flow} completed{{outcome={outcome}}} = {c.get(outcome, 0)} sent",
+                                   got == c.get(outcome, 0), f"Prometheus has {got:g}"))
+                got = errors.get((flow, "failure"), 0)
+                checks.append((f"counters: {flow} errors{{failure}} = {c.get('failure', 0)} failure ends sent",
+                               got == c.get("failure", 0), f"Prometheus has {got:g}"))
+                got = errors.get((flow, "incomplete"), 0)
+                checks.append((f"counters: {flow} errors{{incomplete}} = {c.get('unfinished', 0)} never-ended flows sent",
+                               got == c.get("unfinished", 0), f"Prometheus has {got:g}"))
+                total = sum(completed.get((flow, o), 0) for o in ("success", "failure", "cancelled")) \
+                    + errors.get((flow, "incomplete"), 0) + dropped.get(flow, 0) + in_progress.get(flow, 0)
+                checks.append((f"counters: {flow} started = completed + incomplete + dropped + in_progress",
+                               total == started.get(flow, 0), f"{started.get(flow, 0):g} != {total:g}"))
+        if all(ok for _, ok, _ in checks) or time.time() > deadline:
+            break
+        time.sleep(2)
+    for c in checks:
+        report(*c)
+
+
+# ------------------------------------------------------------------ exemplars
+def cmd_exemplars(a):
+    now = time.time()
+    b = api(a.prom, "/api/v1/query_exemplars", query='flowmetrics_flow_duration_seconds_bucket{job="flowmetrics"}',
+            start=str(now - 3600), end=str(now))
+    data = b.get("data") or []
+    n = sum(len(s.get("exemplars", [])) for s in data)
+    with_trace = sum(1 for s in data for e in s.get("exemplars", []) if re.fullmatch(r"[0-9a-f]{32}", e["labels"].get("trace_id", "")))
+    report(f"exemplars: duration histogram exemplars with a trace_id stored ({with_trace} of {n})",
+           b.get("status") == "success" and with_trace > 0, b.get("error") or f"{n} exemplars, {with_trace} with trace_id")
+
+
+# ------------------------------------------------------------------ om2text
+def cmd_om2text(_a):
+    """OpenMetrics names a counter family without `_total` and allows exemplars, UNIT and
+    EOF; the 0.0.4 text format that `promtool check metrics` parses does not. Rename the
+    counter families' HELP/TYPE to their sample name and drop what 0.0.4 lacks."""
+    lines = sys.stdin.read().splitlines()
+    counters = {m.group(1) for l in lines for m in [re.match(r"# TYPE (\S+) counter$", l)] if m}
+    out = []
+    for l in lines:
+        if l == "# EOF" or l.startswith("# UNIT "):
+            continue
+        m = re.match(r"# (HELP|TYPE) (\S+)(.*)$", l)
+        if m and m.group(2) in counters and not m.group(2).endswith("_total"):
+            l = f"# {m.group(1)} {m.group(2)}_total{m.group(3)}"
+        elif not l.startswith("#"):
+            l = re.sub(r" # \{.*$", "", l)  # exemplar
+        out.append(l)
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("probe"); s.add_argument("--otlp", required=True)
+    s = sub.add_parser("queries"); s.add_argument("--prom", required=True)
+    s.add_argument("--dashboards", required=True); s.add_argument("--rate-interval", default="1m")
+    s = sub.add_parser("rules"); s.add_argument("--prom", required=True)
+    s = sub.add_parser("counters"); s.add_argument("--prom", required=True)
+    s.add_argument("--summary", action="append", required=True); s.add_argument("--timeout", type=float, default=60)
+    s = sub.add_parser("exemplars"); s.add_argument("--prom", required=True)
+    sub.add_parser("om2text")
+    a = p.parse_args()
+    {"probe": cmd_probe, "queries": cmd_queries, "rules": cmd_rules, "counters": cmd_counters,
+     "exemplars": cmd_exemplars, "om2text": cmd_om2text}[a.cmd](a)
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Static validation of the observability stack (no Docker engine, no Grafana needed):
+#   - Grafana dashboards: structural lint (scripts/validate_dashboards.py)
+#   - Grafana provisioning files: parse, point at the paths compose.yaml mounts
+#   - compose.yaml: the Compose Specification JSON schema (check-jsonschema, installed from
+#     PyPI when missing; schema from ../shared/schemas/compose-spec.json or
+#     $COMPOSE_SPEC_SCHEMA), and `docker-compose config -q` when docker-compose is installed
+#   - Dockerfile / .dockerignore: builds both release binaries, keeps the workspace in
+#     the build context, pins images, runs as non-root
+# Prints PASS/FAIL lines; exits 1 on any FAIL.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+failed=0
+pass() { echo "PASS $*"; }
+fail() { echo "FAIL $*"; failed=1; }
+
+python3 scripts/validate_dashboards.py || failed=1
+
+# ---- provisioning
+python3 - <<'PY' || failed=1
+import re
+def read(p):
+    return open(p).read()
+ok = True
+ds = read("grafana/provisioning/datasources/prometheus.yaml")
+db = read("grafana/provisioning/dashboards/flowmetrics.yaml")
+compose = read("compose.yaml")
+m = re.search(r"path: (\S+)", db)
+provider_path = m.group(1) if m else "<none>"
+checks = [
+    ("provisioning: datasource is a Prometheus at http://prometheus:9090, default",
+     "type: prometheus" in ds and "url: http://prometheus:9090" in ds and "isDefault: true" in ds),
+    ("provisioning: dashboards provider path is where compose.yaml mounts grafana/dashboards",
+     f"./grafana/dashboards:{provider_path}:ro" in compose),
+    ("provisioning: Grafana home dashboard file is mounted",
+     "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH: /etc/grafana/dashboards/flowmetrics.json" in compose),
+]
+for name, good in checks:
+    print(("PASS " if good else "FAIL ") + name)
+    ok &= good
+raise SystemExit(0 if ok else 1)
+PY
+
+# ---- compose.yaml
+schema=${COMPOSE_SPEC_SCHEMA:-../shared/schemas/compose-spec.json}
+if [ -f "$schema" ]; then
+  if ! command -v check-jsonschema >/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check check-jsonschema >/dev/null 2>&1 ||
+      echo "validate-stack: could not install check-jsonschema from PyPI"
+  fi
+  if command -v check-jsonschema >/dev/null; then
+    if out=$(check-jsonschema --schemafile "$schema" compose.yaml 2>&1); then
+      pass "compose.yaml valid against the Compose Specification schema"
+    else echo "$out"; fail "compose.yaml against the Compose Specification schema"; fi
+  else fail "check-jsonschema unavailable: compose.yaml not validated"; fi
+else
+  echo "SKIP compose.yaml schema check: no $schema (set COMPOSE_SPEC_SCHEMA)"
+fi
+if command -v docker-compose >/dev/null; then
+  if out=$(docker-compose -f compose.yaml config -q 2>&1); then pass "docker-compose config -q"
+  else echo "$out"; fail "docker-compose config -q"; fi
+fi
+unpinned=$(grep -E '^\s+image:' compose.yaml | grep -v 'flowmetrics:local' | grep -Ev ':[vV]?[0-9]+\.[0-9]+\.[0-9]+' || true)
+if [ -z "$unpinned" ]; then pass "compose.yaml: third-party images pinned to x.y.z versions"
+else fail "compose.yaml: unpinned images: $unpinned"; fi
+for want in "FLOWMETRICS_LISTEN__OTLP_HTTP: 0.0.0.0:4318" "FLOWMETRICS_LISTEN__OTLP_GRPC: 0.0.0.0:4317" \
+  "FLOWMETRICS_LISTEN__METRICS: 0.0.0.0:9464" "--enable-feature=exemplar-storage" \
+  "./prometheus:/etc/prometheus:ro" "GF_AUTH_ANONYMOUS_ENABLED" "- flowmetrics-demo"; do
+  grep -qF -- "$want" compose.yaml || fail "compose.yaml lacks: $want"
+done
+grep -q 'flowmetrics:9464' prometheus/prometheus.yml && pass "prometheus.yml scrapes the compose service flowmetrics:9464" ||
+  fail "prometheus.yml does not scrape flowmetrics:9464"
+
+# ---- Dockerfile
+if grep -qE 'cargo build --release .*-p flowmetrics -p flowmetrics-demo' Dockerfile &&
+  grep -qE '^USER [0-9]' Dockerfile && grep -qE '^FROM rust:\$\{RUST_VERSION\}' Dockerfile &&
+  grep -qE '^ARG RUST_VERSION=[0-9]+\.[0-9]+' Dockerfile; then
+  pass "Dockerfile: release build of flowmetrics and flowmetrics-demo, pinned toolchain, non-root user"
+else fail "Dockerfile: expected a release build of both binaries, a pinned rust image and a non-root USER"; fi
+members=$(python3 -c 'import re;t=open("Cargo.toml").read();m=re.search(r"members\s*=\s*\[([^\]]*)\]",t);print(" ".join(x.strip(" \"") for x in m.group(1).split(",") if x.strip()) if m else "")')
+bad=""
+for path in Cargo.toml Cargo.lock src $members; do
+  [ "$path" = "." ] && continue
+  grep -qxE "/?$path/?" .dockerignore && bad="$bad $path"
+done
+if [ -z "$bad" ]; then pass ".dockerignore keeps the workspace (Cargo.toml, Cargo.lock, src, members: ${members:-none})"
+else fail ".dockerignore excludes workspace paths:$bad"; fi
+
+exit $failed
