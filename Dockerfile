@@ -1,0 +1,33 @@
+# syntax=docker/dockerfile:1
+# flowmetrics and the flowmetrics-demo traffic generator, built in release mode from
+# this repository (what `cargo build --release` and `cargo build --release -p
+# flowmetrics-demo` build), in a slim runtime image running as a non-root user.
+#
+#   docker build -t flowmetrics .
+#   docker run --rm -p 4317:4317 -p 4318:4318 -p 9464:9464 flowmetrics
+#   docker run --rm flowmetrics flowmetrics-demo --endpoint http://HOST:4318
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=trixie
+
+FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS builder
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p flowmetrics -p flowmetrics-demo \
+    && mkdir -p /out \
+    && cp target/release/flowmetrics target/release/flowmetrics-demo /out/
+
+FROM debian:${DEBIAN_RELEASE}-slim
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin flowmetrics
+COPY --from=builder /out/flowmetrics /out/flowmetrics-demo /usr/local/bin/
+# flowmetrics binds 127.0.0.1 by default; in a container it must listen on every interface.
+ENV FLOWMETRICS_LISTEN__OTLP_HTTP=0.0.0.0:4318 \
+    FLOWMETRICS_LISTEN__OTLP_GRPC=0.0.0.0:4317 \
+    FLOWMETRICS_LISTEN__METRICS=0.0.0.0:9464
+USER 10001:10001
+# 4317 OTLP/gRPC, 4318 OTLP/HTTP, 9464 /metrics /healthz /readyz
+EXPOSE 4317 4318 9464
+STOPSIGNAL SIGTERM
+CMD ["flowmetrics"]
