@@ -24,11 +24,18 @@ fn flowmetrics(args: &[&str], env: &[(&str, &str)]) -> Command {
 fn check_config_prints_the_effective_config() {
     let out = flowmetrics(
         &["check-config"],
-        &[("FLOWMETRICS_LISTEN__METRICS", "9999"), ("FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT", "10s")],
+        &[
+            ("FLOWMETRICS_LISTEN__METRICS", "9999"),
+            ("FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT", "10s"),
+        ],
     )
     .output()
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let yaml = String::from_utf8(out.stdout).unwrap();
     assert!(yaml.contains("metrics: 127.0.0.1:9999"), "{yaml}");
     assert!(yaml.contains("timeout: 10s"), "{yaml}");
@@ -41,15 +48,30 @@ fn config_errors_name_key_and_source_and_exit_2() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("bad.yaml");
     std::fs::write(&file, "limits:\n  max_in_flite: 5\n").unwrap();
-    let out = flowmetrics(&["check-config", "--config", file.to_str().unwrap()], &[]).output().unwrap();
+    let out = flowmetrics(&["check-config", "--config", file.to_str().unwrap()], &[])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("max_in_flite") && err.contains("bad.yaml"), "{err}");
+    assert!(
+        err.contains("max_in_flite") && err.contains("bad.yaml"),
+        "{err}"
+    );
 
     // Through FLOWMETRICS_CONFIG too, and env errors name the variable.
-    let out = flowmetrics(&["check-config"], &[("FLOWMETRICS_CONFIG", file.to_str().unwrap())]).output().unwrap();
+    let out = flowmetrics(
+        &["check-config"],
+        &[("FLOWMETRICS_CONFIG", file.to_str().unwrap())],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let out = flowmetrics(&["check-config"], &[("FLOWMETRICS_LIMITS__MAX_IN_FLIGHT", "lots")]).output().unwrap();
+    let out = flowmetrics(
+        &["check-config"],
+        &[("FLOWMETRICS_LIMITS__MAX_IN_FLIGHT", "lots")],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("FLOWMETRICS_LIMITS__MAX_IN_FLIGHT"), "{err}");
@@ -78,17 +100,31 @@ fn runs_logs_each_endpoint_and_exits_cleanly_on_sigterm() {
     let give_up = Instant::now() + Duration::from_secs(20);
     while Instant::now() < give_up {
         let Some(Ok(line)) = lines.next() else { break };
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        let msg = v["fields"]["message"].as_str().unwrap_or_default().to_string();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let msg = v["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         seen.push(msg.clone());
         if msg.contains("flowmetrics started") {
             break;
         }
     }
-    for endpoint in ["metrics: http://127.0.0.1:", "OTLP/HTTP: http://127.0.0.1:", "OTLP/gRPC: 127.0.0.1:"] {
-        assert!(seen.iter().any(|l| l.starts_with(endpoint)), "no line for {endpoint}: {seen:?}");
+    for endpoint in [
+        "metrics: http://127.0.0.1:",
+        "OTLP/HTTP: http://127.0.0.1:",
+        "OTLP/gRPC: 127.0.0.1:",
+    ] {
+        assert!(
+            seen.iter().any(|l| l.starts_with(endpoint)),
+            "no line for {endpoint}: {seen:?}"
+        );
     }
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let exit = child.wait().unwrap();
