@@ -206,6 +206,21 @@ mod tests {
     }
 
     #[test]
+    fn a_remembered_event_costs_a_few_bytes() {
+        // The budget: small next to the table (hundreds of bytes per entry).
+        let r = RecentEvents::new(Duration::from_secs(300), 2_000_000);
+        let now = Instant::now();
+        for i in 0..200_000u64 {
+            r.check_and_remember(&ev(&i.to_string(), EventKind::Start, i), now);
+        }
+        let (entries, bytes) = r.footprint();
+        assert_eq!(entries, 200_000);
+        let per_event = bytes as f64 / entries as f64;
+        println!("dedup: {per_event:.1} bytes per remembered event");
+        assert!(per_event <= 24.0, "{per_event}");
+    }
+
+    #[test]
     fn zero_window_disables() {
         let r = RecentEvents::new(Duration::ZERO, 10);
         let now = Instant::now();

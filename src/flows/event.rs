@@ -252,6 +252,8 @@ pub struct Extractor {
     end_dims: Vec<DimensionRule>,
     names: Interner,
     values: Interner,
+    /// Whole dimension-value lists: instances with the same labels share one.
+    dim_lists: Interner<[Arc<str>]>,
     empty_dims: DimValues,
 }
 
@@ -283,6 +285,7 @@ impl Extractor {
             // anyway: there is no point remembering more of them than that.
             names: Interner::new(config.limits.max_series_per_metric),
             values: Interner::new(config.limits.max_series_per_metric.saturating_mul(2)),
+            dim_lists: Interner::new(config.limits.max_series_per_metric),
             empty_dims: Arc::from(Vec::new()),
         }
     }
@@ -367,7 +370,7 @@ impl Extractor {
         let dims = if rules.is_empty() {
             self.empty_dims.clone()
         } else {
-            rules
+            let values: DimValues = rules
                 .iter()
                 .map(
                     |rule| match layers.find(&rule.attribute).and_then(label_text) {
@@ -375,7 +378,8 @@ impl Extractor {
                         None => rule.default.clone(),
                     },
                 )
-                .collect()
+                .collect();
+            self.dim_lists.share(values)
         };
         Ok(Some(FlowEvent {
             flow: self.names.intern(flow),

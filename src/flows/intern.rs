@@ -4,21 +4,52 @@
 //! values cannot grow the interner without bound.
 
 use std::collections::HashSet;
+use std::hash::Hash;
 use std::sync::{Arc, RwLock};
 
-pub struct Interner {
-    strings: RwLock<HashSet<Arc<str>>>,
+/// Interns `Arc<T>` values: strings, and the dimension-value lists of instances.
+pub struct Interner<T: ?Sized = str> {
+    strings: RwLock<HashSet<Arc<T>>>,
     capacity: usize,
 }
 
-impl Interner {
+impl<T: ?Sized + Hash + Eq> Interner<T> {
+    /// Shares `value` with an equal one seen before, else remembers it (while there is
+    /// room).
+    pub fn share(&self, value: Arc<T>) -> Arc<T> {
+        if let Some(found) = self.strings.read().expect("interner lock").get(&value) {
+            return found.clone();
+        }
+        let mut set = self.strings.write().expect("interner lock");
+        if let Some(found) = set.get(&value) {
+            return found.clone();
+        }
+        if set.len() < self.capacity {
+            set.insert(value.clone());
+        }
+        value
+    }
+
+    pub fn len(&self) -> usize {
+        self.strings.read().expect("interner lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T: ?Sized> Interner<T> {
     pub fn new(capacity: usize) -> Self {
         Self {
             strings: RwLock::new(HashSet::new()),
             capacity,
         }
     }
+}
 
+impl Interner<str> {
+    /// Like [`share`](Self::share), allocating only for a string not seen before.
     pub fn intern(&self, s: &str) -> Arc<str> {
         if let Some(found) = self.strings.read().expect("interner lock").get(s) {
             return found.clone();
@@ -33,15 +64,8 @@ impl Interner {
         }
         fresh
     }
-
-    pub fn len(&self) -> usize {
-        self.strings.read().expect("interner lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
+
 
 #[cfg(test)]
 mod tests {
