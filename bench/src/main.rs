@@ -1,1 +1,946 @@
-fn main() {}
+//! flowmetrics-bench: the numbers of `BENCHMARKS.md`.
+//!
+//! ```text
+//! cargo run --release -p flowmetrics-bench -- [--quick] [--json PATH] [--only LIST]
+//!     [--server PATH] [--profile-pipeline BATCHES]
+//! ```
+//!
+//! Prints one table and writes it as JSON. Every throughput is also given as a ratio to
+//! the baseline measured in the same run (`prost` decode of the same bytes, one thread),
+//! because timings on shared machines are noisy. End-to-end rows run the real
+//! `flowmetrics` binary as a child process pinned to CPU 0, the load generator pinned to
+//! CPU 1. Only 127.0.0.1 is used. Every loop is bounded in count and in time.
+
+mod inproc;
+mod load;
+mod server;
+mod workload;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+use inproc::Budget;
+use load::{Load, LoadResult, Wire};
+use server::{metric_sum, metric_sum_where, Server};
+use workload::{Shape, Template, LAG, SPANS_PER_BATCH};
+
+const USAGE: &str = "\
+flowmetrics-bench: throughput, latency, memory, scrape and timeliness of flowmetrics.
+
+Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
+       flowmetrics-bench --profile-pipeline BATCHES
+
+  --quick        small sizes, seconds (CI)
+  --json PATH    where to write the results (default target/flowmetrics-bench.json)
+  --only LIST    comma-separated sections: pipeline,e2e,memory,scrape,timeliness
+                 (the baseline always runs)
+  --server PATH  the flowmetrics binary to start (default: built next to this one)
+  --profile-pipeline N   run only N batches through the in-process pipeline (for
+                 valgrind --tool=callgrind --toggle-collect='*measured_batch*')
+";
+
+struct Args {
+    quick: bool,
+    json: Option<PathBuf>,
+    only: Option<Vec<String>>,
+    server: Option<PathBuf>,
+    profile: Option<u64>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        quick: false,
+        json: None,
+        only: None,
+        server: None,
+        profile: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--quick" => args.quick = true,
+            "--json" => args.json = Some(value("--json")?.into()),
+            "--only" => {
+                args.only = Some(
+                    value("--only")?
+                        .split(',')
+                        .map(|s| s.trim().to_owned())
+                        .collect(),
+                )
+            }
+            "--server" => args.server = Some(value("--server")?.into()),
+            "--profile-pipeline" => {
+                args.profile = Some(
+                    value("--profile-pipeline")?
+                        .parse()
+                        .map_err(|e| format!("--profile-pipeline: {e}"))?,
+                )
+            }
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+/// Sizes and durations of one mode.
+struct Sizes {
+    inproc: Budget,
+    warmup: Duration,
+    measure: Duration,
+    gzip_bodies: u64,
+    memory: [u64; 2],
+    steady: Duration,
+    encode_reps: usize,
+    timeliness: usize,
+    timeliness_spread: Duration,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                inproc: Budget {
+                    max_batches: 300,
+                    max_time: Duration::from_millis(500),
+                },
+                warmup: Duration::from_millis(300),
+                measure: Duration::from_secs(1),
+                gzip_bodies: 200,
+                memory: [10_000, 50_000],
+                steady: Duration::from_secs(2),
+                encode_reps: 3,
+                timeliness: 2_000,
+                timeliness_spread: Duration::from_millis(200),
+            }
+        } else {
+            Sizes {
+                inproc: Budget {
+                    max_batches: 50_000,
+                    max_time: Duration::from_secs(5),
+                },
+                warmup: Duration::from_secs(2),
+                measure: Duration::from_secs(10),
+                gzip_bodies: 3_000,
+                memory: [100_000, 1_000_000],
+                steady: Duration::from_secs(60),
+                encode_reps: 20,
+                timeliness: 100_000,
+                timeliness_spread: Duration::from_secs(2),
+            }
+        }
+    }
+}
+
+/// One line of the table.
+struct Row {
+    section: u8,
+    id: &'static str,
+    name: String,
+    value: f64,
+    unit: &'static str,
+    ratio: Option<f64>,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    notes: String,
+    extra: Value,
+}
+
+impl Row {
+    fn new(
+        section: u8,
+        id: &'static str,
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) -> Row {
+        Row {
+            section,
+            id,
+            name: name.into(),
+            value,
+            unit,
+            ratio: None,
+            p50_ms: None,
+            p99_ms: None,
+            notes: String::new(),
+            extra: Value::Null,
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "section": self.section,
+            "id": self.id,
+            "name": self.name,
+            "value": self.value,
+            "unit": self.unit,
+            "ratio_to_baseline": self.ratio,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "notes": self.notes,
+            "extra": self.extra,
+        })
+    }
+}
+
+struct Baselines {
+    flow: f64,
+    sparse: f64,
+}
+
+impl Baselines {
+    fn for_shape(&self, shape: Shape) -> f64 {
+        match shape {
+            Shape::Sparse => self.sparse,
+            _ => self.flow,
+        }
+    }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("flowmetrics-bench: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Some(batches) = args.profile {
+        profile(batches);
+        return;
+    }
+    let sizes = Sizes::new(args.quick);
+    let wants = |section: &str| {
+        args.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == section))
+    };
+    let started = Instant::now();
+    let flow = Arc::new(Template::new(Shape::Flow));
+    let sparse = Arc::new(Template::new(Shape::Sparse));
+    let starts = Arc::new(Template::new(Shape::StartsOnly));
+    let machine = machine();
+    eprintln!(
+        "flowmetrics-bench ({} mode) on {} CPUs, {}",
+        if args.quick { "quick" } else { "full" },
+        machine["cpus"],
+        machine["cpu_model"].as_str().unwrap_or("?")
+    );
+    let mut rows = Vec::new();
+
+    // (2) Baseline, same process and run.
+    progress("baseline: prost decode");
+    let inproc_cpu = std::env::var("FLOWMETRICS_BENCH_INPROC_CPU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(server::LOAD_CPU);
+    let b_flow = on_worker(inproc_cpu, || inproc::baseline(&flow, sizes.inproc));
+    let b_sparse = on_worker(inproc_cpu, || inproc::baseline(&sparse, sizes.inproc));
+    let baselines = Baselines {
+        flow: b_flow.spans_per_sec,
+        sparse: b_sparse.spans_per_sec,
+    };
+    for (t, b, id) in [
+        (&flow, &b_flow, "baseline_flow"),
+        (&sparse, &b_sparse, "baseline_sparse"),
+    ] {
+        let mut row = Row::new(
+            2,
+            id,
+            format!("baseline: prost decode, 1 thread [{}]", t.shape.label()),
+            b.spans_per_sec,
+            "spans/s",
+        );
+        row.ratio = Some(1.0);
+        row.notes = format!("{} batches in {:.2} s", b.batches, b.secs);
+        rows.push(row);
+    }
+
+    // (3) Pipeline in process.
+    if wants("pipeline") {
+        progress("pipeline in process");
+        for (t, id) in [(&flow, "pipeline_flow"), (&sparse, "pipeline_sparse")] {
+            let p = on_worker(inproc_cpu, || inproc::pipeline(t, sizes.inproc));
+            let (value, unit) = rate_for(t, p.events_per_sec, p.spans_per_sec);
+            let mut row = Row::new(
+                3,
+                id,
+                format!("pipeline in process, 1 thread [{}]", t.shape.label()),
+                value,
+                unit,
+            );
+            row.ratio = Some(p.spans_per_sec / baselines.for_shape(t.shape));
+            row.notes = format!(
+                "{:.0} spans/s; table housekeeping {:.0}% of time; {} batches",
+                p.spans_per_sec,
+                p.housekeeping_share * 100.0,
+                p.batches
+            );
+            row.extra = json!({"spans_per_sec": p.spans_per_sec, "events_per_sec": p.events_per_sec,
+                "housekeeping_share": p.housekeeping_share, "batches": p.batches, "secs": p.secs});
+            rows.push(row);
+        }
+    }
+
+    let needs_server = ["e2e", "memory", "scrape"].iter().any(|s| wants(s));
+    let binary = if needs_server {
+        match server_binary(&args) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("flowmetrics-bench: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        None
+    };
+
+    // (4) End to end.
+    let mut e2e_protobuf = None;
+    if let (true, Some(bin)) = (wants("e2e"), &binary) {
+        let default_config = base_config("", "");
+        let runs: [(&'static str, &str, Wire, &Arc<Template>); 4] = [
+            ("e2e_http_protobuf", "HTTP/protobuf", Wire::Protobuf, &flow),
+            (
+                "e2e_http_protobuf_sparse",
+                "HTTP/protobuf",
+                Wire::Protobuf,
+                &sparse,
+            ),
+            ("e2e_http_gzip", "HTTP/protobuf+gzip", Wire::Protobuf, &flow),
+            ("e2e_grpc", "gRPC", Wire::Grpc, &flow),
+        ];
+        for (id, label, wire, t) in runs {
+            let mut body_note = format!("{} KiB bodies", t.bytes.len() / 1024);
+            let wire = if id == "e2e_http_gzip" {
+                progress("gzip: compressing request bodies ahead of the run");
+                let pool = gzip_pool(t, sizes.gzip_bodies);
+                let avg = pool.iter().map(|b| b.len()).sum::<usize>() / pool.len().max(1);
+                body_note = format!(
+                    "{} KiB bodies, {} KiB gzipped",
+                    t.bytes.len() / 1024,
+                    avg / 1024
+                );
+                Wire::Gzip(pool)
+            } else {
+                wire
+            };
+            let max_requests = match &wire {
+                Wire::Gzip(pool) => pool.len() as u64,
+                _ => 10_000_000,
+            };
+            progress(&format!("end to end: {label} [{}]", t.shape.label()));
+            let server = start(bin, &default_config);
+            let r = load::run(
+                &server,
+                Load {
+                    wire,
+                    template: (*t).clone(),
+                    connections: 4,
+                    warmup: sizes.warmup,
+                    measure: sizes.measure,
+                    max_requests,
+                    scrape_every: None,
+                    rss_every: None,
+                    first_batch: 0,
+                },
+            );
+            let counted = server.scrape();
+            let mut row = e2e_row(
+                4,
+                id,
+                &format!("end to end {label}, 4 conns, server 1 core"),
+                t,
+                &r,
+                &baselines,
+                &counted,
+            );
+            row.notes = format!("{}; {body_note}", row.notes);
+            if id == "e2e_http_protobuf" {
+                e2e_protobuf = Some(r.events_per_sec);
+            }
+            rows.push(row);
+        }
+    }
+
+    // (5) Memory per open instance; flat RSS under steady load.
+    if let (true, Some(bin)) = (wants("memory"), &binary) {
+        for dims in [false, true] {
+            for n in sizes.memory {
+                progress(&format!(
+                    "memory: {n} open instances, {} dimensions",
+                    if dims { 3 } else { 0 }
+                ));
+                rows.push(memory(bin, &starts, n, dims));
+            }
+        }
+        progress("memory: RSS under steady load");
+        rows.push(steady(bin, &flow, &sizes, &baselines));
+    }
+
+    // (6) Scrape.
+    if wants("scrape") {
+        progress("scrape: encoding /metrics");
+        for (flows, id, what) in [
+            (
+                2_500,
+                "encode_10k_series",
+                "10k series (2,500 flows x 4 families)",
+            ),
+            (10_000, "encode_10k_flows", "10k flows (~40k series)"),
+        ] {
+            let e = inproc::encode(flows, sizes.encode_reps);
+            let mut row = Row::new(6, id, format!("/metrics encode, {what}"), e.p50_ms, "ms");
+            row.p50_ms = Some(e.p50_ms);
+            row.notes = format!(
+                "{} series, {} KiB body, max {:.1} ms over {} runs",
+                e.series,
+                e.bytes / 1024,
+                e.max_ms,
+                sizes.encode_reps
+            );
+            row.extra =
+                json!({"flows": e.flows, "series": e.series, "bytes": e.bytes, "max_ms": e.max_ms});
+            rows.push(row);
+        }
+        if let Some(bin) = &binary {
+            progress("scrape: ingest while /metrics is scraped every second");
+            let server = start(bin, &base_config("", ""));
+            let seed = workload::seed_request(2_500);
+            seed_server(&server, seed);
+            let r = load::run(
+                &server,
+                Load {
+                    wire: Wire::Protobuf,
+                    template: flow.clone(),
+                    connections: 4,
+                    warmup: sizes.warmup,
+                    measure: sizes.measure,
+                    max_requests: 10_000_000,
+                    scrape_every: Some(Duration::from_secs(1)),
+                    rss_every: None,
+                    first_batch: 0,
+                },
+            );
+            let counted = server.scrape();
+            let mut row = e2e_row(
+                6,
+                "e2e_http_protobuf_scraped",
+                "end to end HTTP/protobuf, /metrics (10k series) scraped every 1 s",
+                &flow,
+                &r,
+                &baselines,
+                &counted,
+            );
+            let mut scrapes = r.scrape_ms.clone();
+            scrapes.sort_by(f64::total_cmp);
+            let vs = e2e_protobuf.map(|base| r.events_per_sec / base);
+            row.notes = format!(
+                "{}; {} scrapes, p50 {:.1} ms, max {:.1} ms{}",
+                row.notes,
+                scrapes.len(),
+                load::percentile(&scrapes, 0.5),
+                scrapes.last().copied().unwrap_or(0.0),
+                vs.map(|v| format!("; {:.2}x the unscraped run", v))
+                    .unwrap_or_default()
+            );
+            row.extra["scrape_ms"] = json!(scrapes);
+            row.extra["vs_unscraped"] = json!(vs);
+            rows.push(row);
+        }
+    }
+
+    // (7) Timeliness of time-outs.
+    if wants("timeliness") {
+        progress("timeliness: how late incomplete flows are counted");
+        let l = inproc::timeliness(
+            sizes.timeliness,
+            sizes.timeliness_spread,
+            Duration::from_secs(1),
+        );
+        let mut row = Row::new(
+            7,
+            "timeout_lateness",
+            format!(
+                "incomplete counted after deadline ({} instances, 1 s timeout)",
+                l.instances
+            ),
+            l.p99_ms,
+            "ms p99",
+        );
+        row.p50_ms = Some(l.p50_ms);
+        row.p99_ms = Some(l.p99_ms);
+        row.notes = format!(
+            "in-process table + 100 ms maintenance thread; max {:.0} ms; {}/{} counted",
+            l.max_ms, l.counted, l.instances
+        );
+        row.extra = json!({"instances": l.instances, "counted": l.counted, "max_ms": l.max_ms});
+        rows.push(row);
+    }
+
+    let table = render(&rows);
+    println!("{table}");
+    let result = json!({
+        "mode": if args.quick { "quick" } else { "full" },
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "machine": machine,
+        "workload": {
+            "spans_per_batch": SPANS_PER_BATCH,
+            "flow_batch_bytes": flow.bytes.len(),
+            "sparse_batch_bytes": sparse.bytes.len(),
+            "flow_events_per_batch": flow.events,
+            "sparse_events_per_batch": sparse.events,
+            "steady_state_open_instances": LAG * flow.events / 2,
+            "resource_attributes": 6, "span_attributes": 6, "event_attributes": 2,
+        },
+        "baseline_spans_per_sec": {"flow": baselines.flow, "sparse": baselines.sparse},
+        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        "elapsed_secs": started.elapsed().as_secs_f64(),
+    });
+    let path = args.json.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/flowmetrics-bench.json")
+    });
+    match std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&result).unwrap_or_default(),
+    ) {
+        Ok(()) => eprintln!(
+            "wrote {} ({:.0} s in all)",
+            path.display(),
+            started.elapsed().as_secs_f64()
+        ),
+        Err(e) => {
+            eprintln!("flowmetrics-bench: cannot write {}: {e}", path.display());
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Runs `f` on a thread of its own pinned to `cpu`, as the service runs its pipeline on
+/// a tokio worker thread (not the main thread: glibc's main-thread heap behaves
+/// differently from the per-thread arenas every worker uses).
+fn on_worker<R: Send>(cpu: usize, f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                server::pin_to_cpu(cpu);
+                f()
+            })
+            .join()
+            .expect("measurement thread")
+    })
+}
+
+fn progress(what: &str) {
+    eprintln!("  .. {what}");
+    let _ = std::io::stderr().flush();
+}
+
+/// events/s for workloads with events on every span, spans/s for the sparse one.
+fn rate_for(t: &Template, events: f64, spans: f64) -> (f64, &'static str) {
+    match t.shape {
+        Shape::Sparse => (spans, "spans/s"),
+        _ => (events, "events/s"),
+    }
+}
+
+fn e2e_row(
+    section: u8,
+    id: &'static str,
+    name: &str,
+    t: &Template,
+    r: &LoadResult,
+    baselines: &Baselines,
+    metrics: &str,
+) -> Row {
+    let (value, unit) = rate_for(t, r.events_per_sec, r.spans_per_sec);
+    let mut row = Row::new(
+        section,
+        id,
+        format!("{name} [{}]", t.shape.label()),
+        value,
+        unit,
+    );
+    row.ratio = Some(r.spans_per_sec / baselines.for_shape(t.shape));
+    row.p50_ms = Some(r.p50_ms);
+    row.p99_ms = Some(r.p99_ms);
+    let server_events = metric_sum(metrics, "flowmetrics_flow_events_total");
+    let server_spans = metric_sum(metrics, "flowmetrics_otlp_spans_total");
+    let completed = metric_sum(metrics, "flowmetrics_flows_completed_total");
+    let per_cpu = value / r.server_cpu.max(1e-9);
+    row.notes = format!(
+        "{} {unit} per server CPU-second; server CPU {:.0}%, load gen CPU {:.0}%; {} ok / {} failed",
+        thousands(per_cpu),
+        r.server_cpu * 100.0,
+        r.load_cpu * 100.0,
+        r.ok,
+        r.failed
+    );
+    if let Some(e) = &r.first_error {
+        row.notes.push_str(&format!("; first error: {e}"));
+    }
+    row.extra = json!({
+        "spans_per_sec": r.spans_per_sec, "events_per_sec": r.events_per_sec,
+        "window_secs": r.window_secs, "ok": r.ok, "failed": r.failed,
+        "server_cpu_cores": r.server_cpu, "load_cpu_cores": r.load_cpu,
+        "per_server_cpu_second": per_cpu,
+        "server_counted_events": server_events, "server_counted_spans": server_spans,
+        "server_completed_flows": completed, "batches_sent": r.batches_used,
+        "first_error": r.first_error,
+    });
+    row
+}
+
+fn start(bin: &Path, config: &str) -> Server {
+    match Server::start(bin, config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("flowmetrics-bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// YAML for the child: quiet logs, plus `extra` top-level keys.
+fn base_config(limits: &str, extra: &str) -> String {
+    let mut y = String::from("log:\n  level: warn\n");
+    if !limits.is_empty() {
+        y.push_str("limits:\n");
+        y.push_str(limits);
+    }
+    y.push_str(extra);
+    y
+}
+
+const THREE_DIMENSIONS: &str = "dimensions:
+  - { label: service, attribute: service.name }
+  - { label: environment, attribute: deployment.environment }
+  - { label: route, attribute: http.route }
+";
+
+fn memory(bin: &Path, starts: &Arc<Template>, n: u64, dims: bool) -> Row {
+    let limits = format!("  max_in_flight: {}\n", n + n / 10 + 10_000);
+    let extra = format!(
+        "flows:\n  default:\n    timeout: 1h\n{}",
+        if dims { THREE_DIMENSIONS } else { "" }
+    );
+    let server = start(bin, &base_config(&limits, &extra));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = server.rss_bytes();
+    let batches = n.div_ceil(starts.events);
+    let r = load::run(
+        &server,
+        Load {
+            wire: Wire::Protobuf,
+            template: starts.clone(),
+            connections: 4,
+            warmup: Duration::ZERO,
+            measure: Duration::from_secs(600),
+            max_requests: batches,
+            scrape_every: None,
+            rss_every: None,
+            first_batch: 0,
+        },
+    );
+    let opened = batches * starts.events;
+    // moka counts entries lazily; the service's housekeeping catches up within ~100 ms.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut entries = 0.0;
+    while Instant::now() < deadline {
+        entries = metric_sum(&server.scrape(), "flowmetrics_in_flight_entries");
+        if entries >= opened as f64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = server.rss_bytes();
+    let per = (after.saturating_sub(before)) as f64 / opened as f64;
+    let dims_label = if dims {
+        "3 dimensions"
+    } else {
+        "no dimensions"
+    };
+    let mut row = Row::new(
+        5,
+        match (n >= 1_000_000, dims) {
+            (true, false) => "rss_per_instance_1m",
+            (true, true) => "rss_per_instance_1m_dims",
+            (false, false) => "rss_per_instance_small",
+            (false, true) => "rss_per_instance_small_dims",
+        },
+        format!(
+            "RSS per open instance, {} open, {dims_label}",
+            thousands(opened as f64)
+        ),
+        per,
+        "bytes/instance",
+    );
+    row.notes = format!(
+        "RSS {:.1} -> {:.1} MiB; table entries {}; {} failed requests",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        entries,
+        r.failed
+    );
+    row.extra = json!({"open": opened, "rss_before": before, "rss_after": after,
+        "table_entries": entries, "dimensions": if dims { 3 } else { 0 }, "failed": r.failed});
+    row
+}
+
+fn steady(bin: &Path, flow: &Arc<Template>, sizes: &Sizes, baselines: &Baselines) -> Row {
+    let server = start(bin, &base_config("", ""));
+    let every = if sizes.steady >= Duration::from_secs(10) {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(250)
+    };
+    let r = load::run(
+        &server,
+        Load {
+            wire: Wire::Protobuf,
+            template: flow.clone(),
+            connections: 4,
+            warmup: Duration::ZERO,
+            measure: sizes.steady,
+            max_requests: 100_000_000,
+            scrape_every: None,
+            rss_every: Some(every),
+            first_batch: 0,
+        },
+    );
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let half = sizes.steady.as_secs_f64() / 2.0;
+    let at_half = r
+        .rss
+        .iter()
+        .find(|(t, _)| *t >= half)
+        .map_or(0, |(_, b)| *b);
+    let last = r.rss.last().map_or(0, |(_, b)| *b);
+    let max = r.rss.iter().map(|(_, b)| *b).max().unwrap_or(0);
+    let growth = last as f64 - at_half as f64;
+    let mut row = Row::new(
+        5,
+        "rss_steady_growth",
+        format!(
+            "RSS growth over the 2nd half of a {:.0} s steady load [{}]",
+            sizes.steady.as_secs_f64(),
+            flow.shape.label()
+        ),
+        growth / 1048576.0,
+        "MiB",
+    );
+    row.notes = format!(
+        "RSS at {:.0} s {:.1} MiB, at end {:.1} MiB, max {:.1} MiB; {:.0} events/s ({:.2}x baseline)",
+        half,
+        mib(at_half),
+        mib(last),
+        mib(max),
+        r.events_per_sec,
+        r.spans_per_sec / baselines.flow
+    );
+    row.extra = json!({"rss_samples": r.rss, "events_per_sec": r.events_per_sec});
+    row
+}
+
+fn seed_server(server: &Server, body: Vec<u8>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let addr = server.http;
+    let sent = rt.block_on(async move {
+        use http_body_util::{BodyExt, Full};
+        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(conn);
+        let req = hyper::Request::post("/v1/traces")
+            .header("host", addr.to_string())
+            .header("content-type", "application/x-protobuf")
+            .body(Full::new(Bytes::from(body)))
+            .ok()?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+            .await
+            .ok()?
+            .ok()?;
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        Some(status.as_u16())
+    });
+    if sent != Some(200) {
+        eprintln!("  !! seeding /metrics series failed: {sent:?}");
+    }
+    let body = server.scrape();
+    let series = metric_sum_where(&body, "flowmetrics_flows_started_total", "seed-");
+    eprintln!("  .. seeded {series} flows");
+}
+
+/// Request bodies gzip-compressed ahead of time, on both cores (nothing else runs yet).
+fn gzip_pool(t: &Template, n: u64) -> Arc<Vec<Bytes>> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let mut parts: Vec<Vec<Bytes>> = Vec::new();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                scope.spawn(move || {
+                    let lo = n * w / workers;
+                    let hi = n * (w + 1) / workers;
+                    let mut body = t.bytes.clone();
+                    (lo..hi)
+                        .map(|b| {
+                            t.patch(&mut body, b);
+                            let mut gz = flate2::write::GzEncoder::new(
+                                Vec::with_capacity(body.len() / 4),
+                                flate2::Compression::fast(),
+                            );
+                            gz.write_all(&body).expect("compress");
+                            Bytes::from(gz.finish().expect("compress"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            parts.push(h.join().expect("gzip worker"));
+        }
+    });
+    Arc::new(parts.into_iter().flatten().collect())
+}
+
+/// The `flowmetrics` binary: `--server`, else the one next to this executable, rebuilt
+/// first when running under cargo (so the numbers are never of a stale build).
+fn server_binary(args: &Args) -> Result<PathBuf, String> {
+    if let Some(p) = &args.server {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe.parent().ok_or("no executable directory")?;
+    let bin = dir.join("flowmetrics");
+    if let Ok(cargo) = std::env::var("CARGO") {
+        progress("building the flowmetrics binary (cargo build -p flowmetrics)");
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args(["build", "-q", "-p", "flowmetrics", "--bin", "flowmetrics"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
+        if !status.success() {
+            return Err("cargo build -p flowmetrics failed".into());
+        }
+    }
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} not found: run `cargo build --release -p flowmetrics` or pass --server",
+            bin.display()
+        ))
+    }
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    json!({
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu_model": model,
+        "mem_total_gib": mem_kb as f64 / 1048576.0,
+        "source": Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+fn thousands(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn fmt_value(v: f64, unit: &str) -> String {
+    if unit.ends_with("/s") {
+        format!("{} {unit}", thousands(v))
+    } else if unit.starts_with("ms") || unit == "MiB" {
+        format!("{v:.1} {unit}")
+    } else {
+        format!("{v:.0} {unit}")
+    }
+}
+
+/// The table, as Markdown (readable in a terminal, pasteable into BENCHMARKS.md).
+fn render(rows: &[Row]) -> String {
+    let opt = |v: Option<f64>, digits: usize| v.map_or("".into(), |v| format!("{v:.digits$}"));
+    let mut out = String::from(
+        "| # | measurement | result | ratio to baseline | p50 ms | p99 ms | notes |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.section,
+            r.name,
+            fmt_value(r.value, r.unit),
+            r.ratio.map_or(String::new(), |v| format!("{v:.2}x")),
+            opt(r.p50_ms, 2),
+            opt(r.p99_ms, 2),
+            r.notes
+        ));
+    }
+    out
+}
+
+/// `--profile-pipeline`: only the in-process pipeline, for callgrind.
+fn profile(batches: u64) {
+    let t = Template::new(Shape::Flow);
+    let (pipeline, table, _metrics) = inproc::pipeline_for(&flowmetrics::config::Config::default());
+    let mut body = t.bytes.clone();
+    for b in 0..batches {
+        t.patch(&mut body, b);
+        inproc::measured_batch(&pipeline, &body);
+        if (b + 1).is_multiple_of(50) {
+            table.run_pending_tasks();
+        }
+    }
+    eprintln!(
+        "profiled {batches} batches; table holds {} entries",
+        table.len()
+    );
+}

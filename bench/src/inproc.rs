@@ -1,0 +1,272 @@
+//! Measurements inside this process, on one thread: the prost baseline, the pipeline,
+//! `/metrics` encoding, and how late time-outs fire.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flowmetrics::config::Config;
+use flowmetrics::flows::event::{DimValues, EventKind, FlowEvent, Outcome, Source, TraceRef};
+use flowmetrics::flows::table::{EndRecord, Maintenance, TableSettings};
+use flowmetrics::flows::{Extractor, FlowSink, FlowTable, Report};
+use flowmetrics::metrics::{Metrics, Transport};
+use flowmetrics::pipeline::Pipeline;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+
+use crate::load::percentile;
+use crate::workload::{Template, LAG};
+
+/// Bounds of one timed loop.
+#[derive(Clone, Copy)]
+pub struct Budget {
+    pub max_batches: u64,
+    pub max_time: Duration,
+}
+
+pub struct Throughput {
+    pub batches: u64,
+    pub secs: f64,
+    pub spans_per_sec: f64,
+    pub events_per_sec: f64,
+    /// Share of the time spent in the table's housekeeping (pipeline only).
+    pub housekeeping_share: f64,
+}
+
+fn throughput(t: &Template, batches: u64, secs: f64, housekeeping_share: f64) -> Throughput {
+    let secs = secs.max(1e-9);
+    Throughput {
+        batches,
+        secs,
+        spans_per_sec: (batches * t.spans) as f64 / secs,
+        events_per_sec: (batches * t.events) as f64 / secs,
+        housekeeping_share,
+    }
+}
+
+/// `prost` decode of the same bytes into `ExportTraceServiceRequest` (and drop), one
+/// thread.
+pub fn baseline(t: &Template, budget: Budget) -> Throughput {
+    let pool: Vec<Vec<u8>> = (0..16).map(|b| t.batch(b)).collect();
+    for body in &pool {
+        std::hint::black_box(ExportTraceServiceRequest::decode(&body[..]).expect("decodes"));
+    }
+    let started = Instant::now();
+    let mut batches = 0;
+    while batches < budget.max_batches && started.elapsed() < budget.max_time {
+        let body = &pool[(batches % pool.len() as u64) as usize];
+        let request = ExportTraceServiceRequest::decode(&body[..]).expect("decodes");
+        std::hint::black_box(&request);
+        drop(request);
+        batches += 1;
+    }
+    throughput(t, batches, started.elapsed().as_secs_f64(), 0.0)
+}
+
+/// What the service builds at start, minus the listeners.
+pub fn pipeline_for(config: &Config) -> (Pipeline, Arc<FlowTable>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new(config));
+    let timeouts = config.clone();
+    let table = Arc::new(FlowTable::new(
+        TableSettings {
+            capacity: config.limits.max_in_flight,
+            dedup_window: config.limits.dedup_window,
+            timeout_for: Arc::new(move |flow| timeouts.timeout_for(flow)),
+        },
+        metrics.clone(),
+    ));
+    let pipeline = Pipeline::new(Extractor::new(config), table.clone(), metrics.clone());
+    (pipeline, table, metrics)
+}
+
+/// One batch through the service's path for OTLP/protobuf bodies (what the HTTP and gRPC
+/// handlers call): selective decode → extract → correlate → record. Not inlined, so a
+/// profiler can collect just this.
+#[inline(never)]
+pub fn measured_batch(pipeline: &Pipeline, body: &[u8]) -> Duration {
+    let t0 = Instant::now();
+    let rejected = pipeline
+        .traces_protobuf(body, Transport::Http)
+        .expect("workload decodes");
+    std::hint::black_box(&rejected);
+    t0.elapsed()
+}
+
+/// The in-process pipeline on this thread; the table's housekeeping runs inline every
+/// 100 ms (the service runs it on a thread of its own at that interval).
+pub fn pipeline(t: &Template, budget: Budget) -> Throughput {
+    let (pipeline, table, _metrics) = pipeline_for(&Config::default());
+    let mut body = t.bytes.clone();
+    for b in 0..LAG {
+        t.patch(&mut body, b);
+        measured_batch(&pipeline, &body);
+    }
+    let mut busy = Duration::ZERO;
+    let mut housekeeping = Duration::ZERO;
+    let started = Instant::now();
+    let mut last_housekeeping = Instant::now();
+    let mut batches = 0;
+    while batches < budget.max_batches && started.elapsed() < budget.max_time {
+        t.patch(&mut body, LAG + batches);
+        busy += measured_batch(&pipeline, &body);
+        if last_housekeeping.elapsed() >= Duration::from_millis(100) {
+            let h = Instant::now();
+            table.run_pending_tasks();
+            housekeeping += h.elapsed();
+            last_housekeeping = Instant::now();
+        }
+        batches += 1;
+    }
+    let secs = (busy + housekeeping).as_secs_f64();
+    throughput(
+        t,
+        batches,
+        secs,
+        housekeeping.as_secs_f64() / secs.max(1e-9),
+    )
+}
+
+pub struct Encode {
+    pub flows: usize,
+    pub series: usize,
+    pub bytes: usize,
+    pub p50_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Time to encode `/metrics` with `flows` flows, each started and completed once (4
+/// series per flow: started, completed, in_progress, duration histogram).
+pub fn encode(flows: usize, reps: usize) -> Encode {
+    let mut config = Config::default();
+    config.limits.max_series_per_metric = flows.max(10_000) + 1;
+    let metrics = Metrics::new(&config);
+    let no_dims: DimValues = Arc::from(Vec::new());
+    for f in 0..flows {
+        let flow: Arc<str> = Arc::from(format!("flow-{f:05}"));
+        metrics.report(Report::Opened {
+            flow: &flow,
+            start_dims: &no_dims,
+        });
+        let end = EndRecord {
+            outcome: Outcome::Success,
+            timestamp_nanos: 1_750_000_001_000_000_000,
+            dims: no_dims.clone(),
+            trace: TraceRef::from_ids(&[7; 16], &[9; 8]),
+        };
+        metrics.report(Report::Completed {
+            flow: &flow,
+            start_dims: &no_dims,
+            end: &end,
+            duration_secs: 0.2 + (f % 100) as f64 / 10.0,
+        });
+    }
+    let series = metrics.series_counts().iter().map(|(_, n)| n).sum();
+    let mut times = Vec::with_capacity(reps);
+    let mut bytes = 0;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let body = metrics.encode(0);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        bytes = body.len();
+        std::hint::black_box(body);
+    }
+    times.sort_by(f64::total_cmp);
+    Encode {
+        flows,
+        series,
+        bytes,
+        p50_ms: percentile(&times, 0.5),
+        max_ms: *times.last().unwrap_or(&0.0),
+    }
+}
+
+/// Records when each instance's time-out is reported. Instances are flows named `t<n>`.
+struct Stamps {
+    fired: Mutex<Vec<Option<Instant>>>,
+}
+
+impl FlowSink for Stamps {
+    fn report(&self, report: Report<'_>) {
+        if let Report::TimedOut { flow, .. } = report {
+            if let Some(n) = flow.strip_prefix('t').and_then(|n| n.parse::<usize>().ok()) {
+                let now = Instant::now();
+                if let Some(slot) = self.fired.lock().unwrap().get_mut(n) {
+                    slot.get_or_insert(now);
+                }
+            }
+        }
+    }
+}
+
+pub struct Lateness {
+    pub instances: usize,
+    pub counted: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Opens `n` instances spread over `spread` with a `timeout`, drives the table's
+/// housekeeping exactly as the service does (a thread, every 100 ms), and measures how
+/// long after each deadline its time-out is reported.
+pub fn timeliness(n: usize, spread: Duration, timeout: Duration) -> Lateness {
+    let stamps = Arc::new(Stamps {
+        fired: Mutex::new(vec![None; n]),
+    });
+    let table = Arc::new(FlowTable::new(
+        TableSettings {
+            capacity: 1_000_000,
+            dedup_window: Duration::from_secs(300),
+            timeout_for: Arc::new(move |_| timeout),
+        },
+        stamps.clone(),
+    ));
+    // Mirrors MAINTENANCE_INTERVAL in the service.
+    let maintenance = Maintenance::start(table.clone(), Duration::from_millis(100));
+    let no_dims: DimValues = Arc::from(Vec::new());
+    let mut deadlines = Vec::with_capacity(n);
+    let started = Instant::now();
+    let chunk = 100.max(n / 100);
+    for i in 0..n {
+        if i % chunk == 0 {
+            // Pace the opens evenly over `spread`.
+            let due = started + spread.mul_f64(i as f64 / n as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let opened = Instant::now();
+        table.apply(FlowEvent {
+            flow: Arc::from(format!("t{i}")),
+            correlation_id: format!("id-{i}").into(),
+            kind: EventKind::Start,
+            timestamp_nanos: 1_750_000_000_000_000_000 + i as u64,
+            dims: no_dims.clone(),
+            trace: None,
+            source: Source::SpanEvent,
+        });
+        deadlines.push(opened + timeout);
+    }
+    let give_up = Instant::now() + timeout + Duration::from_secs(10);
+    loop {
+        let done = stamps.fired.lock().unwrap().iter().all(Option::is_some);
+        if done || Instant::now() > give_up {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(maintenance);
+    let fired = stamps.fired.lock().unwrap();
+    let mut late: Vec<f64> = fired
+        .iter()
+        .zip(&deadlines)
+        .filter_map(|(f, d)| f.map(|f| f.saturating_duration_since(*d).as_secs_f64() * 1e3))
+        .collect();
+    late.sort_by(f64::total_cmp);
+    Lateness {
+        instances: n,
+        counted: late.len(),
+        p50_ms: percentile(&late, 0.5),
+        p99_ms: percentile(&late, 0.99),
+        max_ms: *late.last().unwrap_or(&0.0),
+    }
+}

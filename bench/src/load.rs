@@ -1,0 +1,345 @@
+//! The end-to-end load generator: a thread of its own, pinned to the core the server does
+//! not use, running a single-threaded tokio runtime with a few keep-alive connections.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+
+use crate::server::{self, Server};
+use crate::workload::Template;
+
+/// How a request goes over the wire.
+#[derive(Clone)]
+pub enum Wire {
+    /// OTLP/HTTP, `application/x-protobuf`, no compression; bodies patched per request.
+    Protobuf,
+    /// OTLP/HTTP with `Content-Encoding: gzip`; bodies compressed ahead of time (the
+    /// run ends when they are used up).
+    Gzip(Arc<Vec<Bytes>>),
+    /// OTLP/gRPC (tonic `TraceServiceClient`), one channel per connection.
+    Grpc,
+}
+
+pub struct Load {
+    pub wire: Wire,
+    pub template: Arc<Template>,
+    pub connections: usize,
+    pub warmup: Duration,
+    pub measure: Duration,
+    pub max_requests: u64,
+    /// GET /metrics this often while loading.
+    pub scrape_every: Option<Duration>,
+    /// Sample the server's RSS this often (for the steady-load row).
+    pub rss_every: Option<Duration>,
+    /// First batch number (so runs against one server never reuse ids).
+    pub first_batch: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct LoadResult {
+    pub ok: u64,
+    pub failed: u64,
+    pub window_secs: f64,
+    pub spans_per_sec: f64,
+    pub events_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub server_cpu: f64,
+    pub load_cpu: f64,
+    pub scrape_ms: Vec<f64>,
+    /// (seconds since start, RSS bytes).
+    pub rss: Vec<(f64, u64)>,
+    pub first_error: Option<String>,
+    pub batches_used: u64,
+}
+
+struct Sample {
+    begun: Instant,
+    done: Instant,
+    ok: bool,
+}
+
+/// Runs `load` against `server` and waits for the result.
+pub fn run(server: &Server, load: Load) -> LoadResult {
+    let http = server.http;
+    let grpc = server.grpc;
+    let metrics = server.metrics;
+    let pid = server.pid;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                server::pin_to_cpu(server::LOAD_CPU);
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("load generator runtime");
+                rt.block_on(drive(http, grpc, metrics, pid, load))
+            })
+            .join()
+            .expect("load generator thread")
+    })
+}
+
+async fn drive(
+    http: SocketAddr,
+    grpc: SocketAddr,
+    metrics: SocketAddr,
+    pid: u32,
+    load: Load,
+) -> LoadResult {
+    let next = Arc::new(AtomicU64::new(load.first_batch));
+    let limit = load.first_batch + load.max_requests;
+    let start = Instant::now();
+    let from = start + load.warmup;
+    let until = from + load.measure;
+    let errors = Arc::new(std::sync::Mutex::new(None::<String>));
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let mut workers = Vec::new();
+    for _ in 0..load.connections {
+        let next = next.clone();
+        let template = load.template.clone();
+        let wire = load.wire.clone();
+        let errors = errors.clone();
+        workers.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut conn = match Conn::open(&wire, http, grpc).await {
+                Ok(c) => c,
+                Err(e) => {
+                    errors.lock().unwrap().get_or_insert(e);
+                    return samples;
+                }
+            };
+            while Instant::now() < until {
+                let batch = next.fetch_add(1, Ordering::Relaxed);
+                if batch >= limit {
+                    break;
+                }
+                let begun = Instant::now();
+                let result = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    conn.send(&wire, &template, batch, http),
+                )
+                .await
+                .unwrap_or_else(|_| Err("request timed out after 10 s".into()));
+                let done = Instant::now();
+                let ok = result.is_ok();
+                if let Err(e) = result {
+                    errors.lock().unwrap().get_or_insert(e);
+                }
+                samples.push(Sample { begun, done, ok });
+                if !ok {
+                    // A broken connection: open a new one (bounded by the loop's time).
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Ok(c) = Conn::open(&wire, http, grpc).await {
+                        conn = c;
+                    }
+                }
+            }
+            samples
+        }));
+    }
+
+    // Server CPU and generator CPU over the measured window, RSS and scrapes on the side.
+    let sampler = {
+        let scrape_every = load.scrape_every;
+        let rss_every = load.rss_every;
+        let finished = finished.clone();
+        tokio::spawn(async move {
+            let mut scrape_ms = Vec::new();
+            let mut rss = Vec::new();
+            let tick = Duration::from_millis(100);
+            let mut next_scrape = scrape_every.map(|_| from);
+            let mut next_rss = rss_every.map(|_| start);
+            let mut cpu_from = None;
+            let mut measured_from = from;
+            while Instant::now() < until && !finished.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if cpu_from.is_none() && now >= from {
+                    cpu_from = Some((server::cpu_secs(pid), server::thread_cpu_secs()));
+                    measured_from = now;
+                }
+                if let (Some(at), Some(every)) = (next_scrape, scrape_every) {
+                    if now >= at {
+                        let t = Instant::now();
+                        if let Ok(Ok((200, _))) = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            server::get_async(metrics, "/metrics"),
+                        )
+                        .await
+                        {
+                            scrape_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                        }
+                        next_scrape = Some(at + every);
+                    }
+                }
+                if let (Some(at), Some(every)) = (next_rss, rss_every) {
+                    if now >= at {
+                        rss.push((
+                            now.duration_since(start).as_secs_f64(),
+                            server::rss_bytes(pid),
+                        ));
+                        next_rss = Some(at + every);
+                    }
+                }
+                tokio::time::sleep(tick.min(until.saturating_duration_since(Instant::now()))).await;
+            }
+            let (server_cpu, load_cpu) = match cpu_from {
+                Some((s0, l0)) => {
+                    let secs = measured_from.elapsed().as_secs_f64().max(1e-9);
+                    (
+                        (server::cpu_secs(pid) - s0) / secs,
+                        (server::thread_cpu_secs() - l0) / secs,
+                    )
+                }
+                None => (0.0, 0.0),
+            };
+            (scrape_ms, rss, server_cpu, load_cpu)
+        })
+    };
+
+    let mut samples = Vec::new();
+    for w in workers {
+        if let Ok(s) = w.await {
+            samples.extend(s);
+        }
+    }
+    // Workers may stop early (out of requests): the sampler stops with them.
+    finished.store(true, Ordering::Release);
+    let (scrape_ms, rss, server_cpu, load_cpu) = sampler.await.unwrap_or_default();
+
+    let end = samples
+        .iter()
+        .map(|s| s.done)
+        .max()
+        .unwrap_or(until)
+        .min(until);
+    let window = end.saturating_duration_since(from).as_secs_f64();
+    let mut latencies: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.ok && s.begun >= from && s.done <= end)
+        .map(|s| s.done.duration_since(s.begun).as_secs_f64() * 1e3)
+        .collect();
+    let counted = samples
+        .iter()
+        .filter(|s| s.ok && s.done >= from && s.done <= end)
+        .count() as f64;
+    latencies.sort_by(f64::total_cmp);
+    let failed = samples.iter().filter(|s| !s.ok).count() as u64;
+    let per_sec = |items: u64| {
+        if window > 0.0 {
+            counted * items as f64 / window
+        } else {
+            0.0
+        }
+    };
+    let first_error = errors.lock().unwrap().take();
+    LoadResult {
+        ok: samples.len() as u64 - failed,
+        failed,
+        window_secs: window,
+        spans_per_sec: per_sec(load.template.spans),
+        events_per_sec: per_sec(load.template.events),
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        server_cpu,
+        load_cpu,
+        scrape_ms,
+        rss,
+        first_error,
+        batches_used: next.load(Ordering::Relaxed).min(limit) - load.first_batch,
+    }
+}
+
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+enum Conn {
+    Http(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Grpc(TraceServiceClient<tonic::transport::Channel>),
+}
+
+impl Conn {
+    async fn open(wire: &Wire, http: SocketAddr, grpc: SocketAddr) -> Result<Conn, String> {
+        match wire {
+            Wire::Grpc => {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+                    .map_err(|e| e.to_string())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .map_err(|e| format!("gRPC connect: {e}"))?;
+                Ok(Conn::Grpc(
+                    TraceServiceClient::new(channel).max_decoding_message_size(64 << 20),
+                ))
+            }
+            _ => {
+                let stream = tokio::net::TcpStream::connect(http)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                let _ = stream.set_nodelay(true);
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("handshake: {e}"))?;
+                tokio::spawn(conn);
+                Ok(Conn::Http(sender))
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        wire: &Wire,
+        template: &Template,
+        batch: u64,
+        http: SocketAddr,
+    ) -> Result<(), String> {
+        match self {
+            Conn::Grpc(client) => {
+                client
+                    .export(template.batch_message(batch))
+                    .await
+                    .map_err(|s| format!("gRPC: {s}"))?;
+                Ok(())
+            }
+            Conn::Http(sender) => {
+                let mut req = Request::post("/v1/traces")
+                    .header("host", http.to_string())
+                    .header("content-type", "application/x-protobuf");
+                let body = match wire {
+                    Wire::Gzip(pool) => {
+                        req = req.header("content-encoding", "gzip");
+                        pool.get(batch as usize).cloned().ok_or("out of bodies")?
+                    }
+                    _ => Bytes::from(template.batch(batch)),
+                };
+                let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let _ = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if status.is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP {status}"))
+                }
+            }
+        }
+    }
+}
