@@ -752,7 +752,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("metrix"), "{err}");
-        assert!(err.contains(f.path.file_name().unwrap().to_str().unwrap()), "{err}");
+        assert!(
+            err.contains(f.path.file_name().unwrap().to_str().unwrap()),
+            "{err}"
+        );
 
         let err = Config::load(None, env(&[("FLOWMETRICS_BOGUS", "1")]))
             .unwrap_err()
@@ -783,7 +786,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("flows.default.buckets"), "{err}");
-        assert!(err.contains(f.path.file_name().unwrap().to_str().unwrap()), "{err}");
+        assert!(
+            err.contains(f.path.file_name().unwrap().to_str().unwrap()),
+            "{err}"
+        );
     }
 
     #[test]

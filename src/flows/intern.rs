@@ -66,7 +66,6 @@ impl Interner<str> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
