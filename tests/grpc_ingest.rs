@@ -4,6 +4,7 @@
 mod common;
 
 use bytes::Bytes;
+use common::attr as s;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -14,23 +15,13 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use tonic::codec::CompressionEncoding;
 
 const SEC: u64 = 1_000_000_000;
-
-fn s(key: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-        ..Default::default()
-    }
-}
 
 fn span_events(events: &[(&str, &str, Option<&str>, u64)]) -> ExportTraceServiceRequest {
     let spans = events

@@ -8,12 +8,12 @@ use std::io::Write;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::attr as s;
 use common::*;
 use hyper::{Method, StatusCode};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
@@ -53,16 +53,6 @@ fn seed_body(event: &str, id: &str, outcome: Option<&str>, ts_secs: u64, service
         }}]
         }}"#
     )
-}
-
-fn s(key: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.into())),
-        }),
-        ..Default::default()
-    }
 }
 
 /// One span per event: (event name, correlation id, outcome, timestamp ns).

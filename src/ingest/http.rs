@@ -195,18 +195,13 @@ impl OtlpHttp {
             }
         })?
         .to_bytes();
-        let body = decompress(body, encoding, self.max_body_bytes).map_err(|e| match e {
-            DecodeError::TooLarge { .. } => too_large(),
-            DecodeError::Invalid(m) => {
-                Failure::new(StatusCode::BAD_REQUEST, grpc_code::INVALID_ARGUMENT, m)
-            }
-        })?;
         let invalid = |e: DecodeError| match e {
             DecodeError::TooLarge { .. } => too_large(),
             DecodeError::Invalid(m) => {
                 Failure::new(StatusCode::BAD_REQUEST, grpc_code::INVALID_ARGUMENT, m)
             }
         };
+        let body = decompress(body, encoding, self.max_body_bytes).map_err(invalid)?;
         let rejected = match signal {
             Signal::Traces if media == MediaType::Protobuf => self
                 .pipeline
