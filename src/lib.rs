@@ -28,8 +28,8 @@ use crate::flows::{Extractor, FlowTable};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
-/// How often the correlation table's housekeeping runs. moka has no thread of its own:
-/// time-outs fire only from here, and its timer wheel adds up to ~1 s on top.
+/// How often the correlation table's housekeeping runs: time-outs are counted at most
+/// this long (plus the time to report them) after their deadline.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A configured, not yet started service.

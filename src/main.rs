@@ -110,6 +110,9 @@ fn run(config: Config) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Listen for signals before anything is announced: a SIGTERM right after
+        // "started" must shut down gracefully, not kill the process.
+        let stop = StopSignal::listen();
         let app = match App::new(config).start().await {
             Ok(app) => app,
             Err(e) => {
@@ -118,7 +121,7 @@ fn run(config: Config) -> ExitCode {
             }
         };
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "flowmetrics started");
-        wait_for_signal().await;
+        stop.wait().await;
         tracing::info!("shutting down: finishing requests in flight");
         app.shutdown().await;
         tracing::info!("stopped");
@@ -126,24 +129,52 @@ fn run(config: Config) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or SIGINT (Ctrl-C), registered up front.
+struct StopSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignal {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listen = |kind| {
+                signal(kind)
+                    .inspect_err(|e| tracing::warn!("cannot listen for a stop signal: {e}"))
+                    .ok()
+            };
+            Self {
+                terminate: listen(SignalKind::terminate()),
+                interrupt: listen(SignalKind::interrupt()),
             }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(self) {
+        #[cfg(unix)]
+        {
+            async fn recv(signal: Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                _ = recv(self.terminate) => {}
+                _ = recv(self.interrupt) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

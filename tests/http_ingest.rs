@@ -410,7 +410,6 @@ async fn error_statuses() {
     )
     .await;
     assert_eq!(ok.status, StatusCode::OK);
-    // (moka counts entries after its next maintenance run.)
     let m = scrape_until(&app, Duration::from_secs(5), |m| {
         value(m, "flowmetrics_in_flight_entries") == 1.0
     })

@@ -654,7 +654,7 @@ fn memory(bin: &Path, starts: &Arc<Template>, n: u64, dims: bool) -> Row {
         },
     );
     let opened = batches * starts.events;
-    // moka counts entries lazily; the service's housekeeping catches up within ~100 ms.
+    // The last requests may still be in flight when the load generator returns.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut entries = 0.0;
     while Instant::now() < deadline {

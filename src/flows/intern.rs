@@ -1,9 +1,10 @@
 //! Bounded string interning for flow names and dimension values: a million open instances
 //! of one flow share one allocation for its name. Past `capacity` distinct strings, new
 //! ones are no longer remembered (still correct, only not shared), so a flood of unique
-//! values cannot grow the interner without bound.
+//! values cannot grow the interner without bound. Hashed with foldhash (seeded per
+//! process): this runs for every event.
 
-use std::collections::HashSet;
+use hashbrown::HashSet;
 use std::hash::Hash;
 use std::sync::{Arc, RwLock};
 

@@ -1,19 +1,26 @@
 //! The correlation table: pairs starts with ends, times out open instances, evicts the
 //! oldest entries when full, and reports every outcome to a [`FlowSink`].
 //!
-//! Every entry carries a `settled` flag. Whoever flips it first — the end that closes
-//! the instance, the start that meets a waiting end, or moka's eviction listener — is the
-//! one that reports it, so each instance is counted exactly once even when moka hands an
-//! expired-but-not-yet-evicted entry back and still fires its listener afterwards.
+//! The table is a set of shards, each a hash map behind its own mutex. An event's flow
+//! and correlation id pick its shard, and everything about one instance — pairing,
+//! retry detection, timeout, eviction — happens under that shard's lock, so every
+//! instance is reported exactly once without further bookkeeping.
+//!
+//! Timeouts: an entry's deadline is its arrival time plus its flow's timeout, so entries
+//! with the same timeout reach their deadlines in the order they arrived. Each shard
+//! keeps one FIFO of pending deadlines per distinct timeout; housekeeping pops the due
+//! fronts (O(1) per timeout), and the oldest entry, for eviction when the table is full,
+//! is the oldest of those fronts. An entry closed before its deadline leaves a stale
+//! queue item behind: skipped when popped, and compacted away once stale items outnumber
+//! live entries, so queues stay within twice the table.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use moka::notification::RemovalCause;
-use moka::ops::compute::Op;
-use moka::policy::{EvictionPolicy, Expiry};
-use moka::sync::Cache;
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::dedup::{RecentEvents, Seen};
 use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
@@ -52,7 +59,8 @@ pub enum Report<'a> {
 }
 
 /// Receives what the table decides. Implemented by the metrics registry, and by a
-/// recording sink in tests.
+/// recording sink in tests. Called with a shard lock held: it must not call back into
+/// the table.
 pub trait FlowSink: Send + Sync + 'static {
     fn report(&self, report: Report<'_>);
 }
@@ -66,48 +74,6 @@ pub struct EndRecord {
     pub trace: Option<TraceRef>,
 }
 
-#[derive(Clone, PartialEq, Eq, Hash, Debug)]
-struct InstanceKey {
-    flow: Arc<str>,
-    id: Box<str>,
-}
-
-enum State {
-    Open {
-        /// Earliest start timestamp seen (duplicates can only lower it).
-        start_nanos: AtomicU64,
-        dims: DimValues,
-    },
-    WaitingForStart(EndRecord),
-}
-
-struct Entry {
-    settled: AtomicBool,
-    deadline: Instant,
-    state: State,
-}
-
-impl Entry {
-    /// True for exactly one caller over the entry's life.
-    fn settle(&self) -> bool {
-        !self.settled.swap(true, Ordering::AcqRel)
-    }
-}
-
-struct DeadlineExpiry;
-
-impl Expiry<InstanceKey, Arc<Entry>> for DeadlineExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &InstanceKey,
-        value: &Arc<Entry>,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.deadline.saturating_duration_since(created_at))
-    }
-    // Reads and updates keep the original deadline (the trait's defaults).
-}
-
 /// Settings the table needs, apart from the sink.
 #[derive(Clone)]
 pub struct TableSettings {
@@ -118,165 +84,265 @@ pub struct TableSettings {
 }
 
 pub struct FlowTable {
-    cache: Cache<InstanceKey, Arc<Entry>>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: DefaultHashBuilder,
     sink: Arc<dyn FlowSink>,
-    recent: RecentEvents,
     timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
+    capacity: usize,
+    /// Entries across all shards (the capacity check needs the total).
+    len: AtomicUsize,
+    /// Origin of the table's clock: deadlines are nanoseconds since then.
+    epoch: Instant,
+    last_evict_warning: Mutex<Option<Instant>>,
 }
 
+struct Shard {
+    entries: HashTable<Entry>,
+    /// One FIFO per distinct timeout (a handful: the default and per-flow overrides).
+    queues: Vec<DeadlineQueue>,
+    /// Items across all queues, live and stale.
+    queued: usize,
+    /// Insertion counter: tells a live queue item from a stale one, and age.
+    next_seq: u64,
+    recent: RecentEvents,
+}
+
+struct DeadlineQueue {
+    timeout_nanos: u64,
+    items: VecDeque<Pending>,
+}
+
+#[derive(Clone, Copy)]
+struct Pending {
+    deadline: u64,
+    seq: u64,
+    hash: u64,
+}
+
+struct Entry {
+    /// Kept so that growing the map never rehashes strings.
+    hash: u64,
+    seq: u64,
+    deadline: u64,
+    flow: Arc<str>,
+    id: Box<str>,
+    state: State,
+}
+
+enum State {
+    Open {
+        /// Earliest start timestamp seen (duplicates can only lower it).
+        start_nanos: u64,
+        dims: DimValues,
+    },
+    /// Boxed: waiting ends are the minority, and open entries stay small.
+    WaitingForStart(Box<EndRecord>),
+}
+
+/// Expirations handled per lock hold: a burst of timeouts lets writers in between.
+const EXPIRE_BATCH: usize = 4096;
+/// Stale queue items tolerated beyond the live entries before a compaction.
+const COMPACT_SLACK: usize = 1024;
 /// Capacity evictions are logged at most this often.
 const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
+/// Shards hold at least this many entries' worth of capacity (small tables: one shard,
+/// so "the oldest" is exact where tests and tiny limits can see it).
+const MIN_SHARD_CAPACITY: u64 = 4096;
+const MAX_SHARDS: u64 = 64;
 
 impl FlowTable {
     pub fn new(settings: TableSettings, sink: Arc<dyn FlowSink>) -> Self {
-        let listener_sink = sink.clone();
-        let last_warn = Mutex::new(None::<Instant>);
-        let cache = Cache::builder()
-            .max_capacity(settings.capacity)
-            // Default TinyLFU would refuse new entries when full; we evict the oldest.
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(DeadlineExpiry)
-            .eviction_listener(
-                move |key: Arc<InstanceKey>, entry: Arc<Entry>, cause: RemovalCause| {
-                    // Entries we remove or replace on purpose are settled first; an
-                    // unsettled one here left by expiry or by capacity.
-                    if !entry.settle() {
-                        return;
-                    }
-                    let evicted = cause == RemovalCause::Size;
-                    if evicted {
-                        warn_evicted(&last_warn, &key.flow);
-                    }
-                    report_gone(&*listener_sink, &key.flow, &entry, evicted);
-                },
-            )
-            .build();
+        let shard_count = (settings.capacity / MIN_SHARD_CAPACITY)
+            .next_power_of_two()
+            .clamp(1, MAX_SHARDS) as usize;
         // Remember every event of a full table for the window, at least.
         let dedup_capacity = usize::try_from(settings.capacity.saturating_mul(2))
             .unwrap_or(usize::MAX)
-            .max(1024);
+            .max(1024)
+            / shard_count;
+        let window_nanos = u64::try_from(settings.dedup_window.as_nanos()).unwrap_or(u64::MAX);
+        let shards = (0..shard_count)
+            .map(|_| {
+                Mutex::new(Shard {
+                    entries: HashTable::new(),
+                    queues: Vec::new(),
+                    queued: 0,
+                    next_seq: 0,
+                    recent: RecentEvents::new(window_nanos, dedup_capacity, 0),
+                })
+            })
+            .collect();
         Self {
-            cache,
+            shards,
+            hasher: DefaultHashBuilder::default(),
             sink,
-            recent: RecentEvents::new(settings.dedup_window, dedup_capacity),
             timeout_for: settings.timeout_for,
+            capacity: usize::try_from(settings.capacity).unwrap_or(usize::MAX),
+            len: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            last_evict_warning: Mutex::new(None),
         }
+    }
+
+    fn clock(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        // Bits the hash table itself does not use (it takes the low bits for the bucket
+        // and the top seven for its tag), so every shard's map still sees good hashes.
+        let index = (hash >> 40) as usize & (self.shards.len() - 1);
+        // A panic while holding a shard (a sink bug) leaves it consistent enough to go
+        // on: every step leaves the map and queues valid.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Applies one flow event (SPEC §3).
     pub fn apply(&self, event: FlowEvent) {
-        let now = Instant::now();
-        if self.recent.check_and_remember(&event, now) == Seen::Again {
-            self.sink.report(Report::Duplicate { kind: event.kind });
+        let timeout = (self.timeout_for)(&event.flow);
+        let hash = self.hasher.hash_one((&*event.flow, &*event.correlation_id));
+        let fingerprint =
+            self.hasher
+                .hash_one((hash, event.kind == EventKind::Start, event.timestamp_nanos));
+        let sink = &*self.sink;
+        let now = self.clock();
+        let mut shard = self.shard(hash);
+        if shard.recent.check_and_remember(fingerprint, now) == Seen::Again {
+            sink.report(Report::Duplicate { kind: event.kind });
             return;
         }
-        let deadline = now + (self.timeout_for)(&event.flow);
-        let key = InstanceKey {
-            flow: event.flow,
-            id: event.correlation_id,
-        };
-        let sink = &*self.sink;
-        let flow = key.flow.clone();
         let FlowEvent {
+            flow,
+            correlation_id,
             kind,
             timestamp_nanos,
             dims,
             trace,
             ..
         } = event;
-        self.cache.entry(key).and_compute_with(|current| {
-            let current = current.map(|e| e.into_value()).filter(|e| {
-                if e.settled.load(Ordering::Acquire) {
-                    // Already accounted for (evicted, listener ran): only a leftover.
-                    return false;
+        let same_instance = |e: &Entry| e.hash == hash && e.flow == flow && e.id == correlation_id;
+        match shard.entries.find_entry(hash, same_instance) {
+            Ok(found) if found.get().deadline <= now => {
+                // Past its deadline, not yet reached by housekeeping: it timed out.
+                // The event then starts afresh (a late end waits, and is unmatched).
+                let (gone, _) = found.remove();
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                report_gone(sink, &gone, false);
+            }
+            Ok(mut found) => match (kind, &mut found.get_mut().state) {
+                (EventKind::Start, State::Open { start_nanos, .. }) => {
+                    *start_nanos = (*start_nanos).min(timestamp_nanos);
+                    sink.report(Report::Duplicate { kind });
+                    return;
                 }
-                if e.deadline <= now {
-                    // Past its deadline but not yet evicted by moka: gone for us.
-                    // Account for it here, so the listener will not.
-                    if e.settle() {
-                        report_gone(sink, &flow, e, false);
-                    }
-                    return false;
+                (EventKind::End(_), State::WaitingForStart(_)) => {
+                    sink.report(Report::Duplicate { kind });
+                    return;
                 }
-                true
-            });
-            let new_entry = |state| {
-                Arc::new(Entry {
-                    settled: AtomicBool::new(false),
-                    deadline,
-                    state,
-                })
-            };
-            match kind {
-                EventKind::Start => {
-                    if let Some(entry) = &current {
-                        match &entry.state {
-                            State::Open { start_nanos, .. } => {
-                                start_nanos.fetch_min(timestamp_nanos, Ordering::AcqRel);
-                                sink.report(Report::Duplicate { kind });
-                                return Op::Nop;
-                            }
-                            // Settling can lose only to the listener evicting it this
-                            // instant; then the start opens a fresh instance below.
-                            State::WaitingForStart(end) if entry.settle() => {
-                                sink.report(Report::Opened {
-                                    flow: &flow,
-                                    start_dims: &dims,
-                                });
-                                complete(sink, &flow, &dims, timestamp_nanos, end);
-                                return Op::Remove;
-                            }
-                            State::WaitingForStart(_) => {}
-                        }
-                    }
+                (EventKind::Start, State::WaitingForStart(_)) => {
+                    let (entry, _) = found.remove();
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                    let State::WaitingForStart(end) = &entry.state else {
+                        unreachable!("matched above")
+                    };
                     sink.report(Report::Opened {
                         flow: &flow,
                         start_dims: &dims,
                     });
-                    Op::Put(new_entry(State::Open {
-                        start_nanos: AtomicU64::new(timestamp_nanos),
-                        dims,
-                    }))
+                    complete(sink, &flow, &dims, timestamp_nanos, end);
+                    return;
                 }
-                EventKind::End(outcome) => {
+                (EventKind::End(outcome), State::Open { .. }) => {
+                    let (entry, _) = found.remove();
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                    let State::Open {
+                        start_nanos,
+                        dims: start_dims,
+                    } = &entry.state
+                    else {
+                        unreachable!("matched above")
+                    };
                     let end = EndRecord {
                         outcome,
                         timestamp_nanos,
                         dims,
                         trace,
                     };
-                    if let Some(entry) = &current {
-                        match &entry.state {
-                            State::WaitingForStart(_) => {
-                                sink.report(Report::Duplicate { kind });
-                                return Op::Nop;
-                            }
-                            State::Open {
-                                start_nanos,
-                                dims: start_dims,
-                            } if entry.settle() => {
-                                let start = start_nanos.load(Ordering::Acquire);
-                                complete(sink, &flow, start_dims, start, &end);
-                                return Op::Remove;
-                            }
-                            State::Open { .. } => {}
-                        }
-                    }
-                    Op::Put(new_entry(State::WaitingForStart(end)))
+                    complete(sink, &flow, start_dims, *start_nanos, &end);
+                    return;
+                }
+            },
+            Err(_) => {}
+        }
+        let state = match kind {
+            EventKind::Start => {
+                sink.report(Report::Opened {
+                    flow: &flow,
+                    start_dims: &dims,
+                });
+                State::Open {
+                    start_nanos: timestamp_nanos,
+                    dims,
                 }
             }
-        });
+            EventKind::End(outcome) => State::WaitingForStart(Box::new(EndRecord {
+                outcome,
+                timestamp_nanos,
+                dims,
+                trace,
+            })),
+        };
+        if self.len.load(Ordering::Relaxed) >= self.capacity {
+            self.evict_oldest(&mut shard);
+        }
+        let timeout_nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        shard.insert(
+            Entry {
+                hash,
+                seq: 0,
+                deadline: now.saturating_add(timeout_nanos),
+                flow,
+                id: correlation_id,
+                state,
+            },
+            timeout_nanos,
+        );
+        self.len.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Runs moka's housekeeping: expirations and evictions fire only from here (or
-    /// from writes). Call it on a short interval.
+    /// Makes room in a full table: the shard's oldest entry goes. Shards fill evenly
+    /// (uniform hashes), so that is close to the oldest overall. An empty shard has
+    /// nothing to give; the table then runs over by at most one entry per shard.
+    fn evict_oldest(&self, shard: &mut Shard) {
+        if let Some(entry) = shard.pop_oldest() {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            self.warn_evicted(&entry.flow);
+            report_gone(&*self.sink, &entry, true);
+        }
+    }
+
+    /// Housekeeping: reports and removes every entry past its deadline. Call it on a
+    /// short interval; timeouts are counted at most that late.
     pub fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks();
+        for shard in self.shards.iter() {
+            loop {
+                let now = self.clock();
+                let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+                let (expired, done) = shard.expire_due(now, EXPIRE_BATCH, &*self.sink);
+                self.len.fetch_sub(expired, Ordering::Relaxed);
+                if done {
+                    shard.shrink_if_sparse();
+                    break;
+                }
+            }
+        }
     }
 
-    /// Entries held now (open instances and waiting ends), as moka counts them.
+    /// Entries held now (open instances and waiting ends).
     pub fn len(&self) -> u64 {
-        self.cache.entry_count()
+        self.len.load(Ordering::Relaxed) as u64
     }
 
     pub fn is_empty(&self) -> bool {
@@ -285,8 +351,146 @@ impl FlowTable {
 
     /// Fingerprints held for retry detection, and their bytes.
     pub fn dedup_footprint(&self) -> (usize, usize) {
-        self.recent.footprint()
+        self.shards.iter().fold((0, 0), |(entries, bytes), shard| {
+            let (e, b) = shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .recent
+                .footprint();
+            (entries + e, bytes + b)
+        })
     }
+
+    fn warn_evicted(&self, flow: &str) {
+        let mut last = self
+            .last_evict_warning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= EVICTION_WARN_EVERY) {
+            *last = Some(now);
+            tracing::warn!(
+                flow,
+                "correlation table full (limits.max_in_flight): evicting the oldest entries; \
+                 raise the limit or shorten flow timeouts"
+            );
+        }
+    }
+}
+
+impl Shard {
+    fn insert(&mut self, mut entry: Entry, timeout_nanos: u64) {
+        entry.seq = self.next_seq;
+        self.next_seq += 1;
+        let pending = Pending {
+            deadline: entry.deadline,
+            seq: entry.seq,
+            hash: entry.hash,
+        };
+        match self
+            .queues
+            .iter_mut()
+            .find(|q| q.timeout_nanos == timeout_nanos)
+        {
+            Some(queue) => queue.items.push_back(pending),
+            None => self.queues.push(DeadlineQueue {
+                timeout_nanos,
+                items: VecDeque::from([pending]),
+            }),
+        }
+        self.queued += 1;
+        self.entries.insert_unique(entry.hash, entry, |e| e.hash);
+        if self.queued > 2 * self.entries.len() + COMPACT_SLACK {
+            self.compact_queues();
+        }
+    }
+
+    /// Drops queue items whose entry has left (closed before its deadline).
+    fn compact_queues(&mut self) {
+        let entries = &self.entries;
+        for queue in &mut self.queues {
+            queue.items.retain(|p| is_live(entries, p));
+            if queue.items.capacity() > 4 * queue.items.len() + COMPACT_SLACK {
+                queue.items.shrink_to_fit();
+            }
+        }
+        self.queued = self.queues.iter().map(|q| q.items.len()).sum();
+    }
+
+    /// Removes the entry that arrived first.
+    fn pop_oldest(&mut self) -> Option<Entry> {
+        let entries = &self.entries;
+        let mut oldest: Option<(usize, u64)> = None;
+        for (index, queue) in self.queues.iter_mut().enumerate() {
+            while let Some(front) = queue.items.front() {
+                if is_live(entries, front) {
+                    if oldest.is_none_or(|(_, seq)| front.seq < seq) {
+                        oldest = Some((index, front.seq));
+                    }
+                    break;
+                }
+                queue.items.pop_front();
+                self.queued -= 1;
+            }
+        }
+        let (index, _) = oldest?;
+        let pending = self.queues[index].items.pop_front()?;
+        self.queued -= 1;
+        self.take(&pending)
+    }
+
+    /// Removes the queue item's entry, if it is still the one the item was queued for.
+    fn take(&mut self, pending: &Pending) -> Option<Entry> {
+        self.entries
+            .find_entry(pending.hash, |e| e.seq == pending.seq)
+            .ok()
+            .map(|found| found.remove().0)
+    }
+
+    /// Reports and removes up to `budget` entries past their deadline. Returns how many
+    /// left and whether every due one was handled.
+    fn expire_due(&mut self, now: u64, mut budget: usize, sink: &dyn FlowSink) -> (usize, bool) {
+        let mut expired = 0;
+        for index in 0..self.queues.len() {
+            loop {
+                let queue = &mut self.queues[index].items;
+                let Some(front) = queue.front().copied() else {
+                    break;
+                };
+                if front.deadline > now {
+                    break;
+                }
+                if budget == 0 {
+                    return (expired, false);
+                }
+                budget -= 1;
+                queue.pop_front();
+                self.queued -= 1;
+                if let Some(entry) = self.take(&front) {
+                    expired += 1;
+                    report_gone(sink, &entry, false);
+                }
+            }
+        }
+        (expired, true)
+    }
+
+    /// After a burst, gives memory back rather than keeping the peak forever.
+    fn shrink_if_sparse(&mut self) {
+        let len = self.entries.len();
+        if self.entries.capacity() > 4 * len + COMPACT_SLACK {
+            self.entries.shrink_to(2 * len, |e| e.hash);
+        }
+        if self.queued > 2 * len + COMPACT_SLACK {
+            self.compact_queues();
+        }
+    }
+}
+
+fn is_live(entries: &HashTable<Entry>, pending: &Pending) -> bool {
+    entries
+        .find(pending.hash, |e| e.seq == pending.seq)
+        .is_some()
 }
 
 fn complete(
@@ -307,7 +511,8 @@ fn complete(
 
 /// An entry that left without its counterpart: an open instance timed out or was
 /// dropped, a waiting end never met its start.
-fn report_gone(sink: &dyn FlowSink, flow: &Arc<str>, entry: &Entry, evicted: bool) {
+fn report_gone(sink: &dyn FlowSink, entry: &Entry, evicted: bool) {
+    let flow = &entry.flow;
     match &entry.state {
         State::Open { dims, .. } if evicted => sink.report(Report::Dropped {
             flow,
@@ -321,30 +526,17 @@ fn report_gone(sink: &dyn FlowSink, flow: &Arc<str>, entry: &Entry, evicted: boo
     }
 }
 
-fn warn_evicted(last: &Mutex<Option<Instant>>, flow: &str) {
-    let mut last = last.lock().expect("warn lock");
-    let now = Instant::now();
-    if last.is_none_or(|t| now.duration_since(t) >= EVICTION_WARN_EVERY) {
-        *last = Some(now);
-        tracing::warn!(
-            flow,
-            "correlation table full (limits.max_in_flight): evicting the oldest entries; \
-             raise the limit or shorten flow timeouts"
-        );
-    }
-}
-
-/// Drives moka's maintenance on a dedicated thread until dropped. A thread (not a tokio
-/// task) because a burst of expirations can take a while and must not stall request
-/// handling.
+/// Runs the table's housekeeping on a dedicated thread until dropped. A thread (not a
+/// tokio task) because a burst of expirations can take a while and must not stall
+/// request handling.
 pub struct Maintenance {
-    stop: Arc<AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Maintenance {
     pub fn start(table: Arc<FlowTable>, every: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread_stop = stop.clone();
         let handle = std::thread::Builder::new()
             .name("flow-table-maintenance".into())
@@ -476,7 +668,8 @@ mod tests {
     const CANCEL: EventKind = EventKind::End(Outcome::Cancelled);
     const SEC: u64 = 1_000_000_000;
 
-    /// Waits (bounded) for moka's expiry to fire, driving maintenance as the service does.
+    /// Waits (bounded) for a timeout to be reported, driving housekeeping as the service
+    /// does.
     fn settle_expiries(t: &FlowTable, rec: &Recorder, until: impl Fn(&Recorder) -> bool) {
         let give_up = Instant::now() + Duration::from_secs(5);
         while !until(rec) && Instant::now() < give_up {
@@ -556,9 +749,9 @@ mod tests {
 
     #[test]
     fn late_end_racing_an_unevicted_expiry_counts_once() {
-        // No maintenance runs between the deadline and the end: moka still holds the
-        // expired entry and will fire its listener later. The end must not complete it,
-        // and the listener must not count it a second time.
+        // No housekeeping runs between the deadline and the end: the table still holds
+        // the expired entry and its queue item. The end must not complete it, and
+        // housekeeping must not count it a second time later.
         let (t, rec) = table(Duration::from_millis(100));
         t.apply(ev("order", "1", START, SEC));
         std::thread::sleep(Duration::from_millis(150));
@@ -628,28 +821,139 @@ mod tests {
         for i in 0..100 {
             t.apply(ev("o", &format!("old-{i}"), START, SEC));
         }
-        t.run_pending_tasks();
         t.apply(ev("late", "w", OK, SEC));
         for i in 0..50 {
             t.apply(ev("o", &format!("new-{i}"), START, SEC));
         }
-        t.run_pending_tasks();
-        assert!(t.len() <= 100, "{}", t.len());
-        let dropped = rec.get("o", "dropped") + rec.get("late", "unmatched");
-        assert_eq!(dropped, 51);
-        // The newest instances are (nearly all) still there: their ends complete them.
-        // moka's LRU order is approximate across its write buffer, hence the margin.
+        assert_eq!(t.len(), 100);
+        // The 51 oldest went, in arrival order: old-0 to make room for the waiting end,
+        // old-1..old-50 for the new starts (the waiting end is younger: it stays).
+        assert_eq!(rec.get("o", "dropped"), 51);
+        assert_eq!(rec.get("late", "unmatched"), 0);
         for i in 0..50 {
             t.apply(ev("o", &format!("new-{i}"), OK, 2 * SEC));
         }
-        assert!(rec.get("o", "success") >= 45, "{}", rec.get("o", "success"));
+        assert_eq!(rec.get("o", "success"), 50);
+        t.apply(ev("o", "old-50", OK, 2 * SEC));
+        t.apply(ev("o", "old-51", OK, 2 * SEC));
+        assert_eq!(
+            rec.get("o", "success"),
+            51,
+            "old-50 was evicted, old-51 was not"
+        );
         assert_eq!(rec.get("o", "started"), 150);
-        t.run_pending_tasks();
-        // The invariant holds whatever was evicted.
         assert_eq!(
             rec.get("o", "success") + rec.get("o", "dropped") + rec.in_progress("o"),
             150
         );
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_across_timeouts() {
+        // Two flows with different timeouts live in different deadline queues; the
+        // oldest entry overall goes first whatever its queue.
+        let rec = Arc::new(Recorder::default());
+        let t = FlowTable::new(
+            TableSettings {
+                capacity: 3,
+                dedup_window: Duration::from_secs(300),
+                timeout_for: Arc::new(|flow| {
+                    if flow == "short" {
+                        Duration::from_secs(10)
+                    } else {
+                        Duration::from_secs(600)
+                    }
+                }),
+            },
+            rec.clone(),
+        );
+        t.apply(ev("long", "1", START, SEC));
+        t.apply(ev("short", "1", START, SEC));
+        t.apply(ev("long", "2", START, SEC));
+        t.apply(ev("short", "2", START, SEC));
+        assert_eq!(rec.get("long", "dropped"), 1);
+        t.apply(ev("short", "3", START, SEC));
+        assert_eq!(rec.get("short", "dropped"), 1);
+        t.apply(ev("long", "2", OK, 2 * SEC));
+        t.apply(ev("short", "2", OK, 2 * SEC));
+        assert_eq!(rec.get("long", "success") + rec.get("short", "success"), 2);
+    }
+
+    #[test]
+    fn per_flow_timeouts_fire_independently() {
+        let rec = Arc::new(Recorder::default());
+        let t = FlowTable::new(
+            TableSettings {
+                capacity: 1000,
+                dedup_window: Duration::from_secs(300),
+                timeout_for: Arc::new(|flow| {
+                    if flow == "short" {
+                        Duration::from_millis(100)
+                    } else {
+                        Duration::from_secs(600)
+                    }
+                }),
+            },
+            rec.clone(),
+        );
+        // The long-timeout entry arrives first and sits at the front of its own queue;
+        // it must not hold back the short one behind it.
+        t.apply(ev("long", "1", START, SEC));
+        t.apply(ev("short", "1", START, SEC));
+        settle_expiries(&t, &rec, |r| r.get("short", "incomplete") > 0);
+        assert_eq!(rec.get("short", "incomplete"), 1);
+        assert_eq!(rec.get("long", "incomplete"), 0);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_burst_of_timeouts_larger_than_one_batch_is_all_counted() {
+        let (t, rec) = table_with(Duration::from_millis(50), 100_000, Duration::ZERO);
+        let n = 3 * EXPIRE_BATCH + 7;
+        for i in 0..n {
+            t.apply(ev("b", &i.to_string(), START, SEC));
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        t.run_pending_tasks();
+        assert_eq!(rec.get("b", "incomplete"), n as i64);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn closed_entries_do_not_pile_up_in_the_deadline_queues() {
+        // A long timeout and a steady open/close load: each closed entry leaves a stale
+        // queue item; compaction keeps them within twice the live entries.
+        let (t, rec) = table_with(Duration::from_secs(3600), 1_000_000, Duration::ZERO);
+        for i in 0..200_000u64 {
+            let id = i.to_string();
+            t.apply(ev("s", &id, START, SEC));
+            if i >= 10 {
+                t.apply(ev("s", &(i - 10).to_string(), OK, 2 * SEC));
+            }
+        }
+        assert_eq!(rec.in_progress("s"), 10);
+        let queued: usize = t.shards.iter().map(|s| s.lock().unwrap().queued).sum();
+        assert!(
+            queued <= 2 * 10 + t.shards.len() * (COMPACT_SLACK + 1),
+            "{queued} queue items for 10 entries"
+        );
+    }
+
+    #[test]
+    fn a_sharded_table_stays_within_its_capacity() {
+        const CAPACITY: u64 = 100_000;
+        let (t, rec) = table_with(Duration::from_secs(60), CAPACITY, Duration::ZERO);
+        assert!(t.shards.len() > 1);
+        for i in 0..150_000 {
+            t.apply(ev("c", &i.to_string(), START, SEC));
+        }
+        let held = t.len();
+        assert!(
+            held <= CAPACITY + t.shards.len() as u64,
+            "{held} entries, capacity {CAPACITY}"
+        );
+        assert_eq!(rec.get("c", "dropped") as u64, 150_000 - held);
+        assert_eq!(rec.in_progress("c") as u64, held);
     }
 
     #[test]
