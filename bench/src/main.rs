@@ -34,6 +34,7 @@ const USAGE: &str = "\
 flowmetrics-bench: throughput, latency, memory, scrape and timeliness of flowmetrics.
 
 Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
+                         [--steady SECS]
        flowmetrics-bench --profile-pipeline BATCHES
 
   --quick        small sizes, seconds (CI)
@@ -41,6 +42,7 @@ Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
   --only LIST    comma-separated sections: pipeline,e2e,memory,scrape,timeliness
                  (the baseline always runs)
   --server PATH  the flowmetrics binary to start (default: built next to this one)
+  --steady SECS  length of the steady-load RSS run (full: 600, quick: 2)
   --profile-pipeline N   run only N batches through the in-process pipeline (for
                  valgrind --tool=callgrind --toggle-collect='*measured_batch*')
 ";
@@ -51,6 +53,7 @@ struct Args {
     only: Option<Vec<String>>,
     server: Option<PathBuf>,
     profile: Option<u64>,
+    steady: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -60,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         only: None,
         server: None,
         profile: None,
+        steady: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -76,6 +80,12 @@ fn parse_args() -> Result<Args, String> {
                 )
             }
             "--server" => args.server = Some(value("--server")?.into()),
+            "--steady" => {
+                let secs: u64 = value("--steady")?
+                    .parse()
+                    .map_err(|e| format!("--steady: {e}"))?;
+                args.steady = Some(Duration::from_secs(secs));
+            }
             "--profile-pipeline" => {
                 args.profile = Some(
                     value("--profile-pipeline")?
@@ -133,7 +143,8 @@ impl Sizes {
                 measure: Duration::from_secs(10),
                 gzip_bodies: 3_000,
                 memory: [100_000, 1_000_000],
-                steady: Duration::from_secs(60),
+                // The issue's target: flat RSS over ten minutes of steady load.
+                steady: Duration::from_secs(600),
                 encode_reps: 20,
                 timeliness: 100_000,
                 timeliness_spread: Duration::from_secs(2),
@@ -220,7 +231,10 @@ fn main() {
         profile(batches);
         return;
     }
-    let sizes = Sizes::new(args.quick);
+    let mut sizes = Sizes::new(args.quick);
+    if let Some(steady) = args.steady {
+        sizes.steady = steady;
+    }
     let wants = |section: &str| {
         args.only
             .as_ref()
