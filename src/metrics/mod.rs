@@ -14,15 +14,11 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::config::{sanitize_label_name, Config, DimensionSource};
-use crate::flows::event::{DimValues, Outcome, Rejection, Source, TraceRef};
+use crate::flows::event::{DimValues, Outcome, Rejection, Source};
 use crate::flows::table::{EndRecord, FlowSink, Report};
 use crate::flows::EventKind;
 use series::{LimitedFamily, OverflowReporter};
-pub use series::{SeriesLabels, OVERFLOW_LABEL};
-
-/// Exemplar labels: the end event's trace and span (69 characters, well inside the
-/// OpenMetrics 128-character limit).
-pub type ExemplarLabels = Vec<(&'static str, String)>;
+pub use series::{SeriesLabels, TraceExemplar, OVERFLOW_LABEL};
 
 type Pair = [(&'static str, &'static str); 1];
 type Pairs2 = [(&'static str, &'static str); 2];
@@ -69,9 +65,9 @@ pub struct Metrics {
     end_dim_count: usize,
 
     flows_started: LimitedFamily<Counter>,
-    flows_completed: LimitedFamily<CounterWithExemplar<ExemplarLabels>>,
+    flows_completed: LimitedFamily<CounterWithExemplar<TraceExemplar>>,
     flow_errors: LimitedFamily<Counter>,
-    flow_duration: LimitedFamily<HistogramWithExemplars<ExemplarLabels>>,
+    flow_duration: LimitedFamily<HistogramWithExemplars<TraceExemplar>>,
     flows_in_progress: LimitedFamily<Gauge>,
     flows_dropped: LimitedFamily<Counter>,
     unmatched_ends: LimitedFamily<Counter>,
@@ -432,20 +428,6 @@ fn kind_index(kind: EventKind) -> usize {
     }
 }
 
-fn exemplar(trace: Option<TraceRef>) -> Option<ExemplarLabels> {
-    trace.map(|t| vec![("trace_id", hex(&t.trace_id)), ("span_id", hex(&t.span_id))])
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    s
-}
-
 impl FlowSink for Metrics {
     fn report(&self, report: Report<'_>) {
         let n = &self.label_names;
@@ -509,6 +491,7 @@ impl Metrics {
     ) {
         let n = &self.label_names;
         let outcome = end.outcome.as_str();
+        let exemplar = end.trace.map(TraceExemplar);
         self.flows_completed.with(
             self.labels(
                 flow,
@@ -518,7 +501,7 @@ impl Metrics {
                 true,
             ),
             |c| {
-                c.inc_by(1, exemplar(end.trace), None);
+                c.inc_by(1, exemplar, None);
             },
         );
         self.flows_in_progress
@@ -543,7 +526,7 @@ impl Metrics {
             }
             Outcome::Success => self.flow_duration.with(
                 self.labels(flow, None, start_dims, Some(&end.dims), true),
-                |h| h.observe(duration_secs, exemplar(end.trace), None),
+                |h| h.observe(duration_secs, exemplar, None),
             ),
             Outcome::Cancelled => {}
         }

@@ -4,12 +4,15 @@
 //! labelled `otel_metric_overflow="true"` (the OpenTelemetry SDK convention).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::MetricType;
+
+use crate::flows::event::TraceRef;
 
 /// The label that marks the overflow series.
 pub const OVERFLOW_LABEL: &str = "otel_metric_overflow";
@@ -48,6 +51,34 @@ impl EncodeLabelSet for SeriesLabels {
 }
 
 use prometheus_client::encoding::EncodeLabel;
+
+/// Exemplar labels: the end event's trace and span as lowercase hex, formatted at
+/// encode time (63 characters of names and values; OpenMetrics allows 128). `Copy`, so
+/// recording an exemplar allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceExemplar(pub TraceRef);
+
+impl EncodeLabelSet for TraceExemplar {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        // One write of text built on the stack: the text encoder copies label-key text
+        // verbatim, and hex needs no escaping.
+        const TEXT: &[u8; 70] =
+            br#"trace_id="________________________________",span_id="________________""#;
+        let mut text = *TEXT;
+        hex_into(&self.0.trace_id, &mut text[10..42]);
+        hex_into(&self.0.span_id, &mut text[53..69]);
+        let text = std::str::from_utf8(&text).expect("hex digits are ASCII");
+        encoder.encode_label().encode_label_key()?.write_str(text)
+    }
+}
+
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+}
 
 type Constructor<M> = Box<dyn Fn(&SeriesLabels) -> M + Send + Sync>;
 
