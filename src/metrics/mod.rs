@@ -3,6 +3,7 @@
 mod process;
 pub mod series;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
@@ -60,6 +61,8 @@ impl Signal {
 
 pub struct Metrics {
     registry: Registry,
+    /// Length of the last `/metrics` body, to size the next one.
+    last_encoded_len: AtomicUsize,
     /// No dimension values (families without start or end dimensions).
     no_dims: DimValues,
     /// One empty value per end dimension: series whose instance had no end.
@@ -304,6 +307,7 @@ impl Metrics {
         }
         Self {
             registry,
+            last_encoded_len: AtomicUsize::new(0),
             no_dims: Arc::from([]),
             empty_end_dims: end_dims.iter().map(|_| Arc::from("")).collect(),
             flows_started,
@@ -328,8 +332,12 @@ impl Metrics {
     pub fn encode(&self, table_entries: u64) -> String {
         self.in_flight_entries
             .set(i64::try_from(table_entries).unwrap_or(i64::MAX));
-        let mut out = String::with_capacity(16 * 1024);
+        // Sized from the last body (plus room to grow), so the multi-MiB body is not
+        // copied through a dozen reallocations.
+        let last = self.last_encoded_len.load(Ordering::Relaxed);
+        let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        self.last_encoded_len.store(out.len(), Ordering::Relaxed);
         out
     }
 
