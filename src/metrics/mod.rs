@@ -3,6 +3,7 @@
 mod process;
 pub mod series;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
@@ -14,15 +15,11 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::config::{sanitize_label_name, Config, DimensionSource};
-use crate::flows::event::{DimValues, Outcome, Rejection, Source, TraceRef};
+use crate::flows::event::{DimValues, Outcome, Rejection, Source};
 use crate::flows::table::{EndRecord, FlowSink, Report};
 use crate::flows::EventKind;
-use series::{LimitedFamily, OverflowReporter};
-pub use series::{SeriesLabels, OVERFLOW_LABEL};
-
-/// Exemplar labels: the end event's trace and span (69 characters, well inside the
-/// OpenMetrics 128-character limit).
-pub type ExemplarLabels = Vec<(&'static str, String)>;
+use series::{Layout, LimitedFamily, OverflowReporter, SeriesRef};
+pub use series::{TraceExemplar, OVERFLOW_LABEL};
 
 type Pair = [(&'static str, &'static str); 1];
 type Pairs2 = [(&'static str, &'static str); 2];
@@ -64,14 +61,17 @@ impl Signal {
 
 pub struct Metrics {
     registry: Registry,
-    label_names: LabelNames,
-    /// How many end dimensions there are (empty values on series no end produced).
-    end_dim_count: usize,
+    /// Length of the last `/metrics` body, to size the next one.
+    last_encoded_len: AtomicUsize,
+    /// No dimension values (families without start or end dimensions).
+    no_dims: DimValues,
+    /// One empty value per end dimension: series whose instance had no end.
+    empty_end_dims: DimValues,
 
     flows_started: LimitedFamily<Counter>,
-    flows_completed: LimitedFamily<CounterWithExemplar<ExemplarLabels>>,
+    flows_completed: LimitedFamily<CounterWithExemplar<TraceExemplar>>,
     flow_errors: LimitedFamily<Counter>,
-    flow_duration: LimitedFamily<HistogramWithExemplars<ExemplarLabels>>,
+    flow_duration: LimitedFamily<HistogramWithExemplars<TraceExemplar>>,
     flows_in_progress: LimitedFamily<Gauge>,
     flows_dropped: LimitedFamily<Counter>,
     unmatched_ends: LimitedFamily<Counter>,
@@ -86,28 +86,6 @@ pub struct Metrics {
     otlp_spans: Family<Pair, Counter>,
     otlp_log_records: Family<Pair, Counter>,
     in_flight_entries: Gauge,
-}
-
-/// Label names shared by every series (interned once).
-struct LabelNames {
-    flow: Arc<str>,
-    outcome: Arc<str>,
-    error_reason: Arc<str>,
-    reason: Arc<str>,
-    start_dims: Vec<Arc<str>>,
-    end_dims: Vec<Arc<str>>,
-    /// Fixed label values, allocated once rather than per recording.
-    constants: Vec<(&'static str, Arc<str>)>,
-}
-
-impl LabelNames {
-    fn constant(&self, value: &'static str) -> Arc<str> {
-        self.constants
-            .iter()
-            .find(|(v, _)| *v == value)
-            .map(|(_, a)| a.clone())
-            .unwrap_or_else(|| Arc::from(value))
-    }
 }
 
 impl Metrics {
@@ -126,13 +104,42 @@ impl Metrics {
             overflow_family.get_or_create(&[("metric", metric)]).clone()
         }));
 
-        let counter = |name: &'static str| {
-            LimitedFamily::new(name, MetricType::Counter, max, overflow.clone(), |_| {
-                Counter::default()
-            })
+        let dim_names = |side| {
+            config
+                .dimensions
+                .iter()
+                .filter(|d| d.from == side)
+                .map(|d| Box::from(sanitize_label_name(&d.label)))
+                .collect::<Arc<[Box<str>]>>()
+        };
+        let (start_dims, end_dims) = (
+            dim_names(DimensionSource::Start),
+            dim_names(DimensionSource::End),
+        );
+        let flow_only = Layout::default();
+        let with_dims = |extra| Layout {
+            extra,
+            start_dims: start_dims.clone(),
+            end_dims: end_dims.clone(),
+        };
+        let counter = |name: &'static str, layout| {
+            LimitedFamily::new(
+                name,
+                MetricType::Counter,
+                max,
+                layout,
+                overflow.clone(),
+                |_| Counter::default(),
+            )
         };
 
-        let flows_started = counter("flowmetrics_flows_started_total");
+        let flows_started = counter(
+            "flowmetrics_flows_started_total",
+            Layout {
+                start_dims: start_dims.clone(),
+                ..Layout::default()
+            },
+        );
         registry.register(
             "flowmetrics_flows_started",
             "Flow instances opened by a start event",
@@ -142,6 +149,7 @@ impl Metrics {
             "flowmetrics_flows_completed_total",
             MetricType::Counter,
             max,
+            with_dims(Some("outcome")),
             overflow.clone(),
             |_| CounterWithExemplar::default(),
         );
@@ -150,7 +158,10 @@ impl Metrics {
             "Flow instances closed by an end event, by outcome (success, failure, cancelled)",
             flows_completed.clone(),
         );
-        let flow_errors = counter("flowmetrics_flow_errors_total");
+        let flow_errors = counter(
+            "flowmetrics_flow_errors_total",
+            with_dims(Some("error_reason")),
+        );
         registry.register(
             "flowmetrics_flow_errors",
             "Failed flows: error_reason=\"failure\" for failure ends, \"incomplete\" for \
@@ -168,10 +179,10 @@ impl Metrics {
             "flowmetrics_flow_duration_seconds",
             MetricType::Histogram,
             max,
+            with_dims(None),
             overflow.clone(),
-            move |labels: &SeriesLabels| {
-                let buckets = labels
-                    .value_of("flow")
+            move |flow: Option<&str>| {
+                let buckets = flow
                     .and_then(|f| per_flow.get(f))
                     .unwrap_or(&default_buckets);
                 HistogramWithExemplars::new(buckets.iter().copied())
@@ -187,6 +198,7 @@ impl Metrics {
             "flowmetrics_flows_in_progress",
             MetricType::Gauge,
             max,
+            flow_only.clone(),
             overflow.clone(),
             |_| Gauge::default(),
         );
@@ -195,21 +207,27 @@ impl Metrics {
             "Flow instances open now (started, not yet ended, timed out or dropped)",
             flows_in_progress.clone(),
         );
-        let flows_dropped = counter("flowmetrics_flows_dropped_total");
+        let flows_dropped = counter(
+            "flowmetrics_flows_dropped_total",
+            Layout {
+                extra: Some("reason"),
+                ..Layout::default()
+            },
+        );
         registry.register(
             "flowmetrics_flows_dropped",
             "Open flow instances dropped before they ended; reason=\"capacity\": the \
              correlation table was full (limits.max_in_flight)",
             flows_dropped.clone(),
         );
-        let unmatched_ends = counter("flowmetrics_flow_unmatched_ends_total");
+        let unmatched_ends = counter("flowmetrics_flow_unmatched_ends_total", flow_only.clone());
         registry.register(
             "flowmetrics_flow_unmatched_ends",
             "End events whose start never arrived within the flow's timeout (or that were \
              evicted from a full table while waiting)",
             unmatched_ends.clone(),
         );
-        let negative_durations = counter("flowmetrics_flow_negative_durations_total");
+        let negative_durations = counter("flowmetrics_flow_negative_durations_total", flow_only);
         registry.register(
             "flowmetrics_flow_negative_durations",
             "Successful flows whose end timestamp is earlier than their start (clock skew); \
@@ -273,33 +291,6 @@ impl Metrics {
         );
         registry.register_collector(Box::new(process::ProcessCollector));
 
-        let dim_names = |side| {
-            config
-                .dimensions
-                .iter()
-                .filter(|d| d.from == side)
-                .map(|d| Arc::from(sanitize_label_name(&d.label)))
-                .collect::<Vec<Arc<str>>>()
-        };
-        let label_names = LabelNames {
-            flow: Arc::from("flow"),
-            outcome: Arc::from("outcome"),
-            error_reason: Arc::from("error_reason"),
-            reason: Arc::from("reason"),
-            start_dims: dim_names(DimensionSource::Start),
-            end_dims: dim_names(DimensionSource::End),
-            constants: [
-                "success",
-                "failure",
-                "cancelled",
-                "incomplete",
-                "capacity",
-                "",
-            ]
-            .into_iter()
-            .map(|v| (v, Arc::from(v)))
-            .collect(),
-        };
         // Self-metric series exist from the start (at 0), so rates and alerts work
         // before the first event; their handles skip the family lookup per event.
         let accepted = [Source::SpanEvent, Source::Log].map(|source| {
@@ -316,8 +307,9 @@ impl Metrics {
         }
         Self {
             registry,
-            end_dim_count: label_names.end_dims.len(),
-            label_names,
+            last_encoded_len: AtomicUsize::new(0),
+            no_dims: Arc::from([]),
+            empty_end_dims: end_dims.iter().map(|_| Arc::from("")).collect(),
             flows_started,
             flows_completed,
             flow_errors,
@@ -340,8 +332,12 @@ impl Metrics {
     pub fn encode(&self, table_entries: u64) -> String {
         self.in_flight_entries
             .set(i64::try_from(table_entries).unwrap_or(i64::MAX));
-        let mut out = String::with_capacity(16 * 1024);
+        // Sized from the last body (plus room to grow), so the multi-MiB body is not
+        // copied through a dozen reallocations.
+        let last = self.last_encoded_len.load(Ordering::Relaxed);
+        let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        self.last_encoded_len.store(out.len(), Ordering::Relaxed);
         out
     }
 
@@ -393,35 +389,29 @@ impl Metrics {
 
     // --- label sets -----------------------------------------------------------------
 
-    fn flow_only(&self, flow: &Arc<str>) -> SeriesLabels {
-        SeriesLabels::Labels(Box::new([(self.label_names.flow.clone(), flow.clone())]))
+    fn flow_only<'a>(&'a self, flow: &'a Arc<str>) -> SeriesRef<'a> {
+        SeriesRef {
+            flow,
+            extra: None,
+            start: &self.no_dims,
+            end: &self.no_dims,
+        }
     }
 
-    /// flow, [extra], start dims, end dims (empty values when `end` is None).
-    fn labels(
-        &self,
-        flow: &Arc<str>,
-        extra: Option<(&Arc<str>, &'static str)>,
-        start_dims: &DimValues,
-        end_dims: Option<&DimValues>,
-        with_end_dims: bool,
-    ) -> SeriesLabels {
-        let n = &self.label_names;
-        let mut pairs = Vec::with_capacity(2 + start_dims.len() + self.end_dim_count);
-        pairs.push((n.flow.clone(), flow.clone()));
-        if let Some((name, value)) = extra {
-            pairs.push((name.clone(), n.constant(value)));
+    /// flow, [extra], start dims, end dims (empty values when the instance had no end).
+    fn with_dims<'a>(
+        &'a self,
+        flow: &'a Arc<str>,
+        extra: Option<&'static str>,
+        start_dims: &'a DimValues,
+        end_dims: Option<&'a DimValues>,
+    ) -> SeriesRef<'a> {
+        SeriesRef {
+            flow,
+            extra,
+            start: start_dims,
+            end: end_dims.unwrap_or(&self.empty_end_dims),
         }
-        pairs.extend(n.start_dims.iter().cloned().zip(start_dims.iter().cloned()));
-        if with_end_dims {
-            match end_dims {
-                Some(values) => {
-                    pairs.extend(n.end_dims.iter().cloned().zip(values.iter().cloned()))
-                }
-                None => pairs.extend(n.end_dims.iter().map(|name| (name.clone(), n.constant("")))),
-            }
-        }
-        SeriesLabels::Labels(pairs.into_boxed_slice())
     }
 }
 
@@ -432,29 +422,17 @@ fn kind_index(kind: EventKind) -> usize {
     }
 }
 
-fn exemplar(trace: Option<TraceRef>) -> Option<ExemplarLabels> {
-    trace.map(|t| vec![("trace_id", hex(&t.trace_id)), ("span_id", hex(&t.span_id))])
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    s
-}
-
 impl FlowSink for Metrics {
     fn report(&self, report: Report<'_>) {
-        let n = &self.label_names;
         match report {
             Report::Opened { flow, start_dims } => {
-                self.flows_started
-                    .with(self.labels(flow, None, start_dims, None, false), |c| {
-                        c.inc()
-                    });
+                let started = SeriesRef {
+                    flow,
+                    extra: None,
+                    start: start_dims,
+                    end: &self.no_dims,
+                };
+                self.flows_started.with(started, |c| c.inc());
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.inc());
             }
@@ -467,24 +445,16 @@ impl FlowSink for Metrics {
                 self.completed(flow, start_dims, end, duration_secs);
             }
             Report::TimedOut { flow, start_dims } => {
-                self.flow_errors.with(
-                    self.labels(
-                        flow,
-                        Some((&n.error_reason, "incomplete")),
-                        start_dims,
-                        None,
-                        true,
-                    ),
-                    |c| c.inc(),
-                );
+                let labels = self.with_dims(flow, Some("incomplete"), start_dims, None);
+                self.flow_errors.with(labels, |c| c.inc());
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.dec());
             }
             Report::Dropped { flow, .. } => {
-                let labels = SeriesLabels::Labels(Box::new([
-                    (n.flow.clone(), flow.clone()),
-                    (n.reason.clone(), n.constant("capacity")),
-                ]));
+                let labels = SeriesRef {
+                    extra: Some("capacity"),
+                    ..self.flow_only(flow)
+                };
                 self.flows_dropped.with(labels, |c| c.inc());
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.dec());
@@ -507,31 +477,19 @@ impl Metrics {
         end: &EndRecord,
         duration_secs: f64,
     ) {
-        let n = &self.label_names;
-        let outcome = end.outcome.as_str();
+        let exemplar = end.trace.map(TraceExemplar);
+        let outcome = Some(end.outcome.as_str());
         self.flows_completed.with(
-            self.labels(
-                flow,
-                Some((&n.outcome, outcome)),
-                start_dims,
-                Some(&end.dims),
-                true,
-            ),
+            self.with_dims(flow, outcome, start_dims, Some(&end.dims)),
             |c| {
-                c.inc_by(1, exemplar(end.trace), None);
+                c.inc_by(1, exemplar, None);
             },
         );
         self.flows_in_progress
             .with(self.flow_only(flow), |g| g.dec());
         match end.outcome {
             Outcome::Failure => self.flow_errors.with(
-                self.labels(
-                    flow,
-                    Some((&n.error_reason, "failure")),
-                    start_dims,
-                    Some(&end.dims),
-                    true,
-                ),
+                self.with_dims(flow, Some("failure"), start_dims, Some(&end.dims)),
                 |c| {
                     c.inc();
                 },
@@ -542,8 +500,8 @@ impl Metrics {
                 })
             }
             Outcome::Success => self.flow_duration.with(
-                self.labels(flow, None, start_dims, Some(&end.dims), true),
-                |h| h.observe(duration_secs, exemplar(end.trace), None),
+                self.with_dims(flow, None, start_dims, Some(&end.dims)),
+                |h| h.observe(duration_secs, exemplar, None),
             ),
             Outcome::Cancelled => {}
         }

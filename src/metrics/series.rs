@@ -2,54 +2,183 @@
 //! series nor lets a constructor see the labels (needed for per-flow buckets), so flow
 //! families use this instead: at most `max_series` label sets, then one overflow series
 //! labelled `otel_metric_overflow="true"` (the OpenTelemetry SDK convention).
+//!
+//! Recording is on the hot path: a series is found from borrowed label values
+//! ([`SeriesRef`]) without allocating; the owned key and the label text are built only
+//! when a series is created.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::fmt::Write as _;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use hashbrown::{DefaultHashBuilder, HashTable};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::MetricType;
 
+use crate::flows::event::{DimValues, TraceRef};
+
 /// The label that marks the overflow series.
 pub const OVERFLOW_LABEL: &str = "otel_metric_overflow";
 
-/// Label names and values of one series, in exposition order.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum SeriesLabels {
-    Labels(Box<[(Arc<str>, Arc<str>)]>),
-    Overflow,
+/// Which labels a family's series carry, in exposition order: `flow`, then `extra` (e.g.
+/// `outcome`), then the start dimensions, then the end dimensions.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    pub extra: Option<&'static str>,
+    pub start_dims: Arc<[Box<str>]>,
+    pub end_dims: Arc<[Box<str>]>,
 }
 
-impl SeriesLabels {
-    /// The value of `name`, if this series has that label.
-    pub fn value_of(&self, name: &str) -> Option<&str> {
-        match self {
-            SeriesLabels::Labels(pairs) => {
-                pairs.iter().find(|(n, _)| &**n == name).map(|(_, v)| &**v)
+/// The label values of one recording, borrowed from the caller. `extra` is set exactly
+/// when the layout has an extra label; `start`/`end` are empty when the layout has no
+/// such dimensions.
+#[derive(Clone, Copy, Debug)]
+pub struct SeriesRef<'a> {
+    pub flow: &'a Arc<str>,
+    pub extra: Option<&'static str>,
+    pub start: &'a DimValues,
+    pub end: &'a DimValues,
+}
+
+/// The owned form of [`SeriesRef`], kept with each series.
+#[derive(Debug)]
+struct SeriesKey {
+    flow: Arc<str>,
+    extra: Option<&'static str>,
+    start: DimValues,
+    end: DimValues,
+}
+
+impl SeriesRef<'_> {
+    /// By content, so equal values held in different `Arc`s find the same series. Only
+    /// the bytes are written (no length prefixes or separators): the layout is fixed per
+    /// family, and a rare collision costs one more comparison, not a wrong match.
+    #[inline]
+    fn hash_with(&self, hasher: &DefaultHashBuilder) -> u64 {
+        let mut h = hasher.build_hasher();
+        h.write(self.flow.as_bytes());
+        if let Some(extra) = self.extra {
+            h.write(extra.as_bytes());
+        }
+        for value in self.start.iter().chain(self.end.iter()) {
+            h.write(value.as_bytes());
+        }
+        h.finish()
+    }
+
+    #[inline]
+    fn matches(&self, key: &SeriesKey) -> bool {
+        // Names and values are interned upstream and `extra` is a constant, so the
+        // pointer checks usually decide (`==` on an `Arc<str>` would compare bytes).
+        fn same<T: ?Sized + PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+            Arc::ptr_eq(a, b) || a == b
+        }
+        let same_extra = match (self.extra, key.extra) {
+            (Some(a), Some(b)) => std::ptr::eq(a, b) || a == b,
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        same(self.flow, &key.flow)
+            && same_extra
+            && same(self.start, &key.start)
+            && same(self.end, &key.end)
+    }
+
+    fn to_key(self) -> SeriesKey {
+        SeriesKey {
+            flow: self.flow.clone(),
+            extra: self.extra,
+            start: self.start.clone(),
+            end: self.end.clone(),
+        }
+    }
+
+    /// `name="value",…` with values escaped as the text encoder escapes them.
+    fn render(&self, layout: &Layout) -> Box<str> {
+        debug_assert_eq!(layout.extra.is_some(), self.extra.is_some());
+        let mut out = String::with_capacity(64);
+        let mut label = |name: &str, value: &str| {
+            if !out.is_empty() {
+                out.push(',');
             }
-            SeriesLabels::Overflow => None,
+            out.push_str(name);
+            out.push_str("=\"");
+            escape_into(&mut out, value);
+            out.push('"');
+        };
+        label("flow", self.flow);
+        if let (Some(name), Some(value)) = (layout.extra, self.extra) {
+            label(name, value);
+        }
+        for (name, value) in layout.start_dims.iter().zip(self.start.iter()) {
+            label(name, value);
+        }
+        for (name, value) in layout.end_dims.iter().zip(self.end.iter()) {
+            label(name, value);
+        }
+        out.into_boxed_str()
+    }
+}
+
+/// OpenMetrics label value escaping (backslash, double quote, newline).
+fn escape_into(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
         }
     }
 }
 
-impl EncodeLabelSet for SeriesLabels {
+/// A series' labels, rendered once when the series is created.
+///
+/// The text encoder repeats a series' labels on every line (21 for a histogram with the
+/// default buckets); writing them as one pre-escaped string through the label-key
+/// writer, which copies verbatim, replaces four writes and an escape scan per label.
+struct Rendered<'a>(&'a str);
+
+impl EncodeLabelSet for Rendered<'_> {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        match self {
-            SeriesLabels::Labels(pairs) => {
-                for (name, value) in pairs.iter() {
-                    (&**name, &**value).encode(encoder.encode_label())?;
-                }
-                Ok(())
-            }
-            SeriesLabels::Overflow => (OVERFLOW_LABEL, "true").encode(encoder.encode_label()),
-        }
+        encoder.encode_label().encode_label_key()?.write_str(self.0)
     }
 }
 
-use prometheus_client::encoding::EncodeLabel;
+const OVERFLOW_LABELS: Rendered<'static> = Rendered("otel_metric_overflow=\"true\"");
 
-type Constructor<M> = Box<dyn Fn(&SeriesLabels) -> M + Send + Sync>;
+/// Exemplar labels: the end event's trace and span as lowercase hex, formatted at
+/// encode time (63 characters of names and values; OpenMetrics allows 128). `Copy`, so
+/// recording an exemplar allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceExemplar(pub TraceRef);
+
+impl EncodeLabelSet for TraceExemplar {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        // One write of text built on the stack: the text encoder copies label-key text
+        // verbatim, and hex needs no escaping.
+        const TEXT: &[u8; 70] =
+            br#"trace_id="________________________________",span_id="________________""#;
+        let mut text = *TEXT;
+        hex_into(&self.0.trace_id, &mut text[10..42]);
+        hex_into(&self.0.span_id, &mut text[53..69]);
+        let text = std::str::from_utf8(&text).expect("hex digits are ASCII");
+        encoder.encode_label().encode_label_key()?.write_str(text)
+    }
+}
+
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+}
+
+/// Builds a series' metric; sees the flow name (`None` for the overflow series).
+type Constructor<M> = Box<dyn Fn(Option<&str>) -> M + Send + Sync>;
 
 /// Shared by every limited family: counts folds per family and rate-limits the warning.
 pub struct OverflowReporter {
@@ -99,11 +228,22 @@ impl<M> Clone for LimitedFamily<M> {
     }
 }
 
+struct Series<M> {
+    hash: u64,
+    key: SeriesKey,
+    labels: Box<str>,
+    metric: M,
+}
+
 struct Inner<M> {
     name: &'static str,
     metric_type: MetricType,
     max_series: usize,
-    series: RwLock<HashMap<SeriesLabels, M>>,
+    layout: Layout,
+    hasher: DefaultHashBuilder,
+    series: RwLock<HashTable<Series<M>>>,
+    /// Kept apart from `series`, so a full family folds under the read lock.
+    overflow_series: OnceLock<M>,
     make: Constructor<M>,
     overflow: Arc<OverflowReporter>,
 }
@@ -121,15 +261,19 @@ impl<M> LimitedFamily<M> {
         name: &'static str,
         metric_type: MetricType,
         max_series: usize,
+        layout: Layout,
         overflow: Arc<OverflowReporter>,
-        make: impl Fn(&SeriesLabels) -> M + Send + Sync + 'static,
+        make: impl Fn(Option<&str>) -> M + Send + Sync + 'static,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 name,
                 metric_type,
                 max_series,
-                series: RwLock::new(HashMap::new()),
+                layout,
+                hasher: DefaultHashBuilder::default(),
+                series: RwLock::new(HashTable::new()),
+                overflow_series: OnceLock::new(),
                 make: Box::new(make),
                 overflow,
             }),
@@ -137,32 +281,49 @@ impl<M> LimitedFamily<M> {
     }
 
     /// Runs `f` on the series for `labels`, creating it (or folding into the overflow
-    /// series when the family is full).
-    pub fn with<R>(&self, labels: SeriesLabels, f: impl FnOnce(&M) -> R) -> R {
+    /// series when the family is full). Allocates only when it creates a series.
+    pub fn with<R>(&self, labels: SeriesRef<'_>, f: impl FnOnce(&M) -> R) -> R {
         let this = &*self.inner;
-        if let Some(m) = this.series.read().expect("series lock").get(&labels) {
-            return f(m);
+        let hash = labels.hash_with(&this.hasher);
+        {
+            let series = this.series.read().expect("series lock");
+            if let Some(s) = series.find(hash, |s| labels.matches(&s.key)) {
+                return f(&s.metric);
+            }
+            // The family never shrinks: full now means full for good.
+            if series.len() >= this.max_series {
+                drop(series);
+                return self.fold(f);
+            }
         }
         let mut series = this.series.write().expect("series lock");
-        if let Some(m) = series.get(&labels) {
-            return f(m);
+        if let Some(s) = series.find(hash, |s| labels.matches(&s.key)) {
+            return f(&s.metric);
         }
-        let regular = series.len() - usize::from(series.contains_key(&SeriesLabels::Overflow));
-        let labels = if regular < this.max_series {
-            labels
-        } else {
-            this.overflow.folded(this.name, this.max_series);
-            SeriesLabels::Overflow
+        if series.len() >= this.max_series {
+            drop(series);
+            return self.fold(f);
+        }
+        let new = Series {
+            hash,
+            key: labels.to_key(),
+            labels: labels.render(&this.layout),
+            metric: (this.make)(Some(&**labels.flow)),
         };
-        let m = series
-            .entry(labels)
-            .or_insert_with_key(|labels| (this.make)(labels));
-        f(m)
+        let entry = series.insert_unique(hash, new, |s| s.hash);
+        f(&entry.get().metric)
+    }
+
+    fn fold<R>(&self, f: impl FnOnce(&M) -> R) -> R {
+        let this = &*self.inner;
+        this.overflow.folded(this.name, this.max_series);
+        f(this.overflow_series.get_or_init(|| (this.make)(None)))
     }
 
     /// Series held now (including the overflow series).
     pub fn len(&self) -> usize {
-        self.inner.series.read().expect("series lock").len()
+        let regular = self.inner.series.read().expect("series lock").len();
+        regular + usize::from(self.inner.overflow_series.get().is_some())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -173,8 +334,13 @@ impl<M> LimitedFamily<M> {
 impl<M: EncodeMetric + Send + Sync + 'static> EncodeMetric for LimitedFamily<M> {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let series = self.inner.series.read().expect("series lock");
-        for (labels, m) in series.iter() {
-            m.encode(encoder.encode_family(labels)?)?;
+        for s in series.iter() {
+            s.metric
+                .encode(encoder.encode_family(&Rendered(&s.labels))?)?;
+        }
+        drop(series);
+        if let Some(m) = self.inner.overflow_series.get() {
+            m.encode(encoder.encode_family(&OVERFLOW_LABELS)?)?;
         }
         Ok(())
     }
@@ -184,36 +350,178 @@ impl<M: EncodeMetric + Send + Sync + 'static> EncodeMetric for LimitedFamily<M> 
     }
 
     fn is_empty(&self) -> bool {
-        self.inner.series.read().expect("series lock").is_empty()
+        self.len() == 0
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::exemplar::HistogramWithExemplars;
+    use prometheus_client::registry::{Registry, Unit};
 
-    fn labels(v: &str) -> SeriesLabels {
-        SeriesLabels::Labels(vec![(Arc::from("flow"), Arc::from(v))].into())
+    fn dims(values: &[&str]) -> DimValues {
+        values.iter().map(|v| Arc::from(*v)).collect()
+    }
+
+    fn names(names: &[&str]) -> Arc<[Box<str>]> {
+        names.iter().map(|n| Box::from(*n)).collect()
+    }
+
+    fn counters(max: usize, layout: Layout) -> (LimitedFamily<Counter>, Counter) {
+        let folds = Counter::default();
+        let f2 = folds.clone();
+        let reporter = Arc::new(OverflowReporter::new(move |_| f2.clone()));
+        let fam = LimitedFamily::new("x", MetricType::Counter, max, layout, reporter, |_| {
+            Counter::default()
+        });
+        (fam, folds)
+    }
+
+    fn flow_only<'a>(flow: &'a Arc<str>, none: &'a DimValues) -> SeriesRef<'a> {
+        SeriesRef {
+            flow,
+            extra: None,
+            start: none,
+            end: none,
+        }
+    }
+
+    #[test]
+    fn finds_a_series_by_content_when_the_arcs_differ() {
+        let layout = Layout {
+            extra: Some("outcome"),
+            start_dims: names(&["region"]),
+            end_dims: names(&["code"]),
+        };
+        let (fam, _) = counters(10, layout);
+        let (flow_a, flow_b): (Arc<str>, Arc<str>) = (Arc::from("checkout"), Arc::from("checkout"));
+        let (start_a, start_b) = (dims(&["eu"]), dims(&["eu"]));
+        let (end_a, end_b) = (dims(&["200"]), dims(&["200"]));
+        assert!(!Arc::ptr_eq(&flow_a, &flow_b) && !Arc::ptr_eq(&start_a, &start_b));
+        fn key<'a>(
+            flow: &'a Arc<str>,
+            start: &'a DimValues,
+            end: &'a DimValues,
+            extra: &'static str,
+        ) -> SeriesRef<'a> {
+            SeriesRef {
+                flow,
+                extra: Some(extra),
+                start,
+                end,
+            }
+        }
+        fam.with(key(&flow_a, &start_a, &end_a, "success"), |c| c.inc());
+        fam.with(key(&flow_b, &start_b, &end_b, "success"), |c| c.inc());
+        assert_eq!(fam.len(), 1);
+        assert_eq!(
+            fam.with(key(&flow_b, &start_a, &end_b, "success"), |c| c.get()),
+            2
+        );
+        // Any differing value is another series.
+        fam.with(key(&flow_a, &start_a, &end_a, "failure"), |c| c.inc());
+        fam.with(key(&flow_a, &dims(&["us"]), &end_a, "success"), |c| c.inc());
+        fam.with(key(&flow_a, &start_a, &dims(&["500"]), "success"), |c| {
+            c.inc()
+        });
+        fam.with(key(&Arc::from("login"), &start_a, &end_a, "success"), |c| {
+            c.inc()
+        });
+        assert_eq!(fam.len(), 5);
     }
 
     #[test]
     fn folds_into_one_overflow_series_past_the_limit() {
-        let folds = Counter::default();
-        let f2 = folds.clone();
-        let reporter = Arc::new(OverflowReporter::new(move |_| f2.clone()));
-        let fam: LimitedFamily<Counter> =
-            LimitedFamily::new("x", MetricType::Counter, 3, reporter, |_| {
-                Counter::default()
-            });
-        for i in 0..100 {
-            fam.with(labels(&i.to_string()), |c| c.inc());
+        let (fam, folds) = counters(3, Layout::default());
+        let none = dims(&[]);
+        let flows: Vec<Arc<str>> = (0..100).map(|i| Arc::from(i.to_string())).collect();
+        for flow in &flows {
+            fam.with(flow_only(flow, &none), |c| c.inc());
         }
         // Existing series keep counting.
-        fam.with(labels("0"), |c| c.inc());
+        fam.with(flow_only(&flows[0], &none), |c| c.inc());
         assert_eq!(fam.len(), 4);
-        assert_eq!(fam.with(labels("0"), |c| c.get()), 2);
-        assert_eq!(fam.with(SeriesLabels::Overflow, |c| c.get()), 97);
+        assert_eq!(fam.with(flow_only(&flows[0], &none), |c| c.get()), 2);
         assert_eq!(folds.get(), 97);
-        assert_eq!(labels("a").value_of("flow"), Some("a"));
+        assert_eq!(fam.inner.overflow_series.get().map(Counter::get), Some(97));
+
+        let mut registry = Registry::default();
+        registry.register("x", "X", fam.clone());
+        let mut out = String::new();
+        encode(&mut out, &registry).unwrap();
+        assert!(
+            out.contains("x_total{otel_metric_overflow=\"true\"} 97\n"),
+            "{out}"
+        );
+        assert_eq!(out.matches("x_total{").count(), 4);
+    }
+
+    #[test]
+    fn a_zero_limit_records_everything_in_the_overflow_series() {
+        let (fam, folds) = counters(0, Layout::default());
+        let (none, flow) = (dims(&[]), Arc::from("a"));
+        fam.with(flow_only(&flow, &none), |c| c.inc());
+        fam.with(flow_only(&flow, &none), |c| c.inc());
+        assert_eq!((fam.len(), folds.get()), (1, 2));
+    }
+
+    #[test]
+    fn encodes_start_and_end_dims_and_an_exemplar() {
+        let reporter = Arc::new(OverflowReporter::new(|_| Counter::default()));
+        let layout = Layout {
+            extra: None,
+            start_dims: names(&["region", "tier"]),
+            end_dims: names(&["code"]),
+        };
+        let fam = LimitedFamily::new(
+            "d",
+            MetricType::Histogram,
+            10,
+            layout,
+            reporter,
+            |flow: Option<&str>| {
+                let buckets: &[f64] = if flow == Some("checkout") {
+                    &[0.5]
+                } else {
+                    &[1.0, 2.0]
+                };
+                HistogramWithExemplars::new(buckets.iter().copied())
+            },
+        );
+        let mut registry = Registry::default();
+        registry.register_with_unit("d", "Durations", Unit::Seconds, fam.clone());
+        let trace = TraceRef::from_ids(
+            &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0xa, 0xb, 0xc, 0xd, 0xe, 0xff],
+            &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3],
+        )
+        .map(TraceExemplar);
+        let flow: Arc<str> = Arc::from("checkout");
+        let (start, end) = (dims(&["eu", "a\"b\\c\nd"]), dims(&["200"]));
+        let key = SeriesRef {
+            flow: &flow,
+            extra: None,
+            start: &start,
+            end: &end,
+        };
+        fam.with(key, |h| h.observe(0.25, trace, None));
+
+        let mut out = String::new();
+        encode(&mut out, &registry).unwrap();
+        let labels = r#"flow="checkout",region="eu",tier="a\"b\\c\nd",code="200""#;
+        let exemplar =
+            r#"# {trace_id="000102030405060708090a0b0c0d0eff",span_id="deadbeef00010203"} 0.25"#;
+        let expected = format!(
+            "# HELP d_seconds Durations.\n\
+             # TYPE d_seconds histogram\n\
+             # UNIT d_seconds seconds\n\
+             d_seconds_sum{{{labels}}} 0.25\n\
+             d_seconds_count{{{labels}}} 1\n\
+             d_seconds_bucket{{le=\"0.5\",{labels}}} 1 {exemplar}\n\
+             d_seconds_bucket{{le=\"+Inf\",{labels}}} 1\n\
+             # EOF\n"
+        );
+        assert_eq!(out, expected);
     }
 }
