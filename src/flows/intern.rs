@@ -3,9 +3,12 @@
 //! ones are no longer remembered (still correct, only not shared), so a flood of unique
 //! values cannot grow the interner without bound.
 
-use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::{Arc, RwLock};
+
+// foldhash: flow names and label values come from the exporters, but the set is bounded
+// (`capacity`) and a collision flood only slows interning, not the service.
+use hashbrown::HashSet;
 
 /// Interns `Arc<T>` values: strings, and the dimension-value lists of instances.
 pub struct Interner<T: ?Sized = str> {
