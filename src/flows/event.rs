@@ -40,7 +40,14 @@ impl Outcome {
             ("cancelled", Outcome::Cancelled),
             ("canceled", Outcome::Cancelled),
         ];
-        let raw = raw.trim();
+        // Nothing to trim when both ends are ASCII and not white space (every other
+        // white space character starts with a byte of 0x80 or more).
+        let plain = |b: Option<&u8>| b.is_some_and(|&b| b < 0x80 && !b.is_ascii_whitespace());
+        let raw = if plain(raw.as_bytes().first()) && plain(raw.as_bytes().last()) {
+            raw
+        } else {
+            raw.trim()
+        };
         TABLE
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case(raw))
@@ -711,6 +718,16 @@ mod tests {
         }
         let ok = format!("flow.{}.start", "a".repeat(128));
         assert!(extract(&x, &ok, &[s("correlation-id", "a")], false).is_ok());
+    }
+
+    #[test]
+    fn outcomes_are_trimmed() {
+        assert_eq!(Outcome::parse(" Success\t"), Some(Outcome::Success));
+        assert_eq!(Outcome::parse("\u{2003}ok\u{a0}"), Some(Outcome::Success));
+        assert_eq!(Outcome::parse("failed\n"), Some(Outcome::Failure));
+        assert_eq!(Outcome::parse(""), None);
+        assert_eq!(Outcome::parse("  "), None);
+        assert_eq!(Outcome::parse("okay"), None);
     }
 
     #[test]
