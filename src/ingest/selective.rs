@@ -39,8 +39,46 @@ const ANY_BYTES: u32 = 7;
 // Keys (field number << 3 | wire type 2) of the fast paths.
 const KV_KEY_TAG: u8 = (KEY_VALUE_KEY as u8) << 3 | 2;
 const KV_VALUE_TAG: u8 = (KEY_VALUE_VALUE as u8) << 3 | 2;
+const EVENT_TIME_TAG: u8 = (EVENT_TIME as u8) << 3 | 1;
+const EVENT_NAME_TAG: u8 = (EVENT_NAME as u8) << 3 | 2;
+const EVENT_ATTRIBUTES_TAG: u8 = (EVENT_ATTRIBUTES as u8) << 3 | 2;
 const STATUS_CODE_TAG: u8 = (STATUS_CODE as u8) << 3;
 const ANY_STRING_TAG: u8 = (ANY_STRING as u8) << 3 | 2;
+
+/// What a walk does with a field, by its key's first byte. (Flat, so that one jump
+/// table dispatches it.)
+#[derive(Clone, Copy)]
+enum KeyAction {
+    /// The general reader: longer keys, groups, field number 0.
+    General,
+    /// Not needed: stepped over.
+    SkipVarint,
+    SkipFixed64,
+    SkipBytes,
+    SkipFixed32,
+    /// A length-delimited field to look at.
+    Read,
+}
+
+/// `SPAN_KEYS[key byte]`: fields 1–15 of a `Span`.
+const SPAN_KEYS: [KeyAction; 256] = {
+    let mut keys = [KeyAction::General; 256];
+    let mut number = 1;
+    while number < 16 {
+        let key = number << 3;
+        keys[key] = KeyAction::SkipVarint;
+        keys[key | 1] = KeyAction::SkipFixed64;
+        keys[key | 5] = KeyAction::SkipFixed32;
+        keys[key | 2] = match number as u32 {
+            SPAN_TRACE_ID | SPAN_SPAN_ID | SPAN_PARENT_SPAN_ID | SPAN_EVENTS | SPAN_STATUS => {
+                KeyAction::Read
+            }
+            _ => KeyAction::SkipBytes,
+        };
+        number += 1;
+    }
+    keys
+};
 
 /// Extraction results of one export, and how many spans it held.
 pub struct TraceScan {
@@ -149,24 +187,57 @@ impl<'a> Scan<'_, 'a> {
         let mut ids = SpanIds::default();
         self.candidates.clear();
         let mut rest = span;
-        loop {
-            match *rest {
-                [] => break,
-                // Length-delimited with a one-byte key and length: nearly every field of
-                // a span, read right here.
-                [tag, len, ref tail @ ..] if tag & 0x87 == 2 && tag >= 8 && len < 0x80 => {
-                    let (bytes, after) = tail.split_at_checked(len.into()).ok_or(PAST_THE_END)?;
-                    rest = after;
-                    self.span_field(&mut ids, u32::from(tag >> 3), bytes)?;
-                }
-                _ => {
-                    let mut fields = Fields::new(rest);
-                    let field = fields.next_field()?.ok_or(PAST_THE_END)?;
-                    rest = fields.rest();
-                    if let (number, Value::Bytes(bytes)) = field {
-                        self.span_field(&mut ids, number, bytes)?;
+        while let [tag, ref tail @ ..] = *rest {
+            // One table lookup says what to do with the usual fields (one-byte key,
+            // lengths and varints of one byte); anything else, and every error, goes
+            // through the general reader below.
+            match SPAN_KEYS[usize::from(tag)] {
+                KeyAction::SkipBytes => {
+                    if let [len, ref tail @ ..] = *tail {
+                        if let Some(after) = tail.get(usize::from(len)..).filter(|_| len < 0x80) {
+                            rest = after;
+                            continue;
+                        }
                     }
                 }
+                KeyAction::SkipVarint => {
+                    if let [b, ref after @ ..] = *tail {
+                        if b < 0x80 {
+                            rest = after;
+                            continue;
+                        }
+                    }
+                }
+                KeyAction::SkipFixed64 => {
+                    if let Some(after) = tail.get(8..) {
+                        rest = after;
+                        continue;
+                    }
+                }
+                KeyAction::SkipFixed32 => {
+                    if let Some(after) = tail.get(4..) {
+                        rest = after;
+                        continue;
+                    }
+                }
+                KeyAction::Read => {
+                    if let [len, ref tail @ ..] = *tail {
+                        if len < 0x80 {
+                            if let Some((bytes, after)) = tail.split_at_checked(len.into()) {
+                                rest = after;
+                                self.span_field(&mut ids, u32::from(tag >> 3), bytes)?;
+                                continue;
+                            }
+                        }
+                    }
+                }
+                KeyAction::General => {}
+            }
+            let mut fields = Fields::new(rest);
+            let field = fields.next_field()?.ok_or(PAST_THE_END)?;
+            rest = fields.rest();
+            if let (number, Value::Bytes(bytes)) = field {
+                self.span_field(&mut ids, number, bytes)?;
             }
         }
         if self.candidates.is_empty() {
@@ -257,12 +328,29 @@ impl<'a> Scan<'_, 'a> {
         let mut time = 0;
         // Where the attributes are (first to last), so that lookups skip the rest.
         let mut attributes = (event.len(), event.len());
-        let mut fields = Fields::new(event);
-        loop {
-            let at = event.len() - fields.remaining();
-            let Some(field) = fields.next_field()? else {
-                break;
+        let mut rest = event;
+        while let [tag, ref tail @ ..] = *rest {
+            let at = event.len() - rest.len();
+            // The usual layout inline, anything else through the general reader.
+            let (field, after) = match (tag, tail) {
+                (EVENT_TIME_TAG, tail) if tail.len() >= 8 => {
+                    let (t, after) = tail.split_at(8);
+                    let t = u64::from_le_bytes(t.try_into().expect("8 bytes"));
+                    ((EVENT_TIME, Value::Fixed64(t)), after)
+                }
+                (EVENT_NAME_TAG | EVENT_ATTRIBUTES_TAG, &[len, ref tail @ ..])
+                    if len < 0x80 && usize::from(len) <= tail.len() =>
+                {
+                    let (b, after) = tail.split_at(len.into());
+                    ((u32::from(tag >> 3), Value::Bytes(b)), after)
+                }
+                _ => {
+                    let mut fields = Fields::new(rest);
+                    let field = fields.next_field()?.ok_or(PAST_THE_END)?;
+                    (field, fields.rest())
+                }
             };
+            rest = after;
             match field {
                 // Repeated, the last one wins, and every one must be text (as in a full
                 // decode).
@@ -270,7 +358,7 @@ impl<'a> Scan<'_, 'a> {
                 (EVENT_TIME, Value::Fixed64(t)) => time = t,
                 (EVENT_ATTRIBUTES, _) => {
                     attributes.0 = attributes.0.min(at);
-                    attributes.1 = event.len() - fields.remaining();
+                    attributes.1 = event.len() - rest.len();
                 }
                 _ => {}
             }
