@@ -150,17 +150,27 @@ impl<'a> Scan<'_, 'a> {
         // The resource may come after its spans on the wire: find it first. Repeated, the
         // message fields merge (as prost does); for attributes that means the lists add
         // up, which `RawAttributes` gets by reading every occurrence.
-        let mut has_resource = false;
+        let mut resources = 0;
+        let mut resource: &[u8] = &[];
         let mut fields = Fields::new(msg);
         while let Some(field) = fields.next_field()? {
-            if let (RESOURCE_SPANS_RESOURCE, Value::Bytes(_)) = field {
-                has_resource = true;
+            if let (RESOURCE_SPANS_RESOURCE, Value::Bytes(r)) = field {
+                resources += 1;
+                resource = r;
             }
         }
-        let resource = SharedLayer::new(RawAttributes {
-            msg,
-            outer: has_resource.then_some(RESOURCE_SPANS_RESOURCE),
-            field: RESOURCE_ATTRIBUTES,
+        let resource = SharedLayer::new(if resources > 1 {
+            RawAttributes {
+                msg,
+                outer: Some(RESOURCE_SPANS_RESOURCE),
+                field: RESOURCE_ATTRIBUTES,
+            }
+        } else {
+            RawAttributes {
+                msg: resource,
+                outer: None,
+                field: RESOURCE_ATTRIBUTES,
+            }
         });
         let mut fields = Fields::new(msg);
         while let Some(field) = fields.next_field()? {
