@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p flowmetrics-bench -- [--quick] [--json PATH] [--only LIST]
-//!     [--server PATH] [--profile-pipeline BATCHES]
+//!     [--server PATH] [--profile-pipeline BATCHES] [--profile-sparse BATCHES]
 //! ```
 //!
 //! Prints one table and writes it as JSON. Every throughput is also given as a ratio to
@@ -36,6 +36,7 @@ flowmetrics-bench: throughput, latency, memory, scrape and timeliness of flowmet
 Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
                          [--steady SECS]
        flowmetrics-bench --profile-pipeline BATCHES
+       flowmetrics-bench --profile-sparse BATCHES
 
   --quick        small sizes, seconds (CI)
   --json PATH    where to write the results (default target/flowmetrics-bench.json)
@@ -45,6 +46,7 @@ Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
   --steady SECS  length of the steady-load RSS run (full: 600, quick: 2)
   --profile-pipeline N   run only N batches through the in-process pipeline (for
                  valgrind --tool=callgrind --toggle-collect='*measured_batch*')
+  --profile-sparse N     the same with the sparse workload (1 span in 10 with an event)
 ";
 
 struct Args {
@@ -52,7 +54,7 @@ struct Args {
     json: Option<PathBuf>,
     only: Option<Vec<String>>,
     server: Option<PathBuf>,
-    profile: Option<u64>,
+    profile: Option<(Shape, u64)>,
     steady: Option<Duration>,
 }
 
@@ -86,12 +88,14 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--steady: {e}"))?;
                 args.steady = Some(Duration::from_secs(secs));
             }
-            "--profile-pipeline" => {
-                args.profile = Some(
-                    value("--profile-pipeline")?
-                        .parse()
-                        .map_err(|e| format!("--profile-pipeline: {e}"))?,
-                )
+            "--profile-pipeline" | "--profile-sparse" => {
+                let shape = if arg == "--profile-sparse" {
+                    Shape::Sparse
+                } else {
+                    Shape::Flow
+                };
+                let batches = value(&arg)?.parse().map_err(|e| format!("{arg}: {e}"))?;
+                args.profile = Some((shape, batches))
             }
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -227,8 +231,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Some(batches) = args.profile {
-        profile(batches);
+    if let Some((shape, batches)) = args.profile {
+        profile(shape, batches);
         return;
     }
     let mut sizes = Sizes::new(args.quick);
@@ -941,9 +945,9 @@ fn render(rows: &[Row]) -> String {
     out
 }
 
-/// `--profile-pipeline`: only the in-process pipeline, for callgrind.
-fn profile(batches: u64) {
-    let t = Template::new(Shape::Flow);
+/// `--profile-pipeline` / `--profile-sparse`: only the in-process pipeline, for callgrind.
+fn profile(shape: Shape, batches: u64) {
+    let t = Template::new(shape);
     let (pipeline, table, _metrics) = inproc::pipeline_for(&flowmetrics::config::Config::default());
     let mut body = t.bytes.clone();
     for b in 0..batches {

@@ -1,5 +1,6 @@
 //! What a flow event is, and how one is recognised inside a span event or a log record.
 
+use std::cell::OnceCell;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
@@ -39,7 +40,14 @@ impl Outcome {
             ("cancelled", Outcome::Cancelled),
             ("canceled", Outcome::Cancelled),
         ];
-        let raw = raw.trim();
+        // Nothing to trim when both ends are ASCII and not white space (every other
+        // white space character starts with a byte of 0x80 or more).
+        let plain = |b: Option<&u8>| b.is_some_and(|&b| b < 0x80 && !b.is_ascii_whitespace());
+        let raw = if plain(raw.as_bytes().first()) && plain(raw.as_bytes().last()) {
+            raw
+        } else {
+            raw.trim()
+        };
         TABLE
             .iter()
             .find(|(name, _)| name.eq_ignore_ascii_case(raw))
@@ -174,28 +182,164 @@ pub enum AttrValue<'a> {
     Other,
 }
 
-/// Somewhere attributes can be looked up by key: decoded `KeyValue`s, or raw protobuf
-/// bytes (see `ingest::selective`).
-pub trait Attributes {
-    /// The first attribute named `key`.
-    fn find(&self, key: &str) -> Option<AttrValue<'_>>;
+/// The attribute keys an [`Extractor`] reads (correlation keys, outcome key, dimension
+/// attributes), each once: one pass over an attribute list finds all of them.
+#[derive(Debug, Default)]
+pub struct Keys {
+    keys: Vec<WantedKey>,
+    /// Bit `n` set: some wanted key is `n` bytes long (all of 64 and more share bit 63).
+    /// Most attribute keys are rejected on their length alone.
+    lengths: u64,
 }
 
-impl Attributes for &[KeyValue] {
-    fn find(&self, key: &str) -> Option<AttrValue<'_>> {
-        let kv = self.iter().find(|kv| kv.key == key)?;
-        Some(match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-            Some(any_value::Value::StringValue(s)) => AttrValue::Str(s),
-            Some(any_value::Value::IntValue(i)) => AttrValue::Int(*i),
-            Some(any_value::Value::BoolValue(b)) => AttrValue::Bool(*b),
-            Some(any_value::Value::DoubleValue(d)) => AttrValue::Double(*d),
-            _ => AttrValue::Other,
+#[derive(Debug)]
+struct WantedKey {
+    fingerprint: Fingerprint,
+    bytes: Box<[u8]>,
+}
+
+/// Length and up to 16 bytes of a key, compared as three integers. For keys of up to 16
+/// bytes equal fingerprints mean equal keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: usize,
+    head: u64,
+    tail: u64,
+}
+
+impl Fingerprint {
+    #[inline(always)]
+    fn of(b: &[u8]) -> Self {
+        let n = b.len();
+        let (head, tail) = match (b.first_chunk::<8>(), b.last_chunk::<8>()) {
+            (Some(h), Some(t)) => (u64::from_le_bytes(*h), u64::from_le_bytes(*t)),
+            _ => match (b.first_chunk::<4>(), b.last_chunk::<4>()) {
+                (Some(h), Some(t)) => (
+                    u64::from(u32::from_le_bytes(*h)) | u64::from(u32::from_le_bytes(*t)) << 32,
+                    0,
+                ),
+                // 0–3 bytes: first, middle and last cover them all.
+                _ if n > 0 => (
+                    u64::from(b[0]) | u64::from(b[n / 2]) << 8 | u64::from(b[n - 1]) << 16,
+                    0,
+                ),
+                _ => (0, 0),
+            },
+        };
+        Self { len: n, head, tail }
+    }
+}
+
+#[inline(always)]
+fn length_bit(len: usize) -> u64 {
+    1 << len.min(63)
+}
+
+impl Keys {
+    /// The slot of `key`, added if new.
+    fn add(&mut self, key: &str) -> usize {
+        self.slot(key.as_bytes()).unwrap_or_else(|| {
+            self.keys.push(WantedKey {
+                fingerprint: Fingerprint::of(key.as_bytes()),
+                bytes: key.as_bytes().into(),
+            });
+            self.lengths |= length_bit(key.len());
+            self.keys.len() - 1
         })
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The slot of `key` if it is wanted.
+    #[inline]
+    pub fn slot(&self, key: &[u8]) -> Option<usize> {
+        if self.lengths & length_bit(key.len()) == 0 {
+            return None;
+        }
+        let f = Fingerprint::of(key);
+        self.keys
+            .iter()
+            .position(|k| k.fingerprint == f && (f.len <= 16 || *k.bytes == *key))
+    }
+}
+
+/// Somewhere attributes can be looked up: decoded `KeyValue`s, or raw protobuf bytes (see
+/// `ingest::selective`). Values borrow from the underlying data (`'a`).
+pub trait Attributes<'a> {
+    /// For every slot `i` of `keys`, the value of the first attribute named like it goes
+    /// to `found[i]`. `found` has one entry per slot, all `None` on entry; keys that are
+    /// absent stay `None`.
+    fn find_all(&self, keys: &Keys, found: &mut [Option<AttrValue<'a>>]);
+}
+
+impl<'a, 'k: 'a> Attributes<'a> for &'k [KeyValue] {
+    fn find_all(&self, keys: &Keys, found: &mut [Option<AttrValue<'a>>]) {
+        let mut missing = found.len();
+        if missing == 0 {
+            return;
+        }
+        for kv in self.iter() {
+            let Some(i) = keys.slot(kv.key.as_bytes()) else {
+                continue;
+            };
+            if found[i].is_none() {
+                found[i] = Some(decoded_value(kv));
+                missing -= 1;
+                if missing == 0 {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn decoded_value(kv: &KeyValue) -> AttrValue<'_> {
+    match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => AttrValue::Str(s),
+        Some(any_value::Value::IntValue(i)) => AttrValue::Int(*i),
+        Some(any_value::Value::BoolValue(b)) => AttrValue::Bool(*b),
+        Some(any_value::Value::DoubleValue(d)) => AttrValue::Double(*d),
+        _ => AttrValue::Other,
     }
 }
 
 /// No attributes at all.
 pub const NO_ATTRIBUTES: &[KeyValue] = &[];
+
+/// An attribute list shared by many events (a resource, for every span under it): looked
+/// through once, on first use, then answered from the copy. Use it with one extractor
+/// only (the copy is per slot of that extractor's keys).
+pub struct SharedLayer<'a, A> {
+    attributes: A,
+    found: OnceCell<Box<[Option<AttrValue<'a>>]>>,
+}
+
+impl<'a, A: Attributes<'a>> SharedLayer<'a, A> {
+    pub fn new(attributes: A) -> Self {
+        Self {
+            attributes,
+            found: OnceCell::new(),
+        }
+    }
+}
+
+// `'r: 'a`: a resource outlives the events it is shared by.
+impl<'a, 'r: 'a, A: Attributes<'r>> Attributes<'a> for &SharedLayer<'r, A> {
+    fn find_all(&self, keys: &Keys, found: &mut [Option<AttrValue<'a>>]) {
+        let cached = self.found.get_or_init(|| {
+            let mut all = vec![None; keys.len()].into_boxed_slice();
+            self.attributes.find_all(keys, &mut all);
+            all
+        });
+        found.copy_from_slice(cached);
+    }
+}
 
 /// Attribute lists searched in order: the event, its span (or log record), the resource.
 #[derive(Clone, Copy)]
@@ -205,12 +349,75 @@ pub struct AttributeLayers<E, P, R> {
     pub resource: R,
 }
 
-impl<E: Attributes, P: Attributes, R: Attributes> AttributeLayers<E, P, R> {
-    fn find(&self, key: &str) -> Option<AttrValue<'_>> {
-        self.event
-            .find(key)
-            .or_else(|| self.parent.find(key))
-            .or_else(|| self.resource.find(key))
+/// Room for this many wanted keys without allocating (3 correlation keys, the outcome
+/// key and 4 dimensions); more fall back to the heap.
+const INLINE_KEYS: usize = 8;
+
+/// The wanted keys' values in one layer.
+enum Found<'a> {
+    Inline([Option<AttrValue<'a>>; INLINE_KEYS]),
+    Heap(Box<[Option<AttrValue<'a>>]>),
+}
+
+impl<'a> Found<'a> {
+    #[inline]
+    fn slots(&mut self, n: usize) -> &mut [Option<AttrValue<'a>>] {
+        match self {
+            Found::Inline(a) => &mut a[..n],
+            Found::Heap(v) => v,
+        }
+    }
+}
+
+/// Lookups through the layers of one event. A layer is read (in one pass, for all wanted
+/// keys) only when a lookup reaches it: an id on the event never touches the span's or the
+/// resource's attributes.
+struct Lookup<'l, 'a, E, P, R> {
+    layers: &'l AttributeLayers<E, P, R>,
+    keys: &'l Keys,
+    /// Per layer (0 event, 1 parent, 2 resource), once read.
+    found: [Option<Found<'a>>; 3],
+}
+
+impl<'l, 'a, E: Attributes<'a>, P: Attributes<'a>, R: Attributes<'a>> Lookup<'l, 'a, E, P, R> {
+    #[inline]
+    fn new(layers: &'l AttributeLayers<E, P, R>, keys: &'l Keys) -> Self {
+        Self {
+            layers,
+            keys,
+            found: [None, None, None],
+        }
+    }
+
+    /// Layer `layer`, the value in `slot`.
+    #[inline]
+    fn in_layer(&mut self, layer: usize, slot: usize) -> Option<AttrValue<'a>> {
+        let n = self.keys.len();
+        let found = match &mut self.found[layer] {
+            Some(found) => found,
+            empty => {
+                // Built in place: the slots are filled where they stay.
+                let found = empty.insert(if n <= INLINE_KEYS {
+                    Found::Inline([None; INLINE_KEYS])
+                } else {
+                    Found::Heap(vec![None; n].into_boxed_slice())
+                });
+                let slots = found.slots(n);
+                match layer {
+                    0 => self.layers.event.find_all(self.keys, slots),
+                    1 => self.layers.parent.find_all(self.keys, slots),
+                    _ => self.layers.resource.find_all(self.keys, slots),
+                }
+                found
+            }
+        };
+        found.slots(n)[slot]
+    }
+
+    /// The first layer's value for `slot`: event, then parent, then resource.
+    #[inline]
+    fn get(&mut self, slot: usize) -> Option<AttrValue<'a>> {
+        (0..3).find_map(|layer| self.in_layer(layer, slot))
     }
 }
 
@@ -235,7 +442,8 @@ fn label_text(value: AttrValue<'_>) -> Option<std::borrow::Cow<'_, str>> {
 }
 
 struct DimensionRule {
-    attribute: String,
+    /// Slot of the attribute in `Extractor::keys`.
+    slot: usize,
     default: Arc<str>,
 }
 
@@ -244,8 +452,11 @@ pub struct Extractor {
     prefix: String,
     start_suffix: String,
     end_suffix: String,
-    correlation_keys: Vec<String>,
-    outcome_key: String,
+    /// Every attribute key read, once.
+    keys: Keys,
+    /// Slots of `events.correlation_keys`, in config order.
+    correlation_slots: Vec<usize>,
+    outcome_slot: usize,
     max_correlation_id_bytes: usize,
     known_flows: Option<HashSet<String>>,
     start_dims: Vec<DimensionRule>,
@@ -259,28 +470,39 @@ pub struct Extractor {
 
 impl Extractor {
     pub fn new(config: &Config) -> Self {
-        let rules = |side: DimensionSource| {
+        let mut keys = Keys::default();
+        let correlation_slots = config
+            .events
+            .correlation_keys
+            .iter()
+            .map(|k| keys.add(k))
+            .collect();
+        let outcome_slot = keys.add(&config.events.outcome_key);
+        let mut rules = |side: DimensionSource| {
             config
                 .dimensions
                 .iter()
                 .filter(|d| d.from == side)
                 .map(|d| DimensionRule {
-                    attribute: d.attribute.clone(),
+                    slot: keys.add(&d.attribute),
                     default: Arc::from(d.default.as_deref().unwrap_or("")),
                 })
                 .collect()
         };
+        let start_dims = rules(DimensionSource::Start);
+        let end_dims = rules(DimensionSource::End);
         Self {
             prefix: config.events.prefix.clone(),
             start_suffix: config.events.start_suffix.clone(),
             end_suffix: config.events.end_suffix.clone(),
-            correlation_keys: config.events.correlation_keys.clone(),
-            outcome_key: config.events.outcome_key.clone(),
+            keys,
+            correlation_slots,
+            outcome_slot,
             max_correlation_id_bytes: config.events.max_correlation_id_bytes,
             known_flows: (!config.flows.allow_unknown)
                 .then(|| config.flows.per_flow.keys().cloned().collect()),
-            start_dims: rules(DimensionSource::Start),
-            end_dims: rules(DimensionSource::End),
+            start_dims,
+            end_dims,
             // Past the series limit, new names and values land in the overflow series
             // anyway: there is no point remembering more of them than that.
             names: Interner::new(config.limits.max_series_per_metric),
@@ -311,7 +533,8 @@ impl Extractor {
     /// is ERROR (or the log record's severity is ERROR or worse), used when no outcome
     /// attribute is given.
     #[allow(clippy::too_many_arguments)]
-    pub fn extract<E: Attributes, P: Attributes, R: Attributes>(
+    #[inline(never)] // one copy per attribute source; keeps the scan loop small
+    pub fn extract<'a, E: Attributes<'a>, P: Attributes<'a>, R: Attributes<'a>>(
         &self,
         name: &str,
         layers: AttributeLayers<E, P, R>,
@@ -332,15 +555,11 @@ impl Extractor {
                 return Err(Rejection::UnknownFlow);
             }
         }
+        let mut lookup = Lookup::new(&layers, &self.keys);
         let correlation_id = self
-            .correlation_keys
+            .correlation_slots
             .iter()
-            .find_map(|key| {
-                layers
-                    .find(key)
-                    .and_then(scalar_text)
-                    .map(|c| c.into_owned())
-            })
+            .find_map(|&slot| lookup.get(slot).and_then(scalar_text))
             .ok_or(Rejection::MissingCorrelationId)?;
         if correlation_id.len() > self.max_correlation_id_bytes {
             return Err(Rejection::CorrelationIdTooLong);
@@ -348,7 +567,7 @@ impl Extractor {
         let kind = if is_start {
             EventKind::Start
         } else {
-            let outcome = match layers.event.find(&self.outcome_key) {
+            let outcome = match lookup.in_layer(0, self.outcome_slot) {
                 Some(AttrValue::Str(raw)) => Outcome::parse(raw)
                     .ok_or_else(|| Rejection::InvalidOutcome(truncate(raw, 64)))?,
                 Some(other) => {
@@ -372,17 +591,16 @@ impl Extractor {
         } else {
             let values: DimValues = rules
                 .iter()
-                .map(
-                    |rule| match layers.find(&rule.attribute).and_then(label_text) {
-                        Some(v) => self.values.intern(&v),
-                        None => rule.default.clone(),
-                    },
-                )
+                .map(|rule| match lookup.get(rule.slot).and_then(label_text) {
+                    Some(v) => self.values.intern(&v),
+                    None => rule.default.clone(),
+                })
                 .collect();
             self.dim_lists.share(values)
         };
         Ok(Some(FlowEvent {
             flow: self.names.intern(flow),
+            // Borrowed text is copied once, straight into the box.
             correlation_id: correlation_id.into(),
             kind,
             timestamp_nanos: if timestamp_nanos == 0 {
@@ -500,6 +718,16 @@ mod tests {
         }
         let ok = format!("flow.{}.start", "a".repeat(128));
         assert!(extract(&x, &ok, &[s("correlation-id", "a")], false).is_ok());
+    }
+
+    #[test]
+    fn outcomes_are_trimmed() {
+        assert_eq!(Outcome::parse(" Success\t"), Some(Outcome::Success));
+        assert_eq!(Outcome::parse("\u{2003}ok\u{a0}"), Some(Outcome::Success));
+        assert_eq!(Outcome::parse("failed\n"), Some(Outcome::Failure));
+        assert_eq!(Outcome::parse(""), None);
+        assert_eq!(Outcome::parse("  "), None);
+        assert_eq!(Outcome::parse("okay"), None);
     }
 
     #[test]
@@ -658,5 +886,77 @@ mod tests {
         assert!(TraceRef::from_ids(&[1; 15], &[2; 8]).is_none());
         assert!(TraceRef::from_ids(&[0; 16], &[2; 8]).is_none());
         assert!(TraceRef::from_ids(&[1; 16], &[]).is_none());
+    }
+
+    #[test]
+    fn keys_match_exactly_whatever_their_length() {
+        let mut keys = Keys::default();
+        let wanted: Vec<String> = (0..40)
+            .map(|n| (0..n).map(|i| (b'a' + (i % 26) as u8) as char).collect())
+            .collect();
+        for (i, k) in wanted.iter().enumerate() {
+            assert_eq!(keys.add(k), i);
+        }
+        assert_eq!(keys.add(&wanted[3]), 3, "added once");
+        for (i, k) in wanted.iter().enumerate() {
+            assert_eq!(keys.slot(k.as_bytes()), Some(i), "{k:?}");
+            // One byte different, anywhere: not the key.
+            for at in 0..k.len() {
+                let mut other = k.clone().into_bytes();
+                other[at] = b'#';
+                assert_eq!(keys.slot(&other), None, "{k:?} at {at}");
+            }
+        }
+        assert_eq!(keys.slot(&[b'a'; 41]), None);
+        assert_eq!(keys.slot("é".as_bytes()), None);
+    }
+
+    #[test]
+    fn attribute_layers_are_searched_in_order_and_shared_once() {
+        let c = Config {
+            dimensions: serde_yaml::from_str(
+                "- { label: a, attribute: x, default: dflt }\n- { label: b, attribute: y }\n",
+            )
+            .unwrap(),
+            ..Default::default()
+        };
+        let x = Extractor::new(&c);
+        let resource = [
+            s("x", "from-resource"),
+            s("y", "res-y"),
+            s("correlation-id", "r"),
+        ];
+        let shared = SharedLayer::new(&resource[..]);
+        let get = |event: &[KeyValue], parent: &[KeyValue]| {
+            x.extract(
+                "flow.f.start",
+                AttributeLayers {
+                    event,
+                    parent,
+                    resource: &shared,
+                },
+                1,
+                2,
+                false,
+                None,
+                Source::SpanEvent,
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let e = get(&[s("correlation-id", "e")], &[s("x", "from-span")]);
+        assert_eq!(
+            (&*e.correlation_id, &*e.dims[0], &*e.dims[1]),
+            ("e", "from-span", "res-y")
+        );
+        let e = get(&[s("x", "")], &[]);
+        // Present but empty on the event: that is the value (no fall-through).
+        assert_eq!((&*e.correlation_id, &*e.dims[0]), ("r", ""));
+        let e = get(
+            &[kv("x", any_value::Value::ArrayValue(Default::default()))],
+            &[],
+        );
+        // Present but not a scalar: the default.
+        assert_eq!(&*e.dims[0], "dflt");
     }
 }

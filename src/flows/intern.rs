@@ -1,12 +1,14 @@
 //! Bounded string interning for flow names and dimension values: a million open instances
 //! of one flow share one allocation for its name. Past `capacity` distinct strings, new
 //! ones are no longer remembered (still correct, only not shared), so a flood of unique
-//! values cannot grow the interner without bound. Hashed with foldhash (seeded per
-//! process): this runs for every event.
+//! values cannot grow the interner without bound.
 
-use hashbrown::HashSet;
 use std::hash::Hash;
 use std::sync::{Arc, RwLock};
+
+// foldhash (runs for every event): flow names and label values come from the exporters, but the set is bounded
+// (`capacity`) and a collision flood only slows interning, not the service.
+use hashbrown::HashSet;
 
 /// Interns `Arc<T>` values: strings, and the dimension-value lists of instances.
 pub struct Interner<T: ?Sized = str> {

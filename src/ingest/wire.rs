@@ -25,86 +25,184 @@ impl std::fmt::Display for WireError {
 }
 
 /// Iterates the fields of one message: `(field number, value)`.
+///
+/// Built for the hot path: one-byte tags and one-byte lengths/varints (nearly every
+/// field OTLP writes) take a few instructions; everything else goes through an
+/// out-of-line slow path. Length-delimited fields are never looked into, only sliced, so
+/// skipping a field costs the same whatever it holds. After an error the iterator is
+/// empty.
 #[derive(Clone)]
 pub struct Fields<'a> {
-    buf: &'a [u8],
+    /// What is left of the message.
+    rest: &'a [u8],
 }
 
 impl<'a> Fields<'a> {
+    #[inline]
     pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf }
+        Self { rest: buf }
     }
 
-    fn varint(&mut self) -> Result<u64, WireError> {
-        let mut value = 0u64;
-        for i in 0..10 {
-            let (&byte, rest) = self
-                .buf
-                .split_first()
-                .ok_or(WireError("truncated varint"))?;
-            self.buf = rest;
-            value |= u64::from(byte & 0x7f) << (7 * i);
-            if byte < 0x80 {
-                return Ok(value);
+    /// Bytes not read yet: `message.len() - remaining()` is the offset of the next field.
+    #[inline]
+    pub fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
+    /// The bytes not read yet.
+    #[inline]
+    pub fn rest(&self) -> &'a [u8] {
+        self.rest
+    }
+
+    /// The next field, `Ok(None)` at the end of the message.
+    #[inline(always)]
+    pub fn next_field(&mut self) -> Result<Option<(u32, Value<'a>)>, WireError> {
+        let [tag, ref tail @ ..] = *self.rest else {
+            return Ok(None);
+        };
+        // The most common field of all first: length-delimited, key and length one byte
+        // each (number 1–15, under 128 bytes).
+        if tag & 0x87 == 2 && tag >= 8 {
+            if let [len, ref tail @ ..] = *tail {
+                if len < 0x80 {
+                    if let Some((bytes, rest)) = tail.split_at_checked(len.into()) {
+                        self.rest = rest;
+                        return Ok(Some((u32::from(tag >> 3), Value::Bytes(bytes))));
+                    }
+                }
             }
         }
-        Err(WireError("varint longer than 10 bytes"))
+        // Keys of one byte (fields 1–15) or two (16–2047), number not 0.
+        let key = match *self.rest {
+            [k, ref tail @ ..] if (8..0x80).contains(&k) => Some((u32::from(k), tail)),
+            [k0, k1, ref tail @ ..] if k1 < 0x80 && k1 > 0 => {
+                Some((u32::from(k0 & 0x7f) | u32::from(k1) << 7, tail))
+            }
+            _ => None,
+        };
+        let fast = key.and_then(|(key, tail)| {
+            let (value, rest) = match key & 7 {
+                2 => match *tail {
+                    [len, ref tail @ ..] if len < 0x80 => tail
+                        .split_at_checked(len.into())
+                        .map(|(b, rest)| (Value::Bytes(b), rest)),
+                    [l0, l1, ref tail @ ..] if l1 < 0x80 => tail
+                        .split_at_checked(usize::from(l0 & 0x7f) | usize::from(l1) << 7)
+                        .map(|(b, rest)| (Value::Bytes(b), rest)),
+                    _ => None,
+                },
+                0 => match *tail {
+                    [b, ref rest @ ..] if b < 0x80 => Some((Value::Varint(b.into()), rest)),
+                    _ => None,
+                },
+                1 => tail
+                    .split_first_chunk::<8>()
+                    .map(|(b, rest)| (Value::Fixed64(u64::from_le_bytes(*b)), rest)),
+                5 => tail
+                    .split_first_chunk::<4>()
+                    .map(|(b, rest)| (Value::Fixed32(u32::from_le_bytes(*b)), rest)),
+                _ => None,
+            }?;
+            Some((key >> 3, value, rest))
+        });
+        // Everything else (longer keys, lengths, varints) and every error: the slow path,
+        // which takes the slice by value so that `self` can live in registers.
+        let (number, value, rest) = match fast {
+            Some(field) => field,
+            None => match read_field(self.rest) {
+                Ok(field) => field,
+                Err(e) => {
+                    self.rest = &[];
+                    return Err(e);
+                }
+            },
+        };
+        self.rest = rest;
+        Ok(Some((number, value)))
     }
+}
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
-        if self.buf.len() < n {
-            return Err(WireError("field runs past the end of its message"));
-        }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Ok(head)
+/// One field at the start of `buf` (which is not empty): number, value, what follows.
+#[inline(never)]
+fn read_field(buf: &[u8]) -> Result<(u32, Value<'_>, &[u8]), WireError> {
+    let (key, rest) = varint(buf)?;
+    // Like prost: a key must fit in 32 bits, and field number 0 does not exist.
+    let key = u32::try_from(key).map_err(|_| WireError("field number out of range"))?;
+    let number = key >> 3;
+    if number == 0 {
+        return Err(WireError("field number 0"));
     }
+    let (value, rest) = match key & 7 {
+        0 => {
+            let (v, rest) = varint(rest)?;
+            (Value::Varint(v), rest)
+        }
+        2 => {
+            let (len, rest) = varint(rest)?;
+            let len = usize::try_from(len).map_err(|_| PAST_THE_END)?;
+            let (bytes, rest) = rest.split_at_checked(len).ok_or(PAST_THE_END)?;
+            (Value::Bytes(bytes), rest)
+        }
+        1 => {
+            let (b, rest) = rest.split_first_chunk::<8>().ok_or(PAST_THE_END)?;
+            (Value::Fixed64(u64::from_le_bytes(*b)), rest)
+        }
+        5 => {
+            let (b, rest) = rest.split_first_chunk::<4>().ok_or(PAST_THE_END)?;
+            (Value::Fixed32(u32::from_le_bytes(*b)), rest)
+        }
+        _ => {
+            return Err(WireError(
+                "unsupported wire type (groups are not used by OTLP)",
+            ))
+        }
+    };
+    Ok((number, value, rest))
+}
+
+pub const PAST_THE_END: WireError = WireError("field runs past the end of its message");
+
+/// A varint, and what follows it.
+#[inline(always)]
+fn varint(buf: &[u8]) -> Result<(u64, &[u8]), WireError> {
+    match *buf {
+        [b, ref rest @ ..] if b < 0x80 => Ok((b.into(), rest)),
+        [b0, b1, ref rest @ ..] if b1 < 0x80 => {
+            Ok((u64::from(b0 & 0x7f) | u64::from(b1) << 7, rest))
+        }
+        _ => long_varint(buf),
+    }
+}
+
+/// A varint of 1 to 10 bytes. The tenth byte may only carry the top bit of a `u64`
+/// (prost refuses more too).
+#[inline(never)]
+fn long_varint(buf: &[u8]) -> Result<(u64, &[u8]), WireError> {
+    let mut value = 0u64;
+    for (i, &byte) in buf.iter().take(10).enumerate() {
+        if i == 9 && byte > 1 {
+            return Err(WireError("varint longer than 10 bytes or 64 bits"));
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Ok((value, &buf[i + 1..]));
+        }
+    }
+    Err(WireError("truncated varint"))
 }
 
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u32, Value<'a>), WireError>;
 
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
-        if self.buf.is_empty() {
-            return None;
-        }
-        let field = (|| {
-            let key = self.varint()?;
-            let number =
-                u32::try_from(key >> 3).map_err(|_| WireError("field number out of range"))?;
-            if number == 0 {
-                return Err(WireError("field number 0"));
-            }
-            let value = match key & 7 {
-                0 => Value::Varint(self.varint()?),
-                1 => Value::Fixed64(u64::from_le_bytes(
-                    self.take(8)?.try_into().expect("8 bytes"),
-                )),
-                2 => {
-                    let len = usize::try_from(self.varint()?)
-                        .map_err(|_| WireError("length out of range"))?;
-                    Value::Bytes(self.take(len)?)
-                }
-                5 => Value::Fixed32(u32::from_le_bytes(
-                    self.take(4)?.try_into().expect("4 bytes"),
-                )),
-                _ => {
-                    return Err(WireError(
-                        "unsupported wire type (groups are not used by OTLP)",
-                    ))
-                }
-            };
-            Ok((number, value))
-        })();
-        if field.is_err() {
-            // Stop after the first error.
-            self.buf = &[];
-        }
-        Some(field)
+        self.next_field().transpose()
     }
 }
 
 /// A length-delimited field as UTF-8 text.
+#[inline]
 pub fn utf8(bytes: &[u8]) -> Result<&str, WireError> {
     std::str::from_utf8(bytes).map_err(|_| WireError("string field is not valid UTF-8"))
 }
@@ -148,5 +246,98 @@ mod tests {
             let r: Result<Vec<_>, _> = Fields::new(bad).collect();
             assert!(r.is_err(), "{bad:?}");
         }
+    }
+
+    /// A varint the slow way, as a reference.
+    fn encode_varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    fn key(number: u32, wire: u32, out: &mut Vec<u8>) {
+        encode_varint(u64::from(number << 3 | wire), out);
+    }
+
+    #[test]
+    fn keys_lengths_and_varints_of_every_size() {
+        let long = vec![7u8; 20_000];
+        let mut msg = Vec::new();
+        let mut want = Vec::new();
+        for number in [1, 15, 16, 2047, 2048, 262_143, 262_144, (1 << 29) - 1] {
+            for len in [0usize, 1, 127, 128, 16_383, 16_384] {
+                key(number, 2, &mut msg);
+                encode_varint(len as u64, &mut msg);
+                msg.extend_from_slice(&long[..len]);
+                want.push((number, Value::Bytes(&long[..len])));
+            }
+            for v in [
+                0,
+                1,
+                127,
+                128,
+                16_383,
+                16_384,
+                u64::from(u32::MAX),
+                u64::MAX,
+            ] {
+                key(number, 0, &mut msg);
+                encode_varint(v, &mut msg);
+                want.push((number, Value::Varint(v)));
+            }
+            key(number, 1, &mut msg);
+            msg.extend_from_slice(&u64::MAX.to_le_bytes());
+            want.push((number, Value::Fixed64(u64::MAX)));
+            key(number, 5, &mut msg);
+            msg.extend_from_slice(&7u32.to_le_bytes());
+            want.push((number, Value::Fixed32(7)));
+        }
+        let got: Vec<_> = Fields::new(&msg).collect::<Result<_, _>>().unwrap();
+        assert_eq!(got, want);
+        // Non-minimal encodings are still valid varints.
+        let got: Vec<_> = Fields::new(b"\x8a\x00\x81\x00x\x88\x80\x00\x05")
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(got, vec![(1, Value::Bytes(b"x")), (1, Value::Varint(5))]);
+    }
+
+    #[test]
+    fn what_prost_refuses_is_refused() {
+        let mut too_long = vec![0x08];
+        too_long.extend_from_slice(&[0xff; 9]);
+        too_long.push(0x02); // bit 64 and up
+        let mut key_too_big = Vec::new();
+        encode_varint(u64::from(u32::MAX) + 1, &mut key_too_big);
+        key_too_big.push(0);
+        for bad in [
+            &too_long[..],
+            &key_too_big,
+            b"\x80\x00\x00",     // field number 0 in a two-byte key
+            b"\x0b",             // start group
+            b"\x0c",             // end group
+            b"\x0e",             // wire type 6
+            b"\x0a\x80",         // truncated length
+            b"\x0a\x80\x01x",    // length 128, one byte present
+            b"\x0d\x01\x02\x03", // fixed32 cut short
+            b"\x08",             // varint missing
+        ] {
+            let r: Result<Vec<_>, _> = Fields::new(bad).collect();
+            assert!(r.is_err(), "{bad:?}");
+            assert_eq!(
+                r.is_err(),
+                opentelemetry_proto::tonic::trace::v1::Span::decode(bad).is_err(),
+                "prost disagrees on {bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_ends_the_iteration() {
+        let mut fields = Fields::new(b"\x08\x01\x0a\x05ab\x08\x02");
+        assert_eq!(fields.next_field(), Ok(Some((1, Value::Varint(1)))));
+        assert!(fields.next_field().is_err());
+        assert_eq!(fields.next_field(), Ok(None));
     }
 }
