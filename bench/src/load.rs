@@ -10,7 +10,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Status;
 
 use crate::server::{self, Server};
 use crate::workload::Template;
@@ -23,7 +24,9 @@ pub enum Wire {
     /// OTLP/HTTP with `Content-Encoding: gzip`; bodies compressed ahead of time (the
     /// run ends when they are used up).
     Gzip(Arc<Vec<Bytes>>),
-    /// OTLP/gRPC (tonic `TraceServiceClient`), one channel per connection.
+    /// OTLP/gRPC over a tonic channel per connection, the same patched protobuf bytes
+    /// as `Protobuf` (encoding a message per request would load the generator, not the
+    /// server).
     Grpc,
 }
 
@@ -268,7 +271,7 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 enum Conn {
     Http(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
-    Grpc(TraceServiceClient<tonic::transport::Channel>),
+    Grpc(tonic::client::Grpc<tonic::transport::Channel>),
 }
 
 impl Conn {
@@ -281,9 +284,7 @@ impl Conn {
                     .connect()
                     .await
                     .map_err(|e| format!("gRPC connect: {e}"))?;
-                Ok(Conn::Grpc(
-                    TraceServiceClient::new(channel).max_decoding_message_size(64 << 20),
-                ))
+                Ok(Conn::Grpc(tonic::client::Grpc::new(channel)))
             }
             _ => {
                 let stream = tokio::net::TcpStream::connect(http)
@@ -308,8 +309,16 @@ impl Conn {
     ) -> Result<(), String> {
         match self {
             Conn::Grpc(client) => {
+                client.ready().await.map_err(|e| format!("gRPC: {e}"))?;
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                );
                 client
-                    .export(template.batch_message(batch))
+                    .unary(
+                        tonic::Request::new(Bytes::from(template.batch(batch))),
+                        path,
+                        PassThrough,
+                    )
                     .await
                     .map_err(|s| format!("gRPC: {s}"))?;
                 Ok(())
@@ -341,5 +350,44 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+/// Sends message bytes as they are and ignores the (empty) answer's contents.
+#[derive(Clone, Copy, Default)]
+struct PassThrough;
+
+impl Codec for PassThrough {
+    type Encode = Bytes;
+    type Decode = ();
+    type Encoder = PassThrough;
+    type Decoder = PassThrough;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PassThrough
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        PassThrough
+    }
+}
+
+impl Encoder for PassThrough {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        bytes::BufMut::put(dst, item);
+        Ok(())
+    }
+}
+
+impl Decoder for PassThrough {
+    type Item = ();
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, Status> {
+        bytes::Buf::advance(src, bytes::Buf::remaining(src));
+        Ok(Some(()))
     }
 }
