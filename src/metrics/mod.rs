@@ -507,3 +507,6 @@ impl Metrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
