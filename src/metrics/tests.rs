@@ -235,3 +235,25 @@ fn exposition_matches_the_golden_text() {
     }
     assert_eq!(got, GOLDEN);
 }
+
+#[test]
+fn a_family_without_series_is_not_exposed() {
+    let text = Metrics::new(&config()).encode(0);
+    for family in [
+        "flowmetrics_series_overflow",
+        "flowmetrics_flows_started",
+        "flowmetrics_flows_completed",
+        "flowmetrics_flow_errors",
+        "flowmetrics_flow_duration_seconds",
+        "flowmetrics_flows_in_progress",
+        "flowmetrics_flows_dropped",
+        "flowmetrics_flow_unmatched_ends",
+        "flowmetrics_flow_negative_durations",
+    ] {
+        assert!(!text.contains(&format!("{family} ")), "{family}: {text}");
+    }
+    assert!(
+        text.contains("# TYPE flowmetrics_flow_events counter\n"),
+        "{text}"
+    );
+}
