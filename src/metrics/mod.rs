@@ -1,25 +1,25 @@
 //! Every public metric family (SPEC §4), the flow table's sink, and encoding.
 
+mod instruments;
 mod process;
 pub mod series;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::exemplar::{CounterWithExemplar, HistogramWithExemplars};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Registry;
 
 use crate::config::{sanitize_label_name, Config, DimensionSource};
 use crate::flows::event::{DimValues, Outcome, Rejection, Source};
 use crate::flows::table::{EndRecord, FlowSink, Report};
 use crate::flows::EventKind;
-use series::{Layout, LimitedFamily, OverflowReporter, SeriesRef};
-pub use series::{TraceExemplar, OVERFLOW_LABEL};
+use instruments::{Buckets, ExemplarCounter, ExemplarHistogram};
+pub use series::OVERFLOW_LABEL;
+use series::{Descriptor, Layout, LimitedFamily, OverflowReporter, SeriesRef};
 
 type Pair = [(&'static str, &'static str); 1];
 type Pairs2 = [(&'static str, &'static str); 2];
@@ -59,7 +59,10 @@ impl Signal {
     }
 }
 
+/// The exposition is `overflow_registry`, the flow families (which write their own
+/// text), then `registry`: the order the families had in one registry.
 pub struct Metrics {
+    overflow_registry: Registry,
     registry: Registry,
     /// Length of the last `/metrics` body, to size the next one.
     last_encoded_len: AtomicUsize,
@@ -68,14 +71,14 @@ pub struct Metrics {
     /// One empty value per end dimension: series whose instance had no end.
     empty_end_dims: DimValues,
 
-    flows_started: LimitedFamily<Counter>,
-    flows_completed: LimitedFamily<CounterWithExemplar<TraceExemplar>>,
-    flow_errors: LimitedFamily<Counter>,
-    flow_duration: LimitedFamily<HistogramWithExemplars<TraceExemplar>>,
-    flows_in_progress: LimitedFamily<Gauge>,
-    flows_dropped: LimitedFamily<Counter>,
-    unmatched_ends: LimitedFamily<Counter>,
-    negative_durations: LimitedFamily<Counter>,
+    flows_started: LimitedFamily<instruments::Counter>,
+    flows_completed: LimitedFamily<ExemplarCounter>,
+    flow_errors: LimitedFamily<instruments::Counter>,
+    flow_duration: LimitedFamily<ExemplarHistogram>,
+    flows_in_progress: LimitedFamily<instruments::Gauge>,
+    flows_dropped: LimitedFamily<instruments::Counter>,
+    unmatched_ends: LimitedFamily<instruments::Counter>,
+    negative_durations: LimitedFamily<instruments::Counter>,
 
     /// flow_events_total by [source][kind].
     accepted: [[Counter; 2]; 2],
@@ -90,11 +93,12 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(config: &Config) -> Self {
+        let mut overflow_registry = Registry::default();
         let mut registry = Registry::default();
         let max = config.limits.max_series_per_metric;
 
         let overflow_family = Family::<Pair, Counter>::default();
-        registry.register(
+        overflow_registry.register(
             "flowmetrics_series_overflow",
             "Recordings folded into a family's otel_metric_overflow=\"true\" series because \
              the family reached limits.max_series_per_metric",
@@ -122,62 +126,63 @@ impl Metrics {
             start_dims: start_dims.clone(),
             end_dims: end_dims.clone(),
         };
-        let counter = |name: &'static str, layout| {
-            LimitedFamily::new(
-                name,
-                MetricType::Counter,
-                max,
-                layout,
-                overflow.clone(),
-                |_| Counter::default(),
-            )
+        let family = |name, help| Descriptor {
+            name,
+            help,
+            unit: None,
+        };
+        let counter = |descriptor, layout| {
+            LimitedFamily::new(descriptor, max, layout, overflow.clone(), |_| {
+                instruments::Counter::default()
+            })
         };
 
         let flows_started = counter(
-            "flowmetrics_flows_started_total",
+            family(
+                "flowmetrics_flows_started_total",
+                "Flow instances opened by a start event",
+            ),
             Layout {
                 start_dims: start_dims.clone(),
                 ..Layout::default()
             },
         );
-        registry.register(
-            "flowmetrics_flows_started",
-            "Flow instances opened by a start event",
-            flows_started.clone(),
-        );
         let flows_completed = LimitedFamily::new(
-            "flowmetrics_flows_completed_total",
-            MetricType::Counter,
+            family(
+                "flowmetrics_flows_completed_total",
+                "Flow instances closed by an end event, by outcome (success, failure, \
+                 cancelled)",
+            ),
             max,
             with_dims(Some("outcome")),
             overflow.clone(),
-            |_| CounterWithExemplar::default(),
-        );
-        registry.register(
-            "flowmetrics_flows_completed",
-            "Flow instances closed by an end event, by outcome (success, failure, cancelled)",
-            flows_completed.clone(),
+            |_| ExemplarCounter::default(),
         );
         let flow_errors = counter(
-            "flowmetrics_flow_errors_total",
+            family(
+                "flowmetrics_flow_errors_total",
+                "Failed flows: error_reason=\"failure\" for failure ends, \"incomplete\" for \
+                 instances whose timeout passed without an end",
+            ),
             with_dims(Some("error_reason")),
         );
-        registry.register(
-            "flowmetrics_flow_errors",
-            "Failed flows: error_reason=\"failure\" for failure ends, \"incomplete\" for \
-             instances whose timeout passed without an end",
-            flow_errors.clone(),
-        );
-        let default_buckets = config.flows.default.buckets.clone();
-        let per_flow: std::collections::HashMap<String, Vec<f64>> = config
+        // One bucket layout per configuration, shared by its series.
+        let default_buckets = Buckets::new(&config.flows.default.buckets);
+        let per_flow: std::collections::HashMap<String, Arc<Buckets>> = config
             .flows
             .per_flow
             .iter()
-            .filter_map(|(name, o)| o.buckets.clone().map(|b| (name.clone(), b)))
+            .filter_map(|(name, o)| Some((name.clone(), Buckets::new(o.buckets.as_ref()?))))
             .collect();
         let flow_duration = LimitedFamily::new(
-            "flowmetrics_flow_duration_seconds",
-            MetricType::Histogram,
+            Descriptor {
+                unit: Some("seconds"),
+                ..family(
+                    "flowmetrics_flow_duration_seconds",
+                    "Start-to-end duration of successful flows, from the two events' \
+                     timestamps",
+                )
+            },
             max,
             with_dims(None),
             overflow.clone(),
@@ -185,54 +190,45 @@ impl Metrics {
                 let buckets = flow
                     .and_then(|f| per_flow.get(f))
                     .unwrap_or(&default_buckets);
-                HistogramWithExemplars::new(buckets.iter().copied())
+                ExemplarHistogram::new(buckets.clone())
             },
         );
-        registry.register_with_unit(
-            "flowmetrics_flow_duration",
-            "Start-to-end duration of successful flows, from the two events' timestamps",
-            Unit::Seconds,
-            flow_duration.clone(),
-        );
         let flows_in_progress = LimitedFamily::new(
-            "flowmetrics_flows_in_progress",
-            MetricType::Gauge,
+            family(
+                "flowmetrics_flows_in_progress",
+                "Flow instances open now (started, not yet ended, timed out or dropped)",
+            ),
             max,
             flow_only.clone(),
             overflow.clone(),
-            |_| Gauge::default(),
-        );
-        registry.register(
-            "flowmetrics_flows_in_progress",
-            "Flow instances open now (started, not yet ended, timed out or dropped)",
-            flows_in_progress.clone(),
+            |_| instruments::Gauge::default(),
         );
         let flows_dropped = counter(
-            "flowmetrics_flows_dropped_total",
+            family(
+                "flowmetrics_flows_dropped_total",
+                "Open flow instances dropped before they ended; reason=\"capacity\": the \
+                 correlation table was full (limits.max_in_flight)",
+            ),
             Layout {
                 extra: Some("reason"),
                 ..Layout::default()
             },
         );
-        registry.register(
-            "flowmetrics_flows_dropped",
-            "Open flow instances dropped before they ended; reason=\"capacity\": the \
-             correlation table was full (limits.max_in_flight)",
-            flows_dropped.clone(),
+        let unmatched_ends = counter(
+            family(
+                "flowmetrics_flow_unmatched_ends_total",
+                "End events whose start never arrived within the flow's timeout (or that \
+                 were evicted from a full table while waiting)",
+            ),
+            flow_only.clone(),
         );
-        let unmatched_ends = counter("flowmetrics_flow_unmatched_ends_total", flow_only.clone());
-        registry.register(
-            "flowmetrics_flow_unmatched_ends",
-            "End events whose start never arrived within the flow's timeout (or that were \
-             evicted from a full table while waiting)",
-            unmatched_ends.clone(),
-        );
-        let negative_durations = counter("flowmetrics_flow_negative_durations_total", flow_only);
-        registry.register(
-            "flowmetrics_flow_negative_durations",
-            "Successful flows whose end timestamp is earlier than their start (clock skew); \
-             not observed in the duration histogram",
-            negative_durations.clone(),
+        let negative_durations = counter(
+            family(
+                "flowmetrics_flow_negative_durations_total",
+                "Successful flows whose end timestamp is earlier than their start (clock \
+                 skew); not observed in the duration histogram",
+            ),
+            flow_only,
         );
 
         let events = Family::<Pairs2, Counter>::default();
@@ -306,6 +302,7 @@ impl Metrics {
             let _ = events_rejected.get_or_create(&[("reason", reason)]);
         }
         Self {
+            overflow_registry,
             registry,
             last_encoded_len: AtomicUsize::new(0),
             no_dims: Arc::from([]),
@@ -328,7 +325,7 @@ impl Metrics {
         }
     }
 
-    /// The whole registry as OpenMetrics text.
+    /// Every family as one OpenMetrics exposition.
     pub fn encode(&self, table_entries: u64) -> String {
         self.in_flight_entries
             .set(i64::try_from(table_entries).unwrap_or(i64::MAX));
@@ -336,7 +333,18 @@ impl Metrics {
         // copied through a dozen reallocations.
         let last = self.last_encoded_len.load(Ordering::Relaxed);
         let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        let fail = "writing to a String cannot fail";
+        encode_registry(&mut out, &self.overflow_registry).expect(fail);
+        self.flows_started.encode(&mut out);
+        self.flows_completed.encode(&mut out);
+        self.flow_errors.encode(&mut out);
+        self.flow_duration.encode(&mut out);
+        self.flows_in_progress.encode(&mut out);
+        self.flows_dropped.encode(&mut out);
+        self.unmatched_ends.encode(&mut out);
+        self.negative_durations.encode(&mut out);
+        encode_registry(&mut out, &self.registry).expect(fail);
+        encode_eof(&mut out).expect(fail);
         self.last_encoded_len.store(out.len(), Ordering::Relaxed);
         out
     }
@@ -477,13 +485,10 @@ impl Metrics {
         end: &EndRecord,
         duration_secs: f64,
     ) {
-        let exemplar = end.trace.map(TraceExemplar);
         let outcome = Some(end.outcome.as_str());
         self.flows_completed.with(
             self.with_dims(flow, outcome, start_dims, Some(&end.dims)),
-            |c| {
-                c.inc_by(1, exemplar, None);
-            },
+            |c| c.inc(end.trace),
         );
         self.flows_in_progress
             .with(self.flow_only(flow), |g| g.dec());
@@ -501,9 +506,12 @@ impl Metrics {
             }
             Outcome::Success => self.flow_duration.with(
                 self.with_dims(flow, None, start_dims, Some(&end.dims)),
-                |h| h.observe(duration_secs, exemplar, None),
+                |h| h.observe(duration_secs, end.trace),
             ),
             Outcome::Cancelled => {}
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,7 +5,8 @@
 //!
 //! Recording is on the hot path: a series is found from borrowed label values
 //! ([`SeriesRef`]) without allocating; the owned key and the label text are built only
-//! when a series is created.
+//! when a series is created. Families write their own OpenMetrics text
+//! ([`LimitedFamily::encode`]), from that label text.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -14,11 +15,10 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use hashbrown::{DefaultHashBuilder, HashTable};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::MetricType;
 
-use crate::flows::event::{DimValues, TraceRef};
+use super::instruments::{FlowMetric, Scratch};
+use crate::flows::event::DimValues;
 
 /// The label that marks the overflow series.
 pub const OVERFLOW_LABEL: &str = "otel_metric_overflow";
@@ -134,48 +134,8 @@ fn escape_into(out: &mut String, value: &str) {
     }
 }
 
-/// A series' labels, rendered once when the series is created.
-///
-/// The text encoder repeats a series' labels on every line (21 for a histogram with the
-/// default buckets); writing them as one pre-escaped string through the label-key
-/// writer, which copies verbatim, replaces four writes and an escape scan per label.
-struct Rendered<'a>(&'a str);
-
-impl EncodeLabelSet for Rendered<'_> {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        encoder.encode_label().encode_label_key()?.write_str(self.0)
-    }
-}
-
-const OVERFLOW_LABELS: Rendered<'static> = Rendered("otel_metric_overflow=\"true\"");
-
-/// Exemplar labels: the end event's trace and span as lowercase hex, formatted at
-/// encode time (63 characters of names and values; OpenMetrics allows 128). `Copy`, so
-/// recording an exemplar allocates nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TraceExemplar(pub TraceRef);
-
-impl EncodeLabelSet for TraceExemplar {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        // One write of text built on the stack: the text encoder copies label-key text
-        // verbatim, and hex needs no escaping.
-        const TEXT: &[u8; 70] =
-            br#"trace_id="________________________________",span_id="________________""#;
-        let mut text = *TEXT;
-        hex_into(&self.0.trace_id, &mut text[10..42]);
-        hex_into(&self.0.span_id, &mut text[53..69]);
-        let text = std::str::from_utf8(&text).expect("hex digits are ASCII");
-        encoder.encode_label().encode_label_key()?.write_str(text)
-    }
-}
-
-fn hex_into(bytes: &[u8], out: &mut [u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0xf)];
-    }
-}
+/// The overflow series' labels, rendered.
+const OVERFLOW_LABELS: &str = "otel_metric_overflow=\"true\"";
 
 /// Builds a series' metric; sees the flow name (`None` for the overflow series).
 type Constructor<M> = Box<dyn Fn(Option<&str>) -> M + Send + Sync>;
@@ -236,8 +196,10 @@ struct Series<M> {
 }
 
 struct Inner<M> {
+    /// The sample name (`…_total` for counters); also the overflow warning's `metric`.
     name: &'static str,
-    metric_type: MetricType,
+    /// `# HELP`, `# TYPE` and `# UNIT` lines.
+    header: Box<str>,
     max_series: usize,
     layout: Layout,
     hasher: DefaultHashBuilder,
@@ -256,10 +218,31 @@ impl<M> std::fmt::Debug for LimitedFamily<M> {
     }
 }
 
-impl<M> LimitedFamily<M> {
+/// What a family's header says. `name` is the sample name as exposed (with `_total`
+/// for counters, with the unit suffix when there is a unit); help gets a final `.`, as
+/// prometheus-client's registry adds one.
+pub struct Descriptor {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub unit: Option<&'static str>,
+}
+
+impl Descriptor {
+    fn header<M: FlowMetric>(&self) -> Box<str> {
+        let family = self.name.strip_suffix(M::SUFFIX).unwrap_or(self.name);
+        debug_assert!(self.unit.is_none_or(|u| family.ends_with(&format!("_{u}"))));
+        let (help, kind) = (self.help, M::TYPE);
+        let mut header = format!("# HELP {family} {help}.\n# TYPE {family} {kind}\n");
+        if let Some(unit) = self.unit {
+            let _ = writeln!(header, "# UNIT {family} {unit}");
+        }
+        header.into_boxed_str()
+    }
+}
+
+impl<M: FlowMetric> LimitedFamily<M> {
     pub fn new(
-        name: &'static str,
-        metric_type: MetricType,
+        descriptor: Descriptor,
         max_series: usize,
         layout: Layout,
         overflow: Arc<OverflowReporter>,
@@ -267,8 +250,8 @@ impl<M> LimitedFamily<M> {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                name,
-                metric_type,
+                name: descriptor.name,
+                header: descriptor.header::<M>(),
                 max_series,
                 layout,
                 hasher: DefaultHashBuilder::default(),
@@ -314,6 +297,26 @@ impl<M> LimitedFamily<M> {
         f(&entry.get().metric)
     }
 
+    /// Appends the family's text: the header and every series, the overflow series
+    /// last; nothing while it has no series.
+    pub fn encode(&self, out: &mut String) {
+        let this = &*self.inner;
+        let mut scratch = Scratch::default();
+        let series = this.series.read().expect("series lock");
+        let overflow = this.overflow_series.get();
+        if series.is_empty() && overflow.is_none() {
+            return;
+        }
+        out.push_str(&this.header);
+        for s in series.iter() {
+            s.metric.encode(out, this.name, &s.labels, &mut scratch);
+        }
+        drop(series);
+        if let Some(m) = overflow {
+            m.encode(out, this.name, OVERFLOW_LABELS, &mut scratch);
+        }
+    }
+
     fn fold<R>(&self, f: impl FnOnce(&M) -> R) -> R {
         let this = &*self.inner;
         this.overflow.folded(this.name, this.max_series);
@@ -331,35 +334,11 @@ impl<M> LimitedFamily<M> {
     }
 }
 
-impl<M: EncodeMetric + Send + Sync + 'static> EncodeMetric for LimitedFamily<M> {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let series = self.inner.series.read().expect("series lock");
-        for s in series.iter() {
-            s.metric
-                .encode(encoder.encode_family(&Rendered(&s.labels))?)?;
-        }
-        drop(series);
-        if let Some(m) = self.inner.overflow_series.get() {
-            m.encode(encoder.encode_family(&OVERFLOW_LABELS)?)?;
-        }
-        Ok(())
-    }
-
-    fn metric_type(&self) -> MetricType {
-        self.inner.metric_type
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prometheus_client::encoding::text::encode;
-    use prometheus_client::metrics::exemplar::HistogramWithExemplars;
-    use prometheus_client::registry::{Registry, Unit};
+    use crate::flows::event::TraceRef;
+    use crate::metrics::instruments::{self, Buckets, ExemplarHistogram};
 
     fn dims(values: &[&str]) -> DimValues {
         values.iter().map(|v| Arc::from(*v)).collect()
@@ -369,12 +348,17 @@ mod tests {
         names.iter().map(|n| Box::from(*n)).collect()
     }
 
-    fn counters(max: usize, layout: Layout) -> (LimitedFamily<Counter>, Counter) {
+    fn counters(max: usize, layout: Layout) -> (LimitedFamily<instruments::Counter>, Counter) {
         let folds = Counter::default();
         let f2 = folds.clone();
         let reporter = Arc::new(OverflowReporter::new(move |_| f2.clone()));
-        let fam = LimitedFamily::new("x", MetricType::Counter, max, layout, reporter, |_| {
-            Counter::default()
+        let descriptor = Descriptor {
+            name: "x_total",
+            help: "X",
+            unit: None,
+        };
+        let fam = LimitedFamily::new(descriptor, max, layout, reporter, |_| {
+            instruments::Counter::default()
         });
         (fam, folds)
     }
@@ -445,12 +429,12 @@ mod tests {
         assert_eq!(fam.len(), 4);
         assert_eq!(fam.with(flow_only(&flows[0], &none), |c| c.get()), 2);
         assert_eq!(folds.get(), 97);
-        assert_eq!(fam.inner.overflow_series.get().map(Counter::get), Some(97));
+        let overflow = fam.inner.overflow_series.get();
+        assert_eq!(overflow.map(instruments::Counter::get), Some(97));
 
-        let mut registry = Registry::default();
-        registry.register("x", "X", fam.clone());
         let mut out = String::new();
-        encode(&mut out, &registry).unwrap();
+        fam.encode(&mut out);
+        assert!(out.starts_with("# HELP x X.\n# TYPE x counter\n"), "{out}");
         assert!(
             out.contains("x_total{otel_metric_overflow=\"true\"} 97\n"),
             "{out}"
@@ -475,28 +459,23 @@ mod tests {
             start_dims: names(&["region", "tier"]),
             end_dims: names(&["code"]),
         };
-        let fam = LimitedFamily::new(
-            "d",
-            MetricType::Histogram,
-            10,
-            layout,
-            reporter,
-            |flow: Option<&str>| {
-                let buckets: &[f64] = if flow == Some("checkout") {
-                    &[0.5]
-                } else {
-                    &[1.0, 2.0]
-                };
-                HistogramWithExemplars::new(buckets.iter().copied())
-            },
-        );
-        let mut registry = Registry::default();
-        registry.register_with_unit("d", "Durations", Unit::Seconds, fam.clone());
+        let descriptor = Descriptor {
+            name: "d_seconds",
+            help: "Durations",
+            unit: Some("seconds"),
+        };
+        let fam = LimitedFamily::new(descriptor, 10, layout, reporter, |flow: Option<&str>| {
+            let buckets: &[f64] = if flow == Some("checkout") {
+                &[0.5]
+            } else {
+                &[1.0, 2.0]
+            };
+            ExemplarHistogram::new(Buckets::new(buckets))
+        });
         let trace = TraceRef::from_ids(
             &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0xa, 0xb, 0xc, 0xd, 0xe, 0xff],
             &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3],
-        )
-        .map(TraceExemplar);
+        );
         let flow: Arc<str> = Arc::from("checkout");
         let (start, end) = (dims(&["eu", "a\"b\\c\nd"]), dims(&["200"]));
         let key = SeriesRef {
@@ -505,10 +484,10 @@ mod tests {
             start: &start,
             end: &end,
         };
-        fam.with(key, |h| h.observe(0.25, trace, None));
+        fam.with(key, |h| h.observe(0.25, trace));
 
         let mut out = String::new();
-        encode(&mut out, &registry).unwrap();
+        fam.encode(&mut out);
         let labels = r#"flow="checkout",region="eu",tier="a\"b\\c\nd",code="200""#;
         let exemplar =
             r#"# {trace_id="000102030405060708090a0b0c0d0eff",span_id="deadbeef00010203"} 0.25"#;
@@ -519,8 +498,7 @@ mod tests {
              d_seconds_sum{{{labels}}} 0.25\n\
              d_seconds_count{{{labels}}} 1\n\
              d_seconds_bucket{{le=\"0.5\",{labels}}} 1 {exemplar}\n\
-             d_seconds_bucket{{le=\"+Inf\",{labels}}} 1\n\
-             # EOF\n"
+             d_seconds_bucket{{le=\"+Inf\",{labels}}} 1\n"
         );
         assert_eq!(out, expected);
     }

@@ -1,0 +1,259 @@
+//! The whole exposition against a golden text, captured from the prometheus-client
+//! encoder this module replaced for the flow families: any change to a name, label,
+//! value format, exemplar or line order shows up here.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::config::{Dimension, FlowOverride};
+use crate::flows::event::TraceRef;
+
+const GOLDEN: &str = include_str!("testdata/exposition.txt");
+
+fn dims(values: &[&str]) -> DimValues {
+    values.iter().map(|v| Arc::from(*v)).collect()
+}
+
+fn trace(n: u8) -> Option<TraceRef> {
+    TraceRef::from_ids(
+        &[n, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0xa, 0xb, 0xc, 0xd, 0xe, 0xff],
+        &[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, n],
+    )
+}
+
+fn config() -> Config {
+    let mut config = Config::default();
+    config.limits.max_series_per_metric = 4;
+    config.dimensions = vec![
+        Dimension {
+            label: "region".into(),
+            attribute: "app.region".into(),
+            from: DimensionSource::Start,
+            default: None,
+        },
+        Dimension {
+            label: "http.code".into(),
+            attribute: "http.code".into(),
+            from: DimensionSource::End,
+            default: None,
+        },
+    ];
+    // Bounds whose shortest form differs from a naive one (exponents, long fractions).
+    config.flows.per_flow.insert(
+        "checkout".into(),
+        FlowOverride {
+            timeout: None,
+            buckets: Some(vec![
+                1e-7,
+                0.000123,
+                0.1,
+                0.3,
+                1.0,
+                2.5,
+                123_456_789.125,
+                1e15,
+                1e16,
+                1e21,
+            ]),
+        },
+    );
+    config
+}
+
+/// Drives every kind of report (and the self-metrics) into `m`.
+fn record(m: &Metrics) {
+    let checkout: Arc<str> = Arc::from("checkout");
+    let login: Arc<str> = Arc::from("login");
+    let eu = dims(&["eu"]);
+    let odd = dims(&["a\"b\\c\nd é}{,="]);
+    let ok = dims(&["200"]);
+    let failed = dims(&["500"]);
+    let end = |outcome, dims: &DimValues, trace| EndRecord {
+        outcome,
+        timestamp_nanos: 1_750_000_001_000_000_000,
+        dims: dims.clone(),
+        trace,
+    };
+    let completed = |flow: &Arc<str>, start_dims: &DimValues, end: &EndRecord, duration_secs| {
+        m.report(Report::Completed {
+            flow,
+            start_dims,
+            end,
+            duration_secs,
+        })
+    };
+
+    for _ in 0..1234 {
+        m.report(Report::Opened {
+            flow: &checkout,
+            start_dims: &eu,
+        });
+    }
+    m.report(Report::Opened {
+        flow: &checkout,
+        start_dims: &odd,
+    });
+    m.report(Report::Opened {
+        flow: &login,
+        start_dims: &eu,
+    });
+
+    // Sums that need 17 digits, values on a bound, past the last bound, tiny and huge.
+    completed(&checkout, &eu, &end(Outcome::Success, &ok, trace(1)), 0.1);
+    completed(&checkout, &eu, &end(Outcome::Success, &ok, trace(2)), 0.2);
+    completed(&checkout, &eu, &end(Outcome::Success, &ok, None), 0.3);
+    completed(&checkout, &eu, &end(Outcome::Success, &ok, trace(3)), 2e21);
+    completed(&checkout, &eu, &end(Outcome::Success, &ok, trace(4)), 1e-9);
+    completed(&checkout, &odd, &end(Outcome::Success, &ok, trace(5)), 7.0);
+    // The counter's exemplar is the last increment's: none here.
+    completed(&checkout, &odd, &end(Outcome::Success, &ok, None), 0.0);
+    completed(
+        &checkout,
+        &eu,
+        &end(Outcome::Failure, &failed, trace(6)),
+        1.5,
+    );
+    completed(&checkout, &eu, &end(Outcome::Cancelled, &ok, trace(7)), 1.5);
+    completed(&checkout, &eu, &end(Outcome::Success, &ok, trace(8)), -0.5);
+    completed(&login, &eu, &end(Outcome::Success, &ok, trace(9)), 0.042);
+    completed(&login, &eu, &end(Outcome::Success, &ok, None), 0.1);
+    completed(&login, &eu, &end(Outcome::Success, &ok, None), 0.2);
+    completed(
+        &login,
+        &eu,
+        &end(Outcome::Success, &failed, trace(10)),
+        4000.0,
+    );
+    m.report(Report::TimedOut {
+        flow: &login,
+        start_dims: &eu,
+    });
+    m.report(Report::Dropped {
+        flow: &checkout,
+        start_dims: &eu,
+    });
+    m.report(Report::Unmatched {
+        flow: &login,
+        evicted: false,
+    });
+    m.report(Report::Duplicate {
+        kind: EventKind::Start,
+    });
+
+    // Past the limit of 4 series: the rest folds into the overflow series.
+    for i in 0..6u8 {
+        let flow: Arc<str> = Arc::from(format!("f{i}"));
+        m.report(Report::Opened {
+            flow: &flow,
+            start_dims: &eu,
+        });
+        let e = end(Outcome::Success, &ok, trace(20 + i));
+        completed(&flow, &eu, &e, f64::from(i) * 0.75);
+        m.report(Report::TimedOut {
+            flow: &flow,
+            start_dims: &eu,
+        });
+        m.report(Report::Unmatched {
+            flow: &flow,
+            evicted: true,
+        });
+    }
+
+    m.event_accepted(EventKind::Start, Source::SpanEvent);
+    m.event_accepted(EventKind::End(Outcome::Success), Source::Log);
+    m.event_rejected(&Rejection::UnknownFlow);
+    m.request(Transport::Grpc, Signal::Traces, "OK");
+    m.request(Transport::Http, Signal::Logs, "400");
+    m.spans_received(Transport::Grpc, 17);
+    m.log_records_received(Transport::Http, 3);
+}
+
+/// Process metrics dropped (they change from run to run), and the series of each family
+/// sorted by their labels (series order follows a randomly seeded hash); a series' own
+/// lines (sum, count, buckets) keep their order.
+fn normalize(text: &str) -> String {
+    fn labels(line: &str) -> &str {
+        let line = line.split(" # {").next().unwrap_or(line);
+        let labels = match (line.find('{'), line.rfind('}')) {
+            (Some(a), Some(b)) => &line[a + 1..b],
+            _ => "",
+        };
+        match labels.strip_prefix("le=\"") {
+            Some(rest) => rest.split_once("\",").map_or(rest, |(_, rest)| rest),
+            None => labels,
+        }
+    }
+    let mut out = String::new();
+    let mut series: Vec<(&str, Vec<&str>)> = Vec::new();
+    let flush = |series: &mut Vec<(&str, Vec<&str>)>, out: &mut String| {
+        series.sort_by_key(|(key, _)| *key);
+        for line in series.drain(..).flat_map(|(_, lines)| lines) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        let family = ["# HELP ", "# TYPE ", "# UNIT "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p));
+        if line.starts_with("process_") || family.is_some_and(|f| f.starts_with("process_")) {
+            continue;
+        }
+        if line.starts_with('#') {
+            flush(&mut series, &mut out);
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let key = labels(line);
+        match series.last_mut() {
+            Some((last, lines)) if *last == key => lines.push(line),
+            _ => series.push((key, vec![line])),
+        }
+    }
+    flush(&mut series, &mut out);
+    out
+}
+
+#[test]
+fn exposition_matches_the_golden_text() {
+    let m = Metrics::new(&config());
+    record(&m);
+    let text = m.encode(42);
+    assert!(text.ends_with("\n# EOF\n") && text.matches("# EOF").count() == 1);
+    let got = normalize(&text);
+    if std::env::var_os("FLOWMETRICS_UPDATE_GOLDEN").is_some() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/metrics/testdata/exposition.txt"
+        );
+        std::fs::write(path, &got).expect("write golden");
+        return;
+    }
+    for (i, (got, want)) in got.lines().zip(GOLDEN.lines()).enumerate() {
+        assert_eq!(got, want, "line {}", i + 1);
+    }
+    assert_eq!(got, GOLDEN);
+}
+
+#[test]
+fn a_family_without_series_is_not_exposed() {
+    let text = Metrics::new(&config()).encode(0);
+    for family in [
+        "flowmetrics_series_overflow",
+        "flowmetrics_flows_started",
+        "flowmetrics_flows_completed",
+        "flowmetrics_flow_errors",
+        "flowmetrics_flow_duration_seconds",
+        "flowmetrics_flows_in_progress",
+        "flowmetrics_flows_dropped",
+        "flowmetrics_flow_unmatched_ends",
+        "flowmetrics_flow_negative_durations",
+    ] {
+        assert!(!text.contains(&format!("{family} ")), "{family}: {text}");
+    }
+    assert!(
+        text.contains("# TYPE flowmetrics_flow_events counter\n"),
+        "{text}"
+    );
+}
