@@ -178,21 +178,22 @@ mod tests {
     }
 
     #[test]
-    fn a_full_generation_rotates_early_and_keeps_its_buckets() {
+    fn a_full_generation_rotates_early_and_memory_stays_put() {
         let mut r = RecentEvents::new(3600 * SEC, 1000, 0);
         for i in 0..1000 {
             r.check_and_remember(fp(&i.to_string(), true, 1), 0);
         }
-        let buckets = r.slots.len();
+        let slots = r.slots.len();
         // The 1001st rotates: the first 1000 are now the previous generation.
         assert_eq!(r.check_and_remember(fp("new", true, 1), 0), Seen::New);
         assert_eq!(r.check_and_remember(fp("0", true, 1), 0), Seen::Again);
         for i in 1000..2000 {
             r.check_and_remember(fp(&i.to_string(), true, 1), 0);
         }
-        // Second rotation: the first 1000 are gone, the table did not grow.
+        // Second rotation: the first 1000 are gone; the array grew at most once (to
+        // hold two generations).
         assert_eq!(r.check_and_remember(fp("0", true, 1), 0), Seen::New);
-        assert!(r.slots.len() <= 2 * buckets);
+        assert!(r.slots.len() <= 2 * slots);
     }
 
     #[test]

@@ -646,6 +646,26 @@ mod tests {
         (Arc::new(table), rec)
     }
 
+    /// Flow "short" times out after `short`, every other flow after ten minutes.
+    fn table_with_short_flow(capacity: u64, short: Duration) -> (Arc<FlowTable>, Arc<Recorder>) {
+        let rec = Arc::new(Recorder::default());
+        let table = FlowTable::new(
+            TableSettings {
+                capacity,
+                dedup_window: Duration::from_secs(300),
+                timeout_for: Arc::new(move |flow| {
+                    if flow == "short" {
+                        short
+                    } else {
+                        Duration::from_secs(600)
+                    }
+                }),
+            },
+            rec.clone(),
+        );
+        (Arc::new(table), rec)
+    }
+
     fn table(timeout: Duration) -> (Arc<FlowTable>, Arc<Recorder>) {
         table_with(timeout, 1000, Duration::from_secs(300))
     }
@@ -852,21 +872,7 @@ mod tests {
     fn eviction_takes_the_oldest_across_timeouts() {
         // Two flows with different timeouts live in different deadline queues; the
         // oldest entry overall goes first whatever its queue.
-        let rec = Arc::new(Recorder::default());
-        let t = FlowTable::new(
-            TableSettings {
-                capacity: 3,
-                dedup_window: Duration::from_secs(300),
-                timeout_for: Arc::new(|flow| {
-                    if flow == "short" {
-                        Duration::from_secs(10)
-                    } else {
-                        Duration::from_secs(600)
-                    }
-                }),
-            },
-            rec.clone(),
-        );
+        let (t, rec) = table_with_short_flow(3, Duration::from_secs(10));
         t.apply(ev("long", "1", START, SEC));
         t.apply(ev("short", "1", START, SEC));
         t.apply(ev("long", "2", START, SEC));
@@ -881,21 +887,7 @@ mod tests {
 
     #[test]
     fn per_flow_timeouts_fire_independently() {
-        let rec = Arc::new(Recorder::default());
-        let t = FlowTable::new(
-            TableSettings {
-                capacity: 1000,
-                dedup_window: Duration::from_secs(300),
-                timeout_for: Arc::new(|flow| {
-                    if flow == "short" {
-                        Duration::from_millis(100)
-                    } else {
-                        Duration::from_secs(600)
-                    }
-                }),
-            },
-            rec.clone(),
-        );
+        let (t, rec) = table_with_short_flow(1000, Duration::from_millis(100));
         // The long-timeout entry arrives first and sits at the front of its own queue;
         // it must not hold back the short one behind it.
         t.apply(ev("long", "1", START, SEC));
