@@ -295,7 +295,7 @@ impl FlowTable {
             })),
         };
         if self.len.load(Ordering::Relaxed) >= self.capacity {
-            self.evict_oldest(&mut shard);
+            self.evict_oldest(&mut shard, now);
         }
         let timeout_nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
         shard.insert(
@@ -315,11 +315,16 @@ impl FlowTable {
     /// Makes room in a full table: the shard's oldest entry goes. Shards fill evenly
     /// (uniform hashes), so that is close to the oldest overall. An empty shard has
     /// nothing to give; the table then runs over by at most one entry per shard.
-    fn evict_oldest(&self, shard: &mut Shard) {
+    /// The oldest may already be past its deadline (housekeeping not there yet): then it
+    /// timed out rather than being dropped.
+    fn evict_oldest(&self, shard: &mut Shard, now: u64) {
         if let Some(entry) = shard.pop_oldest() {
             self.len.fetch_sub(1, Ordering::Relaxed);
-            self.warn_evicted(&entry.flow);
-            report_gone(&*self.sink, &entry, true);
+            let evicted = entry.deadline > now;
+            if evicted {
+                self.warn_evicted(&entry.flow);
+            }
+            report_gone(&*self.sink, &entry, evicted);
         }
     }
 
@@ -866,6 +871,19 @@ mod tests {
             rec.get("o", "success") + rec.get("o", "dropped") + rec.in_progress("o"),
             150
         );
+    }
+
+    #[test]
+    fn a_full_table_times_out_an_overdue_oldest_instead_of_dropping_it() {
+        let (t, rec) = table_with(Duration::from_millis(50), 2, Duration::from_secs(300));
+        t.apply(ev("o", "1", START, SEC));
+        t.apply(ev("o", "2", START, SEC));
+        std::thread::sleep(Duration::from_millis(60));
+        // No housekeeping ran: "1" is overdue when "3" needs its room.
+        t.apply(ev("o", "3", START, SEC));
+        assert_eq!(rec.get("o", "incomplete"), 1);
+        assert_eq!(rec.get("o", "dropped"), 0);
+        assert_eq!(t.len(), 2);
     }
 
     #[test]
