@@ -413,14 +413,6 @@ impl Config {
             .unwrap_or(self.flows.default.timeout)
     }
 
-    pub fn buckets_for(&self, flow: &str) -> &[f64] {
-        self.flows
-            .per_flow
-            .get(flow)
-            .and_then(|o| o.buckets.as_deref())
-            .unwrap_or(&self.flows.default.buckets)
-    }
-
     /// The effective configuration as YAML (for `check-config`).
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))

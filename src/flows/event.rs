@@ -613,11 +613,6 @@ impl Extractor {
             source,
         }))
     }
-
-    /// The values an end contributes when there was no end (time-outs): all empty.
-    pub fn end_dim_count(&self) -> usize {
-        self.end_dims.len()
-    }
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {

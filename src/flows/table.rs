@@ -100,8 +100,6 @@ struct Shard {
     entries: HashTable<Entry>,
     /// One FIFO per distinct timeout (a handful: the default and per-flow overrides).
     queues: Vec<DeadlineQueue>,
-    /// Items across all queues, live and stale.
-    queued: usize,
     /// Insertion counter: tells a live queue item from a stale one, and age.
     next_seq: u64,
     recent: RecentEvents,
@@ -166,7 +164,6 @@ impl FlowTable {
                 Mutex::new(Shard {
                     entries: HashTable::new(),
                     queues: Vec::new(),
-                    queued: 0,
                     next_seq: 0,
                     recent: RecentEvents::new(window_nanos, dedup_capacity, 0),
                 })
@@ -201,7 +198,6 @@ impl FlowTable {
 
     /// Applies one flow event (SPEC §3).
     pub fn apply(&self, event: FlowEvent) {
-        let timeout = (self.timeout_for)(&event.flow);
         let hash = self.hasher.hash_one((&*event.flow, &*event.correlation_id));
         let fingerprint =
             self.hasher
@@ -297,6 +293,8 @@ impl FlowTable {
         if self.len.load(Ordering::Relaxed) >= self.capacity {
             self.evict_oldest(&mut shard, now);
         }
+        // Only new entries need their flow's timeout: ends that close an instance skip it.
+        let timeout = (self.timeout_for)(&flow);
         let timeout_nanos = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
         shard.insert(
             Entry {
@@ -354,18 +352,6 @@ impl FlowTable {
         self.len() == 0
     }
 
-    /// Fingerprints held for retry detection, and their bytes.
-    pub fn dedup_footprint(&self) -> (usize, usize) {
-        self.shards.iter().fold((0, 0), |(entries, bytes), shard| {
-            let (e, b) = shard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .recent
-                .footprint();
-            (entries + e, bytes + b)
-        })
-    }
-
     fn warn_evicted(&self, flow: &str) {
         let mut last = self
             .last_evict_warning
@@ -384,6 +370,11 @@ impl FlowTable {
 }
 
 impl Shard {
+    /// Items across all queues, live and stale (a handful of queues: cheap to sum).
+    fn queued(&self) -> usize {
+        self.queues.iter().map(|q| q.items.len()).sum()
+    }
+
     fn insert(&mut self, mut entry: Entry, timeout_nanos: u64) {
         entry.seq = self.next_seq;
         self.next_seq += 1;
@@ -403,9 +394,8 @@ impl Shard {
                 items: VecDeque::from([pending]),
             }),
         }
-        self.queued += 1;
         self.entries.insert_unique(entry.hash, entry, |e| e.hash);
-        if self.queued > 2 * self.entries.len() + COMPACT_SLACK {
+        if self.queued() > 2 * self.entries.len() + COMPACT_SLACK {
             self.compact_queues();
         }
     }
@@ -419,7 +409,6 @@ impl Shard {
                 queue.items.shrink_to_fit();
             }
         }
-        self.queued = self.queues.iter().map(|q| q.items.len()).sum();
     }
 
     /// Removes the entry that arrived first.
@@ -435,12 +424,10 @@ impl Shard {
                     break;
                 }
                 queue.items.pop_front();
-                self.queued -= 1;
             }
         }
         let (index, _) = oldest?;
         let pending = self.queues[index].items.pop_front()?;
-        self.queued -= 1;
         self.take(&pending)
     }
 
@@ -470,7 +457,6 @@ impl Shard {
                 }
                 budget -= 1;
                 queue.pop_front();
-                self.queued -= 1;
                 if let Some(entry) = self.take(&front) {
                     expired += 1;
                     report_gone(sink, &entry, false);
@@ -486,7 +472,7 @@ impl Shard {
         if self.entries.capacity() > 4 * len + COMPACT_SLACK {
             self.entries.shrink_to(2 * len, |e| e.hash);
         }
-        if self.queued > 2 * len + COMPACT_SLACK {
+        if self.queued() > 2 * len + COMPACT_SLACK {
             self.compact_queues();
         }
     }
@@ -942,7 +928,7 @@ mod tests {
             }
         }
         assert_eq!(rec.in_progress("s"), 10);
-        let queued: usize = t.shards.iter().map(|s| s.lock().unwrap().queued).sum();
+        let queued: usize = t.shards.iter().map(|s| s.lock().unwrap().queued()).sum();
         assert!(
             queued <= 2 * 10 + t.shards.len() * (COMPACT_SLACK + 1),
             "{queued} queue items for 10 entries"
