@@ -57,13 +57,8 @@ impl App {
     pub async fn start(self) -> std::io::Result<RunningApp> {
         let config = self.config;
         let metrics = Arc::new(Metrics::new(&config));
-        let timeouts = config.clone();
         let table = Arc::new(FlowTable::new(
-            TableSettings {
-                capacity: config.limits.max_in_flight,
-                dedup_window: config.limits.dedup_window,
-                timeout_for: Arc::new(move |flow| timeouts.timeout_for(flow)),
-            },
+            TableSettings::from_config(&config),
             metrics.clone(),
         ));
         let maintenance = Maintenance::start(table.clone(), MAINTENANCE_INTERVAL);

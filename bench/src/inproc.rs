@@ -65,13 +65,8 @@ pub fn baseline(t: &Template, budget: Budget) -> Throughput {
 /// What the service builds at start, minus the listeners.
 pub fn pipeline_for(config: &Config) -> (Pipeline, Arc<FlowTable>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new(config));
-    let timeouts = config.clone();
     let table = Arc::new(FlowTable::new(
-        TableSettings {
-            capacity: config.limits.max_in_flight,
-            dedup_window: config.limits.dedup_window,
-            timeout_for: Arc::new(move |flow| timeouts.timeout_for(flow)),
-        },
+        TableSettings::from_config(config),
         metrics.clone(),
     ));
     let pipeline = Pipeline::new(Extractor::new(config), table.clone(), metrics.clone());

@@ -24,6 +24,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 
 use super::dedup::{RecentEvents, Seen};
 use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
+use crate::config::Config;
 
 /// What the table tells its sink. `flow` is the flow name; `start_dims` the dimension
 /// values captured from the start event.
@@ -81,6 +82,18 @@ pub struct TableSettings {
     pub dedup_window: Duration,
     /// Per-flow timeout lookup.
     pub timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
+}
+
+impl TableSettings {
+    /// The settings the service runs with.
+    pub fn from_config(config: &Config) -> Self {
+        let timeouts = config.clone();
+        Self {
+            capacity: config.limits.max_in_flight,
+            dedup_window: config.limits.dedup_window,
+            timeout_for: Arc::new(move |flow| timeouts.timeout_for(flow)),
+        }
+    }
 }
 
 pub struct FlowTable {
