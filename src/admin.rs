@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::flows::FlowTable;
+use crate::flows::CorrelationStore;
 use crate::metrics::Metrics;
 use crate::server::HttpResponse;
 
@@ -23,7 +23,7 @@ const LANDING: &str = "<!doctype html><html><head><title>flowmetrics</title></he
 #[derive(Clone)]
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    pub table: Arc<FlowTable>,
+    pub store: Arc<dyn CorrelationStore>,
     /// Set once every listener is bound.
     pub ready: Arc<AtomicBool>,
 }
@@ -41,7 +41,7 @@ impl Admin {
         }
         match req.uri().path() {
             "/metrics" => {
-                let body = self.metrics.encode(self.table.len());
+                let body = self.metrics.encode(self.store.entries());
                 respond(StatusCode::OK, OPENMETRICS, Bytes::from(body))
             }
             "/healthz" => plain(StatusCode::OK, "ok\n"),

@@ -13,6 +13,8 @@ use figment::value::{Dict, Value};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::model::{is_valid_flow_name, sanitize_label_name, RESERVED_LABELS};
+
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "FLOWMETRICS_CONFIG";
 const ENV_PREFIX: &str = "FLOWMETRICS_";
@@ -321,7 +323,7 @@ impl Config {
         )
         .or_else(|(k, m)| fail(&k, m))?;
         for (name, over) in &self.flows.per_flow {
-            if !crate::flows::event::is_valid_flow_name(name) {
+            if !is_valid_flow_name(name) {
                 fail(
                     &format!("flows.per_flow.{name}"),
                     "flow names are 1-128 characters of [A-Za-z0-9_.:-]".into(),
@@ -368,13 +370,6 @@ impl Config {
     }
 
     fn validate_dimensions(&self) -> Result<(), (String, String)> {
-        const RESERVED: [&str; 5] = [
-            "flow",
-            "outcome",
-            "error_reason",
-            "le",
-            crate::metrics::OVERFLOW_LABEL,
-        ];
         let mut seen = std::collections::HashSet::new();
         for (i, dim) in self.dimensions.iter().enumerate() {
             let key = format!("dimensions[{i}].label");
@@ -382,7 +377,7 @@ impl Config {
             if label.is_empty() {
                 return Err((key, "must not be empty".into()));
             }
-            if RESERVED.contains(&label.as_str()) || label.starts_with("__") {
+            if RESERVED_LABELS.contains(&label.as_str()) || label.starts_with("__") {
                 return Err((
                     key,
                     format!("{label:?} is reserved by flowmetrics' own labels"),
@@ -417,18 +412,6 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
-}
-
-/// Turns a configured label into a valid Prometheus label name: `[a-zA-Z_][a-zA-Z0-9_]*`.
-pub fn sanitize_label_name(raw: &str) -> String {
-    let mut out: String = raw
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    if out.starts_with(|c: char| c.is_ascii_digit()) {
-        out.insert(0, '_');
-    }
-    out
 }
 
 fn check_flow_settings(

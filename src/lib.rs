@@ -1,17 +1,22 @@
 //! flowmetrics: OpenTelemetry flow events in, Prometheus RED metrics per flow out.
 //!
 //! Data moves one way: [`ingest`] (HTTP, gRPC: decode, limits, answers) →
-//! [`pipeline`] (walk requests) → [`flows`] (extract events, correlate) →
-//! [`metrics`] (families, limits, exemplars) → [`admin`] (`/metrics`).
-//! [`App`] wires it together; `main` and the integration tests both start it.
+//! [`pipeline`] (walk requests) → [`flows`] (extract events, correlate in the moka
+//! store) → [`metrics`] (prometheus-client families, limits, exemplars) → [`admin`]
+//! (`/metrics`). Each stage imports only the stages before it and [`model`], the shared
+//! vocabulary; [`config`] imports only [`model`]. [`App`] wires it together (with
+//! [`settings`], which turns the config into each stage's settings); `main` and the
+//! integration tests both start it.
 
 pub mod admin;
 pub mod config;
 pub mod flows;
 pub mod ingest;
 pub mod metrics;
+pub mod model;
 pub mod pipeline;
 pub mod server;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,14 +28,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::flows::table::{Maintenance, TableSettings};
-use crate::flows::{Extractor, FlowTable};
+use crate::flows::store::Maintenance;
+use crate::flows::{CorrelationStore, Extractor, MemoryStore};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
-/// How often the correlation table's housekeeping runs: time-outs are counted at most
-/// this long (plus the time to report them) after their deadline.
-const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the correlation store's housekeeping (moka's `run_pending_tasks`) runs:
+/// time-outs are counted at most about this long after their deadline (plus up to ~1 s
+/// for flows whose timeout is shorter than the longest one: moka's timer wheel).
+const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A configured, not yet started service.
 pub struct App {
@@ -56,15 +62,13 @@ impl App {
     /// Binds every listener, then serves until [`RunningApp::shutdown`].
     pub async fn start(self) -> std::io::Result<RunningApp> {
         let config = self.config;
-        let metrics = Arc::new(Metrics::new(&config));
-        let table = Arc::new(FlowTable::new(
-            TableSettings::from_config(&config),
-            metrics.clone(),
-        ));
-        let maintenance = Maintenance::start(table.clone(), MAINTENANCE_INTERVAL);
+        let metrics = Arc::new(Metrics::new(settings::metrics(&config)));
+        let store: Arc<dyn CorrelationStore> =
+            Arc::new(MemoryStore::new(settings::store(&config), metrics.clone()));
+        let maintenance = Maintenance::start(store.clone(), MAINTENANCE_INTERVAL);
         let pipeline = Arc::new(Pipeline::new(
-            Extractor::new(&config),
-            table.clone(),
+            Extractor::new(settings::extractor(&config)),
+            store.clone(),
             metrics.clone(),
         ));
         let ready = Arc::new(AtomicBool::new(false));
@@ -75,7 +79,7 @@ impl App {
         let metrics_addr = metrics_listener.local_addr()?;
         let admin = admin::Admin {
             metrics: metrics.clone(),
-            table: table.clone(),
+            store: store.clone(),
             ready: ready.clone(),
         };
         tasks.push(tokio::spawn(server::serve(

@@ -1,5 +1,5 @@
 //! The one way in for every transport: walk an OTLP request, extract flow events, hand
-//! them to the correlation table, count what happened.
+//! them to the correlation store, count what happened.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,25 +9,37 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
 use crate::flows::event::{AttributeLayers, NO_ATTRIBUTES};
-use crate::flows::{Extractor, FlowEvent, FlowTable, Rejection, Source, TraceRef};
-use crate::ingest::reply::RejectionSummary;
-use crate::ingest::selective::scan_traces;
-use crate::metrics::{Metrics, Transport};
+use crate::flows::scan::scan_traces;
+use crate::flows::{CorrelationStore, Extractor, FlowEvent, Source, TraceRef};
+use crate::metrics::Metrics;
+use crate::model::{Rejection, RejectionSummary, Transport};
 
 /// OpenTelemetry severity numbers 17–24 are ERROR and FATAL.
 const SEVERITY_ERROR: i32 = 17;
 
 pub struct Pipeline {
     extractor: Extractor,
-    table: Arc<FlowTable>,
+    store: Arc<dyn CorrelationStore>,
     metrics: Arc<Metrics>,
 }
 
+/// The flow events of one request, applied to the store together (one round trip for a
+/// shared store), and what was refused.
+#[derive(Default)]
+struct Batch {
+    events: Vec<FlowEvent>,
+    rejected: RejectionSummary,
+}
+
 impl Pipeline {
-    pub fn new(extractor: Extractor, table: Arc<FlowTable>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        extractor: Extractor,
+        store: Arc<dyn CorrelationStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             extractor,
-            table,
+            store,
             metrics,
         }
     }
@@ -36,20 +48,24 @@ impl Pipeline {
         &self.metrics
     }
 
-    pub fn table(&self) -> &FlowTable {
-        &self.table
+    pub fn store(&self) -> &dyn CorrelationStore {
+        &*self.store
     }
 
-    fn accept(
-        &self,
-        result: Result<Option<FlowEvent>, Rejection>,
-        rejected: &mut RejectionSummary,
-    ) {
+    /// Applies the batch's events and hands back what was refused.
+    fn finish(&self, batch: Batch) -> RejectionSummary {
+        if !batch.events.is_empty() {
+            self.store.apply_batch(&mut batch.events.into_iter());
+        }
+        batch.rejected
+    }
+
+    fn accept(&self, result: Result<Option<FlowEvent>, Rejection>, batch: &mut Batch) {
         match result {
             Ok(None) => {}
             Ok(Some(event)) => {
                 self.metrics.event_accepted(event.kind, event.source);
-                self.table.apply(event);
+                batch.events.push(event);
             }
             Err(rejection) => {
                 self.metrics.event_rejected(&rejection);
@@ -57,7 +73,7 @@ impl Pipeline {
                     reason = rejection.reason(),
                     "flow event rejected: {rejection}"
                 );
-                rejected.add(rejection);
+                batch.rejected.add(rejection);
             }
         }
     }
@@ -71,11 +87,14 @@ impl Pipeline {
     ) -> Result<RejectionSummary, String> {
         let scan = scan_traces(body, &self.extractor, now_nanos())?;
         self.metrics.spans_received(transport, scan.spans);
-        let mut rejected = RejectionSummary::default();
+        let mut batch = Batch {
+            events: Vec::with_capacity(scan.events.len()),
+            ..Batch::default()
+        };
         for result in scan.events {
-            self.accept(result.map(Some), &mut rejected);
+            self.accept(result.map(Some), &mut batch);
         }
-        Ok(rejected)
+        Ok(self.finish(batch))
     }
 
     /// Span events named `flow.<flow>.start|end`, from a decoded request (OTLP/JSON).
@@ -85,7 +104,7 @@ impl Pipeline {
         transport: Transport,
     ) -> RejectionSummary {
         let received = now_nanos();
-        let mut rejected = RejectionSummary::default();
+        let mut batch = Batch::default();
         let mut spans = 0u64;
         for resource_spans in &request.resource_spans {
             let resource = resource_spans
@@ -124,13 +143,13 @@ impl Pipeline {
                             trace,
                             Source::SpanEvent,
                         );
-                        self.accept(result, &mut rejected);
+                        self.accept(result, &mut batch);
                     }
                 }
             }
         }
         self.metrics.spans_received(transport, spans);
-        rejected
+        self.finish(batch)
     }
 
     /// Log records whose `event_name` (or `event.name` attribute) is a flow event name.
@@ -140,7 +159,7 @@ impl Pipeline {
         transport: Transport,
     ) -> RejectionSummary {
         let received = now_nanos();
-        let mut rejected = RejectionSummary::default();
+        let mut batch = Batch::default();
         let mut records = 0u64;
         for resource_logs in &request.resource_logs {
             let resource = resource_logs
@@ -184,12 +203,12 @@ impl Pipeline {
                         TraceRef::from_ids(&record.trace_id, &record.span_id),
                         Source::Log,
                     );
-                    self.accept(result, &mut rejected);
+                    self.accept(result, &mut batch);
                 }
             }
         }
         self.metrics.log_records_received(transport, records);
-        rejected
+        self.finish(batch)
     }
 }
 

@@ -6,10 +6,14 @@ use std::time::{Duration, Instant};
 
 use flowmetrics::config::Config;
 use flowmetrics::flows::event::{DimValues, EventKind, FlowEvent, Outcome, Source, TraceRef};
-use flowmetrics::flows::table::{EndRecord, Maintenance, TableSettings};
-use flowmetrics::flows::{Extractor, FlowSink, FlowTable, Report};
-use flowmetrics::metrics::{Metrics, Transport};
+use flowmetrics::flows::store::{EndRecord, Maintenance};
+use flowmetrics::flows::{
+    CorrelationStore, Extractor, FlowSink, MemoryStore, Report, StoreSettings,
+};
+use flowmetrics::metrics::Metrics;
+use flowmetrics::model::Transport;
 use flowmetrics::pipeline::Pipeline;
+use flowmetrics::settings;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 
@@ -63,14 +67,15 @@ pub fn baseline(t: &Template, budget: Budget) -> Throughput {
 }
 
 /// What the service builds at start, minus the listeners.
-pub fn pipeline_for(config: &Config) -> (Pipeline, Arc<FlowTable>, Arc<Metrics>) {
-    let metrics = Arc::new(Metrics::new(config));
-    let table = Arc::new(FlowTable::new(
-        TableSettings::from_config(config),
+pub fn pipeline_for(config: &Config) -> (Pipeline, Arc<MemoryStore>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new(settings::metrics(config)));
+    let store = Arc::new(MemoryStore::new(settings::store(config), metrics.clone()));
+    let pipeline = Pipeline::new(
+        Extractor::new(settings::extractor(config)),
+        store.clone(),
         metrics.clone(),
-    ));
-    let pipeline = Pipeline::new(Extractor::new(config), table.clone(), metrics.clone());
-    (pipeline, table, metrics)
+    );
+    (pipeline, store, metrics)
 }
 
 /// One batch through the service's path for OTLP/protobuf bodies (what the HTTP and gRPC
@@ -133,7 +138,7 @@ pub struct Encode {
 pub fn encode(flows: usize, reps: usize) -> Encode {
     let mut config = Config::default();
     config.limits.max_series_per_metric = flows.max(10_000) + 1;
-    let metrics = Metrics::new(&config);
+    let metrics = Metrics::new(settings::metrics(&config));
     let no_dims: DimValues = Arc::from(Vec::new());
     for f in 0..flows {
         let flow: Arc<str> = Arc::from(format!("flow-{f:05}"));
@@ -201,22 +206,27 @@ pub struct Lateness {
 }
 
 /// Opens `n` instances spread over `spread` with a `timeout`, drives the table's
-/// housekeeping exactly as the service does (a thread, every 100 ms), and measures how
+/// housekeeping exactly as the service does (a thread, every 20 ms), and measures how
 /// long after each deadline its time-out is reported.
-pub fn timeliness(n: usize, spread: Duration, timeout: Duration) -> Lateness {
+///
+/// `longest`: the longest timeout of any flow (the cache's time-to-live). Equal to
+/// `timeout`, time-outs come from moka's time-to-live; longer, from its per-entry
+/// expiry (timer wheel).
+pub fn timeliness(n: usize, spread: Duration, timeout: Duration, longest: Duration) -> Lateness {
     let stamps = Arc::new(Stamps {
         fired: Mutex::new(vec![None; n]),
     });
-    let table = Arc::new(FlowTable::new(
-        TableSettings {
+    let table = Arc::new(MemoryStore::new(
+        StoreSettings {
             capacity: 1_000_000,
             dedup_window: Duration::from_secs(300),
             timeout_for: Arc::new(move |_| timeout),
+            longest_timeout: longest,
         },
         stamps.clone(),
     ));
     // Mirrors MAINTENANCE_INTERVAL in the service.
-    let maintenance = Maintenance::start(table.clone(), Duration::from_millis(100));
+    let maintenance = Maintenance::start(table.clone(), Duration::from_millis(20));
     let no_dims: DimValues = Arc::from(Vec::new());
     let mut deadlines = Vec::with_capacity(n);
     let started = Instant::now();

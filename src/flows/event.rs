@@ -2,13 +2,13 @@
 
 use std::cell::OnceCell;
 use std::collections::HashSet;
-use std::fmt;
+
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 
 use super::intern::Interner;
-use crate::config::{Config, DimensionSource};
+use crate::model::{is_valid_flow_name, Rejection};
 
 /// Values of the configured dimensions of one side (start or end), in config order.
 pub type DimValues = Arc<[Arc<str>]>;
@@ -118,57 +118,6 @@ pub struct FlowEvent {
     pub dims: DimValues,
     pub trace: Option<TraceRef>,
     pub source: Source,
-}
-
-/// Why a flow event was refused. The label values are public (`reason`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rejection {
-    InvalidFlowName,
-    MissingCorrelationId,
-    CorrelationIdTooLong,
-    InvalidOutcome(String),
-    UnknownFlow,
-}
-
-impl Rejection {
-    /// Every `reason` label value.
-    pub const REASONS: [&'static str; 5] = [
-        "invalid_flow_name",
-        "missing_correlation_id",
-        "correlation_id_too_long",
-        "invalid_outcome",
-        "unknown_flow",
-    ];
-
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Rejection::InvalidFlowName => "invalid_flow_name",
-            Rejection::MissingCorrelationId => "missing_correlation_id",
-            Rejection::CorrelationIdTooLong => "correlation_id_too_long",
-            Rejection::InvalidOutcome(_) => "invalid_outcome",
-            Rejection::UnknownFlow => "unknown_flow",
-        }
-    }
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Rejection::InvalidFlowName => f.write_str("invalid flow name"),
-            Rejection::MissingCorrelationId => f.write_str("missing correlation id"),
-            Rejection::CorrelationIdTooLong => f.write_str("correlation id too long"),
-            Rejection::InvalidOutcome(v) => write!(f, "invalid outcome {v:?}"),
-            Rejection::UnknownFlow => f.write_str("unknown flow"),
-        }
-    }
-}
-
-/// 1–128 characters of `[A-Za-z0-9_.:-]`.
-pub fn is_valid_flow_name(name: &str) -> bool {
-    (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
 /// An attribute value as flowmetrics reads it (borrowed, never copied).
@@ -468,46 +417,68 @@ pub struct Extractor {
     empty_dims: DimValues,
 }
 
+/// What the extractor is told (built from `events.*`, `flows.*`, `dimensions` and the
+/// series limit by the app).
+#[derive(Debug, Clone)]
+pub struct ExtractorSettings {
+    pub prefix: String,
+    pub start_suffix: String,
+    pub end_suffix: String,
+    /// Tried in order: the first present is the correlation id.
+    pub correlation_keys: Vec<String>,
+    pub outcome_key: String,
+    pub max_correlation_id_bytes: usize,
+    /// `Some`: only these flows are tracked (`flows.allow_unknown: false`).
+    pub known_flows: Option<HashSet<String>>,
+    /// Dimensions read from the start event, then from the end event, in label order.
+    pub start_dims: Vec<DimensionLookup>,
+    pub end_dims: Vec<DimensionLookup>,
+    /// Distinct flow names, values and value lists remembered for sharing; past the
+    /// series limit new ones land in the overflow series anyway.
+    pub intern_capacity: usize,
+}
+
+/// One dimension: which attribute to read, and the value when it is absent.
+#[derive(Debug, Clone)]
+pub struct DimensionLookup {
+    pub attribute: String,
+    pub default: String,
+}
+
 impl Extractor {
-    pub fn new(config: &Config) -> Self {
+    pub fn new(settings: ExtractorSettings) -> Self {
         let mut keys = Keys::default();
-        let correlation_slots = config
-            .events
+        let correlation_slots = settings
             .correlation_keys
             .iter()
             .map(|k| keys.add(k))
             .collect();
-        let outcome_slot = keys.add(&config.events.outcome_key);
-        let mut rules = |side: DimensionSource| {
-            config
-                .dimensions
-                .iter()
-                .filter(|d| d.from == side)
+        let outcome_slot = keys.add(&settings.outcome_key);
+        let mut rules = |dims: &[DimensionLookup]| {
+            dims.iter()
                 .map(|d| DimensionRule {
                     slot: keys.add(&d.attribute),
-                    default: Arc::from(d.default.as_deref().unwrap_or("")),
+                    default: Arc::from(d.default.as_str()),
                 })
                 .collect()
         };
-        let start_dims = rules(DimensionSource::Start);
-        let end_dims = rules(DimensionSource::End);
+        let start_dims = rules(&settings.start_dims);
+        let end_dims = rules(&settings.end_dims);
+        let capacity = settings.intern_capacity;
         Self {
-            prefix: config.events.prefix.clone(),
-            start_suffix: config.events.start_suffix.clone(),
-            end_suffix: config.events.end_suffix.clone(),
+            prefix: settings.prefix,
+            start_suffix: settings.start_suffix,
+            end_suffix: settings.end_suffix,
             keys,
             correlation_slots,
             outcome_slot,
-            max_correlation_id_bytes: config.events.max_correlation_id_bytes,
-            known_flows: (!config.flows.allow_unknown)
-                .then(|| config.flows.per_flow.keys().cloned().collect()),
+            max_correlation_id_bytes: settings.max_correlation_id_bytes,
+            known_flows: settings.known_flows,
             start_dims,
             end_dims,
-            // Past the series limit, new names and values land in the overflow series
-            // anyway: there is no point remembering more of them than that.
-            names: Interner::new(config.limits.max_series_per_metric),
-            values: Interner::new(config.limits.max_series_per_metric.saturating_mul(2)),
-            dim_lists: Interner::new(config.limits.max_series_per_metric),
+            names: Interner::new(capacity),
+            values: Interner::new(capacity.saturating_mul(2)),
+            dim_lists: Interner::new(capacity),
             empty_dims: Arc::from(Vec::new()),
         }
     }
@@ -622,6 +593,7 @@ fn truncate(s: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use opentelemetry_proto::tonic::common::v1::AnyValue;
 
     fn kv(key: &str, value: any_value::Value) -> KeyValue {
@@ -637,7 +609,7 @@ mod tests {
     }
 
     fn extractor() -> Extractor {
-        Extractor::new(&Config::default())
+        Extractor::new(crate::settings::extractor(&Config::default()))
     }
 
     fn extract(
@@ -867,7 +839,7 @@ mod tests {
         let mut c = Config::default();
         c.flows.allow_unknown = false;
         c.flows.per_flow.insert("known".into(), Default::default());
-        let x = Extractor::new(&c);
+        let x = Extractor::new(crate::settings::extractor(&c));
         assert!(extract(&x, "flow.known.start", &[s("correlation-id", "a")], false).is_ok());
         assert_eq!(
             extract(&x, "flow.other.start", &[s("correlation-id", "a")], false).unwrap_err(),
@@ -915,7 +887,7 @@ mod tests {
             .unwrap(),
             ..Default::default()
         };
-        let x = Extractor::new(&c);
+        let x = Extractor::new(crate::settings::extractor(&c));
         let resource = [
             s("x", "from-resource"),
             s("y", "res-y"),

@@ -20,7 +20,7 @@ use tonic::{Code, Status};
 use super::decode::{decode, DecodeError, MediaType};
 use super::http::MAX_CONCURRENT_EXPORTS;
 use super::reply::export_response;
-use crate::metrics::{Signal, Transport};
+use crate::model::{Signal, Transport};
 use crate::pipeline::Pipeline;
 
 const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";

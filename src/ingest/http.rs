@@ -15,8 +15,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tokio::sync::Semaphore;
 
 use super::decode::{decode, decompress, ContentEncoding, DecodeError, MediaType};
-use super::reply::{export_response, grpc_code, status_body, RejectionSummary};
-use crate::metrics::{Signal, Transport};
+use super::reply::{export_response, grpc_code, status_body};
+use crate::model::RejectionSummary;
+use crate::model::{Signal, Transport};
 use crate::pipeline::Pipeline;
 use crate::server::HttpResponse;
 

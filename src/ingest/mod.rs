@@ -4,5 +4,3 @@ pub mod decode;
 pub mod grpc;
 pub mod http;
 pub mod reply;
-pub mod selective;
-pub mod wire;

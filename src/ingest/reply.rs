@@ -12,49 +12,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use prost::Message;
 
 use super::decode::MediaType;
-use crate::flows::Rejection;
-use crate::metrics::Signal;
-
-/// Flow events refused in one request, grouped by reason for a short message.
-#[derive(Debug, Default)]
-pub struct RejectionSummary {
-    total: usize,
-    /// (count, first rejection) per reason, in order of first appearance.
-    by_reason: Vec<(usize, Rejection)>,
-}
-
-impl RejectionSummary {
-    pub fn add(&mut self, rejection: Rejection) {
-        self.total += 1;
-        match self
-            .by_reason
-            .iter_mut()
-            .find(|(_, r)| r.reason() == rejection.reason())
-        {
-            Some((n, _)) => *n += 1,
-            None => self.by_reason.push((1, rejection)),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
-    pub fn total(&self) -> usize {
-        self.total
-    }
-
-    /// e.g. `2 flow events rejected: 1 missing correlation id, 1 invalid outcome "done"`
-    pub fn message(&self) -> String {
-        let parts: Vec<String> = self
-            .by_reason
-            .iter()
-            .map(|(n, first)| format!("{n} {first}"))
-            .collect();
-        let noun = if self.total == 1 { "event" } else { "events" };
-        format!("{} flow {noun} rejected: {}", self.total, parts.join(", "))
-    }
-}
+use crate::model::{RejectionSummary, Signal};
 
 /// The success answer for `signal`, carrying `partial_success` when events were refused.
 /// Spans and log records themselves are never refused (`rejected_*: 0`): flowmetrics
@@ -134,22 +92,6 @@ pub fn status_body(media: MediaType, code: i32, message: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn message_groups_by_reason() {
-        let mut s = RejectionSummary::default();
-        s.add(Rejection::MissingCorrelationId);
-        s.add(Rejection::InvalidOutcome("done".into()));
-        assert_eq!(
-            s.message(),
-            "2 flow events rejected: 1 missing correlation id, 1 invalid outcome \"done\""
-        );
-        s.add(Rejection::MissingCorrelationId);
-        assert_eq!(
-            s.message(),
-            "3 flow events rejected: 2 missing correlation id, 1 invalid outcome \"done\""
-        );
-    }
 
     #[test]
     fn status_bodies_in_both_media_types() {

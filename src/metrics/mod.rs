@@ -1,68 +1,57 @@
-//! Every public metric family (SPEC §4), the flow table's sink, and encoding.
+//! Every public metric family (SPEC §4) in one prometheus-client [`Registry`], the
+//! correlation store's sink, and the exposition (written by prometheus-client's text
+//! encoder).
+//!
+//! The flow families are [`LimitedFamily`]s (a series limit, per-flow buckets) holding
+//! prometheus-client's own metrics; the service's own families are plain `Family`s
+//! whose fixed series are resolved once and kept.
 
-mod instruments;
+mod exemplar;
+mod family;
 mod process;
-pub mod series;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::{CounterWithExemplar, HistogramWithExemplars};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
-use crate::config::{sanitize_label_name, Config, DimensionSource};
-use crate::flows::event::{DimValues, Outcome, Rejection, Source};
-use crate::flows::table::{EndRecord, FlowSink, Report};
+use crate::flows::event::{DimValues, Outcome, Source};
+use crate::flows::store::{EndRecord, FlowSink, Report};
 use crate::flows::EventKind;
-use instruments::{Buckets, ExemplarCounter, ExemplarHistogram};
-pub use series::OVERFLOW_LABEL;
-use series::{Descriptor, Layout, LimitedFamily, OverflowReporter, SeriesRef};
+use crate::model::{Rejection, Signal, Transport};
+pub use exemplar::TraceExemplar;
+use family::{Layout, LimitedFamily, OverflowReporter, SeriesRef};
 
 type Pair = [(&'static str, &'static str); 1];
 type Pairs2 = [(&'static str, &'static str); 2];
 type Pairs3 = [(&'static str, &'static str); 3];
 
-/// Which OTLP transport a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Http,
-    Grpc,
+type ExemplarCounter = CounterWithExemplar<TraceExemplar>;
+type ExemplarHistogram = HistogramWithExemplars<TraceExemplar>;
+
+/// What the metrics need to know (built from `dimensions`, `flows.*.buckets` and
+/// `limits` by the app).
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    /// `limits.max_series_per_metric`.
+    pub max_series_per_metric: usize,
+    /// Label names of the start and end dimensions (already valid label names).
+    pub start_dim_labels: Vec<String>,
+    pub end_dim_labels: Vec<String>,
+    pub default_buckets: Vec<f64>,
+    /// Flows with their own duration buckets.
+    pub per_flow_buckets: HashMap<String, Vec<f64>>,
+    /// `limits.max_in_flight`, exposed as `flowmetrics_in_flight_capacity`.
+    pub in_flight_capacity: u64,
 }
 
-impl Transport {
-    pub fn label(self) -> &'static str {
-        match self {
-            Transport::Http => "http",
-            Transport::Grpc => "grpc",
-        }
-    }
-}
-
-/// The OTLP signal of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
-    Traces,
-    Logs,
-    Metrics,
-}
-
-impl Signal {
-    pub fn label(self) -> &'static str {
-        match self {
-            Signal::Traces => "traces",
-            Signal::Logs => "logs",
-            Signal::Metrics => "metrics",
-        }
-    }
-}
-
-/// The exposition is `overflow_registry`, the flow families (which write their own
-/// text), then `registry`: the order the families had in one registry.
 pub struct Metrics {
-    overflow_registry: Registry,
     registry: Registry,
     /// Length of the last `/metrics` body, to size the next one.
     last_encoded_len: AtomicUsize,
@@ -70,15 +59,16 @@ pub struct Metrics {
     no_dims: DimValues,
     /// One empty value per end dimension: series whose instance had no end.
     empty_end_dims: DimValues,
+    has_end_dims: bool,
 
-    flows_started: LimitedFamily<instruments::Counter>,
+    flows_started: LimitedFamily<Counter>,
     flows_completed: LimitedFamily<ExemplarCounter>,
-    flow_errors: LimitedFamily<instruments::Counter>,
+    flow_errors: LimitedFamily<Counter>,
     flow_duration: LimitedFamily<ExemplarHistogram>,
-    flows_in_progress: LimitedFamily<instruments::Gauge>,
-    flows_dropped: LimitedFamily<instruments::Counter>,
-    unmatched_ends: LimitedFamily<instruments::Counter>,
-    negative_durations: LimitedFamily<instruments::Counter>,
+    flows_in_progress: LimitedFamily<Gauge>,
+    flows_dropped: LimitedFamily<Counter>,
+    unmatched_ends: LimitedFamily<Counter>,
+    negative_durations: LimitedFamily<Counter>,
 
     /// flow_events_total by [source][kind].
     accepted: [[Counter; 2]; 2],
@@ -92,13 +82,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(config: &Config) -> Self {
-        let mut overflow_registry = Registry::default();
+    pub fn new(settings: MetricsSettings) -> Self {
         let mut registry = Registry::default();
-        let max = config.limits.max_series_per_metric;
+        let max = settings.max_series_per_metric;
 
         let overflow_family = Family::<Pair, Counter>::default();
-        overflow_registry.register(
+        registry.register(
             "flowmetrics_series_overflow",
             "Recordings folded into a family's otel_metric_overflow=\"true\" series because \
              the family reached limits.max_series_per_metric",
@@ -108,17 +97,15 @@ impl Metrics {
             overflow_family.get_or_create(&[("metric", metric)]).clone()
         }));
 
-        let dim_names = |side| {
-            config
-                .dimensions
+        let label_names = |names: &[String]| {
+            names
                 .iter()
-                .filter(|d| d.from == side)
-                .map(|d| Box::from(sanitize_label_name(&d.label)))
+                .map(|n| Box::from(n.as_str()))
                 .collect::<Arc<[Box<str>]>>()
         };
         let (start_dims, end_dims) = (
-            dim_names(DimensionSource::Start),
-            dim_names(DimensionSource::End),
+            label_names(&settings.start_dim_labels),
+            label_names(&settings.end_dim_labels),
         );
         let flow_only = Layout::default();
         let with_dims = |extra| Layout {
@@ -126,63 +113,49 @@ impl Metrics {
             start_dims: start_dims.clone(),
             end_dims: end_dims.clone(),
         };
-        let family = |name, help| Descriptor {
-            name,
-            help,
-            unit: None,
-        };
-        let counter = |descriptor, layout| {
-            LimitedFamily::new(descriptor, max, layout, overflow.clone(), |_| {
-                instruments::Counter::default()
-            })
+        let counter = |name, layout| {
+            LimitedFamily::new(name, max, layout, overflow.clone(), |_| Counter::default())
         };
 
         let flows_started = counter(
-            family(
-                "flowmetrics_flows_started_total",
-                "Flow instances opened by a start event",
-            ),
+            "flowmetrics_flows_started_total",
             Layout {
                 start_dims: start_dims.clone(),
                 ..Layout::default()
             },
         );
+        registry.register(
+            "flowmetrics_flows_started",
+            "Flow instances opened by a start event",
+            flows_started.clone(),
+        );
         let flows_completed = LimitedFamily::new(
-            family(
-                "flowmetrics_flows_completed_total",
-                "Flow instances closed by an end event, by outcome (success, failure, \
-                 cancelled)",
-            ),
+            "flowmetrics_flows_completed_total",
             max,
             with_dims(Some("outcome")),
             overflow.clone(),
             |_| ExemplarCounter::default(),
         );
+        registry.register(
+            "flowmetrics_flows_completed",
+            "Flow instances closed by an end event, by outcome (success, failure, \
+             cancelled)",
+            flows_completed.clone(),
+        );
         let flow_errors = counter(
-            family(
-                "flowmetrics_flow_errors_total",
-                "Failed flows: error_reason=\"failure\" for failure ends, \"incomplete\" for \
-                 instances whose timeout passed without an end",
-            ),
+            "flowmetrics_flow_errors_total",
             with_dims(Some("error_reason")),
         );
-        // One bucket layout per configuration, shared by its series.
-        let default_buckets = Buckets::new(&config.flows.default.buckets);
-        let per_flow: std::collections::HashMap<String, Arc<Buckets>> = config
-            .flows
-            .per_flow
-            .iter()
-            .filter_map(|(name, o)| Some((name.clone(), Buckets::new(o.buckets.as_ref()?))))
-            .collect();
+        registry.register(
+            "flowmetrics_flow_errors",
+            "Failed flows: error_reason=\"failure\" for failure ends, \"incomplete\" for \
+             instances whose timeout passed without an end",
+            flow_errors.clone(),
+        );
+        let default_buckets = settings.default_buckets.clone();
+        let per_flow = settings.per_flow_buckets.clone();
         let flow_duration = LimitedFamily::new(
-            Descriptor {
-                unit: Some("seconds"),
-                ..family(
-                    "flowmetrics_flow_duration_seconds",
-                    "Start-to-end duration of successful flows, from the two events' \
-                     timestamps",
-                )
-            },
+            "flowmetrics_flow_duration_seconds",
             max,
             with_dims(None),
             overflow.clone(),
@@ -190,45 +163,53 @@ impl Metrics {
                 let buckets = flow
                     .and_then(|f| per_flow.get(f))
                     .unwrap_or(&default_buckets);
-                ExemplarHistogram::new(buckets.clone())
+                ExemplarHistogram::new(buckets.iter().copied())
             },
         );
+        registry.register_with_unit(
+            "flowmetrics_flow_duration",
+            "Start-to-end duration of successful flows, from the two events' timestamps",
+            Unit::Seconds,
+            flow_duration.clone(),
+        );
         let flows_in_progress = LimitedFamily::new(
-            family(
-                "flowmetrics_flows_in_progress",
-                "Flow instances open now (started, not yet ended, timed out or dropped)",
-            ),
+            "flowmetrics_flows_in_progress",
             max,
             flow_only.clone(),
             overflow.clone(),
-            |_| instruments::Gauge::default(),
+            |_| Gauge::default(),
+        );
+        registry.register(
+            "flowmetrics_flows_in_progress",
+            "Flow instances open now (started, not yet ended, timed out or dropped)",
+            flows_in_progress.clone(),
         );
         let flows_dropped = counter(
-            family(
-                "flowmetrics_flows_dropped_total",
-                "Open flow instances dropped before they ended; reason=\"capacity\": the \
-                 correlation table was full (limits.max_in_flight)",
-            ),
+            "flowmetrics_flows_dropped_total",
             Layout {
                 extra: Some("reason"),
                 ..Layout::default()
             },
         );
-        let unmatched_ends = counter(
-            family(
-                "flowmetrics_flow_unmatched_ends_total",
-                "End events whose start never arrived within the flow's timeout (or that \
-                 were evicted from a full table while waiting)",
-            ),
-            flow_only.clone(),
+        registry.register(
+            "flowmetrics_flows_dropped",
+            "Open flow instances dropped before they ended; reason=\"capacity\": the \
+             correlation store was full (limits.max_in_flight)",
+            flows_dropped.clone(),
         );
-        let negative_durations = counter(
-            family(
-                "flowmetrics_flow_negative_durations_total",
-                "Successful flows whose end timestamp is earlier than their start (clock \
-                 skew); not observed in the duration histogram",
-            ),
-            flow_only,
+        let unmatched_ends = counter("flowmetrics_flow_unmatched_ends_total", flow_only.clone());
+        registry.register(
+            "flowmetrics_flow_unmatched_ends",
+            "End events whose start never arrived within the flow's timeout (or that \
+             were evicted from a full store while waiting)",
+            unmatched_ends.clone(),
+        );
+        let negative_durations = counter("flowmetrics_flow_negative_durations_total", flow_only);
+        registry.register(
+            "flowmetrics_flow_negative_durations",
+            "Successful flows whose end timestamp is earlier than their start (clock \
+             skew); not observed in the duration histogram",
+            negative_durations.clone(),
         );
 
         let events = Family::<Pairs2, Counter>::default();
@@ -272,9 +253,17 @@ impl Metrics {
         let in_flight_entries = Gauge::default();
         registry.register(
             "flowmetrics_in_flight_entries",
-            "Entries in the correlation table now: open instances plus ends waiting for \
+            "Entries in the correlation store now: open instances plus ends waiting for \
              their start",
             in_flight_entries.clone(),
+        );
+        let in_flight_capacity = Gauge::<i64>::default();
+        in_flight_capacity.set(i64::try_from(settings.in_flight_capacity).unwrap_or(i64::MAX));
+        registry.register(
+            "flowmetrics_in_flight_capacity",
+            "Entries the correlation store holds at most (limits.max_in_flight); the \
+             oldest are evicted beyond it",
+            in_flight_capacity,
         );
         let build_info = Family::<Pair, Gauge>::default();
         build_info
@@ -302,11 +291,11 @@ impl Metrics {
             let _ = events_rejected.get_or_create(&[("reason", reason)]);
         }
         Self {
-            overflow_registry,
             registry,
             last_encoded_len: AtomicUsize::new(0),
             no_dims: Arc::from([]),
             empty_end_dims: end_dims.iter().map(|_| Arc::from("")).collect(),
+            has_end_dims: !end_dims.is_empty(),
             flows_started,
             flows_completed,
             flow_errors,
@@ -325,26 +314,16 @@ impl Metrics {
         }
     }
 
-    /// Every family as one OpenMetrics exposition.
-    pub fn encode(&self, table_entries: u64) -> String {
+    /// Every family as one OpenMetrics exposition. `store_entries`: the correlation
+    /// store's entries now.
+    pub fn encode(&self, store_entries: u64) -> String {
         self.in_flight_entries
-            .set(i64::try_from(table_entries).unwrap_or(i64::MAX));
+            .set(i64::try_from(store_entries).unwrap_or(i64::MAX));
         // Sized from the last body (plus room to grow), so the multi-MiB body is not
         // copied through a dozen reallocations.
         let last = self.last_encoded_len.load(Ordering::Relaxed);
         let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
-        let fail = "writing to a String cannot fail";
-        encode_registry(&mut out, &self.overflow_registry).expect(fail);
-        self.flows_started.encode(&mut out);
-        self.flows_completed.encode(&mut out);
-        self.flow_errors.encode(&mut out);
-        self.flow_duration.encode(&mut out);
-        self.flows_in_progress.encode(&mut out);
-        self.flows_dropped.encode(&mut out);
-        self.unmatched_ends.encode(&mut out);
-        self.negative_durations.encode(&mut out);
-        encode_registry(&mut out, &self.registry).expect(fail);
-        encode_eof(&mut out).expect(fail);
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         self.last_encoded_len.store(out.len(), Ordering::Relaxed);
         out
     }
@@ -440,7 +419,12 @@ impl FlowSink for Metrics {
                     start: start_dims,
                     end: &self.no_dims,
                 };
-                self.flows_started.with(started, |c| c.inc());
+                let first = self.flows_started.with_created(started, |c| {
+                    c.inc();
+                });
+                if first {
+                    self.create_zero_series(flow, start_dims, None);
+                }
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.inc());
             }
@@ -477,7 +461,28 @@ impl FlowSink for Metrics {
     }
 }
 
+const OUTCOMES: [Outcome; 3] = [Outcome::Success, Outcome::Failure, Outcome::Cancelled];
+
 impl Metrics {
+    /// A label set's `completed{outcome}` and `errors{error_reason}` series, at 0, so
+    /// `rate()` and alerts see them from the first scrape (SPEC §4). Called when a
+    /// label set is first seen: with `end_dims` `None` (a start) only the series whose
+    /// labels a start already knows; with end dimensions configured, the outcomes of a
+    /// (start, end) label set are created when its first end arrives.
+    fn create_zero_series(&self, flow: &Arc<str>, start: &DimValues, end: Option<&DimValues>) {
+        let incomplete = self.with_dims(flow, Some("incomplete"), start, None);
+        self.flow_errors.with(incomplete, |_| ());
+        if end.is_none() && self.has_end_dims {
+            return;
+        }
+        for outcome in OUTCOMES {
+            let labels = self.with_dims(flow, Some(outcome.as_str()), start, end);
+            self.flows_completed.with(labels, |_| ());
+        }
+        let failure = self.with_dims(flow, Some("failure"), start, end);
+        self.flow_errors.with(failure, |_| ());
+    }
+
     fn completed(
         &self,
         flow: &Arc<str>,
@@ -486,10 +491,16 @@ impl Metrics {
         duration_secs: f64,
     ) {
         let outcome = Some(end.outcome.as_str());
-        self.flows_completed.with(
+        let exemplar = end.trace.map(TraceExemplar);
+        let first = self.flows_completed.with_created(
             self.with_dims(flow, outcome, start_dims, Some(&end.dims)),
-            |c| c.inc(end.trace),
+            |c| {
+                c.inc_by(1, exemplar, None);
+            },
         );
+        if first && self.has_end_dims {
+            self.create_zero_series(flow, start_dims, Some(&end.dims));
+        }
         self.flows_in_progress
             .with(self.flow_only(flow), |g| g.dec());
         match end.outcome {
@@ -506,7 +517,7 @@ impl Metrics {
             }
             Outcome::Success => self.flow_duration.with(
                 self.with_dims(flow, None, start_dims, Some(&end.dims)),
-                |h| h.observe(duration_secs, end.trace),
+                |h| h.observe(duration_secs, exemplar, None),
             ),
             Outcome::Cancelled => {}
         }

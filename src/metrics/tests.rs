@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::config::{Dimension, FlowOverride};
+use crate::config::{Config, Dimension, DimensionSource, FlowOverride};
 use crate::flows::event::TraceRef;
 
 const GOLDEN: &str = include_str!("testdata/exposition.txt");
@@ -217,7 +217,7 @@ fn normalize(text: &str) -> String {
 
 #[test]
 fn exposition_matches_the_golden_text() {
-    let m = Metrics::new(&config());
+    let m = Metrics::new(crate::settings::metrics(&config()));
     record(&m);
     let text = m.encode(42);
     assert!(text.ends_with("\n# EOF\n") && text.matches("# EOF").count() == 1);
@@ -238,7 +238,7 @@ fn exposition_matches_the_golden_text() {
 
 #[test]
 fn a_family_without_series_is_not_exposed() {
-    let text = Metrics::new(&config()).encode(0);
+    let text = Metrics::new(crate::settings::metrics(&config())).encode(0);
     for family in [
         "flowmetrics_series_overflow",
         "flowmetrics_flows_started",

@@ -10,7 +10,8 @@
 
 use super::wire::{utf8, Fields, Value, WireError, PAST_THE_END};
 use crate::flows::event::{AttrValue, AttributeLayers, Attributes, Keys, SharedLayer};
-use crate::flows::{Extractor, FlowEvent, Rejection, Source, TraceRef};
+use crate::flows::{Extractor, FlowEvent, Source, TraceRef};
+use crate::model::Rejection;
 
 // Field numbers from opentelemetry/proto/{collector/trace,trace,resource,common}/v1.
 const REQUEST_RESOURCE_SPANS: u32 = 1;
@@ -690,7 +691,7 @@ mod tests {
 
     #[test]
     fn selective_and_full_decoding_agree() {
-        let x = Extractor::new(&config());
+        let x = Extractor::new(crate::settings::extractor(&config()));
         let req = varied_request();
         let bytes = req.encode_to_vec();
         let scan = scan_traces(&bytes, &x, 1).unwrap();
@@ -712,7 +713,7 @@ mod tests {
 
     #[test]
     fn malformed_and_bad_ids_are_refused_whole() {
-        let x = Extractor::new(&config());
+        let x = Extractor::new(crate::settings::extractor(&config()));
         let mut req = varied_request();
         let good = req.encode_to_vec();
         for cut in [1, good.len() / 2, good.len() - 1] {
@@ -912,7 +913,7 @@ mod tests {
 
     #[test]
     fn odd_encodings_decode_like_prost() {
-        let x = Extractor::new(&odd_config());
+        let x = Extractor::new(crate::settings::extractor(&odd_config()));
         let bytes = odd_request();
         let req = ExportTraceServiceRequest::decode(&bytes[..]).expect("prost reads it");
         let scan = scan_traces(&bytes, &x, 1).unwrap();
@@ -967,7 +968,7 @@ mod tests {
     /// ~14,000 such changes, 13 are refused that way and none otherwise).
     #[test]
     fn mutations_prost_accepts_extract_like_prost() {
-        let x = Extractor::new(&odd_config());
+        let x = Extractor::new(crate::settings::extractor(&odd_config()));
         let show = |v: &[Result<FlowEvent, Rejection>]| format!("{v:?}");
         let mut compared = 0;
         for good in [odd_request(), varied_request().encode_to_vec()] {

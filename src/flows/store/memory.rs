@@ -1,0 +1,1023 @@
+//! The in-process correlation store: a moka cache holds every open instance and every
+//! end waiting for its start, and moka's eviction listener records what moka removes on
+//! its own (time-outs and capacity evictions).
+//!
+//! Shape, chosen by measurement (BENCHMARKS.md): one `moka::sync::Cache` for all flows,
+//! bounded by `max_in_flight` with LRU eviction (TinyLFU would refuse new entries when
+//! full). Its `time_to_live` is the longest flow timeout, which moka applies exactly
+//! (entries leave in write order); an entry whose deadline comes sooner (a flow with a
+//! shorter timeout, an entry put back after a duplicate) also gets a per-entry expiry,
+//! which moka's timer wheel applies up to ~1 s late.
+//!
+//! Exactly once: every event of one instance is applied under the lock of its shard
+//! (the shard also holds that instance's retry fingerprints), so the read-modify-write
+//! of one key never interleaves with another event of the same key. What remains is
+//! moka's own removals, which can race with ours:
+//! - `remove` may hand back an entry that expired by its time-to-live; moka then also
+//!   calls the listener (in this thread, before `remove` returns) with `Expired`. The
+//!   listener counts it, and tells this thread so through [`EXPIRED_IN_REMOVE`].
+//! - `remove` may hand back an entry past its per-entry deadline with cause `Explicit`:
+//!   the listener records nothing, so the caller counts it (it checks the deadline).
+//! - `insert` over an entry that `get` no longer returns (past its per-entry deadline)
+//!   reports the old one as `Replaced`: the listener counts it as timed out. The store
+//!   never replaces a live entry.
+//! - housekeeping removes an entry before calling the listener, so a concurrent `remove`
+//!   of the same key finds nothing: one of the two owns the entry.
+
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use foldhash::fast::{FixedState, RandomState};
+use moka::notification::RemovalCause;
+use moka::policy::{EvictionPolicy, Expiry};
+use moka::sync::Cache;
+
+use super::{duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreSettings};
+use crate::flows::dedup::{RecentEvents, Seen};
+use crate::flows::event::{DimValues, EventKind, FlowEvent};
+
+/// An instance's identity, (flow, correlation id), as a 128-bit digest: a moka key
+/// with no allocation and no string compare (collisions: ~2⁻⁸⁸ at a million entries).
+type Key = u128;
+
+/// A moka value: small and cheap to clone (moka clones it on `get` and for the
+/// listener).
+#[derive(Clone, Debug)]
+struct Slot {
+    flow: Arc<str>,
+    /// Store clock (nanoseconds since [`Clock::epoch`]) at which the entry times out.
+    deadline: u64,
+    state: SlotState,
+}
+
+#[derive(Clone, Debug)]
+enum SlotState {
+    Open {
+        /// Earliest start timestamp seen (duplicates can only lower it).
+        start_nanos: u64,
+        dims: DimValues,
+    },
+    /// Shared: waiting ends are the minority, and open entries stay small.
+    Waiting(Arc<EndRecord>),
+}
+
+/// Why an entry left without its counterpart.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gone {
+    TimedOut,
+    Evicted,
+}
+
+/// Nanoseconds since the store was made, from a monotonic clock (as moka's own).
+#[derive(Clone, Copy)]
+struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    fn at(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn now(&self) -> u64 {
+        self.at(Instant::now())
+    }
+}
+
+thread_local! {
+    /// The key this thread is removing, and whether the listener (called by moka
+    /// inside that `remove`) counted it as expired.
+    static EXPIRED_IN_REMOVE: Cell<Option<(Key, bool)>> = const { Cell::new(None) };
+}
+
+/// Entries whose remaining time is within this of the cache's time-to-live are left to
+/// the time-to-live (exact) instead of the per-entry timer wheel (coarse).
+const TTL_SLACK: Duration = Duration::from_millis(50);
+/// moka refuses a time-to-live of a thousand years or more.
+const LONGEST_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Capacity evictions are logged at most this often.
+const EVICTION_WARN_EVERY: Duration = Duration::from_secs(10);
+const SHARDS: usize = 64;
+
+/// Per-entry expiry: only for entries due before the time-to-live would remove them.
+struct Deadlines {
+    clock: Clock,
+    ttl: Duration,
+}
+
+impl Expiry<Key, Slot> for Deadlines {
+    fn expire_after_create(&self, _: &Key, slot: &Slot, created_at: Instant) -> Option<Duration> {
+        let remaining =
+            Duration::from_nanos(slot.deadline.saturating_sub(self.clock.at(created_at)));
+        (remaining + TTL_SLACK < self.ttl).then_some(remaining)
+    }
+}
+
+pub struct MemoryStore {
+    cache: Cache<Key, Slot, RandomState>,
+    /// Retry fingerprints per shard; the lock also serialises each key's events.
+    shards: Box<[Mutex<RecentEvents>]>,
+    /// Two independently seeded hashers make the 128-bit key.
+    key_hashers: [FixedState; 2],
+    clock: Clock,
+    sink: Arc<dyn FlowSink>,
+    timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
+    capacity: u64,
+}
+
+impl MemoryStore {
+    pub fn new(settings: StoreSettings, sink: Arc<dyn FlowSink>) -> Self {
+        let clock = Clock {
+            epoch: Instant::now(),
+        };
+        let ttl = settings
+            .longest_timeout
+            .clamp(Duration::from_millis(1), LONGEST_TTL);
+        let listener_sink = sink.clone();
+        let last_warning = Mutex::new(None::<Instant>);
+        let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| match cause {
+            // The store's own removal: the caller settles it.
+            RemovalCause::Explicit => {}
+            RemovalCause::Expired => {
+                EXPIRED_IN_REMOVE.with(|cell| {
+                    if let Some((watched, _)) = cell.get() {
+                        if watched == *key {
+                            cell.set(Some((watched, true)));
+                        }
+                    }
+                });
+                report_gone(&*listener_sink, &slot, Gone::TimedOut);
+            }
+            // Only an entry past its per-entry deadline is ever replaced (see above).
+            RemovalCause::Replaced => report_gone(&*listener_sink, &slot, Gone::TimedOut),
+            RemovalCause::Size => {
+                warn_evicted(&last_warning, &slot.flow);
+                report_gone(&*listener_sink, &slot, Gone::Evicted);
+            }
+        };
+        let cache = Cache::builder()
+            .max_capacity(settings.capacity)
+            .eviction_policy(EvictionPolicy::lru())
+            .time_to_live(ttl)
+            .expire_after(Deadlines { clock, ttl })
+            .eviction_listener(listener)
+            .build_with_hasher(RandomState::default());
+        // Remember every event of a full store for the window, at least.
+        let per_shard = usize::try_from(settings.capacity.saturating_mul(2))
+            .unwrap_or(usize::MAX)
+            .max(1024 * SHARDS)
+            / SHARDS;
+        let window_nanos = u64::try_from(settings.dedup_window.as_nanos()).unwrap_or(u64::MAX);
+        let shards = (0..SHARDS)
+            .map(|_| Mutex::new(RecentEvents::new(window_nanos, per_shard, 0)))
+            .collect();
+        let seeds =
+            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+        Self {
+            cache,
+            shards,
+            key_hashers: [
+                FixedState::with_seed(seeds),
+                FixedState::with_seed(seeds.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15),
+            ],
+            clock,
+            sink,
+            timeout_for: settings.timeout_for,
+            capacity: settings.capacity,
+        }
+    }
+
+    fn key(&self, flow: &str, correlation_id: &str) -> Key {
+        use std::hash::BuildHasher;
+        let [a, b] = &self.key_hashers;
+        (u128::from(a.hash_one((flow, correlation_id))) << 64)
+            | u128::from(b.hash_one((flow, correlation_id)))
+    }
+
+    fn shard(&self, key: Key) -> MutexGuard<'_, RecentEvents> {
+        // A panic while holding a shard (a sink bug) leaves the fingerprints valid.
+        self.shards[(key >> 64) as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies one flow event (SPEC §3).
+    pub fn apply(&self, event: FlowEvent) {
+        use std::hash::BuildHasher;
+        let key = self.key(&event.flow, &event.correlation_id);
+        let is_start = event.kind == EventKind::Start;
+        let fingerprint = self.key_hashers[0].hash_one((key, is_start, event.timestamp_nanos));
+        let now = self.clock.now();
+        let mut recent = self.shard(key);
+        if recent.check_and_remember(fingerprint, now) == Seen::Again {
+            self.sink.report(Report::Duplicate { kind: event.kind });
+            return;
+        }
+        let sink = &*self.sink;
+        let FlowEvent {
+            flow,
+            kind,
+            timestamp_nanos,
+            dims,
+            trace,
+            ..
+        } = event;
+        match kind {
+            EventKind::Start => match self.cache.get(&key).map(|slot| slot.state) {
+                None => self.open(key, flow, timestamp_nanos, dims, now),
+                Some(SlotState::Open { start_nanos, .. }) => {
+                    if timestamp_nanos < start_nanos {
+                        // The earliest start wins; the entry keeps its deadline.
+                        match self.take(key, now) {
+                            Some(mut slot) => {
+                                if let SlotState::Open { start_nanos, .. } = &mut slot.state {
+                                    *start_nanos = timestamp_nanos;
+                                }
+                                self.cache.insert(key, slot);
+                            }
+                            // It timed out just now: this start opens a new instance.
+                            None => return self.open(key, flow, timestamp_nanos, dims, now),
+                        }
+                    }
+                    sink.report(Report::Duplicate { kind });
+                }
+                Some(SlotState::Waiting(_)) => match self.take(key, now) {
+                    Some(Slot {
+                        state: SlotState::Waiting(end),
+                        ..
+                    }) => {
+                        sink.report(Report::Opened {
+                            flow: &flow,
+                            start_dims: &dims,
+                        });
+                        complete(sink, &flow, &dims, timestamp_nanos, &end);
+                    }
+                    // The waiting end timed out just now (counted unmatched).
+                    _ => self.open(key, flow, timestamp_nanos, dims, now),
+                },
+            },
+            EventKind::End(outcome) => match self.take(key, now) {
+                Some(Slot {
+                    flow,
+                    state:
+                        SlotState::Open {
+                            start_nanos,
+                            dims: start_dims,
+                        },
+                    ..
+                }) => {
+                    let end = EndRecord {
+                        outcome,
+                        timestamp_nanos,
+                        dims,
+                        trace,
+                    };
+                    complete(sink, &flow, &start_dims, start_nanos, &end);
+                }
+                Some(waiting) => {
+                    // A second end while the first waits: the first stays.
+                    self.cache.insert(key, waiting);
+                    sink.report(Report::Duplicate { kind });
+                }
+                None => {
+                    let deadline = now.saturating_add(self.timeout_nanos(&flow));
+                    let end = EndRecord {
+                        outcome,
+                        timestamp_nanos,
+                        dims,
+                        trace,
+                    };
+                    self.cache.insert(
+                        key,
+                        Slot {
+                            flow,
+                            deadline,
+                            state: SlotState::Waiting(Arc::new(end)),
+                        },
+                    );
+                }
+            },
+        }
+        drop(recent);
+    }
+
+    fn timeout_nanos(&self, flow: &str) -> u64 {
+        u64::try_from((self.timeout_for)(flow).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn open(&self, key: Key, flow: Arc<str>, start_nanos: u64, dims: DimValues, now: u64) {
+        self.sink.report(Report::Opened {
+            flow: &flow,
+            start_dims: &dims,
+        });
+        let deadline = now.saturating_add(self.timeout_nanos(&flow));
+        self.cache.insert(
+            key,
+            Slot {
+                flow,
+                deadline,
+                state: SlotState::Open { start_nanos, dims },
+            },
+        );
+    }
+
+    /// Removes the key's entry if it is still live. An entry that is already past its
+    /// deadline is counted as timed out (by the listener, or here) and not returned.
+    fn take(&self, key: Key, now: u64) -> Option<Slot> {
+        EXPIRED_IN_REMOVE.with(|cell| cell.set(Some((key, false))));
+        let removed = self.cache.remove(&key);
+        let counted = EXPIRED_IN_REMOVE.with(|cell| cell.take()) == Some((key, true));
+        let slot = removed?;
+        if counted {
+            return None;
+        }
+        if slot.deadline <= now {
+            report_gone(&*self.sink, &slot, Gone::TimedOut);
+            return None;
+        }
+        Some(slot)
+    }
+}
+
+impl CorrelationStore for MemoryStore {
+    fn apply_batch(&self, events: &mut dyn Iterator<Item = FlowEvent>) {
+        for event in events {
+            self.apply(event);
+        }
+    }
+
+    fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
+    }
+
+    fn entries(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+fn complete(
+    sink: &dyn FlowSink,
+    flow: &Arc<str>,
+    start_dims: &DimValues,
+    start_nanos: u64,
+    end: &EndRecord,
+) {
+    sink.report(Report::Completed {
+        flow,
+        start_dims,
+        end,
+        duration_secs: duration_secs(start_nanos, end.timestamp_nanos),
+    });
+}
+
+/// An entry that left without its counterpart: an open instance timed out or was
+/// dropped, a waiting end never met its start.
+fn report_gone(sink: &dyn FlowSink, slot: &Slot, why: Gone) {
+    let flow = &slot.flow;
+    match (&slot.state, why) {
+        (SlotState::Open { dims, .. }, Gone::Evicted) => sink.report(Report::Dropped {
+            flow,
+            start_dims: dims,
+        }),
+        (SlotState::Open { dims, .. }, Gone::TimedOut) => sink.report(Report::TimedOut {
+            flow,
+            start_dims: dims,
+        }),
+        (SlotState::Waiting(_), _) => sink.report(Report::Unmatched {
+            flow,
+            evicted: why == Gone::Evicted,
+        }),
+    }
+}
+
+fn warn_evicted(last: &Mutex<Option<Instant>>, flow: &str) {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if last.is_none_or(|t| now.duration_since(t) >= EVICTION_WARN_EVERY) {
+        *last = Some(now);
+        tracing::warn!(
+            flow,
+            "correlation store full (limits.max_in_flight): evicting the oldest entries; \
+             raise the limit or shorten flow timeouts"
+        );
+    }
+}
+
+/// Runs a store's housekeeping on a dedicated thread until dropped: moka has no thread
+/// of its own, and a burst of expirations must not stall a tokio worker.
+pub struct Maintenance {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Maintenance {
+    pub fn start(store: Arc<dyn CorrelationStore>, every: Duration) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("store-maintenance".into())
+            .spawn(move || {
+                while !thread_stop.load(Ordering::Acquire) {
+                    store.run_pending_tasks();
+                    std::thread::park_timeout(every);
+                }
+            })
+            .expect("spawn maintenance thread");
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Maintenance {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::event::{Outcome, Source};
+    use std::collections::BTreeMap;
+
+    /// Counts what the table reports, per flow.
+    #[derive(Default)]
+    struct Recorder {
+        counts: Mutex<BTreeMap<(String, String), i64>>,
+        durations: Mutex<Vec<f64>>,
+    }
+
+    impl Recorder {
+        fn get(&self, flow: &str, what: &str) -> i64 {
+            *self
+                .counts
+                .lock()
+                .unwrap()
+                .get(&(flow.to_string(), what.to_string()))
+                .unwrap_or(&0)
+        }
+        fn add(&self, flow: &str, what: &str) {
+            *self
+                .counts
+                .lock()
+                .unwrap()
+                .entry((flow.to_string(), what.to_string()))
+                .or_default() += 1;
+        }
+        /// started = Σ completed + incomplete + dropped + in_progress, with
+        /// in_progress = opened − closed.
+        fn in_progress(&self, flow: &str) -> i64 {
+            self.get(flow, "started")
+                - self.get(flow, "success")
+                - self.get(flow, "failure")
+                - self.get(flow, "cancelled")
+                - self.get(flow, "incomplete")
+                - self.get(flow, "dropped")
+        }
+    }
+
+    impl FlowSink for Recorder {
+        fn report(&self, report: Report<'_>) {
+            match report {
+                Report::Opened { flow, .. } => self.add(flow, "started"),
+                Report::Completed {
+                    flow,
+                    end,
+                    duration_secs,
+                    ..
+                } => {
+                    self.add(flow, end.outcome.as_str());
+                    if end.outcome == Outcome::Success {
+                        self.durations.lock().unwrap().push(duration_secs);
+                    }
+                }
+                Report::TimedOut { flow, .. } => self.add(flow, "incomplete"),
+                Report::Dropped { flow, .. } => self.add(flow, "dropped"),
+                Report::Unmatched { flow, .. } => self.add(flow, "unmatched"),
+                Report::Duplicate { kind } => self.add("*", &format!("dup_{}", kind.label())),
+            }
+        }
+    }
+
+    fn table_with(
+        timeout: Duration,
+        capacity: u64,
+        dedup: Duration,
+    ) -> (Arc<MemoryStore>, Arc<Recorder>) {
+        let rec = Arc::new(Recorder::default());
+        let table = MemoryStore::new(
+            StoreSettings {
+                capacity,
+                dedup_window: dedup,
+                timeout_for: Arc::new(move |_| timeout),
+                longest_timeout: timeout,
+            },
+            rec.clone(),
+        );
+        (Arc::new(table), rec)
+    }
+
+    /// Flow "short" times out after `short`, every other flow after ten minutes.
+    fn table_with_short_flow(capacity: u64, short: Duration) -> (Arc<MemoryStore>, Arc<Recorder>) {
+        let rec = Arc::new(Recorder::default());
+        let table = MemoryStore::new(
+            StoreSettings {
+                capacity,
+                dedup_window: Duration::from_secs(300),
+                longest_timeout: Duration::from_secs(600),
+                timeout_for: Arc::new(move |flow| {
+                    if flow == "short" {
+                        short
+                    } else {
+                        Duration::from_secs(600)
+                    }
+                }),
+            },
+            rec.clone(),
+        );
+        (Arc::new(table), rec)
+    }
+
+    fn table(timeout: Duration) -> (Arc<MemoryStore>, Arc<Recorder>) {
+        table_with(timeout, 1000, Duration::from_secs(300))
+    }
+
+    fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
+        FlowEvent {
+            flow: Arc::from(flow),
+            correlation_id: id.into(),
+            kind,
+            timestamp_nanos: ts,
+            dims: Arc::from(Vec::new()),
+            trace: None,
+            source: Source::SpanEvent,
+        }
+    }
+
+    const START: EventKind = EventKind::Start;
+    const OK: EventKind = EventKind::End(Outcome::Success);
+    const FAIL: EventKind = EventKind::End(Outcome::Failure);
+    const CANCEL: EventKind = EventKind::End(Outcome::Cancelled);
+    const SEC: u64 = 1_000_000_000;
+
+    /// Waits (bounded) for a timeout to be reported, driving housekeeping as the service
+    /// does.
+    fn settle_expiries(t: &MemoryStore, rec: &Recorder, until: impl Fn(&Recorder) -> bool) {
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while !until(rec) && Instant::now() < give_up {
+            t.run_pending_tasks();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn start_then_end_completes_with_duration() {
+        let (t, rec) = table(Duration::from_secs(60));
+        t.apply(ev("order", "1", START, 10 * SEC));
+        assert_eq!(rec.in_progress("order"), 1);
+        t.apply(ev("order", "1", OK, 12 * SEC + SEC / 2));
+        assert_eq!(rec.get("order", "started"), 1);
+        assert_eq!(rec.get("order", "success"), 1);
+        assert_eq!(rec.in_progress("order"), 0);
+        assert_eq!(*rec.durations.lock().unwrap(), vec![2.5]);
+        t.run_pending_tasks();
+        assert_eq!(t.entries(), 0);
+    }
+
+    #[test]
+    fn failure_and_cancelled_outcomes() {
+        let (t, rec) = table(Duration::from_secs(60));
+        t.apply(ev("o", "f", START, SEC));
+        t.apply(ev("o", "f", FAIL, 2 * SEC));
+        t.apply(ev("o", "c", START, SEC));
+        t.apply(ev("o", "c", CANCEL, 2 * SEC));
+        assert_eq!(rec.get("o", "failure"), 1);
+        assert_eq!(rec.get("o", "cancelled"), 1);
+        assert_eq!(rec.in_progress("o"), 0);
+    }
+
+    #[test]
+    fn end_before_start_pairs_when_the_start_arrives() {
+        let (t, rec) = table(Duration::from_secs(60));
+        t.apply(ev("order", "1", OK, 15 * SEC));
+        assert_eq!(rec.get("order", "started"), 0);
+        assert_eq!(rec.get("order", "success"), 0);
+        t.apply(ev("order", "1", START, 10 * SEC));
+        assert_eq!(rec.get("order", "started"), 1);
+        assert_eq!(rec.get("order", "success"), 1);
+        assert_eq!(*rec.durations.lock().unwrap(), vec![5.0]);
+        assert_eq!(rec.in_progress("order"), 0);
+        assert_eq!(rec.get("order", "unmatched"), 0);
+    }
+
+    #[test]
+    fn end_whose_start_never_comes_is_unmatched_only() {
+        let (t, rec) = table(Duration::from_millis(200));
+        t.apply(ev("order", "1", OK, SEC));
+        settle_expiries(&t, &rec, |r| r.get("order", "unmatched") > 0);
+        assert_eq!(rec.get("order", "unmatched"), 1);
+        assert_eq!(rec.get("order", "started"), 0);
+        assert_eq!(rec.get("order", "success"), 0);
+        assert_eq!(rec.get("order", "incomplete"), 0);
+    }
+
+    #[test]
+    fn timeout_counts_incomplete_once_and_a_late_end_is_unmatched() {
+        let (t, rec) = table(Duration::from_millis(200));
+        t.apply(ev("order", "1", START, SEC));
+        let deadline = Instant::now() + Duration::from_millis(200);
+        settle_expiries(&t, &rec, |r| r.get("order", "incomplete") > 0);
+        assert_eq!(rec.get("order", "incomplete"), 1);
+        // Counted within 2 s of the deadline (SPEC §3).
+        assert!(Instant::now() < deadline + Duration::from_secs(2));
+        assert_eq!(rec.in_progress("order"), 0);
+        t.apply(ev("order", "1", OK, 2 * SEC));
+        settle_expiries(&t, &rec, |r| r.get("order", "unmatched") > 0);
+        assert_eq!(rec.get("order", "incomplete"), 1);
+        assert_eq!(rec.get("order", "success"), 0);
+        assert_eq!(rec.get("order", "unmatched"), 1);
+        assert_eq!(rec.get("order", "started"), 1);
+    }
+
+    #[test]
+    fn late_end_racing_an_unevicted_expiry_counts_once() {
+        // No housekeeping runs between the deadline and the end: the table still holds
+        // the expired entry and its queue item. The end must not complete it, and
+        // housekeeping must not count it a second time later.
+        let (t, rec) = table(Duration::from_millis(100));
+        t.apply(ev("order", "1", START, SEC));
+        std::thread::sleep(Duration::from_millis(150));
+        t.apply(ev("order", "1", OK, 2 * SEC));
+        assert_eq!(rec.get("order", "incomplete"), 1);
+        assert_eq!(rec.get("order", "success"), 0);
+        settle_expiries(&t, &rec, |r| r.get("order", "unmatched") > 0);
+        for _ in 0..10 {
+            t.run_pending_tasks();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(rec.get("order", "incomplete"), 1);
+        assert_eq!(rec.get("order", "success"), 0);
+        assert_eq!(rec.get("order", "unmatched"), 1);
+        assert_eq!(rec.in_progress("order"), 0);
+    }
+
+    #[test]
+    fn duplicate_start_keeps_the_earliest_timestamp() {
+        let (t, rec) = table(Duration::from_secs(60));
+        t.apply(ev("o", "1", START, 10 * SEC));
+        t.apply(ev("o", "1", START, 8 * SEC));
+        t.apply(ev("o", "1", START, 12 * SEC));
+        assert_eq!(rec.get("o", "started"), 1);
+        assert_eq!(rec.get("*", "dup_start"), 2);
+        t.apply(ev("o", "1", OK, 11 * SEC));
+        assert_eq!(*rec.durations.lock().unwrap(), vec![3.0]);
+        assert_eq!(rec.in_progress("o"), 0);
+    }
+
+    #[test]
+    fn second_end_while_waiting_is_a_duplicate() {
+        let (t, rec) = table(Duration::from_secs(60));
+        t.apply(ev("o", "1", OK, 10 * SEC));
+        t.apply(ev("o", "1", FAIL, 11 * SEC));
+        assert_eq!(rec.get("*", "dup_end"), 1);
+        t.apply(ev("o", "1", START, 9 * SEC));
+        assert_eq!(rec.get("o", "success"), 1);
+        assert_eq!(rec.get("o", "failure"), 0);
+    }
+
+    #[test]
+    fn same_id_in_two_flows_is_two_instances() {
+        let (t, rec) = table(Duration::from_secs(60));
+        t.apply(ev("a", "shared", START, SEC));
+        t.apply(ev("b", "shared", START, SEC));
+        assert_eq!(rec.get("a", "started"), 1);
+        assert_eq!(rec.get("b", "started"), 1);
+        t.apply(ev("b", "shared", FAIL, 2 * SEC));
+        assert_eq!(rec.get("b", "failure"), 1);
+        assert_eq!(rec.in_progress("a"), 1);
+        assert_eq!(rec.in_progress("b"), 0);
+    }
+
+    #[test]
+    fn negative_duration_is_reported_as_such() {
+        let (t, rec) = table(Duration::from_secs(60));
+        t.apply(ev("o", "1", START, 10 * SEC));
+        t.apply(ev("o", "1", OK, 9 * SEC));
+        assert_eq!(rec.get("o", "success"), 1);
+        assert_eq!(*rec.durations.lock().unwrap(), vec![-1.0]);
+    }
+
+    #[test]
+    fn per_flow_timeouts_fire_independently() {
+        let (t, rec) = table_with_short_flow(1000, Duration::from_millis(100));
+        // The long-timeout entry arrives first and sits at the front of its own queue;
+        // it must not hold back the short one behind it.
+        t.apply(ev("long", "1", START, SEC));
+        t.apply(ev("short", "1", START, SEC));
+        settle_expiries(&t, &rec, |r| r.get("short", "incomplete") > 0);
+        assert_eq!(rec.get("short", "incomplete"), 1);
+        assert_eq!(rec.get("long", "incomplete"), 0);
+        t.run_pending_tasks();
+        assert_eq!(t.entries(), 1);
+    }
+
+    #[test]
+    fn retried_events_are_duplicates_even_after_the_instance_closed() {
+        let (t, rec) = table(Duration::from_secs(60));
+        let batch = [ev("o", "1", START, 10 * SEC), ev("o", "1", OK, 11 * SEC)];
+        for e in batch.clone() {
+            t.apply(e);
+        }
+        for e in batch {
+            t.apply(e);
+        }
+        assert_eq!(rec.get("o", "started"), 1);
+        assert_eq!(rec.get("o", "success"), 1);
+        assert_eq!(rec.get("*", "dup_start"), 1);
+        assert_eq!(rec.get("*", "dup_end"), 1);
+        // A new instance reusing the id (new timestamps) counts.
+        t.apply(ev("o", "1", START, 20 * SEC));
+        t.apply(ev("o", "1", OK, 21 * SEC));
+        assert_eq!(rec.get("o", "started"), 2);
+        assert_eq!(rec.get("o", "success"), 2);
+    }
+
+    #[test]
+    fn concurrent_load_on_a_small_table_keeps_the_invariant() {
+        // Starts race far ahead of ends through a table a third of the size needed:
+        // many instances are dropped, but every one is accounted for exactly once.
+        const N: usize = 3000;
+        let (t, rec) = table_with(Duration::from_secs(60), 1000, Duration::from_secs(300));
+        let threads: Vec<_> = (0..2)
+            .map(|n| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for i in 0..N {
+                        let kind = if n == 0 { START } else { OK };
+                        t.apply(ev("c", &i.to_string(), kind, (10 + n) * SEC));
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        t.run_pending_tasks();
+        assert_eq!(rec.get("c", "started"), N as i64);
+        assert_eq!(
+            rec.get("c", "success") + rec.get("c", "dropped") + rec.in_progress("c"),
+            N as i64
+        );
+        assert!(rec.in_progress("c") <= 1000);
+        // Ends either completed an instance, were unmatched, or still wait.
+        assert!(rec.get("c", "success") + rec.get("c", "unmatched") <= N as i64);
+    }
+
+    #[test]
+    fn concurrent_starts_and_ends_count_each_instance_once() {
+        // Threads 0 and 2 send every start, 1 and 3 every end, racing each other:
+        // each instance must complete exactly once, whatever the interleaving.
+        const N: usize = 3000;
+        let (t, rec) = table_with(Duration::from_secs(60), 100_000, Duration::from_secs(300));
+        let threads: Vec<_> = (0..4)
+            .map(|n| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for i in 0..N {
+                        let id = i.to_string();
+                        let kind = if n % 2 == 0 { START } else { OK };
+                        let ts = if n % 2 == 0 { 10 * SEC } else { 11 * SEC };
+                        t.apply(ev("c", &id, kind, ts));
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        assert_eq!(rec.get("c", "started"), N as i64);
+        assert_eq!(rec.get("c", "success"), N as i64);
+        assert_eq!(rec.in_progress("c"), 0);
+        assert_eq!(rec.get("*", "dup_start"), N as i64);
+        assert_eq!(rec.get("*", "dup_end"), N as i64);
+        assert!(rec.durations.lock().unwrap().iter().all(|d| *d == 1.0));
+    }
+
+    #[test]
+    fn a_full_store_evicts_the_least_recent_entries() {
+        let (t, rec) = table_with(Duration::from_secs(60), 100, Duration::from_secs(300));
+        for i in 0..100 {
+            t.apply(ev("o", &format!("old-{i}"), START, SEC));
+        }
+        t.run_pending_tasks();
+        for i in 0..50 {
+            t.apply(ev("o", &format!("new-{i}"), START, SEC));
+        }
+        t.run_pending_tasks();
+        assert_eq!(t.entries(), 100);
+        assert_eq!(rec.get("o", "dropped"), 50);
+        for i in 0..50 {
+            t.apply(ev("o", &format!("new-{i}"), OK, 2 * SEC));
+        }
+        assert_eq!(rec.get("o", "success"), 50);
+        // The oldest went first: old-49 is gone (its end waits), old-50 is there.
+        t.apply(ev("o", "old-49", OK, 2 * SEC));
+        t.apply(ev("o", "old-50", OK, 2 * SEC));
+        assert_eq!(
+            rec.get("o", "success"),
+            51,
+            "old-49 was evicted, old-50 was not"
+        );
+        assert_eq!(rec.get("o", "started"), 150);
+        assert_eq!(
+            rec.get("o", "success") + rec.get("o", "dropped") + rec.in_progress("o"),
+            150
+        );
+    }
+
+    #[test]
+    fn a_waiting_end_evicted_for_room_is_unmatched() {
+        let (t, rec) = table_with(Duration::from_secs(60), 10, Duration::from_secs(300));
+        t.apply(ev("late", "w", OK, SEC));
+        t.run_pending_tasks();
+        for i in 0..10 {
+            t.apply(ev("o", &i.to_string(), START, SEC));
+        }
+        t.run_pending_tasks();
+        assert_eq!(rec.get("late", "unmatched"), 1);
+        assert_eq!(rec.get("o", "dropped"), 0);
+        assert_eq!(t.entries(), 10);
+    }
+
+    #[test]
+    fn an_overdue_entry_is_timed_out_not_dropped_when_room_is_needed() {
+        let (t, rec) = table_with(Duration::from_millis(50), 2, Duration::from_secs(300));
+        t.apply(ev("o", "1", START, SEC));
+        t.apply(ev("o", "2", START, SEC));
+        std::thread::sleep(Duration::from_millis(80));
+        t.apply(ev("o", "3", START, SEC));
+        t.run_pending_tasks();
+        assert_eq!(rec.get("o", "incomplete"), 2);
+        assert_eq!(rec.get("o", "dropped"), 0);
+        assert_eq!(rec.in_progress("o"), 1);
+    }
+
+    #[test]
+    fn a_late_end_racing_an_unevicted_per_entry_expiry_counts_once() {
+        // "short" expires by its per-entry deadline (the timer wheel, which housekeeping
+        // has not reached): moka's `remove` still returns it, with cause Explicit.
+        let (t, rec) = table_with_short_flow(1000, Duration::from_millis(100));
+        t.apply(ev("short", "1", START, SEC));
+        std::thread::sleep(Duration::from_millis(150));
+        t.apply(ev("short", "1", OK, 2 * SEC));
+        assert_eq!(rec.get("short", "incomplete"), 1);
+        assert_eq!(rec.get("short", "success"), 0);
+        settle_expiries(&t, &rec, |r| r.get("short", "unmatched") > 0);
+        for _ in 0..5 {
+            t.run_pending_tasks();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(rec.get("short", "incomplete"), 1);
+        assert_eq!(rec.get("short", "unmatched"), 1);
+        assert_eq!(rec.in_progress("short"), 0);
+    }
+
+    #[test]
+    fn a_start_over_an_unevicted_expired_entry_counts_both_once() {
+        for flow in ["short", "long"] {
+            // "short": per-entry expiry (insert reports the old entry as Replaced);
+            // "long" with a store whose TTL is short: time-to-live (reported Expired).
+            let (t, rec) = if flow == "short" {
+                table_with_short_flow(1000, Duration::from_millis(100))
+            } else {
+                table_with(Duration::from_millis(100), 1000, Duration::from_secs(300))
+            };
+            t.apply(ev(flow, "1", START, SEC));
+            std::thread::sleep(Duration::from_millis(150));
+            t.apply(ev(flow, "1", START, 5 * SEC));
+            assert_eq!(rec.get(flow, "incomplete"), 1, "{flow}");
+            assert_eq!(rec.get(flow, "started"), 2, "{flow}");
+            t.apply(ev(flow, "1", OK, 6 * SEC));
+            assert_eq!(rec.get(flow, "success"), 1, "{flow}");
+            assert_eq!(*rec.durations.lock().unwrap(), vec![1.0], "{flow}");
+            for _ in 0..5 {
+                t.run_pending_tasks();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(rec.get(flow, "incomplete"), 1, "{flow}");
+            assert_eq!(rec.in_progress(flow), 0, "{flow}");
+        }
+    }
+
+    #[test]
+    fn threads_hammering_one_key_keep_the_invariant() {
+        // Four threads send starts and ends of one id with timestamps that make every
+        // pair a new instance: each instance is opened and closed exactly once.
+        const N: u64 = 2000;
+        let (t, rec) = table_with(Duration::from_secs(60), 1000, Duration::from_secs(300));
+        let threads: Vec<_> = (0..4u64)
+            .map(|n| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for i in 0..N {
+                        let kind = if n % 2 == 0 { START } else { OK };
+                        t.apply(ev("one", "same-id", kind, (i * 4 + n) * SEC));
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        t.run_pending_tasks();
+        let waiting = t.entries() as i64 - rec.in_progress("one");
+        assert!((0..=1).contains(&rec.in_progress("one")));
+        assert_eq!(
+            rec.get("one", "started"),
+            rec.get("one", "success") + rec.in_progress("one")
+        );
+        // Every end completed an instance, was a duplicate of a waiting end, or waits.
+        assert_eq!(
+            rec.get("one", "success") + rec.get("*", "dup_end") + waiting,
+            2 * N as i64
+        );
+    }
+
+    #[test]
+    fn capacity_evictions_racing_ends_count_each_instance_once() {
+        // One thread opens instances, one ends them, one runs housekeeping (which evicts
+        // from a store a tenth of the size needed) all at once.
+        const N: usize = 20_000;
+        let (t, rec) = table_with(Duration::from_secs(60), 2000, Duration::from_secs(300));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keeper = {
+            let (t, stop) = (t.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    t.run_pending_tasks();
+                }
+            })
+        };
+        let threads: Vec<_> = (0..2)
+            .map(|n| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for i in 0..N {
+                        let kind = if n == 0 { START } else { OK };
+                        t.apply(ev("c", &i.to_string(), kind, (10 + n as u64) * SEC));
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        keeper.join().unwrap();
+        t.run_pending_tasks();
+        let started = rec.get("c", "started");
+        assert_eq!(started, N as i64);
+        assert_eq!(
+            rec.get("c", "success") + rec.get("c", "dropped") + rec.in_progress("c"),
+            started
+        );
+        let waiting = t.entries() as i64 - rec.in_progress("c");
+        assert_eq!(
+            rec.get("c", "success") + rec.get("c", "unmatched") + waiting,
+            N as i64,
+            "every end completed, was unmatched, or still waits"
+        );
+        assert!(t.entries() <= 2000);
+    }
+
+    #[test]
+    fn a_burst_of_a_million_expiries_is_all_counted_once() {
+        const N: usize = 1_000_000;
+        let (t, rec) = table_with(Duration::from_millis(200), 2_000_000, Duration::ZERO);
+        let maintenance = Maintenance::start(t.clone(), Duration::from_millis(20));
+        for i in 0..N {
+            t.apply(ev("b", &i.to_string(), START, SEC));
+        }
+        let give_up = Instant::now() + Duration::from_secs(120);
+        while rec.get("b", "incomplete") < N as i64 && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(maintenance);
+        t.run_pending_tasks();
+        assert_eq!(rec.get("b", "incomplete"), N as i64);
+        assert_eq!(rec.get("b", "started"), N as i64);
+        assert_eq!(t.entries(), 0);
+    }
+}

@@ -1,0 +1,99 @@
+//! The correlation store: pairs starts with ends, times out open instances, evicts the
+//! oldest entries when full, and reports every outcome to a [`FlowSink`].
+//!
+//! The rules (SPEC §3) are the same for every backend; [`memory::MemoryStore`] keeps the
+//! instances in a moka cache inside the process. A backend shared by several replicas
+//! implements [`CorrelationStore`] beside it, and nothing in ingest or metrics changes.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
+
+pub use memory::{Maintenance, MemoryStore};
+
+/// What a store tells its sink. `flow` is the flow name; `start_dims` the dimension
+/// values captured from the start event.
+#[derive(Debug)]
+pub enum Report<'a> {
+    /// A new instance opened.
+    Opened {
+        flow: &'a Arc<str>,
+        start_dims: &'a DimValues,
+    },
+    /// An instance closed by its end event.
+    Completed {
+        flow: &'a Arc<str>,
+        start_dims: &'a DimValues,
+        end: &'a EndRecord,
+        /// end − start in seconds; negative from clock skew.
+        duration_secs: f64,
+    },
+    /// The instance's deadline passed with no end.
+    TimedOut {
+        flow: &'a Arc<str>,
+        start_dims: &'a DimValues,
+    },
+    /// The instance was evicted because the store was full.
+    Dropped {
+        flow: &'a Arc<str>,
+        start_dims: &'a DimValues,
+    },
+    /// An end waited for its start, which never came (or it was evicted while waiting).
+    Unmatched { flow: &'a Arc<str>, evicted: bool },
+    /// An event ignored as a duplicate (a second start, a second end, or a retry).
+    Duplicate { kind: EventKind },
+}
+
+/// Receives what the store decides. Implemented by the metrics registry, and by a
+/// recording sink in tests. It may be called from any thread, also from inside the
+/// store's own bookkeeping: it must not call back into the store.
+pub trait FlowSink: Send + Sync + 'static {
+    fn report(&self, report: Report<'_>);
+}
+
+/// An end event, kept while it waits for its start and handed to the sink on completion.
+#[derive(Debug, Clone)]
+pub struct EndRecord {
+    pub outcome: Outcome,
+    pub timestamp_nanos: u64,
+    pub dims: DimValues,
+    pub trace: Option<TraceRef>,
+}
+
+/// What every backend needs to know, apart from the sink.
+#[derive(Clone)]
+pub struct StoreSettings {
+    /// Open instances plus waiting ends, all flows together (`limits.max_in_flight`).
+    pub capacity: u64,
+    /// How long a handled event is remembered to recognise a retried export.
+    pub dedup_window: Duration,
+    /// Per-flow timeout lookup (`flows.default.timeout`, `flows.per_flow.*.timeout`).
+    pub timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
+    /// The longest timeout any flow can have: the store's time-to-live.
+    pub longest_timeout: Duration,
+}
+
+/// A correlation store, in process or shared. Every method is cheap to call from a
+/// request handler except [`CorrelationStore::run_pending_tasks`], which belongs on a
+/// thread of its own ([`Maintenance`]).
+pub trait CorrelationStore: Send + Sync + 'static {
+    /// Applies one export's flow events, in order (SPEC §3).
+    fn apply_batch(&self, events: &mut dyn Iterator<Item = FlowEvent>);
+
+    /// Counts and removes what is due: time-outs, capacity evictions.
+    fn run_pending_tasks(&self);
+
+    /// Entries held now: open instances plus ends waiting for their start.
+    fn entries(&self) -> u64;
+
+    /// The most entries it holds (`limits.max_in_flight`).
+    fn capacity(&self) -> u64;
+}
+
+/// end − start in seconds, exact for any two u64 timestamps.
+pub(crate) fn duration_secs(start_nanos: u64, end_nanos: u64) -> f64 {
+    (i128::from(end_nanos) - i128::from(start_nanos)) as f64 / 1e9
+}

@@ -1,0 +1,176 @@
+//! The small shared vocabulary every stage may use: flow-name rules, label names that
+//! flowmetrics reserves for itself, the transports and signals of OTLP, and why a flow
+//! event can be refused. A leaf: it imports nothing else of the crate.
+
+use std::fmt;
+
+/// The label that marks a family's overflow series (the OpenTelemetry SDK convention).
+pub const OVERFLOW_LABEL: &str = "otel_metric_overflow";
+
+/// Label names of flowmetrics' own families: a configured dimension may not take them.
+pub const RESERVED_LABELS: [&str; 5] = ["flow", "outcome", "error_reason", "le", OVERFLOW_LABEL];
+
+/// Which OTLP transport a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Http,
+    Grpc,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Grpc => "grpc",
+        }
+    }
+}
+
+/// The OTLP signal of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Logs,
+    Metrics,
+}
+
+impl Signal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Signal::Traces => "traces",
+            Signal::Logs => "logs",
+            Signal::Metrics => "metrics",
+        }
+    }
+}
+
+/// Why a flow event was refused. The label values are public (`reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    InvalidFlowName,
+    MissingCorrelationId,
+    CorrelationIdTooLong,
+    InvalidOutcome(String),
+    UnknownFlow,
+}
+
+impl Rejection {
+    /// Every `reason` label value.
+    pub const REASONS: [&'static str; 5] = [
+        "invalid_flow_name",
+        "missing_correlation_id",
+        "correlation_id_too_long",
+        "invalid_outcome",
+        "unknown_flow",
+    ];
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::InvalidFlowName => "invalid_flow_name",
+            Rejection::MissingCorrelationId => "missing_correlation_id",
+            Rejection::CorrelationIdTooLong => "correlation_id_too_long",
+            Rejection::InvalidOutcome(_) => "invalid_outcome",
+            Rejection::UnknownFlow => "unknown_flow",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::InvalidFlowName => f.write_str("invalid flow name"),
+            Rejection::MissingCorrelationId => f.write_str("missing correlation id"),
+            Rejection::CorrelationIdTooLong => f.write_str("correlation id too long"),
+            Rejection::InvalidOutcome(v) => write!(f, "invalid outcome {v:?}"),
+            Rejection::UnknownFlow => f.write_str("unknown flow"),
+        }
+    }
+}
+
+/// 1–128 characters of `[A-Za-z0-9_.:-]`.
+pub fn is_valid_flow_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Flow events refused in one request, grouped by reason for a short message.
+#[derive(Debug, Default)]
+pub struct RejectionSummary {
+    total: usize,
+    /// (count, first rejection) per reason, in order of first appearance.
+    by_reason: Vec<(usize, Rejection)>,
+}
+
+impl RejectionSummary {
+    pub fn add(&mut self, rejection: Rejection) {
+        self.total += 1;
+        match self
+            .by_reason
+            .iter_mut()
+            .find(|(_, r)| r.reason() == rejection.reason())
+        {
+            Some((n, _)) => *n += 1,
+            None => self.by_reason.push((1, rejection)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// e.g. `2 flow events rejected: 1 missing correlation id, 1 invalid outcome "done"`
+    pub fn message(&self) -> String {
+        let parts: Vec<String> = self
+            .by_reason
+            .iter()
+            .map(|(n, first)| format!("{n} {first}"))
+            .collect();
+        let noun = if self.total == 1 { "event" } else { "events" };
+        format!("{} flow {noun} rejected: {}", self.total, parts.join(", "))
+    }
+}
+
+/// Turns a configured label into a valid Prometheus label name: `[a-zA-Z_][a-zA-Z0-9_]*`.
+pub fn sanitize_label_name(raw: &str) -> String {
+    let mut out: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_groups_by_reason() {
+        let mut s = RejectionSummary::default();
+        s.add(Rejection::MissingCorrelationId);
+        s.add(Rejection::InvalidOutcome("done".into()));
+        assert_eq!(
+            s.message(),
+            "2 flow events rejected: 1 missing correlation id, 1 invalid outcome \"done\""
+        );
+        s.add(Rejection::MissingCorrelationId);
+        assert_eq!(
+            s.message(),
+            "3 flow events rejected: 2 missing correlation id, 1 invalid outcome \"done\""
+        );
+    }
+
+    #[test]
+    fn label_names_are_sanitised() {
+        assert_eq!(sanitize_label_name("service.name"), "service_name");
+        assert_eq!(sanitize_label_name("1abc"), "_1abc");
+    }
+}
