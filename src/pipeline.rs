@@ -79,7 +79,7 @@ impl Pipeline {
     }
 
     /// A protobuf `ExportTraceServiceRequest`, decoded selectively (see
-    /// [`crate::ingest::selective`]). A malformed body changes nothing.
+    /// [`crate::flows::scan`]). A malformed body changes nothing.
     pub fn traces_protobuf(
         &self,
         body: &[u8],

@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -568,9 +569,46 @@ async fn concurrent_clients_counters_match_exactly() {
             }
         }));
     }
+    // Scraped all along: every exposition satisfies the invariant of SPEC §3.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let done = done.clone();
+        let metrics = format!("http://{}/metrics", app.metrics);
+        tokio::spawn(async move {
+            let mut scrapes = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || scrapes == 0 {
+                let m = parse_samples(
+                    &common::request(Method::GET, &metrics, &[], Bytes::new())
+                        .await
+                        .text(),
+                );
+                let get = |s: &str| m.get(s).copied().unwrap_or(0.0);
+                let started = get(r#"flowmetrics_flows_started_total{flow="conc"}"#);
+                let closed: f64 = ["success", "failure", "cancelled"]
+                    .iter()
+                    .map(|o| {
+                        get(&format!(
+                            r#"flowmetrics_flows_completed_total{{flow="conc",outcome="{o}"}}"#
+                        ))
+                    })
+                    .sum::<f64>()
+                    + get(
+                        r#"flowmetrics_flow_errors_total{flow="conc",error_reason="incomplete"}"#,
+                    )
+                    + get(r#"flowmetrics_flows_dropped_total{flow="conc",reason="capacity"}"#)
+                    + get(r#"flowmetrics_flows_in_progress{flow="conc"}"#);
+                assert_eq!(started, closed, "invariant broken at scrape {scrapes}");
+                scrapes += 1;
+            }
+            scrapes
+        })
+    };
     for t in tasks {
         t.await.unwrap();
     }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.await.unwrap();
+    assert!(scrapes > 0);
     let total = (CLIENTS * FLOWS_PER_CLIENT) as f64;
     let m = scrape(&app).await;
     let get = |s: &str| value(&m, s);

@@ -53,6 +53,9 @@ pub struct MetricsSettings {
 
 pub struct Metrics {
     registry: Registry,
+    /// Makes each report atomic to a scrape (the invariant of SPEC §3 holds in every
+    /// exposition): reports hold one stripe for reading, a scrape holds all for writing.
+    gate: ScrapeGate,
     /// Length of the last `/metrics` body, to size the next one.
     last_encoded_len: AtomicUsize,
     /// No dimension values (families without start or end dimensions).
@@ -292,6 +295,7 @@ impl Metrics {
         }
         Self {
             registry,
+            gate: ScrapeGate::default(),
             last_encoded_len: AtomicUsize::new(0),
             no_dims: Arc::from([]),
             empty_end_dims: end_dims.iter().map(|_| Arc::from("")).collect(),
@@ -323,7 +327,9 @@ impl Metrics {
         // copied through a dozen reallocations.
         let last = self.last_encoded_len.load(Ordering::Relaxed);
         let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
+        let quiet = self.gate.close();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        drop(quiet);
         self.last_encoded_len.store(out.len(), Ordering::Relaxed);
         out
     }
@@ -411,6 +417,7 @@ fn kind_index(kind: EventKind) -> usize {
 
 impl FlowSink for Metrics {
     fn report(&self, report: Report<'_>) {
+        let _open = self.gate.enter();
         match report {
             Report::Opened { flow, start_dims } => {
                 let started = SeriesRef {
@@ -458,6 +465,41 @@ impl FlowSink for Metrics {
                 self.duplicates[kind_index(kind)].inc();
             }
         }
+    }
+}
+
+/// A reader-writer lock split into cache-line-sized stripes, so that reports from
+/// different threads do not contend on one lock word; a scrape takes every stripe.
+#[derive(Default)]
+struct ScrapeGate {
+    stripes: [Stripe; GATE_STRIPES],
+}
+
+const GATE_STRIPES: usize = 16;
+
+#[derive(Default)]
+#[repr(align(64))]
+struct Stripe(std::sync::RwLock<()>);
+
+thread_local! {
+    /// This thread's stripe, assigned round robin.
+    static STRIPE: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % GATE_STRIPES
+    };
+}
+
+impl ScrapeGate {
+    fn enter(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        let stripe = &self.stripes[STRIPE.with(|s| *s)].0;
+        stripe.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn close(&self) -> Vec<std::sync::RwLockWriteGuard<'_, ()>> {
+        self.stripes
+            .iter()
+            .map(|s| s.0.write().unwrap_or_else(|p| p.into_inner()))
+            .collect()
     }
 }
 
