@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use flowmetrics::config::Config;
 use flowmetrics::flows::event::{DimValues, EventKind, FlowEvent, Outcome, Source, TraceRef};
-use flowmetrics::flows::store::{EndRecord, Maintenance};
+use flowmetrics::flows::store::{CacheBaseline, EndRecord, Maintenance};
 use flowmetrics::flows::{
     CorrelationStore, Extractor, FlowSink, MemoryStore, Report, StoreSettings,
 };
@@ -123,6 +123,51 @@ pub fn pipeline(t: &Template, budget: Budget) -> Throughput {
         secs,
         housekeeping.as_secs_f64() / secs.max(1e-9),
     )
+}
+
+/// moka alone: the store's cache exactly as the store builds it, on this thread, with
+/// the flow workload's steady instance pattern (each batch opens `starts` instances
+/// and closes those opened `LAG` batches earlier): one insert per start, one remove per
+/// end, housekeeping every 100 ms as in [`pipeline`]. Keys are precomputed.
+pub fn moka_alone(t: &Template, budget: Budget) -> Throughput {
+    let config = Config::default();
+    let cache = CacheBaseline::new(settings::store(&config), Arc::new(NoSink));
+    let per_batch = t.events / 2;
+    let key = |batch: u64, i: u64| {
+        // Distinct, well-spread 128-bit keys (the store's are hashes too).
+        let n = batch * per_batch + i;
+        u128::from(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)) << 64 | u128::from(n)
+    };
+    let batch_ops = |b: u64| {
+        for i in 0..per_batch {
+            cache.start(key(b, i), b);
+            if b >= LAG {
+                cache.end(key(b - LAG, i));
+            }
+        }
+    };
+    for b in 0..LAG {
+        batch_ops(b);
+    }
+    let started = Instant::now();
+    let mut last_housekeeping = Instant::now();
+    let mut batches = 0;
+    while batches < budget.max_batches && started.elapsed() < budget.max_time {
+        batch_ops(LAG + batches);
+        if last_housekeeping.elapsed() >= Duration::from_millis(100) {
+            cache.run_pending_tasks();
+            last_housekeeping = Instant::now();
+        }
+        batches += 1;
+    }
+    throughput(t, batches, started.elapsed().as_secs_f64(), 0.0)
+}
+
+/// A sink that records nothing (the baseline measures the cache alone).
+struct NoSink;
+
+impl FlowSink for NoSink {
+    fn report(&self, _: Report<'_>) {}
 }
 
 pub struct Encode {

@@ -213,12 +213,14 @@ impl Row {
 struct Baselines {
     flow: f64,
     sparse: f64,
+    rare: f64,
 }
 
 impl Baselines {
     fn for_shape(&self, shape: Shape) -> f64 {
         match shape {
             Shape::Sparse => self.sparse,
+            Shape::Rare => self.rare,
             _ => self.flow,
         }
     }
@@ -248,6 +250,7 @@ fn main() {
     let started = Instant::now();
     let flow = Arc::new(Template::new(Shape::Flow));
     let sparse = Arc::new(Template::new(Shape::Sparse));
+    let rare = Arc::new(Template::new(Shape::Rare));
     let starts = Arc::new(Template::new(Shape::StartsOnly));
     let machine = machine();
     eprintln!(
@@ -266,13 +269,16 @@ fn main() {
         .unwrap_or(server::LOAD_CPU);
     let b_flow = on_worker(inproc_cpu, || inproc::baseline(&flow, sizes.inproc));
     let b_sparse = on_worker(inproc_cpu, || inproc::baseline(&sparse, sizes.inproc));
+    let b_rare = on_worker(inproc_cpu, || inproc::baseline(&rare, sizes.inproc));
     let baselines = Baselines {
         flow: b_flow.spans_per_sec,
         sparse: b_sparse.spans_per_sec,
+        rare: b_rare.spans_per_sec,
     };
     for (t, b, id) in [
         (&flow, &b_flow, "baseline_flow"),
         (&sparse, &b_sparse, "baseline_sparse"),
+        (&rare, &b_rare, "baseline_rare"),
     ] {
         let mut row = Row::new(
             2,
@@ -286,10 +292,32 @@ fn main() {
         rows.push(row);
     }
 
+    // (2b) moka alone: the store's exact cache, one insert per start, one remove per
+    // end. The flow workload's correlation cost can be no lower than this.
+    progress("baseline: moka alone");
+    let moka = on_worker(inproc_cpu, || inproc::moka_alone(&flow, sizes.inproc));
+    {
+        let mut row = Row::new(
+            2,
+            "baseline_moka_alone",
+            "baseline: moka alone (the store's cache, 1 insert/start, 1 remove/end), 1 thread"
+                .to_string(),
+            moka.events_per_sec,
+            "events/s",
+        );
+        row.ratio = Some(1.0);
+        row.notes = format!("{} batches in {:.2} s", moka.batches, moka.secs);
+        rows.push(row);
+    }
+
     // (3) Pipeline in process.
     if wants("pipeline") {
         progress("pipeline in process");
-        for (t, id) in [(&flow, "pipeline_flow"), (&sparse, "pipeline_sparse")] {
+        for (t, id) in [
+            (&flow, "pipeline_flow"),
+            (&sparse, "pipeline_sparse"),
+            (&rare, "pipeline_rare"),
+        ] {
             let p = on_worker(inproc_cpu, || inproc::pipeline(t, sizes.inproc));
             let (value, unit) = rate_for(t, p.events_per_sec, p.spans_per_sec);
             let mut row = Row::new(
@@ -300,8 +328,16 @@ fn main() {
                 unit,
             );
             row.ratio = Some(p.spans_per_sec / baselines.for_shape(t.shape));
+            let vs_moka = if t.shape == Shape::Flow {
+                format!(
+                    "; {:.2}x moka alone",
+                    p.events_per_sec / moka.events_per_sec
+                )
+            } else {
+                String::new()
+            };
             row.notes = format!(
-                "{:.0} spans/s; table housekeeping {:.0}% of time; {} batches",
+                "{:.0} spans/s{vs_moka}; store housekeeping {:.0}% of time; {} batches",
                 p.spans_per_sec,
                 p.housekeeping_share * 100.0,
                 p.batches
@@ -329,13 +365,19 @@ fn main() {
     let mut e2e_protobuf = None;
     if let (true, Some(bin)) = (wants("e2e"), &binary) {
         let default_config = base_config("", "");
-        let runs: [(&'static str, &str, Wire, &Arc<Template>); 4] = [
+        let runs: [(&'static str, &str, Wire, &Arc<Template>); 5] = [
             ("e2e_http_protobuf", "HTTP/protobuf", Wire::Protobuf, &flow),
             (
                 "e2e_http_protobuf_sparse",
                 "HTTP/protobuf",
                 Wire::Protobuf,
                 &sparse,
+            ),
+            (
+                "e2e_http_protobuf_rare",
+                "HTTP/protobuf",
+                Wire::Protobuf,
+                &rare,
             ),
             ("e2e_http_gzip", "HTTP/protobuf+gzip", Wire::Protobuf, &flow),
             ("e2e_grpc", "gRPC", Wire::Grpc, &flow),
@@ -388,6 +430,11 @@ fn main() {
             row.notes = format!("{}; {body_note}", row.notes);
             if id == "e2e_http_protobuf" {
                 e2e_protobuf = Some(r.events_per_sec);
+                row.notes = format!(
+                    "{}; {:.2}x moka alone",
+                    row.notes,
+                    r.events_per_sec / moka.events_per_sec
+                );
             }
             rows.push(row);
         }
@@ -601,7 +648,7 @@ fn progress(what: &str) {
 /// events/s for workloads with events on every span, spans/s for the sparse one.
 fn rate_for(t: &Template, events: f64, spans: f64) -> (f64, &'static str) {
     match t.shape {
-        Shape::Sparse => (spans, "spans/s"),
+        Shape::Sparse | Shape::Rare => (spans, "spans/s"),
         _ => (events, "events/s"),
     }
 }

@@ -33,8 +33,10 @@ const BASE_TIME: u64 = 1_750_000_000_000_000_000;
 pub enum Shape {
     /// Every span carries one flow event; starts and ends alternate (steady state).
     Flow,
-    /// One span in ten carries a flow event, the rest none (the common case).
+    /// One span in ten carries a flow event, the rest none.
     Sparse,
+    /// One span in a hundred carries a flow event: the usual production density.
+    Rare,
     /// Every span carries a start event of a new instance (memory runs).
     StartsOnly,
 }
@@ -44,6 +46,7 @@ impl Shape {
         match self {
             Shape::Flow => "flow (1 event/span)",
             Shape::Sparse => "sparse (10% spans with event)",
+            Shape::Rare => "rare (1% spans with event)",
             Shape::StartsOnly => "starts only",
         }
     }
@@ -191,6 +194,7 @@ impl Template {
             let carries = match shape {
                 Shape::Flow | Shape::StartsOnly => true,
                 Shape::Sparse => n.is_multiple_of(10),
+                Shape::Rare => n.is_multiple_of(100),
             };
             let event = carries.then(|| {
                 let (start, pair) = slot_role(shape, slot);
@@ -319,5 +323,6 @@ mod tests {
         assert_eq!(id(1), id_text(500));
         let sparse = Template::new(Shape::Sparse);
         assert_eq!(sparse.events, 100);
+        assert_eq!(Template::new(Shape::Rare).events, 10);
     }
 }

@@ -131,38 +131,7 @@ impl MemoryStore {
         let clock = Clock {
             epoch: Instant::now(),
         };
-        let ttl = settings
-            .longest_timeout
-            .clamp(Duration::from_millis(1), LONGEST_TTL);
-        let listener_sink = sink.clone();
-        let last_warning = Mutex::new(None::<Instant>);
-        let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| match cause {
-            // The store's own removal: the caller settles it.
-            RemovalCause::Explicit => {}
-            RemovalCause::Expired => {
-                EXPIRED_IN_REMOVE.with(|cell| {
-                    if let Some((watched, _)) = cell.get() {
-                        if watched == *key {
-                            cell.set(Some((watched, true)));
-                        }
-                    }
-                });
-                report_gone(&*listener_sink, &slot, Gone::TimedOut);
-            }
-            // Only an entry past its per-entry deadline is ever replaced (see above).
-            RemovalCause::Replaced => report_gone(&*listener_sink, &slot, Gone::TimedOut),
-            RemovalCause::Size => {
-                warn_evicted(&last_warning, &slot.flow);
-                report_gone(&*listener_sink, &slot, Gone::Evicted);
-            }
-        };
-        let cache = Cache::builder()
-            .max_capacity(settings.capacity)
-            .eviction_policy(EvictionPolicy::lru())
-            .time_to_live(ttl)
-            .expire_after(Deadlines { clock, ttl })
-            .eviction_listener(listener)
-            .build_with_hasher(RandomState::default());
+        let cache = build_cache(&settings, clock, sink.clone());
         // Remember every event of a full store for the window, at least.
         let per_shard = usize::try_from(settings.capacity.saturating_mul(2))
             .unwrap_or(usize::MAX)
@@ -204,11 +173,15 @@ impl MemoryStore {
 
     /// Applies one flow event (SPEC §3).
     pub fn apply(&self, event: FlowEvent) {
+        self.apply_at(event, self.clock.now());
+    }
+
+    /// Applies one flow event received at `now` (the store's clock).
+    fn apply_at(&self, event: FlowEvent, now: u64) {
         use std::hash::BuildHasher;
         let key = self.key(&event.flow, &event.correlation_id);
         let is_start = event.kind == EventKind::Start;
         let fingerprint = self.key_hashers[0].hash_one((key, is_start, event.timestamp_nanos));
-        let now = self.clock.now();
         let mut recent = self.shard(key);
         if recent.check_and_remember(fingerprint, now) == Seen::Again {
             self.sink.report(Report::Duplicate { kind: event.kind });
@@ -224,6 +197,11 @@ impl MemoryStore {
             ..
         } = event;
         match kind {
+            // Most starts open a new instance: `contains_key` answers that without
+            // cloning a value or recording an access, as `get` would.
+            EventKind::Start if !self.cache.contains_key(&key) => {
+                self.open(key, flow, timestamp_nanos, dims, now)
+            }
             EventKind::Start => match self.cache.get(&key).map(|slot| slot.state) {
                 None => self.open(key, flow, timestamp_nanos, dims, now),
                 Some(SlotState::Open { start_nanos, .. }) => {
@@ -340,10 +318,102 @@ impl MemoryStore {
     }
 }
 
+/// The cache every store uses: bounded, LRU, the longest timeout as time-to-live, a
+/// per-entry expiry for earlier deadlines, and the listener that counts what moka
+/// removes on its own.
+fn build_cache(
+    settings: &StoreSettings,
+    clock: Clock,
+    sink: Arc<dyn FlowSink>,
+) -> Cache<Key, Slot, RandomState> {
+    let ttl = settings
+        .longest_timeout
+        .clamp(Duration::from_millis(1), LONGEST_TTL);
+    let last_warning = Mutex::new(None::<Instant>);
+    let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| match cause {
+        // The store's own removal: the caller settles it.
+        RemovalCause::Explicit => {}
+        RemovalCause::Expired => {
+            EXPIRED_IN_REMOVE.with(|cell| {
+                if let Some((watched, _)) = cell.get() {
+                    if watched == *key {
+                        cell.set(Some((watched, true)));
+                    }
+                }
+            });
+            report_gone(&*sink, &slot, Gone::TimedOut);
+        }
+        // Only an entry past its per-entry deadline is ever replaced (see above).
+        RemovalCause::Replaced => report_gone(&*sink, &slot, Gone::TimedOut),
+        RemovalCause::Size => {
+            warn_evicted(&last_warning, &slot.flow);
+            report_gone(&*sink, &slot, Gone::Evicted);
+        }
+    };
+    Cache::builder()
+        .max_capacity(settings.capacity)
+        .eviction_policy(EvictionPolicy::lru())
+        .time_to_live(ttl)
+        .expire_after(Deadlines { clock, ttl })
+        .eviction_listener(listener)
+        .build_with_hasher(RandomState::default())
+}
+
+/// The store's moka cache alone, built exactly as the store builds it (capacity,
+/// policy, expiry, listener, key and value types): the benchmark's baseline, one insert
+/// per start and one remove per end.
+#[doc(hidden)]
+pub struct CacheBaseline {
+    cache: Cache<Key, Slot, RandomState>,
+    clock: Clock,
+    flow: Arc<str>,
+    dims: DimValues,
+    timeout_nanos: u64,
+}
+
+impl CacheBaseline {
+    pub fn new(settings: StoreSettings, sink: Arc<dyn FlowSink>) -> Self {
+        let clock = Clock {
+            epoch: Instant::now(),
+        };
+        let timeout_nanos =
+            u64::try_from((settings.timeout_for)("baseline").as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            cache: build_cache(&settings, clock, sink),
+            clock,
+            flow: Arc::from("baseline"),
+            dims: Arc::from([]),
+            timeout_nanos,
+        }
+    }
+
+    pub fn start(&self, key: u128, start_nanos: u64) {
+        let slot = Slot {
+            flow: self.flow.clone(),
+            deadline: self.clock.now().saturating_add(self.timeout_nanos),
+            state: SlotState::Open {
+                start_nanos,
+                dims: self.dims.clone(),
+            },
+        };
+        self.cache.insert(key, slot);
+    }
+
+    pub fn end(&self, key: u128) -> bool {
+        self.cache.remove(&key).is_some()
+    }
+
+    pub fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
+    }
+}
+
 impl CorrelationStore for MemoryStore {
     fn apply_batch(&self, events: &mut dyn Iterator<Item = FlowEvent>) {
+        // One clock reading per export: its events arrived together.
+        let now = self.clock.now();
         for event in events {
-            self.apply(event);
+            self.apply_at(event, now);
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 
-pub use memory::{Maintenance, MemoryStore};
+pub use memory::{CacheBaseline, Maintenance, MemoryStore};
 
 /// What a store tells its sink. `flow` is the flow name; `start_dims` the dimension
 /// values captured from the start event.
