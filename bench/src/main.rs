@@ -47,6 +47,8 @@ Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
   --profile-pipeline N   run only N batches through the in-process pipeline (for
                  valgrind --tool=callgrind --toggle-collect='*measured_batch*')
   --profile-sparse N     the same with the sparse workload (1 span in 10 with an event)
+  --profile-moka N       only the moka-alone baseline for N batches (valgrind
+                 --toggle-collect='*moka_alone*')
 ";
 
 struct Args {
@@ -55,6 +57,7 @@ struct Args {
     only: Option<Vec<String>>,
     server: Option<PathBuf>,
     profile: Option<(Shape, u64)>,
+    profile_moka: Option<u64>,
     steady: Option<Duration>,
 }
 
@@ -65,6 +68,7 @@ fn parse_args() -> Result<Args, String> {
         only: None,
         server: None,
         profile: None,
+        profile_moka: None,
         steady: None,
     };
     let mut it = std::env::args().skip(1);
@@ -96,6 +100,10 @@ fn parse_args() -> Result<Args, String> {
                 };
                 let batches = value(&arg)?.parse().map_err(|e| format!("{arg}: {e}"))?;
                 args.profile = Some((shape, batches))
+            }
+            "--profile-moka" => {
+                let batches = value(&arg)?.parse().map_err(|e| format!("{arg}: {e}"))?;
+                args.profile_moka = Some(batches);
             }
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -236,6 +244,16 @@ fn main() {
     };
     if let Some((shape, batches)) = args.profile {
         profile(shape, batches);
+        return;
+    }
+    if let Some(batches) = args.profile_moka {
+        let t = Template::new(Shape::Flow);
+        let budget = inproc::Budget {
+            max_batches: batches,
+            max_time: Duration::from_secs(3600),
+        };
+        let r = inproc::moka_alone(&t, budget);
+        eprintln!("profiled moka alone: {} batches", r.batches);
         return;
     }
     let mut sizes = Sizes::new(args.quick);
