@@ -257,3 +257,73 @@ fn a_family_without_series_is_not_exposed() {
         "{text}"
     );
 }
+
+#[test]
+fn a_new_flow_has_its_outcome_and_error_series_at_zero() {
+    let mut config = Config::default();
+    config.dimensions = vec![Dimension {
+        label: "region".into(),
+        attribute: "app.region".into(),
+        from: DimensionSource::Start,
+        default: None,
+    }];
+    let m = Metrics::new(crate::settings::metrics(&config));
+    let flow: Arc<str> = Arc::from("order");
+    m.report(Report::Opened {
+        flow: &flow,
+        start_dims: &dims(&["eu"]),
+    });
+    let text = m.encode(1);
+    for series in [
+        r#"flowmetrics_flows_completed_total{flow="order",outcome="success",region="eu"} 0"#,
+        r#"flowmetrics_flows_completed_total{flow="order",outcome="failure",region="eu"} 0"#,
+        r#"flowmetrics_flows_completed_total{flow="order",outcome="cancelled",region="eu"} 0"#,
+        r#"flowmetrics_flow_errors_total{flow="order",error_reason="failure",region="eu"} 0"#,
+        r#"flowmetrics_flow_errors_total{flow="order",error_reason="incomplete",region="eu"} 0"#,
+        r#"flowmetrics_flows_started_total{flow="order",region="eu"} 1"#,
+        r#"flowmetrics_flows_in_progress{flow="order"} 1"#,
+        "flowmetrics_in_flight_capacity 1000000",
+    ] {
+        assert!(text.contains(&format!("{series}\n")), "{series}\n{text}");
+    }
+}
+
+#[test]
+fn with_end_dimensions_outcomes_appear_with_the_first_end() {
+    // The end's labels are unknown at the start: the zero series come with the first
+    // end of each (start, end) label set, not with empty end labels.
+    let m = Metrics::new(crate::settings::metrics(&config()));
+    let flow: Arc<str> = Arc::from("login");
+    let (eu, ok) = (dims(&["eu"]), dims(&["200"]));
+    m.report(Report::Opened {
+        flow: &flow,
+        start_dims: &eu,
+    });
+    let text = m.encode(1);
+    assert!(
+        !text.contains(r#"flowmetrics_flows_completed_total{flow="login""#),
+        "{text}"
+    );
+    assert!(text.contains(
+        "flowmetrics_flow_errors_total{flow=\"login\",error_reason=\"incomplete\",region=\"eu\",http_code=\"\"} 0\n"
+    ));
+    let end = EndRecord {
+        outcome: Outcome::Cancelled,
+        timestamp_nanos: 2,
+        dims: ok,
+        trace: None,
+    };
+    m.report(Report::Completed {
+        flow: &flow,
+        start_dims: &eu,
+        end: &end,
+        duration_secs: 1.0,
+    });
+    let text = m.encode(0);
+    for outcome in ["success", "failure"] {
+        let series = format!(
+            "flowmetrics_flows_completed_total{{flow=\"login\",outcome=\"{outcome}\",region=\"eu\",http_code=\"200\"}} 0\n"
+        );
+        assert!(text.contains(&series), "{series}{text}");
+    }
+}
