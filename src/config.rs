@@ -170,6 +170,10 @@ pub struct Limits {
     pub max_request_body_bytes: usize,
     #[serde(with = "duration")]
     pub dedup_window: Duration,
+    /// `off` (None) or how long a label set may go without a recording before its
+    /// series are removed.
+    #[serde(with = "off_or_duration")]
+    pub series_idle_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -179,6 +183,7 @@ impl Default for Limits {
             max_series_per_metric: 10_000,
             max_request_body_bytes: 64 * 1024 * 1024,
             dedup_window: Duration::from_secs(300),
+            series_idle_timeout: None,
         }
     }
 }
@@ -284,6 +289,16 @@ impl Config {
             fail(
                 "listen.metrics",
                 "the metrics listener cannot be disabled".into(),
+            )?;
+        }
+        if self
+            .limits
+            .series_idle_timeout
+            .is_some_and(|t| t < Duration::from_secs(1))
+        {
+            fail(
+                "limits.series_idle_timeout",
+                "must be off or at least 1s".into(),
             )?;
         }
         for (key, value) in [
@@ -628,6 +643,44 @@ mod opt_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         super::duration::deserialize(d).map(Some)
+    }
+}
+
+/// `off` (also `false`, `none`, `""`) or a duration.
+mod off_or_duration {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Off(bool),
+            S(String),
+            Other(serde_yaml::Value),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Off(false) => Ok(None),
+            Raw::Off(true) => Err(serde::de::Error::custom(
+                "expected off or a duration like 1h",
+            )),
+            Raw::S(s) if matches!(s.trim().to_ascii_lowercase().as_str(), "off" | "none" | "") => {
+                Ok(None)
+            }
+            Raw::S(s) => {
+                super::duration::deserialize(serde::de::value::StrDeserializer::<D::Error>::new(&s))
+                    .map(Some)
+            }
+            Raw::Other(v) => super::duration::deserialize(v)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
     }
 }
 

@@ -123,6 +123,22 @@ impl App {
             tracing::info!("OTLP/gRPC: disabled (listen.otlp_grpc is empty)");
         }
 
+        // The metrics' clock and idle-series removal (limits.series_idle_timeout).
+        {
+            let metrics = metrics.clone();
+            let mut stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => metrics.housekeeping(),
+                        _ = server::stopped(&mut stop) => break,
+                    }
+                }
+            }));
+        }
+
         ready.store(true, Ordering::Release);
         Ok(RunningApp {
             otlp_http,

@@ -84,5 +84,7 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         default_buckets: config.flows.default.buckets.clone(),
         per_flow_buckets,
         in_flight_capacity: config.limits.max_in_flight,
+        series_idle_timeout: config.limits.series_idle_timeout,
+        longest_flow_timeout: store(config).longest_timeout,
     }
 }

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -46,12 +47,23 @@ pub struct SeriesRef<'a> {
 
 /// A series' labels, owned: what prometheus-client's encoder writes for it.
 #[derive(Debug)]
-struct SeriesLabels {
+pub struct SeriesLabels {
     layout: Arc<Layout>,
     flow: Arc<str>,
     extra: Option<&'static str>,
     start: DimValues,
     end: DimValues,
+}
+
+impl SeriesLabels {
+    pub fn flow(&self) -> &Arc<str> {
+        &self.flow
+    }
+
+    /// The start dimension values (empty when the family has none).
+    pub fn start(&self) -> &DimValues {
+        &self.start
+    }
 }
 
 impl EncodeLabelSet for SeriesLabels {
@@ -174,6 +186,8 @@ struct Series<M> {
     hash: u64,
     labels: SeriesLabels,
     metric: M,
+    /// The family clock's reading at the last recording (or creation).
+    touched: AtomicU64,
 }
 
 struct Inner<M> {
@@ -188,6 +202,8 @@ struct Inner<M> {
     overflow_series: OnceLock<M>,
     make: Constructor<M>,
     overflow: Arc<OverflowReporter>,
+    /// A coarse clock shared by the families (seconds), for idle series.
+    clock: Arc<AtomicU64>,
 }
 
 impl<M> std::fmt::Debug for LimitedFamily<M> {
@@ -204,6 +220,7 @@ impl<M> LimitedFamily<M> {
         max_series: usize,
         layout: Layout,
         overflow: Arc<OverflowReporter>,
+        clock: Arc<AtomicU64>,
         make: impl Fn(Option<&str>) -> M + Send + Sync + 'static,
     ) -> Self {
         Self {
@@ -216,6 +233,7 @@ impl<M> LimitedFamily<M> {
                 overflow_series: OnceLock::new(),
                 make: Box::new(make),
                 overflow,
+                clock,
             }),
         }
     }
@@ -239,6 +257,11 @@ impl<M> LimitedFamily<M> {
         {
             let series = this.series.read().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = series.find(hash, |s| labels.matches(&s.labels)) {
+                // Written only when the clock moved: the line stays clean between ticks.
+                let now = this.clock.load(Ordering::Relaxed);
+                if s.touched.load(Ordering::Relaxed) != now {
+                    s.touched.store(now, Ordering::Relaxed);
+                }
                 return f(&s.metric);
             }
             // The family never shrinks: full now means full for good.
@@ -259,10 +282,32 @@ impl<M> LimitedFamily<M> {
             hash,
             labels: labels.to_labels(&this.layout),
             metric: (this.make)(Some(&**labels.flow)),
+            touched: AtomicU64::new(this.clock.load(Ordering::Relaxed)),
         };
         let entry = series.insert_unique(hash, new, |s| s.hash);
         *created = true;
         f(&entry.get().metric)
+    }
+
+    /// Calls `f` with every series' labels and the clock reading of its last recording.
+    pub fn for_each(&self, mut f: impl FnMut(&SeriesLabels, u64)) {
+        let series = self.inner.series.read().unwrap_or_else(|p| p.into_inner());
+        for s in series.iter() {
+            f(&s.labels, s.touched.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Removes the series for which `keep` (labels, last recording, metric) is false,
+    /// freeing their places under the limit; returns how many went.
+    pub fn retain(&self, mut keep: impl FnMut(&SeriesLabels, u64, &M) -> bool) -> usize {
+        let mut series = self.inner.series.write().unwrap_or_else(|p| p.into_inner());
+        let before = series.len();
+        series.retain(|s| keep(&s.labels, s.touched.load(Ordering::Relaxed), &s.metric));
+        let removed = before - series.len();
+        if removed > 0 && series.len() < series.capacity() / 4 {
+            series.shrink_to_fit(|s| s.hash);
+        }
+        removed
     }
 
     fn fold<R>(&self, f: impl FnOnce(&M) -> R) -> R {
@@ -331,7 +376,10 @@ mod tests {
         let folds = Counter::default();
         let f2 = folds.clone();
         let reporter = Arc::new(OverflowReporter::new(move |_| f2.clone()));
-        let fam = LimitedFamily::new("x_total", max, layout, reporter, |_| Counter::default());
+        let clock = Arc::new(AtomicU64::new(0));
+        let fam = LimitedFamily::new("x_total", max, layout, reporter, clock, |_| {
+            Counter::default()
+        });
         (fam, folds)
     }
 
@@ -438,14 +486,22 @@ mod tests {
             start_dims: names(&["region", "tier"]),
             end_dims: names(&["code"]),
         };
-        let fam = LimitedFamily::new("d_seconds", 10, layout, reporter, |flow: Option<&str>| {
-            let buckets: &[f64] = if flow == Some("checkout") {
-                &[0.5]
-            } else {
-                &[1.0, 2.0]
-            };
-            Histogram::new(buckets.iter().copied())
-        });
+        let clock = Arc::new(AtomicU64::new(0));
+        let fam = LimitedFamily::new(
+            "d_seconds",
+            10,
+            layout,
+            reporter,
+            clock,
+            |flow: Option<&str>| {
+                let buckets: &[f64] = if flow == Some("checkout") {
+                    &[0.5]
+                } else {
+                    &[1.0, 2.0]
+                };
+                Histogram::new(buckets.iter().copied())
+            },
+        );
         let flow: Arc<str> = Arc::from("checkout");
         let (start, end) = (dims(&["eu", "a\"b\\c\nd"]), dims(&["200"]));
         let key = SeriesRef {

@@ -11,8 +11,10 @@ mod family;
 mod process;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -49,6 +51,11 @@ pub struct MetricsSettings {
     pub per_flow_buckets: HashMap<String, Vec<f64>>,
     /// `limits.max_in_flight`, exposed as `flowmetrics_in_flight_capacity`.
     pub in_flight_capacity: u64,
+    /// `limits.series_idle_timeout`: label sets without a recording this long go.
+    pub series_idle_timeout: Option<Duration>,
+    /// The longest flow timeout: an instance can stay open this long without a
+    /// recording, so no label set is idle sooner.
+    pub longest_flow_timeout: Duration,
 }
 
 pub struct Metrics {
@@ -63,6 +70,13 @@ pub struct Metrics {
     /// One empty value per end dimension: series whose instance had no end.
     empty_end_dims: DimValues,
     has_end_dims: bool,
+    /// Seconds since start, advanced by [`Metrics::housekeeping`]; families stamp each
+    /// series with it when they record.
+    clock: Arc<AtomicU64>,
+    started_at: Instant,
+    /// Seconds a label set may go without a recording (none: never removed).
+    idle_secs: Option<u64>,
+    last_prune: AtomicU64,
 
     flows_started: LimitedFamily<Counter>,
     flows_completed: LimitedFamily<ExemplarCounter>,
@@ -116,8 +130,11 @@ impl Metrics {
             start_dims: start_dims.clone(),
             end_dims: end_dims.clone(),
         };
+        let clock = Arc::new(AtomicU64::new(0));
         let counter = |name, layout| {
-            LimitedFamily::new(name, max, layout, overflow.clone(), |_| Counter::default())
+            LimitedFamily::new(name, max, layout, overflow.clone(), clock.clone(), |_| {
+                Counter::default()
+            })
         };
 
         let flows_started = counter(
@@ -137,6 +154,7 @@ impl Metrics {
             max,
             with_dims(Some("outcome")),
             overflow.clone(),
+            clock.clone(),
             |_| ExemplarCounter::default(),
         );
         registry.register(
@@ -162,6 +180,7 @@ impl Metrics {
             max,
             with_dims(None),
             overflow.clone(),
+            clock.clone(),
             move |flow: Option<&str>| {
                 let buckets = flow
                     .and_then(|f| per_flow.get(f))
@@ -180,6 +199,7 @@ impl Metrics {
             max,
             flow_only.clone(),
             overflow.clone(),
+            clock.clone(),
             |_| Gauge::default(),
         );
         registry.register(
@@ -300,6 +320,12 @@ impl Metrics {
             no_dims: Arc::from([]),
             empty_end_dims: end_dims.iter().map(|_| Arc::from("")).collect(),
             has_end_dims: !end_dims.is_empty(),
+            clock,
+            started_at: Instant::now(),
+            idle_secs: settings
+                .series_idle_timeout
+                .map(|t| t.max(settings.longest_flow_timeout).as_secs().max(1)),
+            last_prune: AtomicU64::new(0),
             flows_started,
             flows_completed,
             flow_errors,
@@ -332,6 +358,58 @@ impl Metrics {
         drop(quiet);
         self.last_encoded_len.store(out.len(), Ordering::Relaxed);
         out
+    }
+
+    /// Call about once a second: advances the families' clock and removes label sets
+    /// idle for `limits.series_idle_timeout` (checked every tenth of it).
+    pub fn housekeeping(&self) {
+        let now = self.started_at.elapsed().as_secs();
+        self.clock.store(now, Ordering::Relaxed);
+        let Some(idle) = self.idle_secs else { return };
+        let every = (idle / 10).clamp(1, 60);
+        if now.saturating_sub(self.last_prune.load(Ordering::Relaxed)) >= every {
+            self.last_prune.store(now, Ordering::Relaxed);
+            let removed = self.remove_idle(now.saturating_sub(idle));
+            if removed > 0 {
+                tracing::debug!(removed, "idle series removed (limits.series_idle_timeout)");
+            }
+        }
+    }
+
+    /// Removes, from every family, the label sets (flow, start dimensions) with no
+    /// recording after `cutoff` in any family, then the per-flow series of flows left
+    /// with no label set, unless they moved after `cutoff` or instances are open. Each
+    /// removal takes a whole label set, so the invariant of SPEC §3 still holds; a
+    /// label set that comes back starts again from 0 (a counter reset to Prometheus).
+    fn remove_idle(&self, cutoff: u64) -> usize {
+        let _quiet = self.gate.close();
+        let mut active: HashSet<(Arc<str>, DimValues)> = HashSet::new();
+        let mut note = |labels: &family::SeriesLabels, touched: u64| {
+            if touched > cutoff {
+                active.insert((labels.flow().clone(), labels.start().clone()));
+            }
+        };
+        self.flows_started.for_each(&mut note);
+        self.flows_completed.for_each(&mut note);
+        self.flow_errors.for_each(&mut note);
+        self.flow_duration.for_each(&mut note);
+        let keep = |labels: &family::SeriesLabels| {
+            active.contains(&(labels.flow().clone(), labels.start().clone()))
+        };
+        let mut removed = self.flows_started.retain(|l, _, _| keep(l));
+        removed += self.flows_completed.retain(|l, _, _| keep(l));
+        removed += self.flow_errors.retain(|l, _, _| keep(l));
+        removed += self.flow_duration.retain(|l, _, _| keep(l));
+        let flows: HashSet<Arc<str>> = active.into_iter().map(|(flow, _)| flow).collect();
+        let keep_flow =
+            |l: &family::SeriesLabels, touched: u64| flows.contains(l.flow()) || touched > cutoff;
+        removed += self
+            .flows_in_progress
+            .retain(|l, t, g| keep_flow(l, t) || g.get() != 0);
+        removed += self.flows_dropped.retain(|l, t, _| keep_flow(l, t));
+        removed += self.unmatched_ends.retain(|l, t, _| keep_flow(l, t));
+        removed += self.negative_durations.retain(|l, t, _| keep_flow(l, t));
+        removed
     }
 
     pub fn event_accepted(&self, kind: EventKind, source: Source) {

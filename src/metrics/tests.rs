@@ -327,3 +327,64 @@ fn with_end_dimensions_outcomes_appear_with_the_first_end() {
         assert!(text.contains(&series), "{series}{text}");
     }
 }
+
+#[test]
+fn idle_label_sets_are_removed_from_every_family_and_free_their_place() {
+    let mut config = Config::default();
+    // Three flows fill flows_completed (three outcome series each).
+    config.limits.max_series_per_metric = 9;
+    config.limits.series_idle_timeout = Some(std::time::Duration::from_secs(60));
+    config.flows.default.timeout = std::time::Duration::from_secs(10);
+    let m = Metrics::new(crate::settings::metrics(&config));
+    assert_eq!(m.idle_secs, Some(60));
+    let none = dims(&[]);
+    let run = |m: &Metrics, name: &str, close: bool| {
+        let flow: Arc<str> = Arc::from(name);
+        m.report(Report::Opened {
+            flow: &flow,
+            start_dims: &none,
+        });
+        if close {
+            let end = EndRecord {
+                outcome: Outcome::Success,
+                timestamp_nanos: 2,
+                dims: none.clone(),
+                trace: None,
+            };
+            m.report(Report::Completed {
+                flow: &flow,
+                start_dims: &none,
+                end: &end,
+                duration_secs: 1.0,
+            });
+        }
+    };
+    // t = 0: "old" runs once and closes; "open" stays open.
+    run(&m, "old", true);
+    run(&m, "open", false);
+    // t = 100: "busy" is recorded; "old" and "open" have been idle for 100 s.
+    m.clock.store(100, Ordering::Relaxed);
+    run(&m, "busy", true);
+    let removed = m.remove_idle(100 - 60);
+    assert!(removed > 0);
+    let text = m.encode(1);
+    assert!(!text.contains("flow=\"old\""), "{text}");
+    assert!(
+        text.contains("flowmetrics_flows_started_total{flow=\"busy\"} 1\n"),
+        "{text}"
+    );
+    // The open instance keeps its in-progress series (its label set's counters went:
+    // when it closes, they start again from 0, a reset to Prometheus).
+    assert!(
+        text.contains("flowmetrics_flows_in_progress{flow=\"open\"} 1\n"),
+        "{text}"
+    );
+    // The freed places take new label sets instead of the overflow series.
+    run(&m, "new", true);
+    let text = m.encode(1);
+    assert!(
+        text.contains("flowmetrics_flows_started_total{flow=\"new\"} 1\n"),
+        "{text}"
+    );
+    assert!(!text.contains("otel_metric_overflow"), "{text}");
+}
