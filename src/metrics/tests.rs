@@ -260,13 +260,15 @@ fn a_family_without_series_is_not_exposed() {
 
 #[test]
 fn a_new_flow_has_its_outcome_and_error_series_at_zero() {
-    let mut config = Config::default();
-    config.dimensions = vec![Dimension {
-        label: "region".into(),
-        attribute: "app.region".into(),
-        from: DimensionSource::Start,
-        default: None,
-    }];
+    let config = Config {
+        dimensions: vec![Dimension {
+            label: "region".into(),
+            attribute: "app.region".into(),
+            from: DimensionSource::Start,
+            default: None,
+        }],
+        ..Config::default()
+    };
     let m = Metrics::new(crate::settings::metrics(&config));
     let flow: Arc<str> = Arc::from("order");
     m.report(Report::Opened {
