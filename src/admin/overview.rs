@@ -95,10 +95,10 @@ pub fn totals_from_exposition(text: &str) -> Vec<FlowTotals> {
                 Some("cancelled") => totals.completed_cancelled += count(),
                 _ => {}
             },
-            "flowmetrics_flow_errors_total" => {
-                if sample.label("error_reason") == Some("incomplete") {
-                    totals.incomplete += count();
-                }
+            "flowmetrics_flow_errors_total"
+                if sample.label("error_reason") == Some("incomplete") =>
+            {
+                totals.incomplete += count();
             }
             "flowmetrics_flows_in_progress" => totals.in_progress += sample.value as i64,
             "flowmetrics_flows_dropped_total" => totals.dropped += count(),
