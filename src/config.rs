@@ -512,7 +512,7 @@ fn describe_kind(kind: &figment::error::Kind) -> String {
         Kind::UnknownVariant(found, expected) => {
             format!("{found:?} is not one of: {}", expected.join(", "))
         }
-        Kind::UnknownField(_, expected) if expected.is_empty() => "unknown key".into(),
+        Kind::UnknownField(_, &[]) => "unknown key".into(),
         Kind::UnknownField(_, expected) => {
             format!("unknown key; expected one of: {}", expected.join(", "))
         }
