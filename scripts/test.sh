@@ -8,34 +8,10 @@
 # "N passed, N failed", over all of them. Extra arguments go to `cargo test`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-venv=${FLOWMETRICS_TEST_VENV:-.venv-test}
-requirements=scripts/test-requirements.txt
-
-make_venv() { python3 -m venv "$venv" >/dev/null 2>&1; }
-if [ ! -x "$venv/bin/python3" ]; then
-  echo "test.sh: creating the test virtualenv $venv"
-  rm -rf "$venv"
-  if ! make_venv; then
-    # Debian ships venv (ensurepip) separately.
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "test.sh: python3 -m venv failed; installing python3-venv (Debian)"
-      rm -rf "$venv"
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && make_venv
-    fi
-  fi
-  [ -x "$venv/bin/python3" ] || { echo "test.sh: cannot create $venv (python3 -m venv; on Debian: apt-get install python3-venv)"; echo "0 passed, 1 failed"; exit 1; }
-fi
-stamp=$venv/.requirements
-if ! cmp -s "$requirements" "$stamp"; then
-  echo "test.sh: installing $requirements into $venv"
-  if "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check -r "$requirements"; then
-    cp "$requirements" "$stamp"
-  else
-    echo "test.sh: pip install into $venv failed"; echo "0 passed, 1 failed"; exit 1
-  fi
-fi
-# Tests run `python3`: the virtualenv's.
-export PATH="$PWD/$venv/bin:$PATH" VIRTUAL_ENV="$PWD/$venv"
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh
+# Tests run `python3`: ensure_venv puts the virtualenv's first on PATH.
+ensure_venv scripts/test-requirements.txt || { echo "0 passed, 1 failed"; exit 1; }
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
