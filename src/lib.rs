@@ -73,9 +73,10 @@ impl App {
 
         let metrics_listener = bind(&config.listen.metrics, "listen.metrics").await?;
         let metrics_addr = metrics_listener.local_addr()?;
+        let entries = table.clone();
         let overview = admin::Overview::start(
             metrics.clone(),
-            table.clone(),
+            move || entries.len(),
             admin::overview::SAMPLE_INTERVAL,
             stop.clone(),
         );

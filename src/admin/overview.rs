@@ -12,7 +12,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::flows::FlowTable;
 use crate::metrics::Metrics;
 
 /// How often the history takes a sample.
@@ -259,7 +258,8 @@ struct Snapshot {
 /// The sampled history and what the page needs from it.
 pub struct Overview {
     metrics: Arc<Metrics>,
-    table: Arc<FlowTable>,
+    /// Entries in the correlation table, for [`Metrics::encode`].
+    entries: Box<dyn Fn() -> u64 + Send + Sync>,
     interval: Duration,
     samples: Mutex<VecDeque<Snapshot>>,
 }
@@ -268,13 +268,13 @@ impl Overview {
     /// Takes a first sample now and one every `interval` until `stop` turns true.
     pub fn start(
         metrics: Arc<Metrics>,
-        table: Arc<FlowTable>,
+        entries: impl Fn() -> u64 + Send + Sync + 'static,
         interval: Duration,
         mut stop: watch::Receiver<bool>,
     ) -> Arc<Overview> {
         let overview = Arc::new(Overview {
             metrics,
-            table,
+            entries: Box::new(entries),
             interval,
             samples: Mutex::new(VecDeque::with_capacity(MAX_SAMPLES)),
         });
@@ -299,7 +299,7 @@ impl Overview {
     }
 
     fn current(&self) -> Vec<FlowTotals> {
-        flow_totals(&self.metrics, self.table.len())
+        flow_totals(&self.metrics, (self.entries)())
     }
 
     fn sample(&self) {
