@@ -1,14 +1,35 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, and integration tests that start flowmetrics on
 # loopback and talk OTLP/HTTP, OTLP/gRPC and real OpenTelemetry SDK exporters to it.
-# Installs the one test prerequisite it needs (the OpenMetrics reference parser, from
-# PyPI) when it is missing.
-set -euo pipefail
+#
+# Its one Python prerequisite (the OpenMetrics reference parser, scripts/test-requirements.txt)
+# goes into a virtualenv this script owns, .venv-test/ (or $FLOWMETRICS_TEST_VENV), never
+# into the system Python. Runs every suite (--no-fail-fast) and ends with one line,
+# "N passed, N failed", over all of them. Extra arguments go to `cargo test`.
+set -uo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh
+# Tests run `python3`: ensure_venv puts the virtualenv's first on PATH.
+ensure_venv scripts/test-requirements.txt || { echo "0 passed, 1 failed"; exit 1; }
 
-if ! python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
-  echo "test.sh: installing prometheus-client (OpenMetrics reference parser) from PyPI"
-  python3 -m pip install --quiet --disable-pip-version-check prometheus-client
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --all-targets --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+
+# One "test result: ok. 12 passed; 0 failed; ..." line per suite.
+read -r passed failed < <(awk '
+  /^test result:/ {
+    for (i = 1; i <= NF; i++) {
+      if ($(i) ~ /^passed;?$/) p += $(i-1)
+      if ($(i) ~ /^failed;?$/) f += $(i-1)
+    }
+  }
+  END { print p + 0, f + 0 }' "$log")
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
+  echo "test.sh: cargo test failed (exit $status) without a failing test: a build error?"
+  failed=1
 fi
-
-cargo test --workspace --all-targets "$@"
+echo "$passed passed, $failed failed"
+[ "$status" -eq 0 ] && [ "$failed" -eq 0 ]

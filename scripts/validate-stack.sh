@@ -2,9 +2,10 @@
 # Static validation of the observability stack (no Docker engine, no Grafana needed):
 #   - Grafana dashboards: structural lint (scripts/validate_dashboards.py)
 #   - Grafana provisioning files: parse, point at the paths compose.yaml mounts
-#   - compose.yaml: the Compose Specification JSON schema (check-jsonschema, installed from
-#     PyPI when missing; schema from ../shared/schemas/compose-spec.json or
-#     $COMPOSE_SPEC_SCHEMA), and `docker-compose config -q` when docker-compose is installed
+#   - compose.yaml: the Compose Specification JSON schema (scripts/schemas/compose-spec.json,
+#     or $COMPOSE_SPEC_SCHEMA) with check-jsonschema (scripts/stack-requirements.txt,
+#     installed into the scripts' virtualenv .venv-test/), and `docker-compose config -q`
+#     (Debian's docker-compose, installed with apt-get when missing; needs no Docker engine)
 #   - Dockerfile / .dockerignore: builds both release binaries, keeps the workspace in
 #     the build context, pins images, runs as non-root
 # Prints PASS/FAIL lines; exits 1 on any FAIL.
@@ -42,23 +43,28 @@ raise SystemExit(0 if ok else 1)
 PY
 
 # ---- compose.yaml
-schema=${COMPOSE_SPEC_SCHEMA:-../shared/schemas/compose-spec.json}
-if [ -f "$schema" ]; then
-  if ! command -v check-jsonschema >/dev/null; then
-    python3 -m pip install --quiet --disable-pip-version-check check-jsonschema >/dev/null 2>&1 ||
-      echo "validate-stack: could not install check-jsonschema from PyPI"
-  fi
-  if command -v check-jsonschema >/dev/null; then
-    if out=$(check-jsonschema --schemafile "$schema" compose.yaml 2>&1); then
-      pass "compose.yaml valid against the Compose Specification schema"
-    else echo "$out"; fail "compose.yaml against the Compose Specification schema"; fi
-  else fail "check-jsonschema unavailable: compose.yaml not validated"; fi
+schema=${COMPOSE_SPEC_SCHEMA:-scripts/schemas/compose-spec.json}
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh
+if [ ! -f "$schema" ]; then
+  fail "no Compose Specification schema at $schema"
+elif ! ensure_venv scripts/stack-requirements.txt; then
+  fail "check-jsonschema unavailable: compose.yaml not validated against the schema"
+elif out=$(check-jsonschema --schemafile "$schema" compose.yaml 2>&1); then
+  pass "compose.yaml valid against the Compose Specification schema ($schema)"
 else
-  echo "SKIP compose.yaml schema check: no $schema (set COMPOSE_SPEC_SCHEMA)"
+  echo "$out"; fail "compose.yaml against the Compose Specification schema"
 fi
-if command -v docker-compose >/dev/null; then
-  if out=$(docker-compose -f compose.yaml config -q 2>&1); then pass "docker-compose config -q"
-  else echo "$out"; fail "docker-compose config -q"; fi
+if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "validate-stack: installing docker-compose (Debian package)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; } >/dev/null 2>&1
+fi
+if ! command -v docker-compose >/dev/null; then
+  fail "docker-compose unavailable (apt-get install docker-compose): compose.yaml not checked"
+elif out=$(docker-compose -f compose.yaml config -q 2>&1); then
+  pass "docker-compose config -q"
+else
+  echo "$out"; fail "docker-compose config -q"
 fi
 unpinned=$(grep -E '^\s+image:' compose.yaml | grep -v 'flowmetrics:local' | grep -Ev ':[vV]?[0-9]+\.[0-9]+\.[0-9]+' || true)
 if [ -z "$unpinned" ]; then pass "compose.yaml: third-party images pinned to x.y.z versions"

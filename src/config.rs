@@ -236,7 +236,7 @@ impl Config {
         if let Some(path) = file {
             if !path.exists() {
                 return Err(ConfigError(format!(
-                    "config file {} does not exist",
+                    "config file {}: does not exist",
                     path.display()
                 )));
             }
@@ -249,7 +249,7 @@ impl Config {
         figment = figment.merge(EnvVars(env_vars));
         let config: Config = figment
             .extract()
-            .map_err(|e| ConfigError(describe_figment_error(e)))?;
+            .map_err(|e| ConfigError(describe_figment_error(e, &figment)))?;
         config.validate(&figment)?;
         Ok(config)
     }
@@ -266,15 +266,14 @@ impl Config {
     }
 
     fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
+        // `key` in the notation of every config error: `a.b`, `list[0].c`, `map["x.y"]`.
         let fail = |key: &str, msg: String| -> Result<(), ConfigError> {
-            let source = figment
-                .find_metadata(key)
-                .map(|m| match &m.source {
-                    Some(src) => format!("{} ({src})", m.name),
-                    None => m.name.to_string(),
-                })
-                .unwrap_or_else(|| "defaults".into());
-            Err(ConfigError(format!("invalid `{key}` from {source}: {msg}")))
+            let path = parse_key(key);
+            let source = source_of(figment, &path);
+            Err(ConfigError(format!(
+                "{} {source}: {msg}",
+                render_key(&path)
+            )))
         };
         for (key, value) in [
             ("listen.otlp_http", &self.listen.otlp_http),
@@ -338,18 +337,19 @@ impl Config {
         )
         .or_else(|(k, m)| fail(&k, m))?;
         for (name, over) in &self.flows.per_flow {
+            let flow_key = render_key(&[
+                KeySeg::Key("flows".into()),
+                KeySeg::Key("per_flow".into()),
+                KeySeg::Key(name.clone()),
+            ]);
             if !is_valid_flow_name(name) {
                 fail(
-                    &format!("flows.per_flow.{name}"),
+                    &flow_key,
                     "flow names are 1-128 characters of [A-Za-z0-9_.:-]".into(),
                 )?;
             }
-            check_flow_settings(
-                &format!("flows.per_flow.{name}"),
-                over.timeout,
-                over.buckets.as_ref(),
-            )
-            .or_else(|(k, m)| fail(&k, m))?;
+            check_flow_settings(&flow_key, over.timeout, over.buckets.as_ref())
+                .or_else(|(k, m)| fail(&k, m))?;
         }
         if !self.flows.allow_unknown && self.flows.per_flow.is_empty() {
             fail(
@@ -457,31 +457,247 @@ fn check_flow_settings(
     Ok(())
 }
 
-/// Every problem at once, each as "`key` from SOURCE: what is wrong".
-fn describe_figment_error(err: figment::Error) -> String {
+/// Every problem at once, each as "KEY SOURCE: what is wrong", e.g.
+/// `flows.default.timeout from environment variable FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT:
+/// "soon" is not a duration (…)` or `dimensions[0].labl in config file fm.yaml: unknown
+/// key; expected one of: label, attribute, from, default`.
+fn describe_figment_error(err: figment::Error, figment: &Figment) -> String {
     err.into_iter()
         .map(|e| {
-            let key = if e.path.is_empty() {
-                "(top level)".to_string()
-            } else {
-                e.path.join(".")
-            };
+            let mut path = key_path(figment, &e.path);
             let source = match &e.metadata {
-                Some(m) if m.source.is_none() => {
-                    let path: Vec<&str> = e.path.iter().map(String::as_str).collect();
-                    format!(
-                        "{} {}",
-                        m.name,
-                        m.interpolate(&figment::Profile::Default, &path)
-                    )
-                }
-                Some(m) => format!("{} {}", m.name, m.source.as_ref().expect("checked")),
-                None => "defaults".to_string(),
+                Some(m) => describe_source(m, &path),
+                None => source_of(figment, &path),
             };
-            format!("`{key}` from {source}: {}", e.kind)
+            let message = match &e.kind {
+                figment::error::Kind::MissingField(field) => {
+                    path.push(KeySeg::Key(field.to_string()));
+                    "is required".to_string()
+                }
+                kind => describe_kind(kind),
+            };
+            if path.is_empty() {
+                // Nothing was read: the file itself is the problem (YAML syntax).
+                let file = e
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.source.as_ref())
+                    .and_then(figment::Source::file_path);
+                return match file {
+                    Some(p) => format!("config file {}: not valid YAML: {message}", p.display()),
+                    None => format!("configuration {source}: {message}"),
+                };
+            }
+            format!("{} {source}: {message}", render_key(&path))
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// What went wrong, in words, without serde's backticks.
+fn describe_kind(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::Message(m) => m.clone(),
+        Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
+            format!(
+                "{} is not {}",
+                describe_actual(actual),
+                describe_expected(expected)
+            )
+        }
+        Kind::InvalidLength(n, expected) => format!("has {n} items, expected {expected}"),
+        Kind::UnknownVariant(found, expected) => {
+            format!("{found:?} is not one of: {}", expected.join(", "))
+        }
+        Kind::UnknownField(_, &[]) => "unknown key".into(),
+        Kind::UnknownField(_, expected) => {
+            format!("unknown key; expected one of: {}", expected.join(", "))
+        }
+        Kind::MissingField(field) => format!("{field} is required"),
+        Kind::DuplicateField(field) => format!("{field} is given twice"),
+        Kind::ISizeOutOfRange(_) | Kind::USizeOutOfRange(_) => "is out of range".into(),
+        Kind::Unsupported(actual) => format!("{} is not supported here", describe_actual(actual)),
+        Kind::UnsupportedKey(actual, _) => {
+            format!("{} cannot be a key", describe_actual(actual))
+        }
+    }
+}
+
+fn describe_actual(actual: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(b) => b.to_string(),
+        Actual::Unsigned(n) => n.to_string(),
+        Actual::Signed(n) => n.to_string(),
+        Actual::Float(f) => f.to_string(),
+        Actual::Char(c) => format!("{:?}", c.to_string()),
+        Actual::Str(s) => format!("{s:?}"),
+        Actual::Bytes(_) => "a byte string".into(),
+        Actual::Unit | Actual::Option => "an empty value".into(),
+        Actual::Seq => "a list".into(),
+        Actual::Map => "a mapping".into(),
+        Actual::Other(o) => o.clone(),
+        _ => "this value".into(),
+    }
+}
+
+/// serde's "expected" (a Rust type name, often) as a reader would put it.
+fn describe_expected(expected: &str) -> String {
+    let e = expected.trim_matches('`');
+    match e {
+        "f32" | "f64" => "a number".into(),
+        "u8" | "u16" | "u32" | "u64" | "u128" | "usize" => "a whole number (0 or more)".into(),
+        "i8" | "i16" | "i32" | "i64" | "i128" | "isize" => "a whole number".into(),
+        "bool" | "a boolean" => "true or false".into(),
+        "a string" | "string" | "a borrowed string" => "a string".into(),
+        "a sequence" => "a list".into(),
+        "a map" => "a mapping".into(),
+        _ if e.starts_with("struct ") || e.starts_with("a map") => "a mapping (nested keys)".into(),
+        _ if e.starts_with("enum ") => "one of the allowed values".into(),
+        _ => e.replace('`', ""),
+    }
+}
+
+/// One step of a config key: a mapping key or a list index.
+#[derive(Debug, Clone, PartialEq)]
+enum KeySeg {
+    Key(String),
+    Index(usize),
+}
+
+/// `a.b`, `list[0].c`, and `map["x.y"]` for keys that are not plain words (flow names
+/// may hold dots and colons).
+fn render_key(path: &[KeySeg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            KeySeg::Index(i) => {
+                let _ = fmt::Write::write_fmt(&mut out, format_args!("[{i}]"));
+            }
+            KeySeg::Key(k)
+                if !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+            {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            KeySeg::Key(k) => {
+                let _ = fmt::Write::write_fmt(&mut out, format_args!("[{k:?}]"));
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`render_key`], for the keys validation names.
+fn parse_key(key: &str) -> Vec<KeySeg> {
+    let mut path = Vec::new();
+    let mut rest = key;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("[\"") {
+            // A quoted key: up to the closing `"]` (flow names hold no quotes).
+            let end = after.find("\"]").unwrap_or(after.len());
+            path.push(KeySeg::Key(after[..end].to_string()));
+            rest = after.get(end + 2..).unwrap_or("");
+        } else if let Some(after) = rest.strip_prefix('[') {
+            let end = after.find(']').unwrap_or(after.len());
+            match after[..end].parse() {
+                Ok(i) => path.push(KeySeg::Index(i)),
+                Err(_) => path.push(KeySeg::Key(after[..end].to_string())),
+            }
+            rest = after.get(end + 1..).unwrap_or("");
+        } else {
+            let rest_trimmed = rest.strip_prefix('.').unwrap_or(rest);
+            let end = rest_trimmed.find(['.', '[']).unwrap_or(rest_trimmed.len());
+            path.push(KeySeg::Key(rest_trimmed[..end].to_string()));
+            rest = &rest_trimmed[end..];
+        }
+    }
+    path
+}
+
+/// figment's error path (all strings) with list indices told apart from mapping keys by
+/// looking at the merged value.
+fn key_path(figment: &Figment, raw: &[String]) -> Vec<KeySeg> {
+    let mut value = raw.first().and_then(|first| figment.find_value(first).ok());
+    let mut path = Vec::new();
+    for (i, seg) in raw.iter().enumerate() {
+        let is_index =
+            i > 0 && matches!(value, Some(Value::Array(..))) && seg.parse::<usize>().is_ok();
+        if i > 0 {
+            value = match (value, is_index) {
+                (Some(Value::Array(_, items)), true) => seg
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|n| items.into_iter().nth(n)),
+                (Some(Value::Dict(_, mut dict)), false) => dict.remove(seg),
+                _ => None,
+            };
+        }
+        path.push(if is_index {
+            KeySeg::Index(seg.parse().expect("checked"))
+        } else {
+            KeySeg::Key(seg.clone())
+        });
+    }
+    path
+}
+
+/// Where the value at `path` came from: the deepest value along the path that the
+/// merged configuration holds (a list element reports its list's source).
+fn source_of(figment: &Figment, path: &[KeySeg]) -> String {
+    let Some(KeySeg::Key(first)) = path.first() else {
+        return "in the built-in defaults".into();
+    };
+    let Ok(mut value) = figment.find_value(first) else {
+        return "in the built-in defaults".into();
+    };
+    let mut tag = value.tag();
+    for seg in &path[1..] {
+        let next = match (value, seg) {
+            (Value::Dict(_, mut dict), KeySeg::Key(k)) => dict.remove(k),
+            (Value::Array(_, items), KeySeg::Index(i)) => items.into_iter().nth(*i),
+            _ => None,
+        };
+        match next {
+            Some(v) => {
+                tag = v.tag();
+                value = v;
+            }
+            None => break,
+        }
+    }
+    match figment.get_metadata(tag) {
+        Some(m) => describe_source(m, path),
+        None => "in the built-in defaults".into(),
+    }
+}
+
+/// "in config file PATH", "from environment variable NAME" or "in the built-in defaults".
+fn describe_source(m: &figment::Metadata, path: &[KeySeg]) -> String {
+    match &m.source {
+        Some(figment::Source::File(p)) => format!("in config file {}", p.display()),
+        Some(_) => "in the built-in defaults".into(),
+        None => {
+            let keys: Vec<String> = path
+                .iter()
+                .map(|s| match s {
+                    KeySeg::Key(k) => k.clone(),
+                    KeySeg::Index(i) => i.to_string(),
+                })
+                .collect();
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            format!(
+                "from {} {}",
+                m.name,
+                m.interpolate(&figment::Profile::Default, &keys)
+            )
+        }
+    }
 }
 
 /// `FLOWMETRICS_*` variables as a figment provider. Values are type-sniffed as figment's
@@ -569,7 +785,9 @@ fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         F(f64),
         B(bool),
     }
-    Ok(match Raw::deserialize(d)? {
+    let raw =
+        Raw::deserialize(d).map_err(|_: D::Error| serde::de::Error::custom("expected a string"))?;
+    Ok(match raw {
         Raw::S(s) => s,
         Raw::I(i) => i.to_string(),
         Raw::U(u) => u.to_string(),
@@ -591,7 +809,9 @@ fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
         List(Vec<Item>),
         One(Item),
     }
-    let items = match Raw::deserialize(d)? {
+    let raw = Raw::deserialize(d)
+        .map_err(|_: D::Error| serde::de::Error::custom("expected a list of strings"))?;
+    let items = match raw {
         Raw::List(v) => v,
         Raw::One(i) => vec![i],
     };
@@ -620,14 +840,32 @@ mod duration {
             U(u64),
             F(f64),
         }
-        match Raw::deserialize(d)? {
+        let raw = Raw::deserialize(d).map_err(|_: D::Error| {
+            serde::de::Error::custom("expected a duration like 90s, 5m or 1h30m")
+        })?;
+        match raw {
             Raw::S(s) => humantime::parse_duration(s.trim()).map_err(|e| {
-                serde::de::Error::custom(format!("{s:?} is not a duration like 90s or 5m: {e}"))
+                serde::de::Error::custom(format!(
+                    "{s:?} is not a duration ({}); write a number and a unit, like 90s, 5m or 1h30m",
+                    duration_problem(&e)
+                ))
             }),
             Raw::U(u) => Ok(Duration::from_secs(u)),
             Raw::F(f) if f.is_finite() && f >= 0.0 => Ok(Duration::from_secs_f64(f)),
             Raw::F(f) => Err(serde::de::Error::custom(format!("{f} is not a duration"))),
         }
+    }
+}
+
+/// humantime's error without its character offsets.
+fn duration_problem(e: &humantime::DurationError) -> String {
+    use humantime::DurationError as E;
+    match e {
+        E::InvalidCharacter(_) => "unexpected character".into(),
+        E::NumberExpected(_) => "a number is missing".into(),
+        E::UnknownUnit { unit, .. } => format!("unknown unit {unit:?}"),
+        E::NumberOverflow => "too long".into(),
+        E::Empty => "empty".into(),
     }
 }
 

@@ -77,17 +77,27 @@ impl App {
 
         let metrics_listener = bind(&config.listen.metrics, "listen.metrics").await?;
         let metrics_addr = metrics_listener.local_addr()?;
+        let entries = store.clone();
+        let overview = admin::Overview::start(
+            metrics.clone(),
+            move || entries.entries(),
+            admin::overview::SAMPLE_INTERVAL,
+            stop.clone(),
+        );
         let admin = admin::Admin {
             metrics: metrics.clone(),
             store: store.clone(),
             ready: ready.clone(),
+            overview,
         };
         tasks.push(tokio::spawn(server::serve(
             metrics_listener,
             move |req| admin.clone().handle(req),
             stop.clone(),
         )));
-        tracing::info!("metrics: http://{metrics_addr}/metrics (also /healthz, /readyz)");
+        tracing::info!(
+            "metrics: http://{metrics_addr}/metrics (also /healthz, /readyz; overview at /)"
+        );
 
         let mut otlp_http = None;
         if !config.listen.otlp_http.is_empty() {

@@ -1,5 +1,6 @@
 //! The `flowmetrics` command: `run` (the default) and `check-config`.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -63,8 +64,13 @@ fn init_logging(config: &Config) {
                 .parse()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         });
+    // Colour only for a person at a terminal: not in files, pipes, journald or
+    // `docker logs`; NO_COLOR (https://no-color.org) turns it off there too.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),

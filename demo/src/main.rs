@@ -78,6 +78,9 @@ OPTIONS:
                            the same flows [default: derived from the clock, printed]
     --max-latency D        cap on a flow's start-to-end latency; also bounds how long
                            the exit waits for in-flight flows [default: 30s]
+    --progress D           print a progress line this often (flows started and
+                           ended per flow, exports OK/failed, rate); 0 turns it
+                           off [default: 5s]
     --summary PATH         write what was sent as JSON:
                            {\"flows\":{\"checkout\":{\"started\":N,\"success\":N,
                            \"failure\":N,\"cancelled\":N,\"unfinished\":N},...}}
@@ -87,9 +90,11 @@ OPTIONS:
 EXIT:
     When --duration is over, or on SIGINT/SIGTERM, no new flows start; flows in flight
     still get their end (the wait is bounded by --max-latency plus 3s), then the
-    providers are flushed and shut down, the summary is written and a one-line summary
+    providers are flushed and shut down, the summary is written and a summary table
     goes to stderr. A second SIGINT/SIGTERM stops waiting: flows still in flight count as
-    unfinished.
+    unfinished. A failed export is reported at once with the endpoint and the cause
+    (e.g. `connection refused at http://127.0.0.1:4318`), later ones in the progress
+    lines.
     Exit status: 0 on success, 1 when an export failed, 2 on bad arguments.
 
 EXAMPLES:
@@ -123,6 +128,8 @@ struct Args {
     seed: u64,
     summary: Option<PathBuf>,
     max_latency: Duration,
+    /// `None`: no progress lines.
+    progress: Option<Duration>,
 }
 
 enum Parsed {
@@ -146,6 +153,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> 
     let mut seed = None;
     let mut summary = None;
     let mut max_latency = Duration::from_secs(30);
+    let mut progress = Some(Duration::from_secs(5));
 
     while let Some(arg) = argv.next() {
         if arg == "-h" || arg == "--help" {
@@ -163,6 +171,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> 
             "--seed",
             "--summary",
             "--max-latency",
+            "--progress",
         ];
         if !known.contains(&flag.as_str()) {
             return Err(format!("unknown argument {arg:?}"));
@@ -209,6 +218,10 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> 
                     return Err("--max-latency must be at least 1ms".into());
                 }
             }
+            "--progress" => {
+                let d = parse_duration("--progress", &value)?;
+                progress = (!d.is_zero()).then_some(d.max(Duration::from_millis(100)));
+            }
             _ => unreachable!(),
         }
     }
@@ -230,6 +243,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> 
         seed,
         summary,
         max_latency,
+        progress,
     }))
 }
 
@@ -428,41 +442,204 @@ fn summary_json(tally: &BTreeMap<&'static str, Counts>) -> String {
     out
 }
 
-fn summary_line(tally: &BTreeMap<&'static str, Counts>) -> String {
-    let mut parts = Vec::new();
-    for spec in &FLOWS {
-        let c = tally.get(spec.name).copied().unwrap_or_default();
-        parts.push(format!(
-            "{} {} started/{} success/{} failure/{} cancelled/{} unfinished",
-            spec.name,
+/// The final report: one row per flow, a total, and the exports.
+fn summary_table(tally: &BTreeMap<&'static str, Counts>, exports: &ExportTotals) -> String {
+    let mut rows: Vec<(String, Counts)> = FLOWS
+        .iter()
+        .map(|spec| {
+            let c = tally.get(spec.name).copied().unwrap_or_default();
+            (spec.name.to_string(), c)
+        })
+        .collect();
+    let total = rows.iter().fold(Counts::default(), |t, (_, c)| Counts {
+        started: t.started + c.started,
+        success: t.success + c.success,
+        failure: t.failure + c.failure,
+        cancelled: t.cancelled + c.cancelled,
+    });
+    rows.push(("total".into(), total));
+    let mut out = format!(
+        "  {:<10} {:>9} {:>9} {:>9} {:>10} {:>11}\n",
+        "flow", "started", "success", "failure", "cancelled", "unfinished"
+    );
+    for (name, c) in &rows {
+        let _ = writeln!(
+            out,
+            "  {:<10} {:>9} {:>9} {:>9} {:>10} {:>11}",
+            name,
             c.started,
             c.success,
             c.failure,
             c.cancelled,
             c.unfinished()
-        ));
+        );
     }
-    parts.join(", ")
+    let _ = writeln!(
+        out,
+        "  exports: {} ok, {} failed ({} spans exported, {} failed)",
+        exports.ok, exports.failed, exports.spans_ok, exports.spans_failed
+    );
+    out
+}
+
+/// One progress line: per flow started and ended so far, exports, and the start rate
+/// since the previous line.
+fn progress_line(
+    elapsed: Duration,
+    tally: &BTreeMap<&'static str, Counts>,
+    exports: &ExportTotals,
+    rate: f64,
+) -> String {
+    let flows: Vec<String> = FLOWS
+        .iter()
+        .map(|spec| {
+            let c = tally.get(spec.name).copied().unwrap_or_default();
+            format!(
+                "{} {} started {} ended",
+                spec.name,
+                c.started,
+                c.success + c.failure + c.cancelled
+            )
+        })
+        .collect();
+    format!(
+        "flowmetrics-demo: {:>4}s: {}; exports {} ok, {} failed; {rate:.1} flows/s",
+        elapsed.as_secs(),
+        flows.join(", "),
+        exports.ok,
+        exports.failed
+    )
+}
+
+/// Export counters at one moment.
+#[derive(Debug, Default, Clone, Copy)]
+struct ExportTotals {
+    ok: u64,
+    failed: u64,
+    spans_ok: u64,
+    spans_failed: u64,
+}
+
+async fn report_progress(
+    every: Duration,
+    began: Instant,
+    tally: Tally,
+    stats: Arc<ExportStats>,
+    mut done: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval_at(began + every, every);
+    let mut last = (began, 0u64);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = done.wait_for(|d| *d) => return,
+        }
+        let now = Instant::now();
+        let tally = tally.lock().unwrap().clone();
+        let started: u64 = tally.values().map(|c| c.started).sum();
+        let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
+        let rate = (started - last.1) as f64 / secs;
+        last = (now, started);
+        let mut line = progress_line(now.duration_since(began), &tally, &stats.totals(), rate);
+        let more = stats.unreported_failures.swap(0, Ordering::Relaxed);
+        if more > 0 {
+            if let Some(e) = stats.last_error.lock().unwrap().as_ref() {
+                let _ = write!(line, " ({more} more failed exports, last: {e})");
+            }
+        }
+        eprintln!("{line}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // Export plumbing
 
 /// The SDK's batch processor exports from its own thread, outside any Tokio runtime; the
-/// Hyper client needs one, so each request runs as a task on the demo's runtime.
+/// Hyper client needs one, so each request runs as a task on the demo's runtime. It also
+/// notes why a request failed, which the SDK's error flattens to text.
 #[derive(Debug)]
 struct RuntimeHyperClient {
     inner: HyperClient,
     runtime: tokio::runtime::Handle,
+    /// Why this provider's last request failed, for its [`CountingExporter`].
+    last_cause: Arc<Mutex<Option<String>>>,
 }
 
 #[async_trait]
 impl HttpClient for RuntimeHyperClient {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
         let inner = self.inner.clone();
-        self.runtime
+        let result = self
+            .runtime
             .spawn(async move { inner.send_bytes(request).await })
-            .await?
+            .await?;
+        let cause = match &result {
+            Ok(r) if r.status().is_success() => None,
+            Ok(r) => Some(format!("HTTP {}", r.status())),
+            Err(e) => Some(cause_of(e.as_ref())),
+        };
+        *self.last_cause.lock().unwrap() = cause;
+        result
+    }
+}
+
+/// A short cause for a failed request: the innermost I/O error when there is one
+/// ("connection refused"), else the error chain's text.
+fn cause_of(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain = Vec::new();
+    let mut io_kind = None;
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+        }
+        chain.push(e.to_string());
+        next = e.source();
+    }
+    if let Some(kind) = io_kind {
+        if let Some(known) = io_cause(kind) {
+            return known.into();
+        }
+    }
+    cause_from_text(&chain.join(": "))
+}
+
+fn io_cause(kind: std::io::ErrorKind) -> Option<&'static str> {
+    use std::io::ErrorKind as K;
+    Some(match kind {
+        K::ConnectionRefused => "connection refused",
+        K::ConnectionReset => "connection reset",
+        K::ConnectionAborted => "connection aborted",
+        K::TimedOut => "timed out",
+        K::AddrNotAvailable => "address not available",
+        K::BrokenPipe => "connection closed",
+        _ => return None,
+    })
+}
+
+/// Recognises the usual causes in an exporter's error text (the gRPC exporter hands back
+/// text only).
+fn cause_from_text(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    for (needle, cause) in [
+        ("connection refused", "connection refused"),
+        ("connection reset", "connection reset"),
+        ("timed out", "timed out"),
+        ("deadline", "timed out"),
+        ("dns error", "host name not resolved"),
+        ("failed to lookup", "host name not resolved"),
+        ("name or service not known", "host name not resolved"),
+    ] {
+        if lower.contains(needle) {
+            return cause.into();
+        }
+    }
+    let text = text.trim();
+    if text.chars().count() > 200 {
+        let short: String = text.chars().take(200).collect();
+        format!("{short}…")
+    } else {
+        text.to_string()
     }
 }
 
@@ -470,7 +647,23 @@ impl HttpClient for RuntimeHyperClient {
 struct ExportStats {
     spans_ok: AtomicU64,
     spans_failed: AtomicU64,
+    exports_ok: AtomicU64,
+    exports_failed: AtomicU64,
+    /// Failures not yet reported one by one (the first is reported at once).
+    unreported_failures: AtomicU64,
     first_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ExportStats {
+    fn totals(&self) -> ExportTotals {
+        ExportTotals {
+            ok: self.exports_ok.load(Ordering::Relaxed),
+            failed: self.exports_failed.load(Ordering::Relaxed),
+            spans_ok: self.spans_ok.load(Ordering::Relaxed),
+            spans_failed: self.spans_failed.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Counts exported and failed spans; reports the first failure at once.
@@ -479,6 +672,9 @@ struct CountingExporter {
     inner: opentelemetry_otlp::SpanExporter,
     stats: Arc<ExportStats>,
     service: &'static str,
+    endpoint: String,
+    /// Set by the HTTP client (OTLP/HTTP only).
+    last_cause: Arc<Mutex<Option<String>>>,
 }
 
 impl SpanExporter for CountingExporter {
@@ -488,14 +684,32 @@ impl SpanExporter for CountingExporter {
         match &result {
             Ok(()) => {
                 self.stats.spans_ok.fetch_add(n, Ordering::Relaxed);
+                self.stats.exports_ok.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 self.stats.spans_failed.fetch_add(n, Ordering::Relaxed);
+                self.stats.exports_failed.fetch_add(1, Ordering::Relaxed);
+                let cause = self
+                    .last_cause
+                    .lock()
+                    .unwrap()
+                    .take()
+                    .unwrap_or_else(|| cause_from_text(&e.to_string()));
+                let msg = format!(
+                    "export of {n} span{} from {} failed: {cause} at {}",
+                    if n == 1 { "" } else { "s" },
+                    self.service,
+                    self.endpoint
+                );
+                *self.stats.last_error.lock().unwrap() = Some(msg.clone());
                 let mut first = self.stats.first_error.lock().unwrap();
                 if first.is_none() {
-                    let msg = format!("{}: export of {n} spans failed: {e}", self.service);
                     eprintln!("flowmetrics-demo: warning: {msg}");
                     *first = Some(msg);
+                } else {
+                    self.stats
+                        .unreported_failures
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -520,6 +734,7 @@ fn build_provider(
     service: &'static str,
     stats: &Arc<ExportStats>,
 ) -> Result<SdkTracerProvider, String> {
+    let last_cause = Arc::new(Mutex::new(None));
     let exporter = match args.transport {
         Transport::Http => {
             let base = args.endpoint.trim_end_matches('/');
@@ -536,6 +751,7 @@ fn build_provider(
                 .with_http_client(RuntimeHyperClient {
                     inner: HyperClient::with_default_connector(EXPORT_TIMEOUT, None),
                     runtime: tokio::runtime::Handle::current(),
+                    last_cause: last_cause.clone(),
                 })
                 .build()
         }
@@ -550,6 +766,8 @@ fn build_provider(
         inner: exporter,
         stats: stats.clone(),
         service,
+        endpoint: args.endpoint.clone(),
+        last_cause,
     };
     let processor = BatchSpanProcessor::builder(exporter)
         .with_batch_config(
@@ -762,6 +980,16 @@ async fn run(args: Args) -> ExitCode {
     let stop_at = args.duration.map(|d| began + d);
     let mut next = began;
     let mut n = 0u64;
+    let (done_tx, done_rx) = watch::channel(false);
+    let progress = args.progress.map(|every| {
+        tokio::spawn(report_progress(
+            every,
+            began,
+            tally.clone(),
+            stats.clone(),
+            done_rx,
+        ))
+    });
 
     // Generate until the duration is over or a signal comes.
     loop {
@@ -812,26 +1040,40 @@ async fn run(args: Args) -> ExitCode {
     }
 
     // Flush and shut down the providers; both block, so off the async workers.
+    let endpoint = args.endpoint.clone();
     let flushed = tokio::task::spawn_blocking(move || {
         let mut errors = Vec::new();
         for p in &providers {
             if let Err(e) = p.force_flush() {
-                errors.push(format!("flush: {e}"));
+                errors.push(format!(
+                    "final flush failed: {} at {endpoint}",
+                    cause_from_text(&e.to_string())
+                ));
             }
         }
         for p in &providers {
             if let Err(e) = p.shutdown() {
-                errors.push(format!("shutdown: {e}"));
+                errors.push(format!(
+                    "shutdown failed: {} at {endpoint}",
+                    cause_from_text(&e.to_string())
+                ));
             }
         }
         errors
     })
     .await
     .unwrap_or_else(|e| vec![format!("flush task: {e}")]);
-    for e in &flushed {
-        eprintln!("flowmetrics-demo: warning: {e}");
+    let mut seen = std::collections::BTreeSet::new();
+    for e in flushed {
+        if seen.insert(e.clone()) {
+            eprintln!("flowmetrics-demo: warning: {e}");
+        }
     }
 
+    let _ = done_tx.send(true);
+    if let Some(progress) = progress {
+        let _ = progress.await;
+    }
     let tally = tally.lock().unwrap().clone();
     let mut code = ExitCode::SUCCESS;
     if let Some(path) = &args.summary {
@@ -840,13 +1082,17 @@ async fn run(args: Args) -> ExitCode {
             code = ExitCode::FAILURE;
         }
     }
-    let ok = stats.spans_ok.load(Ordering::Relaxed);
-    let failed = stats.spans_failed.load(Ordering::Relaxed);
-    eprintln!(
-        "flowmetrics-demo: sent {} in {:.1}s; {ok} spans exported, {failed} failed",
-        summary_line(&tally),
-        began.elapsed().as_secs_f64()
+    let exports = stats.totals();
+    eprint!(
+        "flowmetrics-demo: done in {:.1}s, sent to {}:\n{}",
+        began.elapsed().as_secs_f64(),
+        args.endpoint,
+        summary_table(&tally, &exports)
     );
+    let failed = exports.failed;
+    if let Some(first) = stats.first_error.lock().unwrap().as_ref() {
+        eprintln!("flowmetrics-demo: {failed} exports failed; the first: {first}");
+    }
     if failed > 0 {
         code = ExitCode::FAILURE;
     }
@@ -872,6 +1118,11 @@ mod tests {
         assert_eq!(a.duration, Some(Duration::from_secs(60)));
         assert_eq!(a.seed, 7);
         assert_eq!(a.max_latency, Duration::from_secs(30));
+        assert_eq!(a.progress, Some(Duration::from_secs(5)));
+        let Parsed::Run(a) = args(&["--progress", "0"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.progress, None);
 
         let Parsed::Run(a) = args(&[
             "--protocol=grpc",
@@ -938,6 +1189,21 @@ mod tests {
         assert!(plans
             .iter()
             .all(|p| p.latency <= max && p.latency >= Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn causes_are_short_and_named() {
+        assert_eq!(
+            cause_from_text("TonicTracesClient export failed with gRPC code: Unavailable: transport error: tcp connect error: Connection refused (os error 111)"),
+            "connection refused"
+        );
+        assert_eq!(
+            cause_from_text("dns error: failed to lookup address information"),
+            "host name not resolved"
+        );
+        assert_eq!(cause_from_text(" odd failure "), "odd failure");
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(cause_of(&refused), "connection refused");
     }
 
     #[test]

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# The overview page in a real browser: starts flowmetrics on loopback test ports, feeds it
+# flows over OTLP/HTTP (curl, OTLP/JSON), loads http://…/ in headless Chromium, checks the
+# numbers the page rendered (per flow, exactly what was sent) and takes a screenshot.
+#
+# Installs Debian's chromium when it is missing (needs root and apt). Output (the DOM as
+# rendered, the screenshot) goes to $BROWSER_TEST_OUT (default target/browser-test).
+# BROWSER_TEST_PROFILE=release tests the release binary (default: debug).
+# BROWSER_TEST_DEMO=90s also runs flowmetrics-demo that long before the screenshot (how
+# docs/overview.png is made) and checks the page against the demo's --summary as well.
+# Prints PASS/FAIL lines and a total; exits non-zero on any FAIL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${BROWSER_TEST_OUT:-target/browser-test}
+profile=${BROWSER_TEST_PROFILE:-debug}
+mkdir -p "$out"
+
+browser=""
+for b in chromium chromium-browser; do command -v "$b" >/dev/null && browser=$b && break; done
+if [ -z "$browser" ]; then
+  echo "browser-test: installing chromium (Debian package)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq chromium >/dev/null
+  browser=chromium
+fi
+command -v curl >/dev/null || { echo "browser-test: needs curl"; exit 1; }
+
+if [ "$profile" = release ]; then cargo build -q --release -p flowmetrics; else cargo build -q -p flowmetrics; fi
+bin=target/$profile/flowmetrics
+
+# Free loopback ports, chosen by the kernel.
+read -r p_http p_grpc p_metrics < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+
+work=$(mktemp -d)
+pid=""
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+FLOWMETRICS_LISTEN__OTLP_HTTP=127.0.0.1:$p_http FLOWMETRICS_LISTEN__OTLP_GRPC=127.0.0.1:$p_grpc \
+  FLOWMETRICS_LISTEN__METRICS=127.0.0.1:$p_metrics "$bin" 2>"$out/flowmetrics.log" &
+pid=$!
+base=http://127.0.0.1:$p_metrics
+for _ in $(seq 100); do
+  curl -fsS "$base/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fsS "$base/readyz" >/dev/null || { cat "$out/flowmetrics.log"; echo "FAIL flowmetrics did not start"; exit 1; }
+
+# ---- what is sent, per flow: started, success, failure, cancelled (the rest stay open)
+#   signup          7 started: 4 success, 1 failure, 1 cancelled, 1 open
+#   export.csv      5 started: 5 success
+#   refund.v2:eu-1  2 started: none ended
+now=$(date +%s)
+n=0
+event() { # name id outcome offset_seconds
+  n=$((n + 1))
+  local ts="$(( now - 30 + $4 ))000000000" attrs
+  attrs="{\"key\":\"correlation-id\",\"value\":{\"stringValue\":\"$2\"}}"
+  [ -n "$3" ] && attrs="$attrs,{\"key\":\"outcome\",\"value\":{\"stringValue\":\"$3\"}}"
+  printf '{"traceId":"%032x","spanId":"%016x","name":"op","startTimeUnixNano":"%s","endTimeUnixNano":"%s","events":[{"timeUnixNano":"%s","name":"%s","attributes":[%s]}]}' \
+    "$n" "$n" "$ts" "$ts" "$ts" "$1" "$attrs"
+}
+send() { # span JSON, comma-separated
+  local body="{\"resourceSpans\":[{\"resource\":{\"attributes\":[{\"key\":\"service.name\",\"value\":{\"stringValue\":\"browser-test\"}}]},\"scopeSpans\":[{\"spans\":[$1]}]}]}"
+  local answer
+  answer=$(curl -fsS -X POST "http://127.0.0.1:$p_http/v1/traces" -H 'Content-Type: application/json' -d "$body")
+  echo "$answer"
+}
+starts="" ends=""
+add() { if [ -z "${!1}" ]; then printf -v "$1" '%s' "$2"; else printf -v "$1" '%s,%s' "${!1}" "$2"; fi; }
+for i in 1 2 3 4 5 6 7; do add starts "$(event flow.signup.start "c$i" "" 0)"; done
+for i in 1 2 3 4 5; do add starts "$(event flow.export.csv.start "p$i" "" 0)"; done
+for i in 1 2; do add starts "$(event flow.refund.v2:eu-1.start "r$i" "" 0)"; done
+# A hostile name is refused at ingest (invalid_flow_name) and must not appear anywhere.
+add starts "$(event 'flow.<img src=x onerror=alert(1)>.start' "x1" "" 0)"
+for i in 1 2 3 4; do add ends "$(event flow.signup.end "c$i" success "$i")"; done
+add ends "$(event flow.signup.end c5 failure 2)"
+add ends "$(event flow.signup.end c6 cancelled 2)"
+for i in 1 2 3 4 5; do add ends "$(event flow.export.csv.end "p$i" ok 0)"; done
+send "$starts" | grep -q 'invalid flow name' || { echo "FAIL the hostile start was not refused"; exit 1; }
+send "$ends" >/dev/null
+# Let the sampler take a second sample (every 5 s), so the sparklines have a shape.
+sleep 6
+summary=""
+if [ -n "${BROWSER_TEST_DEMO:-}" ]; then
+  if [ "$profile" = release ]; then cargo build -q --release -p flowmetrics-demo; else cargo build -q -p flowmetrics-demo; fi
+  summary=$work/sent.json
+  "target/$profile/flowmetrics-demo" --endpoint "http://127.0.0.1:$p_http" --rate 15 \
+    --duration "$BROWSER_TEST_DEMO" --max-latency 8s --seed 15 --summary "$summary" 2>"$out/demo.log" ||
+    { cat "$out/demo.log"; echo "FAIL flowmetrics-demo"; exit 1; }
+  sleep 1
+fi
+
+chrome() {
+  "$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+    --disable-background-networking --disable-component-update --disable-sync \
+    --user-data-dir="$(mktemp -d -p "$work")" "$@" 2>>"$out/chromium.log"
+}
+rows=3
+[ -n "$summary" ] && rows=6
+# The virtual time budget lets the page run its first poll of /api/flows before the dump.
+chrome --virtual-time-budget=5000 --dump-dom "$base/" >"$out/overview.dom.html"
+chrome --virtual-time-budget=5000 --hide-scrollbars --window-size=1500,$((210 + 34 * rows)) \
+  --screenshot="$out/overview.png" "$base/" >/dev/null
+
+python3 - "$out/overview.dom.html" "$summary" <<'PY'
+import json
+import sys
+from html.parser import HTMLParser
+
+class Rows(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.row, self.cell, self.body = {}, None, None, {}
+        self.links, self.imgs = [], 0
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "body": self.body = a
+        if tag == "a": self.links.append(a.get("href"))
+        if tag == "img": self.imgs += 1
+        if tag == "tr" and "data-flow" in a:
+            self.row = self.rows.setdefault(a["data-flow"], {})
+        if tag == "td" and self.row is not None:
+            self.cell = (a.get("class") or "").split(" ")[0]
+            self.row[self.cell] = ""
+    def handle_endtag(self, tag):
+        if tag == "td": self.cell = None
+        if tag == "tr": self.row = None
+    def handle_data(self, data):
+        if self.row is not None and self.cell: self.row[self.cell] += data
+
+p = Rows()
+p.feed(open(sys.argv[1], encoding="utf-8").read())
+want = {
+    "signup":         dict(started=7, success=4, failure=1, cancelled=1, in_progress=1, incomplete=0),
+    "export.csv":     dict(started=5, success=5, failure=0, cancelled=0, in_progress=0, incomplete=0),
+    "refund.v2:eu-1": dict(started=2, success=0, failure=0, cancelled=0, in_progress=2, incomplete=0),
+}
+passed = failed = 0
+def check(name, good, detail=""):
+    global passed, failed
+    print(("PASS " if good else "FAIL ") + name + ("" if good else f": {detail}"))
+    if good: passed += 1
+    else: failed += 1
+
+if sys.argv[2]:
+    for flow, c in json.load(open(sys.argv[2]))["flows"].items():
+        want[flow] = dict(started=c["started"], success=c["success"], failure=c["failure"],
+                          cancelled=c["cancelled"], in_progress=c["unfinished"], incomplete=0)
+check("page rendered one row per flow sent", set(p.rows) == set(want), sorted(p.rows))
+for flow, cols in want.items():
+    got = p.rows.get(flow, {})
+    for col, n in cols.items():
+        check(f"{flow}: {col} = {n}", got.get(col, "").strip() == str(n), repr(got.get(col)))
+    check(f"{flow}: a sparkline cell", "spark" in got, got)
+check("signup: error ratio 1 failure of 6 ends", p.rows.get("signup", {}).get("error_ratio") == "16.7%",
+      p.rows.get("signup", {}).get("error_ratio"))
+check("export.csv: p50 shown", p.rows.get("export.csv", {}).get("p50", "—") != "—", p.rows.get("export.csv"))
+check("the page refreshed itself from /api/flows", p.body.get("data-source") == "live", p.body)
+check("the page links to /metrics", "/metrics" in p.links, p.links)
+check("no markup from a flow name reached the DOM", p.imgs == 0 and "onerror" not in open(sys.argv[1]).read(), p.imgs)
+print(f"browser-test: {passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
+PY
+test -s "$out/overview.png" && echo "PASS screenshot: $out/overview.png" || { echo "FAIL no screenshot"; exit 1; }

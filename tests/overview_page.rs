@@ -1,0 +1,201 @@
+//! The live overview on the metrics listener: `/api/flows` (what the page polls) and `/`
+//! (the page, carrying the same data for its first paint), over real HTTP.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::{post, request, start, test_config};
+use hyper::{Method, StatusCode};
+use serde_json::Value;
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// One OTLP/JSON trace export with one span per event: (event name, correlation id,
+/// outcome or "", timestamp ns).
+fn export(events: &[(&str, &str, &str, u64)]) -> String {
+    let spans: Vec<String> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (name, id, outcome, ts))| {
+            let mut attrs = format!(r#"{{"key":"correlation-id","value":{{"stringValue":"{id}"}}}}"#);
+            if !outcome.is_empty() {
+                attrs.push_str(&format!(
+                    r#",{{"key":"outcome","value":{{"stringValue":"{outcome}"}}}}"#
+                ));
+            }
+            format!(
+                r#"{{"traceId":"{:032x}","spanId":"{:016x}","name":"op","startTimeUnixNano":"{ts}","endTimeUnixNano":"{ts}","events":[{{"timeUnixNano":"{ts}","name":"{name}","attributes":[{attrs}]}}]}}"#,
+                i + 1,
+                i + 1
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"resourceSpans":[{{"resource":{{"attributes":[]}},"scopeSpans":[{{"spans":[{}]}}]}}]}}"#,
+        spans.join(",")
+    )
+}
+
+async fn send(app: &flowmetrics::RunningApp, body: String) {
+    let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+    let r = post(&url, "application/json", body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(!r.text().contains("rejected"), "{}", r.text());
+}
+
+/// checkout: 4 started; 2 success (0.2 s and 3 s), 1 failure, 1 still open.
+/// payment: 1 started, 1 cancelled.
+async fn feed(app: &flowmetrics::RunningApp) {
+    let t = now_ns() - 10_000_000_000;
+    let s = 1_000_000_000u64;
+    send(
+        app,
+        export(&[
+            ("flow.checkout.start", "c1", "", t),
+            ("flow.checkout.start", "c2", "", t),
+            ("flow.checkout.start", "c3", "", t),
+            ("flow.checkout.start", "c4", "", t),
+            ("flow.payment.start", "p1", "", t),
+        ]),
+    )
+    .await;
+    send(
+        app,
+        export(&[
+            ("flow.checkout.end", "c1", "success", t + s / 5),
+            ("flow.checkout.end", "c2", "success", t + 3 * s),
+            ("flow.checkout.end", "c3", "failure", t + s),
+            ("flow.payment.end", "p1", "cancelled", t + s),
+        ]),
+    )
+    .await;
+}
+
+fn row<'a>(report: &'a Value, flow: &str) -> &'a Value {
+    report["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["flow"] == flow)
+        .unwrap_or_else(|| panic!("no {flow} in {report}"))
+}
+
+fn close(v: &Value, want: f64) -> bool {
+    v.as_f64().is_some_and(|x| (x - want).abs() < 1e-9)
+}
+
+fn check_counts(report: &Value) {
+    assert_eq!(report["flow_count"], 2, "{report}");
+    let c = row(report, "checkout");
+    assert_eq!(c["started"], 4, "{c}");
+    assert_eq!(c["success"], 2, "{c}");
+    assert_eq!(c["failure"], 1, "{c}");
+    assert_eq!(c["cancelled"], 0, "{c}");
+    assert_eq!(c["incomplete"], 0, "{c}");
+    assert_eq!(c["in_progress"], 1, "{c}");
+    assert_eq!(c["dropped"], 0, "{c}");
+    assert!(close(&c["error_ratio"], 1.0 / 3.0), "{c}");
+    // Default buckets: 0.2 s in (0.1, 0.25], 3 s in (2.5, 5]. p50: rank 1 of 2 is the
+    // end of the first; p99: rank 1.98, 98% into (2.5, 5].
+    assert!(close(&c["p50"], 0.25), "{c}");
+    assert!(close(&c["p99"], 2.5 + 2.5 * 0.98), "{c}");
+    let p = row(report, "payment");
+    assert_eq!(p["started"], 1, "{p}");
+    assert_eq!(p["cancelled"], 1, "{p}");
+    assert_eq!(p["in_progress"], 0, "{p}");
+    assert!(close(&p["error_ratio"], 0.0), "{p}");
+    assert!(p["p50"].is_null(), "no success, no percentile: {p}");
+}
+
+#[tokio::test]
+async fn api_flows_reports_each_flow_with_its_counts_and_percentiles() {
+    let app = start(test_config()).await;
+    let url = format!("http://{}/api/flows", app.metrics);
+
+    let r = request(Method::GET, &url, &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let empty: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(empty["flow_count"], 0, "{empty}");
+
+    feed(&app).await;
+    // The last sparkline point runs from the first sample to now; give it some width.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = request(Method::GET, &url, &[], Bytes::new()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let report: Value = serde_json::from_slice(&r.body).unwrap();
+    check_counts(&report);
+    let c = row(&report, "checkout");
+    let spark = c["spark_started"].as_array().unwrap();
+    assert!(!spark.is_empty(), "{c}");
+    assert!(spark.iter().any(|v| v.as_f64().unwrap() > 0.0), "{c}");
+    assert!(c["started_per_second"].is_null() || c["started_per_second"].as_f64().unwrap() > 0.0);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_page_is_self_contained_and_carries_the_current_numbers() {
+    let app = start(test_config()).await;
+    feed(&app).await;
+    let r = request(
+        Method::GET,
+        &format!("http://{}/", app.metrics),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let csp = r.headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"));
+    let page = r.text();
+    assert!(page.contains(r#"href="/metrics""#), "links to /metrics");
+    assert!(
+        page.contains(r#"fetch("/api/flows""#),
+        "polls its own origin"
+    );
+    // Nothing from elsewhere: no external script, style sheet, font or image.
+    for needle in [
+        "<script src",
+        "<link",
+        "@import",
+        "url(",
+        "<img",
+        "https://",
+    ] {
+        assert!(!page.contains(needle), "page contains {needle:?}");
+    }
+    // Flow names only ever reach the DOM as text.
+    assert!(!page.contains("innerHTML") && !page.contains("insertAdjacentHTML"));
+    let data = page
+        .split_once(r#"<script type="application/json" id="initial-data">"#)
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map(|(json, _)| json)
+        .expect("initial data block");
+    let report: Value = serde_json::from_str(data).unwrap();
+    check_counts(&report);
+
+    let head = request(
+        Method::HEAD,
+        &format!("http://{}/api/flows", app.metrics),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    app.shutdown().await;
+}
