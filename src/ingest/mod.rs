@@ -3,6 +3,7 @@
 pub mod decode;
 pub mod grpc;
 pub mod http;
+pub mod limits;
 pub mod reply;
 pub mod selective;
 pub mod wire;
