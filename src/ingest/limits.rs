@@ -25,6 +25,10 @@ const RESERVED_FDS: u64 = 256;
 /// Connections the metrics listener serves at once (Prometheus, probes, people).
 pub const ADMIN_CONNECTIONS: usize = 128;
 
+/// What an early answer reads and discards at least (see [`Limits::linger`]): enough
+/// for the bodies SDKs send whole before reading, a fraction of a second on a LAN.
+pub const LINGER_BYTES: usize = 64 * 1024 * 1024;
+
 /// The limits, as configured.
 #[derive(Debug, Clone)]
 pub struct LimitSettings {
@@ -147,6 +151,13 @@ impl Held {
         }
     }
 
+    /// Returns `n` bytes of budget no longer needed.
+    fn give_back(&mut self, n: usize) {
+        if let Some(p) = &mut self.permit {
+            drop(p.split(n.min(p.num_permits())));
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.permit.as_ref().map_or(0, |p| p.num_permits())
@@ -187,7 +198,8 @@ impl Limits {
     }
 
     /// Reads a whole body of at most `limit` bytes by `deadline`, holding budget for
-    /// what it buffers (by capacity, so growth is paid for too).
+    /// exactly the bytes received so far (a declared length reserves nothing: a client
+    /// that declares 64 MiB and sends nothing holds nothing).
     pub async fn read_body<B>(
         &self,
         body: &mut B,
@@ -202,11 +214,8 @@ impl Limits {
         if size_hint.is_some_and(|n| n > limit as u64) {
             return Err(ReadError::TooLarge);
         }
-        let initial = size_hint.map_or(0, |n| n as usize);
-        if !held.take(initial) {
-            return Err(ReadError::Busy);
-        }
-        let mut buf = BytesMut::with_capacity(initial);
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len = 0usize;
         loop {
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => return Err(ReadError::Timeout),
@@ -217,16 +226,30 @@ impl Limits {
             let Ok(data) = frame.into_data() else {
                 continue; // trailers
             };
-            if buf.len() + data.len() > limit {
+            if len + data.len() > limit {
                 return Err(ReadError::TooLarge);
             }
-            buf.extend_from_slice(&data);
-            let more = buf.capacity().saturating_sub(held.bytes());
-            if !held.take(more) {
+            if !held.take(data.len()) {
                 return Err(ReadError::Busy);
             }
+            len += data.len();
+            if !data.is_empty() {
+                chunks.push(data);
+            }
         }
-        Ok(buf.freeze())
+        if chunks.len() <= 1 {
+            return Ok(chunks.pop().unwrap_or_default());
+        }
+        // One contiguous copy, paid for while both exist.
+        if !held.take(len) {
+            return Err(ReadError::Busy);
+        }
+        let mut whole = BytesMut::with_capacity(len);
+        for chunk in chunks {
+            whole.extend_from_slice(&chunk);
+        }
+        held.give_back(len);
+        Ok(whole.freeze())
     }
 
     /// Runs `work` on the blocking pool (decompression and decoding must not stall the
@@ -258,7 +281,7 @@ impl Limits {
     }
 
     /// Reads and discards what a client still sends after an early answer (a 413 before
-    /// the body was read whole): up to `max_body_bytes` more, until the request's
+    /// the body was read whole): up to `max_body_bytes` or [`LINGER_BYTES`] more, until the request's
     /// deadline, so that a client that writes its whole body before reading sees the
     /// answer instead of a reset (nginx's lingering close). Runs beside the answer.
     pub fn linger<B>(&self, mut body: B, deadline: Instant)
@@ -268,7 +291,7 @@ impl Limits {
         if body.is_end_stream() {
             return;
         }
-        let max = self.settings.max_body_bytes;
+        let max = self.settings.max_body_bytes.max(LINGER_BYTES);
         tokio::spawn(async move {
             let mut discarded = 0usize;
             while discarded <= max {
