@@ -1,13 +1,19 @@
 //! The accept loop shared by every listener: HTTP/1.1 and h2c on one port, a cap on
 //! connections, an idle timeout on each (also before the protocol is known), stops
 //! accepting on shutdown and lets requests in flight finish (bounded).
+//!
+//! At the cap, the connection idle longest (no request in flight) is closed to make room,
+//! as nginx reuses keep-alive connections: a flood of silent connections only recycles
+//! itself. When every connection has a request in flight, new ones wait in the kernel's
+//! backlog (their descriptors are not this process's).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -30,6 +36,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an idle connection told to close (h2 GOAWAY) may take to do so.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a connection closed to make room may take to go.
+const EVICT_GRACE: Duration = Duration::from_secs(1);
+
 /// Streams one HTTP/2 (gRPC) connection may have open at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
@@ -38,7 +47,8 @@ pub type HttpResponse = Response<Full<Bytes>>;
 /// Per-listener connection limits.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
-    /// Connections served at once; beyond, new ones wait in the kernel's backlog.
+    /// Connections served at once; at it the idlest is closed for a new one, or, when
+    /// none is idle, new ones wait in the kernel's backlog.
     pub max_connections: usize,
     /// A connection with no request in flight and no byte moved this long is closed.
     pub idle_timeout: Duration,
@@ -76,15 +86,11 @@ pub async fn serve<H, F, B>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let open = Arc::new(Open::default());
     let mut connections = JoinSet::new();
+    let mut next_id = 0u64;
     loop {
-        // At the cap nothing is accepted: the fds stay with the kernel's backlog, not
-        // with this process, so other listeners (and /metrics) keep working.
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-            _ = stopped(&mut shutdown) => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
+        while connections.try_join_next().is_some() {}
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => stream,
@@ -97,8 +103,24 @@ pub async fn serve<H, F, B>(
             },
             _ = stopped(&mut shutdown) => break,
         };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // At the cap: make room by closing the idlest connection, if any. Until a
+                // slot frees nothing more is accepted: the descriptors stay with the
+                // kernel's backlog, so other listeners (and /metrics) keep working.
+                open.evict_idlest();
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+                    _ = stopped(&mut shutdown) => break,
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
+        next_id += 1;
+        let id = next_id;
+        open.insert(id, activity.clone());
         let io = TokioIo::new(Tracked {
             inner: stream,
             activity: activity.clone(),
@@ -116,8 +138,10 @@ pub async fn serve<H, F, B>(
         });
         let conn = builder.serve_connection(io, service).into_owned();
         let stop = shutdown.clone();
+        let open = open.clone();
         connections.spawn(async move {
             drive(conn, &activity, limits.idle_timeout, stop).await;
+            open.remove(id);
             drop(permit);
         });
     }
@@ -159,6 +183,10 @@ async fn drive<S, B>(
             tracing::debug!("closing a connection idle for {idle_timeout:?}");
             CLOSE_GRACE
         }
+        _ = activity.evict.notified() => {
+            tracing::debug!("closing the idlest connection to make room (limits.max_connections)");
+            EVICT_GRACE
+        }
         _ = stopped(&mut stop) => DRAIN_TIMEOUT,
     };
     // HTTP/1: closes after the request in flight; h2: GOAWAY, then ends with its streams.
@@ -166,11 +194,47 @@ async fn drive<S, B>(
     let _ = tokio::time::timeout(grace, conn).await;
 }
 
+/// The open connections of a listener, to find the idlest when at the cap.
+#[derive(Default)]
+struct Open(Mutex<HashMap<u64, Arc<Activity>>>);
+
+impl Open {
+    fn insert(&self, id: u64, activity: Arc<Activity>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, activity);
+    }
+
+    fn remove(&self, id: u64) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    /// Tells the connection idle longest (no request in flight, not already told) to
+    /// close.
+    fn evict_idlest(&self) {
+        let open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let idlest = open
+            .values()
+            .filter(|a| {
+                a.in_flight.load(Ordering::Relaxed) == 0 && !a.evicted.load(Ordering::Relaxed)
+            })
+            .min_by_key(|a| a.last_activity());
+        if let Some(a) = idlest {
+            a.evicted.store(true, Ordering::Relaxed);
+            a.evict.notify_one();
+        }
+    }
+}
+
 /// When a connection last moved a byte, and how many of its requests are being handled.
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Told to close to make room.
+    evicted: AtomicBool,
+    evict: Notify,
 }
 
 impl Activity {
@@ -179,7 +243,13 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
         }
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
     fn touch(&self) {

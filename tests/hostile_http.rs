@@ -136,19 +136,52 @@ async fn futures_join<F: std::future::Future<Output = ()> + Send + 'static>(
     }
 }
 
-/// Item 1: at `max_connections` nothing more is accepted (the descriptors stay with
-/// the kernel), the metrics listener is unaffected, and a waiting client is served as
-/// soon as a slot frees.
+/// Item 1: at the cap, silent connections make room: the idlest is closed for a new
+/// one, so a good client is served long before the idle timeout (60 s) would free one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_the_connection_cap_new_clients_wait_and_metrics_answers() {
+async fn at_the_cap_the_idlest_connection_makes_room() {
+    const CAP: usize = 8;
+    let mut config = test_config();
+    config.limits.max_connections = flowmetrics::config::MaxConnections::Fixed(CAP);
+    config.limits.idle_timeout = Duration::from_secs(60);
+    let app = start(config).await;
+    let addr = app.otlp_http.unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..CAP * 5 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let started = Instant::now();
+    for i in 0..3 {
+        assert_eq!(good_export(addr, &format!("room{i}")).await, StatusCode::OK);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "served only after {:?}",
+        started.elapsed()
+    );
+    // The oldest silent ones were closed; the service holds no more than its cap.
+    tokio::time::timeout(PATIENCE, closed_by_server(silent.remove(0)))
+        .await
+        .expect("the idlest connection was closed to make room");
+    app.shutdown().await;
+}
+
+/// Item 1: when every connection has a request in flight, nothing more is accepted (the
+/// descriptors stay with the kernel), the metrics listener is unaffected, and a waiting
+/// client is served as soon as a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_with_every_connection_busy_new_clients_wait() {
     const CAP: usize = 4;
     let mut config = test_config();
     config.limits.max_connections = flowmetrics::config::MaxConnections::Fixed(CAP);
     let app = start(config).await;
     let addr = app.otlp_http.unwrap();
-    let mut held = Vec::new();
+    let mut busy = Vec::new();
     for _ in 0..CAP {
-        held.push(TcpStream::connect(addr).await.unwrap());
+        // A request in flight: headers sent, body not yet.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&head("/v1/traces", PB, 100)).await.unwrap();
+        busy.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let body = export("capped", "c1");
@@ -169,7 +202,7 @@ async fn at_the_connection_cap_new_clients_wait_and_metrics_answers() {
         .await
         .expect("/metrics answers while the OTLP listener is full");
     assert!(m.contains_key("flowmetrics_in_flight_entries"));
-    drop(held.pop());
+    drop(busy.pop());
     let status = tokio::time::timeout(PATIENCE, waiting)
         .await
         .expect("served once a slot frees")

@@ -139,6 +139,33 @@ impl OtlpGrpc {
     }
 }
 
+/// One call's body framed, decoded and answered as the handler does, without a
+/// connection (for the fuzz targets): the encoded response message or the status.
+#[doc(hidden)]
+pub fn answer_message(
+    pipeline: &Pipeline,
+    limits: &Limits,
+    path: &str,
+    grpc_encoding: Option<&[u8]>,
+    framed: Bytes,
+) -> Result<Bytes, Status> {
+    let signal = match path {
+        TRACE_EXPORT => Signal::Traces,
+        LOGS_EXPORT => Signal::Logs,
+        METRICS_EXPORT => Signal::Metrics,
+        _ => return Err(Status::unimplemented("no such method")),
+    };
+    let encoding = GrpcEncoding::from_header(grpc_encoding)
+        .ok_or_else(|| Status::unimplemented("compression"))?;
+    let limit = limits.settings.max_body_bytes;
+    if framed.len() > limit + FRAME_HEADER {
+        return Err(too_large(limit));
+    }
+    let mut held = limits.hold();
+    let message = unary_message(framed, encoding, limit, &mut held)?;
+    export(pipeline, signal, &message, &mut held)
+}
+
 /// The one message of a unary call's body (framing checked, decompressed within
 /// `limit`, buffers paid for from `held`).
 pub fn unary_message(

@@ -203,6 +203,47 @@ impl OtlpHttp {
     }
 }
 
+/// One request body decoded and answered as the handler does, without a connection
+/// (for the fuzz targets): the answer's status and body.
+#[doc(hidden)]
+pub fn answer_body(
+    pipeline: &Pipeline,
+    limits: &Limits,
+    path: &str,
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+    body: Bytes,
+) -> (StatusCode, Bytes) {
+    let signal = match path {
+        "/v1/traces" => Signal::Traces,
+        "/v1/logs" => Signal::Logs,
+        "/v1/metrics" => Signal::Metrics,
+        _ => return (StatusCode::NOT_FOUND, Bytes::new()),
+    };
+    let Some(media) = MediaType::from_header(content_type) else {
+        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, Bytes::new());
+    };
+    let Some(encoding) = ContentEncoding::from_header(content_encoding) else {
+        return (StatusCode::UNSUPPORTED_MEDIA_TYPE, Bytes::new());
+    };
+    let limit = limits.settings.max_body_bytes;
+    if body.len() > limit {
+        return (StatusCode::PAYLOAD_TOO_LARGE, Bytes::new());
+    }
+    match decode_export(
+        pipeline,
+        signal,
+        media,
+        encoding,
+        body,
+        limit,
+        limits.hold(),
+    ) {
+        Ok(rejected) => (StatusCode::OK, export_response(signal, media, &rejected)),
+        Err(f) => (f.status, status_body(media, f.code, &f.message)),
+    }
+}
+
 /// Decompresses, decodes and counts one export (on the blocking pool).
 fn decode_export(
     pipeline: &Pipeline,

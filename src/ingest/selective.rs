@@ -36,6 +36,8 @@ const ANY_BOOL: u32 = 2;
 const ANY_INT: u32 = 3;
 const ANY_DOUBLE: u32 = 4;
 const ANY_BYTES: u32 = 7;
+/// `string_value_strindex`: a value, though not one flowmetrics reads.
+const ANY_STRINDEX: u32 = 8;
 // Keys (field number << 3 | wire type 2) of the fast paths.
 const KV_KEY_TAG: u8 = (KEY_VALUE_KEY as u8) << 3 | 2;
 const KV_VALUE_TAG: u8 = (KEY_VALUE_VALUE as u8) << 3 | 2;
@@ -135,13 +137,17 @@ fn resource_wire(number: u32) -> Option<u8> {
 }
 
 fn key_value_wire(number: u32) -> Option<u8> {
-    matches!(number, KEY_VALUE_KEY | KEY_VALUE_VALUE).then_some(2)
+    match number {
+        KEY_VALUE_KEY | KEY_VALUE_VALUE => Some(2),
+        3 => Some(0), // key_strindex
+        _ => None,
+    }
 }
 
 fn any_value_wire(number: u32) -> Option<u8> {
     match number {
         ANY_STRING | 5..=ANY_BYTES => Some(2),
-        ANY_BOOL | ANY_INT => Some(0),
+        ANY_BOOL | ANY_INT | ANY_STRINDEX => Some(0),
         ANY_DOUBLE => Some(1),
         _ => None,
     }
@@ -208,7 +214,7 @@ fn check_any_value(any: &[u8], depth: u32) -> Result<(), WireError> {
             // ArrayValue (repeated AnyValue 1) and KeyValueList (repeated KeyValue 1).
             (5, Value::Bytes(list)) => check_list(list, depth + 1, check_any_value)?,
             (6, Value::Bytes(list)) => check_list(list, depth + 1, check_key_value)?,
-            (1..=ANY_BYTES, _) => {}
+            (1..=ANY_STRINDEX, _) => {}
             _ if depth >= MAX_DEPTH => return Err(TOO_DEEP),
             _ => {}
         }
@@ -704,7 +710,7 @@ fn any_value(msg: &[u8]) -> AttrValue<'_> {
             Ok(Some((ANY_INT, Value::Varint(i)))) => AttrValue::Int(i as i64),
             Ok(Some((ANY_DOUBLE, Value::Fixed64(d)))) => AttrValue::Double(f64::from_bits(d)),
             // Arrays, maps, bytes (or a known field of the wrong type).
-            Ok(Some((ANY_STRING..=ANY_BYTES, _))) => AttrValue::Other,
+            Ok(Some((ANY_STRING..=ANY_STRINDEX, _))) => AttrValue::Other,
             // Unknown fields are skipped, as in a full decode.
             Ok(Some(_)) => value,
             Ok(None) => return value,
@@ -713,11 +719,84 @@ fn any_value(msg: &[u8]) -> AttrValue<'_> {
     }
 }
 
+/// What a full prost decode finds in `body`: the reference the scan is held to (its
+/// tests and the `scanner_vs_prost` fuzz target compare the two).
+#[doc(hidden)]
+pub fn reference_scan(
+    body: &[u8],
+    extractor: &Extractor,
+    received_nanos: u64,
+) -> Result<TraceScan, String> {
+    use crate::ingest::decode::{decode, DecodeError, MediaType};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    let req: ExportTraceServiceRequest =
+        decode(body, MediaType::Protobuf).map_err(|e| match e {
+            DecodeError::Invalid(m) => m,
+            other => format!("{other:?}"),
+        })?;
+    let spans = req
+        .resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len() as u64)
+        .sum();
+    Ok(TraceScan {
+        spans,
+        events: decoded_events(&req, extractor, received_nanos),
+    })
+}
+
+/// The flow events of a decoded request, every span event in order.
+#[doc(hidden)]
+pub fn decoded_events(
+    req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    x: &Extractor,
+    received_nanos: u64,
+) -> Vec<Result<FlowEvent, Rejection>> {
+    use crate::flows::event::NO_ATTRIBUTES;
+    let mut out = Vec::new();
+    for rs in &req.resource_spans {
+        let resource = rs
+            .resource
+            .as_ref()
+            .map(|r| &r.attributes[..])
+            .unwrap_or(NO_ATTRIBUTES);
+        for ss in &rs.scope_spans {
+            for sp in &ss.spans {
+                let is_error = sp
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| u64::try_from(s.code) == Ok(STATUS_CODE_ERROR));
+                for e in &sp.events {
+                    let layers = AttributeLayers {
+                        event: &e.attributes[..],
+                        parent: &sp.attributes[..],
+                        resource,
+                    };
+                    match x.extract(
+                        &e.name,
+                        layers,
+                        e.time_unix_nano,
+                        received_nanos,
+                        is_error,
+                        TraceRef::from_ids(&sp.trace_id, &sp.span_id),
+                        Source::SpanEvent,
+                    ) {
+                        Ok(Some(ev)) => out.push(Ok(ev)),
+                        Ok(None) => {}
+                        Err(r) => out.push(Err(r)),
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::flows::event::NO_ATTRIBUTES;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
     use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -828,40 +907,7 @@ mod tests {
         req: &ExportTraceServiceRequest,
         x: &Extractor,
     ) -> Vec<Result<FlowEvent, Rejection>> {
-        let mut out = Vec::new();
-        for rs in &req.resource_spans {
-            let resource = rs
-                .resource
-                .as_ref()
-                .map(|r| &r.attributes[..])
-                .unwrap_or(NO_ATTRIBUTES);
-            for ss in &rs.scope_spans {
-                for sp in &ss.spans {
-                    let is_error = sp.status.as_ref().is_some_and(|s| s.code == 2);
-                    for e in &sp.events {
-                        let layers = AttributeLayers {
-                            event: &e.attributes[..],
-                            parent: &sp.attributes[..],
-                            resource,
-                        };
-                        match x.extract(
-                            &e.name,
-                            layers,
-                            e.time_unix_nano,
-                            1,
-                            is_error,
-                            TraceRef::from_ids(&sp.trace_id, &sp.span_id),
-                            Source::SpanEvent,
-                        ) {
-                            Ok(Some(ev)) => out.push(Ok(ev)),
-                            Ok(None) => {}
-                            Err(r) => out.push(Err(r)),
-                        }
-                    }
-                }
-            }
-        }
-        out
+        decoded_events(req, x, 1)
     }
 
     #[test]
