@@ -2,7 +2,7 @@
 //! ephemeral loopback ports), its limits, its extractor configuration.
 #![allow(dead_code)]
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use flowmetrics::config::{Config, Dimension, DimensionSource};
 use flowmetrics::flows::Extractor;
@@ -12,7 +12,15 @@ use flowmetrics::pipeline::Pipeline;
 pub struct World {
     pub pipeline: Arc<Pipeline>,
     pub limits: Limits,
-    pub extractor: Extractor,
+    // Kept here (reachable, so not a leak to LeakSanitizer) for the whole run.
+    _app: Mutex<flowmetrics::RunningApp>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+/// The extractor alone (the scanner target needs no service).
+pub fn extractor() -> &'static Extractor {
+    static EXTRACTOR: OnceLock<Extractor> = OnceLock::new();
+    EXTRACTOR.get_or_init(|| Extractor::new(&config()))
 }
 
 pub fn config() -> Config {
@@ -50,14 +58,11 @@ pub fn world() -> &'static World {
         let app = runtime
             .block_on(flowmetrics::App::new(config.clone()).start())
             .expect("flowmetrics starts");
-        let pipeline = app.pipeline.clone();
-        // Both live as long as the fuzzing process.
-        std::mem::forget(app);
-        std::mem::forget(runtime);
         World {
-            pipeline,
+            pipeline: app.pipeline.clone(),
             limits: Limits::new(LimitSettings::from_config(&config)),
-            extractor: Extractor::new(&config),
+            _app: Mutex::new(app),
+            _runtime: runtime,
         }
     })
 }

@@ -11,9 +11,9 @@ use flowmetrics::ingest::selective::{reference_scan, scan_traces};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let w = common::world();
-    let scan = scan_traces(data, &w.extractor, 1);
-    let Ok(full) = reference_scan(data, &w.extractor, 1) else {
+    let x = common::extractor();
+    let scan = scan_traces(data, x, 1);
+    let Ok(full) = reference_scan(data, x, 1) else {
         return;
     };
     let scan = match scan {

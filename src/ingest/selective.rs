@@ -284,6 +284,7 @@ struct Candidate<'a> {
 struct SpanIds<'a> {
     trace_id: &'a [u8],
     span_id: &'a [u8],
+    parent_span_id: &'a [u8],
     /// Status code ERROR.
     is_error: bool,
 }
@@ -423,6 +424,9 @@ impl<'a> Scan<'_, 'a> {
                 self.span_field(&mut ids, number, bytes)?;
             }
         }
+        check_id(ids.trace_id, 16, "traceId must be 16 bytes")?;
+        check_id(ids.span_id, 8, "spanId must be 8 bytes")?;
+        check_id(ids.parent_span_id, 8, "parentSpanId must be 8 bytes")?;
         if self.candidates.is_empty() {
             return Ok(());
         }
@@ -444,15 +448,10 @@ impl<'a> Scan<'_, 'a> {
         bytes: &'a [u8],
     ) -> Result<(), WireError> {
         match number {
-            SPAN_TRACE_ID => {
-                check_id(bytes, 16, "traceId must be 16 bytes")?;
-                ids.trace_id = bytes;
-            }
-            SPAN_SPAN_ID => {
-                check_id(bytes, 8, "spanId must be 8 bytes")?;
-                ids.span_id = bytes;
-            }
-            SPAN_PARENT_SPAN_ID => check_id(bytes, 8, "parentSpanId must be 8 bytes")?,
+            // Repeated, the last one wins: lengths are checked once the span is read.
+            SPAN_TRACE_ID => ids.trace_id = bytes,
+            SPAN_SPAN_ID => ids.span_id = bytes,
+            SPAN_PARENT_SPAN_ID => ids.parent_span_id = bytes,
             SPAN_EVENTS => self.event(bytes)?,
             SPAN_STATUS => {
                 if let Some(error) = status_is_error(bytes)? {
@@ -476,6 +475,7 @@ impl<'a> Scan<'_, 'a> {
             trace_id,
             span_id,
             is_error,
+            ..
         } = ids;
         let trace = TraceRef::from_ids(trace_id, span_id);
         let parent = RawAttributes {
@@ -1304,6 +1304,16 @@ mod tests {
             let body = one_event_request(&[name.clone(), id.clone()], &extra);
             assert_eq!(assert_like_prost(&body), Err(()), "{extra:?}");
         }
+        // Repeated span ids: the last one counts (found by the scanner_vs_prost target).
+        let body = one_event_request(
+            &[name.clone(), id.clone()],
+            &[
+                bytes_field(SPAN_SPAN_ID, &[1; 3]),
+                bytes_field(SPAN_SPAN_ID, &[1; 8]),
+            ]
+            .concat(),
+        );
+        assert_eq!(assert_like_prost(&body), Ok(1));
         // Item 9 (b): a body ending `02 01 00` (field 0) was answered 200.
         let mut body = one_event_request(&[name.clone(), id.clone()], &[]);
         body.extend_from_slice(b"\x02\x01\x00");
