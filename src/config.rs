@@ -743,7 +743,7 @@ mod byte_size {
 
     pub fn serialize<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
         const MIB: u64 = 1024 * 1024;
-        if *n >= MIB && n % MIB == 0 {
+        if *n >= MIB && n.is_multiple_of(MIB) {
             s.serialize_str(&format!("{}MiB", n / MIB))
         } else {
             s.serialize_u64(*n)

@@ -53,7 +53,13 @@ fuzz_target!(|data: &[u8]| {
     let mut framed = vec![flag];
     framed.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     framed.extend_from_slice(&payload);
-    let grpc = answer_message(&w.pipeline, &w.limits, grpc_path, encoding, Bytes::from(framed));
+    let grpc = answer_message(
+        &w.pipeline,
+        &w.limits,
+        grpc_path,
+        encoding,
+        Bytes::from(framed),
+    );
     let (http, _) = answer_body(
         &w.pipeline,
         &w.limits,
