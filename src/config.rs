@@ -174,6 +174,43 @@ pub struct Limits {
     /// series are removed.
     #[serde(with = "off_or_duration")]
     pub series_idle_timeout: Option<Duration>,
+    pub max_connections: MaxConnections,
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(with = "duration")]
+    pub request_read_timeout: Duration,
+    #[serde(with = "byte_size")]
+    pub max_buffered_bytes: u64,
+}
+
+/// Connections per OTLP listener: `auto` (a share of the open-file limit) or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaxConnections {
+    #[default]
+    Auto,
+    Fixed(usize),
+}
+
+impl Serialize for MaxConnections {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MaxConnections::Auto => s.serialize_str("auto"),
+            MaxConnections::Fixed(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxConnections {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = string_like(d)?;
+        let raw = raw.trim();
+        if raw.eq_ignore_ascii_case("auto") {
+            return Ok(MaxConnections::Auto);
+        }
+        raw.parse::<usize>()
+            .map(MaxConnections::Fixed)
+            .map_err(|_| serde::de::Error::custom(format!("{raw:?} is not `auto` or a number")))
+    }
 }
 
 impl Default for Limits {
@@ -184,6 +221,10 @@ impl Default for Limits {
             max_request_body_bytes: 64 * 1024 * 1024,
             dedup_window: Duration::from_secs(300),
             series_idle_timeout: None,
+            max_connections: MaxConnections::Auto,
+            idle_timeout: Duration::from_secs(60),
+            request_read_timeout: Duration::from_secs(30),
+            max_buffered_bytes: 512 * 1024 * 1024,
         }
     }
 }
@@ -212,6 +253,13 @@ impl Default for Log {
         }
     }
 }
+
+/// Upper bounds of the limits: beyond them a value is a typo, or would overflow (a
+/// deadline past what `Instant` holds, a gRPC length prefix past 32 bits).
+const MAX_BODY_LIMIT: usize = 2 * 1024 * 1024 * 1024;
+const MAX_BUFFERED_LIMIT: u64 = 1024 * 1024 * 1024 * 1024;
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A configuration error, naming the key and where its value came from.
 #[derive(Debug)]
@@ -364,11 +412,55 @@ impl Config {
         if self.limits.max_series_per_metric == 0 {
             fail("limits.max_series_per_metric", "must be at least 1".into())?;
         }
-        if self.limits.max_request_body_bytes < 1024 {
+        let limits = &self.limits;
+        if !(1024..=MAX_BODY_LIMIT).contains(&limits.max_request_body_bytes) {
             fail(
                 "limits.max_request_body_bytes",
-                "must be at least 1024".into(),
+                format!("must be between 1024 and {MAX_BODY_LIMIT} (2 GiB)"),
             )?;
+        }
+        if limits.max_buffered_bytes < limits.max_request_body_bytes as u64
+            || limits.max_buffered_bytes > MAX_BUFFERED_LIMIT
+        {
+            fail(
+                "limits.max_buffered_bytes",
+                format!(
+                    "must be between limits.max_request_body_bytes ({}) and {MAX_BUFFERED_LIMIT} (1 TiB): \
+                     a body that fits no budget could never be read",
+                    limits.max_request_body_bytes
+                ),
+            )?;
+        }
+        if let MaxConnections::Fixed(n) = limits.max_connections {
+            if !(1..=MAX_CONNECTIONS_LIMIT).contains(&n) {
+                fail(
+                    "limits.max_connections",
+                    format!("must be `auto` or between 1 and {MAX_CONNECTIONS_LIMIT}"),
+                )?;
+            }
+        }
+        for (key, value, min) in [
+            (
+                "limits.idle_timeout",
+                limits.idle_timeout,
+                Duration::from_millis(100),
+            ),
+            (
+                "limits.request_read_timeout",
+                limits.request_read_timeout,
+                Duration::from_millis(100),
+            ),
+            ("limits.dedup_window", limits.dedup_window, Duration::ZERO),
+        ] {
+            if value < min || value > MAX_DURATION {
+                fail(
+                    key,
+                    format!(
+                        "must be between {} and 365d",
+                        humantime::format_duration(min)
+                    ),
+                )?;
+            }
         }
         if self
             .log
@@ -436,6 +528,9 @@ fn check_flow_settings(
 ) -> Result<(), (String, String)> {
     if timeout.is_some_and(|t| t.is_zero()) {
         return Err((format!("{key}.timeout"), "must be longer than 0s".into()));
+    }
+    if timeout.is_some_and(|t| t > MAX_DURATION) {
+        return Err((format!("{key}.timeout"), "must be at most 365d".into()));
     }
     if let Some(buckets) = buckets {
         if buckets.is_empty() {
@@ -851,8 +946,9 @@ mod duration {
                 ))
             }),
             Raw::U(u) => Ok(Duration::from_secs(u)),
-            Raw::F(f) if f.is_finite() && f >= 0.0 => Ok(Duration::from_secs_f64(f)),
-            Raw::F(f) => Err(serde::de::Error::custom(format!("{f} is not a duration"))),
+            // `try_`: a huge number (1e300) is an error, not a panic.
+            Raw::F(f) => Duration::try_from_secs_f64(f)
+                .map_err(|_| serde::de::Error::custom(format!("{f} is not a duration"))),
         }
     }
 }
@@ -866,6 +962,49 @@ fn duration_problem(e: &humantime::DurationError) -> String {
         E::UnknownUnit { unit, .. } => format!("unknown unit {unit:?}"),
         E::NumberOverflow => "too long".into(),
         E::Empty => "empty".into(),
+    }
+}
+
+/// Byte sizes: a plain number of bytes, or a number with a unit (`512MiB`, `64 MB`, `1g`).
+mod byte_size {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+        const MIB: u64 = 1024 * 1024;
+        if *n >= MIB && n.is_multiple_of(MIB) {
+            s.serialize_str(&format!("{}MiB", n / MIB))
+        } else {
+            s.serialize_u64(*n)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let raw = string_like(d)?;
+        parse(&raw).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{raw:?} is not a size like 512MiB, 64MB or a number of bytes"
+            ))
+        })
+    }
+
+    pub fn parse(raw: &str) -> Option<u64> {
+        let raw = raw.trim();
+        let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+        let (number, unit) = raw.split_at(split);
+        let number: u64 = number.parse().ok()?;
+        let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1000 * 1000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1000 * 1000 * 1000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+            "tib" => 1 << 40,
+            _ => return None,
+        };
+        number.checked_mul(factor)
     }
 }
 
@@ -1082,6 +1221,118 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("another dimension"), "{err}");
+    }
+
+    #[test]
+    fn limits_keys_parse_and_are_range_checked() {
+        let f = yaml_file(
+            "limits:\n  max_connections: 12\n  idle_timeout: 1s\n  request_read_timeout: 2s\n  max_buffered_bytes: 128MiB\n",
+        );
+        let c = Config::load(Some(&f.path), env(&[])).unwrap();
+        assert_eq!(c.limits.max_connections, MaxConnections::Fixed(12));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(1));
+        assert_eq!(c.limits.request_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.max_buffered_bytes, 128 << 20);
+        let c = Config::load(
+            None,
+            env(&[
+                ("FLOWMETRICS_LIMITS__MAX_CONNECTIONS", "auto"),
+                ("FLOWMETRICS_LIMITS__MAX_BUFFERED_BYTES", "100000000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_connections, MaxConnections::Auto);
+        assert_eq!(c.limits.max_buffered_bytes, 100_000_000);
+        assert_eq!(byte_size::parse("64 MB"), Some(64_000_000));
+        assert_eq!(byte_size::parse("1g"), Some(1_000_000_000));
+        assert_eq!(byte_size::parse("99999999999999999999GiB"), None);
+        assert_eq!(byte_size::parse("lots"), None);
+        // Renders back as it reads.
+        let again = yaml_file(&Config::default().to_yaml());
+        assert_eq!(
+            Config::load(Some(&again.path), env(&[]))
+                .unwrap()
+                .limits
+                .max_buffered_bytes,
+            512 << 20
+        );
+
+        for (var, value, key) in [
+            // limit + 1 used to wrap to 0: every compressed body decoded to nothing.
+            (
+                "FLOWMETRICS_LIMITS__MAX_REQUEST_BODY_BYTES",
+                "18446744073709551615",
+                "limits.max_request_body_bytes",
+            ),
+            (
+                "FLOWMETRICS_LIMITS__MAX_REQUEST_BODY_BYTES",
+                "3000000000",
+                "limits.max_request_body_bytes",
+            ),
+            (
+                "FLOWMETRICS_LIMITS__MAX_BUFFERED_BYTES",
+                "1MiB",
+                "limits.max_buffered_bytes",
+            ),
+            (
+                "FLOWMETRICS_LIMITS__MAX_BUFFERED_BYTES",
+                "4TiB",
+                "limits.max_buffered_bytes",
+            ),
+            (
+                "FLOWMETRICS_LIMITS__MAX_CONNECTIONS",
+                "0",
+                "limits.max_connections",
+            ),
+            (
+                "FLOWMETRICS_LIMITS__MAX_CONNECTIONS",
+                "many",
+                "limits.max_connections",
+            ),
+            (
+                "FLOWMETRICS_LIMITS__IDLE_TIMEOUT",
+                "0s",
+                "limits.idle_timeout",
+            ),
+            (
+                "FLOWMETRICS_LIMITS__REQUEST_READ_TIMEOUT",
+                "400d",
+                "limits.request_read_timeout",
+            ),
+        ] {
+            let err = Config::load(None, env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{var}={value}: {err}");
+            assert!(err.contains(var), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn huge_durations_are_errors_not_panics() {
+        for (text, key) in [
+            ("limits:\n  dedup_window: 1e30\n", "dedup_window"),
+            ("flows:\n  default:\n    timeout: 1e300\n", "timeout"),
+            (
+                "flows:\n  default:\n    timeout: 1e12\n",
+                "flows.default.timeout",
+            ),
+            (
+                "flows:\n  per_flow:\n    a: { timeout: 100000000000 }\n",
+                "flows.per_flow.a.timeout",
+            ),
+            ("limits:\n  dedup_window: 999999999y\n", "dedup_window"),
+        ] {
+            let f = yaml_file(text);
+            let err = Config::load(Some(&f.path), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(
+                err.contains(f.path.file_name().unwrap().to_str().unwrap()),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -71,6 +71,8 @@ impl App {
             store.clone(),
             metrics.clone(),
         ));
+        let limits =
+            ingest::limits::Limits::new(ingest::limits::LimitSettings::from_config(&config));
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -93,6 +95,7 @@ impl App {
         tasks.push(tokio::spawn(server::serve(
             metrics_listener,
             move |req| admin.clone().handle(req),
+            limits.settings.admin_conn_limits(),
             stop.clone(),
         )));
         tracing::info!(
@@ -103,11 +106,11 @@ impl App {
         if !config.listen.otlp_http.is_empty() {
             let listener = bind(&config.listen.otlp_http, "listen.otlp_http").await?;
             let addr = listener.local_addr()?;
-            let handler =
-                ingest::http::OtlpHttp::new(pipeline.clone(), config.limits.max_request_body_bytes);
+            let handler = ingest::http::OtlpHttp::new(pipeline.clone(), limits.clone());
             tasks.push(tokio::spawn(server::serve(
                 listener,
                 move |req| handler.clone().handle(req),
+                limits.settings.conn_limits(),
                 stop.clone(),
             )));
             tracing::info!("OTLP/HTTP: http://{addr}/v1/traces, /v1/logs, /v1/metrics");
@@ -120,11 +123,11 @@ impl App {
         if !config.listen.otlp_grpc.is_empty() {
             let listener = bind(&config.listen.otlp_grpc, "listen.otlp_grpc").await?;
             let addr = listener.local_addr()?;
-            let handler =
-                ingest::grpc::OtlpGrpc::new(pipeline.clone(), config.limits.max_request_body_bytes);
+            let handler = ingest::grpc::OtlpGrpc::new(pipeline.clone(), limits.clone());
             tasks.push(tokio::spawn(server::serve(
                 listener,
                 move |req| handler.clone().handle(req),
+                limits.settings.conn_limits(),
                 stop.clone(),
             )));
             tracing::info!("OTLP/gRPC: {addr} (TraceService, LogsService, MetricsService)");

@@ -8,7 +8,7 @@
 //! reads are only skipped, so bytes a full decode would refuse there (say, invalid
 //! UTF-8 in an unrelated attribute) pass.
 
-use super::wire::{utf8, Fields, Value, WireError, PAST_THE_END};
+use super::wire::{check_wire, utf8, Fields, Value, WireError, PAST_THE_END, WRONG_WIRE_TYPE};
 use crate::flows::event::{AttrValue, AttributeLayers, Attributes, Keys, SharedLayer};
 use crate::flows::{Extractor, FlowEvent, Source, TraceRef};
 use crate::model::Rejection;
@@ -37,6 +37,8 @@ const ANY_BOOL: u32 = 2;
 const ANY_INT: u32 = 3;
 const ANY_DOUBLE: u32 = 4;
 const ANY_BYTES: u32 = 7;
+/// `string_value_strindex`: a value, though not one flowmetrics reads.
+const ANY_STRINDEX: u32 = 8;
 // Keys (field number << 3 | wire type 2) of the fast paths.
 const KV_KEY_TAG: u8 = (KEY_VALUE_KEY as u8) << 3 | 2;
 const KV_VALUE_TAG: u8 = (KEY_VALUE_VALUE as u8) << 3 | 2;
@@ -67,19 +69,179 @@ const SPAN_KEYS: [KeyAction; 256] = {
     let mut number = 1;
     while number < 16 {
         let key = number << 3;
-        keys[key] = KeyAction::SkipVarint;
-        keys[key | 1] = KeyAction::SkipFixed64;
-        keys[key | 5] = KeyAction::SkipFixed32;
-        keys[key | 2] = match number as u32 {
-            SPAN_TRACE_ID | SPAN_SPAN_ID | SPAN_PARENT_SPAN_ID | SPAN_EVENTS | SPAN_STATUS => {
-                KeyAction::Read
+        // Only the wire type the schema gives a field is fast; another one goes to the
+        // general reader, which refuses it (as prost does).
+        match span_wire(number as u32) {
+            Some(0) => keys[key] = KeyAction::SkipVarint,
+            Some(1) => keys[key | 1] = KeyAction::SkipFixed64,
+            Some(5) => keys[key | 5] = KeyAction::SkipFixed32,
+            _ => {
+                keys[key | 2] = match number as u32 {
+                    SPAN_TRACE_ID | SPAN_SPAN_ID | SPAN_PARENT_SPAN_ID | SPAN_EVENTS
+                    | SPAN_STATUS => KeyAction::Read,
+                    _ => KeyAction::SkipBytes,
+                }
             }
-            _ => KeyAction::SkipBytes,
-        };
+        }
         number += 1;
     }
     keys
 };
+
+/// Wire types of the fields of the messages the scan walks (opentelemetry-proto v1):
+/// a known field with another wire type is refused, as prost refuses it.
+const fn span_wire(number: u32) -> Option<u8> {
+    match number {
+        1..=5 | 9 | 11 | 13 | 15 => Some(2),
+        6 | 10 | 12 | 14 => Some(0),
+        7 | 8 => Some(1),
+        16 => Some(5),
+        _ => None,
+    }
+}
+
+fn event_wire(number: u32) -> Option<u8> {
+    match number {
+        EVENT_TIME => Some(1),
+        EVENT_NAME | EVENT_ATTRIBUTES => Some(2),
+        4 => Some(0),
+        _ => None,
+    }
+}
+
+/// `ExportTraceServiceRequest`, `ResourceSpans`, `ScopeSpans`: messages and strings.
+fn container_wire(number: u32) -> Option<u8> {
+    match number {
+        1..=3 => Some(2),
+        _ => None,
+    }
+}
+
+fn request_wire(number: u32) -> Option<u8> {
+    (number == REQUEST_RESOURCE_SPANS).then_some(2)
+}
+
+fn status_wire(number: u32) -> Option<u8> {
+    match number {
+        2 => Some(2),
+        STATUS_CODE => Some(0),
+        _ => None,
+    }
+}
+
+fn resource_wire(number: u32) -> Option<u8> {
+    match number {
+        RESOURCE_ATTRIBUTES | 3 => Some(2),
+        2 => Some(0),
+        _ => None,
+    }
+}
+
+fn key_value_wire(number: u32) -> Option<u8> {
+    match number {
+        KEY_VALUE_KEY | KEY_VALUE_VALUE => Some(2),
+        3 => Some(0), // key_strindex
+        _ => None,
+    }
+}
+
+fn any_value_wire(number: u32) -> Option<u8> {
+    match number {
+        ANY_STRING | 5..=ANY_BYTES => Some(2),
+        ANY_BOOL | ANY_INT | ANY_STRINDEX => Some(0),
+        ANY_DOUBLE => Some(1),
+        _ => None,
+    }
+}
+
+/// prost's recursion limit: a message nested deeper than this is refused.
+const MAX_DEPTH: u32 = 100;
+/// Depths (the request is 0) of the messages attribute lists hang off.
+const RESOURCE_DEPTH: u32 = 2;
+const SPAN_DEPTH: u32 = 3;
+const EVENT_DEPTH: u32 = 4;
+
+/// Checks an attribute list (field `field` of `msg`, a message at `depth`) as a full
+/// decode would: framing, wire types, UTF-8 of keys and string values, nesting. Only
+/// run for the lists a flow event reads, so that what the scan finds there is what a
+/// full decode finds.
+fn check_attributes(msg: &[u8], field: u32, depth: u32) -> Result<(), WireError> {
+    let mut fields = Fields::new(msg);
+    while let Some((number, value)) = fields.next_field()? {
+        if number == field {
+            let Value::Bytes(kv) = value else {
+                return Err(WRONG_WIRE_TYPE);
+            };
+            check_key_value(kv, depth + 1)?;
+        } else if depth >= MAX_DEPTH {
+            return Err(TOO_DEEP);
+        }
+    }
+    Ok(())
+}
+
+const TOO_DEEP: WireError = WireError("messages nested too deeply");
+
+fn check_key_value(kv: &[u8], depth: u32) -> Result<(), WireError> {
+    if depth > MAX_DEPTH {
+        return Err(TOO_DEEP);
+    }
+    let mut fields = Fields::new(kv);
+    while let Some((number, value)) = fields.next_field()? {
+        check_wire(number, &value, key_value_wire)?;
+        match (number, value) {
+            (KEY_VALUE_KEY, Value::Bytes(k)) => {
+                utf8(k)?;
+            }
+            (KEY_VALUE_VALUE, Value::Bytes(v)) => check_any_value(v, depth + 1)?,
+            _ if depth >= MAX_DEPTH => return Err(TOO_DEEP),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_any_value(any: &[u8], depth: u32) -> Result<(), WireError> {
+    if depth > MAX_DEPTH {
+        return Err(TOO_DEEP);
+    }
+    let mut fields = Fields::new(any);
+    while let Some((number, value)) = fields.next_field()? {
+        check_wire(number, &value, any_value_wire)?;
+        match (number, value) {
+            (ANY_STRING, Value::Bytes(s)) => {
+                utf8(s)?;
+            }
+            // ArrayValue (repeated AnyValue 1) and KeyValueList (repeated KeyValue 1).
+            (5, Value::Bytes(list)) => check_list(list, depth + 1, check_any_value)?,
+            (6, Value::Bytes(list)) => check_list(list, depth + 1, check_key_value)?,
+            (1..=ANY_STRINDEX, _) => {}
+            _ if depth >= MAX_DEPTH => return Err(TOO_DEEP),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_list(
+    list: &[u8],
+    depth: u32,
+    item: fn(&[u8], u32) -> Result<(), WireError>,
+) -> Result<(), WireError> {
+    if depth > MAX_DEPTH {
+        return Err(TOO_DEEP);
+    }
+    let mut fields = Fields::new(list);
+    while let Some((number, value)) = fields.next_field()? {
+        match (number, value) {
+            (1, Value::Bytes(b)) => item(b, depth + 1)?,
+            (1, _) => return Err(WRONG_WIRE_TYPE),
+            _ if depth >= MAX_DEPTH => return Err(TOO_DEEP),
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
 /// Extraction results of one export, and how many spans it held.
 pub struct TraceScan {
@@ -123,6 +285,7 @@ struct Candidate<'a> {
 struct SpanIds<'a> {
     trace_id: &'a [u8],
     span_id: &'a [u8],
+    parent_span_id: &'a [u8],
     /// Status code ERROR.
     is_error: bool,
 }
@@ -140,6 +303,7 @@ impl<'a> Scan<'_, 'a> {
     fn request(&mut self, body: &'a [u8]) -> Result<(), WireError> {
         let mut fields = Fields::new(body);
         while let Some(field) = fields.next_field()? {
+            check_wire(field.0, &field.1, request_wire)?;
             if let (REQUEST_RESOURCE_SPANS, Value::Bytes(resource_spans)) = field {
                 self.resource_spans(resource_spans)?;
             }
@@ -155,9 +319,17 @@ impl<'a> Scan<'_, 'a> {
         let mut resource: &[u8] = &[];
         let mut fields = Fields::new(msg);
         while let Some(field) = fields.next_field()? {
+            check_wire(field.0, &field.1, container_wire)?;
             if let (RESOURCE_SPANS_RESOURCE, Value::Bytes(r)) = field {
                 resources += 1;
                 resource = r;
+                // Its attributes may be read for any flow event below: checked as a
+                // full decode checks them.
+                let mut fields = Fields::new(r);
+                while let Some(field) = fields.next_field()? {
+                    check_wire(field.0, &field.1, resource_wire)?;
+                }
+                check_attributes(r, RESOURCE_ATTRIBUTES, RESOURCE_DEPTH)?;
             }
         }
         let resource = SharedLayer::new(if resources > 1 {
@@ -178,6 +350,7 @@ impl<'a> Scan<'_, 'a> {
             if let (RESOURCE_SPANS_SCOPE_SPANS, Value::Bytes(scope_spans)) = field {
                 let mut fields = Fields::new(scope_spans);
                 while let Some(field) = fields.next_field()? {
+                    check_wire(field.0, &field.1, container_wire)?;
                     if let (SCOPE_SPANS_SPANS, Value::Bytes(span)) = field {
                         self.spans += 1;
                         self.span(span, &resource)?;
@@ -247,12 +420,21 @@ impl<'a> Scan<'_, 'a> {
             let mut fields = Fields::new(rest);
             let field = fields.next_field()?.ok_or(PAST_THE_END)?;
             rest = fields.rest();
+            check_wire(field.0, &field.1, span_wire)?;
             if let (number, Value::Bytes(bytes)) = field {
                 self.span_field(&mut ids, number, bytes)?;
             }
         }
+        check_id(ids.trace_id, 16, "traceId must be 16 bytes")?;
+        check_id(ids.span_id, 8, "spanId must be 8 bytes")?;
+        check_id(ids.parent_span_id, 8, "parentSpanId must be 8 bytes")?;
         if self.candidates.is_empty() {
             return Ok(());
+        }
+        // What the flow events read is checked as a full decode checks it.
+        check_attributes(span, SPAN_ATTRIBUTES, SPAN_DEPTH)?;
+        for c in &self.candidates {
+            check_attributes(c.attributes, EVENT_ATTRIBUTES, EVENT_DEPTH)?;
         }
         self.extract_candidates(span, ids, resource);
         Ok(())
@@ -267,15 +449,10 @@ impl<'a> Scan<'_, 'a> {
         bytes: &'a [u8],
     ) -> Result<(), WireError> {
         match number {
-            SPAN_TRACE_ID => {
-                check_id(bytes, 16, "traceId must be 16 bytes")?;
-                ids.trace_id = bytes;
-            }
-            SPAN_SPAN_ID => {
-                check_id(bytes, 8, "spanId must be 8 bytes")?;
-                ids.span_id = bytes;
-            }
-            SPAN_PARENT_SPAN_ID => check_id(bytes, 8, "parentSpanId must be 8 bytes")?,
+            // Repeated, the last one wins: lengths are checked once the span is read.
+            SPAN_TRACE_ID => ids.trace_id = bytes,
+            SPAN_SPAN_ID => ids.span_id = bytes,
+            SPAN_PARENT_SPAN_ID => ids.parent_span_id = bytes,
             SPAN_EVENTS => self.event(bytes)?,
             SPAN_STATUS => {
                 if let Some(error) = status_is_error(bytes)? {
@@ -299,6 +476,7 @@ impl<'a> Scan<'_, 'a> {
             trace_id,
             span_id,
             is_error,
+            ..
         } = ids;
         let trace = TraceRef::from_ids(trace_id, span_id);
         let parent = RawAttributes {
@@ -358,6 +536,7 @@ impl<'a> Scan<'_, 'a> {
                 _ => {
                     let mut fields = Fields::new(rest);
                     let field = fields.next_field()?.ok_or(PAST_THE_END)?;
+                    check_wire(field.0, &field.1, event_wire)?;
                     (field, fields.rest())
                 }
             };
@@ -405,6 +584,7 @@ fn status_fields(status: &[u8]) -> Result<Option<bool>, WireError> {
     let mut is_error = None;
     let mut fields = Fields::new(status);
     while let Some(field) = fields.next_field()? {
+        check_wire(field.0, &field.1, status_wire)?;
         if let (STATUS_CODE, Value::Varint(code)) = field {
             is_error = Some(code == STATUS_CODE_ERROR);
         }
@@ -489,7 +669,9 @@ fn key_value(kv: &[u8]) -> Option<(&[u8], &[u8])> {
         if let Some((k, rest)) = rest.split_at_checked(usize::from(klen)) {
             match *rest {
                 [] if klen < 0x80 => return Some((k, &[])),
-                [KV_VALUE_TAG, vlen, ref v @ ..] if klen < 0x80 && usize::from(vlen) == v.len() => {
+                [KV_VALUE_TAG, vlen, ref v @ ..]
+                    if klen < 0x80 && vlen < 0x80 && usize::from(vlen) == v.len() =>
+                {
                     return Some((k, v))
                 }
                 _ => {}
@@ -529,7 +711,7 @@ fn any_value(msg: &[u8]) -> AttrValue<'_> {
             Ok(Some((ANY_INT, Value::Varint(i)))) => AttrValue::Int(i as i64),
             Ok(Some((ANY_DOUBLE, Value::Fixed64(d)))) => AttrValue::Double(f64::from_bits(d)),
             // Arrays, maps, bytes (or a known field of the wrong type).
-            Ok(Some((ANY_STRING..=ANY_BYTES, _))) => AttrValue::Other,
+            Ok(Some((ANY_STRING..=ANY_STRINDEX, _))) => AttrValue::Other,
             // Unknown fields are skipped, as in a full decode.
             Ok(Some(_)) => value,
             Ok(None) => return value,
@@ -538,11 +720,84 @@ fn any_value(msg: &[u8]) -> AttrValue<'_> {
     }
 }
 
+/// What a full prost decode finds in `body`: the reference the scan is held to (its
+/// tests and the `scanner_vs_prost` fuzz target compare the two).
+#[doc(hidden)]
+pub fn reference_scan(
+    body: &[u8],
+    extractor: &Extractor,
+    received_nanos: u64,
+) -> Result<TraceScan, String> {
+    use crate::ingest::decode::{decode, DecodeError, MediaType};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    let req: ExportTraceServiceRequest =
+        decode(body, MediaType::Protobuf).map_err(|e| match e {
+            DecodeError::Invalid(m) => m,
+            other => format!("{other:?}"),
+        })?;
+    let spans = req
+        .resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .map(|s| s.spans.len() as u64)
+        .sum();
+    Ok(TraceScan {
+        spans,
+        events: decoded_events(&req, extractor, received_nanos),
+    })
+}
+
+/// The flow events of a decoded request, every span event in order.
+#[doc(hidden)]
+pub fn decoded_events(
+    req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+    x: &Extractor,
+    received_nanos: u64,
+) -> Vec<Result<FlowEvent, Rejection>> {
+    use crate::flows::event::NO_ATTRIBUTES;
+    let mut out = Vec::new();
+    for rs in &req.resource_spans {
+        let resource = rs
+            .resource
+            .as_ref()
+            .map(|r| &r.attributes[..])
+            .unwrap_or(NO_ATTRIBUTES);
+        for ss in &rs.scope_spans {
+            for sp in &ss.spans {
+                let is_error = sp
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| u64::try_from(s.code) == Ok(STATUS_CODE_ERROR));
+                for e in &sp.events {
+                    let layers = AttributeLayers {
+                        event: &e.attributes[..],
+                        parent: &sp.attributes[..],
+                        resource,
+                    };
+                    match x.extract(
+                        &e.name,
+                        layers,
+                        e.time_unix_nano,
+                        received_nanos,
+                        is_error,
+                        TraceRef::from_ids(&sp.trace_id, &sp.span_id),
+                        Source::SpanEvent,
+                    ) {
+                        Ok(Some(ev)) => out.push(Ok(ev)),
+                        Ok(None) => {}
+                        Err(r) => out.push(Err(r)),
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::flows::event::NO_ATTRIBUTES;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
     use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -653,40 +908,7 @@ mod tests {
         req: &ExportTraceServiceRequest,
         x: &Extractor,
     ) -> Vec<Result<FlowEvent, Rejection>> {
-        let mut out = Vec::new();
-        for rs in &req.resource_spans {
-            let resource = rs
-                .resource
-                .as_ref()
-                .map(|r| &r.attributes[..])
-                .unwrap_or(NO_ATTRIBUTES);
-            for ss in &rs.scope_spans {
-                for sp in &ss.spans {
-                    let is_error = sp.status.as_ref().is_some_and(|s| s.code == 2);
-                    for e in &sp.events {
-                        let layers = AttributeLayers {
-                            event: &e.attributes[..],
-                            parent: &sp.attributes[..],
-                            resource,
-                        };
-                        match x.extract(
-                            &e.name,
-                            layers,
-                            e.time_unix_nano,
-                            1,
-                            is_error,
-                            TraceRef::from_ids(&sp.trace_id, &sp.span_id),
-                            Source::SpanEvent,
-                        ) {
-                            Ok(Some(ev)) => out.push(Ok(ev)),
-                            Ok(None) => {}
-                            Err(r) => out.push(Err(r)),
-                        }
-                    }
-                }
-            }
-        }
-        out
+        decoded_events(req, x, 1)
     }
 
     #[test]
@@ -960,6 +1182,192 @@ mod tests {
         assert_eq!(
             scan.events[7].as_ref().unwrap_err(),
             &Rejection::MissingCorrelationId
+        );
+    }
+
+    /// A request of one span with one event holding `event_attr` (raw `KeyValue` bytes),
+    /// then `span_extra` raw span fields.
+    fn one_event_request(event_fields: &[Vec<u8>], span_extra: &[u8]) -> Vec<u8> {
+        let event = message(event_fields);
+        let mut span = message(&[
+            bytes_field(SPAN_TRACE_ID, &[1; 16]),
+            bytes_field(SPAN_EVENTS, &event),
+        ]);
+        span.extend_from_slice(span_extra);
+        let scope = bytes_field(SCOPE_SPANS_SPANS, &span);
+        let rs = bytes_field(RESOURCE_SPANS_SCOPE_SPANS, &scope);
+        bytes_field(REQUEST_RESOURCE_SPANS, &rs)
+    }
+
+    /// Both ways agree: same verdict, and the same events when accepted.
+    fn assert_like_prost(bytes: &[u8]) -> Result<usize, ()> {
+        let x = Extractor::new(crate::settings::extractor(&config()));
+        let full = crate::ingest::decode::decode::<ExportTraceServiceRequest>(
+            bytes,
+            crate::ingest::decode::MediaType::Protobuf,
+        );
+        let scan = scan_traces(bytes, &x, 1);
+        match (full, scan) {
+            (Ok(req), Ok(scan)) => {
+                let show = |v: &[Result<FlowEvent, Rejection>]| format!("{v:?}");
+                assert_eq!(show(&scan.events), show(&full_decode(&req, &x)));
+                Ok(scan.events.len())
+            }
+            (Err(_), Err(_)) => Err(()),
+            (full, scan) => panic!(
+                "prost {:?}, scan {:?}",
+                full.map(|_| ()),
+                scan.map(|s| s.events)
+            ),
+        }
+    }
+
+    /// Item 9 (a): a value length sent as the non-minimal varint `85 00` with exactly
+    /// 133 bytes after the `0x85` once lost its correlation id in the fast path.
+    #[test]
+    fn a_non_minimal_value_length_keeps_the_correlation_id() {
+        let any = bytes_field(ANY_STRING, b"abc");
+        let mut kv = bytes_field(KEY_VALUE_KEY, b"correlation-id");
+        kv.extend_from_slice(&[KV_VALUE_TAG, 0x85, 0x00]);
+        kv.extend_from_slice(&any);
+        kv.extend(bytes_field(15, &[7; 125]));
+        assert_eq!(
+            kv.len() - kv.iter().position(|&b| b == 0x85).unwrap() - 1,
+            133
+        );
+        let body = one_event_request(
+            &[
+                fixed64_field(EVENT_TIME, 5),
+                bytes_field(EVENT_NAME, b"flow.a.start"),
+                bytes_field(EVENT_ATTRIBUTES, &kv),
+            ],
+            &[],
+        );
+        assert_eq!(assert_like_prost(&body), Ok(1));
+        let x = Extractor::new(crate::settings::extractor(&config()));
+        let scan = scan_traces(&body, &x, 1).unwrap();
+        assert_eq!(&*scan.events[0].as_ref().unwrap().correlation_id, "abc");
+    }
+
+    /// Item 9 (c): an event time as a varint, groups, invalid UTF-8 where an event reads,
+    /// known fields with the wrong wire type: refused or accepted exactly as prost does.
+    #[test]
+    fn wire_types_groups_and_utf8_as_prost() {
+        let name = bytes_field(EVENT_NAME, b"flow.a.start");
+        let id = bytes_field(EVENT_ATTRIBUTES, &plain_kv("correlation-id", "c1"));
+        // Time as a varint: prost refuses it.
+        let body = one_event_request(
+            &[varint_field(EVENT_TIME, 5), name.clone(), id.clone()],
+            &[],
+        );
+        assert_eq!(assert_like_prost(&body), Err(()));
+        // A group in an unknown span field (20), with a nested group: skipped by both.
+        let group = b"\xa3\x01\x08\x01\x1b\x1c\xa4\x01";
+        let body = one_event_request(
+            &[fixed64_field(EVENT_TIME, 5), name.clone(), id.clone()],
+            group,
+        );
+        assert_eq!(assert_like_prost(&body), Ok(1));
+        // An unterminated group: refused by both.
+        let body = one_event_request(&[name.clone(), id.clone()], b"\xa3\x01\x08\x01");
+        assert_eq!(assert_like_prost(&body), Err(()));
+        // Invalid UTF-8 in the correlation id, in another key, in a span attribute of a
+        // span with a flow event: prost refuses the request, so does the scan.
+        let bad_id = message(&[
+            bytes_field(KEY_VALUE_KEY, b"correlation-id"),
+            bytes_field(KEY_VALUE_VALUE, &bytes_field(ANY_STRING, b"\xff\xfe")),
+        ]);
+        let body = one_event_request(&[name.clone(), bytes_field(EVENT_ATTRIBUTES, &bad_id)], &[]);
+        assert_eq!(assert_like_prost(&body), Err(()));
+        let bad_key = message(&[bytes_field(KEY_VALUE_KEY, b"\xc3")]);
+        let body = one_event_request(
+            &[
+                name.clone(),
+                id.clone(),
+                bytes_field(EVENT_ATTRIBUTES, &bad_key),
+            ],
+            &[],
+        );
+        assert_eq!(assert_like_prost(&body), Err(()));
+        let body = one_event_request(
+            &[name.clone(), id.clone()],
+            &bytes_field(SPAN_ATTRIBUTES, &bad_id),
+        );
+        assert_eq!(assert_like_prost(&body), Err(()));
+        // Known span, status and event fields with the wrong wire type.
+        for extra in [
+            varint_field(SPAN_TRACE_ID, 1),
+            bytes_field(6, b"k"), // kind
+            varint_field(7, 1),   // start time
+            bytes_field(SPAN_STATUS, &bytes_field(STATUS_CODE, b"x")),
+            bytes_field(SPAN_EVENTS, &varint_field(EVENT_NAME, 1)),
+        ] {
+            let body = one_event_request(&[name.clone(), id.clone()], &extra);
+            assert_eq!(assert_like_prost(&body), Err(()), "{extra:?}");
+        }
+        // Repeated span ids: the last one counts (found by the scanner_vs_prost target).
+        let body = one_event_request(
+            &[name.clone(), id.clone()],
+            &[
+                bytes_field(SPAN_SPAN_ID, &[1; 3]),
+                bytes_field(SPAN_SPAN_ID, &[1; 8]),
+            ]
+            .concat(),
+        );
+        assert_eq!(assert_like_prost(&body), Ok(1));
+        // Item 9 (b): a body ending `02 01 00` (field 0) was answered 200.
+        let mut body = one_event_request(&[name.clone(), id.clone()], &[]);
+        body.extend_from_slice(b"\x02\x01\x00");
+        assert_eq!(assert_like_prost(&body), Err(()));
+        // Attribute values nested past prost's recursion limit.
+        let mut any = bytes_field(ANY_STRING, b"deep");
+        for _ in 0..60 {
+            any = bytes_field(5, &bytes_field(1, &any));
+        }
+        let deep = message(&[
+            bytes_field(KEY_VALUE_KEY, b"deep"),
+            bytes_field(KEY_VALUE_VALUE, &any),
+        ]);
+        let body = one_event_request(
+            &[
+                name.clone(),
+                id.clone(),
+                bytes_field(EVENT_ATTRIBUTES, &deep),
+            ],
+            &[],
+        );
+        assert_eq!(assert_like_prost(&body), Err(()));
+    }
+
+    /// Around prost's recursion limit: the verdicts match at every depth.
+    #[test]
+    fn nesting_depth_is_judged_as_prost_judges_it() {
+        let name = bytes_field(EVENT_NAME, b"flow.a.start");
+        let id = bytes_field(EVENT_ATTRIBUTES, &plain_kv("correlation-id", "c1"));
+        let mut verdicts = Vec::new();
+        for levels in 40..52 {
+            let mut any = message(&[bytes_field(ANY_STRING, b"deep"), varint_field(9, 1)]);
+            for _ in 0..levels {
+                any = bytes_field(5, &message(&[bytes_field(1, &any), varint_field(9, 1)]));
+            }
+            let deep = message(&[
+                bytes_field(KEY_VALUE_KEY, b"deep"),
+                bytes_field(KEY_VALUE_VALUE, &any),
+            ]);
+            let body = one_event_request(
+                &[
+                    name.clone(),
+                    id.clone(),
+                    bytes_field(EVENT_ATTRIBUTES, &deep),
+                ],
+                &[],
+            );
+            verdicts.push(assert_like_prost(&body).is_ok());
+        }
+        // Both sides of the limit were tried.
+        assert!(
+            verdicts.contains(&true) && verdicts.contains(&false),
+            "{verdicts:?}"
         );
     }
 

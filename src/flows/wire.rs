@@ -12,6 +12,38 @@ pub enum Value<'a> {
     Fixed64(u64),
     Fixed32(u32),
     Bytes(&'a [u8]),
+    /// A group (deprecated, never written by OTLP): skipped whole, as prost skips it.
+    Group,
+}
+
+impl Value<'_> {
+    /// The wire type this value came as.
+    pub fn wire_type(&self) -> u8 {
+        match self {
+            Value::Varint(_) => 0,
+            Value::Fixed64(_) => 1,
+            Value::Bytes(_) => 2,
+            Value::Group => 3,
+            Value::Fixed32(_) => 5,
+        }
+    }
+}
+
+/// A known field sent with another wire type than its own: prost refuses it, so must we.
+pub const WRONG_WIRE_TYPE: WireError = WireError("field with the wrong wire type");
+
+/// Checks `value` against `expected(number)` (the schema of the message being read; `None`
+/// for fields it does not have).
+#[inline]
+pub fn check_wire(
+    number: u32,
+    value: &Value<'_>,
+    expected: fn(u32) -> Option<u8>,
+) -> Result<(), WireError> {
+    match expected(number) {
+        Some(w) if w != value.wire_type() => Err(WRONG_WIRE_TYPE),
+        _ => Ok(()),
+    }
 }
 
 /// Why bytes are not a valid protobuf message.
@@ -76,7 +108,8 @@ impl<'a> Fields<'a> {
         // Keys of one byte (fields 1–15) or two (16–2047), number not 0.
         let key = match *self.rest {
             [k, ref tail @ ..] if (8..0x80).contains(&k) => Some((u32::from(k), tail)),
-            [k0, k1, ref tail @ ..] if k1 < 0x80 && k1 > 0 => {
+            // A first byte under 0x80 is a whole key (field 0 if under 8): not this arm.
+            [k0, k1, ref tail @ ..] if k0 >= 0x80 && k1 < 0x80 && k1 > 0 => {
                 Some((u32::from(k0 & 0x7f) | u32::from(k1) << 7, tail))
             }
             _ => None,
@@ -152,13 +185,41 @@ fn read_field(buf: &[u8]) -> Result<(u32, Value<'_>, &[u8]), WireError> {
             let (b, rest) = rest.split_first_chunk::<4>().ok_or(PAST_THE_END)?;
             (Value::Fixed32(u32::from_le_bytes(*b)), rest)
         }
-        _ => {
-            return Err(WireError(
-                "unsupported wire type (groups are not used by OTLP)",
-            ))
-        }
+        3 => (Value::Group, skip_group(number, rest, 0)?),
+        4 => return Err(WireError("end of a group that was not started")),
+        _ => return Err(WireError("invalid wire type")),
     };
     Ok((number, value, rest))
+}
+
+/// Nesting of groups within groups beyond which a message is refused (prost's
+/// recursion limit).
+const MAX_GROUP_DEPTH: u32 = 100;
+
+/// What follows the group `number` whose start key was just read: its fields are
+/// skipped up to the matching end key.
+#[inline(never)]
+fn skip_group(number: u32, mut buf: &[u8], depth: u32) -> Result<&[u8], WireError> {
+    if depth >= MAX_GROUP_DEPTH {
+        return Err(WireError("groups nested too deeply"));
+    }
+    loop {
+        if buf.is_empty() {
+            return Err(WireError("group without its end"));
+        }
+        let (key, rest) = varint(buf)?;
+        let key = u32::try_from(key).map_err(|_| WireError("field number out of range"))?;
+        let inner = key >> 3;
+        if inner == 0 {
+            return Err(WireError("field number 0"));
+        }
+        buf = match key & 7 {
+            4 if inner == number => return Ok(rest),
+            4 => return Err(WireError("end of a group that was not started")),
+            3 => skip_group(inner, rest, depth + 1)?,
+            _ => read_field(buf)?.2,
+        };
+    }
 }
 
 pub const PAST_THE_END: WireError = WireError("field runs past the end of its message");
@@ -315,8 +376,10 @@ mod tests {
             &too_long[..],
             &key_too_big,
             b"\x80\x00\x00",     // field number 0 in a two-byte key
-            b"\x0b",             // start group
+            b"\x02\x01\x00",     // field number 0 (one-byte key), then more bytes
+            b"\x0b",             // start group, no end
             b"\x0c",             // end group
+            b"\x0b\x14",         // group 1 ended as group 2
             b"\x0e",             // wire type 6
             b"\x0a\x80",         // truncated length
             b"\x0a\x80\x01x",    // length 128, one byte present
@@ -331,6 +394,37 @@ mod tests {
                 "prost disagrees on {bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn groups_are_skipped_as_prost_skips_them() {
+        use opentelemetry_proto::tonic::trace::v1::Span;
+        // Field 20 as a group holding a varint and a nested group, then field 5 (name).
+        let msg = b"\xa3\x01\x08\x01\x1b\x1c\xa4\x01\x2a\x01x";
+        let got: Vec<_> = Fields::new(msg).collect::<Result<_, _>>().unwrap();
+        assert_eq!(got, vec![(20, Value::Group), (5, Value::Bytes(b"x"))]);
+        assert_eq!(Span::decode(&msg[..]).unwrap().name, "x");
+        let mut deep = Vec::new();
+        for _ in 0..150 {
+            deep.push(0xa3);
+            deep.push(0x01);
+        }
+        for _ in 0..150 {
+            deep.push(0xa4);
+            deep.push(0x01);
+        }
+        assert!(Fields::new(&deep).collect::<Result<Vec<_>, _>>().is_err());
+        assert!(Span::decode(&deep[..]).is_err());
+    }
+
+    /// Item 9 (b): `02 01 00` is field 0 to prost; the two-byte-key arm once read it as
+    /// field 16 and a body ending so was answered 200.
+    #[test]
+    fn a_one_byte_key_of_field_0_is_not_a_two_byte_key() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        let body = b"\x02\x01\x00";
+        assert!(ExportTraceServiceRequest::decode(&body[..]).is_err());
+        assert!(Fields::new(body).collect::<Result<Vec<_>, _>>().is_err());
     }
 
     #[test]

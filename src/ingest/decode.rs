@@ -68,6 +68,8 @@ pub enum DecodeError {
     TooLarge { limit: usize },
     /// Not valid for its encoding or media type; the message says where.
     Invalid(String),
+    /// The buffered-bytes budget ran out while decompressing.
+    Busy,
 }
 
 /// Decompresses `body`, refusing to produce more than `limit` bytes (a gzip bomb stops
@@ -76,6 +78,17 @@ pub fn decompress(
     body: Bytes,
     encoding: ContentEncoding,
     limit: usize,
+) -> Result<Bytes, DecodeError> {
+    decompress_within(body, encoding, limit, &mut |_| true)
+}
+
+/// [`decompress`], asking `reserve` for every byte of output buffer before it is used
+/// (the buffered-bytes budget); `false` stops it with [`DecodeError::Busy`].
+pub fn decompress_within(
+    body: Bytes,
+    encoding: ContentEncoding,
+    limit: usize,
+    reserve: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Bytes, DecodeError> {
     let reader: Box<dyn Read + '_> = match encoding {
         ContentEncoding::Identity => {
@@ -99,13 +112,36 @@ pub fn decompress(
                 .map_err(|e| DecodeError::Invalid(format!("zstd body: {e}")))?,
         ),
     };
-    let mut out = Vec::with_capacity((body.len() * 4).min(limit));
-    let read = reader
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| DecodeError::Invalid(format!("compressed body: {e}")))?;
-    if read > limit {
-        return Err(DecodeError::TooLarge { limit });
+    // One byte past the limit tells "too large" from "exactly the limit"; saturating, so
+    // that no limit wraps to 0.
+    let mut reader = reader.take((limit as u64).saturating_add(1));
+    let mut out: Vec<u8> = Vec::new();
+    let mut charged = 0usize;
+    let first = body.len().saturating_mul(4).max(64 * 1024).min(limit);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DecodeError::Invalid(format!("compressed body: {e}"))),
+        };
+        if out.len() + n > limit {
+            return Err(DecodeError::TooLarge { limit });
+        }
+        if out.len() + n > out.capacity() {
+            let target = (out.capacity() * 2)
+                .max(out.len() + n)
+                .max(first)
+                .min(limit);
+            // Paid for before it is allocated.
+            if !reserve(target.saturating_sub(charged)) {
+                return Err(DecodeError::Busy);
+            }
+            charged = charged.max(target);
+            out.reserve_exact(target - out.len());
+        }
+        out.extend_from_slice(&chunk[..n]);
     }
     Ok(Bytes::from(out))
 }
@@ -232,6 +268,43 @@ mod tests {
                 .len(),
             big.len()
         );
+    }
+
+    #[test]
+    fn the_largest_limit_does_not_wrap() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(b"hello").unwrap();
+        let gz = Bytes::from(gz.finish().unwrap());
+        // `limit + 1` once wrapped to 0 here: every compressed body came out empty.
+        assert_eq!(
+            &decompress(gz, ContentEncoding::Gzip, usize::MAX).unwrap()[..],
+            b"hello"
+        );
+    }
+
+    #[test]
+    fn decompression_stops_when_the_budget_is_spent() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&vec![1u8; 1 << 20]).unwrap();
+        let gz = Bytes::from(gz.finish().unwrap());
+        let mut left = 256 * 1024usize;
+        let mut reserve = |n: usize| {
+            let ok = n <= left;
+            left = left.saturating_sub(n);
+            ok
+        };
+        assert_eq!(
+            decompress_within(gz.clone(), ContentEncoding::Gzip, 4 << 20, &mut reserve),
+            Err(DecodeError::Busy)
+        );
+        let mut total = 0;
+        let out = decompress_within(gz, ContentEncoding::Gzip, 4 << 20, &mut |n| {
+            total += n;
+            true
+        })
+        .unwrap();
+        assert_eq!(out.len(), 1 << 20);
+        assert!(total >= out.len() && total <= 4 << 20, "{total}");
     }
 
     #[test]

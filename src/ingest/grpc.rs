@@ -1,24 +1,23 @@
 //! OTLP/gRPC: TraceService and LogsService feed the pipeline; MetricsService is accepted
-//! and discarded. Served by hyper (HTTP/2) with tonic's gRPC framing and compression.
+//! and discarded. Served by hyper (HTTP/2); tonic provides the status type.
 //!
-//! tonic's generated servers decode with prost and answer a malformed message with
-//! INTERNAL; SPEC §6 wants INVALID_ARGUMENT. So requests arrive here as raw bytes (a
-//! pass-through codec) and are decoded by [`decode`](super::decode::decode), the same
-//! function the HTTP side uses.
+//! Unary calls are framed here rather than by tonic's server: the message is read under
+//! the same limits as an HTTP body (byte budget, read deadline, size) before anything is
+//! decompressed, and a malformed one is INVALID_ARGUMENT (SPEC §6), not tonic's INTERNAL.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes};
-use hyper::body::Incoming;
-use hyper::header::HeaderValue;
+use bytes::{BufMut, Bytes, BytesMut};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-use tokio::sync::Semaphore;
-use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 
-use super::decode::{decode, DecodeError, MediaType};
-use super::http::MAX_CONCURRENT_EXPORTS;
+use super::decode::{decode, decompress_within, ContentEncoding, DecodeError, MediaType};
+use super::limits::{Held, Limits, ReadError};
 use super::reply::export_response;
 use crate::model::{Signal, Transport};
 use crate::pipeline::Pipeline;
@@ -27,23 +26,42 @@ const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService
 const LOGS_EXPORT: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
 const METRICS_EXPORT: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
 
+/// The 5-byte prefix of a gRPC message: compressed flag, big-endian length.
+const FRAME_HEADER: usize = 5;
+
 #[derive(Clone)]
 pub struct OtlpGrpc {
     pipeline: Arc<Pipeline>,
-    max_message_bytes: usize,
-    permits: Arc<Semaphore>,
+    limits: Limits,
+}
+
+/// Message compression of a call (`grpc-encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcEncoding {
+    Identity,
+    Gzip,
+    Zstd,
+}
+
+impl GrpcEncoding {
+    /// `None`: an encoding this server does not speak (UNIMPLEMENTED, as gRPC says).
+    pub fn from_header(value: Option<&[u8]>) -> Option<GrpcEncoding> {
+        match value {
+            None | Some(b"identity") => Some(GrpcEncoding::Identity),
+            Some(b"gzip") => Some(GrpcEncoding::Gzip),
+            Some(b"zstd") => Some(GrpcEncoding::Zstd),
+            Some(_) => None,
+        }
+    }
 }
 
 impl OtlpGrpc {
-    pub fn new(pipeline: Arc<Pipeline>, max_message_bytes: usize) -> Self {
-        Self {
-            pipeline,
-            max_message_bytes,
-            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_EXPORTS)),
-        }
+    pub fn new(pipeline: Arc<Pipeline>, limits: Limits) -> Self {
+        Self { pipeline, limits }
     }
 
     pub async fn handle(self, req: Request<Incoming>) -> Response<tonic::body::Body> {
+        let deadline = self.limits.deadline();
         let signal = match req.uri().path() {
             TRACE_EXPORT => Signal::Traces,
             LOGS_EXPORT => Signal::Logs,
@@ -57,74 +75,211 @@ impl OtlpGrpc {
                 .into_http();
             }
         };
-        let mut grpc = tonic::server::Grpc::new(RawCodec)
-            .accept_compressed(CompressionEncoding::Gzip)
-            .accept_compressed(CompressionEncoding::Zstd)
-            .apply_max_message_size_config(Some(self.max_message_bytes), None);
-        let metrics_pipeline = self.pipeline.clone();
-        let service = ExportService {
-            handler: self,
-            signal,
+        let result = self.export(req, signal, deadline).await;
+        let (code, response) = match result {
+            Ok(message) => (Code::Ok, ok_response(message)),
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), "export refused: {}", status.message());
+                let mut r: Response<tonic::body::Body> = status.clone().into_http();
+                if status.code() == Code::Unimplemented {
+                    r.headers_mut().insert(
+                        "grpc-accept-encoding",
+                        HeaderValue::from_static("gzip,zstd"),
+                    );
+                }
+                (status.code(), r)
+            }
         };
-        let mut response = grpc.unary(service, req).await;
-        let code = normalize_status(&mut response);
-        metrics_pipeline
+        self.pipeline
             .metrics()
             .request(Transport::Grpc, signal, code_label(code));
         response
     }
 
-    fn export(&self, signal: Signal, body: Bytes) -> Result<Bytes, Status> {
-        let _permit = self.permits.try_acquire().map_err(|_| {
-            Status::unavailable("too many export requests in progress; retry shortly")
-        })?;
-        let invalid = |e: DecodeError| match e {
-            DecodeError::TooLarge { limit } => Status::resource_exhausted(format!(
-                "message over limits.max_request_body_bytes ({limit} bytes)"
-            )),
-            DecodeError::Invalid(m) => Status::invalid_argument(m),
+    async fn export(
+        &self,
+        req: Request<Incoming>,
+        signal: Signal,
+        deadline: tokio::time::Instant,
+    ) -> Result<Bytes, Status> {
+        let encoding = req
+            .headers()
+            .get("grpc-encoding")
+            .map(HeaderValue::as_bytes);
+        let Some(encoding) = GrpcEncoding::from_header(encoding) else {
+            return Err(Status::unimplemented(format!(
+                "message compression {:?} not supported: use gzip, zstd or none",
+                String::from_utf8_lossy(encoding.unwrap_or_default())
+            )));
         };
-        let rejected = match signal {
-            Signal::Traces => self
-                .pipeline
-                .traces_protobuf(&body, Transport::Grpc)
-                .map_err(|m| invalid(DecodeError::Invalid(m)))?,
-            Signal::Logs => {
-                let request: ExportLogsServiceRequest =
-                    decode(&body, MediaType::Protobuf).map_err(invalid)?;
-                self.pipeline.logs(&request, Transport::Grpc)
-            }
-            Signal::Metrics => Default::default(),
-        };
-        if !rejected.is_empty() {
-            tracing::debug!("{}", rejected.message());
-        }
-        Ok(export_response(signal, MediaType::Protobuf, &rejected))
+        let limit = self.limits.settings.max_body_bytes;
+        let mut held = self.limits.hold();
+        let mut body = req.into_body();
+        let framed = self
+            .limits
+            .read_body(&mut body, limit + FRAME_HEADER, None, deadline, &mut held)
+            .await
+            .map_err(|e| match e {
+                ReadError::TooLarge => too_large(limit),
+                ReadError::Busy => busy(),
+                ReadError::Timeout => Status::deadline_exceeded(
+                    "message not received within limits.request_read_timeout",
+                ),
+                ReadError::Canceled => Status::cancelled("the client reset the stream"),
+                ReadError::Invalid(m) => Status::invalid_argument(m),
+            })?;
+        let pipeline = self.pipeline.clone();
+        self.limits
+            .decode(deadline, move || {
+                let message = unary_message(framed, encoding, limit, &mut held)?;
+                export(&pipeline, signal, &message, &mut held)
+            })
+            .await
+            .unwrap_or_else(|| Err(busy()))
     }
 }
 
-/// Maps tonic's own answers for oversized and undecompressable messages onto SPEC §6
-/// codes, and returns the final code. Errors found before our service runs come back
-/// "trailers-only": the status is in the response headers.
-fn normalize_status(response: &mut Response<tonic::body::Body>) -> Code {
-    let Some(raw) = response.headers().get("grpc-status") else {
-        return Code::Ok;
+/// One call's body framed, decoded and answered as the handler does, without a
+/// connection (for the fuzz targets): the encoded response message or the status.
+#[doc(hidden)]
+pub fn answer_message(
+    pipeline: &Pipeline,
+    limits: &Limits,
+    path: &str,
+    grpc_encoding: Option<&[u8]>,
+    framed: Bytes,
+) -> Result<Bytes, Status> {
+    let signal = match path {
+        TRACE_EXPORT => Signal::Traces,
+        LOGS_EXPORT => Signal::Logs,
+        METRICS_EXPORT => Signal::Metrics,
+        _ => return Err(Status::unimplemented("no such method")),
     };
-    let code = Code::from_bytes(raw.as_bytes());
-    let mapped = match code {
-        // A frame longer than the limit.
-        Code::OutOfRange => Code::ResourceExhausted,
-        // A corrupt compressed frame.
-        Code::Internal => Code::InvalidArgument,
-        other => other,
-    };
-    if mapped != code {
-        response.headers_mut().insert(
-            "grpc-status",
-            HeaderValue::from_str(&(mapped as i32).to_string()).expect("digits"),
-        );
+    let encoding = GrpcEncoding::from_header(grpc_encoding)
+        .ok_or_else(|| Status::unimplemented("compression"))?;
+    let limit = limits.settings.max_body_bytes;
+    if framed.len() > limit + FRAME_HEADER {
+        return Err(too_large(limit));
     }
-    mapped
+    let mut held = limits.hold();
+    let message = unary_message(framed, encoding, limit, &mut held)?;
+    export(pipeline, signal, &message, &mut held)
+}
+
+/// The one message of a unary call's body (framing checked, decompressed within
+/// `limit`, buffers paid for from `held`).
+pub fn unary_message(
+    framed: Bytes,
+    encoding: GrpcEncoding,
+    limit: usize,
+    held: &mut Held,
+) -> Result<Bytes, Status> {
+    let Some(header) = framed.get(..FRAME_HEADER) else {
+        return Err(Status::invalid_argument(if framed.is_empty() {
+            "missing request message"
+        } else {
+            "truncated gRPC message header"
+        }));
+    };
+    let compressed = match header[0] {
+        0 => false,
+        1 => true,
+        _ => return Err(Status::invalid_argument("invalid gRPC compression flag")),
+    };
+    let len = u32::from_be_bytes(header[1..].try_into().expect("4 bytes")) as usize;
+    if len > limit {
+        return Err(too_large(limit));
+    }
+    let rest = framed.len() - FRAME_HEADER;
+    if rest < len {
+        return Err(Status::invalid_argument(
+            "gRPC message shorter than its length",
+        ));
+    }
+    if rest > len {
+        return Err(Status::invalid_argument(
+            "more than one message in a unary call",
+        ));
+    }
+    let message = framed.slice(FRAME_HEADER..);
+    if !compressed {
+        return Ok(message);
+    }
+    let encoding = match encoding {
+        GrpcEncoding::Identity => {
+            return Err(Status::invalid_argument(
+                "compressed message without grpc-encoding",
+            ))
+        }
+        GrpcEncoding::Gzip => ContentEncoding::Gzip,
+        GrpcEncoding::Zstd => ContentEncoding::Zstd,
+    };
+    decompress_within(message, encoding, limit, &mut |n| held.take(n)).map_err(decode_status)
+}
+
+fn decode_status(e: DecodeError) -> Status {
+    match e {
+        DecodeError::TooLarge { limit } => too_large(limit),
+        DecodeError::Busy => busy(),
+        DecodeError::Invalid(m) => Status::invalid_argument(m),
+    }
+}
+
+fn too_large(limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "message over limits.max_request_body_bytes ({limit} bytes)"
+    ))
+}
+
+fn busy() -> Status {
+    Status::unavailable(
+        "overloaded: messages in memory are at limits.max_buffered_bytes; retry shortly",
+    )
+}
+
+/// Decodes and counts one message; the encoded `Export*ServiceResponse`.
+fn export(
+    pipeline: &Pipeline,
+    signal: Signal,
+    message: &[u8],
+    held: &mut Held,
+) -> Result<Bytes, Status> {
+    let rejected = match signal {
+        Signal::Traces => pipeline
+            .traces_protobuf(message, Transport::Grpc)
+            .map_err(Status::invalid_argument)?,
+        Signal::Logs => {
+            // Decoded messages take about what their bytes took: paid for as such.
+            if !held.take(message.len()) {
+                return Err(busy());
+            }
+            let request: ExportLogsServiceRequest =
+                decode(message, MediaType::Protobuf).map_err(decode_status)?;
+            pipeline.logs(&request, Transport::Grpc)
+        }
+        Signal::Metrics => Default::default(),
+    };
+    if !rejected.is_empty() {
+        tracing::debug!("{}", rejected.message());
+    }
+    Ok(export_response(signal, MediaType::Protobuf, &rejected))
+}
+
+fn ok_response(message: Bytes) -> Response<tonic::body::Body> {
+    let mut framed = BytesMut::with_capacity(FRAME_HEADER + message.len());
+    framed.put_u8(0);
+    framed.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
+    framed.put(message);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let mut response = Response::new(tonic::body::Body::new(Unary {
+        data: Some(framed.freeze()),
+        trailers: Some(trailers),
+    }));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    response
 }
 
 fn code_label(code: Code) -> &'static str {
@@ -134,62 +289,33 @@ fn code_label(code: Code) -> &'static str {
         Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
         Code::Unavailable => "UNAVAILABLE",
         Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Cancelled => "CANCELLED",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
         _ => "INTERNAL",
     }
 }
 
-struct ExportService {
-    handler: OtlpGrpc,
-    signal: Signal,
+/// A unary answer's body: one data frame, then the trailers.
+struct Unary {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
-impl tonic::server::UnaryService<Bytes> for ExportService {
-    type Response = Bytes;
-    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
+impl hyper::body::Body for Unary {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
 
-    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
-        let result = self
-            .handler
-            .export(self.signal, request.into_inner())
-            .map(tonic::Response::new);
-        std::future::ready(result)
-    }
-}
-
-/// Passes message bytes through unchanged (framing and compression stay with tonic).
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
     }
 }

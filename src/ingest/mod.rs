@@ -3,4 +3,5 @@
 pub mod decode;
 pub mod grpc;
 pub mod http;
+pub mod limits;
 pub mod reply;

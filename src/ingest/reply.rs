@@ -71,6 +71,7 @@ pub struct RpcStatus {
 
 /// gRPC status codes used in `google.rpc.Status` bodies.
 pub mod grpc_code {
+    pub const CANCELLED: i32 = 1;
     pub const INVALID_ARGUMENT: i32 = 3;
     pub const NOT_FOUND: i32 = 5;
     pub const RESOURCE_EXHAUSTED: i32 = 8;

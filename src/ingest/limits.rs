@@ -1,0 +1,351 @@
+//! The bounds every OTLP request meets, on both transports (SPEC §5–§6): body size,
+//! a deadline for the whole request, a budget of buffered bytes shared by all requests
+//! being read or decoded, a bound on decodes at once (run off the async workers), and a
+//! lingering read of what an early answer left unread.
+//!
+//! Reading a body holds budget for the bytes it has, never a decode slot: a thousand slow
+//! clients hold what they sent, no more, and no one waits for them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Body;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::{Config, MaxConnections};
+use crate::server::ConnLimits;
+
+/// File descriptors kept out of the OTLP listeners' share when `max_connections: auto`:
+/// the metrics listener's connections, the state file, logs, and slack.
+const RESERVED_FDS: u64 = 256;
+
+/// Connections the metrics listener serves at once (Prometheus, probes, people).
+pub const ADMIN_CONNECTIONS: usize = 128;
+
+/// What an early answer reads and discards at least (see [`Limits::linger`]): enough
+/// for the bodies SDKs send whole before reading, a fraction of a second on a LAN.
+pub const LINGER_BYTES: usize = 64 * 1024 * 1024;
+
+/// The limits, as configured.
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    /// A body, as sent and after decompression.
+    pub max_body_bytes: usize,
+    /// All bodies being read or decoded, both transports together.
+    pub max_buffered_bytes: u64,
+    /// Per OTLP listener.
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    /// Headers and body of one request.
+    pub request_read_timeout: Duration,
+    /// Decodes running at once.
+    pub decode_slots: usize,
+}
+
+impl LimitSettings {
+    pub fn from_config(config: &Config) -> Self {
+        let l = &config.limits;
+        let listeners = [&config.listen.otlp_http, &config.listen.otlp_grpc]
+            .iter()
+            .filter(|a| !a.is_empty())
+            .count()
+            .max(1);
+        let max_connections = match l.max_connections {
+            MaxConnections::Fixed(n) => n,
+            MaxConnections::Auto => auto_connections(open_file_limit(), listeners),
+        };
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            max_body_bytes: l.max_request_body_bytes,
+            max_buffered_bytes: l.max_buffered_bytes,
+            max_connections,
+            idle_timeout: l.idle_timeout,
+            request_read_timeout: l.request_read_timeout,
+            decode_slots: cpus * 2,
+        }
+    }
+
+    /// What the accept loop of an OTLP listener enforces.
+    pub fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout,
+            header_read_timeout: self.request_read_timeout,
+        }
+    }
+
+    /// The metrics listener: its own small cap, so saturated OTLP listeners never take
+    /// its descriptors, and the same timeouts.
+    pub fn admin_conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: ADMIN_CONNECTIONS,
+            ..self.conn_limits()
+        }
+    }
+}
+
+/// `auto`: what is left of the open-file limit after the reserve, split between the OTLP
+/// listeners; at least 16 each.
+pub fn auto_connections(open_file_limit: u64, listeners: usize) -> usize {
+    let share = open_file_limit.saturating_sub(RESERVED_FDS) / listeners.max(1) as u64;
+    usize::try_from(share)
+        .unwrap_or(usize::MAX)
+        .clamp(16, 1_000_000)
+}
+
+fn open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    }
+}
+
+/// Why a body was not read whole.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Over `max_body_bytes`.
+    TooLarge,
+    /// Not all there by the request's deadline.
+    Timeout,
+    /// The buffered-bytes budget is spent: overloaded.
+    Busy,
+    /// The client reset or closed its stream: not bad input.
+    Canceled,
+    /// Malformed framing (say, a bad HTTP/1 chunk).
+    Invalid(String),
+}
+
+/// Budget held for a request's bytes; returned when dropped.
+pub struct Held {
+    budget: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Held {
+    /// Takes `n` more bytes of budget, `false` when it is spent.
+    pub fn take(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let Ok(n) = u32::try_from(n) else {
+            return false;
+        };
+        match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(more) => {
+                match &mut self.permit {
+                    Some(p) => p.merge(more),
+                    None => self.permit = Some(more),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Returns `n` bytes of budget no longer needed.
+    fn give_back(&mut self, n: usize) {
+        if let Some(p) = &mut self.permit {
+            drop(p.split(n.min(p.num_permits())));
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.permit.as_ref().map_or(0, |p| p.num_permits())
+    }
+}
+
+/// The shared limits of both transports.
+#[derive(Clone)]
+pub struct Limits {
+    pub settings: Arc<LimitSettings>,
+    budget: Arc<Semaphore>,
+    decode_slots: Arc<Semaphore>,
+}
+
+impl Limits {
+    pub fn new(settings: LimitSettings) -> Self {
+        let budget = usize::try_from(settings.max_buffered_bytes)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Self {
+            budget: Arc::new(Semaphore::new(budget)),
+            decode_slots: Arc::new(Semaphore::new(settings.decode_slots.max(1))),
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// An empty hold on the budget.
+    pub fn hold(&self) -> Held {
+        Held {
+            budget: self.budget.clone(),
+            permit: None,
+        }
+    }
+
+    /// The deadline of a request whose handling starts now.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.settings.request_read_timeout
+    }
+
+    /// Reads a whole body of at most `limit` bytes by `deadline`, holding budget for
+    /// exactly the bytes received so far (a declared length reserves nothing: a client
+    /// that declares 64 MiB and sends nothing holds nothing).
+    pub async fn read_body<B>(
+        &self,
+        body: &mut B,
+        limit: usize,
+        size_hint: Option<u64>,
+        deadline: Instant,
+        held: &mut Held,
+    ) -> Result<Bytes, ReadError>
+    where
+        B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    {
+        if size_hint.is_some_and(|n| n > limit as u64) {
+            return Err(ReadError::TooLarge);
+        }
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len = 0usize;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Err(ReadError::Timeout),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(classify(&e)),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            if len + data.len() > limit {
+                return Err(ReadError::TooLarge);
+            }
+            if !held.take(data.len()) {
+                return Err(ReadError::Busy);
+            }
+            len += data.len();
+            if !data.is_empty() {
+                chunks.push(data);
+            }
+        }
+        if chunks.len() <= 1 {
+            return Ok(chunks.pop().unwrap_or_default());
+        }
+        // One contiguous copy, paid for while both exist.
+        if !held.take(len) {
+            return Err(ReadError::Busy);
+        }
+        let mut whole = BytesMut::with_capacity(len);
+        for chunk in chunks {
+            whole.extend_from_slice(&chunk);
+        }
+        held.give_back(len);
+        Ok(whole.freeze())
+    }
+
+    /// Runs `work` on the blocking pool (decompression and decoding must not stall the
+    /// async workers that answer `/healthz` and every other connection), at most
+    /// `decode_slots` at once; `None` if no slot frees up by `deadline`.
+    pub async fn decode<T, F>(&self, deadline: Instant, work: F) -> Option<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let slot = tokio::time::timeout_at(deadline, self.decode_slots.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()?;
+        let joined = tokio::task::spawn_blocking(move || {
+            let out = work();
+            drop(slot);
+            out
+        })
+        .await;
+        match joined {
+            Ok(out) => Some(out),
+            // A panic in decoding must not take the connection with it.
+            Err(e) => {
+                tracing::error!("decoding failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Reads and discards what a client still sends after an early answer (a 413 before
+    /// the body was read whole): up to `max_body_bytes` or [`LINGER_BYTES`] more, until the request's
+    /// deadline, so that a client that writes its whole body before reading sees the
+    /// answer instead of a reset (nginx's lingering close). Runs beside the answer.
+    pub fn linger<B>(&self, mut body: B, deadline: Instant)
+    where
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+    {
+        if body.is_end_stream() {
+            return;
+        }
+        let max = self.settings.max_body_bytes.max(LINGER_BYTES);
+        tokio::spawn(async move {
+            let mut discarded = 0usize;
+            while discarded <= max {
+                match tokio::time::timeout_at(deadline, body.frame()).await {
+                    Ok(Some(Ok(frame))) => {
+                        discarded += frame.data_ref().map_or(0, |d| d.len());
+                    }
+                    _ => break,
+                }
+            }
+        });
+    }
+}
+
+/// A body read error: the peer going away is not bad input.
+fn classify(e: &hyper::Error) -> ReadError {
+    if e.is_parse() || e.is_parse_too_large() || e.is_user() {
+        ReadError::Invalid(format!("reading body: {e}"))
+    } else {
+        ReadError::Canceled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_leaves_room_and_splits() {
+        assert_eq!(auto_connections(1024, 2), 384);
+        assert_eq!(auto_connections(1024, 1), 768);
+        assert_eq!(auto_connections(100, 2), 16);
+        assert_eq!(auto_connections(u64::MAX, 2), 1_000_000);
+    }
+
+    #[test]
+    fn budget_is_shared_and_returned() {
+        let limits = Limits::new(LimitSettings {
+            max_body_bytes: 1024,
+            max_buffered_bytes: 100,
+            max_connections: 1,
+            idle_timeout: Duration::from_secs(1),
+            request_read_timeout: Duration::from_secs(1),
+            decode_slots: 1,
+        });
+        let mut a = limits.hold();
+        let mut b = limits.hold();
+        assert!(a.take(60));
+        assert!(!b.take(41));
+        assert!(b.take(40));
+        assert!(!b.take(1));
+        drop(a);
+        assert!(b.take(60));
+        assert_eq!(b.bytes(), 100);
+        assert!(!b.take(usize::MAX));
+    }
+}
