@@ -65,6 +65,7 @@ pub struct Metrics {
     has_end_dims: bool,
 
     flows_started: LimitedFamily<Counter>,
+    flows_restored: LimitedFamily<Counter>,
     flows_completed: LimitedFamily<ExemplarCounter>,
     flow_errors: LimitedFamily<Counter>,
     flow_duration: LimitedFamily<ExemplarHistogram>,
@@ -132,6 +133,19 @@ impl Metrics {
             "Flow instances opened by a start event",
             flows_started.clone(),
         );
+        let flows_restored = counter(
+            "flowmetrics_flows_restored_total",
+            Layout {
+                start_dims: start_dims.clone(),
+                ..Layout::default()
+            },
+        );
+        registry.register(
+            "flowmetrics_flows_restored",
+            "Open flow instances read back from the state file at start (state.path); \
+             they count here instead of in flowmetrics_flows_started_total",
+            flows_restored.clone(),
+        );
         let flows_completed = LimitedFamily::new(
             "flowmetrics_flows_completed_total",
             max,
@@ -197,7 +211,8 @@ impl Metrics {
         registry.register(
             "flowmetrics_flows_dropped",
             "Open flow instances dropped before they ended; reason=\"capacity\": the \
-             correlation store was full (limits.max_in_flight)",
+             correlation store was full (limits.max_in_flight); reason=\"config_changed\": \
+             restored from the state file for a flow the configuration no longer tracks",
             flows_dropped.clone(),
         );
         let unmatched_ends = counter("flowmetrics_flow_unmatched_ends_total", flow_only.clone());
@@ -301,6 +316,7 @@ impl Metrics {
             empty_end_dims: end_dims.iter().map(|_| Arc::from("")).collect(),
             has_end_dims: !end_dims.is_empty(),
             flows_started,
+            flows_restored,
             flows_completed,
             flow_errors,
             flow_duration,
@@ -434,6 +450,38 @@ impl FlowSink for Metrics {
                 }
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.inc());
+            }
+            Report::Restored { flow, start_dims } => {
+                let restored = SeriesRef {
+                    flow,
+                    extra: None,
+                    start: start_dims,
+                    end: &self.no_dims,
+                };
+                let first = self.flows_restored.with_created(restored, |c| {
+                    c.inc();
+                });
+                if first {
+                    self.create_zero_series(flow, start_dims, None);
+                }
+                self.flows_in_progress
+                    .with(self.flow_only(flow), |g| g.inc());
+            }
+            Report::Discarded { flow, start_dims } => {
+                let restored = SeriesRef {
+                    flow,
+                    extra: None,
+                    start: start_dims,
+                    end: &self.no_dims,
+                };
+                self.flows_restored.with(restored, |c| {
+                    c.inc();
+                });
+                let labels = SeriesRef {
+                    extra: Some("config_changed"),
+                    ..self.flow_only(flow)
+                };
+                self.flows_dropped.with(labels, |c| c.inc());
             }
             Report::Completed {
                 flow,
