@@ -12,11 +12,13 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::store::CorrelationStore;
 use crate::model::is_valid_flow_name;
 
 pub const MAGIC: [u8; 8] = *b"FLOWMST\x01";
@@ -278,6 +280,94 @@ pub fn write(path: &Path, snapshot: &StoreSnapshot) -> io::Result<u64> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Takes a snapshot of `store` and writes it to the state file. `labels`: the start and
+/// end dimension labels of this run. `Ok(None)`: the store has nothing to save.
+pub fn save(
+    store: &dyn CorrelationStore,
+    path: &Path,
+    labels: &(Vec<String>, Vec<String>),
+) -> io::Result<Option<Saved>> {
+    let began = Instant::now();
+    let Some(mut snapshot) = store.snapshot() else {
+        return Ok(None);
+    };
+    snapshot.start_dim_labels.clone_from(&labels.0);
+    snapshot.end_dim_labels.clone_from(&labels.1);
+    let bytes = write(path, &snapshot)?;
+    Ok(Some(Saved {
+        entries: snapshot.entries.len(),
+        bytes,
+        took: began.elapsed(),
+    }))
+}
+
+/// What one write of the state file did.
+#[derive(Debug, Clone, Copy)]
+pub struct Saved {
+    pub entries: usize,
+    pub bytes: u64,
+    pub took: Duration,
+}
+
+/// Writes the state file every `checkpoint_interval` on a thread of its own (the
+/// snapshot and the write are blocking work), until dropped; a write under way when it
+/// is dropped finishes first, so the final write at shutdown never races it.
+pub struct Checkpointer {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    pub fn start(
+        store: Arc<dyn CorrelationStore>,
+        settings: StateSettings,
+        labels: (Vec<String>, Vec<String>),
+    ) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("state-checkpoint".into())
+            .spawn(move || loop {
+                let next = Instant::now() + settings.checkpoint_interval;
+                // park_timeout may wake early: sleep until the interval is really over.
+                while !thread_stop.load(Ordering::Acquire) && Instant::now() < next {
+                    std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
+                }
+                if thread_stop.load(Ordering::Acquire) {
+                    return;
+                }
+                match save(&*store, &settings.path, &labels) {
+                    Ok(Some(s)) => tracing::debug!(
+                        entries = s.entries,
+                        bytes = s.bytes,
+                        "checkpoint: state written to {} in {:?}",
+                        settings.path.display(),
+                        s.took
+                    ),
+                    Ok(None) => return,
+                    Err(e) => tracing::warn!(
+                        "checkpoint: cannot write the state file {}: {e}",
+                        settings.path.display()
+                    ),
+                }
+            })?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
 }
 
 /// Passes bytes through while computing their CRC-32 (the body's checksum).
