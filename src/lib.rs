@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::flows::state::{self, Checkpointer, StateSettings};
+use crate::flows::state::{self, Checkpointer, DimLabels, StateSettings};
 use crate::flows::store::Maintenance;
 use crate::flows::{CorrelationStore, Extractor, MemoryStore};
 use crate::metrics::Metrics;
@@ -58,7 +58,7 @@ pub struct RunningApp {
     admin_task: JoinHandle<()>,
     ready: Arc<AtomicBool>,
     store: Arc<dyn CorrelationStore>,
-    state: Option<(StateSettings, (Vec<String>, Vec<String>))>,
+    state: Option<(StateSettings, DimLabels)>,
     final_scrape_wait: Duration,
     maintenance: Maintenance,
     checkpointer: Option<Checkpointer>,

@@ -282,12 +282,15 @@ pub fn write(path: &Path, snapshot: &StoreSnapshot) -> io::Result<u64> {
     result
 }
 
+/// The start and end dimension labels of a run, in order.
+pub type DimLabels = (Vec<String>, Vec<String>);
+
 /// Takes a snapshot of `store` and writes it to the state file. `labels`: the start and
 /// end dimension labels of this run. `Ok(None)`: the store has nothing to save.
 pub fn save(
     store: &dyn CorrelationStore,
     path: &Path,
-    labels: &(Vec<String>, Vec<String>),
+    labels: &DimLabels,
 ) -> io::Result<Option<Saved>> {
     let began = Instant::now();
     let Some(mut snapshot) = store.snapshot() else {
@@ -323,7 +326,7 @@ impl Checkpointer {
     pub fn start(
         store: Arc<dyn CorrelationStore>,
         settings: StateSettings,
-        labels: (Vec<String>, Vec<String>),
+        labels: DimLabels,
     ) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
