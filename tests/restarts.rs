@@ -197,7 +197,8 @@ fn export(events: &[(&str, &str, String, u64)]) -> String {
             })
         })
         .collect();
-    serde_json::json!({"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{
+    let service = serde_json::json!({"key": "service.name", "value": {"stringValue": "web"}});
+    serde_json::json!({"resourceSpans": [{"resource": {"attributes": [service]}, "scopeSpans": [{
         "spans": [{
             "traceId": "0af7651916cd43dd8448eb211c80319c",
             "spanId": "b7ad6b7169203331",
@@ -516,5 +517,67 @@ fn a_scrape_during_final_scrape_wait_sees_the_last_counts() {
         stopped_at.elapsed() >= Duration::from_secs(2),
         "exited before the wait"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_changed_config_drops_untracked_flows_and_keeps_dims_by_label() {
+    let dir = temp_dir("config");
+    let path = dir.join("state");
+    let (a_cfg, b_cfg) = (dir.join("a.yaml"), dir.join("b.yaml"));
+    std::fs::write(
+        &a_cfg,
+        "dimensions:\n  - { label: service, attribute: service.name, default: unknown }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &b_cfg,
+        "flows:\n  allow_unknown: false\n  per_flow:\n    checkout: { timeout: 10m }\n\
+         dimensions:\n  - { label: tier, attribute: tier, default: none }\n\
+         \x20 - { label: service, attribute: service.name, default: unknown }\n",
+    )
+    .unwrap();
+    let a = Service::start(&path, &[("FLOWMETRICS_CONFIG", a_cfg.to_str().unwrap())]);
+    a.send(&starts(0..10));
+    let legacy: Vec<_> = (0..5)
+        .map(|i| ("legacy", "start", format!("l-{i}"), T0))
+        .collect();
+    a.send(&legacy);
+    a.stop();
+    let b = Service::start(&path, &[("FLOWMETRICS_CONFIG", b_cfg.to_str().unwrap())]);
+    let s = b.samples();
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flows_restored_total",
+            &[F, "tier=\"none\"", "service=\"web\""]
+        ),
+        10.0,
+        "{s:#?}"
+    );
+    let legacy = "flow=\"legacy\"";
+    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[legacy]), 5.0);
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flows_dropped_total",
+            &[legacy, "reason=\"config_changed\""]
+        ),
+        5.0
+    );
+    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[legacy]), 0.0);
+    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 10.0);
+    assert_invariant(&s);
+    b.send(&ends(0..10));
+    let s = b.samples();
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flows_completed_total",
+            &[F, "outcome=\"success\"", "service=\"web\""]
+        ),
+        10.0
+    );
+    b.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
