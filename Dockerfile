@@ -20,7 +20,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/flowmetrics target/release/flowmetrics-demo /out/
 
 FROM debian:${DEBIAN_RELEASE}-slim
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin flowmetrics
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin flowmetrics \
+    && install -d -o 10001 -g 10001 /var/lib/flowmetrics
+# The state file's directory (state.path): a volume mounted here starts owned by 10001.
 COPY --from=builder /out/flowmetrics /out/flowmetrics-demo /usr/local/bin/
 # flowmetrics binds 127.0.0.1 by default; in a container it must listen on every interface.
 ENV FLOWMETRICS_LISTEN__OTLP_HTTP=0.0.0.0:4318 \

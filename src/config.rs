@@ -28,6 +28,8 @@ pub struct Config {
     pub flows: Flows,
     pub dimensions: Vec<Dimension>,
     pub limits: Limits,
+    pub state: State,
+    pub shutdown: Shutdown,
     pub log: Log,
 }
 
@@ -229,6 +231,35 @@ impl Default for Limits {
     }
 }
 
+/// The state file that carries open instances across a restart (SPEC §3).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct State {
+    /// Empty: no state file.
+    #[serde(deserialize_with = "string_like")]
+    pub path: String,
+    #[serde(with = "duration")]
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            checkpoint_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What happens between a stop signal and exit (SPEC §7).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    /// `/metrics` keeps answering this long after the state is written.
+    #[serde(with = "duration")]
+    pub final_scrape_wait: Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -406,6 +437,9 @@ impl Config {
             )?;
         }
         self.validate_dimensions().or_else(|(k, m)| fail(&k, m))?;
+        if self.state.checkpoint_interval.is_zero() {
+            fail("state.checkpoint_interval", "must be longer than 0s".into())?;
+        }
         if self.limits.max_in_flight == 0 {
             fail("limits.max_in_flight", "must be at least 1".into())?;
         }

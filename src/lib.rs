@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::flows::state::{self, Checkpointer, DimLabels, StateSettings};
 use crate::flows::store::Maintenance;
 use crate::flows::{CorrelationStore, Extractor, MemoryStore};
 use crate::metrics::Metrics;
@@ -49,9 +50,18 @@ pub struct RunningApp {
     pub otlp_grpc: Option<SocketAddr>,
     pub metrics: SocketAddr,
     pub pipeline: Arc<Pipeline>,
+    /// Stops the OTLP listeners.
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    _maintenance: Maintenance,
+    /// Stops the metrics listener, last.
+    stop_admin: watch::Sender<bool>,
+    admin_task: JoinHandle<()>,
+    ready: Arc<AtomicBool>,
+    store: Arc<dyn CorrelationStore>,
+    state: Option<(StateSettings, DimLabels)>,
+    final_scrape_wait: Duration,
+    maintenance: Maintenance,
+    checkpointer: Option<Checkpointer>,
 }
 
 impl App {
@@ -63,8 +73,40 @@ impl App {
     pub async fn start(self) -> std::io::Result<RunningApp> {
         let config = self.config;
         let metrics = Arc::new(Metrics::new(settings::metrics(&config)));
-        let store: Arc<dyn CorrelationStore> =
-            Arc::new(MemoryStore::new(settings::store(&config), metrics.clone()));
+        let mut memory = MemoryStore::new(settings::store(&config), metrics.clone());
+        let rules = settings::restore_rules(&config);
+        let state = settings::state(&config);
+        if let Some(st) = &state {
+            match state::load_or_set_aside(&st.path, st.max_file_bytes) {
+                Some(snapshot) => {
+                    let r = memory.restore(snapshot, &rules);
+                    tracing::info!(
+                        open = r.open,
+                        waiting_ends = r.waiting,
+                        timed_out_while_down = r.expired,
+                        ends_timed_out_while_down = r.expired_ends,
+                        dropped_config_changed = r.discarded,
+                        "state restored from {}",
+                        st.path.display()
+                    );
+                }
+                None => tracing::info!(
+                    "state file {}: nothing to restore, starting with no open flows",
+                    st.path.display()
+                ),
+            }
+        }
+        let store: Arc<dyn CorrelationStore> = Arc::new(memory);
+        let labels = |dims: &[(String, Arc<str>)]| dims.iter().map(|(l, _)| l.clone()).collect();
+        let state = state.map(|st| (st, (labels(&rules.start_dims), labels(&rules.end_dims))));
+        let checkpointer = match &state {
+            Some((st, labels)) => Some(Checkpointer::start(
+                store.clone(),
+                st.clone(),
+                labels.clone(),
+            )?),
+            None => None,
+        };
         let maintenance = Maintenance::start(store.clone(), MAINTENANCE_INTERVAL);
         let pipeline = Arc::new(Pipeline::new(
             Extractor::new(settings::extractor(&config)),
@@ -75,6 +117,8 @@ impl App {
             ingest::limits::Limits::new(ingest::limits::LimitSettings::from_config(&config));
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, stop) = watch::channel(false);
+        // The metrics listener outlives the OTLP ones (shutdown.final_scrape_wait).
+        let (stop_admin, admin_stop) = watch::channel(false);
         let mut tasks = Vec::new();
 
         let metrics_listener = bind(&config.listen.metrics, "listen.metrics").await?;
@@ -92,12 +136,12 @@ impl App {
             ready: ready.clone(),
             overview,
         };
-        tasks.push(tokio::spawn(server::serve(
+        let admin_task = tokio::spawn(server::serve(
             metrics_listener,
             move |req| admin.clone().handle(req),
             limits.settings.admin_conn_limits(),
-            stop.clone(),
-        )));
+            admin_stop,
+        ));
         tracing::info!(
             "metrics: http://{metrics_addr}/metrics (also /healthz, /readyz; overview at /)"
         );
@@ -160,7 +204,14 @@ impl App {
             pipeline,
             shutdown,
             tasks,
-            _maintenance: maintenance,
+            stop_admin,
+            admin_task,
+            ready,
+            store,
+            state,
+            final_scrape_wait: config.shutdown.final_scrape_wait,
+            maintenance,
+            checkpointer,
         })
     }
 }
@@ -172,11 +223,49 @@ async fn bind(addr: &str, key: &str) -> std::io::Result<TcpListener> {
 }
 
 impl RunningApp {
-    /// Stops accepting, lets requests in flight finish (bounded), and returns.
+    /// SPEC §7: not ready at once; the OTLP listeners stop accepting and let requests in
+    /// flight finish (bounded); the state file is written; `/metrics` answers for
+    /// `shutdown.final_scrape_wait` more; then it returns.
     pub async fn shutdown(self) {
+        self.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
+        let (store, state) = (self.store, self.state);
+        let (maintenance, checkpointer) = (self.maintenance, self.checkpointer);
+        // Joining threads and writing the file block: off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(checkpointer);
+            let Some((st, labels)) = state else { return };
+            // No time-out is counted after the state is written: the next run counts
+            // those (once). What is already due is counted now.
+            drop(maintenance);
+            store.run_pending_tasks();
+            match state::save(&*store, &st.path, &labels) {
+                Ok(Some(s)) => tracing::info!(
+                    entries = s.entries,
+                    bytes = s.bytes,
+                    "state written to {} in {:?}",
+                    st.path.display(),
+                    s.took
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!(
+                    "cannot write the state file {}: {e}; open flows will be lost",
+                    st.path.display()
+                ),
+            }
+        })
+        .await;
+        if !self.final_scrape_wait.is_zero() {
+            tracing::info!(
+                "OTLP stopped; /metrics answers for {} more (shutdown.final_scrape_wait)",
+                humantime::format_duration(self.final_scrape_wait)
+            );
+            tokio::time::sleep(self.final_scrape_wait).await;
+        }
+        let _ = self.stop_admin.send(true);
+        let _ = self.admin_task.await;
     }
 }

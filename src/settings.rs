@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use crate::config::{Config, DimensionSource};
 use crate::flows::event::DimensionLookup;
-use crate::flows::{ExtractorSettings, StoreSettings};
+use crate::flows::state::StateSettings;
+use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::metrics::MetricsSettings;
 use crate::model::sanitize_label_name;
 
@@ -86,5 +87,43 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         in_flight_capacity: config.limits.max_in_flight,
         series_idle_timeout: config.limits.series_idle_timeout,
         longest_flow_timeout: store(config).longest_timeout,
+    }
+}
+
+/// The state file (`state.*`); `None` when `state.path` is empty.
+pub fn state(config: &Config) -> Option<StateSettings> {
+    if config.state.path.is_empty() {
+        return None;
+    }
+    Some(StateSettings {
+        path: config.state.path.clone().into(),
+        checkpoint_interval: config.state.checkpoint_interval,
+        // Generous for any real entry (dims and ids are bounded where they come in),
+        // but a bound: the file is input too.
+        max_file_bytes: (64 << 20) + config.limits.max_in_flight.saturating_mul(1024),
+    })
+}
+
+/// What a state file written under another configuration must be checked against:
+/// the flows tracked now and today's dimensions, by label.
+pub fn restore_rules(config: &Config) -> RestoreRules {
+    let dims = |side| {
+        config
+            .dimensions
+            .iter()
+            .filter(|d| d.from == side)
+            .map(|d| {
+                (
+                    sanitize_label_name(&d.label),
+                    Arc::from(d.default.clone().unwrap_or_default()),
+                )
+            })
+            .collect()
+    };
+    RestoreRules {
+        known_flows: (!config.flows.allow_unknown)
+            .then(|| Arc::new(config.flows.per_flow.keys().cloned().collect())),
+        start_dims: dims(DimensionSource::Start),
+        end_dims: dims(DimensionSource::End),
     }
 }

@@ -14,6 +14,7 @@
 mod inproc;
 mod load;
 mod server;
+mod state;
 mod workload;
 
 use std::io::Write;
@@ -41,7 +42,8 @@ Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
   --quick        small sizes, seconds (CI)
   --json PATH    where to write the results (default target/flowmetrics-bench.json)
   --only LIST    comma-separated sections: pipeline,e2e,memory,scrape,timeliness
-                 (the baseline always runs)
+                 (the baseline always runs); `state` (the state file, on its
+                 own: only when named) runs alone
   --server PATH  the flowmetrics binary to start (default: built next to this one)
   --steady SECS  length of the steady-load RSS run (full: 600, quick: 2)
   --profile-pipeline N   run only N batches through the in-process pipeline (for
@@ -265,6 +267,16 @@ fn main() {
             .as_ref()
             .is_none_or(|only| only.iter().any(|s| s == section))
     };
+    if args
+        .only
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|s| s == "state"))
+    {
+        progress("state file");
+        let rows = state::run(args.quick);
+        println!("{}", serde_json::Value::Array(rows));
+        return;
+    }
     let started = Instant::now();
     let flow = Arc::new(Template::new(Shape::Flow));
     let sparse = Arc::new(Template::new(Shape::Sparse));

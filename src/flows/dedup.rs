@@ -119,6 +119,57 @@ impl RecentEvents {
         }
     }
 
+    /// The remembered fingerprints (each with its generation tag in the low two bits),
+    /// the current generation's tag, and the clock reading of the last rotation: what a
+    /// state file keeps.
+    pub fn export(&self) -> (Vec<u64>, u64, u64) {
+        let slots = self.slots.iter().copied().filter(|&s| s != 0).collect();
+        (slots, self.current_tag, self.rotated_at)
+    }
+
+    /// Replaces the contents with exported fingerprints. Slots that are not a tagged
+    /// fingerprint are skipped, and at most two generations' capacity is taken (the
+    /// state file is input: it cannot make the table grow past its bound).
+    pub fn import(&mut self, slots: &[u64], current_tag: u64, rotated_at: u64) {
+        if self.window_nanos == 0 {
+            return;
+        }
+        let current_tag = if current_tag == 2 { 2 } else { 1 };
+        let valid = |s: &&u64| matches!(**s & TAG_BITS, 1 | 2) && **s & !TAG_BITS != 0;
+        let kept: Vec<u64> = slots
+            .iter()
+            .filter(valid)
+            .take(self.capacity.saturating_mul(2))
+            .copied()
+            .collect();
+        let size = (kept.len() * 10 / MAX_FILL_TENTHS + 1)
+            .next_power_of_two()
+            .max(INITIAL_SLOTS);
+        self.slots = vec![0; size];
+        self.len = 0;
+        self.in_current = 0;
+        let mask = size - 1;
+        for slot in kept {
+            let mut at = home(slot & !TAG_BITS, mask);
+            loop {
+                let here = self.slots[at];
+                if here == 0 {
+                    self.slots[at] = slot;
+                    self.len += 1;
+                    self.in_current += usize::from(slot & TAG_BITS == current_tag);
+                    break;
+                }
+                // The same fingerprint twice (a forged file): keep one.
+                if here & !TAG_BITS == slot & !TAG_BITS {
+                    break;
+                }
+                at = (at + 1) & mask;
+            }
+        }
+        self.current_tag = current_tag;
+        self.rotated_at = rotated_at;
+    }
+
     /// Fingerprints held now, and the bytes their table occupies (tests measure it).
     #[cfg(test)]
     pub fn footprint(&self) -> (usize, usize) {

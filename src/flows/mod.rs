@@ -9,8 +9,11 @@ pub mod dedup;
 pub mod event;
 pub mod intern;
 pub mod scan;
+pub mod state;
 pub mod store;
 pub mod wire;
 
 pub use event::{EventKind, Extractor, ExtractorSettings, FlowEvent, Outcome, Source, TraceRef};
-pub use store::{CorrelationStore, FlowSink, MemoryStore, Report, StoreSettings};
+pub use store::{
+    CorrelationStore, FlowSink, MemoryStore, Report, RestoreRules, RestoreSummary, StoreSettings,
+};

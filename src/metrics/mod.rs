@@ -79,6 +79,7 @@ pub struct Metrics {
     last_prune: AtomicU64,
 
     flows_started: LimitedFamily<Counter>,
+    flows_restored: LimitedFamily<Counter>,
     flows_completed: LimitedFamily<ExemplarCounter>,
     flow_errors: LimitedFamily<Counter>,
     flow_duration: LimitedFamily<ExemplarHistogram>,
@@ -149,6 +150,19 @@ impl Metrics {
             "Flow instances opened by a start event",
             flows_started.clone(),
         );
+        let flows_restored = counter(
+            "flowmetrics_flows_restored_total",
+            Layout {
+                start_dims: start_dims.clone(),
+                ..Layout::default()
+            },
+        );
+        registry.register(
+            "flowmetrics_flows_restored",
+            "Open flow instances read back from the state file at start (state.path); \
+             they count here instead of in flowmetrics_flows_started_total",
+            flows_restored.clone(),
+        );
         let flows_completed = LimitedFamily::new(
             "flowmetrics_flows_completed_total",
             max,
@@ -217,7 +231,8 @@ impl Metrics {
         registry.register(
             "flowmetrics_flows_dropped",
             "Open flow instances dropped before they ended; reason=\"capacity\": the \
-             correlation store was full (limits.max_in_flight)",
+             correlation store was full (limits.max_in_flight); reason=\"config_changed\": \
+             restored from the state file for a flow the configuration no longer tracks",
             flows_dropped.clone(),
         );
         let unmatched_ends = counter("flowmetrics_flow_unmatched_ends_total", flow_only.clone());
@@ -327,6 +342,7 @@ impl Metrics {
                 .map(|t| t.max(settings.longest_flow_timeout).as_secs().max(1)),
             last_prune: AtomicU64::new(0),
             flows_started,
+            flows_restored,
             flows_completed,
             flow_errors,
             flow_duration,
@@ -512,6 +528,38 @@ impl FlowSink for Metrics {
                 }
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.inc());
+            }
+            Report::Restored { flow, start_dims } => {
+                let restored = SeriesRef {
+                    flow,
+                    extra: None,
+                    start: start_dims,
+                    end: &self.no_dims,
+                };
+                let first = self.flows_restored.with_created(restored, |c| {
+                    c.inc();
+                });
+                if first {
+                    self.create_zero_series(flow, start_dims, None);
+                }
+                self.flows_in_progress
+                    .with(self.flow_only(flow), |g| g.inc());
+            }
+            Report::Discarded { flow, start_dims } => {
+                let restored = SeriesRef {
+                    flow,
+                    extra: None,
+                    start: start_dims,
+                    end: &self.no_dims,
+                };
+                self.flows_restored.with(restored, |c| {
+                    c.inc();
+                });
+                let labels = SeriesRef {
+                    extra: Some("config_changed"),
+                    ..self.flow_only(flow)
+                };
+                self.flows_dropped.with(labels, |c| c.inc());
             }
             Report::Completed {
                 flow,

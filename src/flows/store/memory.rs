@@ -33,9 +33,13 @@ use moka::notification::RemovalCause;
 use moka::policy::{EvictionPolicy, Expiry};
 use moka::sync::Cache;
 
-use super::{duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreSettings};
+use super::{
+    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, RestoreRules, RestoreSummary,
+    StoreSettings,
+};
 use crate::flows::dedup::{RecentEvents, Seen};
-use crate::flows::event::{DimValues, EventKind, FlowEvent};
+use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
+use crate::flows::state::{unix_nanos_now, SavedEntry, SavedShard, SavedState, StoreSnapshot};
 
 /// An instance's identity, (flow, correlation id), as a 128-bit digest: a moka key
 /// with no allocation and no string compare (collisions: ~2⁻⁸⁸ at a million entries).
@@ -120,6 +124,8 @@ pub struct MemoryStore {
     shards: Box<[Mutex<RecentEvents>]>,
     /// Two independently seeded hashers make the 128-bit key.
     key_hashers: [FixedState; 2],
+    /// What `key_hashers` are made from: saved in the state file.
+    key_seed: u64,
     clock: Clock,
     sink: Arc<dyn FlowSink>,
     timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
@@ -128,8 +134,13 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(settings: StoreSettings, sink: Arc<dyn FlowSink>) -> Self {
+        // The epoch lies two dedup windows back (where the monotonic clock allows), so
+        // that retry fingerprints restored from a state file keep their exact age.
+        let now = Instant::now();
         let clock = Clock {
-            epoch: Instant::now(),
+            epoch: now
+                .checked_sub(settings.dedup_window.saturating_mul(2))
+                .unwrap_or(now),
         };
         let cache = build_cache(&settings, clock, sink.clone());
         // Remember every event of a full store for the window, at least.
@@ -141,19 +152,252 @@ impl MemoryStore {
         let shards = (0..SHARDS)
             .map(|_| Mutex::new(RecentEvents::new(window_nanos, per_shard, 0)))
             .collect();
-        let seeds =
+        let seed =
             std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
         Self {
             cache,
             shards,
-            key_hashers: [
-                FixedState::with_seed(seeds),
-                FixedState::with_seed(seeds.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15),
-            ],
+            key_hashers: key_hashers(seed),
+            key_seed: seed,
             clock,
             sink,
             timeout_for: settings.timeout_for,
             capacity: settings.capacity,
+        }
+    }
+
+    /// Reads back a snapshot (written at shutdown or at a checkpoint) into this new,
+    /// empty store: the entries with their original deadlines (capped by the flow's
+    /// timeout now), the retry fingerprints, and the key seed. What the new
+    /// configuration no longer tracks, and what timed out while the service was down,
+    /// is counted at once (SPEC §3 "restarts").
+    pub fn restore(&mut self, snapshot: StoreSnapshot, rules: &RestoreRules) -> RestoreSummary {
+        let now_store = self.clock.now();
+        let now_wall = unix_nanos_now();
+        self.key_seed = snapshot.key_seed;
+        self.key_hashers = key_hashers(snapshot.key_seed);
+        let strings = &snapshot.strings;
+        // Values are matched to today's dimensions by label: a removed dimension's values
+        // go, an added one takes its default, a reordered list keeps each value's label.
+        let remap =
+            |saved_labels: &[String], now: &[(String, Arc<str>)]| -> Vec<Result<usize, Arc<str>>> {
+                now.iter()
+                    .map(|(label, default)| {
+                        saved_labels
+                            .iter()
+                            .position(|l| l == label)
+                            .ok_or_else(|| default.clone())
+                    })
+                    .collect()
+            };
+        let start_map = remap(&snapshot.start_dim_labels, &rules.start_dims);
+        let end_map = remap(&snapshot.end_dim_labels, &rules.end_dims);
+        let dims = |map: &[Result<usize, Arc<str>>],
+                    saved: &[u32],
+                    defaults: &[(String, Arc<str>)]|
+         -> DimValues {
+            map.iter()
+                .zip(defaults)
+                .map(|(at, (_, default))| match at {
+                    Ok(i) => saved
+                        .get(*i)
+                        .and_then(|s| strings.get(*s as usize))
+                        .cloned()
+                        .unwrap_or_else(|| default.clone()),
+                    Err(default) => default.clone(),
+                })
+                .collect()
+        };
+        let mut summary = RestoreSummary::default();
+        let sink = &*self.sink;
+        for SavedEntry {
+            key,
+            flow,
+            deadline_unix_nanos,
+            state,
+        } in snapshot.entries
+        {
+            let Some(flow) = strings.get(flow as usize).cloned() else {
+                continue;
+            };
+            let known = rules
+                .known_flows
+                .as_ref()
+                .is_none_or(|k| k.contains(&*flow));
+            let remaining = deadline_unix_nanos.saturating_sub(now_wall);
+            // A changed timeout applies from the restart on: never later than the
+            // original deadline, never later than now + the flow's timeout today.
+            let deadline = now_store.saturating_add(remaining.min(self.timeout_nanos(&flow)));
+            let key = u128::from_be_bytes(key);
+            match state {
+                SavedState::Open {
+                    start_nanos,
+                    dims: saved,
+                } => {
+                    let start_dims = dims(&start_map, &saved, &rules.start_dims);
+                    if !known {
+                        summary.discarded += 1;
+                        sink.report(Report::Discarded {
+                            flow: &flow,
+                            start_dims: &start_dims,
+                        });
+                        continue;
+                    }
+                    sink.report(Report::Restored {
+                        flow: &flow,
+                        start_dims: &start_dims,
+                    });
+                    if remaining == 0 {
+                        summary.expired += 1;
+                        sink.report(Report::TimedOut {
+                            flow: &flow,
+                            start_dims: &start_dims,
+                        });
+                        continue;
+                    }
+                    summary.open += 1;
+                    self.cache.insert(
+                        key,
+                        Slot {
+                            flow,
+                            deadline,
+                            state: SlotState::Open {
+                                start_nanos,
+                                dims: start_dims,
+                            },
+                        },
+                    );
+                }
+                SavedState::Waiting {
+                    outcome,
+                    timestamp_nanos,
+                    dims: saved,
+                    trace,
+                } => {
+                    if !known || remaining == 0 {
+                        if known {
+                            summary.expired_ends += 1;
+                        } else {
+                            summary.discarded += 1;
+                        }
+                        sink.report(Report::Unmatched {
+                            flow: &flow,
+                            evicted: false,
+                        });
+                        continue;
+                    }
+                    summary.waiting += 1;
+                    let end = EndRecord {
+                        outcome: match outcome {
+                            0 => Outcome::Success,
+                            1 => Outcome::Failure,
+                            _ => Outcome::Cancelled,
+                        },
+                        timestamp_nanos,
+                        dims: dims(&end_map, &saved, &rules.end_dims),
+                        trace: trace.map(|(trace_id, span_id)| TraceRef { trace_id, span_id }),
+                    };
+                    self.cache.insert(
+                        key,
+                        Slot {
+                            flow,
+                            deadline,
+                            state: SlotState::Waiting(Arc::new(end)),
+                        },
+                    );
+                }
+            }
+        }
+        // Fingerprints live in the shard of their key: only a file with the same
+        // sharding can be used.
+        if snapshot.shards.len() == SHARDS {
+            for (shard, saved) in self.shards.iter().zip(snapshot.shards) {
+                let age = now_wall.saturating_sub(saved.rotated_at_unix_nanos);
+                let mut recent = shard.lock().unwrap_or_else(|p| p.into_inner());
+                recent.import(
+                    &saved.fingerprints,
+                    u64::from(saved.current_tag),
+                    now_store.saturating_sub(age),
+                );
+            }
+        } else if !snapshot.shards.is_empty() {
+            tracing::warn!(
+                "state file: retry fingerprints of another layout ({} shards) not restored",
+                snapshot.shards.len()
+            );
+        }
+        summary
+    }
+
+    /// A copy of every live entry and of the fingerprints. moka's iterator walks the
+    /// cache's segments without a global lock, and each fingerprint shard is held only
+    /// while it is copied, so ingest goes on meanwhile.
+    pub fn snapshot_now(&self) -> StoreSnapshot {
+        let now_store = self.clock.now();
+        let now_wall = unix_nanos_now();
+        let to_wall = |t: u64| {
+            if t >= now_store {
+                now_wall.saturating_add(t - now_store)
+            } else {
+                now_wall.saturating_sub(now_store - t)
+            }
+        };
+        let mut strings: Vec<Arc<str>> = Vec::new();
+        let mut index: std::collections::HashMap<Arc<str>, u32, RandomState> =
+            std::collections::HashMap::default();
+        let mut intern = |s: &Arc<str>| -> u32 {
+            *index.entry(s.clone()).or_insert_with(|| {
+                strings.push(s.clone());
+                (strings.len() - 1) as u32
+            })
+        };
+        let mut entries =
+            Vec::with_capacity(usize::try_from(self.cache.entry_count()).unwrap_or(0));
+        for (key, slot) in self.cache.iter() {
+            let state = match &slot.state {
+                SlotState::Open { start_nanos, dims } => SavedState::Open {
+                    start_nanos: *start_nanos,
+                    dims: dims.iter().map(&mut intern).collect(),
+                },
+                SlotState::Waiting(end) => SavedState::Waiting {
+                    outcome: match end.outcome {
+                        Outcome::Success => 0,
+                        Outcome::Failure => 1,
+                        Outcome::Cancelled => 2,
+                    },
+                    timestamp_nanos: end.timestamp_nanos,
+                    dims: end.dims.iter().map(&mut intern).collect(),
+                    trace: end.trace.map(|t| (t.trace_id, t.span_id)),
+                },
+            };
+            entries.push(SavedEntry {
+                key: key.to_be_bytes(),
+                flow: intern(&slot.flow),
+                deadline_unix_nanos: to_wall(slot.deadline),
+                state,
+            });
+        }
+        let shards = self
+            .shards
+            .iter()
+            .map(|shard| {
+                let (fingerprints, tag, rotated_at) =
+                    shard.lock().unwrap_or_else(|p| p.into_inner()).export();
+                SavedShard {
+                    current_tag: tag as u8,
+                    rotated_at_unix_nanos: to_wall(rotated_at),
+                    fingerprints,
+                }
+            })
+            .collect();
+        StoreSnapshot {
+            saved_at_unix_nanos: now_wall,
+            key_seed: self.key_seed,
+            start_dim_labels: Vec::new(),
+            end_dim_labels: Vec::new(),
+            strings,
+            entries,
+            shards,
         }
     }
 
@@ -428,6 +672,18 @@ impl CorrelationStore for MemoryStore {
     fn capacity(&self) -> u64 {
         self.capacity
     }
+
+    fn snapshot(&self) -> Option<StoreSnapshot> {
+        Some(self.snapshot_now())
+    }
+}
+
+/// Two independently seeded hashers from one seed: the 128-bit key.
+fn key_hashers(seed: u64) -> [FixedState; 2] {
+    [
+        FixedState::with_seed(seed),
+        FixedState::with_seed(seed.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15),
+    ]
 }
 
 fn complete(
@@ -562,6 +818,16 @@ mod tests {
         fn report(&self, report: Report<'_>) {
             match report {
                 Report::Opened { flow, .. } => self.add(flow, "started"),
+                // The invariant counts restored with started.
+                Report::Restored { flow, .. } => {
+                    self.add(flow, "started");
+                    self.add(flow, "restored")
+                }
+                Report::Discarded { flow, .. } => {
+                    self.add(flow, "started");
+                    self.add(flow, "dropped");
+                    self.add(flow, "discarded")
+                }
                 Report::Completed {
                     flow,
                     end,
@@ -649,6 +915,137 @@ mod tests {
         while !until(rec) && Instant::now() < give_up {
             t.run_pending_tasks();
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn rules() -> RestoreRules {
+        RestoreRules::default()
+    }
+
+    /// A fresh store of the same shape, with the snapshot read back (through the file
+    /// format, as at a restart).
+    fn restarted(
+        snap: StoreSnapshot,
+        timeout: Duration,
+        rules: &RestoreRules,
+    ) -> (Arc<MemoryStore>, Arc<Recorder>, RestoreSummary) {
+        let mut bytes = Vec::new();
+        crate::flows::state::encode(&snap, &mut bytes).unwrap();
+        let snap = crate::flows::state::decode(&bytes).unwrap();
+        let rec = Arc::new(Recorder::default());
+        let mut t = MemoryStore::new(
+            StoreSettings {
+                capacity: 1000,
+                dedup_window: Duration::from_secs(300),
+                timeout_for: Arc::new(move |_| timeout),
+                longest_timeout: timeout,
+            },
+            rec.clone(),
+        );
+        let summary = t.restore(snap, rules);
+        (Arc::new(t), rec, summary)
+    }
+
+    #[test]
+    fn a_restored_store_carries_on_as_if_nothing_happened() {
+        let (t, _rec) = table(Duration::from_secs(60));
+        t.apply(ev("o", "1", START, 10 * SEC));
+        t.apply(ev("o", "2", START, 20 * SEC));
+        t.apply(ev("o", "w", OK, 30 * SEC));
+        let done = [ev("o", "3", START, 5 * SEC), ev("o", "3", OK, 6 * SEC)];
+        for e in done.clone() {
+            t.apply(e);
+        }
+        let snap = t.snapshot_now();
+        assert_eq!(snap.entries.len(), 3);
+        let (t2, rec, summary) = restarted(snap, Duration::from_secs(60), &rules());
+        assert_eq!((summary.open, summary.waiting, summary.expired), (2, 1, 0));
+        assert_eq!(rec.get("o", "restored"), 2);
+        assert_eq!(rec.in_progress("o"), 2);
+        // Retries of events handled before the restart are duplicates.
+        t2.apply(ev("o", "1", START, 10 * SEC));
+        for e in done {
+            t2.apply(e);
+        }
+        assert_eq!(rec.get("*", "dup_start"), 2);
+        assert_eq!(rec.get("*", "dup_end"), 1);
+        t2.apply(ev("o", "1", OK, 12 * SEC));
+        t2.apply(ev("o", "2", FAIL, 21 * SEC));
+        t2.apply(ev("o", "w", START, 27 * SEC));
+        assert_eq!(rec.get("o", "success"), 2);
+        assert_eq!(rec.get("o", "failure"), 1);
+        assert_eq!(*rec.durations.lock().unwrap(), vec![2.0, 3.0]);
+        assert_eq!(rec.get("o", "unmatched"), 0);
+        assert_eq!(rec.in_progress("o"), 0);
+    }
+
+    #[test]
+    fn deadlines_that_passed_while_down_are_counted_at_once() {
+        let (t, _rec) = table(Duration::from_secs(60));
+        t.apply(ev("o", "1", START, SEC));
+        t.apply(ev("o", "w", OK, SEC));
+        t.apply(ev("o", "live", START, SEC));
+        let mut snap = t.snapshot_now();
+        for e in &mut snap.entries {
+            if e.key != t.key("o", "live").to_be_bytes() {
+                e.deadline_unix_nanos = snap.saved_at_unix_nanos - SEC;
+            }
+        }
+        let (t2, rec, summary) = restarted(snap, Duration::from_secs(60), &rules());
+        assert_eq!(
+            (summary.open, summary.expired, summary.expired_ends),
+            (1, 1, 1)
+        );
+        assert_eq!(rec.get("o", "incomplete"), 1);
+        assert_eq!(rec.get("o", "unmatched"), 1);
+        assert_eq!(rec.in_progress("o"), 1);
+        t2.run_pending_tasks();
+        assert_eq!(t2.entries(), 1);
+    }
+
+    #[test]
+    fn a_shorter_timeout_applies_from_the_restart_on() {
+        let (t, _rec) = table(Duration::from_secs(600));
+        t.apply(ev("o", "1", START, SEC));
+        let (t2, rec, _) = restarted(t.snapshot_now(), Duration::from_millis(100), &rules());
+        settle_expiries(&t2, &rec, |r| r.get("o", "incomplete") > 0);
+        assert_eq!(rec.get("o", "incomplete"), 1);
+        assert_eq!(rec.in_progress("o"), 0);
+    }
+
+    #[test]
+    fn changed_config_drops_untracked_flows_and_matches_dims_by_label() {
+        let (t, _rec) = table(Duration::from_secs(60));
+        let mut e = ev("kept", "1", START, SEC);
+        e.dims = Arc::from(vec![Arc::from("web"), Arc::from("eu")]);
+        t.apply(e);
+        t.apply(ev("gone", "1", START, SEC));
+        t.apply(ev("gone", "w", OK, SEC));
+        let mut snap = t.snapshot_now();
+        snap.start_dim_labels = vec!["service".into(), "region".into()];
+        let rules = RestoreRules {
+            known_flows: Some(Arc::new(["kept".to_string()].into_iter().collect())),
+            // "region" removed, "tier" added, order changed.
+            start_dims: vec![
+                ("tier".into(), Arc::from("none")),
+                ("service".into(), Arc::from("unknown")),
+            ],
+            end_dims: vec![],
+        };
+        let (t2, rec, summary) = restarted(snap, Duration::from_secs(60), &rules);
+        assert_eq!((summary.open, summary.discarded), (1, 2));
+        assert_eq!(rec.get("gone", "discarded"), 1);
+        assert_eq!(rec.get("gone", "unmatched"), 1);
+        assert_eq!(rec.in_progress("gone"), 0);
+        let slot = t2.cache.get(&t2.key("kept", "1")).unwrap();
+        match slot.state {
+            SlotState::Open { dims, .. } => {
+                assert_eq!(
+                    dims.iter().map(|d| &**d).collect::<Vec<_>>(),
+                    ["none", "web"]
+                )
+            }
+            SlotState::Waiting(_) => panic!("restored as waiting"),
         }
     }
 

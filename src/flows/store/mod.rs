@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
+use super::state::StoreSnapshot;
 
 pub use memory::{CacheBaseline, Maintenance, MemoryStore};
 
@@ -38,6 +39,19 @@ pub enum Report<'a> {
     },
     /// The instance was evicted because the store was full.
     Dropped {
+        flow: &'a Arc<str>,
+        start_dims: &'a DimValues,
+    },
+    /// An open instance read back from the state file at start (counted instead of
+    /// `Opened`: it was opened by the run before).
+    Restored {
+        flow: &'a Arc<str>,
+        start_dims: &'a DimValues,
+    },
+    /// A restored instance of a flow the new configuration no longer tracks
+    /// (`flows.allow_unknown: false` and not in `flows.per_flow`): counted restored and
+    /// dropped at once, so the invariant holds.
+    Discarded {
         flow: &'a Arc<str>,
         start_dims: &'a DimValues,
     },
@@ -91,6 +105,38 @@ pub trait CorrelationStore: Send + Sync + 'static {
 
     /// The most entries it holds (`limits.max_in_flight`).
     fn capacity(&self) -> u64;
+
+    /// What a state file must keep to carry on after a restart; `None`: this backend
+    /// keeps its state elsewhere and there is nothing to save. Must not stall ingest.
+    fn snapshot(&self) -> Option<StoreSnapshot> {
+        None
+    }
+}
+
+/// How a snapshot written under another configuration is read back.
+#[derive(Clone, Default)]
+pub struct RestoreRules {
+    /// `Some`: only these flows are tracked now (`flows.allow_unknown: false`).
+    pub known_flows: Option<Arc<std::collections::HashSet<String>>>,
+    /// (label, default value) of each start dimension now, in order.
+    pub start_dims: Vec<(String, Arc<str>)>,
+    /// The same for end dimensions.
+    pub end_dims: Vec<(String, Arc<str>)>,
+}
+
+/// What a restore did, for the start-up log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreSummary {
+    /// Open instances back in the store.
+    pub open: u64,
+    /// Ends back in the store, waiting for their start.
+    pub waiting: u64,
+    /// Open instances whose deadline passed while the service was down (incomplete).
+    pub expired: u64,
+    /// Waiting ends whose deadline passed (unmatched).
+    pub expired_ends: u64,
+    /// Entries of flows no longer tracked.
+    pub discarded: u64,
 }
 
 /// end − start in seconds, exact for any two u64 timestamps.

@@ -1,0 +1,583 @@
+//! Restarts (SPEC §3 "restarts", §7): the real binary over loopback, stopped with
+//! SIGTERM or `kill -9` and started again on the same state file.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flowmetrics::flows::state;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flowmetrics");
+const SEC: u64 = 1_000_000_000;
+/// Event timestamps: a fixed past instant, so durations are exact.
+const T0: u64 = 1_700_000_000 * SEC;
+
+struct Service {
+    child: Child,
+    metrics: SocketAddr,
+    otlp: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// A temporary directory of its own per test.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fm-restarts-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Service {
+    fn start(state: &Path, env: &[(&str, &str)]) -> Service {
+        let mut c = Command::new(BIN);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("FLOWMETRICS_") || k == "RUST_LOG" {
+                c.env_remove(k);
+            }
+        }
+        c.envs([
+            ("FLOWMETRICS_LISTEN__METRICS", "127.0.0.1:0"),
+            ("FLOWMETRICS_LISTEN__OTLP_HTTP", "127.0.0.1:0"),
+            ("FLOWMETRICS_LISTEN__OTLP_GRPC", ""),
+            ("FLOWMETRICS_LOG__FORMAT", "json"),
+            ("FLOWMETRICS_STATE__PATH", state.to_str().unwrap()),
+        ]);
+        c.envs(env.iter().copied());
+        let mut child = c.stderr(Stdio::piped()).spawn().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            let stderr = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                    let msg = v["fields"]["message"].as_str().unwrap_or(&line).to_string();
+                    let level = v["level"].as_str().unwrap_or("?").to_string();
+                    let _ = tx.send(msg.clone());
+                    log.lock().unwrap().push(format!("{level} {msg}"));
+                }
+            });
+        }
+        let (mut metrics, mut otlp) = (None, None);
+        let port = |msg: &str, prefix: &str| -> Option<SocketAddr> {
+            let rest = msg.strip_prefix(prefix)?;
+            let end = rest.find('/')?;
+            rest[..end].parse().ok()
+        };
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while metrics.is_none() || otlp.is_none() {
+            let left = give_up.saturating_duration_since(Instant::now());
+            let msg = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no start-up lines: {:?}", log.lock().unwrap()));
+            metrics = metrics.or_else(|| port(&msg, "metrics: http://"));
+            otlp = otlp.or_else(|| port(&msg, "OTLP/HTTP: http://"));
+        }
+        let s = Service {
+            child,
+            metrics: metrics.unwrap(),
+            otlp: otlp.unwrap(),
+            log,
+        };
+        // Ready once every listener is bound.
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while get(s.metrics, "/readyz").0 != 200 {
+            assert!(Instant::now() < give_up, "never ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(mut self) -> Vec<String> {
+        self.signal("-TERM");
+        let status = self.child.wait().unwrap();
+        let log = self.log.lock().unwrap().clone();
+        assert_eq!(status.code(), Some(0), "{log:#?}");
+        log
+    }
+
+    fn kill9(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+
+    fn samples(&self) -> BTreeMap<String, f64> {
+        let (status, body) = get(self.metrics, "/metrics");
+        assert_eq!(status, 200);
+        parse(&body)
+    }
+
+    fn send(&self, events: &[(&str, &str, String, u64)]) {
+        for chunk in events.chunks(2000) {
+            let (status, body) = http(self.otlp, "POST", "/v1/traces", &export(chunk));
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request on a connection of its own: (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(addr, "GET", path, "")
+}
+
+/// `name{labels}` → value (exemplars cut off).
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let l = l.split(" # ").next()?;
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of the series of `name` whose labels contain every one of `labels`.
+fn sum(samples: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(s, _)| {
+            let (n, l) = s.split_once('{').unwrap_or((s, ""));
+            n == name && labels.iter().all(|want| l.contains(want))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// An OTLP/JSON trace export with one flow event per (flow, kind, id, timestamp).
+fn export(events: &[(&str, &str, String, u64)]) -> String {
+    let events: Vec<serde_json::Value> = events
+        .iter()
+        .map(|(flow, kind, id, ts)| {
+            serde_json::json!({
+                "name": format!("flow.{flow}.{kind}"),
+                "timeUnixNano": ts.to_string(),
+                "attributes": [{"key": "correlation-id", "value": {"stringValue": id}}],
+            })
+        })
+        .collect();
+    let service = serde_json::json!({"key": "service.name", "value": {"stringValue": "web"}});
+    serde_json::json!({"resourceSpans": [{"resource": {"attributes": [service]}, "scopeSpans": [{
+        "spans": [{
+            "traceId": "0af7651916cd43dd8448eb211c80319c",
+            "spanId": "b7ad6b7169203331",
+            "name": "work",
+            "startTimeUnixNano": T0.to_string(),
+            "endTimeUnixNano": T0.to_string(),
+            "events": events,
+        }]
+    }]}]})
+    .to_string()
+}
+
+fn starts(ids: std::ops::Range<u64>) -> Vec<(&'static str, &'static str, String, u64)> {
+    ids.map(|i| ("checkout", "start", format!("id-{i}"), T0 + i * 1_000_000))
+        .collect()
+}
+
+/// Instance i lasts 1 + i % 7 seconds.
+fn ends(ids: std::ops::Range<u64>) -> Vec<(&'static str, &'static str, String, u64)> {
+    ids.map(|i| {
+        (
+            "checkout",
+            "end",
+            format!("id-{i}"),
+            T0 + i * 1_000_000 + (1 + i % 7) * SEC,
+        )
+    })
+    .collect()
+}
+
+/// started + restored = Σ completed + incomplete + dropped + in_progress (SPEC §3).
+fn assert_invariant(s: &BTreeMap<String, f64>) {
+    let f = "flow=\"checkout\"";
+    let left = sum(s, "flowmetrics_flows_started_total", &[f])
+        + sum(s, "flowmetrics_flows_restored_total", &[f]);
+    let right = sum(s, "flowmetrics_flows_completed_total", &[f])
+        + sum(
+            s,
+            "flowmetrics_flow_errors_total",
+            &[f, "error_reason=\"incomplete\""],
+        )
+        + sum(s, "flowmetrics_flows_dropped_total", &[f])
+        + sum(s, "flowmetrics_flows_in_progress", &[f]);
+    assert_eq!(left, right, "invariant broken");
+}
+
+fn entries_in(path: &Path) -> Option<usize> {
+    Some(state::read(path, 1 << 30).ok()??.entries.len())
+}
+
+const F: &str = "flow=\"checkout\"";
+
+#[test]
+fn sigterm_and_restart_keep_ten_thousand_open_flows() {
+    const N: u64 = 10_000;
+    let dir = temp_dir("sigterm");
+    let path = dir.join("state");
+    let a = Service::start(&path, &[]);
+    a.send(&starts(0..N));
+    let before = a.samples();
+    assert_eq!(
+        sum(&before, "flowmetrics_flows_in_progress", &[F]),
+        N as f64
+    );
+    let log = a.stop();
+    assert!(log.iter().any(|l| l.contains("state written")), "{log:#?}");
+    assert_eq!(entries_in(&path), Some(N as usize));
+
+    let b = Service::start(&path, &[]);
+    let s = b.samples();
+    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), N as f64);
+    assert_eq!(sum(&s, "flowmetrics_flows_started_total", &[F]), 0.0);
+    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), N as f64);
+    assert_invariant(&s);
+    b.send(&ends(0..N));
+    let s = b.samples();
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flows_completed_total",
+            &[F, "outcome=\"success\""]
+        ),
+        N as f64
+    );
+    assert_eq!(sum(&s, "flowmetrics_flow_unmatched_ends_total", &[F]), 0.0);
+    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 0.0);
+    // Exact durations: from the two event timestamps, across the restart.
+    let count = sum(&s, "flowmetrics_flow_duration_seconds_count", &[F]);
+    let total = sum(&s, "flowmetrics_flow_duration_seconds_sum", &[F]);
+    let expected: u64 = (0..N).map(|i| 1 + i % 7).sum();
+    assert_eq!(count, N as f64);
+    assert!(
+        (total - expected as f64).abs() < 1e-6,
+        "{total} != {expected}"
+    );
+    let up_to_5s = (0..N).filter(|i| i % 7 < 5).count() as f64; // 1 + i % 7 <= 5 s
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flow_duration_seconds_bucket",
+            &[F, "le=\"5.0\""]
+        ),
+        up_to_5s
+    );
+    assert_invariant(&s);
+    b.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_start_retried_across_the_restart_counts_once() {
+    let dir = temp_dir("retry");
+    let path = dir.join("state");
+    let a = Service::start(&path, &[]);
+    a.send(&starts(0..100));
+    // Completed before the restart: its retry must not open a new instance either.
+    a.send(&ends(0..10));
+    a.stop();
+    let b = Service::start(&path, &[]);
+    b.send(&starts(0..100));
+    b.send(&ends(0..10));
+    let s = b.samples();
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flow_events_duplicate_total",
+            &["kind=\"start\""]
+        ),
+        100.0
+    );
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flow_events_duplicate_total",
+            &["kind=\"end\""]
+        ),
+        10.0
+    );
+    assert_eq!(sum(&s, "flowmetrics_flows_started_total", &[F]), 0.0);
+    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), 90.0);
+    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 90.0);
+    assert_invariant(&s);
+    b.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn kill_9_loses_only_what_came_after_the_last_checkpoint() {
+    const N: u64 = 10_000;
+    const LATE: u64 = 500;
+    let dir = temp_dir("kill9");
+    let path = dir.join("state");
+    let env = [("FLOWMETRICS_STATE__CHECKPOINT_INTERVAL", "2s")];
+    let a = Service::start(&path, &env);
+    a.send(&starts(0..N));
+    // Wait for a checkpoint that holds all N (the file is replaced atomically).
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while entries_in(&path) != Some(N as usize) {
+        assert!(Instant::now() < give_up, "no checkpoint with {N} entries");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Opened after that checkpoint, well before the next one (2 s later): lost.
+    a.send(&starts(N..N + LATE));
+    a.kill9();
+
+    let b = Service::start(&path, &env);
+    let s = b.samples();
+    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), N as f64);
+    b.send(&ends(0..N + LATE));
+    let s = b.samples();
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flows_completed_total",
+            &[F, "outcome=\"success\""]
+        ),
+        N as f64
+    );
+    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 0.0);
+    // The lost instances' ends wait for starts that this run never saw (moka's entry
+    // count settles with its housekeeping).
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while sum(&b.samples(), "flowmetrics_in_flight_entries", &[]) != LATE as f64 {
+        assert!(
+            Instant::now() < give_up,
+            "{:?}",
+            b.samples().get("flowmetrics_in_flight_entries")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_invariant(&s);
+    b.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn corrupt_truncated_and_foreign_state_files_are_set_aside() {
+    let dir = temp_dir("corrupt");
+    let path = dir.join("state");
+    // A real state file to damage: one open instance.
+    let a = Service::start(&path, &[]);
+    a.send(&starts(0..1));
+    a.stop();
+    let good = std::fs::read(&path).unwrap();
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0xff;
+    let cases = [
+        ("corrupt", corrupt),
+        ("truncated", good[..good.len() - 7].to_vec()),
+        ("foreign", b"checkpoint: yes\n".to_vec()),
+    ];
+    for (what, bytes) in cases {
+        for old in std::fs::read_dir(&dir).unwrap() {
+            std::fs::remove_file(old.unwrap().path()).unwrap();
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let b = Service::start(&path, &[]);
+        let s = b.samples();
+        assert_eq!(
+            sum(&s, "flowmetrics_flows_restored_total", &[]),
+            0.0,
+            "{what}"
+        );
+        let log = b.log.lock().unwrap().clone();
+        assert!(
+            log.iter()
+                .any(|l| l.starts_with("WARN") && l.contains(path.to_str().unwrap())),
+            "{what}: no WARN naming the file: {log:#?}"
+        );
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let aside: Vec<_> = names
+            .iter()
+            .filter(|n| n.starts_with("state.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{what}: {names:?}");
+        assert_eq!(std::fs::read(dir.join(aside[0])).unwrap(), bytes, "{what}");
+        // It runs, and writes a good file at the next stop.
+        b.send(&starts(0..3));
+        b.stop();
+        assert_eq!(entries_in(&path), Some(3), "{what}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn deadlines_that_passed_while_down_are_incomplete_at_start() {
+    let dir = temp_dir("expired");
+    let path = dir.join("state");
+    let env = [("FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT", "3s")];
+    let a = Service::start(&path, &env);
+    let sent = Instant::now();
+    a.send(&starts(0..100));
+    a.stop();
+    assert_eq!(entries_in(&path), Some(100), "stopped before the deadline");
+    std::thread::sleep(
+        (sent + Duration::from_millis(3500)).saturating_duration_since(Instant::now()),
+    );
+    let b = Service::start(&path, &env);
+    let s = b.samples();
+    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), 100.0);
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flow_errors_total",
+            &[F, "error_reason=\"incomplete\""]
+        ),
+        100.0
+    );
+    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 0.0);
+    assert_invariant(&s);
+    b.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_scrape_during_final_scrape_wait_sees_the_last_counts() {
+    let dir = temp_dir("final");
+    let path = dir.join("state");
+    let mut svc = Service::start(&path, &[("FLOWMETRICS_SHUTDOWN__FINAL_SCRAPE_WAIT", "3s")]);
+    svc.send(&starts(0..100));
+    let before = svc.samples();
+    // Answered 200 after the last regular scrape.
+    svc.send(&ends(0..100));
+    let ok = "outcome=\"success\"";
+    assert_eq!(
+        sum(&before, "flowmetrics_flows_completed_total", &[F, ok]),
+        0.0
+    );
+    svc.signal("-TERM");
+    let give_up = Instant::now() + Duration::from_secs(2);
+    while get(svc.metrics, "/readyz").0 != 503 {
+        assert!(Instant::now() < give_up, "/readyz still 200 after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopped_at = Instant::now();
+    let after = svc.samples();
+    assert_eq!(
+        sum(&after, "flowmetrics_flows_completed_total", &[F, ok]),
+        100.0
+    );
+    assert_invariant(&after);
+    // The OTLP listener is closed by then; /metrics is not.
+    let give_up = Instant::now() + Duration::from_secs(2);
+    while TcpStream::connect(svc.otlp).is_ok() {
+        assert!(Instant::now() < give_up, "OTLP still accepting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(get(svc.metrics, "/metrics").0, 200);
+    let status = svc.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        stopped_at.elapsed() >= Duration::from_secs(2),
+        "exited before the wait"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_changed_config_drops_untracked_flows_and_keeps_dims_by_label() {
+    let dir = temp_dir("config");
+    let path = dir.join("state");
+    let (a_cfg, b_cfg) = (dir.join("a.yaml"), dir.join("b.yaml"));
+    std::fs::write(
+        &a_cfg,
+        "dimensions:\n  - { label: service, attribute: service.name, default: unknown }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &b_cfg,
+        "flows:\n  allow_unknown: false\n  per_flow:\n    checkout: { timeout: 10m }\n\
+         dimensions:\n  - { label: tier, attribute: tier, default: none }\n\
+         \x20 - { label: service, attribute: service.name, default: unknown }\n",
+    )
+    .unwrap();
+    let a = Service::start(&path, &[("FLOWMETRICS_CONFIG", a_cfg.to_str().unwrap())]);
+    a.send(&starts(0..10));
+    let legacy: Vec<_> = (0..5)
+        .map(|i| ("legacy", "start", format!("l-{i}"), T0))
+        .collect();
+    a.send(&legacy);
+    a.stop();
+    let b = Service::start(&path, &[("FLOWMETRICS_CONFIG", b_cfg.to_str().unwrap())]);
+    let s = b.samples();
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flows_restored_total",
+            &[F, "tier=\"none\"", "service=\"web\""]
+        ),
+        10.0,
+        "{s:#?}"
+    );
+    let legacy = "flow=\"legacy\"";
+    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[legacy]), 5.0);
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flows_dropped_total",
+            &[legacy, "reason=\"config_changed\""]
+        ),
+        5.0
+    );
+    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[legacy]), 0.0);
+    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 10.0);
+    assert_invariant(&s);
+    b.send(&ends(0..10));
+    let s = b.samples();
+    assert_eq!(
+        sum(
+            &s,
+            "flowmetrics_flows_completed_total",
+            &[F, "outcome=\"success\"", "service=\"web\""]
+        ),
+        10.0
+    );
+    b.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
