@@ -57,7 +57,10 @@ impl Admin {
             }
             "/healthz" => plain(StatusCode::OK, "ok\n"),
             "/readyz" if self.ready.load(Ordering::Acquire) => plain(StatusCode::OK, "ready\n"),
-            "/readyz" => plain(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+            "/readyz" => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: starting or shutting down\n",
+            ),
             "/" => {
                 let data = overview::json_for_script(&self.overview.json());
                 let mut r = respond(
