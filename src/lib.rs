@@ -62,11 +62,10 @@ impl App {
             metrics.clone(),
         ));
         let maintenance = Maintenance::start(table.clone(), MAINTENANCE_INTERVAL);
-        let pipeline = Arc::new(Pipeline::new(
-            Extractor::new(&config),
-            table.clone(),
-            metrics.clone(),
-        ));
+        let pipeline = Arc::new(
+            Pipeline::new(Extractor::new(&config), table.clone(), metrics.clone())
+                .with_network_flows(flows::network::NetworkFlows::new(&config)),
+        );
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = Vec::new();

@@ -9,9 +9,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
 use crate::flows::event::{AttributeLayers, NO_ATTRIBUTES};
+use crate::flows::network::NetworkFlows;
 use crate::flows::{Extractor, FlowEvent, FlowTable, Rejection, Source, TraceRef};
 use crate::ingest::reply::RejectionSummary;
-use crate::ingest::selective::scan_traces;
+use crate::ingest::selective::scan_traces_with_network;
 use crate::metrics::{Metrics, Transport};
 
 /// OpenTelemetry severity numbers 17–24 are ERROR and FATAL.
@@ -21,6 +22,7 @@ pub struct Pipeline {
     extractor: Extractor,
     table: Arc<FlowTable>,
     metrics: Arc<Metrics>,
+    network: Option<NetworkFlows>,
 }
 
 impl Pipeline {
@@ -29,7 +31,14 @@ impl Pipeline {
             extractor,
             table,
             metrics,
+            network: None,
         }
+    }
+
+    /// Counts Flow Spans too (SPEC §8); `None`: they are not looked for.
+    pub fn with_network_flows(mut self, network: Option<NetworkFlows>) -> Self {
+        self.network = network;
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -69,7 +78,13 @@ impl Pipeline {
         body: &[u8],
         transport: Transport,
     ) -> Result<RejectionSummary, String> {
-        let scan = scan_traces(body, &self.extractor, now_nanos())?;
+        let scan =
+            scan_traces_with_network(body, &self.extractor, self.network.as_ref(), now_nanos())?;
+        if let Some(network) = &self.network {
+            for record in &scan.network {
+                network.apply(record, &*self.metrics);
+            }
+        }
         self.metrics.spans_received(transport, scan.spans);
         let mut rejected = RejectionSummary::default();
         for result in scan.events {
@@ -96,6 +111,9 @@ impl Pipeline {
             for scope_spans in &resource_spans.scope_spans {
                 spans += scope_spans.spans.len() as u64;
                 for span in &scope_spans.spans {
+                    if let Some(network) = &self.network {
+                        network.decoded_span(span, resource, &*self.metrics);
+                    }
                     let mut flow_events = span
                         .events
                         .iter()

@@ -4,6 +4,7 @@
 pub mod dedup;
 pub mod event;
 pub mod intern;
+pub mod network;
 pub mod table;
 
 pub use event::{EventKind, Extractor, FlowEvent, Outcome, Rejection, Source, TraceRef};

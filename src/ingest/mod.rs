@@ -3,6 +3,7 @@
 pub mod decode;
 pub mod grpc;
 pub mod http;
+pub mod json;
 pub mod reply;
 pub mod selective;
 pub mod wire;

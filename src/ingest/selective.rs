@@ -10,6 +10,7 @@
 
 use super::wire::{utf8, Fields, Value, WireError, PAST_THE_END};
 use crate::flows::event::{AttrValue, AttributeLayers, Attributes, Keys, SharedLayer};
+use crate::flows::network::{is_flow_span_key, NetworkFlowRecord, NetworkFlows, SpanIdentity};
 use crate::flows::{Extractor, FlowEvent, Rejection, Source, TraceRef};
 
 // Field numbers from opentelemetry/proto/{collector/trace,trace,resource,common}/v1.
@@ -21,6 +22,8 @@ const SCOPE_SPANS_SPANS: u32 = 2;
 const SPAN_TRACE_ID: u32 = 1;
 const SPAN_SPAN_ID: u32 = 2;
 const SPAN_PARENT_SPAN_ID: u32 = 4;
+const SPAN_START_TIME: u32 = 7;
+const SPAN_END_TIME: u32 = 8;
 const SPAN_ATTRIBUTES: u32 = 9;
 const SPAN_EVENTS: u32 = 11;
 const SPAN_STATUS: u32 = 15;
@@ -58,6 +61,8 @@ enum KeyAction {
     SkipFixed32,
     /// A length-delimited field to look at.
     Read,
+    /// A span attribute: only its key is looked at (Flow Spans, SPEC §8).
+    Attribute,
 }
 
 /// `SPAN_KEYS[key byte]`: fields 1–15 of a `Span`.
@@ -80,10 +85,20 @@ const SPAN_KEYS: [KeyAction; 256] = {
     keys
 };
 
+/// `SPAN_KEYS`, plus a look at span attribute keys: used only when Flow Spans are
+/// counted, so that with `network_flows.enabled: false` the walk is unchanged.
+const SPAN_KEYS_NETWORK: [KeyAction; 256] = {
+    let mut keys = SPAN_KEYS;
+    keys[(SPAN_ATTRIBUTES as usize) << 3 | 2] = KeyAction::Attribute;
+    keys
+};
+
 /// Extraction results of one export, and how many spans it held.
 pub struct TraceScan {
     pub spans: u64,
     pub events: Vec<Result<FlowEvent, Rejection>>,
+    /// Flow Spans read (empty unless a [`NetworkFlows`] was given).
+    pub network: Vec<NetworkFlowRecord>,
 }
 
 /// Walks an `ExportTraceServiceRequest` and extracts its flow events. Nothing is applied
@@ -93,18 +108,36 @@ pub fn scan_traces(
     extractor: &Extractor,
     received_nanos: u64,
 ) -> Result<TraceScan, String> {
+    scan_traces_with_network(body, extractor, None, received_nanos)
+}
+
+/// [`scan_traces`], also reading Flow Spans when `network` is given.
+pub fn scan_traces_with_network(
+    body: &[u8],
+    extractor: &Extractor,
+    network: Option<&NetworkFlows>,
+    received_nanos: u64,
+) -> Result<TraceScan, String> {
     let mut scan = Scan {
         x: extractor,
         received: received_nanos,
         spans: 0,
         events: Vec::new(),
         candidates: Vec::new(),
+        network,
+        records: Vec::new(),
+        resource: RawAttributes {
+            msg: &[],
+            outer: None,
+            field: RESOURCE_ATTRIBUTES,
+        },
     };
     scan.request(body)
         .map_err(|e| format!("protobuf body: {e}"))?;
     Ok(TraceScan {
         spans: scan.spans,
         events: scan.events,
+        network: scan.records,
     })
 }
 
@@ -124,6 +157,8 @@ struct SpanIds<'a> {
     span_id: &'a [u8],
     /// Status code ERROR.
     is_error: bool,
+    /// Has a Flow Span attribute (looked for only with `network_flows.enabled`).
+    flow_span: bool,
 }
 
 struct Scan<'x, 'a> {
@@ -133,6 +168,10 @@ struct Scan<'x, 'a> {
     events: Vec<Result<FlowEvent, Rejection>>,
     /// Reused for every span: most spans have no candidate, none allocates.
     candidates: Vec<Candidate<'a>>,
+    network: Option<&'x NetworkFlows>,
+    records: Vec<NetworkFlowRecord>,
+    /// The current resource's attributes, unshared (the `SharedLayer` is per extractor).
+    resource: RawAttributes<'a>,
 }
 
 impl<'a> Scan<'_, 'a> {
@@ -159,7 +198,7 @@ impl<'a> Scan<'_, 'a> {
                 resource = r;
             }
         }
-        let resource = SharedLayer::new(if resources > 1 {
+        let resource = if resources > 1 {
             RawAttributes {
                 msg,
                 outer: Some(RESOURCE_SPANS_RESOURCE),
@@ -171,7 +210,9 @@ impl<'a> Scan<'_, 'a> {
                 outer: None,
                 field: RESOURCE_ATTRIBUTES,
             }
-        });
+        };
+        self.resource = resource;
+        let resource = SharedLayer::new(resource);
         let mut fields = Fields::new(msg);
         while let Some(field) = fields.next_field()? {
             if let (RESOURCE_SPANS_SCOPE_SPANS, Value::Bytes(scope_spans)) = field {
@@ -197,11 +238,16 @@ impl<'a> Scan<'_, 'a> {
         let mut ids = SpanIds::default();
         self.candidates.clear();
         let mut rest = span;
+        let keys = if self.network.is_some() {
+            &SPAN_KEYS_NETWORK
+        } else {
+            &SPAN_KEYS
+        };
         while let [tag, ref tail @ ..] = *rest {
             // One table lookup says what to do with the usual fields (one-byte key,
             // lengths and varints of one byte); anything else, and every error, goes
             // through the general reader below.
-            match SPAN_KEYS[usize::from(tag)] {
+            match keys[usize::from(tag)] {
                 KeyAction::SkipBytes => {
                     if let [len, ref tail @ ..] = *tail {
                         if let Some(after) = tail.get(usize::from(len)..).filter(|_| len < 0x80) {
@@ -241,6 +287,17 @@ impl<'a> Scan<'_, 'a> {
                         }
                     }
                 }
+                KeyAction::Attribute => {
+                    if let [len, ref tail @ ..] = *tail {
+                        if let Some((kv, after)) =
+                            tail.split_at_checked(len.into()).filter(|_| len < 0x80)
+                        {
+                            rest = after;
+                            ids.flow_span |= is_flow_span_kv(kv);
+                            continue;
+                        }
+                    }
+                }
                 KeyAction::General => {}
             }
             let mut fields = Fields::new(rest);
@@ -249,6 +306,9 @@ impl<'a> Scan<'_, 'a> {
             if let (number, Value::Bytes(bytes)) = field {
                 self.span_field(&mut ids, number, bytes)?;
             }
+        }
+        if ids.flow_span {
+            self.network_record(span, &ids);
         }
         if self.candidates.is_empty() {
             return Ok(());
@@ -276,6 +336,7 @@ impl<'a> Scan<'_, 'a> {
             }
             SPAN_PARENT_SPAN_ID => check_id(bytes, 8, "parentSpanId must be 8 bytes")?,
             SPAN_EVENTS => self.event(bytes)?,
+            SPAN_ATTRIBUTES if self.network.is_some() => ids.flow_span |= is_flow_span_kv(bytes),
             SPAN_STATUS => {
                 if let Some(error) = status_is_error(bytes)? {
                     ids.is_error = error;
@@ -284,6 +345,33 @@ impl<'a> Scan<'_, 'a> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A Flow Span, read by now: its window (for retry identity) and attributes.
+    #[inline(never)]
+    fn network_record(&mut self, span: &'a [u8], ids: &SpanIds<'a>) {
+        let Some(network) = self.network else { return };
+        let mut identity = SpanIdentity {
+            trace_id: ids.trace_id,
+            span_id: ids.span_id,
+            ..SpanIdentity::default()
+        };
+        // The span was walked once already: errors cannot happen here.
+        let mut fields = Fields::new(span);
+        while let Ok(Some(field)) = fields.next_field() {
+            match field {
+                (SPAN_START_TIME, Value::Fixed64(t)) => identity.start_nanos = t,
+                (SPAN_END_TIME, Value::Fixed64(t)) => identity.end_nanos = t,
+                _ => {}
+            }
+        }
+        let attributes = RawAttributes {
+            msg: span,
+            outer: None,
+            field: SPAN_ATTRIBUTES,
+        };
+        let record = network.extract(attributes, self.resource, identity);
+        self.records.push(record);
     }
 
     /// The flow events of one span, read by now.
@@ -298,6 +386,7 @@ impl<'a> Scan<'_, 'a> {
             trace_id,
             span_id,
             is_error,
+            flow_span: _,
         } = ids;
         let trace = TraceRef::from_ids(trace_id, span_id);
         let parent = RawAttributes {
@@ -381,6 +470,17 @@ impl<'a> Scan<'_, 'a> {
             });
         }
         Ok(())
+    }
+}
+
+/// Is this `KeyValue`'s key one that marks a Flow Span?
+#[inline(always)]
+fn is_flow_span_kv(kv: &[u8]) -> bool {
+    match *kv {
+        [KV_KEY_TAG, klen, ref rest @ ..] if klen < 0x80 => {
+            rest.get(..usize::from(klen)).is_some_and(is_flow_span_key)
+        }
+        _ => key_value(kv).is_some_and(|(k, _)| is_flow_span_key(k)),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Every public metric family (SPEC §4), the flow table's sink, and encoding.
 
 mod instruments;
+pub mod network;
 mod process;
 pub mod series;
 
@@ -89,6 +90,7 @@ pub struct Metrics {
     otlp_spans: Family<Pair, Counter>,
     otlp_log_records: Family<Pair, Counter>,
     in_flight_entries: Gauge,
+    network: Option<network::NetworkMetrics>,
 }
 
 impl Metrics {
@@ -104,6 +106,7 @@ impl Metrics {
              the family reached limits.max_series_per_metric",
             overflow_family.clone(),
         );
+        let overflow_family_handle = overflow_family.clone();
         let overflow = Arc::new(OverflowReporter::new(move |metric| {
             overflow_family.get_or_create(&[("metric", metric)]).clone()
         }));
@@ -276,6 +279,12 @@ impl Metrics {
              their start",
             in_flight_entries.clone(),
         );
+        let network = network::NetworkMetrics::new(
+            config,
+            &mut registry,
+            &overflow_family_handle,
+            &events_rejected,
+        );
         let build_info = Family::<Pair, Gauge>::default();
         build_info
             .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -322,7 +331,13 @@ impl Metrics {
             otlp_spans,
             otlp_log_records,
             in_flight_entries,
+            network,
         }
+    }
+
+    /// The network families; `None` when `network_flows.enabled` is false.
+    pub fn network(&self) -> Option<&network::NetworkMetrics> {
+        self.network.as_ref()
     }
 
     /// Every family as one OpenMetrics exposition.
