@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use flowmetrics::config::Config;
 use flowmetrics::flows::event::{DimValues, EventKind, FlowEvent, Outcome, Source, TraceRef};
+use flowmetrics::flows::network::NetworkFlows;
 use flowmetrics::flows::table::{EndRecord, Maintenance, TableSettings};
 use flowmetrics::flows::{Extractor, FlowSink, FlowTable, Report};
 use flowmetrics::metrics::{Metrics, Transport};
@@ -69,7 +70,8 @@ pub fn pipeline_for(config: &Config) -> (Pipeline, Arc<FlowTable>, Arc<Metrics>)
         TableSettings::from_config(config),
         metrics.clone(),
     ));
-    let pipeline = Pipeline::new(Extractor::new(config), table.clone(), metrics.clone());
+    let pipeline = Pipeline::new(Extractor::new(config), table.clone(), metrics.clone())
+        .with_network_flows(NetworkFlows::new(config));
     (pipeline, table, metrics)
 }
 
