@@ -1070,7 +1070,12 @@ fn render(rows: &[Row]) -> String {
 /// `--profile-pipeline` / `--profile-sparse`: only the in-process pipeline, for callgrind.
 fn profile(shape: Shape, batches: u64) {
     let t = Template::new(shape);
-    let (pipeline, table, _metrics) = inproc::pipeline_for(&flowmetrics::config::Config::default());
+    // FLOWMETRICS_* variables apply (e.g. FLOWMETRICS_NETWORK_FLOWS__ENABLED=false).
+    let config = flowmetrics::config::Config::load(None, std::env::vars()).unwrap_or_else(|e| {
+        eprintln!("flowmetrics-bench: {e}");
+        std::process::exit(2)
+    });
+    let (pipeline, table, _metrics) = inproc::pipeline_for(&config);
     let mut body = t.bytes.clone();
     for b in 0..batches {
         t.patch(&mut body, b);
