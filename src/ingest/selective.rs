@@ -288,12 +288,13 @@ impl<'a> Scan<'_, 'a> {
                     }
                 }
                 KeyAction::Attribute => {
+                    // As SkipBytes, plus one look at the key (see `may_be_flow_span_kv`).
                     if let [len, ref tail @ ..] = *tail {
-                        if let Some((kv, after)) =
-                            tail.split_at_checked(len.into()).filter(|_| len < 0x80)
-                        {
+                        if let Some(after) = tail.get(usize::from(len)..).filter(|_| len < 0x80) {
+                            if may_be_flow_span_kv(tail, len) {
+                                ids.flow_span |= is_flow_span_kv(&tail[..usize::from(len)]);
+                            }
                             rest = after;
-                            ids.flow_span |= is_flow_span_kv(kv);
                             continue;
                         }
                     }
@@ -336,7 +337,11 @@ impl<'a> Scan<'_, 'a> {
             }
             SPAN_PARENT_SPAN_ID => check_id(bytes, 8, "parentSpanId must be 8 bytes")?,
             SPAN_EVENTS => self.event(bytes)?,
-            SPAN_ATTRIBUTES if self.network.is_some() => ids.flow_span |= is_flow_span_kv(bytes),
+            SPAN_ATTRIBUTES if self.network.is_some() => {
+                ids.flow_span |= u8::try_from(bytes.len())
+                    .map_or(true, |len| may_be_flow_span_kv(bytes, len))
+                    && is_flow_span_kv(bytes)
+            }
             SPAN_STATUS => {
                 if let Some(error) = status_is_error(bytes)? {
                     ids.is_error = error;
@@ -473,15 +478,24 @@ impl<'a> Scan<'_, 'a> {
     }
 }
 
-/// Is this `KeyValue`'s key one that marks a Flow Span?
+/// Could the `KeyValue` of `len` bytes at the start of `bytes` be a Flow Span marker?
+/// Runs for every span attribute: for the usual encoding (key first) the tag and the
+/// key's first byte decide, as few keys start with "f"; anything else goes to
+/// [`is_flow_span_kv`]. (A key of 128 bytes or more has a second length byte where the
+/// key would start, and is no marker either.)
 #[inline(always)]
-fn is_flow_span_kv(kv: &[u8]) -> bool {
-    match *kv {
-        [KV_KEY_TAG, klen, ref rest @ ..] if klen < 0x80 => {
-            rest.get(..usize::from(klen)).is_some_and(is_flow_span_key)
-        }
-        _ => key_value(kv).is_some_and(|(k, _)| is_flow_span_key(k)),
+fn may_be_flow_span_kv(bytes: &[u8], len: u8) -> bool {
+    match *bytes {
+        [KV_KEY_TAG, _, b'f', ..] => len >= 8,
+        [KV_KEY_TAG, ..] => false,
+        _ => true,
     }
+}
+
+/// Is this `KeyValue`'s key one that marks a Flow Span?
+#[inline(never)]
+fn is_flow_span_kv(kv: &[u8]) -> bool {
+    key_value(kv).is_some_and(|(k, _)| is_flow_span_key(k))
 }
 
 /// The status code of a `Status` is ERROR: `Some(true)`; another code: `Some(false)`; no
@@ -661,6 +675,37 @@ mod tests {
 
     fn str_kv(key: &str, v: &str) -> KeyValue {
         kv(key, any_value::Value::StringValue(v.into()))
+    }
+
+    #[test]
+    fn flow_span_keys_are_found_in_any_encoding() {
+        let encoded = |key: &str| str_kv(key, "x").encode_to_vec();
+        let marker = |kv: &[u8]| {
+            u8::try_from(kv.len()).map_or(true, |len| may_be_flow_span_kv(kv, len))
+                && is_flow_span_kv(kv)
+        };
+        assert!(marker(&encoded("flow.bytes.delta")));
+        assert!(marker(&encoded("flow.community_id")));
+        for key in [
+            "flow.direction",
+            "http.status_code",
+            "flow",
+            "",
+            &"f".repeat(200),
+        ] {
+            assert!(!marker(&encoded(key)), "{key}");
+        }
+        // Value before key: legal protobuf, found by the general reader.
+        let mut swapped = Vec::new();
+        let value = AnyValue {
+            value: Some(any_value::Value::IntValue(3)),
+        }
+        .encode_to_vec();
+        swapped.extend([KV_VALUE_TAG, value.len() as u8]);
+        swapped.extend(&value);
+        swapped.extend([KV_KEY_TAG, 18]);
+        swapped.extend(b"flow.packets.delta");
+        assert!(marker(&swapped));
     }
 
     /// A request exercising every lookup: ids on event, span and resource, int ids,
