@@ -291,7 +291,7 @@ impl<'a> Scan<'_, 'a> {
                     // As SkipBytes, plus one look at the key (see `may_be_flow_span_kv`).
                     if let [len, ref tail @ ..] = *tail {
                         if let Some(after) = tail.get(usize::from(len)..).filter(|_| len < 0x80) {
-                            if may_be_flow_span_kv(tail, len) {
+                            if may_be_flow_span_kv(tail) {
                                 ids.flow_span |= is_flow_span_kv(&tail[..usize::from(len)]);
                             }
                             rest = after;
@@ -338,9 +338,7 @@ impl<'a> Scan<'_, 'a> {
             SPAN_PARENT_SPAN_ID => check_id(bytes, 8, "parentSpanId must be 8 bytes")?,
             SPAN_EVENTS => self.event(bytes)?,
             SPAN_ATTRIBUTES if self.network.is_some() => {
-                ids.flow_span |= u8::try_from(bytes.len())
-                    .map_or(true, |len| may_be_flow_span_kv(bytes, len))
-                    && is_flow_span_kv(bytes)
+                ids.flow_span |= may_be_flow_span_kv(bytes) && is_flow_span_kv(bytes)
             }
             SPAN_STATUS => {
                 if let Some(error) = status_is_error(bytes)? {
@@ -478,15 +476,16 @@ impl<'a> Scan<'_, 'a> {
     }
 }
 
-/// Could the `KeyValue` of `len` bytes at the start of `bytes` be a Flow Span marker?
+/// Could the `KeyValue` at the start of `bytes` be a Flow Span marker? (`bytes` may go
+/// on past it: a `KeyValue` shorter than 3 bytes then just fails the full check.)
 /// Runs for every span attribute: for the usual encoding (key first) the tag and the
 /// key's first byte decide, as few keys start with "f"; anything else goes to
 /// [`is_flow_span_kv`]. (A key of 128 bytes or more has a second length byte where the
 /// key would start, and is no marker either.)
 #[inline(always)]
-fn may_be_flow_span_kv(bytes: &[u8], len: u8) -> bool {
+fn may_be_flow_span_kv(bytes: &[u8]) -> bool {
     match *bytes {
-        [KV_KEY_TAG, _, b'f', ..] => len >= 8,
+        [KV_KEY_TAG, _, b'f', ..] => true,
         [KV_KEY_TAG, ..] => false,
         _ => true,
     }
@@ -680,10 +679,7 @@ mod tests {
     #[test]
     fn flow_span_keys_are_found_in_any_encoding() {
         let encoded = |key: &str| str_kv(key, "x").encode_to_vec();
-        let marker = |kv: &[u8]| {
-            u8::try_from(kv.len()).map_or(true, |len| may_be_flow_span_kv(kv, len))
-                && is_flow_span_kv(kv)
-        };
+        let marker = |kv: &[u8]| may_be_flow_span_kv(kv) && is_flow_span_kv(kv);
         assert!(marker(&encoded("flow.bytes.delta")));
         assert!(marker(&encoded("flow.community_id")));
         for key in [
