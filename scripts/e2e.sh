@@ -7,7 +7,8 @@
 #   (1) every PromQL expression of every dashboard panel and variable, and of every rule,
 #       runs through Prometheus' HTTP API with template variables substituted, and returns
 #       series (alert expressions: evaluate without error; they only return series while firing);
-#   (2) the flow counters Prometheus stored equal what the generator reports it sent;
+#   (2) the flow counters (and the network counters of the --network-flows generator)
+#       Prometheus stored equal what the generators report they sent;
 #   (3) promtool check config / check rules / test rules / check metrics;
 #   plus exemplars stored, the dashboards' structural lint and the compose file's validation
 #   (scripts/validate-stack.sh).
@@ -169,6 +170,12 @@ sleep 0.2
   >"$TMP/demo-grpc.log" 2>&1 &
 DEMO_GRPC=$!
 PIDS+=($DEMO_GRPC)
+# Flow Spans (network dashboard and rules), over gRPC: the selective scanner's path.
+"$DEMO" --network-flows --endpoint "http://127.0.0.1:$OTLP_GRPC_PORT" --protocol grpc --rate 10 \
+  --duration "$DEMO_DURATION" --seed 44 --summary "$TMP/sent-network.json" \
+  >"$TMP/demo-network.log" 2>&1 &
+DEMO_NETWORK=$!
+PIDS+=($DEMO_NETWORK)
 
 # Edge cases the generator does not make: duplicates, unmatched ends, negative durations,
 # rejected events (flow "e2e_probe", kept out of the counter comparison).
@@ -187,7 +194,7 @@ tally python3 scripts/e2e_check.py rules --prom "$PROM"
 
 # ---------------------------------------------------------------- (2) counters
 step "wait for the generators to finish, then compare counters with what they sent"
-for pid in $DEMO_HTTP $DEMO_GRPC; do
+for pid in $DEMO_HTTP $DEMO_GRPC $DEMO_NETWORK; do
   if wait "$pid"; then pass "flowmetrics-demo (pid $pid) exited 0"; else fail "flowmetrics-demo (pid $pid) failed (see its log)"; fi
 done
 for f in "$TMP/sent-http.json" "$TMP/sent-grpc.json"; do
@@ -197,6 +204,8 @@ done
 # Never-ended flows turn incomplete after $FLOW_TIMEOUT (+2s); poll until Prometheus agrees.
 tally python3 scripts/e2e_check.py counters --prom "$PROM" \
   --summary "$TMP/sent-http.json" --summary "$TMP/sent-grpc.json" --timeout 60
+[ -s "$TMP/sent-network.json" ] && echo "     sent-network.json: $(cat "$TMP/sent-network.json")"
+tally python3 scripts/e2e_check.py network --prom "$PROM" --summary "$TMP/sent-network.json" --timeout 30
 tally python3 scripts/e2e_check.py exemplars --prom "$PROM"
 
 # ---------------------------------------------------------------- (3) promtool check metrics

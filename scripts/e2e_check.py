@@ -14,6 +14,10 @@ Subcommands (each prints "PASS <check>" / "FAIL <check>: <why>" lines, exits 1 o
   counters   --prom URL --summary PATH [--summary PATH ...] --timeout S
                                         flow counters stored in Prometheus == what the
                                         traffic generator(s) reported sending
+  network    --prom URL --summary PATH --timeout S
+                                        network counters (records, bytes and packets by
+                                        direction) stored in Prometheus == what the
+                                        --network-flows generator reported sending
   exemplars  --prom URL                 exemplars with trace_id stored for the duration histogram
   om2text                               OpenMetrics exposition (stdin) -> Prometheus text
                                         format 0.0.4 (stdout), for `promtool check metrics`
@@ -246,6 +250,40 @@ def cmd_counters(a):
         report(*c)
 
 
+# ------------------------------------------------------------------ network
+def cmd_network(a):
+    try:
+        sent = json.load(open(a.summary))["network"]
+    except (OSError, ValueError, KeyError) as e:
+        report(f"network: read generator summary {a.summary}", False, repr(e))
+        return
+    job = 'job="flowmetrics"'
+    deadline = time.time() + a.timeout
+    while True:
+        checks = []
+        try:
+            records = scalar_by(a.prom, f"sum(flowmetrics_network_flow_records_total{{{job}}})", "")
+            got = {"records": records.get("", 0)}
+            for family in ("bytes", "packets"):
+                by = scalar_by(a.prom, f"sum by (direction) (flowmetrics_network_{family}_total{{{job}}})", "direction")
+                for direction in ("forward", "reverse"):
+                    got[f"{family} {direction}"] = by.get(direction, 0)
+        except RuntimeError as e:
+            checks = [("network: query Prometheus", False, str(e))]
+        else:
+            want = {"records": sent["records"]}
+            for family in ("bytes", "packets"):
+                for direction in ("forward", "reverse"):
+                    want[f"{family} {direction}"] = sent[family][direction]
+            for k, v in want.items():
+                checks.append((f"network: {k} = {v} sent", got[k] == v, f"Prometheus has {got[k]:g}"))
+        if all(ok for _, ok, _ in checks) or time.time() > deadline:
+            break
+        time.sleep(2)
+    for c in checks:
+        report(*c)
+
+
 # ------------------------------------------------------------------ exemplars
 def cmd_exemplars(a):
     now = time.time()
@@ -287,11 +325,13 @@ def main():
     s = sub.add_parser("rules"); s.add_argument("--prom", required=True)
     s = sub.add_parser("counters"); s.add_argument("--prom", required=True)
     s.add_argument("--summary", action="append", required=True); s.add_argument("--timeout", type=float, default=60)
+    s = sub.add_parser("network"); s.add_argument("--prom", required=True)
+    s.add_argument("--summary", required=True); s.add_argument("--timeout", type=float, default=60)
     s = sub.add_parser("exemplars"); s.add_argument("--prom", required=True)
     sub.add_parser("om2text")
     a = p.parse_args()
     {"probe": cmd_probe, "queries": cmd_queries, "rules": cmd_rules, "counters": cmd_counters,
-     "exemplars": cmd_exemplars, "om2text": cmd_om2text}[a.cmd](a)
+     "network": cmd_network, "exemplars": cmd_exemplars, "om2text": cmd_om2text}[a.cmd](a)
     return 1 if FAILED else 0
 
 

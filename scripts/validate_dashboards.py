@@ -21,7 +21,7 @@ import sys
 
 VALID_UNITS = {
     "none", "short", "percent", "percentunit", "s", "ms", "µs", "ns", "m", "h", "d", "dtdurations",
-    "bytes", "decbytes", "bits", "ops", "reqps", "rps", "cps", "wps", "iops", "opm", "rpm", "cpm", "bool",
+    "bytes", "decbytes", "bits", "Bps", "binBps", "pps", "ops", "reqps", "rps", "cps", "wps", "iops", "opm", "rpm", "cpm", "bool",
 }
 # Families that carry a `flow` label: on the flows dashboard they must be filtered by $flow.
 FLOW_FAMILIES = re.compile(

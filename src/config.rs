@@ -30,6 +30,7 @@ pub struct Config {
     pub limits: Limits,
     pub state: State,
     pub shutdown: Shutdown,
+    pub network_flows: NetworkFlows,
     pub log: Log,
 }
 
@@ -162,6 +163,59 @@ pub struct Dimension {
     pub from: DimensionSource,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<String>,
+}
+
+/// Network Flow Spans (SPEC §8): traffic counters from spans of the Flow Span convention.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkFlows {
+    pub enabled: bool,
+    pub dimensions: Vec<NetworkDimension>,
+}
+
+/// A label of the network families: the first of `attribute` present on the span (then
+/// on its resource), else `default`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkDimension {
+    #[serde(deserialize_with = "string_like")]
+    pub label: String,
+    #[serde(deserialize_with = "string_list")]
+    pub attribute: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+}
+
+impl Default for NetworkFlows {
+    fn default() -> Self {
+        // Workloads, not pods or addresses: a pod name changes with every rollout.
+        let side = |side: &str, what: &str, keys: &[&str]| NetworkDimension {
+            label: format!("{side}_{what}"),
+            attribute: keys.iter().map(|k| format!("{side}.k8s.{k}")).collect(),
+            default: Some("unknown".into()),
+        };
+        const WORKLOAD: [&str; 5] = [
+            "deployment.name",
+            "statefulset.name",
+            "daemonset.name",
+            "cronjob.name",
+            "job.name",
+        ];
+        Self {
+            enabled: true,
+            dimensions: vec![
+                NetworkDimension {
+                    label: "transport".into(),
+                    attribute: vec!["network.transport".into()],
+                    default: Some("unknown".into()),
+                },
+                side("source", "workload", &WORKLOAD),
+                side("source", "namespace", &["namespace.name"]),
+                side("destination", "workload", &WORKLOAD),
+                side("destination", "namespace", &["namespace.name"]),
+            ],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -440,6 +494,8 @@ impl Config {
         if self.state.checkpoint_interval.is_zero() {
             fail("state.checkpoint_interval", "must be longer than 0s".into())?;
         }
+        self.validate_network_dimensions()
+            .or_else(|(k, m)| fail(&k, m))?;
         if self.limits.max_in_flight == 0 {
             fail("limits.max_in_flight", "must be at least 1".into())?;
         }
@@ -534,6 +590,37 @@ impl Config {
                 return Err((
                     format!("dimensions[{i}].attribute"),
                     "must not be empty".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_network_dimensions(&self) -> Result<(), (String, String)> {
+        const RESERVED: [&str; 2] = ["direction", crate::model::OVERFLOW_LABEL];
+        let mut seen = std::collections::HashSet::new();
+        for (i, dim) in self.network_flows.dimensions.iter().enumerate() {
+            let key = format!("network_flows.dimensions[{i}].label");
+            let label = sanitize_label_name(&dim.label);
+            if label.is_empty() {
+                return Err((key, "must not be empty".into()));
+            }
+            if RESERVED.contains(&label.as_str()) || label.starts_with("__") {
+                return Err((
+                    key,
+                    format!("{label:?} is reserved by flowmetrics' own labels"),
+                ));
+            }
+            if !seen.insert(label.clone()) {
+                return Err((
+                    key,
+                    format!("{label:?} is used by another dimension (after sanitising)"),
+                ));
+            }
+            if dim.attribute.is_empty() || dim.attribute.iter().any(String::is_empty) {
+                return Err((
+                    format!("network_flows.dimensions[{i}].attribute"),
+                    "needs at least one non-empty attribute".into(),
                 ));
             }
         }

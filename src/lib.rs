@@ -108,11 +108,16 @@ impl App {
             None => None,
         };
         let maintenance = Maintenance::start(store.clone(), MAINTENANCE_INTERVAL);
-        let pipeline = Arc::new(Pipeline::new(
-            Extractor::new(settings::extractor(&config)),
-            store.clone(),
-            metrics.clone(),
-        ));
+        let pipeline = Arc::new(
+            Pipeline::new(
+                Extractor::new(settings::extractor(&config)),
+                store.clone(),
+                metrics.clone(),
+            )
+            .with_network_flows(flows::network::NetworkFlows::new(
+                settings::network_flows(&config),
+            )),
+        );
         let limits =
             ingest::limits::Limits::new(ingest::limits::LimitSettings::from_config(&config));
         let ready = Arc::new(AtomicBool::new(false));

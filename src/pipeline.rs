@@ -9,7 +9,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
 use crate::flows::event::{AttributeLayers, NO_ATTRIBUTES};
-use crate::flows::scan::scan_traces;
+use crate::flows::network::NetworkFlows;
+use crate::flows::scan::scan_traces_with_network;
 use crate::flows::{CorrelationStore, Extractor, FlowEvent, Source, TraceRef};
 use crate::metrics::Metrics;
 use crate::model::{Rejection, RejectionSummary, Transport};
@@ -21,6 +22,7 @@ pub struct Pipeline {
     extractor: Extractor,
     store: Arc<dyn CorrelationStore>,
     metrics: Arc<Metrics>,
+    network: Option<NetworkFlows>,
 }
 
 /// The flow events of one request, applied to the store together (one round trip for a
@@ -41,7 +43,14 @@ impl Pipeline {
             extractor,
             store,
             metrics,
+            network: None,
         }
+    }
+
+    /// Counts Flow Spans too (SPEC §8); `None`: they are not looked for.
+    pub fn with_network_flows(mut self, network: Option<NetworkFlows>) -> Self {
+        self.network = network;
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -85,7 +94,13 @@ impl Pipeline {
         body: &[u8],
         transport: Transport,
     ) -> Result<RejectionSummary, String> {
-        let scan = scan_traces(body, &self.extractor, now_nanos())?;
+        let scan =
+            scan_traces_with_network(body, &self.extractor, self.network.as_ref(), now_nanos())?;
+        if let Some(network) = &self.network {
+            for record in &scan.network {
+                network.apply(record, &*self.metrics);
+            }
+        }
         self.metrics.spans_received(transport, scan.spans);
         let mut batch = Batch {
             events: Vec::with_capacity(scan.events.len()),
@@ -115,6 +130,9 @@ impl Pipeline {
             for scope_spans in &resource_spans.scope_spans {
                 spans += scope_spans.spans.len() as u64;
                 for span in &scope_spans.spans {
+                    if let Some(network) = &self.network {
+                        network.decoded_span(span, resource, &*self.metrics);
+                    }
                     let mut flow_events = span
                         .events
                         .iter()

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, DimensionSource};
 use crate::flows::event::DimensionLookup;
+use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::metrics::MetricsSettings;
@@ -85,6 +86,7 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         default_buckets: config.flows.default.buckets.clone(),
         per_flow_buckets,
         in_flight_capacity: config.limits.max_in_flight,
+        network_labels: config.network_flows.enabled.then(|| network_labels(config)),
         series_idle_timeout: config.limits.series_idle_timeout,
         longest_flow_timeout: store(config).longest_timeout,
     }
@@ -126,4 +128,35 @@ pub fn restore_rules(config: &Config) -> RestoreRules {
         start_dims: dims(DimensionSource::Start),
         end_dims: dims(DimensionSource::End),
     }
+}
+
+/// How Flow Spans are read (`network_flows`); `None` when they are off.
+pub fn network_flows(config: &Config) -> Option<NetworkFlowsSettings> {
+    /// Retry fingerprints of network records remembered at most.
+    const MAX_FINGERPRINTS: u64 = 1 << 20;
+    let network = &config.network_flows;
+    network.enabled.then(|| NetworkFlowsSettings {
+        dimensions: network
+            .dimensions
+            .iter()
+            .map(|d| NetworkDimensionLookup {
+                attributes: d.attribute.clone(),
+                default: d.default.clone().unwrap_or_default(),
+            })
+            .collect(),
+        intern_capacity: config.limits.max_series_per_metric,
+        dedup_capacity: usize::try_from(config.limits.max_in_flight.min(MAX_FINGERPRINTS))
+            .unwrap_or(usize::MAX),
+        dedup_window: config.limits.dedup_window,
+    })
+}
+
+/// Label names of the network families' dimensions, in config order.
+pub fn network_labels(config: &Config) -> Vec<String> {
+    config
+        .network_flows
+        .dimensions
+        .iter()
+        .map(|d| sanitize_label_name(&d.label))
+        .collect()
 }

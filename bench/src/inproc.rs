@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use flowmetrics::config::Config;
 use flowmetrics::flows::event::{DimValues, EventKind, FlowEvent, Outcome, Source, TraceRef};
+use flowmetrics::flows::network::NetworkFlows;
 use flowmetrics::flows::store::{CacheBaseline, EndRecord, Maintenance};
 use flowmetrics::flows::{
     CorrelationStore, Extractor, FlowSink, MemoryStore, Report, StoreSettings,
@@ -74,7 +75,8 @@ pub fn pipeline_for(config: &Config) -> (Pipeline, Arc<MemoryStore>, Arc<Metrics
         Extractor::new(settings::extractor(config)),
         store.clone(),
         metrics.clone(),
-    );
+    )
+    .with_network_flows(NetworkFlows::new(settings::network_flows(config)));
     (pipeline, store, metrics)
 }
 

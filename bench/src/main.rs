@@ -41,9 +41,9 @@ Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
 
   --quick        small sizes, seconds (CI)
   --json PATH    where to write the results (default target/flowmetrics-bench.json)
-  --only LIST    comma-separated sections: pipeline,e2e,memory,scrape,timeliness
-                 (the baseline always runs); `state` (the state file, on its
-                 own: only when named) runs alone
+  --only LIST    comma-separated sections: pipeline,e2e,memory,scrape,timeliness,
+                 network (the baseline always runs); `state` (the state file, on
+                 its own: only when named) runs alone
   --server PATH  the flowmetrics binary to start (default: built next to this one)
   --steady SECS  length of the steady-load RSS run (full: 600, quick: 2)
   --profile-pipeline N   run only N batches through the in-process pipeline (for
@@ -229,7 +229,7 @@ struct Baselines {
 impl Baselines {
     fn for_shape(&self, shape: Shape) -> f64 {
         match shape {
-            Shape::Sparse => self.sparse,
+            Shape::Sparse | Shape::NetworkSparse => self.sparse,
             Shape::Rare => self.rare,
             _ => self.flow,
         }
@@ -378,7 +378,9 @@ fn main() {
         }
     }
 
-    let needs_server = ["e2e", "memory", "scrape"].iter().any(|s| wants(s));
+    let needs_server = ["e2e", "memory", "scrape", "network"]
+        .iter()
+        .any(|s| wants(s));
     let binary = if needs_server {
         match server_binary(&args) {
             Ok(b) => Some(b),
@@ -582,6 +584,11 @@ fn main() {
         }
     }
 
+    // (8) Network Flow Spans.
+    if let (true, Some(bin)) = (wants("network"), &binary) {
+        network_rows(bin, &sizes, inproc_cpu, &mut rows);
+    }
+
     // (7) Timeliness of time-outs.
     if wants("timeliness") {
         progress("timeliness: how late incomplete flows are counted");
@@ -661,6 +668,101 @@ fn main() {
     }
 }
 
+/// Flow Span workloads (every span, and 1 in 10): in process and end to end over
+/// HTTP/protobuf on one server core, each with the prost-decode baseline of its own bytes.
+fn network_rows(bin: &Path, sizes: &Sizes, inproc_cpu: usize, rows: &mut Vec<Row>) {
+    let all = Arc::new(Template::new(Shape::NetworkAll));
+    let sparse = Arc::new(Template::new(Shape::NetworkSparse));
+    progress("network: prost decode baselines of the Flow Span workloads");
+    let b_all = on_worker(inproc_cpu, || inproc::baseline(&all, sizes.inproc));
+    let b_sparse = on_worker(inproc_cpu, || inproc::baseline(&sparse, sizes.inproc));
+    let baselines = Baselines {
+        flow: b_all.spans_per_sec,
+        sparse: b_sparse.spans_per_sec,
+        rare: b_sparse.spans_per_sec,
+    };
+    for (t, b, id) in [
+        (&all, &b_all, "baseline_network_all"),
+        (&sparse, &b_sparse, "baseline_network_10"),
+    ] {
+        let mut row = Row::new(
+            8,
+            id,
+            format!("baseline: prost decode, 1 thread [{}]", t.shape.label()),
+            b.spans_per_sec,
+            "spans/s",
+        );
+        row.ratio = Some(1.0);
+        row.notes = format!(
+            "{} batches in {:.2} s; {} KiB bodies",
+            b.batches,
+            b.secs,
+            t.bytes.len() / 1024
+        );
+        rows.push(row);
+    }
+    for (t, id) in [
+        (&all, "pipeline_network_all"),
+        (&sparse, "pipeline_network_10"),
+    ] {
+        progress(&format!(
+            "network: pipeline in process [{}]",
+            t.shape.label()
+        ));
+        let p = on_worker(inproc_cpu, || inproc::pipeline(t, sizes.inproc));
+        let mut row = Row::new(
+            8,
+            id,
+            format!("pipeline in process, 1 thread [{}]", t.shape.label()),
+            p.spans_per_sec,
+            "spans/s",
+        );
+        row.ratio = Some(p.spans_per_sec / baselines.for_shape(t.shape));
+        row.notes = format!("{} batches", p.batches);
+        rows.push(row);
+    }
+    for (t, id) in [(&all, "e2e_network_all"), (&sparse, "e2e_network_10")] {
+        progress(&format!(
+            "network: end to end HTTP/protobuf [{}]",
+            t.shape.label()
+        ));
+        let server = start(bin, &base_config("", ""));
+        let r = load::run(
+            &server,
+            Load {
+                wire: Wire::Protobuf,
+                template: t.clone(),
+                connections: 4,
+                warmup: sizes.warmup,
+                measure: sizes.measure,
+                max_requests: 10_000_000,
+                scrape_every: None,
+                rss_every: None,
+                first_batch: 0,
+            },
+        );
+        let counted = server.scrape();
+        let mut row = e2e_row(
+            8,
+            id,
+            "end to end HTTP/protobuf, 4 conns, server 1 core",
+            t,
+            &r,
+            &baselines,
+            &counted,
+        );
+        let records = metric_sum(&counted, "flowmetrics_network_flow_records_total");
+        row.notes = format!(
+            "{}; {} Flow Span records counted; {} KiB bodies",
+            row.notes,
+            thousands(records),
+            t.bytes.len() / 1024
+        );
+        row.extra["server_counted_records"] = json!(records);
+        rows.push(row);
+    }
+}
+
 /// Runs `f` on a thread of its own pinned to `cpu`, as the service runs its pipeline on
 /// a tokio worker thread (not the main thread: glibc's main-thread heap behaves
 /// differently from the per-thread arenas every worker uses).
@@ -684,7 +786,9 @@ fn progress(what: &str) {
 /// events/s for workloads with events on every span, spans/s for the sparse one.
 fn rate_for(t: &Template, events: f64, spans: f64) -> (f64, &'static str) {
     match t.shape {
-        Shape::Sparse | Shape::Rare => (spans, "spans/s"),
+        Shape::Sparse | Shape::Rare | Shape::NetworkAll | Shape::NetworkSparse => {
+            (spans, "spans/s")
+        }
         _ => (events, "events/s"),
     }
 }
@@ -1064,7 +1168,12 @@ fn render(rows: &[Row]) -> String {
 /// `--profile-pipeline` / `--profile-sparse`: only the in-process pipeline, for callgrind.
 fn profile(shape: Shape, batches: u64) {
     let t = Template::new(shape);
-    let (pipeline, table, _metrics) = inproc::pipeline_for(&flowmetrics::config::Config::default());
+    // FLOWMETRICS_* variables apply (e.g. FLOWMETRICS_NETWORK_FLOWS__ENABLED=false).
+    let config = flowmetrics::config::Config::load(None, std::env::vars()).unwrap_or_else(|e| {
+        eprintln!("flowmetrics-bench: {e}");
+        std::process::exit(2)
+    });
+    let (pipeline, table, _metrics) = inproc::pipeline_for(&config);
     let mut body = t.bytes.clone();
     for b in 0..batches {
         t.patch(&mut body, b);

@@ -39,6 +39,10 @@ pub enum Shape {
     Rare,
     /// Every span carries a start event of a new instance (memory runs).
     StartsOnly,
+    /// Every span is a Flow Span (a network flow record), no flow events.
+    NetworkAll,
+    /// One span in ten is a Flow Span, the rest plain spans.
+    NetworkSparse,
 }
 
 impl Shape {
@@ -48,6 +52,8 @@ impl Shape {
             Shape::Sparse => "sparse (10% spans with event)",
             Shape::Rare => "rare (1% spans with event)",
             Shape::StartsOnly => "starts only",
+            Shape::NetworkAll => "Flow Spans (every span)",
+            Shape::NetworkSparse => "Flow Spans (10% of spans)",
         }
     }
 }
@@ -60,6 +66,9 @@ pub struct Template {
     pub message: ExportTraceServiceRequest,
     /// Offsets of the first id digit, in span order (one per flow event).
     slots: Vec<usize>,
+    /// Offsets of Flow Span span ids, rewritten per batch so that batches are new
+    /// records, not retries.
+    span_id_slots: Vec<usize>,
     pub spans: u64,
     pub events: u64,
     /// Starts per batch.
@@ -195,7 +204,17 @@ impl Template {
                 Shape::Flow | Shape::StartsOnly => true,
                 Shape::Sparse => n.is_multiple_of(10),
                 Shape::Rare => n.is_multiple_of(100),
+                Shape::NetworkAll | Shape::NetworkSparse => false,
             };
+            let network = match shape {
+                Shape::NetworkAll => true,
+                Shape::NetworkSparse => n.is_multiple_of(10),
+                _ => false,
+            };
+            if network {
+                spans.push(flow_span(n));
+                continue;
+            }
             let event = carries.then(|| {
                 let (start, pair) = slot_role(shape, slot);
                 slot += 1;
@@ -216,6 +235,20 @@ impl Template {
             slot,
             "every flow event has exactly one id marker"
         );
+        let span_id_slots: Vec<usize> = bytes
+            .windows(SPAN_ID_MARK.len())
+            .enumerate()
+            .filter(|(_, w)| *w == SPAN_ID_MARK)
+            .map(|(at, _)| at)
+            .collect();
+        let network_spans = spans_in(&message)
+            .filter(|s| s.span_id.starts_with(SPAN_ID_MARK))
+            .count();
+        assert_eq!(
+            span_id_slots.len(),
+            network_spans,
+            "one marker per Flow Span"
+        );
         let starts = match shape {
             Shape::StartsOnly => slot as u64,
             _ => slot as u64 / 2,
@@ -225,6 +258,7 @@ impl Template {
             bytes,
             message,
             slots,
+            span_id_slots,
             spans: SPANS_PER_BATCH as u64,
             events: slot as u64,
             starts,
@@ -253,6 +287,9 @@ impl Template {
         for (slot, &at) in self.slots.iter().enumerate() {
             write_digits(&mut out[at..at + ID_DIGITS], self.id(batch, slot));
         }
+        for (slot, &at) in self.span_id_slots.iter().enumerate() {
+            out[at..at + 8].copy_from_slice(&flow_span_id(batch, slot));
+        }
     }
 
     /// The same batch as a message (what the patched bytes must decode to).
@@ -268,6 +305,60 @@ impl Template {
         }
         message
     }
+}
+
+/// Flow Spans carry this in their span id until a batch is patched.
+const SPAN_ID_MARK: &[u8] = b"NETSPAN#";
+
+fn spans_in(m: &ExportTraceServiceRequest) -> impl Iterator<Item = &Span> {
+    m.resource_spans
+        .iter()
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+}
+
+/// Span id of Flow Span `slot` in batch `batch`: distinct for every record.
+fn flow_span_id(batch: u64, slot: usize) -> [u8; 8] {
+    ((batch << 20 | slot as u64) | 1 << 63).to_be_bytes()
+}
+
+/// A Flow Span as an eBPF agent exports it: one record of a TCP conversation between two
+/// pods, with the convention's attributes (and the addresses and ports the default
+/// dimensions do not read).
+pub fn flow_span(n: usize) -> Span {
+    let mut span = span(n, None);
+    span.span_id = SPAN_ID_MARK.to_vec();
+    span.parent_span_id.clear();
+    span.name = "flow".into();
+    span.kind = SpanKind::Internal as i32;
+    span.status = None;
+    let (src, dst) = [
+        ("frontend", "catalog"),
+        ("frontend", "cart"),
+        ("checkout", "payments"),
+        ("cart", "redis"),
+    ][n % 4];
+    span.attributes = vec![
+        kv("flow.community_id", s("1:LQU9qZlK+B+2dM2I2n1kI/M5a/g=")),
+        kv("flow.direction", s("initiator")),
+        kv("flow.bytes.delta", i(1024 + n as i64)),
+        kv("flow.reverse.bytes.delta", i(32768)),
+        kv("flow.packets.delta", i(4)),
+        kv("flow.reverse.packets.delta", i(24)),
+        kv("network.transport", s("tcp")),
+        kv("network.type", s("ipv4")),
+        kv("source.address", s("10.1.1.5")),
+        kv("source.port", i(54211)),
+        kv("source.k8s.namespace.name", s("shop")),
+        kv("source.k8s.deployment.name", s(src)),
+        kv("source.k8s.pod.name", s("frontend-7d9f8b6c5d-abcde")),
+        kv("destination.address", s("10.1.2.10")),
+        kv("destination.port", i(8080)),
+        kv("destination.k8s.namespace.name", s("shop")),
+        kv("destination.k8s.deployment.name", s(dst)),
+        kv("destination.k8s.pod.name", s("catalog-5c6d7e8f9a-xyz12")),
+    ];
+    span
 }
 
 /// (is a start, pair index) of the flow event in `slot`.
@@ -324,5 +415,26 @@ mod tests {
         let sparse = Template::new(Shape::Sparse);
         assert_eq!(sparse.events, 100);
         assert_eq!(Template::new(Shape::Rare).events, 10);
+    }
+
+    #[test]
+    fn flow_span_batches_are_new_records() {
+        let t = Template::new(Shape::NetworkSparse);
+        assert_eq!(t.span_id_slots.len(), SPANS_PER_BATCH / 10);
+        let a = ExportTraceServiceRequest::decode(&t.batch(3)[..]).unwrap();
+        let b = ExportTraceServiceRequest::decode(&t.batch(4)[..]).unwrap();
+        let ids = |m: &ExportTraceServiceRequest| -> Vec<Vec<u8>> {
+            spans_in(m)
+                .filter(|s| s.name == "flow")
+                .map(|s| s.span_id.clone())
+                .collect()
+        };
+        let (a, b) = (ids(&a), ids(&b));
+        assert_eq!(a.len(), 100);
+        assert!(a.iter().all(|id| !b.contains(id)));
+        assert_eq!(
+            Template::new(Shape::NetworkAll).span_id_slots.len(),
+            SPANS_PER_BATCH
+        );
     }
 }

@@ -39,6 +39,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+mod network;
+
 const HELP: &str = "\
 flowmetrics-demo - simulated shop traffic for flowmetrics, sent with the OpenTelemetry SDK
 
@@ -85,6 +87,8 @@ OPTIONS:
                            {\"flows\":{\"checkout\":{\"started\":N,\"success\":N,
                            \"failure\":N,\"cancelled\":N,\"unfinished\":N},...}}
                            unfinished = started without an end sent
+    --network-flows        instead of flows, export Flow Spans (network flow records
+                           between the shop's workloads, --rate records/s)
     -h, --help             print this help
 
 EXIT:
@@ -911,7 +915,8 @@ fn watch_signals() -> watch::Receiver<u32> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let (network_flows, argv) = network::take_flag(std::env::args().skip(1));
+    let args = match parse_args(argv.into_iter()) {
         Ok(Parsed::Run(args)) => args,
         Ok(Parsed::Help) => {
             print!("{HELP}");
@@ -927,6 +932,9 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if network_flows {
+        return runtime.block_on(network::run(args));
+    }
     runtime.block_on(run(args))
 }
 

@@ -186,7 +186,7 @@ fn length_bit(len: usize) -> u64 {
 
 impl Keys {
     /// The slot of `key`, added if new.
-    fn add(&mut self, key: &str) -> usize {
+    pub fn add(&mut self, key: &str) -> usize {
         self.slot(key.as_bytes()).unwrap_or_else(|| {
             self.keys.push(WantedKey {
                 fingerprint: Fingerprint::of(key.as_bytes()),

@@ -10,6 +10,7 @@
 
 use super::wire::{check_wire, utf8, Fields, Value, WireError, PAST_THE_END, WRONG_WIRE_TYPE};
 use crate::flows::event::{AttrValue, AttributeLayers, Attributes, Keys, SharedLayer};
+use crate::flows::network::{is_flow_span_key, NetworkFlowRecord, NetworkFlows, SpanIdentity};
 use crate::flows::{Extractor, FlowEvent, Source, TraceRef};
 use crate::model::Rejection;
 
@@ -22,6 +23,8 @@ const SCOPE_SPANS_SPANS: u32 = 2;
 const SPAN_TRACE_ID: u32 = 1;
 const SPAN_SPAN_ID: u32 = 2;
 const SPAN_PARENT_SPAN_ID: u32 = 4;
+const SPAN_START_TIME: u32 = 7;
+const SPAN_END_TIME: u32 = 8;
 const SPAN_ATTRIBUTES: u32 = 9;
 const SPAN_EVENTS: u32 = 11;
 const SPAN_STATUS: u32 = 15;
@@ -61,6 +64,8 @@ enum KeyAction {
     SkipFixed32,
     /// A length-delimited field to look at.
     Read,
+    /// A span attribute: only its key is looked at (Flow Spans, SPEC §8).
+    Attribute,
 }
 
 /// `SPAN_KEYS[key byte]`: fields 1–15 of a `Span`.
@@ -242,11 +247,20 @@ fn check_list(
     }
     Ok(())
 }
+/// `SPAN_KEYS`, plus a look at span attribute keys: used only when Flow Spans are
+/// counted, so that with `network_flows.enabled: false` the walk is unchanged.
+const SPAN_KEYS_NETWORK: [KeyAction; 256] = {
+    let mut keys = SPAN_KEYS;
+    keys[(SPAN_ATTRIBUTES as usize) << 3 | 2] = KeyAction::Attribute;
+    keys
+};
 
 /// Extraction results of one export, and how many spans it held.
 pub struct TraceScan {
     pub spans: u64,
     pub events: Vec<Result<FlowEvent, Rejection>>,
+    /// Flow Spans read (empty unless a [`NetworkFlows`] was given).
+    pub network: Vec<NetworkFlowRecord>,
 }
 
 /// Walks an `ExportTraceServiceRequest` and extracts its flow events. Nothing is applied
@@ -256,18 +270,36 @@ pub fn scan_traces(
     extractor: &Extractor,
     received_nanos: u64,
 ) -> Result<TraceScan, String> {
+    scan_traces_with_network(body, extractor, None, received_nanos)
+}
+
+/// [`scan_traces`], also reading Flow Spans when `network` is given.
+pub fn scan_traces_with_network(
+    body: &[u8],
+    extractor: &Extractor,
+    network: Option<&NetworkFlows>,
+    received_nanos: u64,
+) -> Result<TraceScan, String> {
     let mut scan = Scan {
         x: extractor,
         received: received_nanos,
         spans: 0,
         events: Vec::new(),
         candidates: Vec::new(),
+        network,
+        records: Vec::new(),
+        resource: RawAttributes {
+            msg: &[],
+            outer: None,
+            field: RESOURCE_ATTRIBUTES,
+        },
     };
     scan.request(body)
         .map_err(|e| format!("protobuf body: {e}"))?;
     Ok(TraceScan {
         spans: scan.spans,
         events: scan.events,
+        network: scan.records,
     })
 }
 
@@ -288,6 +320,8 @@ struct SpanIds<'a> {
     parent_span_id: &'a [u8],
     /// Status code ERROR.
     is_error: bool,
+    /// Has a Flow Span attribute (looked for only with `network_flows.enabled`).
+    flow_span: bool,
 }
 
 struct Scan<'x, 'a> {
@@ -297,6 +331,10 @@ struct Scan<'x, 'a> {
     events: Vec<Result<FlowEvent, Rejection>>,
     /// Reused for every span: most spans have no candidate, none allocates.
     candidates: Vec<Candidate<'a>>,
+    network: Option<&'x NetworkFlows>,
+    records: Vec<NetworkFlowRecord>,
+    /// The current resource's attributes, unshared (the `SharedLayer` is per extractor).
+    resource: RawAttributes<'a>,
 }
 
 impl<'a> Scan<'_, 'a> {
@@ -332,7 +370,7 @@ impl<'a> Scan<'_, 'a> {
                 check_attributes(r, RESOURCE_ATTRIBUTES, RESOURCE_DEPTH)?;
             }
         }
-        let resource = SharedLayer::new(if resources > 1 {
+        let resource = if resources > 1 {
             RawAttributes {
                 msg,
                 outer: Some(RESOURCE_SPANS_RESOURCE),
@@ -344,7 +382,9 @@ impl<'a> Scan<'_, 'a> {
                 outer: None,
                 field: RESOURCE_ATTRIBUTES,
             }
-        });
+        };
+        self.resource = resource;
+        let resource = SharedLayer::new(resource);
         let mut fields = Fields::new(msg);
         while let Some(field) = fields.next_field()? {
             if let (RESOURCE_SPANS_SCOPE_SPANS, Value::Bytes(scope_spans)) = field {
@@ -371,11 +411,16 @@ impl<'a> Scan<'_, 'a> {
         let mut ids = SpanIds::default();
         self.candidates.clear();
         let mut rest = span;
+        let keys = if self.network.is_some() {
+            &SPAN_KEYS_NETWORK
+        } else {
+            &SPAN_KEYS
+        };
         while let [tag, ref tail @ ..] = *rest {
             // One table lookup says what to do with the usual fields (one-byte key,
             // lengths and varints of one byte); anything else, and every error, goes
             // through the general reader below.
-            match SPAN_KEYS[usize::from(tag)] {
+            match keys[usize::from(tag)] {
                 KeyAction::SkipBytes => {
                     if let [len, ref tail @ ..] = *tail {
                         if let Some(after) = tail.get(usize::from(len)..).filter(|_| len < 0x80) {
@@ -415,6 +460,18 @@ impl<'a> Scan<'_, 'a> {
                         }
                     }
                 }
+                KeyAction::Attribute => {
+                    // As SkipBytes, plus one look at the key (see `may_be_flow_span_kv`).
+                    if let [len, ref tail @ ..] = *tail {
+                        if let Some(after) = tail.get(usize::from(len)..).filter(|_| len < 0x80) {
+                            if may_be_flow_span_kv(tail) {
+                                ids.flow_span |= is_flow_span_kv(&tail[..usize::from(len)]);
+                            }
+                            rest = after;
+                            continue;
+                        }
+                    }
+                }
                 KeyAction::General => {}
             }
             let mut fields = Fields::new(rest);
@@ -428,6 +485,9 @@ impl<'a> Scan<'_, 'a> {
         check_id(ids.trace_id, 16, "traceId must be 16 bytes")?;
         check_id(ids.span_id, 8, "spanId must be 8 bytes")?;
         check_id(ids.parent_span_id, 8, "parentSpanId must be 8 bytes")?;
+        if ids.flow_span {
+            self.network_record(span, &ids);
+        }
         if self.candidates.is_empty() {
             return Ok(());
         }
@@ -454,6 +514,9 @@ impl<'a> Scan<'_, 'a> {
             SPAN_SPAN_ID => ids.span_id = bytes,
             SPAN_PARENT_SPAN_ID => ids.parent_span_id = bytes,
             SPAN_EVENTS => self.event(bytes)?,
+            SPAN_ATTRIBUTES if self.network.is_some() => {
+                ids.flow_span |= may_be_flow_span_kv(bytes) && is_flow_span_kv(bytes)
+            }
             SPAN_STATUS => {
                 if let Some(error) = status_is_error(bytes)? {
                     ids.is_error = error;
@@ -462,6 +525,33 @@ impl<'a> Scan<'_, 'a> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A Flow Span, read by now: its window (for retry identity) and attributes.
+    #[inline(never)]
+    fn network_record(&mut self, span: &'a [u8], ids: &SpanIds<'a>) {
+        let Some(network) = self.network else { return };
+        let mut identity = SpanIdentity {
+            trace_id: ids.trace_id,
+            span_id: ids.span_id,
+            ..SpanIdentity::default()
+        };
+        // The span was walked once already: errors cannot happen here.
+        let mut fields = Fields::new(span);
+        while let Ok(Some(field)) = fields.next_field() {
+            match field {
+                (SPAN_START_TIME, Value::Fixed64(t)) => identity.start_nanos = t,
+                (SPAN_END_TIME, Value::Fixed64(t)) => identity.end_nanos = t,
+                _ => {}
+            }
+        }
+        let attributes = RawAttributes {
+            msg: span,
+            outer: None,
+            field: SPAN_ATTRIBUTES,
+        };
+        let record = network.extract(attributes, self.resource, identity);
+        self.records.push(record);
     }
 
     /// The flow events of one span, read by now.
@@ -562,6 +652,27 @@ impl<'a> Scan<'_, 'a> {
         }
         Ok(())
     }
+}
+
+/// Could the `KeyValue` at the start of `bytes` be a Flow Span marker? (`bytes` may go
+/// on past it: a `KeyValue` shorter than 3 bytes then just fails the full check.)
+/// Runs for every span attribute: for the usual encoding (key first) the tag and the
+/// key's first byte decide, as few keys start with "f"; anything else goes to
+/// [`is_flow_span_kv`]. (A key of 128 bytes or more has a second length byte where the
+/// key would start, and is no marker either.)
+#[inline(always)]
+fn may_be_flow_span_kv(bytes: &[u8]) -> bool {
+    match *bytes {
+        [KV_KEY_TAG, _, b'f', ..] => true,
+        [KV_KEY_TAG, ..] => false,
+        _ => true,
+    }
+}
+
+/// Is this `KeyValue`'s key one that marks a Flow Span?
+#[inline(never)]
+fn is_flow_span_kv(kv: &[u8]) -> bool {
+    key_value(kv).is_some_and(|(k, _)| is_flow_span_key(k))
 }
 
 /// The status code of a `Status` is ERROR: `Some(true)`; another code: `Some(false)`; no
@@ -728,13 +839,9 @@ pub fn reference_scan(
     extractor: &Extractor,
     received_nanos: u64,
 ) -> Result<TraceScan, String> {
-    use crate::ingest::decode::{decode, DecodeError, MediaType};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    let req: ExportTraceServiceRequest =
-        decode(body, MediaType::Protobuf).map_err(|e| match e {
-            DecodeError::Invalid(m) => m,
-            other => format!("{other:?}"),
-        })?;
+    use prost::Message;
+    let req = ExportTraceServiceRequest::decode(body).map_err(|e| e.to_string())?;
     let spans = req
         .resource_spans
         .iter()
@@ -744,6 +851,7 @@ pub fn reference_scan(
     Ok(TraceScan {
         spans,
         events: decoded_events(&req, extractor, received_nanos),
+        network: Vec::new(),
     })
 }
 
@@ -817,6 +925,34 @@ mod tests {
 
     fn str_kv(key: &str, v: &str) -> KeyValue {
         kv(key, any_value::Value::StringValue(v.into()))
+    }
+
+    #[test]
+    fn flow_span_keys_are_found_in_any_encoding() {
+        let encoded = |key: &str| str_kv(key, "x").encode_to_vec();
+        let marker = |kv: &[u8]| may_be_flow_span_kv(kv) && is_flow_span_kv(kv);
+        assert!(marker(&encoded("flow.bytes.delta")));
+        assert!(marker(&encoded("flow.community_id")));
+        for key in [
+            "flow.direction",
+            "http.status_code",
+            "flow",
+            "",
+            &"f".repeat(200),
+        ] {
+            assert!(!marker(&encoded(key)), "{key}");
+        }
+        // Value before key: legal protobuf, found by the general reader.
+        let mut swapped = Vec::new();
+        let value = AnyValue {
+            value: Some(any_value::Value::IntValue(3)),
+        }
+        .encode_to_vec();
+        swapped.extend([KV_VALUE_TAG, value.len() as u8]);
+        swapped.extend(&value);
+        swapped.extend([KV_KEY_TAG, 18]);
+        swapped.extend(b"flow.packets.delta");
+        assert!(marker(&swapped));
     }
 
     /// A request exercising every lookup: ids on event, span and resource, int ids,

@@ -213,7 +213,7 @@ pub fn decode<R: OtlpRequest>(body: &[u8], media: MediaType) -> Result<R, Decode
             R::decode(body).map_err(|e| DecodeError::Invalid(format!("protobuf body: {e}")))?
         }
         MediaType::Json => {
-            let request: R = serde_json::from_slice(body)
+            let request: R = super::json::from_slice(body)
                 .map_err(|e| DecodeError::Invalid(format!("JSON body: {e}")))?;
             if request.is_empty() && contains(body, R::SNAKE_CASE_KEY.as_bytes()) {
                 return Err(DecodeError::Invalid(format!(

@@ -3,5 +3,6 @@
 pub mod decode;
 pub mod grpc;
 pub mod http;
+pub mod json;
 pub mod limits;
 pub mod reply;

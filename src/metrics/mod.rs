@@ -8,6 +8,7 @@
 
 mod exemplar;
 mod family;
+pub mod network;
 mod process;
 
 use std::collections::HashMap;
@@ -51,6 +52,8 @@ pub struct MetricsSettings {
     pub per_flow_buckets: HashMap<String, Vec<f64>>,
     /// `limits.max_in_flight`, exposed as `flowmetrics_in_flight_capacity`.
     pub in_flight_capacity: u64,
+    /// Label names of `network_flows.dimensions`; `None`: network flows are off.
+    pub network_labels: Option<Vec<String>>,
     /// `limits.series_idle_timeout`: label sets without a recording this long go.
     pub series_idle_timeout: Option<Duration>,
     /// The longest flow timeout: an instance can stay open this long without a
@@ -97,6 +100,7 @@ pub struct Metrics {
     otlp_spans: Family<Pair, Counter>,
     otlp_log_records: Family<Pair, Counter>,
     in_flight_entries: Gauge,
+    network: Option<network::NetworkMetrics>,
 }
 
 impl Metrics {
@@ -111,6 +115,7 @@ impl Metrics {
              the family reached limits.max_series_per_metric",
             overflow_family.clone(),
         );
+        let overflow_family_handle = overflow_family.clone();
         let overflow = Arc::new(OverflowReporter::new(move |metric| {
             overflow_family.get_or_create(&[("metric", metric)]).clone()
         }));
@@ -303,6 +308,13 @@ impl Metrics {
              oldest are evicted beyond it",
             in_flight_capacity,
         );
+        let network = network::NetworkMetrics::new(
+            settings.network_labels.as_deref(),
+            max,
+            &mut registry,
+            &overflow_family_handle,
+            &events_rejected,
+        );
         let build_info = Family::<Pair, Gauge>::default();
         build_info
             .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -357,7 +369,13 @@ impl Metrics {
             otlp_spans,
             otlp_log_records,
             in_flight_entries,
+            network,
         }
+    }
+
+    /// The network families; `None` when `network_flows.enabled` is false.
+    pub fn network(&self) -> Option<&network::NetworkMetrics> {
+        self.network.as_ref()
     }
 
     /// Every family as one OpenMetrics exposition. `store_entries`: the correlation

@@ -1,0 +1,250 @@
+//! The `flowmetrics_network_*` families (SPEC §4, §8): prometheus-client `Family`s of
+//! counters, registered in the registry and written by its encoder, behind a wrapper
+//! that enforces `limits.max_series_per_metric` with one `otel_metric_overflow="true"`
+//! series (as the flow families do).
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use super::Metrics;
+use crate::flows::event::DimValues;
+use crate::flows::network::{NetworkFlowRecord, NetworkSink};
+use crate::model::OVERFLOW_LABEL;
+
+type Pair = [(&'static str, &'static str); 1];
+
+/// Seconds between two "series limit reached" warnings of one family.
+const OVERFLOW_WARN_EVERY_SECS: u64 = 60;
+
+const DIRECTIONS: [&str; 2] = ["forward", "reverse"];
+
+/// One series' labels: `direction` (bytes, packets), then the configured dimensions;
+/// `values: None` is the overflow series.
+#[derive(Clone, Debug)]
+pub struct NetworkLabels {
+    names: Arc<[Box<str>]>,
+    direction: Option<&'static str>,
+    values: Option<DimValues>,
+}
+
+// By value: the names are the same for every series of a family.
+impl PartialEq for NetworkLabels {
+    fn eq(&self, other: &Self) -> bool {
+        self.direction == other.direction && self.values == other.values
+    }
+}
+
+impl Eq for NetworkLabels {}
+
+impl Hash for NetworkLabels {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.direction.hash(state);
+        self.values.hash(state);
+    }
+}
+
+impl EncodeLabelSet for NetworkLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let Some(values) = &self.values else {
+            return (OVERFLOW_LABEL, "true").encode(encoder.encode_label());
+        };
+        if let Some(direction) = self.direction {
+            ("direction", direction).encode(encoder.encode_label())?;
+        }
+        for (name, value) in self.names.iter().zip(values.iter()) {
+            (&**name, &**value).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+/// A counter family with a series limit.
+#[derive(Clone)]
+struct LimitedCounters {
+    /// The sample name: the `metric` label of `flowmetrics_series_overflow_total`.
+    name: &'static str,
+    family: Family<NetworkLabels, Counter>,
+    max: usize,
+    /// Series are created one at a time, so the limit holds under concurrency.
+    create: Arc<Mutex<()>>,
+    /// Regular series created (`Family` does not count them; it never drops one).
+    series: Arc<AtomicUsize>,
+    overflowed: Arc<AtomicBool>,
+    /// `flowmetrics_series_overflow_total`: its series is created on the first fold.
+    overflow_total: Family<Pair, Counter>,
+    last_warn: Arc<AtomicU64>,
+    overflow_labels: NetworkLabels,
+}
+
+impl LimitedCounters {
+    fn new(
+        name: &'static str,
+        help: &str,
+        max: usize,
+        names: &Arc<[Box<str>]>,
+        registry: &mut Registry,
+        overflow: &Family<Pair, Counter>,
+    ) -> Self {
+        let family = Family::default();
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        registry.register(base, help, family.clone());
+        Self {
+            name,
+            family,
+            max,
+            create: Arc::default(),
+            series: Arc::default(),
+            overflowed: Arc::default(),
+            overflow_total: overflow.clone(),
+            last_warn: Arc::default(),
+            overflow_labels: NetworkLabels {
+                names: names.clone(),
+                direction: None,
+                values: None,
+            },
+        }
+    }
+
+    fn inc_by(&self, labels: &NetworkLabels, n: u64) {
+        if let Some(c) = self.family.get(labels) {
+            c.inc_by(n);
+            return;
+        }
+        let _one_at_a_time = self.create.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = self.family.get(labels) {
+            c.inc_by(n);
+            return;
+        }
+        if self.series.load(Ordering::Relaxed) < self.max {
+            self.series.fetch_add(1, Ordering::Relaxed);
+            self.family.get_or_create(labels).inc_by(n);
+            return;
+        }
+        self.overflowed.store(true, Ordering::Relaxed);
+        self.family.get_or_create(&self.overflow_labels).inc_by(n);
+        self.overflow_total
+            .get_or_create(&[("metric", self.name)])
+            .inc();
+        self.warn();
+    }
+
+    fn warn(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_warn.load(Ordering::Relaxed);
+        if now >= last.saturating_add(OVERFLOW_WARN_EVERY_SECS)
+            && self
+                .last_warn
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                metric = self.name,
+                max_series = self.max,
+                "series limit reached (limits.max_series_per_metric): new label sets are \
+                 recorded in the otel_metric_overflow=\"true\" series"
+            );
+        }
+    }
+
+    /// Series held now (including the overflow series).
+    fn len(&self) -> usize {
+        self.series.load(Ordering::Relaxed) + usize::from(self.overflowed.load(Ordering::Relaxed))
+    }
+}
+
+/// The network families, present when `network_flows.enabled`.
+pub struct NetworkMetrics {
+    names: Arc<[Box<str>]>,
+    records: LimitedCounters,
+    bytes: LimitedCounters,
+    packets: LimitedCounters,
+    invalid: Counter,
+}
+
+impl NetworkMetrics {
+    /// `labels`: the network dimensions' label names; `None` when network flows are off.
+    pub fn new(
+        labels: Option<&[String]>,
+        max: usize,
+        registry: &mut Registry,
+        overflow: &Family<Pair, Counter>,
+        rejected: &Family<Pair, Counter>,
+    ) -> Option<Self> {
+        let names: Arc<[Box<str>]> = labels?.iter().map(|l| Box::from(l.as_str())).collect();
+        let mut family =
+            |name, help| LimitedCounters::new(name, help, max, &names, registry, overflow);
+        let records = family(
+            "flowmetrics_network_flow_records_total",
+            "Network flow records (Flow Spans) counted, retries excluded",
+        );
+        let bytes = family(
+            "flowmetrics_network_bytes_total",
+            "Bytes of network flow records, by direction: forward (flow.bytes.delta, \
+             source to destination) and reverse (flow.reverse.bytes.delta)",
+        );
+        let packets = family(
+            "flowmetrics_network_packets_total",
+            "Packets of network flow records, by direction: forward (flow.packets.delta) \
+             and reverse (flow.reverse.packets.delta)",
+        );
+        let invalid = rejected
+            .get_or_create(&[("reason", "invalid_network_flow")])
+            .clone();
+        Some(Self {
+            names,
+            records,
+            bytes,
+            packets,
+            invalid,
+        })
+    }
+
+    fn labels(&self, direction: Option<&'static str>, dims: &DimValues) -> NetworkLabels {
+        NetworkLabels {
+            names: self.names.clone(),
+            direction,
+            values: Some(dims.clone()),
+        }
+    }
+
+    pub fn record(&self, record: &NetworkFlowRecord) {
+        self.records.inc_by(&self.labels(None, &record.dims), 1);
+        for (i, direction) in DIRECTIONS.into_iter().enumerate() {
+            let labels = self.labels(Some(direction), &record.dims);
+            self.bytes.inc_by(&labels, record.bytes[i]);
+            self.packets.inc_by(&labels, record.packets[i]);
+        }
+    }
+
+    /// Series per network family (for tests).
+    pub fn series_counts(&self) -> [(&'static str, usize); 3] {
+        [
+            (self.records.name, self.records.len()),
+            (self.bytes.name, self.bytes.len()),
+            (self.packets.name, self.packets.len()),
+        ]
+    }
+}
+
+impl NetworkSink for Metrics {
+    fn network_record(&self, record: &NetworkFlowRecord) {
+        if let Some(network) = self.network() {
+            network.record(record);
+        }
+    }
+
+    fn network_invalid(&self) {
+        if let Some(network) = self.network() {
+            network.invalid.inc();
+        }
+    }
+}
