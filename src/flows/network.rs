@@ -22,7 +22,6 @@ pub const PACKETS: &str = "flow.packets.delta";
 pub const REVERSE_PACKETS: &str = "flow.reverse.packets.delta";
 pub const COMMUNITY_ID: &str = "flow.community_id";
 
-
 /// Does an attribute with this key make its span a Flow Span? Checked for every span
 /// attribute by the selective scanner, so the length decides first.
 #[inline(always)]
