@@ -831,30 +831,6 @@ fn any_value(msg: &[u8]) -> AttrValue<'_> {
     }
 }
 
-/// What a full prost decode finds in `body`: the reference the scan is held to (its
-/// tests and the `scanner_vs_prost` fuzz target compare the two).
-#[doc(hidden)]
-pub fn reference_scan(
-    body: &[u8],
-    extractor: &Extractor,
-    received_nanos: u64,
-) -> Result<TraceScan, String> {
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use prost::Message;
-    let req = ExportTraceServiceRequest::decode(body).map_err(|e| e.to_string())?;
-    let spans = req
-        .resource_spans
-        .iter()
-        .flat_map(|r| &r.scope_spans)
-        .map(|s| s.spans.len() as u64)
-        .sum();
-    Ok(TraceScan {
-        spans,
-        events: decoded_events(&req, extractor, received_nanos),
-        network: Vec::new(),
-    })
-}
-
 /// The flow events of a decoded request, every span event in order.
 #[doc(hidden)]
 pub fn decoded_events(

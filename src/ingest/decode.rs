@@ -206,6 +206,17 @@ impl OtlpRequest for ExportLogsServiceRequest {
     }
 }
 
+/// A protobuf trace export decoded in full, with the id checks every path makes: the
+/// reference the selective scan (`flows::scan`) is held to by the `scanner_vs_prost`
+/// fuzz target.
+#[doc(hidden)]
+pub fn decode_traces_protobuf(body: &[u8]) -> Result<ExportTraceServiceRequest, String> {
+    decode(body, MediaType::Protobuf).map_err(|e| match e {
+        DecodeError::Invalid(m) => m,
+        other => format!("{other:?}"),
+    })
+}
+
 /// Decodes a complete (decompressed) body.
 pub fn decode<R: OtlpRequest>(body: &[u8], media: MediaType) -> Result<R, DecodeError> {
     let request = match media {
