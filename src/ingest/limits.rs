@@ -170,6 +170,8 @@ pub struct Limits {
     pub settings: Arc<LimitSettings>,
     budget: Arc<Semaphore>,
     decode_slots: Arc<Semaphore>,
+    /// When the last overload warning was logged (ms since `since`).
+    warned: Arc<(Instant, std::sync::atomic::AtomicU64)>,
 }
 
 impl Limits {
@@ -181,6 +183,28 @@ impl Limits {
             budget: Arc::new(Semaphore::new(budget)),
             decode_slots: Arc::new(Semaphore::new(settings.decode_slots.max(1))),
             settings: Arc::new(settings),
+            warned: Arc::new((Instant::now(), std::sync::atomic::AtomicU64::new(0))),
+        }
+    }
+
+    /// Logs that requests were refused as overloaded: a WARN at most every 10 s (each
+    /// refusal is counted in `flowmetrics_otlp_requests_total` anyway).
+    pub fn note_overload(&self, transport: &str) {
+        use std::sync::atomic::Ordering;
+        let (since, last) = &*self.warned;
+        let now = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX) + 10_000;
+        let prev = last.load(Ordering::Relaxed);
+        if now.saturating_sub(prev) >= 10_000
+            && last
+                .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                "{transport}: refusing requests as overloaded: the buffered-bytes budget \
+                 (limits.max_buffered_bytes, {} bytes) is spent, or no decode slot freed within \
+                 limits.request_read_timeout; clients retry on 503 / UNAVAILABLE",
+                self.settings.max_buffered_bytes
+            );
         }
     }
 
