@@ -1283,7 +1283,10 @@ mod tests {
         ]);
         let body = one_event_request(&[name.clone(), bytes_field(EVENT_ATTRIBUTES, &bad_id)], &[]);
         assert_eq!(assert_like_prost(&body), Err(()));
-        let body = one_event_request(&[name.clone()], &bytes_field(SPAN_ATTRIBUTES, &bad_id));
+        let body = one_event_request(
+            std::slice::from_ref(&name),
+            &bytes_field(SPAN_ATTRIBUTES, &bad_id),
+        );
         assert_eq!(assert_like_prost(&body), Err(()));
         let bad_tier = message(&[
             bytes_field(KEY_VALUE_KEY, b"tier"),
