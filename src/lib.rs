@@ -118,8 +118,7 @@ impl App {
                 settings::network_flows(&config),
             )),
         );
-        let limits =
-            ingest::limits::Limits::new(ingest::limits::LimitSettings::from_config(&config));
+        let limits = ingest::limits::Limits::new(settings::limits(&config));
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, stop) = watch::channel(false);
         // The metrics listener outlives the OTLP ones (shutdown.final_scrape_wait).

@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{Config, DimensionSource};
+use crate::config::{Config, DimensionSource, MaxConnections};
 use crate::flows::event::DimensionLookup;
 use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
+use crate::ingest::limits::{auto_connections, open_file_limit, LimitSettings};
 use crate::metrics::MetricsSettings;
 use crate::model::sanitize_label_name;
 
@@ -159,4 +160,27 @@ pub fn network_labels(config: &Config) -> Vec<String> {
         .iter()
         .map(|d| sanitize_label_name(&d.label))
         .collect()
+}
+
+/// What a client may hold on either transport (`limits`).
+pub fn limits(config: &Config) -> LimitSettings {
+    let l = &config.limits;
+    let listeners = [&config.listen.otlp_http, &config.listen.otlp_grpc]
+        .iter()
+        .filter(|a| !a.is_empty())
+        .count()
+        .max(1);
+    let max_connections = match l.max_connections {
+        MaxConnections::Fixed(n) => n,
+        MaxConnections::Auto => auto_connections(open_file_limit(), listeners),
+    };
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    LimitSettings {
+        max_body_bytes: l.max_request_body_bytes,
+        max_buffered_bytes: l.max_buffered_bytes,
+        max_connections,
+        idle_timeout: l.idle_timeout,
+        request_read_timeout: l.request_read_timeout,
+        decode_slots: cpus * 2,
+    }
 }

@@ -19,6 +19,10 @@ const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService
 const PATIENCE: Duration = Duration::from_secs(60);
 const MIB: usize = 1024 * 1024;
 
+/// The tests of this file run one at a time: one measures the process's RSS, which the
+/// other's streams would inflate.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// This process's resident memory (the service runs in it), in bytes.
 fn rss() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -97,6 +101,7 @@ async fn grpc_status(response: h2::client::ResponseFuture) -> Option<String> {
 /// stalled ones are cut at the read deadline, and a good export still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_large_grpc_streams_stay_within_the_byte_budget() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     const BUDGET: usize = 64 * MIB;
     const MARGIN: usize = 96 * MIB;
     const STREAMS: usize = 100;
@@ -202,6 +207,7 @@ async fn many_large_grpc_streams_stay_within_the_byte_budget() {
 /// canceled (`canceled` / `CANCELLED`), never as 400 / INVALID_ARGUMENT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_streams_are_canceled_not_bad_input() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     const RESETS: usize = 200;
     let app = start(test_config()).await;
     let chunk = Bytes::from(vec![0x0a; 100]);

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use flowmetrics::config::{Config, Dimension, DimensionSource};
 use flowmetrics::flows::Extractor;
-use flowmetrics::ingest::limits::{LimitSettings, Limits};
+use flowmetrics::ingest::limits::Limits;
 use flowmetrics::pipeline::Pipeline;
 
 pub struct World {
@@ -60,7 +60,7 @@ pub fn world() -> &'static World {
             .expect("flowmetrics starts");
         World {
             pipeline: app.pipeline.clone(),
-            limits: Limits::new(LimitSettings::from_config(&config)),
+            limits: Limits::new(flowmetrics::settings::limits(&config)),
             _app: Mutex::new(app),
             _runtime: runtime,
         }

@@ -166,23 +166,24 @@ const RESOURCE_DEPTH: u32 = 2;
 const SPAN_DEPTH: u32 = 3;
 const EVENT_DEPTH: u32 = 4;
 
-/// Checks an attribute list (field `field` of `msg`, a message at `depth`) as a full
-/// decode would: framing, wire types, UTF-8 of keys and string values, nesting. Only
-/// run for the lists a flow event reads, so that what the scan finds there is what a
-/// full decode finds.
-fn check_attributes(msg: &[u8], field: u32, depth: u32) -> Result<(), WireError> {
-    let mut fields = Fields::new(msg);
-    while let Some((number, value)) = fields.next_field()? {
-        if number == field {
-            let Value::Bytes(kv) = value else {
-                return Err(WRONG_WIRE_TYPE);
-            };
-            check_key_value(kv, depth + 1)?;
-        } else if depth >= MAX_DEPTH {
-            return Err(TOO_DEEP);
-        }
+// Set when an attribute a flow event reads is malformed (not UTF-8, bad framing,
+// nested too deeply): a full decode refuses such a request, so the scan does too. The
+// lookups run behind the `Attributes` trait, which has no error path; a flag per
+// thread, reset and checked around each extraction, carries it out.
+thread_local! {
+    static MALFORMED_READ: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+const MALFORMED_ATTRIBUTE: WireError =
+    WireError("an attribute a flow event reads is malformed (not UTF-8, or bad framing)");
+
+/// Depth (the request is 0) of the `AnyValue` of a `KeyValue` in attribute list `field`.
+fn value_depth(field: u32) -> u32 {
+    match field {
+        EVENT_ATTRIBUTES => EVENT_DEPTH + 2,
+        SPAN_ATTRIBUTES => SPAN_DEPTH + 2,
+        _ => RESOURCE_DEPTH + 2,
     }
-    Ok(())
 }
 
 const TOO_DEEP: WireError = WireError("messages nested too deeply");
@@ -361,13 +362,10 @@ impl<'a> Scan<'_, 'a> {
             if let (RESOURCE_SPANS_RESOURCE, Value::Bytes(r)) = field {
                 resources += 1;
                 resource = r;
-                // Its attributes may be read for any flow event below: checked as a
-                // full decode checks them.
                 let mut fields = Fields::new(r);
                 while let Some(field) = fields.next_field()? {
                     check_wire(field.0, &field.1, resource_wire)?;
                 }
-                check_attributes(r, RESOURCE_ATTRIBUTES, RESOURCE_DEPTH)?;
             }
         }
         let resource = if resources > 1 {
@@ -491,13 +489,7 @@ impl<'a> Scan<'_, 'a> {
         if self.candidates.is_empty() {
             return Ok(());
         }
-        // What the flow events read is checked as a full decode checks it.
-        check_attributes(span, SPAN_ATTRIBUTES, SPAN_DEPTH)?;
-        for c in &self.candidates {
-            check_attributes(c.attributes, EVENT_ATTRIBUTES, EVENT_DEPTH)?;
-        }
-        self.extract_candidates(span, ids, resource);
-        Ok(())
+        self.extract_candidates(span, ids, resource)
     }
 
     /// One length-delimited field of a span.
@@ -561,7 +553,8 @@ impl<'a> Scan<'_, 'a> {
         span: &'a [u8],
         ids: SpanIds<'a>,
         resource: &SharedLayer<'a, RawAttributes<'a>>,
-    ) {
+    ) -> Result<(), WireError> {
+        MALFORMED_READ.with(|m| m.set(false));
         let SpanIds {
             trace_id,
             span_id,
@@ -598,6 +591,10 @@ impl<'a> Scan<'_, 'a> {
                 Err(r) => self.events.push(Err(r)),
             }
         }
+        if MALFORMED_READ.with(|m| m.get()) {
+            return Err(MALFORMED_ATTRIBUTE);
+        }
+        Ok(())
     }
 
     /// Name (checked UTF-8, whatever it is) and time of one span event.
@@ -738,9 +735,16 @@ fn collect<'a>(
         if number != field {
             continue;
         }
-        let Some((k, v)) = key_value(kv) else { return };
+        let Some((k, v)) = key_value(kv) else {
+            MALFORMED_READ.with(|m| m.set(true));
+            return;
+        };
         let Some(slot) = keys.slot(k) else { continue };
         if found[slot].is_none() {
+            // A value that is read is checked as a full decode checks it.
+            if check_any_value(v, value_depth(field)).is_err() {
+                MALFORMED_READ.with(|m| m.set(true));
+            }
             found[slot] = Some(any_value(v));
             *missing -= 1;
             if *missing == 0 {
@@ -1383,14 +1387,35 @@ mod tests {
         // An unterminated group: refused by both.
         let body = one_event_request(&[name.clone(), id.clone()], b"\xa3\x01\x08\x01");
         assert_eq!(assert_like_prost(&body), Err(()));
-        // Invalid UTF-8 in the correlation id, in another key, in a span attribute of a
-        // span with a flow event: prost refuses the request, so does the scan.
+        // Invalid UTF-8 in the correlation id, on the event or (when the event has none)
+        // on its span, and a malformed value read as a dimension: prost refuses the
+        // request, so does the scan.
         let bad_id = message(&[
             bytes_field(KEY_VALUE_KEY, b"correlation-id"),
             bytes_field(KEY_VALUE_VALUE, &bytes_field(ANY_STRING, b"\xff\xfe")),
         ]);
         let body = one_event_request(&[name.clone(), bytes_field(EVENT_ATTRIBUTES, &bad_id)], &[]);
         assert_eq!(assert_like_prost(&body), Err(()));
+        let body = one_event_request(
+            std::slice::from_ref(&name),
+            &bytes_field(SPAN_ATTRIBUTES, &bad_id),
+        );
+        assert_eq!(assert_like_prost(&body), Err(()));
+        let bad_tier = message(&[
+            bytes_field(KEY_VALUE_KEY, b"tier"),
+            bytes_field(KEY_VALUE_VALUE, &bytes_field(5, b"\x0a\x05ab")),
+        ]);
+        let body = one_event_request(
+            &[
+                name.clone(),
+                id.clone(),
+                bytes_field(EVENT_ATTRIBUTES, &bad_tier),
+            ],
+            &[],
+        );
+        assert_eq!(assert_like_prost(&body), Err(()));
+        // An attribute no flow event reads is not looked into (one of the differences
+        // the README lists): prost refuses its bad key, the scan does not.
         let bad_key = message(&[bytes_field(KEY_VALUE_KEY, b"\xc3")]);
         let body = one_event_request(
             &[
@@ -1400,12 +1425,9 @@ mod tests {
             ],
             &[],
         );
-        assert_eq!(assert_like_prost(&body), Err(()));
-        let body = one_event_request(
-            &[name.clone(), id.clone()],
-            &bytes_field(SPAN_ATTRIBUTES, &bad_id),
-        );
-        assert_eq!(assert_like_prost(&body), Err(()));
+        assert!(ExportTraceServiceRequest::decode(&body[..]).is_err());
+        let x = Extractor::new(crate::settings::extractor(&config()));
+        assert_eq!(scan_traces(&body, &x, 1).unwrap().events.len(), 1);
         // Known span, status and event fields with the wrong wire type.
         for extra in [
             varint_field(SPAN_TRACE_ID, 1),
@@ -1437,7 +1459,7 @@ mod tests {
             any = bytes_field(5, &bytes_field(1, &any));
         }
         let deep = message(&[
-            bytes_field(KEY_VALUE_KEY, b"deep"),
+            bytes_field(KEY_VALUE_KEY, b"tier"),
             bytes_field(KEY_VALUE_VALUE, &any),
         ]);
         let body = one_event_request(
@@ -1462,8 +1484,9 @@ mod tests {
             for _ in 0..levels {
                 any = bytes_field(5, &message(&[bytes_field(1, &any), varint_field(9, 1)]));
             }
+            // Read (a dimension), so judged as prost judges it.
             let deep = message(&[
-                bytes_field(KEY_VALUE_KEY, b"deep"),
+                bytes_field(KEY_VALUE_KEY, b"tier"),
                 bytes_field(KEY_VALUE_VALUE, &any),
             ]);
             let body = one_event_request(

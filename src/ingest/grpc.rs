@@ -90,6 +90,9 @@ impl OtlpGrpc {
                 (status.code(), r)
             }
         };
+        if code == Code::Unavailable {
+            self.limits.note_overload("OTLP/gRPC");
+        }
         self.pipeline
             .metrics()
             .request(Transport::Grpc, signal, code_label(code));

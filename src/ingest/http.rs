@@ -99,6 +99,9 @@ impl OtlpHttp {
                 (error(answer, failure), label)
             }
         };
+        if label == "503" {
+            self.limits.note_overload("OTLP/HTTP");
+        }
         self.pipeline
             .metrics()
             .request(Transport::Http, signal, label);

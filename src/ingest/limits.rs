@@ -15,7 +15,6 @@ use hyper::body::Body;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::{Config, MaxConnections};
 use crate::server::ConnLimits;
 
 /// File descriptors kept out of the OTLP listeners' share when `max_connections: auto`:
@@ -46,28 +45,6 @@ pub struct LimitSettings {
 }
 
 impl LimitSettings {
-    pub fn from_config(config: &Config) -> Self {
-        let l = &config.limits;
-        let listeners = [&config.listen.otlp_http, &config.listen.otlp_grpc]
-            .iter()
-            .filter(|a| !a.is_empty())
-            .count()
-            .max(1);
-        let max_connections = match l.max_connections {
-            MaxConnections::Fixed(n) => n,
-            MaxConnections::Auto => auto_connections(open_file_limit(), listeners),
-        };
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Self {
-            max_body_bytes: l.max_request_body_bytes,
-            max_buffered_bytes: l.max_buffered_bytes,
-            max_connections,
-            idle_timeout: l.idle_timeout,
-            request_read_timeout: l.request_read_timeout,
-            decode_slots: cpus * 2,
-        }
-    }
-
     /// What the accept loop of an OTLP listener enforces.
     pub fn conn_limits(&self) -> ConnLimits {
         ConnLimits {
@@ -96,7 +73,7 @@ pub fn auto_connections(open_file_limit: u64, listeners: usize) -> usize {
         .clamp(16, 1_000_000)
 }
 
-fn open_file_limit() -> u64 {
+pub fn open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -170,6 +147,8 @@ pub struct Limits {
     pub settings: Arc<LimitSettings>,
     budget: Arc<Semaphore>,
     decode_slots: Arc<Semaphore>,
+    /// When the last overload warning was logged (ms since `since`).
+    warned: Arc<(Instant, std::sync::atomic::AtomicU64)>,
 }
 
 impl Limits {
@@ -181,6 +160,28 @@ impl Limits {
             budget: Arc::new(Semaphore::new(budget)),
             decode_slots: Arc::new(Semaphore::new(settings.decode_slots.max(1))),
             settings: Arc::new(settings),
+            warned: Arc::new((Instant::now(), std::sync::atomic::AtomicU64::new(0))),
+        }
+    }
+
+    /// Logs that requests were refused as overloaded: a WARN at most every 10 s (each
+    /// refusal is counted in `flowmetrics_otlp_requests_total` anyway).
+    pub fn note_overload(&self, transport: &str) {
+        use std::sync::atomic::Ordering;
+        let (since, last) = &*self.warned;
+        let now = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX) + 10_000;
+        let prev = last.load(Ordering::Relaxed);
+        if now.saturating_sub(prev) >= 10_000
+            && last
+                .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                "{transport}: refusing requests as overloaded: the buffered-bytes budget \
+                 (limits.max_buffered_bytes, {} bytes) is spent, or no decode slot freed within \
+                 limits.request_read_timeout; clients retry on 503 / UNAVAILABLE",
+                self.settings.max_buffered_bytes
+            );
         }
     }
 
