@@ -27,8 +27,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
-use crate::flows::store::Maintenance;
+use crate::config::{Config, StoreKind};
+use crate::flows::store::{Maintenance, RedisStore};
 use crate::flows::{CorrelationStore, Extractor, MemoryStore};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
@@ -63,8 +63,20 @@ impl App {
     pub async fn start(self) -> std::io::Result<RunningApp> {
         let config = self.config;
         let metrics = Arc::new(Metrics::new(settings::metrics(&config)));
-        let store: Arc<dyn CorrelationStore> =
-            Arc::new(MemoryStore::new(settings::store(&config), metrics.clone()));
+        let store: Arc<dyn CorrelationStore> = match config.correlation.store {
+            StoreKind::Memory => {
+                Arc::new(MemoryStore::new(settings::store(&config), metrics.clone()))
+            }
+            StoreKind::Redis => Arc::new(
+                RedisStore::new(
+                    settings::store(&config),
+                    settings::redis(&config),
+                    metrics.clone(),
+                    metrics.clone(),
+                )
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            ),
+        };
         let maintenance = Maintenance::start(store.clone(), MAINTENANCE_INTERVAL);
         let pipeline = Arc::new(Pipeline::new(
             Extractor::new(settings::extractor(&config)),

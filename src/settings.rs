@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{Config, DimensionSource};
+use crate::config::{Config, DimensionSource, StoreKind};
 use crate::flows::event::DimensionLookup;
+use crate::flows::store::RedisSettings;
 use crate::flows::{ExtractorSettings, StoreSettings};
 use crate::metrics::MetricsSettings;
 use crate::model::sanitize_label_name;
@@ -61,6 +62,18 @@ pub fn store(config: &Config) -> StoreSettings {
     }
 }
 
+/// Where the shared store is (`correlation.redis`).
+pub fn redis(config: &Config) -> RedisSettings {
+    let redis = &config.correlation.redis;
+    RedisSettings {
+        url: redis.url.clone(),
+        key_prefix: redis.key_prefix.clone(),
+        connect_timeout: redis.connect_timeout,
+        command_timeout: redis.command_timeout,
+        pool_size: redis.pool_size,
+    }
+}
+
 /// Label names, buckets and the series limit of the metric families.
 pub fn metrics(config: &Config) -> MetricsSettings {
     let labels = |side| {
@@ -86,5 +99,6 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         in_flight_capacity: config.limits.max_in_flight,
         series_idle_timeout: config.limits.series_idle_timeout,
         longest_flow_timeout: store(config).longest_timeout,
+        shared_store: config.correlation.store == StoreKind::Redis,
     }
 }

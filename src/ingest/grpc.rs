@@ -94,8 +94,9 @@ impl OtlpGrpc {
                     decode(&body, MediaType::Protobuf).map_err(invalid)?;
                 self.pipeline.logs(&request, Transport::Grpc)
             }
-            Signal::Metrics => Default::default(),
-        };
+            Signal::Metrics => Ok(Default::default()),
+        }
+        .map_err(|e| Status::unavailable(e.to_string()))?;
         if !rejected.is_empty() {
             tracing::debug!("{}", rejected.message());
         }

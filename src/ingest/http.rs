@@ -217,8 +217,11 @@ impl OtlpHttp {
                 self.pipeline.logs(&request, Transport::Http)
             }
             // Accepted and discarded: SDKs and flowgen send every signal to one endpoint.
-            Signal::Metrics => RejectionSummary::default(),
+            Signal::Metrics => Ok(RejectionSummary::default()),
         };
+        let rejected = rejected.map_err(|e| {
+            Failure::new(StatusCode::SERVICE_UNAVAILABLE, grpc_code::UNAVAILABLE, e.to_string())
+        })?;
         Ok((media, rejected))
     }
 }
