@@ -334,19 +334,17 @@ impl Config {
             }
         }
         let redis = &self.correlation.redis;
-        if self.correlation.store == StoreKind::Redis
-            && !redis.url.starts_with("redis://")
-        {
+        if self.correlation.store == StoreKind::Redis && !redis.url.starts_with("redis://") {
             fail(
                 "correlation.redis.url",
-                format!("{:?} is not a redis:// URL (TLS is not built in)", redis.url),
+                format!(
+                    "{:?} is not a redis:// URL (TLS is not built in)",
+                    redis.url
+                ),
             )?;
         }
         if redis.pool_size == 0 {
-            fail(
-                "correlation.redis.pool_size",
-                "must be at least 1".into(),
-            )?;
+            fail("correlation.redis.pool_size", "must be at least 1".into())?;
         }
         if self.listen.metrics.is_empty() {
             fail(

@@ -59,9 +59,8 @@ impl Pipeline {
             let apply = || self.store.apply_batch(&mut batch.events.into_iter());
             // A store that waits on the network must not hold an async worker: the
             // runtime moves that worker's other tasks elsewhere meanwhile.
-            let on_workers = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-                h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-            });
+            let on_workers = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
             if self.store.blocks() && on_workers {
                 tokio::task::block_in_place(apply)?;
             } else {

@@ -220,7 +220,11 @@ impl OtlpHttp {
             Signal::Metrics => Ok(RejectionSummary::default()),
         };
         let rejected = rejected.map_err(|e| {
-            Failure::new(StatusCode::SERVICE_UNAVAILABLE, grpc_code::UNAVAILABLE, e.to_string())
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                grpc_code::UNAVAILABLE,
+                e.to_string(),
+            )
         })?;
         Ok((media, rejected))
     }

@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 use redis::{Client, Connection, RedisResult, Script};
 
 use super::{
-    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreSettings,
-    StoreUnavailable,
+    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreSettings, StoreUnavailable,
 };
 use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 
@@ -203,7 +202,11 @@ impl RedisStore {
     }
 
     /// Times a call, tells the probe, and keeps the availability flag.
-    fn call<T>(&self, op: &'static str, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> RedisResult<T> {
+    fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Connection) -> RedisResult<T>,
+    ) -> RedisResult<T> {
         let started = Instant::now();
         let result = self.pool.with(f);
         self.probe
@@ -290,10 +293,7 @@ impl RedisStore {
             }),
             (Some(b'D'), Some(e)) => sink.report(Report::Duplicate { kind: e.kind }),
             (Some(b'P'), Some(e)) => {
-                let Some(Entry {
-                    end: Some(end), ..
-                }) = stored()
-                else {
+                let Some(Entry { end: Some(end), .. }) = stored() else {
                     return;
                 };
                 sink.report(Report::Opened {
@@ -411,7 +411,9 @@ impl Pool {
         let mut con = match pooled {
             Some(con) => con,
             None => {
-                let con = self.client.get_connection_with_timeout(self.connect_timeout)?;
+                let con = self
+                    .client
+                    .get_connection_with_timeout(self.connect_timeout)?;
                 con.set_read_timeout(Some(self.command_timeout))?;
                 con.set_write_timeout(Some(self.command_timeout))?;
                 con
