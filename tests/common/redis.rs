@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
+    persistent: bool,
     child: Option<Child>,
 }
 
@@ -36,6 +37,16 @@ pub fn available() -> bool {
 impl RedisServer {
     /// A new server on a free port; `None` (skip) if redis-server is not installed.
     pub fn start() -> Option<RedisServer> {
+        Self::start_with(false)
+    }
+
+    /// With an append-only file synced on every write: what it holds survives a stop,
+    /// also a SIGKILL (the README's persistence settings).
+    pub fn start_persistent() -> Option<RedisServer> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Option<RedisServer> {
         if !available() {
             return None;
         }
@@ -49,6 +60,7 @@ impl RedisServer {
         let mut server = RedisServer {
             port,
             dir,
+            persistent,
             child: None,
         };
         server.restart();
@@ -65,7 +77,11 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(if self.persistent {
+                ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--save", "", "--appendonly", "no", "--appendfsync", "no"]
+            })
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
