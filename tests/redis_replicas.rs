@@ -269,7 +269,10 @@ async fn run(fault: Fault, seed: u64) {
             for app in &apps {
                 let give_up = Instant::now() + Duration::from_secs(5);
                 while readyz(app).await != StatusCode::OK {
-                    assert!(Instant::now() < give_up, "/readyz stayed 503 after Redis came back");
+                    assert!(
+                        Instant::now() < give_up,
+                        "/readyz stayed 503 after Redis came back"
+                    );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -307,15 +310,27 @@ async fn run(fault: Fault, seed: u64) {
     let get = |family: &str, also: &str| total(&scrapes, family, also);
     let started = get("flowmetrics_flows_started_total", "");
     assert_eq!(started, 810.0, "started");
-    assert_eq!(get("flowmetrics_flows_completed_total", "outcome=\"success\""), 540.0);
-    assert_eq!(get("flowmetrics_flows_completed_total", "outcome=\"failure\""), 90.0);
-    assert_eq!(get("flowmetrics_flows_completed_total", "outcome=\"cancelled\""), 90.0);
+    assert_eq!(
+        get("flowmetrics_flows_completed_total", "outcome=\"success\""),
+        540.0
+    );
+    assert_eq!(
+        get("flowmetrics_flows_completed_total", "outcome=\"failure\""),
+        90.0
+    );
+    assert_eq!(
+        get("flowmetrics_flows_completed_total", "outcome=\"cancelled\""),
+        90.0
+    );
     assert_eq!(get("flowmetrics_flow_errors_total", "incomplete"), 90.0);
     assert_eq!(get("flowmetrics_flow_errors_total", "\"failure\""), 90.0);
     assert_eq!(get("flowmetrics_flow_unmatched_ends_total", ""), 90.0);
     assert_eq!(get("flowmetrics_flows_dropped_total", ""), 0.0);
     assert_eq!(get("flowmetrics_flow_duration_seconds_count", ""), 540.0);
-    assert_eq!(get("flowmetrics_flow_duration_seconds_sum", ""), expected_duration);
+    assert_eq!(
+        get("flowmetrics_flow_duration_seconds_sum", ""),
+        expected_duration
+    );
     // Summed over replicas, in progress is what is still open: nothing.
     assert_eq!(get("flowmetrics_flows_in_progress", ""), 0.0);
     if fault == Fault::StopRedis {

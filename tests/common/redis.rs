@@ -78,7 +78,14 @@ impl RedisServer {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(if self.persistent {
-                ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+                [
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ]
             } else {
                 ["--save", "", "--appendonly", "no", "--appendfsync", "no"]
             })
