@@ -361,3 +361,206 @@ async fn a_replica_stopped_mid_run_loses_nothing() {
 async fn redis_stopped_and_restarted_under_load_counts_nothing_twice() {
     run(Fault::StopRedis, 0x5555_aaaa_3333_cccc).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_while_redis_is_down_is_answered_503_with_retry_after() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let app = replica(&redis.url()).await;
+    let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+    let body = batches(7).swap_remove(0);
+    assert_eq!(post_once(&url, body.clone()).await, Some(StatusCode::OK));
+    redis.stop();
+    let r = post(&url, "application/x-protobuf", body.clone()).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers.get("retry-after").unwrap(), "1");
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while readyz(&app).await != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(Instant::now() < give_up, "/readyz stayed 200 without Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = scrape(&app).await;
+    assert!(value(&m, r#"flowmetrics_store_errors_total{op="apply"}"#) >= 1.0);
+    assert!(m.contains_key(r#"flowmetrics_store_latency_seconds_count{op="apply"}"#));
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_otlp_requests_total{transport="http",signal="traces",code="503"}"#
+        ),
+        1.0
+    );
+    redis.restart();
+    // The retry lands; what the first export applied is recognised, not counted again.
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while post_once(&url, body.clone()).await != Some(StatusCode::OK) {
+        assert!(Instant::now() < give_up, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.shutdown().await;
+}
+
+/// Numbers for BENCHMARKS.md (not a test of speed: it asserts nothing about it).
+/// `cargo test --release --test redis_replicas -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_throughput_latency_cpu_and_memory() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // Memory per open instance: 100k starts, each with its retry fingerprint.
+    {
+        let app = replica(&redis.url()).await;
+        let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+        let before = redis.used_memory();
+        let base = now_nanos();
+        for chunk in 0..200u64 {
+            let spans = (0..500u64)
+                .map(|i| {
+                    let id = chunk * 500 + i;
+                    Span {
+                        trace_id: vec![0xab; 16],
+                        span_id: (id + 1).to_be_bytes().to_vec(),
+                        name: "work".into(),
+                        events: vec![span::Event {
+                            time_unix_nano: base + id,
+                            name: "flow.mem.start".into(),
+                            attributes: vec![s("correlation-id", &format!("order-{id:08}"))],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            let body = ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    scope_spans: vec![ScopeSpans {
+                        spans,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            }
+            .encode_to_vec();
+            assert_eq!(post_once(&url, body).await, Some(StatusCode::OK));
+        }
+        let after = redis.used_memory();
+        println!(
+            "memory: {} bytes per open instance (instance, deadline entry, start fingerprint; \
+             16-byte ids, no dims)",
+            (after - before) / 100_000
+        );
+        app.shutdown().await;
+        redis.flush();
+    }
+    for replicas in [1usize, 3] {
+        let mut apps = Vec::new();
+        for _ in 0..replicas {
+            apps.push(replica(&redis.url()).await);
+        }
+        let urls: Vec<String> = apps
+            .iter()
+            .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
+            .collect();
+        // 100-event exports (50 starts, 50 ends of other ids), pre-encoded.
+        let base = now_nanos();
+        let exports = 2000u64;
+        let bodies: Vec<Vec<u8>> = (0..exports)
+            .map(|b| {
+                let spans = (0..100u64)
+                    .map(|i| {
+                        let id = b * 50 + i / 2;
+                        let (name, outcome) = if i % 2 == 0 {
+                            ("flow.pay.start", None)
+                        } else {
+                            ("flow.pay.end", Some("success"))
+                        };
+                        let mut attributes = vec![s("correlation-id", &format!("o-{id:08}"))];
+                        if let Some(o) = outcome {
+                            attributes.push(s("outcome", o));
+                        }
+                        Span {
+                            trace_id: vec![0xab; 16],
+                            span_id: (i + 1).to_be_bytes().to_vec(),
+                            name: "work".into(),
+                            events: vec![span::Event {
+                                time_unix_nano: base + id * 1000 + i % 2,
+                                name: name.into(),
+                                attributes,
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                ExportTraceServiceRequest {
+                    resource_spans: vec![ResourceSpans {
+                        scope_spans: vec![ScopeSpans {
+                            spans,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                }
+                .encode_to_vec()
+            })
+            .collect();
+        let queue = Arc::new(Mutex::new(bodies));
+        let cpu_before = proc_cpu_ticks(redis.pid().unwrap());
+        let started = Instant::now();
+        let clients: Vec<_> = (0..8usize)
+            .map(|c| {
+                let (queue, urls) = (queue.clone(), urls.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut n = c;
+                    while let Some(body) = queue.lock().await.pop() {
+                        n += 1;
+                        let t = Instant::now();
+                        let status = post_once(&urls[n % urls.len()], body).await;
+                        latencies.push(t.elapsed());
+                        assert_eq!(status, Some(StatusCode::OK));
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for c in clients {
+            latencies.extend(c.await.unwrap());
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu_secs = (proc_cpu_ticks(redis.pid().unwrap()) - cpu_before) as f64 / 100.0;
+        latencies.sort();
+        let p99 = latencies[latencies.len() * 99 / 100];
+        let events = (exports * 100) as f64;
+        println!(
+            "{replicas} replica(s): {:.0} events/s in all, {:.0} per replica; p99 export \
+             (100 events) {:.1} ms; Redis CPU {:.2} of a core per 100k events/s",
+            events / elapsed,
+            events / elapsed / replicas as f64,
+            p99.as_secs_f64() * 1e3,
+            cpu_secs / elapsed / (events / elapsed / 100_000.0),
+        );
+        for app in apps {
+            app.shutdown().await;
+        }
+        redis.flush();
+    }
+}
+
+/// utime + stime of a process, in clock ticks (100 per second on Linux).
+fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) ends with ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
+    get(11) + get(12)
+}

@@ -124,6 +124,13 @@ impl RedisServer {
         Ok(())
     }
 
+    /// Empties it.
+    pub fn flush(&self) {
+        redis::cmd("FLUSHALL")
+            .query::<()>(&mut self.connection().expect("connects"))
+            .expect("FLUSHALL");
+    }
+
     /// `INFO memory`'s `used_memory`.
     pub fn used_memory(&self) -> u64 {
         let info: String = redis::cmd("INFO")
