@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
@@ -363,7 +364,7 @@ async fn redis_stopped_and_restarted_under_load_counts_nothing_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_export_while_redis_is_down_is_answered_503_with_retry_after() {
+async fn an_export_while_redis_is_down_is_refused_for_a_retry() {
     let Some(mut redis) = RedisServer::start() else {
         return;
     };
@@ -380,8 +381,14 @@ async fn an_export_while_redis_is_down_is_answered_503_with_retry_after() {
         assert!(Instant::now() < give_up, "/readyz stayed 200 without Redis");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // gRPC: UNAVAILABLE, which OTLP exporters retry.
+    let endpoint = format!("http://{}", app.otlp_grpc.unwrap());
+    let mut grpc = TraceServiceClient::connect(endpoint).await.unwrap();
+    let request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+    let status = grpc.export(request).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
     let m = scrape(&app).await;
-    assert!(value(&m, r#"flowmetrics_store_errors_total{op="apply"}"#) >= 1.0);
+    assert!(value(&m, r#"flowmetrics_store_errors_total{op="apply"}"#) >= 2.0);
     assert!(m.contains_key(r#"flowmetrics_store_latency_seconds_count{op="apply"}"#));
     assert_eq!(
         value(
