@@ -487,3 +487,73 @@ fn replicas_hammering_the_same_keys_count_each_instance_once() {
     assert_eq!(rec.get("*", "dup_start") as u64, ids);
     assert_eq!(rec.get("*", "dup_end") as u64, completed);
 }
+
+#[test]
+fn a_batch_whose_reply_was_lost_is_reported_once_and_its_retry_is_a_duplicate() {
+    let server = server!();
+    let rec = Arc::new(Recorder::default());
+    let mut rs = replicas(&server, 2, 1000, Duration::from_secs(60), &rec);
+    // A store that gives up on a reply after 100 ms.
+    rs[0].store = RedisStore::new(
+        StoreSettings {
+            capacity: 1000,
+            dedup_window: Duration::from_secs(300),
+            timeout_for: Arc::new(|_| Duration::from_secs(60)),
+            longest_timeout: Duration::from_secs(60),
+        },
+        RedisSettings {
+            url: server.url(),
+            key_prefix: "t:".into(),
+            connect_timeout: Duration::from_millis(500),
+            command_timeout: Duration::from_millis(100),
+            pool_size: 4,
+        },
+        rec.clone(),
+        rs[0].probe.clone(),
+    )
+    .unwrap();
+    apply(&rs[1], vec![ev("f", "1", EventKind::Start, 1_000_000_000)]);
+    // Its connection is open before (opening one waits for the server's answers).
+    apply(&rs[0], vec![ev("warm", "1", EventKind::Start, 1)]);
+    // The server is busy for 500 ms: the batch is read and run after the client
+    // stopped waiting for it, and its reply goes nowhere.
+    let mut busy_con = server.connection().unwrap();
+    let busy = std::thread::spawn(move || {
+        redis::cmd("EVAL")
+            .arg(
+                "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] \
+                 repeat local u = redis.call('TIME') until u[1] * 1e6 + u[2] - s > 500000",
+            )
+            .arg(0)
+            .query::<()>(&mut busy_con)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let batch = || {
+        vec![
+            ev("f", "1", END, 3_000_000_000),
+            ev("f", "2", EventKind::Start, 1),
+        ]
+    };
+    let refused = rs[0].store.apply_batch(&mut batch().into_iter());
+    assert_eq!(refused, Err(StoreUnavailable));
+    assert_eq!(rec.get("f", "success"), 0);
+    busy.join().unwrap().unwrap();
+    // The replica that lost the reply reads the outcomes back and reports them, once.
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while rec.get("f", "success") == 0 && Instant::now() < give_up {
+        rs[0].store.run_pending_tasks();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..5 {
+        rs[0].store.run_pending_tasks();
+    }
+    // The exporter's retry, to the other replica: the events were applied, so it finds
+    // duplicates only.
+    apply(&rs[1], batch());
+    assert_eq!(rec.get("*", "dup_end"), 1);
+    assert_eq!(rec.get("*", "dup_start"), 1);
+    assert_eq!(rec.get("f", "success"), 1);
+    assert_eq!(*rec.durations.lock().unwrap(), vec![2.0]);
+    assert_eq!(rec.get("f", "started"), 2);
+    assert_eq!(rec.in_progress("f"), 1);
+}

@@ -9,6 +9,12 @@
 //! clock (`TIME`, so replicas' clocks do not matter), popped by a script on whichever
 //! replica's sweeper gets there first: each time-out is counted once, with no leader.
 //!
+//! A reply can be lost after the script ran (a timeout, a dropped connection): the
+//! export is refused and retried, and the retry finds only duplicates. So the script
+//! also keeps its reply under a key of its own; the replica deletes it with its next
+//! call once read, or, when the reply was lost, reads it back from its sweeper and
+//! reports it then (once: reading deletes it).
+//!
 //! Keys (prefix `p`, `h` a stable 64-bit digest of flow and id in hex, the Cluster hash
 //! tag): `p{h}i<flow>\0<id>` the instance; `p{h}s<ts>` / `p{h}e<ts>` a retry
 //! fingerprint that expires after the dedup window; `pdeadlines` the instance keys by
@@ -39,6 +45,11 @@ const SWEEP_LIMIT: usize = 1000;
 const SWEEP_ROUNDS: usize = 50;
 /// Errors are logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Batches whose reply was lost, kept to read their outcomes back; beyond, the oldest
+/// are given up (their counts are lost, logged).
+const MAX_PENDING: usize = 64;
+/// Read results acknowledged per call.
+const MAX_ACKS: usize = 256;
 /// Longest timeout in ms the script is handed: Lua prints numbers with 14 digits.
 const MAX_TIMEOUT_MS: u64 = 1_000_000_000_000;
 
@@ -58,13 +69,16 @@ local function take(key)
   redis.call('DEL', key)
   redis.call('ZREM', zset, key)
 end
-local n = (#KEYS - 1) / 2
+local acks = tonumber(ARGV[3])
+local n = (#KEYS - 2 - acks) / 2
+-- Results this replica has read: no longer needed for recovery.
+for j = 2 * n + 3, #KEYS do redis.call('DEL', KEYS[j]) end
 for i = 1, n do
-  local key = KEYS[2 * i]
-  local fp = KEYS[2 * i + 1]
-  local kind = ARGV[3 * i]
-  local value = ARGV[3 * i + 1]
-  local timeout = tonumber(ARGV[3 * i + 2])
+  local key = KEYS[2 * i + 1]
+  local fp = KEYS[2 * i + 2]
+  local kind = ARGV[3 * i + 1]
+  local value = ARGV[3 * i + 2]
+  local timeout = tonumber(ARGV[3 * i + 3])
   if not redis.call('SET', fp, '1', 'NX', 'PX', window) then
     emit(i, 'D')
   else
@@ -113,7 +127,18 @@ while over > 0 do
   end
   over = over - 1
 end
+-- Kept until this replica has read the reply: if the reply is lost, the replica reads
+-- the outcomes from here and reports them (the exporter's retry finds only duplicates).
+local parts = {}
+for j = 1, #out do parts[j] = #out[j] .. ':' .. out[j] end
+redis.call('SET', KEYS[2], table.concat(parts), 'PX', math.max(tonumber(window), 60000))
 return out
+"#;
+
+const CLAIM: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v then redis.call('DEL', KEYS[1]) end
+return v
 "#;
 
 const SWEEP: &str = r#"
@@ -140,7 +165,8 @@ pub struct RedisSettings {
     pub pool_size: usize,
 }
 
-/// Told about every call to the shared store: `op` is `apply` or `sweep`. Implemented
+/// Told about every call to the shared store: `op` is `apply`, `sweep` or `recover`
+/// (reading back the outcomes of a batch whose reply was lost). Implemented
 /// by the metrics registry (errors counter, latency histogram).
 pub trait StoreProbe: Send + Sync + 'static {
     fn store_call(&self, op: &'static str, seconds: f64, ok: bool);
@@ -150,6 +176,16 @@ pub struct RedisStore {
     pool: Pool,
     apply: Script,
     sweep: Script,
+    claim: Script,
+    /// Batches sent whose reply never came: their outcomes may be in the store.
+    pending: Mutex<std::collections::VecDeque<Pending>>,
+    /// Result keys of replies read, deleted by the next call.
+    acks: Mutex<Vec<Vec<u8>>>,
+    /// Makes result keys unique: this replica's random id and a call counter.
+    replica_id: u64,
+    calls: AtomicU64,
+    /// How long a lost batch's result is looked for (the script may still be queued).
+    recover_for: Duration,
     prefix: Vec<u8>,
     deadlines: Vec<u8>,
     sink: Arc<dyn FlowSink>,
@@ -186,6 +222,15 @@ impl RedisStore {
             },
             apply: Script::new(APPLY),
             sweep: Script::new(SWEEP),
+            claim: Script::new(CLAIM),
+            pending: Mutex::new(std::collections::VecDeque::new()),
+            acks: Mutex::new(Vec::new()),
+            replica_id: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                std::process::id(),
+            ),
+            calls: AtomicU64::new(0),
+            recover_for: redis.command_timeout * 2 + redis.connect_timeout + Duration::from_secs(5),
             prefix,
             deadlines,
             sink,
@@ -224,11 +269,21 @@ impl RedisStore {
     }
 
     fn apply_chunk(&self, events: &[FlowEvent]) -> Result<(), StoreUnavailable> {
+        let mut result_key = self.prefix.clone();
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        result_key.extend_from_slice(format!("{{r}}{:016x}:{call}", self.replica_id).as_bytes());
+        let acks: Vec<Vec<u8>> = {
+            let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            let keep = acks.len().saturating_sub(MAX_ACKS);
+            acks.split_off(keep)
+        };
         let mut invocation = self.apply.prepare_invoke();
         invocation
             .key(&self.deadlines[..])
+            .key(&result_key[..])
             .arg(self.window_ms)
-            .arg(self.capacity);
+            .arg(self.capacity)
+            .arg(acks.len());
         for event in events {
             let tag = tag(&event.flow, &event.correlation_id);
             let mut key = self.tagged(&tag, b'i');
@@ -251,9 +306,85 @@ impl RedisStore {
                 .arg(encode(state, event))
                 .arg(timeout_ms);
         }
-        let out: Vec<Vec<u8>> = self
-            .call("apply", |con| invocation.invoke(con))
-            .map_err(|_| StoreUnavailable)?;
+        for ack in &acks {
+            invocation.key(&ack[..]);
+        }
+        let out: Vec<Vec<u8>> = match self.call("apply", |con| invocation.invoke(con)) {
+            Ok(out) => out,
+            Err(_) => {
+                self.acks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(acks);
+                self.remember_lost(result_key, events);
+                return Err(StoreUnavailable);
+            }
+        };
+        self.acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(result_key);
+        self.settle_all(events, &out);
+        Ok(())
+    }
+
+    /// The script may have run although its reply never came: keep what is needed to
+    /// read its outcomes back ([`RedisStore::recover`]).
+    fn remember_lost(&self, result_key: Vec<u8>, events: &[FlowEvent]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.len() >= MAX_PENDING {
+            pending.pop_front();
+            tracing::warn!(
+                "correlation store (redis): too many exports without a reply; the \
+                 outcomes of the oldest are not counted if they were applied"
+            );
+        }
+        pending.push_back(Pending {
+            result_key,
+            events: events.to_vec(),
+            since: Instant::now(),
+        });
+    }
+
+    /// Reads back the outcomes of batches whose reply was lost, and reports them: the
+    /// store removes each result as it is read, so they are reported once.
+    fn recover(&self) {
+        let lost: Vec<Pending> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        let mut keep = Vec::new();
+        let mut lost = lost.into_iter();
+        for batch in lost.by_ref() {
+            let mut invocation = self.claim.prepare_invoke();
+            invocation.key(&batch.result_key[..]);
+            match self.call("recover", |con| invocation.invoke::<Option<Vec<u8>>>(con)) {
+                Ok(Some(blob)) => match parse_netstrings(&blob) {
+                    Some(out) => self.settle_all(&batch.events, &out),
+                    None => tracing::warn!("correlation store (redis): a result could not be read"),
+                },
+                // Not applied yet (the script may still be queued), or never.
+                Ok(None) if batch.since.elapsed() < self.recover_for => keep.push(batch),
+                Ok(None) => {}
+                Err(_) => {
+                    keep.push(batch);
+                    break;
+                }
+            }
+        }
+        keep.extend(lost);
+        if !keep.is_empty() {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for batch in keep.into_iter().rev() {
+                pending.push_front(batch);
+            }
+            pending.truncate(MAX_PENDING);
+        }
+    }
+
+    fn settle_all(&self, events: &[FlowEvent], out: &[Vec<u8>]) {
         for record in out.chunks_exact(3) {
             let index = std::str::from_utf8(&record[0])
                 .ok()
@@ -262,7 +393,6 @@ impl RedisStore {
             let event = index.checked_sub(1).and_then(|i| events.get(i));
             self.settle(event, record[1].first().copied(), &record[2]);
         }
-        Ok(())
     }
 
     /// Reports one outcome the script returned for `event` (none: an eviction).
@@ -356,6 +486,14 @@ impl CorrelationStore for RedisStore {
     }
 
     fn run_pending_tasks(&self) {
+        let lost = !self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if lost {
+            self.recover();
+        }
         for _ in 0..SWEEP_ROUNDS {
             let mut invocation = self.sweep.prepare_invoke();
             invocation.key(&self.deadlines[..]).arg(SWEEP_LIMIT);
@@ -448,6 +586,26 @@ fn tag(flow: &str, id: &str) -> [u8; 16] {
         *byte = b"0123456789abcdef"[((h >> (60 - 4 * i)) & 0xf) as usize];
     }
     out
+}
+
+/// A batch sent whose reply did not come.
+struct Pending {
+    result_key: Vec<u8>,
+    events: Vec<FlowEvent>,
+    since: Instant,
+}
+
+/// `len:bytes` repeated, as the script keeps its reply.
+fn parse_netstrings(mut blob: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !blob.is_empty() {
+        let colon = blob.iter().position(|&b| b == b':')?;
+        let len: usize = std::str::from_utf8(&blob[..colon]).ok()?.parse().ok()?;
+        let rest = &blob[colon + 1..];
+        out.push(rest.get(..len)?.to_vec());
+        blob = &rest[len..];
+    }
+    Some(out)
 }
 
 /// What an instance's value holds, read back.
