@@ -31,7 +31,56 @@ pub struct Config {
     pub state: State,
     pub shutdown: Shutdown,
     pub network_flows: NetworkFlows,
+    pub correlation: Correlation,
     pub log: Log,
+}
+
+/// Where open instances live (SPEC §3 "several replicas", §5 `correlation`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Correlation {
+    pub store: StoreKind,
+    pub redis: RedisConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// moka, in process: one replica.
+    #[default]
+    Memory,
+    /// Redis or Valkey, shared by every replica.
+    Redis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    #[serde(deserialize_with = "string_like")]
+    pub url: String,
+    #[serde(deserialize_with = "string_like")]
+    pub key_prefix: String,
+    /// Opening a connection must succeed within this.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// One command (a batch's script) must be answered within this, else the export is
+    /// answered 503 and retried by the exporter.
+    #[serde(with = "duration")]
+    pub command_timeout: Duration,
+    /// Idle connections kept open (more are opened under load, then closed).
+    pub pool_size: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/0".into(),
+            key_prefix: "flowmetrics:".into(),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(2),
+            pool_size: 8,
+        }
+    }
 }
 
 /// Listener addresses. An empty string disables that listener.
@@ -416,6 +465,19 @@ impl Config {
             if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
                 fail(key, format!("{value:?} is not an address like 127.0.0.1:4318, a port, or \"\" to disable"))?;
             }
+        }
+        let redis = &self.correlation.redis;
+        if self.correlation.store == StoreKind::Redis && !redis.url.starts_with("redis://") {
+            fail(
+                "correlation.redis.url",
+                format!(
+                    "{:?} is not a redis:// URL (TLS is not built in)",
+                    redis.url
+                ),
+            )?;
+        }
+        if redis.pool_size == 0 {
+            fail("correlation.redis.pool_size", "must be at least 1".into())?;
         }
         if self.listen.metrics.is_empty() {
             fail(

@@ -11,6 +11,7 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use crate::flows::event::{AttributeLayers, NO_ATTRIBUTES};
 use crate::flows::network::NetworkFlows;
 use crate::flows::scan::scan_traces_with_network;
+use crate::flows::store::StoreUnavailable;
 use crate::flows::{CorrelationStore, Extractor, FlowEvent, Source, TraceRef};
 use crate::metrics::Metrics;
 use crate::model::{Rejection, RejectionSummary, Transport};
@@ -62,11 +63,20 @@ impl Pipeline {
     }
 
     /// Applies the batch's events and hands back what was refused.
-    fn finish(&self, batch: Batch) -> RejectionSummary {
+    fn finish(&self, batch: Batch) -> Result<RejectionSummary, StoreUnavailable> {
         if !batch.events.is_empty() {
-            self.store.apply_batch(&mut batch.events.into_iter());
+            let apply = || self.store.apply_batch(&mut batch.events.into_iter());
+            // A store that waits on the network must not hold an async worker: the
+            // runtime moves that worker's other tasks elsewhere meanwhile.
+            let on_workers = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if self.store.blocks() && on_workers {
+                tokio::task::block_in_place(apply)?;
+            } else {
+                apply()?;
+            }
         }
-        batch.rejected
+        Ok(batch.rejected)
     }
 
     fn accept(&self, result: Result<Option<FlowEvent>, Rejection>, batch: &mut Batch) {
@@ -89,11 +99,12 @@ impl Pipeline {
 
     /// A protobuf `ExportTraceServiceRequest`, decoded selectively (see
     /// [`crate::flows::scan`]). A malformed body changes nothing.
+    #[allow(clippy::type_complexity)]
     pub fn traces_protobuf(
         &self,
         body: &[u8],
         transport: Transport,
-    ) -> Result<RejectionSummary, String> {
+    ) -> Result<Result<RejectionSummary, StoreUnavailable>, String> {
         let scan =
             scan_traces_with_network(body, &self.extractor, self.network.as_ref(), now_nanos())?;
         if let Some(network) = &self.network {
@@ -117,7 +128,7 @@ impl Pipeline {
         &self,
         request: &ExportTraceServiceRequest,
         transport: Transport,
-    ) -> RejectionSummary {
+    ) -> Result<RejectionSummary, StoreUnavailable> {
         let received = now_nanos();
         let mut batch = Batch::default();
         let mut spans = 0u64;
@@ -175,7 +186,7 @@ impl Pipeline {
         &self,
         request: &ExportLogsServiceRequest,
         transport: Transport,
-    ) -> RejectionSummary {
+    ) -> Result<RejectionSummary, StoreUnavailable> {
         let received = now_nanos();
         let mut batch = Batch::default();
         let mut records = 0u64;

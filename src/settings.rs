@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{Config, DimensionSource, MaxConnections};
+use crate::config::{Config, DimensionSource, MaxConnections, StoreKind};
 use crate::flows::event::DimensionLookup;
 use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;
+use crate::flows::store::RedisSettings;
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::ingest::limits::{auto_connections, open_file_limit, LimitSettings};
 use crate::metrics::MetricsSettings;
@@ -64,6 +65,18 @@ pub fn store(config: &Config) -> StoreSettings {
     }
 }
 
+/// Where the shared store is (`correlation.redis`).
+pub fn redis(config: &Config) -> RedisSettings {
+    let redis = &config.correlation.redis;
+    RedisSettings {
+        url: redis.url.clone(),
+        key_prefix: redis.key_prefix.clone(),
+        connect_timeout: redis.connect_timeout,
+        command_timeout: redis.command_timeout,
+        pool_size: redis.pool_size,
+    }
+}
+
 /// Label names, buckets and the series limit of the metric families.
 pub fn metrics(config: &Config) -> MetricsSettings {
     let labels = |side| {
@@ -90,6 +103,7 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         network_labels: config.network_flows.enabled.then(|| network_labels(config)),
         series_idle_timeout: config.limits.series_idle_timeout,
         longest_flow_timeout: store(config).longest_timeout,
+        shared_store: config.correlation.store == StoreKind::Redis,
     }
 }
 

@@ -185,3 +185,26 @@ fn one_path_notation_and_one_way_to_name_a_file() {
         "{err}"
     );
 }
+
+#[test]
+fn the_shared_store_is_checked_at_start() {
+    let e = error(
+        None,
+        &[
+            ("FLOWMETRICS_CORRELATION__STORE", "redis"),
+            ("FLOWMETRICS_CORRELATION__REDIS__URL", "127.0.0.1:6379"),
+        ],
+    );
+    assert!(e.contains("correlation.redis.url"), "{e}");
+    let e = error(None, &[("FLOWMETRICS_CORRELATION__STORE", "memcached")]);
+    assert!(e.contains("correlation.store"), "{e}");
+    let ok = Config::load(
+        None,
+        [(
+            "FLOWMETRICS_CORRELATION__STORE".to_string(),
+            "redis".to_string(),
+        )],
+    )
+    .expect("the defaults name a local Redis");
+    assert_eq!(ok.correlation.redis.key_prefix, "flowmetrics:");
+}

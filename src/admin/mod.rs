@@ -56,6 +56,10 @@ impl Admin {
                 respond(StatusCode::OK, OPENMETRICS, Bytes::from(body))
             }
             "/healthz" => plain(StatusCode::OK, "ok\n"),
+            "/readyz" if !self.store.available() => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "correlation store unavailable\n",
+            ),
             "/readyz" if self.ready.load(Ordering::Acquire) => plain(StatusCode::OK, "ready\n"),
             "/readyz" => plain(
                 StatusCode::SERVICE_UNAVAILABLE,

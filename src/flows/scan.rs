@@ -1294,7 +1294,10 @@ mod tests {
         );
         // The second resource_spans has no resource at all.
         assert_eq!(scan.events.len(), 10);
-        assert_eq!(scan.events[5].as_ref().unwrap().dims[1], "".into());
+        assert_eq!(
+            scan.events[5].as_ref().unwrap().dims[1],
+            std::sync::Arc::<str>::from("")
+        );
         assert_eq!(
             scan.events[7].as_ref().unwrap_err(),
             &Rejection::MissingCorrelationId

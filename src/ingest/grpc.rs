@@ -260,8 +260,10 @@ fn export(
                 decode(message, MediaType::Protobuf).map_err(decode_status)?;
             pipeline.logs(&request, Transport::Grpc)
         }
-        Signal::Metrics => Default::default(),
-    };
+        Signal::Metrics => Ok(Default::default()),
+    }
+    // The shared correlation store is unreachable: the exporter retries later.
+    .map_err(|e| Status::unavailable(e.to_string()))?;
     if !rejected.is_empty() {
         tracing::debug!("{}", rejected.message());
     }

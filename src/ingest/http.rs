@@ -283,10 +283,17 @@ fn decode_export(
             pipeline.logs(&request, Transport::Http)
         }
         // Accepted and discarded: SDKs and flowgen send every signal to one endpoint.
-        Signal::Metrics => RejectionSummary::default(),
+        Signal::Metrics => Ok(RejectionSummary::default()),
     };
     drop(held);
-    Ok(rejected)
+    // The shared correlation store is unreachable: 503, and the exporter retries.
+    rejected.map_err(|e| {
+        Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            grpc_code::UNAVAILABLE,
+            e.to_string(),
+        )
+    })
 }
 
 fn too_large(limit: usize) -> Failure {

@@ -22,10 +22,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::{CounterWithExemplar, HistogramWithExemplars};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::flows::event::{DimValues, Outcome, Source};
-use crate::flows::store::{EndRecord, FlowSink, Report};
+use crate::flows::store::{EndRecord, FlowSink, Report, StoreProbe};
 use crate::flows::EventKind;
 use crate::model::{Rejection, Signal, Transport};
 pub use exemplar::TraceExemplar;
@@ -59,6 +60,8 @@ pub struct MetricsSettings {
     /// The longest flow timeout: an instance can stay open this long without a
     /// recording, so no label set is idle sooner.
     pub longest_flow_timeout: Duration,
+    /// `correlation.store: redis`: the store's errors and latency are exposed.
+    pub shared_store: bool,
 }
 
 pub struct Metrics {
@@ -101,6 +104,15 @@ pub struct Metrics {
     otlp_log_records: Family<Pair, Counter>,
     in_flight_entries: Gauge,
     network: Option<network::NetworkMetrics>,
+    store_errors: Family<Pair, Counter>,
+    store_latency: Family<Pair, Histogram, fn() -> Histogram>,
+}
+
+/// Round trips to a shared store: 0.25 ms to 2.5 s.
+fn store_latency_histogram() -> Histogram {
+    Histogram::new([
+        0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ])
 }
 
 impl Metrics {
@@ -325,6 +337,26 @@ impl Metrics {
             build_info,
         );
         registry.register_collector(Box::new(process::ProcessCollector));
+        let store_errors = Family::<Pair, Counter>::default();
+        let store_latency: Family<Pair, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(store_latency_histogram);
+        if settings.shared_store {
+            registry.register(
+                "flowmetrics_store_errors",
+                "Calls to the shared correlation store that failed (unreachable, timed \
+                 out), by operation: apply (an export's events) or sweep (time-outs)",
+                store_errors.clone(),
+            );
+            registry.register_with_unit(
+                "flowmetrics_store_latency",
+                "Round trip of calls to the shared correlation store, by operation",
+                Unit::Seconds,
+                store_latency.clone(),
+            );
+            for op in ["apply", "sweep"] {
+                let _ = store_errors.get_or_create(&[("op", op)]);
+            }
+        }
 
         // Self-metric series exist from the start (at 0), so rates and alerts work
         // before the first event; their handles skip the family lookup per event.
@@ -370,6 +402,8 @@ impl Metrics {
             otlp_log_records,
             in_flight_entries,
             network,
+            store_errors,
+            store_latency,
         }
     }
 
@@ -524,6 +558,17 @@ fn kind_index(kind: EventKind) -> usize {
     match kind {
         EventKind::Start => 0,
         EventKind::End(_) => 1,
+    }
+}
+
+impl StoreProbe for Metrics {
+    fn store_call(&self, op: &'static str, seconds: f64, ok: bool) {
+        self.store_latency
+            .get_or_create(&[("op", op)])
+            .observe(seconds);
+        if !ok {
+            self.store_errors.get_or_create(&[("op", op)]).inc();
+        }
     }
 }
 

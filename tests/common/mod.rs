@@ -2,6 +2,8 @@
 //! ephemeral ports, talk HTTP to it, read its `/metrics`.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 

@@ -653,12 +653,16 @@ impl CacheBaseline {
 }
 
 impl CorrelationStore for MemoryStore {
-    fn apply_batch(&self, events: &mut dyn Iterator<Item = FlowEvent>) {
+    fn apply_batch(
+        &self,
+        events: &mut dyn Iterator<Item = FlowEvent>,
+    ) -> Result<(), super::StoreUnavailable> {
         // One clock reading per export: its events arrived together.
         let now = self.clock.now();
         for event in events {
             self.apply_at(event, now);
         }
+        Ok(())
     }
 
     fn run_pending_tasks(&self) {

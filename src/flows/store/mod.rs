@@ -6,6 +6,7 @@
 //! implements [`CorrelationStore`] beside it, and nothing in ingest or metrics changes.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 use super::state::StoreSnapshot;
 
 pub use memory::{CacheBaseline, Maintenance, MemoryStore};
+pub use redis::{RedisSettings, RedisStore, StoreProbe};
 
 /// What a store tells its sink. `flow` is the flow name; `start_dims` the dimension
 /// values captured from the start event.
@@ -94,8 +96,24 @@ pub struct StoreSettings {
 /// request handler except [`CorrelationStore::run_pending_tasks`], which belongs on a
 /// thread of its own ([`Maintenance`]).
 pub trait CorrelationStore: Send + Sync + 'static {
-    /// Applies one export's flow events, in order (SPEC §3).
-    fn apply_batch(&self, events: &mut dyn Iterator<Item = FlowEvent>);
+    /// Applies one export's flow events, in order (SPEC §3). A shared store that cannot
+    /// be reached refuses: the exporter retries, and what did apply is recognised as a
+    /// retry then.
+    fn apply_batch(
+        &self,
+        events: &mut dyn Iterator<Item = FlowEvent>,
+    ) -> Result<(), StoreUnavailable>;
+
+    /// Whether [`CorrelationStore::apply_batch`] waits on the network (the caller keeps
+    /// it off async worker threads).
+    fn blocks(&self) -> bool {
+        false
+    }
+
+    /// Whether the store can be used now (`/readyz`).
+    fn available(&self) -> bool {
+        true
+    }
 
     /// Counts and removes what is due: time-outs, capacity evictions.
     fn run_pending_tasks(&self);
@@ -137,6 +155,16 @@ pub struct RestoreSummary {
     pub expired_ends: u64,
     /// Entries of flows no longer tracked.
     pub discarded: u64,
+}
+
+/// A shared store could not be reached, or did not answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreUnavailable;
+
+impl std::fmt::Display for StoreUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the correlation store is unavailable; retry shortly")
+    }
 }
 
 /// end − start in seconds, exact for any two u64 timestamps.

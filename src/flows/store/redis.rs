@@ -1,0 +1,791 @@
+//! The shared correlation store: Redis or Valkey holds every open instance, every end
+//! waiting for its start, the deadlines and the retry fingerprints, so that any replica
+//! closes what another opened (SPEC §3 "several replicas").
+//!
+//! One export batch is one server-side script (EVALSHA, loaded again after NOSCRIPT),
+//! in chunks of at most [`CHUNK`] events so that no script holds the server for long.
+//! The script applies each event atomically and returns what happened; this replica
+//! reports that to its sink. Deadlines are scores in one sorted set, on the server's
+//! clock (`TIME`, so replicas' clocks do not matter), popped by a script on whichever
+//! replica's sweeper gets there first: each time-out is counted once, with no leader.
+//!
+//! A reply can be lost after the script ran (a timeout, a dropped connection): the
+//! export is refused and retried, and the retry finds only duplicates. So the script
+//! also keeps its reply under a key of its own; the replica deletes it with its next
+//! call once read, or, when the reply was lost, reads it back from its sweeper and
+//! reports it then (once: reading deletes it).
+//!
+//! Keys (prefix `p`, `h` a stable 64-bit digest of flow and id in hex, the Cluster hash
+//! tag): `p{h}i<flow>\0<id>` the instance; `p{h}s<ts>` / `p{h}e<ts>` a retry
+//! fingerprint that expires after the dedup window; `pdeadlines` the instance keys by
+//! deadline (ms). An instance's value: its state (`o` open, `w` an end waiting), its
+//! event timestamp as 20 digits (compared as strings: Lua numbers are doubles), then
+//! the payload encoded here (flow, dims, and for an end its outcome and trace).
+//!
+//! The client is redis-rs' synchronous connection with socket timeouts, in a small
+//! pool: the store is called from blocking threads (pipeline, maintenance thread), and
+//! a dropped connection is simply not returned to the pool, so the next call
+//! reconnects.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::{Client, Connection, RedisResult, Script};
+
+use super::{
+    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreSettings, StoreUnavailable,
+};
+use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
+
+/// Events per script call: bounds how long one call holds the server.
+const CHUNK: usize = 1000;
+/// Due entries popped per sweep call; a sweep loops up to [`SWEEP_ROUNDS`] calls.
+const SWEEP_LIMIT: usize = 1000;
+const SWEEP_ROUNDS: usize = 50;
+/// Errors are logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Batches whose reply was lost, kept to read their outcomes back; beyond, the oldest
+/// are given up (their counts are lost, logged).
+const MAX_PENDING: usize = 64;
+/// Read results acknowledged per call.
+const MAX_ACKS: usize = 256;
+/// Longest timeout in ms the script is handed: Lua prints numbers with 14 digits.
+const MAX_TIMEOUT_MS: u64 = 1_000_000_000_000;
+
+const APPLY: &str = r#"
+local zset = KEYS[1]
+local window = ARGV[1]
+local cap = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+local function emit(i, code, v)
+  out[#out + 1] = tostring(i)
+  out[#out + 1] = code
+  out[#out + 1] = v or ''
+end
+local function take(key)
+  redis.call('DEL', key)
+  redis.call('ZREM', zset, key)
+end
+local acks = tonumber(ARGV[3])
+local n = (#KEYS - 2 - acks) / 2
+-- Results this replica has read: no longer needed for recovery.
+for j = 2 * n + 3, #KEYS do redis.call('DEL', KEYS[j]) end
+for i = 1, n do
+  local key = KEYS[2 * i + 1]
+  local fp = KEYS[2 * i + 2]
+  local kind = ARGV[3 * i + 1]
+  local value = ARGV[3 * i + 2]
+  local timeout = tonumber(ARGV[3 * i + 3])
+  if not redis.call('SET', fp, '1', 'NX', 'PX', window) then
+    emit(i, 'D')
+  else
+    local old = redis.call('GET', key)
+    if old then
+      local due = redis.call('ZSCORE', zset, key)
+      if due and tonumber(due) <= now then
+        -- Past its deadline and not yet swept: it timed out, and this event finds nothing.
+        take(key)
+        emit(i, 'T', old)
+        old = nil
+      end
+    end
+    if not old then
+      redis.call('SET', key, value)
+      redis.call('ZADD', zset, now + timeout, key)
+      if kind == 's' then emit(i, 'O') else emit(i, 'W') end
+    elseif kind == 's' then
+      if string.sub(old, 1, 1) == 'o' then
+        -- The earliest start wins; the instance keeps its dims and deadline.
+        if string.sub(value, 2, 21) < string.sub(old, 2, 21) then
+          redis.call('SET', key, string.sub(value, 1, 21) .. string.sub(old, 22))
+        end
+        emit(i, 'D')
+      else
+        take(key)
+        emit(i, 'P', old)
+      end
+    elseif string.sub(old, 1, 1) == 'o' then
+      take(key)
+      emit(i, 'C', old)
+    else
+      emit(i, 'D')
+    end
+  end
+end
+-- Full: the entries due soonest leave (timed out if already due).
+local over = redis.call('ZCARD', zset) - cap
+while over > 0 do
+  local popped = redis.call('ZPOPMIN', zset)
+  if #popped == 0 then break end
+  local v = redis.call('GET', popped[1])
+  redis.call('DEL', popped[1])
+  if v then
+    if tonumber(popped[2]) <= now then emit(0, 'T', v) else emit(0, 'E', v) end
+  end
+  over = over - 1
+end
+-- Kept until this replica has read the reply: if the reply is lost, the replica reads
+-- the outcomes from here and reports them (the exporter's retry finds only duplicates).
+local parts = {}
+for j = 1, #out do parts[j] = #out[j] .. ':' .. out[j] end
+redis.call('SET', KEYS[2], table.concat(parts), 'PX', math.max(tonumber(window), 60000))
+return out
+"#;
+
+const CLAIM: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v then redis.call('DEL', KEYS[1]) end
+return v
+"#;
+
+const SWEEP: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local out = { tostring(redis.call('ZCARD', KEYS[1]) - #due) }
+for _, key in ipairs(due) do
+  local v = redis.call('GET', key)
+  redis.call('DEL', key)
+  redis.call('ZREM', KEYS[1], key)
+  if v then out[#out + 1] = v end
+end
+return out
+"#;
+
+/// Where the shared store is and how long to wait for it (`correlation.redis`).
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    pub url: String,
+    pub key_prefix: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub pool_size: usize,
+}
+
+/// Told about every call to the shared store: `op` is `apply`, `sweep` or `recover`
+/// (reading back the outcomes of a batch whose reply was lost). Implemented
+/// by the metrics registry (errors counter, latency histogram).
+pub trait StoreProbe: Send + Sync + 'static {
+    fn store_call(&self, op: &'static str, seconds: f64, ok: bool);
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    apply: Script,
+    sweep: Script,
+    claim: Script,
+    /// Batches sent whose reply never came: their outcomes may be in the store.
+    pending: Mutex<std::collections::VecDeque<Pending>>,
+    /// Result keys of replies read, deleted by the next call.
+    acks: Mutex<Vec<Vec<u8>>>,
+    /// Makes result keys unique: this replica's random id and a call counter.
+    replica_id: u64,
+    calls: AtomicU64,
+    /// How long a lost batch's result is looked for (the script may still be queued).
+    recover_for: Duration,
+    prefix: Vec<u8>,
+    deadlines: Vec<u8>,
+    sink: Arc<dyn FlowSink>,
+    probe: Arc<dyn StoreProbe>,
+    timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
+    window_ms: u64,
+    capacity: u64,
+    /// Entries at the last sweep: read by `/metrics` without a round trip.
+    entries: AtomicU64,
+    available: AtomicBool,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+impl RedisStore {
+    /// Connects lazily: the service starts (not ready) while the store is down.
+    pub fn new(
+        settings: StoreSettings,
+        redis: RedisSettings,
+        sink: Arc<dyn FlowSink>,
+        probe: Arc<dyn StoreProbe>,
+    ) -> Result<Self, String> {
+        let client = Client::open(redis.url.as_str())
+            .map_err(|e| format!("correlation.redis.url {:?}: {e}", redis.url))?;
+        let prefix = redis.key_prefix.into_bytes();
+        let mut deadlines = prefix.clone();
+        deadlines.extend_from_slice(b"deadlines");
+        Ok(Self {
+            pool: Pool {
+                client,
+                idle: Mutex::new(Vec::new()),
+                size: redis.pool_size.max(1),
+                connect_timeout: redis.connect_timeout,
+                command_timeout: redis.command_timeout,
+            },
+            apply: Script::new(APPLY),
+            sweep: Script::new(SWEEP),
+            claim: Script::new(CLAIM),
+            pending: Mutex::new(std::collections::VecDeque::new()),
+            acks: Mutex::new(Vec::new()),
+            replica_id: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                std::process::id(),
+            ),
+            calls: AtomicU64::new(0),
+            recover_for: redis.command_timeout * 2 + redis.connect_timeout + Duration::from_secs(5),
+            prefix,
+            deadlines,
+            sink,
+            probe,
+            timeout_for: settings.timeout_for,
+            window_ms: u64::try_from(settings.dedup_window.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            capacity: settings.capacity,
+            entries: AtomicU64::new(0),
+            available: AtomicBool::new(false),
+            last_warning: Mutex::new(None),
+        })
+    }
+
+    /// Times a call, tells the probe, and keeps the availability flag.
+    fn call<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut Connection) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        let started = Instant::now();
+        let result = self.pool.with(f);
+        self.probe
+            .store_call(op, started.elapsed().as_secs_f64(), result.is_ok());
+        self.available.store(result.is_ok(), Ordering::Release);
+        if let Err(e) = &result {
+            let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+                *last = Some(now);
+                tracing::warn!(op, "correlation store (redis) unavailable: {e}");
+            }
+        }
+        result
+    }
+
+    fn apply_chunk(&self, events: &[FlowEvent]) -> Result<(), StoreUnavailable> {
+        let mut result_key = self.prefix.clone();
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        result_key.extend_from_slice(format!("{{r}}{:016x}:{call}", self.replica_id).as_bytes());
+        let acks: Vec<Vec<u8>> = {
+            let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            let keep = acks.len().saturating_sub(MAX_ACKS);
+            acks.split_off(keep)
+        };
+        let mut invocation = self.apply.prepare_invoke();
+        invocation
+            .key(&self.deadlines[..])
+            .key(&result_key[..])
+            .arg(self.window_ms)
+            .arg(self.capacity)
+            .arg(acks.len());
+        for event in events {
+            let tag = tag(&event.flow, &event.correlation_id);
+            let mut key = self.tagged(&tag, b'i');
+            key.extend_from_slice(event.flow.as_bytes());
+            key.push(0);
+            key.extend_from_slice(event.correlation_id.as_bytes());
+            let (kind, state) = match event.kind {
+                EventKind::Start => (b's', b'o'),
+                EventKind::End(_) => (b'e', b'w'),
+            };
+            let mut fingerprint = self.tagged(&tag, kind);
+            fingerprint.extend_from_slice(event.timestamp_nanos.to_string().as_bytes());
+            let timeout_ms = u64::try_from((self.timeout_for)(&event.flow).as_millis())
+                .unwrap_or(u64::MAX)
+                .min(MAX_TIMEOUT_MS);
+            invocation
+                .key(key)
+                .key(fingerprint)
+                .arg(&[kind][..])
+                .arg(encode(state, event))
+                .arg(timeout_ms);
+        }
+        for ack in &acks {
+            invocation.key(&ack[..]);
+        }
+        let out: Vec<Vec<u8>> = match self.call("apply", |con| invocation.invoke(con)) {
+            Ok(out) => out,
+            Err(_) => {
+                self.acks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(acks);
+                self.remember_lost(result_key, events);
+                return Err(StoreUnavailable);
+            }
+        };
+        self.acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(result_key);
+        self.settle_all(events, &out);
+        Ok(())
+    }
+
+    /// The script may have run although its reply never came: keep what is needed to
+    /// read its outcomes back ([`RedisStore::recover`]).
+    fn remember_lost(&self, result_key: Vec<u8>, events: &[FlowEvent]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.len() >= MAX_PENDING {
+            pending.pop_front();
+            tracing::warn!(
+                "correlation store (redis): too many exports without a reply; the \
+                 outcomes of the oldest are not counted if they were applied"
+            );
+        }
+        pending.push_back(Pending {
+            result_key,
+            events: events.to_vec(),
+            since: Instant::now(),
+        });
+    }
+
+    /// Reads back the outcomes of batches whose reply was lost, and reports them: the
+    /// store removes each result as it is read, so they are reported once.
+    fn recover(&self) {
+        let lost: Vec<Pending> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        let mut keep = Vec::new();
+        let mut lost = lost.into_iter();
+        for batch in lost.by_ref() {
+            let mut invocation = self.claim.prepare_invoke();
+            invocation.key(&batch.result_key[..]);
+            match self.call("recover", |con| invocation.invoke::<Option<Vec<u8>>>(con)) {
+                Ok(Some(blob)) => match parse_netstrings(&blob) {
+                    Some(out) => self.settle_all(&batch.events, &out),
+                    None => tracing::warn!("correlation store (redis): a result could not be read"),
+                },
+                // Not applied yet (the script may still be queued), or never.
+                Ok(None) if batch.since.elapsed() < self.recover_for => keep.push(batch),
+                Ok(None) => {}
+                Err(_) => {
+                    keep.push(batch);
+                    break;
+                }
+            }
+        }
+        keep.extend(lost);
+        if !keep.is_empty() {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            for batch in keep.into_iter().rev() {
+                pending.push_front(batch);
+            }
+            pending.truncate(MAX_PENDING);
+        }
+    }
+
+    fn settle_all(&self, events: &[FlowEvent], out: &[Vec<u8>]) {
+        for record in out.chunks_exact(3) {
+            let index = std::str::from_utf8(&record[0])
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .unwrap_or(0);
+            let event = index.checked_sub(1).and_then(|i| events.get(i));
+            self.settle(event, record[1].first().copied(), &record[2]);
+        }
+    }
+
+    /// Reports one outcome the script returned for `event` (none: an eviction).
+    fn settle(&self, event: Option<&FlowEvent>, code: Option<u8>, stored: &[u8]) {
+        let sink = &*self.sink;
+        let stored = || {
+            let entry = decode(stored);
+            if entry.is_none() {
+                tracing::warn!("correlation store (redis): an entry could not be read");
+            }
+            entry
+        };
+        match (code, event) {
+            (Some(b'T'), _) => {
+                if let Some(entry) = stored() {
+                    entry.gone(sink, false);
+                }
+            }
+            (Some(b'E'), _) => {
+                if let Some(entry) = stored() {
+                    warn_evicted(&self.last_warning, &entry.flow);
+                    entry.gone(sink, true);
+                }
+            }
+            (Some(b'O'), Some(e)) => sink.report(Report::Opened {
+                flow: &e.flow,
+                start_dims: &e.dims,
+            }),
+            (Some(b'D'), Some(e)) => sink.report(Report::Duplicate { kind: e.kind }),
+            (Some(b'P'), Some(e)) => {
+                let Some(Entry { end: Some(end), .. }) = stored() else {
+                    return;
+                };
+                sink.report(Report::Opened {
+                    flow: &e.flow,
+                    start_dims: &e.dims,
+                });
+                sink.report(Report::Completed {
+                    flow: &e.flow,
+                    start_dims: &e.dims,
+                    end: &end,
+                    duration_secs: duration_secs(e.timestamp_nanos, end.timestamp_nanos),
+                });
+            }
+            (Some(b'C'), Some(e)) => {
+                let (Some(entry), EventKind::End(outcome)) = (stored(), e.kind) else {
+                    return;
+                };
+                let end = EndRecord {
+                    outcome,
+                    timestamp_nanos: e.timestamp_nanos,
+                    dims: e.dims.clone(),
+                    trace: e.trace,
+                };
+                sink.report(Report::Completed {
+                    flow: &entry.flow,
+                    start_dims: &entry.dims,
+                    end: &end,
+                    duration_secs: duration_secs(entry.timestamp_nanos, e.timestamp_nanos),
+                });
+            }
+            // `W`: the end waits; nothing to report yet.
+            _ => {}
+        }
+    }
+
+    /// `prefix{tag}` followed by `what`.
+    fn tagged(&self, tag: &[u8; 16], what: u8) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.prefix.len() + 20);
+        key.extend_from_slice(&self.prefix);
+        key.push(b'{');
+        key.extend_from_slice(tag);
+        key.push(b'}');
+        key.push(what);
+        key
+    }
+}
+
+impl CorrelationStore for RedisStore {
+    fn apply_batch(
+        &self,
+        events: &mut dyn Iterator<Item = FlowEvent>,
+    ) -> Result<(), StoreUnavailable> {
+        let events: Vec<FlowEvent> = events.collect();
+        // A chunk that applied before a later one failed is recognised when the
+        // exporter retries the whole batch (its fingerprints are in the store).
+        for chunk in events.chunks(CHUNK) {
+            self.apply_chunk(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn run_pending_tasks(&self) {
+        let lost = !self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if lost {
+            self.recover();
+        }
+        for _ in 0..SWEEP_ROUNDS {
+            let mut invocation = self.sweep.prepare_invoke();
+            invocation.key(&self.deadlines[..]).arg(SWEEP_LIMIT);
+            let Ok(out) = self.call("sweep", |con| invocation.invoke::<Vec<Vec<u8>>>(con)) else {
+                return;
+            };
+            let Some((left, due)) = out.split_first() else {
+                return;
+            };
+            let left = std::str::from_utf8(left)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+            self.entries.store(left, Ordering::Relaxed);
+            for stored in due {
+                self.settle(None, Some(b'T'), stored);
+            }
+            if due.len() < SWEEP_LIMIT {
+                return;
+            }
+        }
+    }
+
+    fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn blocks(&self) -> bool {
+        true
+    }
+
+    fn available(&self) -> bool {
+        self.available.load(Ordering::Acquire)
+    }
+}
+
+/// Synchronous connections, opened on demand; at most `size` kept idle.
+struct Pool {
+    client: Client,
+    idle: Mutex<Vec<Connection>>,
+    size: usize,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+impl Pool {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> RedisResult<T>) -> RedisResult<T> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut con = match pooled {
+            Some(con) => con,
+            None => {
+                let con = self
+                    .client
+                    .get_connection_with_timeout(self.connect_timeout)?;
+                con.set_read_timeout(Some(self.command_timeout))?;
+                con.set_write_timeout(Some(self.command_timeout))?;
+                con
+            }
+        };
+        let result = f(&mut con);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(_) if idle.len() < self.size => idle.push(con),
+            Ok(_) => {}
+            // The others were opened to the same server: after a restart they are all
+            // dead, and each would cost a failed export.
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                idle.clear()
+            }
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+/// A stable digest of the instance's identity: the same on every replica and version.
+fn tag(flow: &str, id: &str) -> [u8; 16] {
+    // FNV-1a, 64 bits.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in flow.bytes().chain([0xff]).chain(id.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = b"0123456789abcdef"[((h >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
+}
+
+/// A batch sent whose reply did not come.
+struct Pending {
+    result_key: Vec<u8>,
+    events: Vec<FlowEvent>,
+    since: Instant,
+}
+
+/// `len:bytes` repeated, as the script keeps its reply.
+fn parse_netstrings(mut blob: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !blob.is_empty() {
+        let colon = blob.iter().position(|&b| b == b':')?;
+        let len: usize = std::str::from_utf8(&blob[..colon]).ok()?.parse().ok()?;
+        let rest = &blob[colon + 1..];
+        out.push(rest.get(..len)?.to_vec());
+        blob = &rest[len..];
+    }
+    Some(out)
+}
+
+/// What an instance's value holds, read back.
+struct Entry {
+    flow: Arc<str>,
+    timestamp_nanos: u64,
+    dims: DimValues,
+    /// The waiting end; `None` for an open instance.
+    end: Option<EndRecord>,
+}
+
+impl Entry {
+    fn gone(&self, sink: &dyn FlowSink, evicted: bool) {
+        match (&self.end, evicted) {
+            (Some(_), _) => sink.report(Report::Unmatched {
+                flow: &self.flow,
+                evicted,
+            }),
+            (None, true) => sink.report(Report::Dropped {
+                flow: &self.flow,
+                start_dims: &self.dims,
+            }),
+            (None, false) => sink.report(Report::TimedOut {
+                flow: &self.flow,
+                start_dims: &self.dims,
+            }),
+        }
+    }
+}
+
+/// `state`, the timestamp as 20 digits, then flow, the number of dims, the dims, and
+/// for an end its outcome and trace; lengths as u32 little-endian.
+fn encode(state: u8, event: &FlowEvent) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(state);
+    out.extend_from_slice(format!("{:020}", event.timestamp_nanos).as_bytes());
+    put_str(&mut out, &event.flow);
+    let count = u32::try_from(event.dims.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&count.to_le_bytes());
+    for dim in event.dims.iter().take(count as usize) {
+        put_str(&mut out, dim);
+    }
+    if let EventKind::End(outcome) = event.kind {
+        out.push(match outcome {
+            Outcome::Success => b's',
+            Outcome::Failure => b'f',
+            Outcome::Cancelled => b'c',
+        });
+        if let Some(trace) = event.trace {
+            out.extend_from_slice(&trace.trace_id);
+            out.extend_from_slice(&trace.span_id);
+        }
+    }
+    out
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..len as usize]);
+}
+
+/// Reads what [`encode`] wrote; `None` for anything else.
+fn decode(raw: &[u8]) -> Option<Entry> {
+    let mut r = Reader(raw);
+    let state = r.take(1)?[0];
+    let timestamp_nanos: u64 = std::str::from_utf8(r.take(20)?).ok()?.parse().ok()?;
+    let flow = r.string()?;
+    let count = r.u32()? as usize;
+    // Each dim takes at least its 4-byte length: a corrupt count cannot allocate much.
+    let mut dims = Vec::with_capacity(count.min(r.0.len() / 4));
+    for _ in 0..count {
+        dims.push(r.string()?);
+    }
+    let dims: DimValues = dims.into();
+    let end = match state {
+        b'o' => None,
+        b'w' => {
+            let outcome = match r.take(1)?[0] {
+                b's' => Outcome::Success,
+                b'f' => Outcome::Failure,
+                b'c' => Outcome::Cancelled,
+                _ => return None,
+            };
+            let trace = match r.0.len() {
+                0 => None,
+                24 => TraceRef::from_ids(&r.0[..16], &r.0[16..]),
+                _ => return None,
+            };
+            Some(EndRecord {
+                outcome,
+                timestamp_nanos,
+                dims: dims.clone(),
+                trace,
+            })
+        }
+        _ => return None,
+    };
+    Some(Entry {
+        flow,
+        timestamp_nanos,
+        dims,
+        end,
+    })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<Arc<str>> {
+        let len = self.u32()? as usize;
+        Some(Arc::from(String::from_utf8_lossy(self.take(len)?).as_ref()))
+    }
+}
+
+fn warn_evicted(last: &Mutex<Option<Instant>>, flow: &str) {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
+        *last = Some(now);
+        tracing::warn!(
+            flow,
+            "correlation store full (limits.max_in_flight): evicting the entries due \
+             soonest; raise the limit or shorten flow timeouts"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::event::Source;
+
+    fn event(kind: EventKind, trace: Option<TraceRef>) -> FlowEvent {
+        FlowEvent {
+            flow: Arc::from("checkout"),
+            correlation_id: "o-1".into(),
+            kind,
+            timestamp_nanos: 1_700_000_000_123_456_789,
+            dims: Arc::from([Arc::from("web"), Arc::from("")]),
+            trace,
+            source: Source::SpanEvent,
+        }
+    }
+
+    #[test]
+    fn values_read_back_as_written() {
+        let open = decode(&encode(b'o', &event(EventKind::Start, None))).unwrap();
+        assert_eq!(&*open.flow, "checkout");
+        assert_eq!(open.timestamp_nanos, 1_700_000_000_123_456_789);
+        assert_eq!(open.dims.len(), 2);
+        assert!(open.end.is_none());
+        let trace = TraceRef {
+            trace_id: [7; 16],
+            span_id: [9; 8],
+        };
+        let end = event(EventKind::End(Outcome::Failure), Some(trace));
+        let waiting = decode(&encode(b'w', &end)).unwrap();
+        let record = waiting.end.unwrap();
+        assert_eq!(record.outcome, Outcome::Failure);
+        assert_eq!(record.trace, Some(trace));
+        assert_eq!(&*record.dims[0], "web");
+        assert!(decode(b"x").is_none());
+        assert!(decode(b"o0000000000000000000").is_none());
+    }
+
+    #[test]
+    fn the_tag_is_stable_and_tells_flows_apart() {
+        assert_eq!(tag("a", "b"), tag("a", "b"));
+        assert_ne!(tag("ab", ""), tag("a", "b"));
+        assert!(tag("a", "b").iter().all(u8::is_ascii_hexdigit));
+    }
+}
