@@ -461,9 +461,8 @@ pub fn json_for_script(json: &str) -> String {
 mod tests {
     use super::*;
 
-    const TEXT: &str = r#"# HELP flowmetrics_flows_started Flow instances opened by a start event.
-# TYPE flowmetrics_flows_started counter
-flowmetrics_flows_started_total{flow="checkout",region="a\"b\\c\nd é}{,="} 1
+    /// Samples as the exposition writes them (the parser skips `#` lines, see `# EOF`).
+    const TEXT: &str = r#"flowmetrics_flows_started_total{flow="checkout",region="a\"b\\c\nd é}{,="} 1
 flowmetrics_flows_started_total{flow="checkout",region="eu"} 1234
 flowmetrics_flows_started_total{flow="login",region="eu"} 7
 flowmetrics_flows_started_total{otel_metric_overflow="true"} 5
