@@ -33,7 +33,7 @@ pub struct Throughput {
     pub secs: f64,
     pub spans_per_sec: f64,
     pub events_per_sec: f64,
-    /// Share of the time spent in the table's housekeeping (pipeline only).
+    /// Share of the time spent in the store's housekeeping (pipeline only).
     pub housekeeping_share: f64,
 }
 
@@ -93,7 +93,7 @@ pub fn measured_batch(pipeline: &Pipeline, body: &[u8]) -> Duration {
     t0.elapsed()
 }
 
-/// The in-process pipeline on this thread; the table's housekeeping runs inline every
+/// The in-process pipeline on this thread; the store's housekeeping runs inline every
 /// 100 ms (the service runs it on a thread of its own at that interval).
 pub fn pipeline(t: &Template, budget: Budget) -> Throughput {
     let (pipeline, table, _metrics) = pipeline_for(&Config::default());

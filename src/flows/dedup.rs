@@ -34,7 +34,7 @@ pub struct RecentEvents {
     len: usize,
     current_tag: u64,
     in_current: usize,
-    /// Clock reading (nanoseconds, the table's clock) of the last rotation.
+    /// Clock reading (nanoseconds, the store's clock) of the last rotation.
     rotated_at: u64,
     window_nanos: u64,
     capacity: usize,

@@ -105,7 +105,7 @@ impl TraceRef {
     }
 }
 
-/// One recognised flow event, ready for the correlation table.
+/// One recognised flow event, ready for the correlation store.
 #[derive(Debug, Clone)]
 pub struct FlowEvent {
     pub flow: Arc<str>,
