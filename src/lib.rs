@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, StoreKind};
 use crate::flows::state::{self, Checkpointer, DimLabels, StateSettings};
 use crate::flows::store::{Maintenance, RedisStore};
-use crate::flows::{CorrelationStore, Extractor, MemoryStore};
+use crate::flows::{CorrelationStore, Extractor, MemoryStore, RestoreRules};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 
@@ -75,49 +75,7 @@ impl App {
         let metrics = Arc::new(Metrics::new(settings::metrics(&config)));
         let rules = settings::restore_rules(&config);
         let mut state = settings::state(&config);
-        let store: Arc<dyn CorrelationStore> = match config.correlation.store {
-            StoreKind::Memory => {
-                let mut memory = MemoryStore::new(settings::store(&config), metrics.clone());
-                if let Some(st) = &state {
-                    match state::load_or_set_aside(&st.path, st.max_file_bytes) {
-                        Some(snapshot) => {
-                            let r = memory.restore(snapshot, &rules);
-                            tracing::info!(
-                                open = r.open,
-                                waiting_ends = r.waiting,
-                                timed_out_while_down = r.expired,
-                                ends_timed_out_while_down = r.expired_ends,
-                                dropped_config_changed = r.discarded,
-                                "state restored from {}",
-                                st.path.display()
-                            );
-                        }
-                        None => tracing::info!(
-                            "state file {}: nothing to restore, starting with no open flows",
-                            st.path.display()
-                        ),
-                    }
-                }
-                Arc::new(memory)
-            }
-            StoreKind::Redis => {
-                // Open flows live in Redis, which keeps them across restarts itself.
-                if state.take().is_some() {
-                    tracing::warn!(
-                        "state.path is not used with correlation.store: redis (open flows are kept in Redis)"
-                    );
-                }
-                Arc::new(
-                    RedisStore::new(
-                        settings::store(&config),
-                        settings::redis(&config),
-                        metrics.clone(),
-                        metrics.clone(),
-                    )
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
-                )
-            }
-        };
+        let store = correlation_store(&config, &metrics, &rules, &mut state)?;
         let labels = |dims: &[(String, Arc<str>)]| dims.iter().map(|(l, _)| l.clone()).collect();
         let state = state.map(|st| (st, (labels(&rules.start_dims), labels(&rules.end_dims))));
         let checkpointer = match &state {
@@ -238,6 +196,58 @@ impl App {
             maintenance,
             checkpointer,
         })
+    }
+}
+
+/// The correlation store the config asks for: moka in process (with what the state
+/// file held, if any), or Redis shared by several replicas (which keeps open flows
+/// itself: `state` is dropped with a warning).
+fn correlation_store(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    rules: &RestoreRules,
+    state: &mut Option<StateSettings>,
+) -> std::io::Result<Arc<dyn CorrelationStore>> {
+    match config.correlation.store {
+        StoreKind::Memory => {
+            let mut memory = MemoryStore::new(settings::store(config), metrics.clone());
+            if let Some(st) = state.as_ref() {
+                match state::load_or_set_aside(&st.path, st.max_file_bytes) {
+                    Some(snapshot) => {
+                        let r = memory.restore(snapshot, rules);
+                        tracing::info!(
+                            open = r.open,
+                            waiting_ends = r.waiting,
+                            timed_out_while_down = r.expired,
+                            ends_timed_out_while_down = r.expired_ends,
+                            dropped_config_changed = r.discarded,
+                            "state restored from {}",
+                            st.path.display()
+                        );
+                    }
+                    None => tracing::info!(
+                        "state file {}: nothing to restore, starting with no open flows",
+                        st.path.display()
+                    ),
+                }
+            }
+            Ok(Arc::new(memory))
+        }
+        StoreKind::Redis => {
+            if state.take().is_some() {
+                tracing::warn!(
+                    "state.path is not used with correlation.store: redis (open flows are kept in Redis)"
+                );
+            }
+            let redis = RedisStore::new(
+                settings::store(config),
+                settings::redis(config),
+                metrics.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            Ok(Arc::new(redis))
+        }
     }
 }
 
