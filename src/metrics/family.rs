@@ -150,7 +150,9 @@ impl OverflowReporter {
         }
     }
 
-    fn folded(&self, metric: &'static str, max: usize) {
+    /// Counts one recording folded into `metric`'s overflow series, and warns (at most
+    /// once a minute per family).
+    pub(super) fn folded(&self, metric: &'static str, max: usize) {
         (self.counter_for)(metric).inc();
         let mut last = self.last_warn.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();

@@ -127,7 +127,6 @@ impl Metrics {
              the family reached limits.max_series_per_metric",
             overflow_family.clone(),
         );
-        let overflow_family_handle = overflow_family.clone();
         let overflow = Arc::new(OverflowReporter::new(move |metric| {
             overflow_family.get_or_create(&[("metric", metric)]).clone()
         }));
@@ -324,7 +323,7 @@ impl Metrics {
             settings.network_labels.as_deref(),
             max,
             &mut registry,
-            &overflow_family_handle,
+            &overflow,
             &events_rejected,
         );
         let build_info = Family::<Pair, Gauge>::default();

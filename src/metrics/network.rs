@@ -4,24 +4,21 @@
 //! series (as the flow families do).
 
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use super::family::OverflowReporter;
 use super::Metrics;
 use crate::flows::event::DimValues;
 use crate::flows::network::{NetworkFlowRecord, NetworkSink};
 use crate::model::OVERFLOW_LABEL;
 
 type Pair = [(&'static str, &'static str); 1];
-
-/// Seconds between two "series limit reached" warnings of one family.
-const OVERFLOW_WARN_EVERY_SECS: u64 = 60;
 
 const DIRECTIONS: [&str; 2] = ["forward", "reverse"];
 
@@ -77,9 +74,9 @@ struct LimitedCounters {
     /// Regular series created (`Family` does not count them; it never drops one).
     series: Arc<AtomicUsize>,
     overflowed: Arc<AtomicBool>,
-    /// `flowmetrics_series_overflow_total`: its series is created on the first fold.
-    overflow_total: Family<Pair, Counter>,
-    last_warn: Arc<AtomicU64>,
+    /// Counts folds in `flowmetrics_series_overflow_total` and warns, as for the flow
+    /// families.
+    overflow: Arc<OverflowReporter>,
     overflow_labels: NetworkLabels,
 }
 
@@ -90,7 +87,7 @@ impl LimitedCounters {
         max: usize,
         names: &Arc<[Box<str>]>,
         registry: &mut Registry,
-        overflow: &Family<Pair, Counter>,
+        overflow: &Arc<OverflowReporter>,
     ) -> Self {
         let family = Family::default();
         let base = name.strip_suffix("_total").unwrap_or(name);
@@ -102,8 +99,7 @@ impl LimitedCounters {
             create: Arc::default(),
             series: Arc::default(),
             overflowed: Arc::default(),
-            overflow_total: overflow.clone(),
-            last_warn: Arc::default(),
+            overflow: overflow.clone(),
             overflow_labels: NetworkLabels {
                 names: names.clone(),
                 direction: None,
@@ -129,30 +125,7 @@ impl LimitedCounters {
         }
         self.overflowed.store(true, Ordering::Relaxed);
         self.family.get_or_create(&self.overflow_labels).inc_by(n);
-        self.overflow_total
-            .get_or_create(&[("metric", self.name)])
-            .inc();
-        self.warn();
-    }
-
-    fn warn(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = self.last_warn.load(Ordering::Relaxed);
-        if now >= last.saturating_add(OVERFLOW_WARN_EVERY_SECS)
-            && self
-                .last_warn
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(
-                metric = self.name,
-                max_series = self.max,
-                "series limit reached (limits.max_series_per_metric): new label sets are \
-                 recorded in the otel_metric_overflow=\"true\" series"
-            );
-        }
+        self.overflow.folded(self.name, self.max);
     }
 
     /// Series held now (including the overflow series).
@@ -176,7 +149,7 @@ impl NetworkMetrics {
         labels: Option<&[String]>,
         max: usize,
         registry: &mut Registry,
-        overflow: &Family<Pair, Counter>,
+        overflow: &Arc<OverflowReporter>,
         rejected: &Family<Pair, Counter>,
     ) -> Option<Self> {
         let names: Arc<[Box<str>]> = labels?.iter().map(|l| Box::from(l.as_str())).collect();
