@@ -629,25 +629,9 @@ impl Config {
     }
 
     fn validate_dimensions(&self) -> Result<(), (String, String)> {
-        let mut seen = std::collections::HashSet::new();
+        let labels = self.dimensions.iter().map(|d| d.label.as_str());
+        check_dimension_labels("dimensions", labels, &RESERVED_LABELS)?;
         for (i, dim) in self.dimensions.iter().enumerate() {
-            let key = format!("dimensions[{i}].label");
-            let label = sanitize_label_name(&dim.label);
-            if label.is_empty() {
-                return Err((key, "must not be empty".into()));
-            }
-            if RESERVED_LABELS.contains(&label.as_str()) || label.starts_with("__") {
-                return Err((
-                    key,
-                    format!("{label:?} is reserved by flowmetrics' own labels"),
-                ));
-            }
-            if !seen.insert(label.clone()) {
-                return Err((
-                    key,
-                    format!("{label:?} is used by another dimension (after sanitising)"),
-                ));
-            }
             if dim.attribute.is_empty() {
                 return Err((
                     format!("dimensions[{i}].attribute"),
@@ -660,25 +644,10 @@ impl Config {
 
     fn validate_network_dimensions(&self) -> Result<(), (String, String)> {
         const RESERVED: [&str; 2] = ["direction", crate::model::OVERFLOW_LABEL];
-        let mut seen = std::collections::HashSet::new();
-        for (i, dim) in self.network_flows.dimensions.iter().enumerate() {
-            let key = format!("network_flows.dimensions[{i}].label");
-            let label = sanitize_label_name(&dim.label);
-            if label.is_empty() {
-                return Err((key, "must not be empty".into()));
-            }
-            if RESERVED.contains(&label.as_str()) || label.starts_with("__") {
-                return Err((
-                    key,
-                    format!("{label:?} is reserved by flowmetrics' own labels"),
-                ));
-            }
-            if !seen.insert(label.clone()) {
-                return Err((
-                    key,
-                    format!("{label:?} is used by another dimension (after sanitising)"),
-                ));
-            }
+        let dims = &self.network_flows.dimensions;
+        let labels = dims.iter().map(|d| d.label.as_str());
+        check_dimension_labels("network_flows.dimensions", labels, &RESERVED)?;
+        for (i, dim) in dims.iter().enumerate() {
             if dim.attribute.is_empty() || dim.attribute.iter().any(String::is_empty) {
                 return Err((
                     format!("network_flows.dimensions[{i}].attribute"),
@@ -702,6 +671,36 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// The labels of a dimension list (`list[i].label`), once sanitised: not empty, not one of
+/// `reserved` or `__`-prefixed, and distinct.
+fn check_dimension_labels<'a>(
+    list: &str,
+    labels: impl Iterator<Item = &'a str>,
+    reserved: &[&str],
+) -> Result<(), (String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, raw) in labels.enumerate() {
+        let key = format!("{list}[{i}].label");
+        let label = sanitize_label_name(raw);
+        if label.is_empty() {
+            return Err((key, "must not be empty".into()));
+        }
+        if reserved.contains(&label.as_str()) || label.starts_with("__") {
+            return Err((
+                key,
+                format!("{label:?} is reserved by flowmetrics' own labels"),
+            ));
+        }
+        if !seen.insert(label.clone()) {
+            return Err((
+                key,
+                format!("{label:?} is used by another dimension (after sanitising)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_flow_settings(
