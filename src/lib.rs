@@ -273,11 +273,10 @@ impl RunningApp {
         let _ = tokio::task::spawn_blocking(move || {
             drop(checkpointer);
             let Some((st, labels)) = state else { return };
-            // No time-out is counted after the state is written: the next run counts
-            // those (once). What is already due is counted now.
+            // What is in the file is the next run's to count; what is already due is
+            // counted now (final_snapshot), so each instance is counted once.
             drop(maintenance);
-            store.run_pending_tasks();
-            match state::save(&*store, &st.path, &labels) {
+            match state::save_final(&*store, &st.path, &labels) {
                 Ok(Some(s)) => tracing::info!(
                     entries = s.entries,
                     bytes = s.bytes,

@@ -581,3 +581,57 @@ fn a_changed_config_drops_untracked_flows_and_keeps_dims_by_label() {
     b.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn instances_overdue_at_shutdown_are_counted_by_exactly_one_run() {
+    // A flow with a shorter timeout than the default: moka removes its instances by
+    // the per-entry timer wheel, up to ~1 s after their deadline, and skips them when
+    // it lists entries meanwhile. SIGTERM in that gap must neither lose them nor count
+    // them twice.
+    let dir = temp_dir("overdue");
+    let path = dir.join("state");
+    let env = [
+        ("FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT", "60s"),
+        ("FLOWMETRICS_FLOWS__PER_FLOW__CHECKOUT__TIMEOUT", "1s"),
+        ("FLOWMETRICS_SHUTDOWN__FINAL_SCRAPE_WAIT", "3s"),
+    ];
+    let mut a = Service::start(&path, &env);
+    a.send(&starts(0..100));
+    std::thread::sleep(Duration::from_millis(1200));
+    a.signal("-TERM");
+    // The final scrape (after the state is written) has this run's last counts.
+    let give_up = Instant::now() + Duration::from_secs(3);
+    while TcpStream::connect(a.otlp).is_ok() {
+        assert!(Instant::now() < give_up, "OTLP still accepting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let give_up = Instant::now() + Duration::from_secs(3);
+    while entries_in(&path).is_none() {
+        assert!(Instant::now() < give_up, "no state file");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The file is renamed into place only when written in full; the counts of what was
+    // due are settled before it is written.
+    let last = a.samples();
+    assert_eq!(a.child.wait().unwrap().code(), Some(0));
+    let incomplete = |s: &BTreeMap<String, f64>| {
+        sum(
+            s,
+            "flowmetrics_flow_errors_total",
+            &[F, "error_reason=\"incomplete\""],
+        )
+    };
+    let in_file = entries_in(&path).expect("a state file") as f64;
+    assert_eq!(incomplete(&last) + in_file, 100.0, "counted now or saved");
+    let b = Service::start(&path, &env);
+    let s = b.samples();
+    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), in_file);
+    assert_eq!(
+        incomplete(&last) + incomplete(&s),
+        100.0,
+        "each instance counted once over both runs"
+    );
+    assert_invariant(&s);
+    b.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -292,8 +292,26 @@ pub fn save(
     path: &Path,
     labels: &DimLabels,
 ) -> io::Result<Option<Saved>> {
+    write_snapshot(store.snapshot(), path, labels)
+}
+
+/// The last write, at shutdown, once nothing is applied any more
+/// ([`CorrelationStore::final_snapshot`]).
+pub fn save_final(
+    store: &dyn CorrelationStore,
+    path: &Path,
+    labels: &DimLabels,
+) -> io::Result<Option<Saved>> {
+    write_snapshot(store.final_snapshot(), path, labels)
+}
+
+fn write_snapshot(
+    snapshot: Option<StoreSnapshot>,
+    path: &Path,
+    labels: &DimLabels,
+) -> io::Result<Option<Saved>> {
     let began = Instant::now();
-    let Some(mut snapshot) = store.snapshot() else {
+    let Some(mut snapshot) = snapshot else {
         return Ok(None);
     };
     snapshot.start_dim_labels.clone_from(&labels.0);

@@ -129,6 +129,15 @@ pub trait CorrelationStore: Send + Sync + 'static {
     fn snapshot(&self) -> Option<StoreSnapshot> {
         None
     }
+
+    /// The snapshot written at shutdown, when nothing is applied any more: like
+    /// [`CorrelationStore::snapshot`], and every entry already past its deadline but
+    /// not in the snapshot is counted now (this run), so each is counted by exactly one
+    /// of the two runs. Blocks until that is settled (about a second at most).
+    fn final_snapshot(&self) -> Option<StoreSnapshot> {
+        self.run_pending_tasks();
+        self.snapshot()
+    }
 }
 
 /// How a snapshot written under another configuration is read back.
