@@ -48,6 +48,16 @@ enum Transport {
     Grpc,
 }
 
+impl Transport {
+    /// The `transport` label of `flowmetrics_otlp_requests_total`, and how it spells OK.
+    fn label_and_ok(self) -> (&'static str, &'static str) {
+        match self {
+            Transport::Http => ("http", "200"),
+            Transport::Grpc => ("grpc", "OK"),
+        }
+    }
+}
+
 /// (replica, transport) of each tracer provider.
 const PROVIDERS: [(usize, Transport); 4] = [
     (0, Transport::Http),
@@ -325,7 +335,7 @@ async fn sdk_exporters_to_three_replicas_on_one_redis_count_every_outcome_exactl
     }
     let providers: Vec<SdkTracerProvider> = PROVIDERS
         .iter()
-        .map(|&(r, t)| tracer_provider(&apps[r], t, format!("replica-{r}-{t:?}")))
+        .map(|&(r, t)| tracer_provider(&apps[r], t, format!("replica-{r}-{}", t.label_and_ok().0)))
         .collect();
 
     let instances = plan(0x2545_f491_4f6c_dd1d, SystemTime::now());
@@ -460,16 +470,15 @@ async fn sdk_exporters_to_three_replicas_on_one_redis_count_every_outcome_exactl
     // Each replica was fed over its transports, and answered every export OK.
     for (r, scrape) in scrapes.iter().enumerate() {
         let one = std::slice::from_ref(scrape);
-        for (transport, ok) in [("http", "200"), ("grpc", "OK")] {
-            let t = format!("transport=\"{transport}\"");
-            let fed = PROVIDERS
-                .iter()
-                .any(|&(pr, pt)| pr == r && format!("{pt:?}").to_lowercase() == transport);
+        for transport in [Transport::Http, Transport::Grpc] {
+            let (label, ok) = transport.label_and_ok();
+            let t = format!("transport=\"{label}\"");
+            let fed = PROVIDERS.contains(&(r, transport));
             let all = total(one, "flowmetrics_otlp_requests_total", &[&t]);
             let code = format!("code=\"{ok}\"");
             let answered_ok = total(one, "flowmetrics_otlp_requests_total", &[&t, &code]);
-            assert_eq!(all, answered_ok, "replica {r} {transport}: every export OK");
-            assert_eq!(all > 0.0, fed, "replica {r} fed over {transport}: {fed}");
+            assert_eq!(all, answered_ok, "replica {r} {label}: every export OK");
+            assert_eq!(all > 0.0, fed, "replica {r} fed over {label}: {fed}");
         }
     }
 
