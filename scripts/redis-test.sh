@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The shared-store suites against a real redis-server: the store's rules
-# (tests/redis_store.rs) and three replicas on one Redis (tests/redis_replicas.rs). The
-# tests start and stop their own servers (tests/common/redis.rs: a free loopback port, a
-# temporary directory, no persistence unless the test needs it). Installs Debian's
-# redis-server when it is missing; with it required, a missing server fails the suites
-# instead of skipping them. Extra arguments go to `cargo test`.
+# (tests/redis_store.rs), three replicas on one Redis fed raw OTLP, with faults
+# (tests/redis_replicas.rs), and three replicas fed by the OpenTelemetry Rust SDK's
+# exporters (tests/redis_sdk.rs). The tests start and stop their own servers
+# (tests/common/redis.rs: a free loopback port, a temporary directory, no persistence
+# unless the test needs it). Installs Debian's redis-server when it is missing; with it
+# required, a missing server fails the suites instead of skipping them. Extra arguments
+# go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v redis-server >/dev/null; then
@@ -14,4 +16,4 @@ if ! command -v redis-server >/dev/null; then
   apt-get install -y -qq redis-server >/dev/null
 fi
 redis-server --version
-FLOWMETRICS_REQUIRE_REDIS=1 cargo test --test redis_store --test redis_replicas "$@"
+FLOWMETRICS_REQUIRE_REDIS=1 cargo test --test redis_store --test redis_replicas --test redis_sdk "$@"
