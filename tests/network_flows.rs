@@ -401,3 +401,32 @@ async fn enum_names_are_accepted_in_traces_and_logs_json() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn each_resource_labels_its_own_flow_spans() {
+    // Two resources in one export, two Flow Spans each: a resource's attributes are
+    // read once for its spans, and never carried over to the next resource's.
+    let app = start(test_config()).await;
+    let mut req = request(vec![
+        flow_span(5, "web", "api", [10, 0], [1, 0]),
+        flow_span(6, "web", "api", [20, 0], [1, 0]),
+    ]);
+    let mut other = request(vec![
+        flow_span(7, "web", "api", [30, 0], [1, 0]),
+        flow_span(8, "web", "api", [40, 0], [1, 0]),
+    ])
+    .resource_spans
+    .remove(0);
+    other.resource.as_mut().unwrap().attributes = vec![
+        s("source.k8s.namespace.name", "billing"),
+        s("destination.k8s.namespace.name", "billing"),
+    ];
+    req.resource_spans.push(other);
+    post_protobuf(&app, &req).await;
+    let m = scrape(&app).await;
+    let shop = default_labels(Some("forward"), "tcp", "web", "api");
+    let billing = shop.replace("\"shop\"", "\"billing\"");
+    assert_eq!(network(&m, "bytes", &shop), 30.0);
+    assert_eq!(network(&m, "bytes", &billing), 70.0);
+    app.shutdown().await;
+}

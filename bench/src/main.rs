@@ -38,6 +38,7 @@ Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
                          [--steady SECS]
        flowmetrics-bench --profile-pipeline BATCHES
        flowmetrics-bench --profile-sparse BATCHES
+       flowmetrics-bench --profile-network BATCHES
 
   --quick        small sizes, seconds (CI)
   --json PATH    where to write the results (default target/flowmetrics-bench.json)
@@ -49,6 +50,7 @@ Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
   --profile-pipeline N   run only N batches through the in-process pipeline (for
                  valgrind --tool=callgrind --toggle-collect='*measured_batch*')
   --profile-sparse N     the same with the sparse workload (1 span in 10 with an event)
+  --profile-network N    the same with every span a network Flow Span
   --profile-moka N       only the moka-alone baseline for N batches (valgrind
                  --toggle-collect='*moka_alone*')
 ";
@@ -94,11 +96,11 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|e| format!("--steady: {e}"))?;
                 args.steady = Some(Duration::from_secs(secs));
             }
-            "--profile-pipeline" | "--profile-sparse" => {
-                let shape = if arg == "--profile-sparse" {
-                    Shape::Sparse
-                } else {
-                    Shape::Flow
+            "--profile-pipeline" | "--profile-sparse" | "--profile-network" => {
+                let shape = match arg.as_str() {
+                    "--profile-sparse" => Shape::Sparse,
+                    "--profile-network" => Shape::NetworkAll,
+                    _ => Shape::Flow,
                 };
                 let batches = value(&arg)?.parse().map_err(|e| format!("{arg}: {e}"))?;
                 args.profile = Some((shape, batches))
@@ -1173,7 +1175,8 @@ fn render(rows: &[Row]) -> String {
     out
 }
 
-/// `--profile-pipeline` / `--profile-sparse`: only the in-process pipeline, for callgrind.
+/// `--profile-pipeline` / `--profile-sparse` / `--profile-network`: only the in-process
+/// pipeline, for callgrind.
 fn profile(shape: Shape, batches: u64) {
     let t = Template::new(shape);
     // FLOWMETRICS_* variables apply (e.g. FLOWMETRICS_NETWORK_FLOWS__ENABLED=false).

@@ -153,16 +153,21 @@ impl NetworkFlows {
         identity: SpanIdentity<'_>,
     ) -> NetworkFlowRecord {
         let n = self.keys.len();
-        let mut on_span = vec![None; n];
-        span.find_all(&self.keys, &mut on_span);
-        let mut on_resource: Option<Vec<Option<AttrValue<'a>>>> = None;
+        // The usual key count fits on the stack: no allocation per Flow Span.
+        let (mut span_inline, mut span_heap) = ([None; INLINE_KEYS], Vec::new());
+        let on_span = slots(&mut span_inline, &mut span_heap, n);
+        span.find_all(&self.keys, on_span);
+        let (mut res_inline, mut res_heap) = ([None; INLINE_KEYS], Vec::new());
+        let on_resource = slots(&mut res_inline, &mut res_heap, n);
+        // Read only when a key is not on the span.
+        let mut resource_read = false;
         let mut lookup = |slot: usize| {
             on_span[slot].or_else(|| {
-                on_resource.get_or_insert_with(|| {
-                    let mut found = vec![None; n];
-                    resource.find_all(&self.keys, &mut found);
-                    found
-                })[slot]
+                if !resource_read {
+                    resource.find_all(&self.keys, on_resource);
+                    resource_read = true;
+                }
+                on_resource[slot]
             })
         };
         let mut usable = false;
@@ -236,6 +241,23 @@ impl NetworkFlows {
 }
 
 /// Strings, integers and booleans as label values; "" counts as absent.
+/// Wanted keys held on the stack: the four counters, their aliases and a few labels.
+const INLINE_KEYS: usize = 24;
+
+/// `n` lookup slots: on the stack when they fit, else on the heap.
+fn slots<'s, 'a>(
+    inline: &'s mut [Option<AttrValue<'a>>; INLINE_KEYS],
+    heap: &'s mut Vec<Option<AttrValue<'a>>>,
+    n: usize,
+) -> &'s mut [Option<AttrValue<'a>>] {
+    if n <= INLINE_KEYS {
+        &mut inline[..n]
+    } else {
+        heap.resize(n, None);
+        heap
+    }
+}
+
 fn label_text(value: AttrValue<'_>) -> Option<std::borrow::Cow<'_, str>> {
     match value {
         AttrValue::Str(s) if !s.is_empty() => Some(s.into()),

@@ -289,11 +289,11 @@ pub fn scan_traces_with_network(
         candidates: Vec::new(),
         network,
         records: Vec::new(),
-        resource: RawAttributes {
+        resource: SharedLayer::new(RawAttributes {
             msg: &[],
             outer: None,
             field: RESOURCE_ATTRIBUTES,
-        },
+        }),
     };
     scan.request(body)
         .map_err(|e| format!("protobuf body: {e}"))?;
@@ -334,8 +334,10 @@ struct Scan<'x, 'a> {
     candidates: Vec<Candidate<'a>>,
     network: Option<&'x NetworkFlows>,
     records: Vec<NetworkFlowRecord>,
-    /// The current resource's attributes, unshared (the `SharedLayer` is per extractor).
-    resource: RawAttributes<'a>,
+    /// The current resource's attributes for Flow Spans, read once per resource for
+    /// all its spans (a `SharedLayer` caches one key set: the flow extractor has its
+    /// own).
+    resource: SharedLayer<'a, RawAttributes<'a>>,
 }
 
 impl<'a> Scan<'_, 'a> {
@@ -381,7 +383,7 @@ impl<'a> Scan<'_, 'a> {
                 field: RESOURCE_ATTRIBUTES,
             }
         };
-        self.resource = resource;
+        self.resource = SharedLayer::new(resource);
         let resource = SharedLayer::new(resource);
         let mut fields = Fields::new(msg);
         while let Some(field) = fields.next_field()? {
@@ -542,7 +544,7 @@ impl<'a> Scan<'_, 'a> {
             outer: None,
             field: SPAN_ATTRIBUTES,
         };
-        let record = network.extract(attributes, self.resource, identity);
+        let record = network.extract(attributes, &self.resource, identity);
         self.records.push(record);
     }
 
