@@ -150,3 +150,154 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Redis Cluster of `masters` primaries (no replicas) on free loopback ports, each
+/// in a temporary directory with no persistence; stopped when dropped.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl RedisCluster {
+    /// `None` (skip) if redis-server or redis-cli is not installed.
+    pub fn start(masters: usize) -> Option<RedisCluster> {
+        if !available() {
+            return None;
+        }
+        let cli = Command::new("redis-cli")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !cli {
+            assert!(
+                std::env::var_os("FLOWMETRICS_REQUIRE_REDIS").is_none(),
+                "redis-cli not found, and FLOWMETRICS_REQUIRE_REDIS is set"
+            );
+            eprintln!("SKIPPED: redis-cli not found (scripts/redis-cluster-test.sh installs it)");
+            return None;
+        }
+        // Held together so that no two nodes get the same port; a node also listens on
+        // port + 10000 (the cluster bus): ports above 55535 cannot have one.
+        let mut listeners = Vec::new();
+        while listeners.len() < masters {
+            let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+            let port = l.local_addr().expect("its address").port();
+            if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                listeners.push(l);
+            }
+        }
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        drop(listeners);
+        let dir = std::env::temp_dir().join(format!(
+            "flowmetrics-redis-cluster-{}-{}",
+            std::process::id(),
+            ports[0]
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut cluster = RedisCluster {
+            ports: ports.clone(),
+            dir,
+            children: Vec::new(),
+        };
+        for &port in &ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(cluster.dir.join(format!("nodes-{port}.conf")))
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&cluster.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            cluster.children.push(child);
+        }
+        let give_up = Instant::now() + Duration::from_secs(10);
+        for &port in &ports {
+            while cluster.node_cmd(port, &["PING"]).is_none() {
+                assert!(Instant::now() < give_up, "a cluster node did not answer");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let give_up = Instant::now() + Duration::from_secs(20);
+        for &port in &ports {
+            while !cluster
+                .node_cmd(port, &["CLUSTER", "INFO"])
+                .is_some_and(|info| info.contains("cluster_state:ok"))
+            {
+                assert!(Instant::now() < give_up, "the cluster never became ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Some(cluster)
+    }
+
+    /// Seed URLs, one per node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// A command sent to one node directly (not routed), its reply as text.
+    pub fn node_cmd(&self, port: u16, args: &[&str]) -> Option<String> {
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .ok()?
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let value: redis::Value = cmd.query(&mut con).ok()?;
+        Some(match value {
+            redis::Value::Int(n) => n.to_string(),
+            redis::Value::SimpleString(s) => s,
+            redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            redis::Value::VerbatimString { text, .. } => text,
+            other => format!("{other:?}"),
+        })
+    }
+
+    /// Keys on each node (DBSIZE), in the order of `ports`.
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.ports
+            .iter()
+            .map(|&p| {
+                self.node_cmd(p, &["DBSIZE"])
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
