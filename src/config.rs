@@ -66,6 +66,10 @@ pub struct RedisConfig {
     /// Shards the keys are spread over, each in one hash slot; unset: 16 with a
     /// cluster (so that they spread over its primaries), 1 on one server.
     pub shards: Option<u32>,
+    /// PEM file of the CA that signed the servers' certificates (`rediss://`), in place
+    /// of the system's roots; `""`: the system's.
+    #[serde(deserialize_with = "string_like")]
+    pub ca_file: String,
     #[serde(deserialize_with = "string_like")]
     pub key_prefix: String,
     /// Opening a connection must succeed within this.
@@ -95,6 +99,7 @@ impl Default for RedisConfig {
             url: DEFAULT_REDIS_URL.into(),
             cluster: Vec::new(),
             shards: None,
+            ca_file: String::new(),
             key_prefix: "flowmetrics:".into(),
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(2),
@@ -487,10 +492,24 @@ impl Config {
             }
         }
         let redis = &self.correlation.redis;
-        let not_a_url = |url: &str| format!("{url:?} is not a redis:// URL (TLS is not built in)");
+        let not_a_url = |url: &str| {
+            if url.ends_with("#insecure") {
+                format!(
+                    "{url:?}: certificate checks cannot be turned off; set \
+                     correlation.redis.ca_file to the CA that signed the server's"
+                )
+            } else {
+                format!("{url:?} is not a redis:// or rediss:// (TLS) URL")
+            }
+        };
+        // `#insecure` (no certificate check) needs a redis-rs feature left out on purpose.
+        let is_url = |url: &str| {
+            (url.starts_with("redis://") || url.starts_with("rediss://"))
+                && !url.ends_with("#insecure")
+        };
         if self.correlation.store == StoreKind::Redis {
             if redis.cluster.is_empty() {
-                if !redis.url.starts_with("redis://") {
+                if !is_url(&redis.url) {
                     fail("correlation.redis.url", not_a_url(&redis.url))?;
                 }
             } else {
@@ -503,7 +522,7 @@ impl Config {
                     )?;
                 }
                 for (i, url) in redis.cluster.iter().enumerate() {
-                    if !url.starts_with("redis://") {
+                    if !is_url(url) {
                         fail(&format!("correlation.redis.cluster[{i}]"), not_a_url(url))?;
                     }
                 }
@@ -515,6 +534,17 @@ impl Config {
                         "must not contain { or } with a cluster".into(),
                     )?;
                 }
+            }
+            let tls = if redis.cluster.is_empty() {
+                redis.url.starts_with("rediss://")
+            } else {
+                redis.cluster.iter().any(|u| u.starts_with("rediss://"))
+            };
+            if !redis.ca_file.is_empty() && !tls {
+                fail(
+                    "correlation.redis.ca_file",
+                    "is only used with rediss:// (TLS) URLs".into(),
+                )?;
             }
         }
         if redis.shards.is_some_and(|n| !(1..=1024).contains(&n)) {
@@ -1355,6 +1385,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.correlation.redis.cluster, ["redis://a:1", "redis://b:2"]);
         assert_eq!(c.correlation.redis.shard_count(), 64);
+        let tls = Config::load(
+            None,
+            env(&[
+                ("FLOWMETRICS_CORRELATION__STORE", "redis"),
+                ("FLOWMETRICS_CORRELATION__REDIS__URL", "rediss://r:6380/0"),
+                ("FLOWMETRICS_CORRELATION__REDIS__CA_FILE", "/etc/ca.pem"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(tls.correlation.redis.ca_file, "/etc/ca.pem");
     }
 
     #[test]
@@ -1384,6 +1424,21 @@ mod tests {
             (
                 vec![("FLOWMETRICS_CORRELATION__REDIS__SHARDS", "0")],
                 "correlation.redis.shards",
+            ),
+            (
+                vec![("FLOWMETRICS_CORRELATION__REDIS__CA_FILE", "/etc/ca.pem")],
+                "correlation.redis.ca_file",
+            ),
+            (
+                vec![("FLOWMETRICS_CORRELATION__REDIS__URL", "tcp://a:1")],
+                "correlation.redis.url",
+            ),
+            (
+                vec![(
+                    "FLOWMETRICS_CORRELATION__REDIS__URL",
+                    "rediss://a:1/0#insecure",
+                )],
+                "correlation.redis.url",
             ),
             (
                 vec![("FLOWMETRICS_CORRELATION__REDIS__SHARDS", "1025")],

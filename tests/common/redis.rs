@@ -1,5 +1,6 @@
-//! A real `redis-server` for the tests: started on a free loopback port in a temporary
-//! directory, with no persistence, and stopped when dropped. Without `redis-server` on
+//! A real `redis-server` for the tests (also a Redis Cluster of several, or one that
+//! speaks TLS only): started on a free loopback port in a temporary directory, with no
+//! persistence, and stopped when dropped. Without `redis-server` on
 //! PATH the tests that need one are skipped with a message, unless
 //! `FLOWMETRICS_REQUIRE_REDIS` is set (CI: `scripts/redis-test.sh`), where they fail.
 #![allow(dead_code)]
@@ -298,6 +299,151 @@ impl Drop for RedisCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A redis-server that speaks TLS only, with a certificate signed by a CA made for it
+/// (`openssl` CLI, in its temporary directory); stopped when dropped.
+pub struct TlsRedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl TlsRedisServer {
+    /// `None` (skip) if redis-server or openssl is not installed.
+    pub fn start() -> Option<TlsRedisServer> {
+        if !available() {
+            return None;
+        }
+        let openssl = Command::new("openssl")
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !openssl {
+            assert!(
+                std::env::var_os("FLOWMETRICS_REQUIRE_REDIS").is_none(),
+                "openssl not found, and FLOWMETRICS_REQUIRE_REDIS is set"
+            );
+            eprintln!("SKIPPED: openssl not found (scripts/redis-test.sh installs it)");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!(
+            "flowmetrics-redis-tls-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl runs");
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=flowmetrics test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("ext.cnf");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args([
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let server = TlsRedisServer { port, dir, child };
+        // Listening is enough here: the test's own client checks the TLS handshake.
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < give_up,
+                "redis-server (TLS) did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The CA certificate (PEM) that signed the server's.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+}
+
+impl Drop for TlsRedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

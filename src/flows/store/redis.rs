@@ -45,7 +45,8 @@ use std::time::{Duration, Instant};
 
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{
-    Client, Cmd, Connection, ConnectionLike, FromRedisValue, RedisError, RedisResult, Script, Value,
+    Client, Cmd, Connection, ConnectionLike, FromRedisValue, RedisError, RedisResult, Script,
+    TlsCertificates, Value,
 };
 
 use super::{
@@ -181,6 +182,8 @@ pub struct RedisSettings {
     pub cluster: Vec<String>,
     /// Shards the keys are spread over, each in one hash slot (1..=1024).
     pub shards: u32,
+    /// PEM CA certificate(s) for `rediss://`, in place of the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
     pub key_prefix: String,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
@@ -259,21 +262,48 @@ impl RedisStore {
         probe: Arc<dyn StoreProbe>,
     ) -> Result<Self, String> {
         let cluster = !redis.cluster.is_empty();
+        let tls = if cluster {
+            redis.cluster.iter().any(|u| u.starts_with("rediss://"))
+        } else {
+            redis.url.starts_with("rediss://")
+        };
+        if tls {
+            // rustls needs a process-wide crypto provider; another part of the process
+            // may have set one already, which is as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let certs =
+            match &redis.ca_file {
+                Some(path) => Some(TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(path).map_err(|e| {
+                        format!("correlation.redis.ca_file {:?}: {e}", path.display())
+                    })?),
+                }),
+                None => None,
+            };
         let target = if cluster {
             // Few, short retries: a call must end within about `command_timeout`, and
             // the exporter retries a refused export anyway.
-            let client = ClusterClient::builder(redis.cluster.iter().map(String::as_str))
+            let mut builder = ClusterClient::builder(redis.cluster.iter().map(String::as_str))
                 .connection_timeout(redis.connect_timeout)
                 .response_timeout(redis.command_timeout)
                 .retries(2)
                 .min_retry_wait(20)
-                .max_retry_wait(200)
+                .max_retry_wait(200);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder
                 .build()
                 .map_err(|e| format!("correlation.redis.cluster {:?}: {e}", redis.cluster))?;
             Target::Cluster(client)
         } else {
-            let client = Client::open(redis.url.as_str())
-                .map_err(|e| format!("correlation.redis.url {:?}: {e}", redis.url))?;
+            let client = match certs {
+                Some(certs) => Client::build_with_tls(redis.url.as_str(), certs),
+                None => Client::open(redis.url.as_str()),
+            }
+            .map_err(|e| format!("correlation.redis.url {:?}: {e}", redis.url))?;
             Target::One(client)
         };
         let count = redis.shards.clamp(1, 1024);
