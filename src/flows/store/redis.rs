@@ -696,43 +696,52 @@ impl CorrelationStore for RedisStore {
         if lost {
             self.recover();
         }
+        // A sweep's reply cannot be read back (unlike an apply's): on a cluster, where a
+        // NOSCRIPT or a failed node in a pipeline loses the replies of the calls sent
+        // with it, each shard is swept in a call of its own.
+        let per_call = match self.pool.target {
+            Target::Cluster(_) => 1,
+            Target::One(_) => self.shards.len(),
+        };
         // Every shard at first; then again those that had more due than one call pops.
         let mut due_shards: Vec<usize> = (0..self.shards.len()).collect();
         for _ in 0..SWEEP_ROUNDS {
-            let cmds: Vec<Cmd> = due_shards
-                .iter()
-                .map(|&n| {
-                    let mut cmd = redis::cmd("EVALSHA");
-                    cmd.arg(self.sweep.get_hash())
-                        .arg(1)
-                        .arg(&self.shards[n].deadlines[..])
-                        .arg(SWEEP_LIMIT);
-                    cmd
-                })
-                .collect();
-            let Ok(results) = self.eval_all("sweep", &self.sweep, &cmds) else {
-                return;
-            };
             let mut again = Vec::new();
-            for (&n, result) in due_shards.iter().zip(results) {
-                let Ok(out) =
-                    result.and_then(|v| Vec::<Vec<u8>>::from_redis_value(v).map_err(Into::into))
-                else {
-                    continue;
+            for group in due_shards.chunks(per_call) {
+                let cmds: Vec<Cmd> = group
+                    .iter()
+                    .map(|&n| {
+                        let mut cmd = redis::cmd("EVALSHA");
+                        cmd.arg(self.sweep.get_hash())
+                            .arg(1)
+                            .arg(&self.shards[n].deadlines[..])
+                            .arg(SWEEP_LIMIT);
+                        cmd
+                    })
+                    .collect();
+                let Ok(results) = self.eval_all("sweep", &self.sweep, &cmds) else {
+                    return;
                 };
-                let Some((left, due)) = out.split_first() else {
-                    continue;
-                };
-                let left = std::str::from_utf8(left)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .unwrap_or(0);
-                self.shards[n].entries.store(left, Ordering::Relaxed);
-                for stored in due {
-                    self.settle(None, Some(b'T'), stored);
-                }
-                if due.len() >= SWEEP_LIMIT {
-                    again.push(n);
+                for (&n, result) in group.iter().zip(results) {
+                    let Ok(out) = result
+                        .and_then(|v| Vec::<Vec<u8>>::from_redis_value(v).map_err(Into::into))
+                    else {
+                        continue;
+                    };
+                    let Some((left, due)) = out.split_first() else {
+                        continue;
+                    };
+                    let left = std::str::from_utf8(left)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    self.shards[n].entries.store(left, Ordering::Relaxed);
+                    for stored in due {
+                        self.settle(None, Some(b'T'), stored);
+                    }
+                    if due.len() >= SWEEP_LIMIT {
+                        again.push(n);
+                    }
                 }
             }
             if again.is_empty() {
@@ -908,9 +917,10 @@ impl Pool {
                 let mut con = client.get_connection()?;
                 con.set_write_timeout(Some(self.command_timeout))?;
                 // On every primary (redis-rs routes SCRIPT LOAD so): a NOSCRIPT in a
-                // cluster pipeline costs the replies of the other commands in it.
+                // cluster pipeline costs the replies of the other commands in it. A
+                // failure here is not one: NOSCRIPT is handled when it comes.
                 for code in [APPLY, SWEEP, CLAIM] {
-                    Script::new(code).load(&mut con)?;
+                    let _ = Script::new(code).load(&mut con);
                 }
                 Conn::Cluster(Box::new(con))
             }
