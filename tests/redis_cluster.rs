@@ -92,3 +92,41 @@ async fn scripts_flushed_on_every_primary_are_loaded_again() {
     assert_eq!(errors, 0.0, "a batch failed after SCRIPT FLUSH");
     app.shutdown().await;
 }
+
+/// Numbers for the README (not a test of speed: it asserts nothing about it).
+/// `cargo test --release --test redis_cluster measure -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_throughput_on_a_cluster() {
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    for replicas in [1usize, 3] {
+        let mut apps = Vec::new();
+        for _ in 0..replicas {
+            let nodes = cluster.urls();
+            apps.push(replica_with(|c| c.correlation.redis.cluster = nodes).await);
+        }
+        wait_ready(&apps, StatusCode::OK, "replica never ready").await;
+        let urls: Vec<String> = apps
+            .iter()
+            .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
+            .collect();
+        let pids = cluster.pids();
+        let run = throughput(&urls, || pids.iter().map(|&p| proc_cpu_ticks(p)).sum()).await;
+        println!(
+            "cluster, 3 primaries, 16 shards, {replicas} replica(s): {:.0} events/s in all; \
+             p99 export (100 events) {:.1} ms; Redis CPU (all nodes) {:.2} of a core per \
+             100k events/s",
+            run.events_per_sec,
+            run.p99.as_secs_f64() * 1e3,
+            run.cpu_per_100k,
+        );
+        for app in apps {
+            app.shutdown().await;
+        }
+        for &port in &cluster.ports {
+            let _ = cluster.node_cmd(port, &["FLUSHALL"]);
+        }
+    }
+}

@@ -9,7 +9,6 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::attr as s;
@@ -22,7 +21,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::Trac
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
-use tokio::sync::Mutex;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Fault {
@@ -227,105 +225,19 @@ async fn measure_throughput_latency_cpu_and_memory() {
             .iter()
             .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
             .collect();
-        // 100-event exports (50 starts, 50 ends of other ids), pre-encoded.
-        let base = now_nanos();
-        let exports = 2000u64;
-        let bodies: Vec<Vec<u8>> = (0..exports)
-            .map(|b| {
-                let spans = (0..100u64)
-                    .map(|i| {
-                        let id = b * 50 + i / 2;
-                        let (name, outcome) = if i % 2 == 0 {
-                            ("flow.pay.start", None)
-                        } else {
-                            ("flow.pay.end", Some("success"))
-                        };
-                        let mut attributes = vec![s("correlation-id", &format!("o-{id:08}"))];
-                        if let Some(o) = outcome {
-                            attributes.push(s("outcome", o));
-                        }
-                        Span {
-                            trace_id: vec![0xab; 16],
-                            span_id: (i + 1).to_be_bytes().to_vec(),
-                            name: "work".into(),
-                            events: vec![span::Event {
-                                time_unix_nano: base + id * 1000 + i % 2,
-                                name: name.into(),
-                                attributes,
-                                ..Default::default()
-                            }],
-                            ..Default::default()
-                        }
-                    })
-                    .collect();
-                ExportTraceServiceRequest {
-                    resource_spans: vec![ResourceSpans {
-                        scope_spans: vec![ScopeSpans {
-                            spans,
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }],
-                }
-                .encode_to_vec()
-            })
-            .collect();
-        let queue = Arc::new(Mutex::new(bodies));
-        let cpu_before = proc_cpu_ticks(redis.pid().unwrap());
-        let started = Instant::now();
-        let clients: Vec<_> = (0..8usize)
-            .map(|c| {
-                let (queue, urls) = (queue.clone(), urls.clone());
-                tokio::spawn(async move {
-                    let mut latencies = Vec::new();
-                    let mut n = c;
-                    while let Some(body) = queue.lock().await.pop() {
-                        n += 1;
-                        let t = Instant::now();
-                        let status = post_once(&urls[n % urls.len()], body).await;
-                        latencies.push(t.elapsed());
-                        assert_eq!(status, Some(StatusCode::OK));
-                    }
-                    latencies
-                })
-            })
-            .collect();
-        let mut latencies = Vec::new();
-        for c in clients {
-            latencies.extend(c.await.unwrap());
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        let cpu_secs = (proc_cpu_ticks(redis.pid().unwrap()) - cpu_before) as f64 / 100.0;
-        latencies.sort();
-        let p99 = latencies[latencies.len() * 99 / 100];
-        let events = (exports * 100) as f64;
+        let pid = redis.pid().unwrap();
+        let run = throughput(&urls, || proc_cpu_ticks(pid)).await;
         println!(
             "{replicas} replica(s): {:.0} events/s in all, {:.0} per replica; p99 export \
              (100 events) {:.1} ms; Redis CPU {:.2} of a core per 100k events/s",
-            events / elapsed,
-            events / elapsed / replicas as f64,
-            p99.as_secs_f64() * 1e3,
-            cpu_secs / elapsed / (events / elapsed / 100_000.0),
+            run.events_per_sec,
+            run.events_per_sec / replicas as f64,
+            run.p99.as_secs_f64() * 1e3,
+            run.cpu_per_100k,
         );
         for app in apps {
             app.shutdown().await;
         }
         redis.flush();
     }
-}
-
-/// utime + stime of a process, in clock ticks (100 per second on Linux).
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) ends with ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
-    get(11) + get(12)
 }

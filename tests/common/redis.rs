@@ -280,6 +280,11 @@ impl RedisCluster {
         })
     }
 
+    /// The nodes' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
     /// Keys on each node (DBSIZE), in the order of `ports`.
     pub fn keys_per_node(&self) -> Vec<u64> {
         self.ports

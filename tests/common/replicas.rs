@@ -316,3 +316,111 @@ pub fn assert_exact(scrapes: &[BTreeMap<String, f64>]) {
     // Summed over replicas, in progress is what is still open: nothing.
     assert_eq!(get("flowmetrics_flows_in_progress", ""), 0.0);
 }
+
+/// What [`throughput`] measured.
+pub struct Throughput {
+    pub events_per_sec: f64,
+    /// p99 latency of one export (100 events).
+    pub p99: Duration,
+    /// CPU of the store's servers (as `cpu_ticks` counts it) per 100k events/s, in cores.
+    pub cpu_per_100k: f64,
+}
+
+/// 2,000 exports of 100 events (50 starts, 50 ends of other ids), pre-encoded, sent by
+/// 8 clients round-robin over the replicas behind `urls`; `cpu_ticks` reads the store's
+/// servers' CPU (clock ticks).
+pub async fn throughput(urls: &[String], cpu_ticks: impl Fn() -> u64) -> Throughput {
+    let urls = urls.to_vec();
+    let base = now_nanos();
+    let exports = 2000u64;
+    let bodies: Vec<Vec<u8>> = (0..exports)
+        .map(|b| {
+            let spans = (0..100u64)
+                .map(|i| {
+                    let id = b * 50 + i / 2;
+                    let (name, outcome) = if i % 2 == 0 {
+                        ("flow.pay.start", None)
+                    } else {
+                        ("flow.pay.end", Some("success"))
+                    };
+                    let mut attributes = vec![s("correlation-id", &format!("o-{id:08}"))];
+                    if let Some(o) = outcome {
+                        attributes.push(s("outcome", o));
+                    }
+                    Span {
+                        trace_id: vec![0xab; 16],
+                        span_id: (i + 1).to_be_bytes().to_vec(),
+                        name: "work".into(),
+                        events: vec![span::Event {
+                            time_unix_nano: base + id * 1000 + i % 2,
+                            name: name.into(),
+                            attributes,
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    scope_spans: vec![ScopeSpans {
+                        spans,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            }
+            .encode_to_vec()
+        })
+        .collect();
+    let queue = Arc::new(Mutex::new(bodies));
+    let cpu_before = cpu_ticks();
+    let started = Instant::now();
+    let clients: Vec<_> = (0..8usize)
+        .map(|c| {
+            let (queue, urls) = (queue.clone(), urls.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n = c;
+                while let Some(body) = queue.lock().await.pop() {
+                    n += 1;
+                    let t = Instant::now();
+                    let status = post_once(&urls[n % urls.len()], body).await;
+                    latencies.push(t.elapsed());
+                    assert_eq!(status, Some(StatusCode::OK));
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for c in clients {
+        latencies.extend(c.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_secs = cpu_ticks().saturating_sub(cpu_before) as f64 / 100.0;
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    let events = (exports * 100) as f64;
+    Throughput {
+        events_per_sec: events / elapsed,
+        p99,
+        cpu_per_100k: cpu_secs / elapsed / (events / elapsed / 100_000.0),
+    }
+}
+
+/// utime + stime of a process, in clock ticks (100 per second on Linux).
+pub fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) ends with ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
+    get(11) + get(12)
+}
