@@ -106,3 +106,26 @@ async fn a_tls_redis_whose_certificate_is_not_trusted_is_not_used() {
     assert_eq!(readyz(&app).await, StatusCode::SERVICE_UNAVAILABLE);
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_missing_or_not_pem_stops_the_start_naming_it() {
+    let dir = std::env::temp_dir().join(format!("flowmetrics-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    for path in [dir.join("missing.pem"), garbage] {
+        let mut c = common::test_config();
+        c.correlation.store = flowmetrics::config::StoreKind::Redis;
+        c.correlation.redis.url = "rediss://127.0.0.1:1/0".into();
+        c.correlation.redis.ca_file = path.display().to_string();
+        let err = match flowmetrics::App::new(c).start().await {
+            Ok(app) => {
+                app.shutdown().await;
+                panic!("started with ca_file {path:?}");
+            }
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("correlation.redis"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

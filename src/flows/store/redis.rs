@@ -272,16 +272,13 @@ impl RedisStore {
             // may have set one already, which is as good.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let certs =
-            match &redis.ca_file {
-                Some(path) => Some(TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(std::fs::read(path).map_err(|e| {
-                        format!("correlation.redis.ca_file {:?}: {e}", path.display())
-                    })?),
-                }),
-                None => None,
-            };
+        let certs = match &redis.ca_file {
+            Some(path) => Some(TlsCertificates {
+                client_tls: None,
+                root_cert: Some(read_ca_file(path)?),
+            }),
+            None => None,
+        };
         let target = if cluster {
             // Few, short retries: a call must end within about `command_timeout`, and
             // the exporter retries a refused export anyway.
@@ -946,6 +943,20 @@ impl Pool {
             Err(_) => {}
         }
         result
+    }
+}
+
+/// The PEM file of `correlation.redis.ca_file`, checked: redis-rs reads it only when
+/// it connects, and a file that is not PEM would make every connection fail, long after
+/// the start.
+fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let fail = |e: String| format!("correlation.redis.ca_file {:?}: {e}", path.display());
+    let pem = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+        Ok(found) if !found.is_empty() => Ok(pem),
+        Ok(_) => Err(fail("no PEM certificate in it".into())),
+        Err(e) => Err(fail(format!("not PEM certificates: {e}"))),
     }
 }
 
