@@ -1,7 +1,7 @@
 //! Three flowmetrics replicas on a three-primary Redis Cluster
 //! (`correlation.redis.cluster`): the same exactness check as tests/redis_replicas.rs
 //! (starts to one replica, ends to another, ends often first, start-only ids time out),
-//! with the keys spread over the shards and so over every primary.
+//! with the keys spread over the shards and so over every primary; also over TLS.
 
 mod common;
 
@@ -18,17 +18,41 @@ async fn three_replicas_on_a_redis_cluster_count_every_outcome_exactly() {
         return;
     };
     eprintln!("cluster up in {:.1}s", started.elapsed().as_secs_f64());
+    exactly(&cluster, 0x2468_ace0_1357_9bdf).await;
+    eprintln!("whole test {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// The same over TLS (`rediss://` nodes, the cluster bus in TLS too), trusting the
+/// test's CA through `correlation.redis.ca_file`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_a_tls_redis_cluster_count_every_outcome_exactly() {
+    let Some(cluster) = RedisCluster::start_tls(3) else {
+        return;
+    };
+    exactly(&cluster, 0x1357_9bdf_2468_ace0).await;
+}
+
+async fn exactly(cluster: &RedisCluster, seed: u64) {
     let mut apps = Vec::new();
     for _ in 0..3 {
         let nodes = cluster.urls();
-        apps.push(replica_with(|c| c.correlation.redis.cluster = nodes).await);
+        let ca = cluster.ca_file();
+        apps.push(
+            replica_with(|c| {
+                if nodes[0].starts_with("rediss://") {
+                    c.correlation.redis.ca_file = ca.display().to_string();
+                }
+                c.correlation.redis.cluster = nodes;
+            })
+            .await,
+        );
     }
     wait_ready(&apps, StatusCode::OK, "replica never ready").await;
     let urls: Vec<String> = apps
         .iter()
         .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
         .collect();
-    let traffic = Traffic::start(urls, 0x2468_ace0_1357_9bdf).await;
+    let traffic = Traffic::start(urls, seed).await;
     traffic.a_third_sent().await;
     // Mid-run: instances, fingerprints and deadlines are on every primary, not one.
     let mid_run = cluster.keys_per_node();
@@ -51,7 +75,6 @@ async fn three_replicas_on_a_redis_cluster_count_every_outcome_exactly() {
     for app in apps {
         app.shutdown().await;
     }
-    eprintln!("whole test {:.1}s", started.elapsed().as_secs_f64());
 }
 
 /// A script missing on the primaries (flushed, as after a restart or a failover) is

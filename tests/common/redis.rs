@@ -158,12 +158,23 @@ pub struct RedisCluster {
     pub ports: Vec<u16>,
     dir: PathBuf,
     children: Vec<Child>,
+    /// Nodes speak TLS only (also on the cluster bus), with [`make_certs`]' CA.
+    tls: bool,
 }
 
 impl RedisCluster {
     /// `None` (skip) if redis-server or redis-cli is not installed.
     pub fn start(masters: usize) -> Option<RedisCluster> {
-        if !available() {
+        Self::start_with(masters, false)
+    }
+
+    /// The same, speaking TLS only; `None` (skip) also without openssl.
+    pub fn start_tls(masters: usize) -> Option<RedisCluster> {
+        Self::start_with(masters, true)
+    }
+
+    fn start_with(masters: usize, tls: bool) -> Option<RedisCluster> {
+        if !available() || (tls && !openssl_available()) {
             return None;
         }
         let cli = Command::new("redis-cli")
@@ -201,14 +212,26 @@ impl RedisCluster {
             ports[0]
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
+        if tls {
+            make_certs(&dir);
+        }
         let mut cluster = RedisCluster {
             ports: ports.clone(),
             dir,
             children: Vec::new(),
+            tls,
         };
         for &port in &ports {
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string()])
+            let mut server = Command::new("redis-server");
+            if tls {
+                server
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes"])
+                    .args(tls_server_args(&cluster.dir));
+            } else {
+                server.args(["--port", &port.to_string()]);
+            }
+            let child = server
                 .args(["--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes"])
                 .arg("--cluster-config-file")
@@ -230,7 +253,13 @@ impl RedisCluster {
             }
         }
         let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let created = Command::new("redis-cli")
+        let mut cli = Command::new("redis-cli");
+        if tls {
+            cli.arg("--tls")
+                .arg("--cacert")
+                .arg(cluster.dir.join("ca.crt"));
+        }
+        let created = cli
             .args(["--cluster", "create"])
             .args(&nodes)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -254,15 +283,33 @@ impl RedisCluster {
 
     /// Seed URLs, one per node.
     pub fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls { "rediss" } else { "redis" };
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect()
+    }
+
+    /// The CA certificate (PEM) of a TLS cluster.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
     }
 
     /// A command sent to one node directly (not routed), its reply as text.
     pub fn node_cmd(&self, port: u16, args: &[&str]) -> Option<String> {
-        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        let client = if self.tls {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            redis::Client::build_with_tls(
+                format!("rediss://127.0.0.1:{port}"),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(self.ca_file()).ok()?),
+                },
+            )
+        } else {
+            redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        };
+        let mut con = client
             .ok()?
             .get_connection_with_timeout(Duration::from_secs(1))
             .ok()?;
@@ -322,18 +369,7 @@ impl TlsRedisServer {
         if !available() {
             return None;
         }
-        let openssl = Command::new("openssl")
-            .arg("version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !openssl {
-            assert!(
-                std::env::var_os("FLOWMETRICS_REQUIRE_REDIS").is_none(),
-                "openssl not found, and FLOWMETRICS_REQUIRE_REDIS is set"
-            );
-            eprintln!("SKIPPED: openssl not found (scripts/redis-test.sh installs it)");
+        if !openssl_available() {
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0")
@@ -345,65 +381,7 @@ impl TlsRedisServer {
             std::process::id()
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let openssl = |args: &[&str]| {
-            let status = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("openssl runs");
-            assert!(status.success(), "openssl {args:?} failed");
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=flowmetrics test CA",
-        ]);
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]);
-        std::fs::write(
-            dir.join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )
-        .expect("ext.cnf");
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]);
+        make_certs(&dir);
         let child = Command::new("redis-server")
             .args(["--port", "0", "--tls-port", &port.to_string()])
             .args(["--bind", "127.0.0.1"])
@@ -451,4 +429,103 @@ impl Drop for TlsRedisServer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether the `openssl` CLI can be run here; prints why not.
+fn openssl_available() -> bool {
+    let found = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("FLOWMETRICS_REQUIRE_REDIS").is_none(),
+            "openssl not found, and FLOWMETRICS_REQUIRE_REDIS is set"
+        );
+        eprintln!("SKIPPED: openssl not found (scripts/redis-test.sh installs it)");
+    }
+    found
+}
+
+/// A CA (`ca.crt`) and a server certificate it signed for 127.0.0.1 (`server.crt`,
+/// `server.key`), in `dir`.
+fn make_certs(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=flowmetrics test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("ext.cnf");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// redis-server's TLS settings for [`make_certs`]' files in `dir`; no client
+/// certificates.
+fn tls_server_args(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    for (flag, file) in [
+        ("--tls-cert-file", "server.crt"),
+        ("--tls-key-file", "server.key"),
+        ("--tls-ca-cert-file", "ca.crt"),
+    ] {
+        args.push(flag.into());
+        args.push(dir.join(file).into());
+    }
+    args.push("--tls-auth-clients".into());
+    args.push("no".into());
+    args
 }
