@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The shared-store suites against a real redis-server: the store's rules
 # (tests/redis_store.rs), three replicas on one Redis fed raw OTLP, with faults
-# (tests/redis_replicas.rs), and three replicas fed by the OpenTelemetry Rust SDK's
-# exporters (tests/redis_sdk.rs). The tests start and stop their own servers
+# (tests/redis_replicas.rs), three replicas fed by the OpenTelemetry Rust SDK's exporters
+# (tests/redis_sdk.rs), and TLS with a CA of the test's own (tests/redis_tls.rs,
+# certificates made with openssl). The tests start and stop their own servers
 # (tests/common/redis.rs: a free loopback port, a temporary directory, no persistence
-# unless the test needs it). Installs Debian's redis-server when it is missing; with it
-# required, a missing server fails the suites instead of skipping them. Extra arguments
-# go to `cargo test`.
+# unless the test needs it). Installs Debian's redis-server and openssl when missing;
+# with them required, a missing one fails the suites instead of skipping them. Extra
+# arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null; then
-  echo "redis-test.sh: installing redis-server"
+if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then
+  echo "redis-test.sh: installing redis-server and openssl"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq redis-server >/dev/null
+  apt-get install -y -qq redis-server openssl >/dev/null
 fi
 redis-server --version
-FLOWMETRICS_REQUIRE_REDIS=1 cargo test --test redis_store --test redis_replicas --test redis_sdk "$@"
+FLOWMETRICS_REQUIRE_REDIS=1 cargo test --test redis_store --test redis_replicas --test redis_sdk --test redis_tls "$@"

@@ -56,8 +56,20 @@ pub enum StoreKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// One server (or one endpoint in front of several, such as a proxy).
     #[serde(deserialize_with = "string_like")]
     pub url: String,
+    /// Nodes of a Redis Cluster, any of them (the others are discovered); when set,
+    /// `url` must be left unset.
+    #[serde(deserialize_with = "string_list")]
+    pub cluster: Vec<String>,
+    /// Shards the keys are spread over, each in one hash slot; unset: 16 with a
+    /// cluster (so that they spread over its primaries), 1 on one server.
+    pub shards: Option<u32>,
+    /// PEM file of the CA that signed the servers' certificates (`rediss://`), in place
+    /// of the system's roots; `""`: the system's.
+    #[serde(deserialize_with = "string_like")]
+    pub ca_file: String,
     #[serde(deserialize_with = "string_like")]
     pub key_prefix: String,
     /// Opening a connection must succeed within this.
@@ -71,10 +83,23 @@ pub struct RedisConfig {
     pub pool_size: usize,
 }
 
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+impl RedisConfig {
+    /// `shards`, or its default.
+    pub fn shard_count(&self) -> u32 {
+        self.shards
+            .unwrap_or(if self.cluster.is_empty() { 1 } else { 16 })
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
-            url: "redis://127.0.0.1:6379/0".into(),
+            url: DEFAULT_REDIS_URL.into(),
+            cluster: Vec::new(),
+            shards: None,
+            ca_file: String::new(),
             key_prefix: "flowmetrics:".into(),
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_secs(2),
@@ -467,14 +492,63 @@ impl Config {
             }
         }
         let redis = &self.correlation.redis;
-        if self.correlation.store == StoreKind::Redis && !redis.url.starts_with("redis://") {
-            fail(
-                "correlation.redis.url",
+        let not_a_url = |url: &str| {
+            if url.ends_with("#insecure") {
                 format!(
-                    "{:?} is not a redis:// URL (TLS is not built in)",
-                    redis.url
-                ),
-            )?;
+                    "{url:?}: certificate checks cannot be turned off; set \
+                     correlation.redis.ca_file to the CA that signed the server's"
+                )
+            } else {
+                format!("{url:?} is not a redis:// or rediss:// (TLS) URL")
+            }
+        };
+        // `#insecure` (no certificate check) needs a redis-rs feature left out on purpose.
+        let is_url = |url: &str| {
+            (url.starts_with("redis://") || url.starts_with("rediss://"))
+                && !url.ends_with("#insecure")
+        };
+        if self.correlation.store == StoreKind::Redis {
+            if redis.cluster.is_empty() {
+                if !is_url(&redis.url) {
+                    fail("correlation.redis.url", not_a_url(&redis.url))?;
+                }
+            } else {
+                if redis.url != DEFAULT_REDIS_URL {
+                    fail(
+                        "correlation.redis.cluster",
+                        "set correlation.redis.url (one server) or correlation.redis.cluster \
+                         (a cluster's nodes), not both"
+                            .into(),
+                    )?;
+                }
+                for (i, url) in redis.cluster.iter().enumerate() {
+                    if !is_url(url) {
+                        fail(&format!("correlation.redis.cluster[{i}]"), not_a_url(url))?;
+                    }
+                }
+                // The shards' hash tags follow the prefix: a brace in it would become
+                // the tag of every key, and put them all in one slot.
+                if redis.key_prefix.contains(['{', '}']) {
+                    fail(
+                        "correlation.redis.key_prefix",
+                        "must not contain { or } with a cluster".into(),
+                    )?;
+                }
+            }
+            let tls = if redis.cluster.is_empty() {
+                redis.url.starts_with("rediss://")
+            } else {
+                redis.cluster.iter().any(|u| u.starts_with("rediss://"))
+            };
+            if !redis.ca_file.is_empty() && !tls {
+                fail(
+                    "correlation.redis.ca_file",
+                    "is only used with rediss:// (TLS) URLs".into(),
+                )?;
+            }
+        }
+        if redis.shards.is_some_and(|n| !(1..=1024).contains(&n)) {
+            fail("correlation.redis.shards", "must be 1 to 1024".into())?;
         }
         if redis.pool_size == 0 {
             fail("correlation.redis.pool_size", "must be at least 1".into())?;
@@ -1284,6 +1358,97 @@ mod tests {
             fn drop(&mut self) {
                 let _ = std::fs::remove_file(&self.path);
             }
+        }
+    }
+
+    #[test]
+    fn a_redis_cluster_is_a_list_of_nodes_with_16_shards_by_default() {
+        let f = yaml_file(
+            "correlation:\n  store: redis\n  redis:\n    cluster: [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n",
+        );
+        let c = Config::load(Some(&f.path), env(&[])).unwrap();
+        assert_eq!(c.correlation.redis.cluster.len(), 2);
+        assert_eq!(c.correlation.redis.shard_count(), 16);
+        let one = Config::load(None, env(&[("FLOWMETRICS_CORRELATION__STORE", "redis")])).unwrap();
+        assert_eq!(one.correlation.redis.shard_count(), 1);
+        let c = Config::load(
+            None,
+            env(&[
+                ("FLOWMETRICS_CORRELATION__STORE", "redis"),
+                (
+                    "FLOWMETRICS_CORRELATION__REDIS__CLUSTER",
+                    "[redis://a:1, redis://b:2]",
+                ),
+                ("FLOWMETRICS_CORRELATION__REDIS__SHARDS", "64"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.correlation.redis.cluster, ["redis://a:1", "redis://b:2"]);
+        assert_eq!(c.correlation.redis.shard_count(), 64);
+        let tls = Config::load(
+            None,
+            env(&[
+                ("FLOWMETRICS_CORRELATION__STORE", "redis"),
+                ("FLOWMETRICS_CORRELATION__REDIS__URL", "rediss://r:6380/0"),
+                ("FLOWMETRICS_CORRELATION__REDIS__CA_FILE", "/etc/ca.pem"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(tls.correlation.redis.ca_file, "/etc/ca.pem");
+    }
+
+    #[test]
+    fn a_bad_redis_cluster_setting_fails_naming_the_key() {
+        for (pairs, key) in [
+            (
+                vec![(
+                    "FLOWMETRICS_CORRELATION__REDIS__CLUSTER",
+                    "[redis://a:1, http://b:2]",
+                )],
+                "correlation.redis.cluster[1]",
+            ),
+            (
+                vec![
+                    ("FLOWMETRICS_CORRELATION__REDIS__CLUSTER", "[redis://a:1]"),
+                    ("FLOWMETRICS_CORRELATION__REDIS__URL", "redis://c:3"),
+                ],
+                "correlation.redis.cluster",
+            ),
+            (
+                vec![
+                    ("FLOWMETRICS_CORRELATION__REDIS__CLUSTER", "[redis://a:1]"),
+                    ("FLOWMETRICS_CORRELATION__REDIS__KEY_PREFIX", "fm{x}:"),
+                ],
+                "correlation.redis.key_prefix",
+            ),
+            (
+                vec![("FLOWMETRICS_CORRELATION__REDIS__SHARDS", "0")],
+                "correlation.redis.shards",
+            ),
+            (
+                vec![("FLOWMETRICS_CORRELATION__REDIS__CA_FILE", "/etc/ca.pem")],
+                "correlation.redis.ca_file",
+            ),
+            (
+                vec![("FLOWMETRICS_CORRELATION__REDIS__URL", "tcp://a:1")],
+                "correlation.redis.url",
+            ),
+            (
+                vec![(
+                    "FLOWMETRICS_CORRELATION__REDIS__URL",
+                    "rediss://a:1/0#insecure",
+                )],
+                "correlation.redis.url",
+            ),
+            (
+                vec![("FLOWMETRICS_CORRELATION__REDIS__SHARDS", "1025")],
+                "correlation.redis.shards",
+            ),
+        ] {
+            let mut pairs = pairs;
+            pairs.push(("FLOWMETRICS_CORRELATION__STORE", "redis"));
+            let err = Config::load(None, env(&pairs)).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{key}: {err}");
         }
     }
 

@@ -109,6 +109,18 @@ fn replicas(
     timeout: Duration,
     rec: &Arc<Recorder>,
 ) -> Vec<Replica> {
+    sharded(server, n, capacity, timeout, rec, 1)
+}
+
+/// The same with the keys in `shards` shards (`correlation.redis.shards`).
+fn sharded(
+    server: &RedisServer,
+    n: usize,
+    capacity: u64,
+    timeout: Duration,
+    rec: &Arc<Recorder>,
+    shards: u32,
+) -> Vec<Replica> {
     (0..n)
         .map(|_| {
             let probe = Arc::new(Probe::default());
@@ -127,6 +139,9 @@ fn replicas(
                 },
                 RedisSettings {
                     url: server.url(),
+                    cluster: Vec::new(),
+                    shards,
+                    ca_file: None,
                     key_prefix: "t:".into(),
                     connect_timeout: Duration::from_millis(500),
                     command_timeout: Duration::from_secs(2),
@@ -427,9 +442,56 @@ fn an_unreachable_store_refuses_and_a_restarted_one_is_used_again() {
 
 #[test]
 fn replicas_hammering_the_same_keys_count_each_instance_once() {
+    hammer(1);
+}
+
+#[test]
+fn replicas_hammering_the_same_keys_count_each_instance_once_over_shards() {
+    hammer(8);
+}
+
+#[test]
+fn a_sharded_store_counts_entries_over_every_shard() {
     let server = server!();
     let rec = Arc::new(Recorder::default());
-    let rs = replicas(&server, 3, 100_000, Duration::from_millis(400), &rec);
+    let rs = sharded(&server, 2, 1000, Duration::from_secs(60), &rec, 16);
+    let starts = (0..100).map(|i| ev("f", &i.to_string(), EventKind::Start, 1));
+    apply(&rs[0], starts.collect());
+    let ends = (0..100).map(|i| ev("f", &i.to_string(), END, 2));
+    apply(&rs[1], ends.take(40).collect());
+    rs[0].store.run_pending_tasks();
+    assert_eq!(rs[0].store.entries(), 60);
+    assert_eq!(rec.get("f", "success"), 40);
+    // Each shard has a deadline set of its own, tagged for one hash slot.
+    let mut con = server.connection().unwrap();
+    let sets: Vec<String> = redis::cmd("KEYS")
+        .arg("t:{*}deadlines")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(sets.len(), 16, "{sets:?}");
+    // Scripts gone (a restart): every call of the pipeline is refused with NOSCRIPT,
+    // the script is loaded, and each call sent again once.
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query::<()>(&mut con)
+        .unwrap();
+    let ends = (0..100).map(|i| ev("f", &i.to_string(), END, 2));
+    apply(&rs[1], ends.skip(40).collect());
+    assert_eq!(rec.get("f", "success"), 100);
+    assert_eq!(rs[1].probe.errors.load(Ordering::Relaxed), 0);
+}
+
+fn hammer(shards: u32) {
+    let server = server!();
+    let rec = Arc::new(Recorder::default());
+    let rs = sharded(
+        &server,
+        3,
+        100_000,
+        Duration::from_millis(400),
+        &rec,
+        shards,
+    );
     // Each id: a start and an end, each sent twice (a retry), to random replicas in
     // random order; a third of the ids never get an end (they time out).
     let ids = 3000u64;
@@ -493,9 +555,19 @@ fn replicas_hammering_the_same_keys_count_each_instance_once() {
 
 #[test]
 fn a_batch_whose_reply_was_lost_is_reported_once_and_its_retry_is_a_duplicate() {
+    lost_reply(1);
+}
+
+#[test]
+fn a_batch_whose_replies_were_lost_over_shards_is_reported_once() {
+    // With 2 shards the batch's two instances are one call each, in one pipeline.
+    lost_reply(2);
+}
+
+fn lost_reply(shards: u32) {
     let server = server!();
     let rec = Arc::new(Recorder::default());
-    let mut rs = replicas(&server, 2, 1000, Duration::from_secs(60), &rec);
+    let mut rs = sharded(&server, 2, 1000, Duration::from_secs(60), &rec, shards);
     // A store that gives up on a reply after 100 ms.
     rs[0].store = RedisStore::new(
         StoreSettings {
@@ -506,6 +578,9 @@ fn a_batch_whose_reply_was_lost_is_reported_once_and_its_retry_is_a_duplicate() 
         },
         RedisSettings {
             url: server.url(),
+            cluster: Vec::new(),
+            shards,
+            ca_file: None,
             key_prefix: "t:".into(),
             connect_timeout: Duration::from_millis(500),
             command_timeout: Duration::from_millis(100),

@@ -1,0 +1,131 @@
+//! The shared store over TLS (`rediss://`): a redis-server with a certificate from a CA
+//! of the test's own, trusted through `correlation.redis.ca_file`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::TlsRedisServer;
+use common::replicas::*;
+use common::{attr, scrape_until, value};
+use hyper::StatusCode;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
+use prost::Message;
+
+/// One export: the flow's start and end (1.5 s apart) for `id`.
+fn pair(id: &str) -> Vec<u8> {
+    let base = now_nanos();
+    let event = |name: &str, ts: u64, outcome: Option<&str>| {
+        let mut attributes = vec![attr("correlation-id", id)];
+        if let Some(o) = outcome {
+            attributes.push(attr("outcome", o));
+        }
+        Span {
+            trace_id: vec![0xab; 16],
+            span_id: vec![1; 8],
+            name: "work".into(),
+            events: vec![span::Event {
+                time_unix_nano: ts,
+                name: name.into(),
+                attributes,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    };
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![
+                    event("flow.pay.start", base, None),
+                    event("flow.pay.end", base + 1_500_000_000, Some("success")),
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_completes_through_a_tls_redis_trusted_by_its_ca_file() {
+    let Some(server) = TlsRedisServer::start() else {
+        return;
+    };
+    let (url, ca) = (server.url(), server.ca_file());
+    let app = replica_with(|c| {
+        c.correlation.redis.url = url;
+        c.correlation.redis.ca_file = ca.display().to_string();
+    })
+    .await;
+    wait_ready(
+        std::slice::from_ref(&app),
+        StatusCode::OK,
+        "never ready over TLS",
+    )
+    .await;
+    let otlp = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+    assert_eq!(post_once(&otlp, pair("o-1")).await, Some(StatusCode::OK));
+    let m = scrape_until(&app, Duration::from_secs(5), |m| {
+        value(
+            m,
+            r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#,
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, r#"flowmetrics_flow_duration_seconds_sum{flow="pay"}"#),
+        1.5
+    );
+    assert_eq!(readyz(&app).await, StatusCode::OK);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_whose_certificate_is_not_trusted_is_not_used() {
+    let Some(server) = TlsRedisServer::start() else {
+        return;
+    };
+    // The system's roots do not know the test's CA: the handshake fails.
+    let url = server.url();
+    let app = replica_with(|c| c.correlation.redis.url = url).await;
+    let otlp = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+    assert_eq!(
+        post_once(&otlp, pair("o-2")).await,
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    assert_eq!(readyz(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_missing_or_not_pem_stops_the_start_naming_it() {
+    let dir = std::env::temp_dir().join(format!("flowmetrics-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    for path in [dir.join("missing.pem"), garbage] {
+        let mut c = common::test_config();
+        c.correlation.store = flowmetrics::config::StoreKind::Redis;
+        c.correlation.redis.url = "rediss://127.0.0.1:1/0".into();
+        c.correlation.redis.ca_file = path.display().to_string();
+        let err = match flowmetrics::App::new(c).start().await {
+            Ok(app) => {
+                app.shutdown().await;
+                panic!("started with ca_file {path:?}");
+            }
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("correlation.redis"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
