@@ -15,4 +15,4 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null ||
   apt-get install -y -qq redis-server redis-tools openssl >/dev/null
 fi
 redis-server --version
-FLOWMETRICS_REQUIRE_REDIS=1 cargo test --test redis_cluster "$@"
+REQUIRE_REDIS_TESTS=1 cargo test --test redis_cluster "$@"

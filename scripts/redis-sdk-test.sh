@@ -82,7 +82,7 @@ done
 [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] || die "redis-server did not answer"
 
 # The replicas' configuration is this script's alone: none from the caller's environment
-# (where an unknown FLOWMETRICS_ key, e.g. FLOWMETRICS_REQUIRE_REDIS, is a config error).
+# (where an unknown FLOWMETRICS_ key is a config error).
 while read -r v; do unset "$v"; done < <(compgen -e | grep '^FLOWMETRICS_')
 # What the replicas share; each one's listeners come from FLOWMETRICS_* variables.
 cat >"$TMP/flowmetrics.yaml" <<EOF

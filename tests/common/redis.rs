@@ -2,7 +2,7 @@
 //! speaks TLS only): started on a free loopback port in a temporary directory, with no
 //! persistence, and stopped when dropped. Without `redis-server` on
 //! PATH the tests that need one are skipped with a message, unless
-//! `FLOWMETRICS_REQUIRE_REDIS` is set (CI: `scripts/redis-test.sh`), where they fail.
+//! `REQUIRE_REDIS_TESTS` is set (CI: `scripts/redis-test.sh`), where they fail.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -27,8 +27,8 @@ pub fn available() -> bool {
         .is_ok_and(|s| s.success());
     if !found {
         assert!(
-            std::env::var_os("FLOWMETRICS_REQUIRE_REDIS").is_none(),
-            "redis-server not found, and FLOWMETRICS_REQUIRE_REDIS is set"
+            std::env::var_os("REQUIRE_REDIS_TESTS").is_none(),
+            "redis-server not found, and REQUIRE_REDIS_TESTS is set"
         );
         eprintln!("SKIPPED: redis-server not found (install it: scripts/redis-test.sh does)");
     }
@@ -185,8 +185,8 @@ impl RedisCluster {
             .is_ok_and(|s| s.success());
         if !cli {
             assert!(
-                std::env::var_os("FLOWMETRICS_REQUIRE_REDIS").is_none(),
-                "redis-cli not found, and FLOWMETRICS_REQUIRE_REDIS is set"
+                std::env::var_os("REQUIRE_REDIS_TESTS").is_none(),
+                "redis-cli not found, and REQUIRE_REDIS_TESTS is set"
             );
             eprintln!("SKIPPED: redis-cli not found (scripts/redis-cluster-test.sh installs it)");
             return None;
@@ -441,8 +441,8 @@ fn openssl_available() -> bool {
         .is_ok_and(|s| s.success());
     if !found {
         assert!(
-            std::env::var_os("FLOWMETRICS_REQUIRE_REDIS").is_none(),
-            "openssl not found, and FLOWMETRICS_REQUIRE_REDIS is set"
+            std::env::var_os("REQUIRE_REDIS_TESTS").is_none(),
+            "openssl not found, and REQUIRE_REDIS_TESTS is set"
         );
         eprintln!("SKIPPED: openssl not found (scripts/redis-test.sh installs it)");
     }
