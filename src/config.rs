@@ -56,8 +56,9 @@ pub enum StoreKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// One server (or one endpoint in front of several, such as a proxy).
-    #[serde(deserialize_with = "string_like")]
+    /// One server (or one endpoint in front of several, such as a proxy); a list (or a
+    /// comma-separated string) of URLs is a Redis Cluster's nodes, as `cluster`.
+    #[serde(deserialize_with = "url_or_nodes")]
     pub url: String,
     /// Nodes of a Redis Cluster, any of them (the others are discovered); when set,
     /// `url` must be left unset.
@@ -86,10 +87,29 @@ pub struct RedisConfig {
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
 impl RedisConfig {
+    /// The cluster's nodes, from `cluster` or from a list in `url`; empty: one server.
+    pub fn cluster_nodes(&self) -> Vec<String> {
+        if !self.cluster.is_empty() {
+            return self.cluster.clone();
+        }
+        if !self.url.contains(',') {
+            return Vec::new();
+        }
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
     /// `shards`, or its default.
     pub fn shard_count(&self) -> u32 {
-        self.shards
-            .unwrap_or(if self.cluster.is_empty() { 1 } else { 16 })
+        self.shards.unwrap_or(if self.cluster_nodes().is_empty() {
+            1
+        } else {
+            16
+        })
     }
 }
 
@@ -507,10 +527,18 @@ impl Config {
             (url.starts_with("redis://") || url.starts_with("rediss://"))
                 && !url.ends_with("#insecure")
         };
+        let nodes = redis.cluster_nodes();
         if self.correlation.store == StoreKind::Redis {
-            if redis.cluster.is_empty() {
+            if nodes.is_empty() {
                 if !is_url(&redis.url) {
                     fail("correlation.redis.url", not_a_url(&redis.url))?;
+                }
+            } else if redis.cluster.is_empty() {
+                // Nodes listed in `url`.
+                for (i, url) in nodes.iter().enumerate() {
+                    if !is_url(url) {
+                        fail(&format!("correlation.redis.url[{i}]"), not_a_url(url))?;
+                    }
                 }
             } else {
                 if redis.url != DEFAULT_REDIS_URL {
@@ -526,19 +554,19 @@ impl Config {
                         fail(&format!("correlation.redis.cluster[{i}]"), not_a_url(url))?;
                     }
                 }
-                // The shards' hash tags follow the prefix: a brace in it would become
-                // the tag of every key, and put them all in one slot.
-                if redis.key_prefix.contains(['{', '}']) {
-                    fail(
-                        "correlation.redis.key_prefix",
-                        "must not contain { or } with a cluster".into(),
-                    )?;
-                }
             }
-            let tls = if redis.cluster.is_empty() {
+            // The shards' hash tags follow the prefix: a brace in it would become the
+            // tag of every key, and put them all in one slot.
+            if !nodes.is_empty() && redis.key_prefix.contains(['{', '}']) {
+                fail(
+                    "correlation.redis.key_prefix",
+                    "must not contain { or } with a cluster".into(),
+                )?;
+            }
+            let tls = if nodes.is_empty() {
                 redis.url.starts_with("rediss://")
             } else {
-                redis.cluster.iter().any(|u| u.starts_with("rediss://"))
+                nodes.iter().any(|u| u.starts_with("rediss://"))
             };
             if !redis.ca_file.is_empty() && !tls {
                 fail(
@@ -1147,6 +1175,13 @@ fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     })
 }
 
+/// A URL, or a list of them (a cluster's nodes), kept comma-separated.
+fn url_or_nodes<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    string_list(d)
+        .map(|urls| urls.join(","))
+        .map_err(|_: D::Error| serde::de::Error::custom("expected a URL or a list of URLs"))
+}
+
 fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -1395,6 +1430,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(tls.correlation.redis.ca_file, "/etc/ca.pem");
+        // The nodes may also be listed in `url`: a YAML list, or a comma-separated string.
+        let f = yaml_file(
+            "correlation:\n  store: redis\n  redis:\n    url: [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n",
+        );
+        let c = Config::load(Some(&f.path), env(&[])).unwrap();
+        assert_eq!(
+            c.correlation.redis.cluster_nodes(),
+            ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]
+        );
+        assert_eq!(c.correlation.redis.shard_count(), 16);
+        let c = Config::load(
+            None,
+            env(&[
+                ("FLOWMETRICS_CORRELATION__STORE", "redis"),
+                (
+                    "FLOWMETRICS_CORRELATION__REDIS__URL",
+                    "redis://a:1, redis://b:2",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.correlation.redis.cluster_nodes(),
+            ["redis://a:1", "redis://b:2"]
+        );
+        let bad = Config::load(
+            None,
+            env(&[
+                ("FLOWMETRICS_CORRELATION__STORE", "redis"),
+                (
+                    "FLOWMETRICS_CORRELATION__REDIS__URL",
+                    "[redis://a:1, http://b:2]",
+                ),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("correlation.redis.url[1]"), "{bad}");
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub fn redis(config: &Config) -> RedisSettings {
     let redis = &config.correlation.redis;
     RedisSettings {
         url: redis.url.clone(),
-        cluster: redis.cluster.clone(),
+        cluster: redis.cluster_nodes(),
         shards: redis.shard_count(),
         ca_file: (!redis.ca_file.is_empty()).then(|| redis.ca_file.clone().into()),
         key_prefix: redis.key_prefix.clone(),
