@@ -17,10 +17,12 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
-/// Whether a redis-server can be run here; prints why not.
-pub fn available() -> bool {
-    let found = Command::new("redis-server")
-        .arg("--version")
+/// Whether `tool` runs here (`tool version_arg` succeeds); prints why not, and fails
+/// instead when `REQUIRE_REDIS_TESTS` is set (CI: a missing server must not pass as a
+/// skipped test). `installed_by`: the script that installs it.
+fn tool_available(tool: &str, version_arg: &str, installed_by: &str) -> bool {
+    let found = Command::new(tool)
+        .arg(version_arg)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -28,11 +30,16 @@ pub fn available() -> bool {
     if !found {
         assert!(
             std::env::var_os("REQUIRE_REDIS_TESTS").is_none(),
-            "redis-server not found, and REQUIRE_REDIS_TESTS is set"
+            "{tool} not found, and REQUIRE_REDIS_TESTS is set"
         );
-        eprintln!("SKIPPED: redis-server not found (install it: scripts/redis-test.sh does)");
+        eprintln!("SKIPPED: {tool} not found ({installed_by} installs it)");
     }
     found
+}
+
+/// Whether a redis-server can be run here; prints why not.
+pub fn available() -> bool {
+    tool_available("redis-server", "--version", "scripts/redis-test.sh")
 }
 
 impl RedisServer {
@@ -177,18 +184,7 @@ impl RedisCluster {
         if !available() || (tls && !openssl_available()) {
             return None;
         }
-        let cli = Command::new("redis-cli")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !cli {
-            assert!(
-                std::env::var_os("REQUIRE_REDIS_TESTS").is_none(),
-                "redis-cli not found, and REQUIRE_REDIS_TESTS is set"
-            );
-            eprintln!("SKIPPED: redis-cli not found (scripts/redis-cluster-test.sh installs it)");
+        if !tool_available("redis-cli", "--version", "scripts/redis-cluster-test.sh") {
             return None;
         }
         // Held together so that no two nodes get the same port; a node also listens on
@@ -433,20 +429,7 @@ impl Drop for TlsRedisServer {
 
 /// Whether the `openssl` CLI can be run here; prints why not.
 fn openssl_available() -> bool {
-    let found = Command::new("openssl")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("REQUIRE_REDIS_TESTS").is_none(),
-            "openssl not found, and REQUIRE_REDIS_TESTS is set"
-        );
-        eprintln!("SKIPPED: openssl not found (scripts/redis-test.sh installs it)");
-    }
-    found
+    tool_available("openssl", "version", "scripts/redis-test.sh")
 }
 
 /// A CA (`ca.crt`) and a server certificate it signed for 127.0.0.1 (`server.crt`,
