@@ -302,15 +302,27 @@ pub struct AttributeLayers<E, P, R> {
 /// key and 4 dimensions); more fall back to the heap.
 const INLINE_KEYS: usize = 8;
 
-/// The wanted keys' values in one layer.
-enum Found<'a> {
-    Inline([Option<AttrValue<'a>>; INLINE_KEYS]),
+/// The wanted keys' values in one layer: on the stack for up to `N` keys, else on the
+/// heap (also used for Flow Spans, with a larger `N`).
+pub(crate) enum Found<'a, const N: usize = INLINE_KEYS> {
+    Inline([Option<AttrValue<'a>>; N]),
     Heap(Box<[Option<AttrValue<'a>>]>),
 }
 
-impl<'a> Found<'a> {
+impl<'a, const N: usize> Found<'a, N> {
+    /// Room for `n` values, all empty.
     #[inline]
-    fn slots(&mut self, n: usize) -> &mut [Option<AttrValue<'a>>] {
+    pub(crate) fn with_len(n: usize) -> Self {
+        if n <= N {
+            Found::Inline([None; N])
+        } else {
+            Found::Heap(vec![None; n].into_boxed_slice())
+        }
+    }
+
+    /// The first `n` slots (`n` as given to [`Found::with_len`]).
+    #[inline]
+    pub(crate) fn slots(&mut self, n: usize) -> &mut [Option<AttrValue<'a>>] {
         match self {
             Found::Inline(a) => &mut a[..n],
             Found::Heap(v) => v,
@@ -346,11 +358,7 @@ impl<'l, 'a, E: Attributes<'a>, P: Attributes<'a>, R: Attributes<'a>> Lookup<'l,
             Some(found) => found,
             empty => {
                 // Built in place: the slots are filled where they stay.
-                let found = empty.insert(if n <= INLINE_KEYS {
-                    Found::Inline([None; INLINE_KEYS])
-                } else {
-                    Found::Heap(vec![None; n].into_boxed_slice())
-                });
+                let found = empty.insert(Found::with_len(n));
                 let slots = found.slots(n);
                 match layer {
                     0 => self.layers.event.find_all(self.keys, slots),

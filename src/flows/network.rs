@@ -13,7 +13,7 @@ use hashbrown::HashSet;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 
-use super::event::{AttrValue, Attributes, DimValues, Keys};
+use super::event::{AttrValue, Attributes, DimValues, Found, Keys};
 use super::intern::Interner;
 
 pub const BYTES: &str = "flow.bytes.delta";
@@ -154,11 +154,11 @@ impl NetworkFlows {
     ) -> NetworkFlowRecord {
         let n = self.keys.len();
         // The usual key count fits on the stack: no allocation per Flow Span.
-        let (mut span_inline, mut span_heap) = ([None; INLINE_KEYS], Vec::new());
-        let on_span = slots(&mut span_inline, &mut span_heap, n);
+        let mut span_found = Found::<INLINE_KEYS>::with_len(n);
+        let on_span = span_found.slots(n);
         span.find_all(&self.keys, on_span);
-        let (mut res_inline, mut res_heap) = ([None; INLINE_KEYS], Vec::new());
-        let on_resource = slots(&mut res_inline, &mut res_heap, n);
+        let mut resource_found = Found::<INLINE_KEYS>::with_len(n);
+        let on_resource = resource_found.slots(n);
         // Read only when a key is not on the span.
         let mut resource_read = false;
         let mut lookup = |slot: usize| {
@@ -240,24 +240,11 @@ impl NetworkFlows {
     }
 }
 
-/// Strings, integers and booleans as label values; "" counts as absent.
-/// Wanted keys held on the stack: the four counters, their aliases and a few labels.
+/// Wanted keys held on the stack: the four counters and the default dimensions'
+/// attributes.
 const INLINE_KEYS: usize = 24;
 
-/// `n` lookup slots: on the stack when they fit, else on the heap.
-fn slots<'s, 'a>(
-    inline: &'s mut [Option<AttrValue<'a>>; INLINE_KEYS],
-    heap: &'s mut Vec<Option<AttrValue<'a>>>,
-    n: usize,
-) -> &'s mut [Option<AttrValue<'a>>] {
-    if n <= INLINE_KEYS {
-        &mut inline[..n]
-    } else {
-        heap.resize(n, None);
-        heap
-    }
-}
-
+/// Strings, integers and booleans as label values; "" counts as absent.
 fn label_text(value: AttrValue<'_>) -> Option<std::borrow::Cow<'_, str>> {
     match value {
         AttrValue::Str(s) if !s.is_empty() => Some(s.into()),

@@ -117,8 +117,9 @@ struct FinalSnapshot {
 }
 
 impl FinalSnapshot {
-    /// Whether the listener leaves this entry to the next run.
-    fn holds(&self, key: Key) -> bool {
+    /// Called by the listener for an entry moka removed: whether it is in the file, so
+    /// the next run counts it (and it is tallied as such here).
+    fn leave_to_next_run(&self, key: Key) -> bool {
         if !self.taken.load(Ordering::Acquire) {
             return false;
         }
@@ -613,7 +614,7 @@ fn build_cache(
         // The store's own removal: the caller settles it.
         RemovalCause::Explicit => {}
         // Written to the state file at shutdown: the next run counts it.
-        _ if final_snapshot.holds(*key) => {}
+        _ if final_snapshot.leave_to_next_run(*key) => {}
         RemovalCause::Expired => {
             EXPIRED_IN_REMOVE.with(|cell| {
                 if let Some((watched, _)) = cell.get() {
