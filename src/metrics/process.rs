@@ -20,6 +20,18 @@ struct Sample {
     max_fds: i64,
 }
 
+/// A value the kernel reports through `sysconf` (page size, clock ticks per second):
+/// 16 KiB and 64 KiB pages exist (arm64, ppc64), so it is asked, not assumed.
+fn system_value(name: libc::c_int, fallback: f64) -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let v = unsafe { libc::sysconf(name) };
+    if v > 0 {
+        v as f64
+    } else {
+        fallback
+    }
+}
+
 fn sample() -> Option<Sample> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command name (which may contain spaces) start after ") ".
@@ -27,8 +39,8 @@ fn sample() -> Option<Sample> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // /proc/[pid]/stat numbering: field 3 is fields[0] here.
     let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
-    let ticks = 100.0; // USER_HZ on Linux
-    let page = 4096.0;
+    let ticks = system_value(libc::_SC_CLK_TCK, 100.0);
+    let page = system_value(libc::_SC_PAGESIZE, 4096.0);
     let boot_time = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
@@ -113,5 +125,20 @@ impl Collector for ProcessCollector {
             start.metric_type(),
         )?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resident_memory_is_whole_pages_of_the_systems_own_size() {
+        let page = system_value(libc::_SC_PAGESIZE, 0.0);
+        assert!(page >= 4096.0, "page size {page}");
+        let s = sample().expect("/proc is readable");
+        assert!(s.resident_bytes > 0);
+        assert_eq!(s.resident_bytes % page as i64, 0);
+        assert!(s.threads >= 1 && s.open_fds >= 1);
     }
 }
