@@ -519,7 +519,10 @@ pub fn check_log_filter(spec: &str) -> Result<(), LogFilterError> {
     }
     for d in &directives {
         let is_directive = d.contains('=') || d.contains('[');
-        if !is_directive && d.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+        if !is_directive
+            && d.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        {
             return Err(LogFilterError::NotALevel((*d).to_string()));
         }
     }

@@ -62,8 +62,8 @@ fn filter(config: &Config) -> tracing_subscriber::EnvFilter {
 pub fn init(config: &Config) -> LogGuard {
     // Colour only for a person at a terminal: not in files, pipes, journald or
     // `docker logs`; NO_COLOR (https://no-color.org) turns it off there too.
-    let colour = io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let colour =
+        io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(QUEUED_LINES)

@@ -258,8 +258,11 @@ pub fn decode(bytes: &[u8]) -> Result<StoreSnapshot, StateError> {
     let trailer = &bytes[bytes.len().saturating_sub(TRAILER).max(header.len())..];
     let legacy = &bytes[bytes.len().saturating_sub(LEGACY_TRAILER).max(header.len())..];
     let is_legacy = header.len() == HEADER && header[MAGIC.len()..] == LEGACY_VERSION.to_le_bytes();
-    let (body_len, crc) =
-        check_frame(header, bytes.len() as u64, if is_legacy { legacy } else { trailer })?;
+    let (body_len, crc) = check_frame(
+        header,
+        bytes.len() as u64,
+        if is_legacy { legacy } else { trailer },
+    )?;
     let body = &bytes[HEADER..HEADER + body_len as usize];
     if crc32fast::hash(body) != crc {
         // A cut-off file fails here too; it cannot be told from a damaged one.
@@ -297,7 +300,8 @@ pub fn read(path: &Path, max_bytes: u64) -> Result<Option<StoreSnapshot>, StateE
         TRAILER
     };
     let mut trailer = vec![0; trailer_len.min(len.saturating_sub(header.len() as u64) as usize)];
-    file.seek(SeekFrom::End(-(trailer.len() as i64))).map_err(io)?;
+    file.seek(SeekFrom::End(-(trailer.len() as i64)))
+        .map_err(io)?;
     file.read_exact(&mut trailer).map_err(io)?;
     let (body_len, crc) = check_frame(&header, len, &trailer)?;
     // The checksum over a streamed read first: garbage of a plausible size is refused
@@ -568,7 +572,12 @@ impl<W: Write> Write for CrcWriter<W> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        // postcard flushes at its end, and hides this error too.
+        self.inner.flush().map_err(|e| {
+            let kind = e.kind();
+            self.error.get_or_insert(e);
+            kind.into()
+        })
     }
 }
 
@@ -669,6 +678,86 @@ mod tests {
         let mut out = Vec::new();
         encode(&s, &mut out).unwrap();
         assert!(matches!(decode(&out), Err(StateError::Invalid(_))));
+    }
+
+    #[test]
+    fn an_entry_appearing_twice_is_refused_whole() {
+        let mut s = sample();
+        s.entries[1].key = s.entries[0].key;
+        let mut out = Vec::new();
+        encode(&s, &mut out).unwrap();
+        assert!(
+            matches!(decode(&out), Err(StateError::Invalid(why)) if why.contains("twice")),
+            "{:?}",
+            decode(&out)
+        );
+        // From a file: set aside, nothing restored.
+        let dir = std::env::temp_dir().join(format!("fm-state-dup-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        fs::write(&path, &out).unwrap();
+        assert!(load_or_set_aside(&path, 1 << 20).is_none());
+        assert!(!path.exists());
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_declared_length_that_is_not_the_size_is_refused() {
+        let mut b = bytes();
+        let at = b.len() - TRAILER;
+        let declared = u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        b[at..at + 8].copy_from_slice(&(declared + 1).to_le_bytes());
+        assert!(matches!(decode(&b), Err(StateError::Length)));
+        let dir = std::env::temp_dir().join(format!("fm-state-len-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        fs::write(&path, &b).unwrap();
+        assert!(matches!(read(&path, 1 << 20), Err(StateError::Length)));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_version_1_file_is_still_read() {
+        // Version 1: magic, version, body, CRC (no declared length).
+        let mut body = Vec::new();
+        postcard::to_io(&sample(), &mut body).unwrap();
+        let mut v1 = MAGIC.to_vec();
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&body);
+        v1.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        assert_eq!(decode(&v1).unwrap(), sample());
+        let dir = std::env::temp_dir().join(format!("fm-state-v1-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        fs::write(&path, &v1).unwrap();
+        assert_eq!(read(&path, 1 << 20).unwrap(), Some(sample()));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_as_such() {
+        // The temporary file is /dev/full: every write fails with ENOSPC. Large enough
+        // that postcard itself meets the error (past the 1 MiB write buffer).
+        let dir = std::env::temp_dir().join(format!("fm-state-full-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        std::os::unix::fs::symlink("/dev/full", dir.join("state.tmp")).unwrap();
+        let mut big = sample();
+        big.entries = (0..100_000u32)
+            .map(|i| {
+                let mut e = sample().entries[0].clone();
+                e.key[..4].copy_from_slice(&i.to_le_bytes());
+                e
+            })
+            .collect();
+        let err = write(&path, &big).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        assert!(!err.to_string().contains("serialize buffer"), "{err}");
+        // Small enough to stay in the buffer: the flush reports it.
+        std::os::unix::fs::symlink("/dev/full", dir.join("state.tmp")).unwrap();
+        let err = write(&path, &sample()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -92,7 +92,9 @@ pub fn connection_budget(open_file_limit: u64, otlp_listeners: usize) -> Connect
     let admin = (available / 8).clamp(2, ADMIN_CONNECTIONS as u64);
     let share = available.saturating_sub(admin) / otlp_listeners.max(1) as u64;
     ConnectionBudget {
-        per_otlp_listener: usize::try_from(share).unwrap_or(usize::MAX).clamp(1, 1_000_000),
+        per_otlp_listener: usize::try_from(share)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 1_000_000),
         admin: admin as usize,
         available,
     }
