@@ -3,7 +3,7 @@
 # loopback and talk OTLP/HTTP, OTLP/gRPC and real OpenTelemetry SDK exporters to it.
 #
 # Its one Python prerequisite (the OpenMetrics reference parser, scripts/test-requirements.txt)
-# goes into a virtualenv this script owns, .venv-test/ (or $FLOWMETRICS_TEST_VENV), never
+# goes into a virtualenv this script owns, .venv-test/ (or $TEST_VENV), never
 # into the system Python. Runs every suite (--no-fail-fast) and ends with one line,
 # "N passed, N failed", over all of them. Extra arguments go to `cargo test`.
 set -uo pipefail

@@ -1,10 +1,10 @@
 # Sourced by scripts/test.sh and scripts/validate-stack.sh: the one virtualenv the
-# scripts own (.venv-test/, or $FLOWMETRICS_TEST_VENV) for their Python packages, so
+# scripts own (.venv-test/, or $TEST_VENV) for their Python packages, so
 # nothing is pip-installed into the system Python.
 #   ensure_venv REQUIREMENTS_FILE...   creates it when missing, installs what changed,
 #                                      puts its bin/ first on PATH; returns 1 on failure.
 ensure_venv() {
-  local venv=${FLOWMETRICS_TEST_VENV:-.venv-test} req stamp
+  local venv=${TEST_VENV:-.venv-test} req stamp
   if [ ! -x "$venv/bin/python3" ]; then
     echo "venv: creating $venv"
     rm -rf "$venv"

@@ -12,11 +12,13 @@ pub mod admin;
 pub mod config;
 pub mod flows;
 pub mod ingest;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod server;
 pub mod settings;
+pub mod signals;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +64,7 @@ pub struct RunningApp {
     final_scrape_wait: Duration,
     maintenance: Maintenance,
     checkpointer: Option<Checkpointer>,
+    registry: Arc<Metrics>,
 }
 
 impl App {
@@ -79,11 +82,15 @@ impl App {
         let labels = |dims: &[(String, Arc<str>)]| dims.iter().map(|(l, _)| l.clone()).collect();
         let state = state.map(|st| (st, (labels(&rules.start_dims), labels(&rules.end_dims))));
         let checkpointer = match &state {
-            Some((st, labels)) => Some(Checkpointer::start(
-                store.clone(),
-                st.clone(),
-                labels.clone(),
-            )?),
+            Some((st, labels)) => {
+                let metrics = metrics.clone();
+                Some(Checkpointer::start(
+                    store.clone(),
+                    st.clone(),
+                    labels.clone(),
+                    move || metrics.state_write_failed(false),
+                )?)
+            }
             None => None,
         };
         let maintenance = Maintenance::start(store.clone(), MAINTENANCE_INTERVAL);
@@ -195,6 +202,7 @@ impl App {
             final_scrape_wait: config.shutdown.final_scrape_wait,
             maintenance,
             checkpointer,
+            registry: metrics,
         })
     }
 }
@@ -258,6 +266,17 @@ async fn bind(addr: &str, key: &str) -> std::io::Result<TcpListener> {
 }
 
 impl RunningApp {
+    /// Writes a checkpoint of the state file now; `false` when there is no state file.
+    pub fn checkpoint_now(&self) -> bool {
+        match &self.checkpointer {
+            Some(c) => {
+                c.checkpoint_now();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// SPEC §7: not ready at once; the OTLP listeners stop accepting and let requests in
     /// flight finish (bounded); the state file is written; `/metrics` answers for
     /// `shutdown.final_scrape_wait` more; then it returns.
@@ -269,6 +288,7 @@ impl RunningApp {
         }
         let (store, state) = (self.store, self.state);
         let (maintenance, checkpointer) = (self.maintenance, self.checkpointer);
+        let metrics = self.registry.clone();
         // Joining threads and writing the file block: off the runtime's workers.
         let _ = tokio::task::spawn_blocking(move || {
             drop(checkpointer);
@@ -285,10 +305,15 @@ impl RunningApp {
                     s.took
                 ),
                 Ok(None) => {}
-                Err(e) => tracing::error!(
-                    "cannot write the state file {}: {e}; open flows will be lost",
-                    st.path.display()
-                ),
+                Err(e) => {
+                    metrics.state_write_failed(true);
+                    tracing::error!(
+                        entries = store.entries(),
+                        "cannot write the state file {}: {e}; these open flows are lost",
+                        st.path.display()
+                    );
+                    state::set_aside_stale(&st.path);
+                }
             }
         })
         .await;

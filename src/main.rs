@@ -1,11 +1,11 @@
 //! The `flowmetrics` command: `run` (the default) and `check-config`.
 
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use flowmetrics::config::{Config, LogFormat};
-use flowmetrics::App;
+use flowmetrics::config::{check_log_filter, Config};
+use flowmetrics::logging::{self, write_stderr};
+use flowmetrics::{signals, App};
 
 const USAGE: &str = "\
 flowmetrics: OpenTelemetry flow events in, Prometheus RED metrics per flow out.
@@ -18,7 +18,19 @@ Usage:
 With no config file the service runs on its built-in defaults. The file may also be
 named by FLOWMETRICS_CONFIG; FLOWMETRICS_<KEY> variables (`__` nests) override it,
 e.g. FLOWMETRICS_LISTEN__OTLP_HTTP=0.0.0.0:4318. RUST_LOG overrides log.level.
+
+Signals: SIGTERM, SIGINT stop gracefully (the state file is written); SIGUSR1 writes
+the state file now; SIGHUP and SIGUSR2 are logged and ignored.
+
+Exit status:
+  0  stopped on SIGTERM/SIGINT; check-config: the configuration is valid
+  1  the service could not start or run (a port in use, a store unreachable, ...)
+  2  a configuration or usage error (the key and its source are named)
 ";
+
+/// Exit statuses (docs/operations.md "Exit statuses").
+const EXIT_START_FAILED: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
 
 enum Command {
     Run,
@@ -32,11 +44,12 @@ fn parse_args() -> Result<(Command, Option<PathBuf>), String> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "-h" | "--help" => {
-                print!("{USAGE}");
+                let _ = std::io::Write::write_all(&mut std::io::stdout(), USAGE.as_bytes());
                 std::process::exit(0);
             }
             "-V" | "--version" => {
-                println!("flowmetrics {}", env!("CARGO_PKG_VERSION"));
+                let version = format!("flowmetrics {}\n", env!("CARGO_PKG_VERSION"));
+                let _ = std::io::Write::write_all(&mut std::io::stdout(), version.as_bytes());
                 std::process::exit(0);
             }
             "-c" | "--config" => {
@@ -53,50 +66,35 @@ fn parse_args() -> Result<(Command, Option<PathBuf>), String> {
     Ok((command.unwrap_or(Command::Run), config))
 }
 
-fn init_logging(config: &Config) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse::<tracing_subscriber::EnvFilter>().ok())
-        .unwrap_or_else(|| {
-            config
-                .log
-                .level
-                .parse()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        });
-    // Colour only for a person at a terminal: not in files, pipes, journald or
-    // `docker logs`; NO_COLOR (https://no-color.org) turns it off there too.
-    let colour = std::io::stderr().is_terminal()
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 fn main() -> ExitCode {
     let (command, config_path) = match parse_args() {
         Ok(parsed) => parsed,
         Err(e) => {
-            eprintln!("flowmetrics: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
+            write_stderr(&format!("flowmetrics: {e}\n\n{USAGE}"));
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     let config = match Config::from_process_env(config_path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("flowmetrics: configuration error: {e}");
-            return ExitCode::from(2);
+            write_stderr(&format!("flowmetrics: configuration error: {e}"));
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // RUST_LOG overrides log.level: checked like it, or the service could run silent.
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        if let Err(e) = check_log_filter(&spec) {
+            write_stderr(&format!(
+                "flowmetrics: configuration error: RUST_LOG (environment): {e}"
+            ));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     match command {
         Command::CheckConfig => {
-            print!("{}", config.to_yaml());
-            eprintln!("flowmetrics: configuration is valid");
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(config.to_yaml().as_bytes());
+            write_stderr("flowmetrics: configuration is valid");
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
@@ -104,83 +102,45 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> ExitCode {
-    init_logging(&config);
+    signals::ignore_file_size_signal();
+    let log = logging::init(&config);
+    let code = serve(config);
+    log.finish();
+    code
+}
+
+/// A start error reaches stderr whatever the log filter: as a log line if ERROR lines
+/// are logged, else written directly.
+fn start_failed(message: &str) -> ExitCode {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{message}");
+    } else {
+        write_stderr(&format!("flowmetrics: {message}"));
+    }
+    ExitCode::from(EXIT_START_FAILED)
+}
+
+fn serve(config: Config) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("flowmetrics: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return start_failed(&format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async move {
         // Listen for signals before anything is announced: a SIGTERM right after
         // "started" must shut down gracefully, not kill the process.
-        let stop = StopSignal::listen();
+        let mut signals = signals::Signals::listen();
         let app = match App::new(config).start().await {
             Ok(app) => app,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return start_failed(&e.to_string()),
         };
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "flowmetrics started");
-        stop.wait().await;
+        signals.serve_until_stop(&app).await;
         tracing::info!("shutting down: finishing requests in flight");
         app.shutdown().await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
-}
-
-/// SIGTERM or SIGINT (Ctrl-C), registered up front.
-struct StopSignal {
-    #[cfg(unix)]
-    terminate: Option<tokio::signal::unix::Signal>,
-    #[cfg(unix)]
-    interrupt: Option<tokio::signal::unix::Signal>,
-}
-
-impl StopSignal {
-    fn listen() -> Self {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let listen = |kind| {
-                signal(kind)
-                    .inspect_err(|e| tracing::warn!("cannot listen for a stop signal: {e}"))
-                    .ok()
-            };
-            Self {
-                terminate: listen(SignalKind::terminate()),
-                interrupt: listen(SignalKind::interrupt()),
-            }
-        }
-        #[cfg(not(unix))]
-        Self {}
-    }
-
-    async fn wait(self) {
-        #[cfg(unix)]
-        {
-            async fn recv(signal: Option<tokio::signal::unix::Signal>) {
-                match signal {
-                    Some(mut s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            }
-            tokio::select! {
-                _ = recv(self.terminate) => {}
-                _ = recv(self.interrupt) => {}
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

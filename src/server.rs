@@ -30,6 +30,8 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::logging::RateLimited;
+
 /// How long requests in flight may take to finish after a shutdown signal.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,6 +40,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a connection closed to make room may take to go.
 const EVICT_GRACE: Duration = Duration::from_secs(1);
+
+/// "accept failed" (out of descriptors, say) is logged at most this often per listener.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Streams one HTTP/2 (gRPC) connection may have open at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -89,6 +94,7 @@ pub async fn serve<H, F, B>(
     let open = Arc::new(Open::default());
     let mut connections = JoinSet::new();
     let mut next_id = 0u64;
+    let accept_warning = RateLimited::new(ACCEPT_WARN_EVERY);
     loop {
         while connections.try_join_next().is_some() {}
         let stream = tokio::select! {
@@ -96,7 +102,10 @@ pub async fn serve<H, F, B>(
                 Ok((stream, _peer)) => stream,
                 Err(e) => {
                     // Out of fds and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
+                    accept_warning.warn(format_args!(
+                        "accept failed on {}: {e}",
+                        listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string())
+                    ));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -11,7 +11,7 @@ use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;
 use crate::flows::store::RedisSettings;
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
-use crate::ingest::limits::{auto_connections, open_file_limit, LimitSettings};
+use crate::ingest::limits::{connection_budget, open_file_limit, LimitSettings};
 use crate::metrics::MetricsSettings;
 use crate::model::sanitize_label_name;
 
@@ -107,6 +107,7 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         series_idle_timeout: config.limits.series_idle_timeout,
         longest_flow_timeout: store(config).longest_timeout,
         shared_store: config.correlation.store == StoreKind::Redis,
+        state_file: config.correlation.store == StoreKind::Memory && !config.state.path.is_empty(),
     }
 }
 
@@ -187,15 +188,31 @@ pub fn limits(config: &Config) -> LimitSettings {
         .filter(|a| !a.is_empty())
         .count()
         .max(1);
+    let fd_limit = open_file_limit();
+    let budget = connection_budget(fd_limit, listeners);
     let max_connections = match l.max_connections {
-        MaxConnections::Fixed(n) => n,
-        MaxConnections::Auto => auto_connections(open_file_limit(), listeners),
+        MaxConnections::Fixed(n) => {
+            let wanted = (n as u64).saturating_mul(listeners as u64) + budget.admin as u64;
+            if wanted > budget.available {
+                tracing::warn!(
+                    "limits.max_connections: {n} per OTLP listener with {} for /metrics may \
+                     take every descriptor the open-file limit ({fd_limit}) leaves; at most \
+                     {} per listener keep some for the state file and the store \
+                     (max_connections: auto does this)",
+                    budget.admin,
+                    budget.per_otlp_listener
+                );
+            }
+            n
+        }
+        MaxConnections::Auto => budget.per_otlp_listener,
     };
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     LimitSettings {
         max_body_bytes: l.max_request_body_bytes,
         max_buffered_bytes: l.max_buffered_bytes,
         max_connections,
+        admin_max_connections: budget.admin,
         idle_timeout: l.idle_timeout,
         request_read_timeout: l.request_read_timeout,
         decode_slots: cpus * 2,

@@ -131,3 +131,180 @@ fn runs_logs_each_endpoint_and_exits_cleanly_on_sigterm() {
     assert_eq!(exit.code(), Some(0), "{rest:?}");
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
 }
+
+/// Runs to its end, or is killed after `within` (then `None`).
+fn output_within(mut c: Command, within: Duration) -> Option<std::process::Output> {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let give_up = Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > give_up {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
+#[test]
+fn a_log_level_that_is_no_level_is_a_config_error() {
+    // `verbose` parses as a filter for a target named "verbose": every line of the
+    // service would be off.
+    let out = flowmetrics(&["check-config"], &[("FLOWMETRICS_LOG__LEVEL", "verbose")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("log.level")
+            && err.contains("FLOWMETRICS_LOG__LEVEL")
+            && err.contains("verbose"),
+        "{err}"
+    );
+    let out = flowmetrics(&["check-config"], &[("RUST_LOG", "verbose")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RUST_LOG"));
+    // Real filters still pass.
+    for ok in [
+        "debug",
+        "warn,flowmetrics=debug",
+        "info,hyper=off",
+        "flowmetrics[run]=trace",
+    ] {
+        let out = flowmetrics(&["check-config"], &[("FLOWMETRICS_LOG__LEVEL", ok)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{ok}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_start_error_reaches_stderr_whatever_the_log_filter() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for level in ["off", "warn,flowmetrics=off", "info"] {
+        let out = flowmetrics(
+            &[],
+            &[
+                ("FLOWMETRICS_LISTEN__METRICS", &addr),
+                ("FLOWMETRICS_LISTEN__OTLP_HTTP", "127.0.0.1:0"),
+                ("FLOWMETRICS_LISTEN__OTLP_GRPC", ""),
+                ("FLOWMETRICS_LOG__LEVEL", level),
+            ],
+        );
+        let out = output_within(out, Duration::from_secs(20)).expect("exits");
+        assert_eq!(out.status.code(), Some(1), "{level}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("cannot listen on {addr}")),
+            "{level}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn help_lists_the_exit_statuses() {
+    let out = flowmetrics(&["--help"], &[]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Exit status"), "{help}");
+    for code in ["  0  ", "  1  ", "  2  "] {
+        assert!(help.contains(code), "{code:?} missing: {help}");
+    }
+    let ops = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    assert!(ops.contains("## Exit statuses"), "{ops}");
+}
+
+#[test]
+fn a_config_file_must_be_a_bounded_regular_file() {
+    let dir = std::env::temp_dir().join(format!("fm-cli-file-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo.yaml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let large = dir.join("large.yaml");
+    std::fs::write(&large, format!("# {}\n", "x".repeat(2 << 20))).unwrap();
+    for (file, why) in [
+        (fifo.to_str().unwrap(), "not a regular file"),
+        ("/dev/zero", "not a regular file"),
+        (large.to_str().unwrap(), "larger than"),
+    ] {
+        for command in [&["check-config", "--config", file][..], &["--config", file]] {
+            let out = output_within(flowmetrics(command, &[]), Duration::from_secs(20))
+                .unwrap_or_else(|| panic!("{command:?} did not end"));
+            assert_eq!(out.status.code(), Some(2), "{command:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(file) && err.contains(why),
+                "{command:?}: {err}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_project_variables_stay_out_of_the_configuration_namespace() {
+    // Every FLOWMETRICS_* variable the scripts, tests and benchmarks set or read must
+    // be configuration (the service refuses any other as an unknown key).
+    let out = flowmetrics(&["check-config"], &[]).output().unwrap();
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    let sections: Vec<&str> = yaml
+        .lines()
+        .filter(|l| {
+            !l.starts_with(' ') && l.ends_with(':') || l.contains(": ") && !l.starts_with(' ')
+        })
+        .filter_map(|l| l.split(':').next())
+        .collect();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut names = Vec::new();
+    for dir in ["scripts", "tests", "tests/common", "bench/src", "docs"] {
+        let Ok(entries) = std::fs::read_dir(format!("{root}/{dir}")) else {
+            continue;
+        };
+        for entry in entries.map_while(Result::ok) {
+            let Ok(text) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            let bytes = text.as_bytes();
+            for (at, _) in text.match_indices("FLOWMETRICS_") {
+                // A variable name starts here (not inside another, like E2E_FLOWMETRICS_BIN).
+                if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_') {
+                    continue;
+                }
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                names.push((name, entry.path()));
+            }
+        }
+    }
+    assert!(!names.is_empty());
+    for (name, file) in names {
+        let key = name["FLOWMETRICS_".len()..].to_ascii_lowercase();
+        let section = key.split("__").next().unwrap();
+        if name == "FLOWMETRICS_CONFIG" || name == "FLOWMETRICS_" || section.is_empty() {
+            continue;
+        }
+        assert!(
+            sections.contains(&section),
+            "{name} in {} is not configuration: {sections:?}",
+            file.display()
+        );
+    }
+}

@@ -176,7 +176,7 @@ async fn full_exposition_parses_with_the_reference_parser() {
     .await;
 
     let text = scrape_text(&app).await;
-    if std::env::var_os("FLOWMETRICS_PRINT_EXPOSITION").is_some() {
+    if std::env::var_os("PRINT_EXPOSITION").is_some() {
         println!("{text}");
     }
     let families = parse_with_reference_parser(&text);

@@ -295,7 +295,7 @@ fn main() {
 
     // (2) Baseline, same process and run.
     progress("baseline: prost decode");
-    let inproc_cpu = std::env::var("FLOWMETRICS_BENCH_INPROC_CPU")
+    let inproc_cpu = std::env::var("BENCH_INPROC_CPU")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(server::LOAD_CPU);

@@ -3,14 +3,19 @@
 //! (SPEC §3 "restarts").
 //!
 //! Layout: an 8-byte magic, a little-endian `u32` format version, the body
-//! ([`StoreSnapshot`] in postcard), and a little-endian CRC-32 of the body. Times are
+//! ([`StoreSnapshot`] in postcard), the body's length (little-endian `u64`) and a
+//! little-endian CRC-32 of the body (version 1 had no length). A file is read only if it
+//! is a regular file; its magic, version and declared length are checked against the
+//! file's size, then the checksum over a streamed read, before anything is allocated for
+//! it: a FIFO, a device or a large file of garbage costs nothing. Times are
 //! wall-clock unix nanoseconds, so they mean the same after a restart (the store's own
 //! clock is monotonic and starts anew with each process). Writes go to a temporary file
 //! in the same directory, which is fsynced and renamed over the old one: a crash leaves
 //! the old file or the new one, never a mix.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,13 +24,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::store::CorrelationStore;
+use crate::logging::RateLimited;
 use crate::model::is_valid_flow_name;
 
 pub const MAGIC: [u8; 8] = *b"FLOWMST\x01";
-/// Bumped whenever [`StoreSnapshot`] changes shape; another version is set aside.
-pub const VERSION: u32 = 1;
+/// Bumped whenever [`StoreSnapshot`] or the layout changes; another version is set
+/// aside (version 1, without the declared length, is still read).
+pub const VERSION: u32 = 2;
+const LEGACY_VERSION: u32 = 1;
 const HEADER: usize = MAGIC.len() + 4;
-const TRAILER: usize = 4;
+/// Body length and CRC-32.
+const TRAILER: usize = 8 + 4;
+const LEGACY_TRAILER: usize = 4;
 
 /// Where the state lives and how often it is checkpointed (`state.*`).
 #[derive(Debug, Clone)]
@@ -98,6 +108,10 @@ pub enum StateError {
     Checksum,
     Decode(postcard::Error),
     Invalid(&'static str),
+    /// A FIFO, device, socket or directory.
+    NotRegular,
+    /// The declared body length does not match the file's size.
+    Length,
 }
 
 impl std::fmt::Display for StateError {
@@ -113,6 +127,10 @@ impl std::fmt::Display for StateError {
             StateError::Checksum => f.write_str("its checksum does not match (corrupt)"),
             StateError::Decode(e) => write!(f, "it does not decode: {e}"),
             StateError::Invalid(why) => write!(f, "it is inconsistent: {why}"),
+            StateError::NotRegular => {
+                f.write_str("it is not a regular file (a FIFO, device, socket or directory)")
+            }
+            StateError::Length => f.write_str("its declared length does not match its size"),
         }
     }
 }
@@ -145,6 +163,12 @@ impl StoreSnapshot {
         if self.shards.iter().any(|s| !matches!(s.current_tag, 1 | 2)) {
             return Err(StateError::Invalid("unknown fingerprint generation"));
         }
+        // Restoring a key twice would count its instance twice.
+        let mut keys: Vec<[u8; 16]> = self.entries.iter().map(|e| e.key).collect();
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w[0] == w[1]) {
+            return Err(StateError::Invalid("an entry appears twice"));
+        }
         Ok(())
     }
 }
@@ -162,44 +186,63 @@ pub fn encode(snapshot: &StoreSnapshot, out: impl Write) -> io::Result<u64> {
         inner: out,
         crc: crc32fast::Hasher::new(),
         written: 0,
+        error: None,
     };
     out.inner.write_all(&MAGIC)?;
     out.inner.write_all(&VERSION.to_le_bytes())?;
-    let mut out = postcard::to_io(snapshot, out).map_err(io::Error::other)?;
+    if let Err(e) = postcard::to_io(snapshot, &mut out) {
+        // postcard reports any write error as "the serialize buffer is full": the
+        // writer kept the real one (ENOSPC, EFBIG, EIO).
+        return Err(out.error.take().unwrap_or_else(|| io::Error::other(e)));
+    }
     let crc = std::mem::take(&mut out.crc).finalize();
+    out.inner.write_all(&out.written.to_le_bytes())?;
     out.inner.write_all(&crc.to_le_bytes())?;
     out.inner.flush()?;
     Ok((HEADER + TRAILER) as u64 + out.written)
 }
 
-/// Decodes the file format, checking magic, version and checksum first.
-pub fn decode(bytes: &[u8]) -> Result<StoreSnapshot, StateError> {
-    if bytes.len() < MAGIC.len() {
-        return Err(if MAGIC.starts_with(bytes) {
+/// Where the body is, after the header and trailer checks: `(body length, crc)`.
+fn check_frame(header: &[u8], len: u64, trailer: &[u8]) -> Result<(u64, u32), StateError> {
+    if header.len() < MAGIC.len() {
+        return Err(if MAGIC.starts_with(header) {
             StateError::Truncated
         } else {
             StateError::Foreign
         });
     }
-    if bytes[..MAGIC.len()] != MAGIC {
+    if header[..MAGIC.len()] != MAGIC {
         return Err(StateError::Foreign);
     }
-    if bytes.len() < HEADER + TRAILER {
+    if header.len() < HEADER {
         return Err(StateError::Truncated);
     }
-    let mut version = [0; 4];
-    version.copy_from_slice(&bytes[MAGIC.len()..HEADER]);
-    let version = u32::from_le_bytes(version);
-    if version != VERSION {
-        return Err(StateError::Version(version));
+    let version = u32::from_le_bytes(header[MAGIC.len()..HEADER].try_into().expect("4 bytes"));
+    let crc_at = trailer.len().saturating_sub(4);
+    let crc = |t: &[u8]| u32::from_le_bytes(t[crc_at..].try_into().expect("4 bytes"));
+    match version {
+        VERSION => {
+            if len < (HEADER + TRAILER) as u64 || trailer.len() < TRAILER {
+                return Err(StateError::Truncated);
+            }
+            let declared = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
+            if declared != len - (HEADER + TRAILER) as u64 {
+                return Err(StateError::Length);
+            }
+            Ok((declared, crc(trailer)))
+        }
+        LEGACY_VERSION => {
+            if len < (HEADER + LEGACY_TRAILER) as u64 || trailer.len() < LEGACY_TRAILER {
+                return Err(StateError::Truncated);
+            }
+            Ok((len - (HEADER + LEGACY_TRAILER) as u64, crc(trailer)))
+        }
+        other => Err(StateError::Version(other)),
     }
-    let (body, trailer) = bytes[HEADER..].split_at(bytes.len() - HEADER - TRAILER);
-    let mut crc = [0; 4];
-    crc.copy_from_slice(trailer);
-    if crc32fast::hash(body) != u32::from_le_bytes(crc) {
-        // A cut-off file fails here too; it cannot be told from a damaged one.
-        return Err(StateError::Checksum);
-    }
+}
+
+/// The body of a checked frame: postcard, then every reference checked.
+fn decode_body(body: &[u8]) -> Result<StoreSnapshot, StateError> {
     let (snapshot, rest) =
         postcard::take_from_bytes::<StoreSnapshot>(body).map_err(StateError::Decode)?;
     if !rest.is_empty() {
@@ -209,26 +252,82 @@ pub fn decode(bytes: &[u8]) -> Result<StoreSnapshot, StateError> {
     Ok(snapshot)
 }
 
+/// Decodes the file format, checking magic, version, length and checksum first.
+pub fn decode(bytes: &[u8]) -> Result<StoreSnapshot, StateError> {
+    let header = &bytes[..bytes.len().min(HEADER)];
+    let trailer = &bytes[bytes.len().saturating_sub(TRAILER).max(header.len())..];
+    let legacy = &bytes[bytes.len().saturating_sub(LEGACY_TRAILER).max(header.len())..];
+    let is_legacy = header.len() == HEADER && header[MAGIC.len()..] == LEGACY_VERSION.to_le_bytes();
+    let (body_len, crc) = check_frame(
+        header,
+        bytes.len() as u64,
+        if is_legacy { legacy } else { trailer },
+    )?;
+    let body = &bytes[HEADER..HEADER + body_len as usize];
+    if crc32fast::hash(body) != crc {
+        // A cut-off file fails here too; it cannot be told from a damaged one.
+        return Err(StateError::Checksum);
+    }
+    decode_body(body)
+}
+
 /// Reads the state file. `Ok(None)`: there is none (a fresh start).
 pub fn read(path: &Path, max_bytes: u64) -> Result<Option<StoreSnapshot>, StateError> {
-    let file = match File::open(path) {
+    // Non-blocking: opening a FIFO must not wait for a writer.
+    let mut file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(StateError::Io(e)),
     };
-    let len = file.metadata().map_err(StateError::Io)?.len();
+    let meta = file.metadata().map_err(StateError::Io)?;
+    if !meta.is_file() {
+        return Err(StateError::NotRegular);
+    }
+    let len = meta.len();
     if len > max_bytes {
         return Err(StateError::TooLarge(max_bytes));
     }
-    let mut bytes = Vec::with_capacity(len as usize);
-    // `take`: the file may grow between the size check and the read.
-    file.take(max_bytes.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(StateError::Io)?;
-    if bytes.len() as u64 > max_bytes {
-        return Err(StateError::TooLarge(max_bytes));
+    let io = StateError::Io;
+    let mut header = vec![0; HEADER.min(len as usize)];
+    file.read_exact(&mut header).map_err(io)?;
+    let trailer_len = if header.ends_with(&LEGACY_VERSION.to_le_bytes()) && header.len() == HEADER {
+        LEGACY_TRAILER
+    } else {
+        TRAILER
+    };
+    let mut trailer = vec![0; trailer_len.min(len.saturating_sub(header.len() as u64) as usize)];
+    file.seek(SeekFrom::End(-(trailer.len() as i64)))
+        .map_err(io)?;
+    file.read_exact(&mut trailer).map_err(io)?;
+    let (body_len, crc) = check_frame(&header, len, &trailer)?;
+    // The checksum over a streamed read first: garbage of a plausible size is refused
+    // without a byte allocated for it.
+    file.seek(SeekFrom::Start(HEADER as u64)).map_err(io)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut chunk = vec![0; 64 * 1024];
+    let mut body_file = (&mut file).take(body_len);
+    loop {
+        let n = body_file.read(&mut chunk).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&chunk[..n]);
     }
-    decode(&bytes).map(Some)
+    if hasher.finalize() != crc {
+        return Err(StateError::Checksum);
+    }
+    file.seek(SeekFrom::Start(HEADER as u64)).map_err(io)?;
+    let mut body = Vec::new();
+    file.take(body_len).read_to_end(&mut body).map_err(io)?;
+    if body.len() as u64 != body_len || crc32fast::hash(&body) != crc {
+        // Changed while being read.
+        return Err(StateError::Checksum);
+    }
+    decode_body(&body).map(Some)
 }
 
 /// Reads the state file; one that cannot be used is logged at WARN and renamed aside
@@ -332,31 +431,77 @@ pub struct Saved {
     pub took: Duration,
 }
 
+/// Moves the file of the last checkpoint out of the way after the final write failed:
+/// it predates this run's last changes (instances completed since would be restored and
+/// counted a second time), so the next run must not take it as current. Kept beside as
+/// `<path>.stale-<unix seconds>`; removed if it cannot be renamed.
+pub fn set_aside_stale(path: &Path) {
+    if fs::symlink_metadata(path).is_err() {
+        return;
+    }
+    let secs = unix_nanos_now() / 1_000_000_000;
+    let aside = PathBuf::from(format!("{}.stale-{secs}", path.display()));
+    match fs::rename(path, &aside) {
+        Ok(()) => tracing::warn!(
+            "the last checkpoint {} is older than this run's state: moved to {} so that \
+             the next run does not restore it",
+            path.display(),
+            aside.display()
+        ),
+        Err(re) => match fs::remove_file(path) {
+            Ok(()) => tracing::warn!(
+                "the last checkpoint {} is older than this run's state and cannot be moved \
+                 aside ({re}): removed",
+                path.display()
+            ),
+            Err(e) => tracing::error!(
+                "the last checkpoint {} is older than this run's state and can be neither \
+                 moved aside ({re}) nor removed ({e}): the next run will restore it and may \
+                 count instances completed since a second time",
+                path.display()
+            ),
+        },
+    }
+}
+
 /// Writes the state file every `checkpoint_interval` on a thread of its own (the
 /// snapshot and the write are blocking work), until dropped; a write under way when it
 /// is dropped finishes first, so the final write at shutdown never races it.
 pub struct Checkpointer {
-    stop: Arc<AtomicBool>,
+    shared: Arc<CheckpointFlags>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
+#[derive(Default)]
+struct CheckpointFlags {
+    stop: AtomicBool,
+    /// Write now, not at the end of the interval (SIGUSR1).
+    now: AtomicBool,
+}
+
 impl Checkpointer {
+    /// `on_failure` is called for each write that fails (a counter).
     pub fn start(
         store: Arc<dyn CorrelationStore>,
         settings: StateSettings,
         labels: DimLabels,
+        on_failure: impl Fn() + Send + 'static,
     ) -> io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = stop.clone();
+        let shared = Arc::new(CheckpointFlags::default());
+        let flags = shared.clone();
+        let warning = RateLimited::new(Duration::from_secs(60));
         let handle = std::thread::Builder::new()
             .name("state-checkpoint".into())
             .spawn(move || loop {
                 let next = Instant::now() + settings.checkpoint_interval;
                 // park_timeout may wake early: sleep until the interval is really over.
-                while !thread_stop.load(Ordering::Acquire) && Instant::now() < next {
+                while !flags.stop.load(Ordering::Acquire)
+                    && !flags.now.swap(false, Ordering::AcqRel)
+                    && Instant::now() < next
+                {
                     std::thread::park_timeout(next.saturating_duration_since(Instant::now()));
                 }
-                if thread_stop.load(Ordering::Acquire) {
+                if flags.stop.load(Ordering::Acquire) {
                     return;
                 }
                 match save(&*store, &settings.path, &labels) {
@@ -368,22 +513,33 @@ impl Checkpointer {
                         s.took
                     ),
                     Ok(None) => return,
-                    Err(e) => tracing::warn!(
-                        "checkpoint: cannot write the state file {}: {e}",
-                        settings.path.display()
-                    ),
+                    Err(e) => {
+                        on_failure();
+                        warning.warn(format_args!(
+                            "checkpoint: cannot write the state file {}: {e}",
+                            settings.path.display()
+                        ));
+                    }
                 }
             })?;
         Ok(Self {
-            stop,
+            shared,
             handle: Some(handle),
         })
+    }
+
+    /// Writes a checkpoint now (on the checkpoint thread).
+    pub fn checkpoint_now(&self) {
+        self.shared.now.store(true, Ordering::Release);
+        if let Some(h) = &self.handle {
+            h.thread().unpark();
+        }
     }
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::Release);
         if let Some(h) = self.handle.take() {
             h.thread().unpark();
             let _ = h.join();
@@ -396,18 +552,32 @@ struct CrcWriter<W> {
     inner: W,
     crc: crc32fast::Hasher,
     written: u64,
+    /// The first write error, which postcard does not pass on.
+    error: Option<io::Error>,
 }
 
 impl<W: Write> Write for CrcWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
+        let n = match self.inner.write(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let kind = e.kind();
+                self.error.get_or_insert(e);
+                return Err(kind.into());
+            }
+        };
         self.crc.update(&buf[..n]);
         self.written += n as u64;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        // postcard flushes at its end, and hides this error too.
+        self.inner.flush().map_err(|e| {
+            let kind = e.kind();
+            self.error.get_or_insert(e);
+            kind.into()
+        })
     }
 }
 
@@ -508,6 +678,86 @@ mod tests {
         let mut out = Vec::new();
         encode(&s, &mut out).unwrap();
         assert!(matches!(decode(&out), Err(StateError::Invalid(_))));
+    }
+
+    #[test]
+    fn an_entry_appearing_twice_is_refused_whole() {
+        let mut s = sample();
+        s.entries[1].key = s.entries[0].key;
+        let mut out = Vec::new();
+        encode(&s, &mut out).unwrap();
+        assert!(
+            matches!(decode(&out), Err(StateError::Invalid(why)) if why.contains("twice")),
+            "{:?}",
+            decode(&out)
+        );
+        // From a file: set aside, nothing restored.
+        let dir = std::env::temp_dir().join(format!("fm-state-dup-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        fs::write(&path, &out).unwrap();
+        assert!(load_or_set_aside(&path, 1 << 20).is_none());
+        assert!(!path.exists());
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_declared_length_that_is_not_the_size_is_refused() {
+        let mut b = bytes();
+        let at = b.len() - TRAILER;
+        let declared = u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        b[at..at + 8].copy_from_slice(&(declared + 1).to_le_bytes());
+        assert!(matches!(decode(&b), Err(StateError::Length)));
+        let dir = std::env::temp_dir().join(format!("fm-state-len-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        fs::write(&path, &b).unwrap();
+        assert!(matches!(read(&path, 1 << 20), Err(StateError::Length)));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_version_1_file_is_still_read() {
+        // Version 1: magic, version, body, CRC (no declared length).
+        let mut body = Vec::new();
+        postcard::to_io(&sample(), &mut body).unwrap();
+        let mut v1 = MAGIC.to_vec();
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&body);
+        v1.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        assert_eq!(decode(&v1).unwrap(), sample());
+        let dir = std::env::temp_dir().join(format!("fm-state-v1-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        fs::write(&path, &v1).unwrap();
+        assert_eq!(read(&path, 1 << 20).unwrap(), Some(sample()));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_as_such() {
+        // The temporary file is /dev/full: every write fails with ENOSPC. Large enough
+        // that postcard itself meets the error (past the 1 MiB write buffer).
+        let dir = std::env::temp_dir().join(format!("fm-state-full-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        std::os::unix::fs::symlink("/dev/full", dir.join("state.tmp")).unwrap();
+        let mut big = sample();
+        big.entries = (0..100_000u32)
+            .map(|i| {
+                let mut e = sample().entries[0].clone();
+                e.key[..4].copy_from_slice(&i.to_le_bytes());
+                e
+            })
+            .collect();
+        let err = write(&path, &big).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        assert!(!err.to_string().contains("serialize buffer"), "{err}");
+        // Small enough to stay in the buffer: the flush reports it.
+        std::os::unix::fs::symlink("/dev/full", dir.join("state.tmp")).unwrap();
+        let err = write(&path, &sample()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]

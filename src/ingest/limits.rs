@@ -15,13 +15,18 @@ use hyper::body::Body;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::logging::RateLimited;
 use crate::server::ConnLimits;
 
-/// File descriptors kept out of the OTLP listeners' share when `max_connections: auto`:
-/// the metrics listener's connections, the state file, logs, and slack.
-const RESERVED_FDS: u64 = 256;
+/// File descriptors no listener may take: stdio, the runtime's epoll and wakers, the
+/// listeners themselves, the state file and its directory, the Redis store's
+/// connections, /proc reads of the process metrics. Plus an eighth of the limit as
+/// slack (at most [`MAX_SLACK_FDS`]).
+const BASE_RESERVED_FDS: u64 = 32;
+const MAX_SLACK_FDS: u64 = 224;
 
-/// Connections the metrics listener serves at once (Prometheus, probes, people).
+/// Connections the metrics listener serves at once (Prometheus, probes, people), at
+/// most: fewer when the open-file limit is low.
 pub const ADMIN_CONNECTIONS: usize = 128;
 
 /// What an early answer reads and discards at least (see [`Limits::linger`]): enough
@@ -37,6 +42,8 @@ pub struct LimitSettings {
     pub max_buffered_bytes: u64,
     /// Per OTLP listener.
     pub max_connections: usize,
+    /// The metrics listener.
+    pub admin_max_connections: usize,
     pub idle_timeout: Duration,
     /// Headers and body of one request.
     pub request_read_timeout: Duration,
@@ -58,19 +65,39 @@ impl LimitSettings {
     /// its descriptors, and the same timeouts.
     pub fn admin_conn_limits(&self) -> ConnLimits {
         ConnLimits {
-            max_connections: ADMIN_CONNECTIONS,
+            max_connections: self.admin_max_connections,
             ..self.conn_limits()
         }
     }
 }
 
-/// `auto`: what is left of the open-file limit after the reserve, split between the OTLP
-/// listeners; at least 16 each.
-pub fn auto_connections(open_file_limit: u64, listeners: usize) -> usize {
-    let share = open_file_limit.saturating_sub(RESERVED_FDS) / listeners.max(1) as u64;
-    usize::try_from(share)
-        .unwrap_or(usize::MAX)
-        .clamp(16, 1_000_000)
+/// How the open-file limit is shared between the listeners' connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionBudget {
+    /// Each OTLP listener's share (`max_connections: auto`).
+    pub per_otlp_listener: usize,
+    /// The metrics listener's cap.
+    pub admin: usize,
+    /// Descriptors connections may take in all, after the reserve.
+    pub available: u64,
+}
+
+/// What is left of the open-file limit after the reserve: an eighth of it (2 to
+/// [`ADMIN_CONNECTIONS`]) for the metrics listener, the rest split between the OTLP
+/// listeners (at least 1 each). No connection can then take the descriptors the state
+/// file and the store need.
+pub fn connection_budget(open_file_limit: u64, otlp_listeners: usize) -> ConnectionBudget {
+    let reserve = BASE_RESERVED_FDS + (open_file_limit / 8).min(MAX_SLACK_FDS);
+    let available = open_file_limit.saturating_sub(reserve);
+    let admin = (available / 8).clamp(2, ADMIN_CONNECTIONS as u64);
+    let share = available.saturating_sub(admin) / otlp_listeners.max(1) as u64;
+    ConnectionBudget {
+        per_otlp_listener: usize::try_from(share)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 1_000_000),
+        admin: admin as usize,
+        available,
+    }
 }
 
 pub fn open_file_limit() -> u64 {
@@ -147,8 +174,7 @@ pub struct Limits {
     pub settings: Arc<LimitSettings>,
     budget: Arc<Semaphore>,
     decode_slots: Arc<Semaphore>,
-    /// When the last overload warning was logged (ms since `since`).
-    warned: Arc<(Instant, std::sync::atomic::AtomicU64)>,
+    overload_warning: Arc<RateLimited>,
 }
 
 impl Limits {
@@ -160,29 +186,19 @@ impl Limits {
             budget: Arc::new(Semaphore::new(budget)),
             decode_slots: Arc::new(Semaphore::new(settings.decode_slots.max(1))),
             settings: Arc::new(settings),
-            warned: Arc::new((Instant::now(), std::sync::atomic::AtomicU64::new(0))),
+            overload_warning: Arc::new(RateLimited::new(Duration::from_secs(10))),
         }
     }
 
     /// Logs that requests were refused as overloaded: a WARN at most every 10 s (each
     /// refusal is counted in `flowmetrics_otlp_requests_total` anyway).
     pub fn note_overload(&self, transport: &str) {
-        use std::sync::atomic::Ordering;
-        let (since, last) = &*self.warned;
-        let now = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX) + 10_000;
-        let prev = last.load(Ordering::Relaxed);
-        if now.saturating_sub(prev) >= 10_000
-            && last
-                .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(
-                "{transport}: refusing requests as overloaded: the buffered-bytes budget \
-                 (limits.max_buffered_bytes, {} bytes) is spent, or no decode slot freed within \
-                 limits.request_read_timeout; clients retry on 503 / UNAVAILABLE",
-                self.settings.max_buffered_bytes
-            );
-        }
+        self.overload_warning.warn(format_args!(
+            "{transport}: refusing requests as overloaded: the buffered-bytes budget \
+             (limits.max_buffered_bytes, {} bytes) is spent, or no decode slot freed within \
+             limits.request_read_timeout; clients retry on 503 / UNAVAILABLE",
+            self.settings.max_buffered_bytes
+        ));
     }
 
     /// An empty hold on the budget.
@@ -321,11 +337,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_leaves_room_and_splits() {
-        assert_eq!(auto_connections(1024, 2), 384);
-        assert_eq!(auto_connections(1024, 1), 768);
-        assert_eq!(auto_connections(100, 2), 16);
-        assert_eq!(auto_connections(u64::MAX, 2), 1_000_000);
+    fn the_budget_leaves_room_and_counts_the_metrics_listener() {
+        let b = connection_budget(1024, 2);
+        assert_eq!((b.per_otlp_listener, b.admin), (378, 108));
+        assert_eq!(connection_budget(1024, 1).per_otlp_listener, 756);
+        // `ulimit -n 64`: every listener together stays under the limit, with room.
+        let b = connection_budget(64, 2);
+        assert_eq!((b.per_otlp_listener, b.admin), (10, 3));
+        assert!(2 * b.per_otlp_listener as u64 + b.admin as u64 + 32 <= 64);
+        assert_eq!(connection_budget(u64::MAX, 2).per_otlp_listener, 1_000_000);
+        assert_eq!(connection_budget(u64::MAX, 2).admin, ADMIN_CONNECTIONS);
+        assert_eq!(connection_budget(8, 2).per_otlp_listener, 1);
     }
 
     #[test]
@@ -334,6 +356,7 @@ mod tests {
             max_body_bytes: 1024,
             max_buffered_bytes: 100,
             max_connections: 1,
+            admin_max_connections: 1,
             idle_timeout: Duration::from_secs(1),
             request_read_timeout: Duration::from_secs(1),
             decode_slots: 1,

@@ -62,6 +62,8 @@ pub struct MetricsSettings {
     pub longest_flow_timeout: Duration,
     /// `correlation.store: redis`: the store's errors and latency are exposed.
     pub shared_store: bool,
+    /// `state.path` is set (memory store): failed state writes are exposed.
+    pub state_file: bool,
 }
 
 pub struct Metrics {
@@ -106,6 +108,8 @@ pub struct Metrics {
     network: Option<network::NetworkMetrics>,
     store_errors: Family<Pair, Counter>,
     store_latency: Family<Pair, Histogram, fn() -> Histogram>,
+    /// flowmetrics_state_write_errors_total by write: checkpoint, final.
+    state_write_errors: [Counter; 2],
 }
 
 /// Round trips to a shared store: 0.25 ms to 2.5 s.
@@ -336,6 +340,19 @@ impl Metrics {
             build_info,
         );
         registry.register_collector(Box::new(process::ProcessCollector));
+        registry.register_collector(Box::new(process::LogCollector));
+        let state_errors = Family::<Pair, Counter>::default();
+        if settings.state_file {
+            registry.register(
+                "flowmetrics_state_write_errors",
+                "Writes of the state file that failed, by write: checkpoint (the previous \
+                 file stays) or final (at shutdown: the previous file is set aside, its open \
+                 flows are lost)",
+                state_errors.clone(),
+            );
+        }
+        let state_write_errors = ["checkpoint", "final"]
+            .map(|write| state_errors.get_or_create(&[("write", write)]).clone());
         let store_errors = Family::<Pair, Counter>::default();
         let store_latency: Family<Pair, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(store_latency_histogram);
@@ -403,7 +420,13 @@ impl Metrics {
             network,
             store_errors,
             store_latency,
+            state_write_errors,
         }
+    }
+
+    /// A write of the state file failed (`final`: the one at shutdown).
+    pub fn state_write_failed(&self, final_write: bool) {
+        self.state_write_errors[usize::from(final_write)].inc();
     }
 
     /// The network families; `None` when `network_flows.enabled` is false.

@@ -128,6 +128,24 @@ impl Collector for ProcessCollector {
     }
 }
 
+/// `flowmetrics_log_lines_dropped_total`: log lines the lossy log writer dropped (its
+/// queue full behind a slow stderr reader, or stderr refusing them), read at scrape time.
+#[derive(Debug, Default)]
+pub struct LogCollector;
+
+impl Collector for LogCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let dropped = ConstCounter::new(crate::logging::lines_dropped());
+        dropped.encode(encoder.encode_descriptor(
+            "flowmetrics_log_lines_dropped",
+            "Log lines dropped rather than wait for stderr (its reader slow, stuck or gone)",
+            None,
+            dropped.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

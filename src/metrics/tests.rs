@@ -222,7 +222,7 @@ fn exposition_matches_the_golden_text() {
     let text = m.encode(42);
     assert!(text.ends_with("\n# EOF\n") && text.matches("# EOF").count() == 1);
     let got = normalize(&text);
-    if std::env::var_os("FLOWMETRICS_UPDATE_GOLDEN").is_some() {
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/src/metrics/testdata/exposition.txt"

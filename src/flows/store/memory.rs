@@ -41,6 +41,7 @@ use super::{
 use crate::flows::dedup::{RecentEvents, Seen};
 use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 use crate::flows::state::{unix_nanos_now, SavedEntry, SavedShard, SavedState, StoreSnapshot};
+use crate::logging::RateLimited;
 
 /// An instance's identity, (flow, correlation id), as a 128-bit digest: a moka key
 /// with no allocation and no string compare (collisions: ~2⁻⁸⁸ at a million entries).
@@ -609,7 +610,7 @@ fn build_cache(
     let ttl = settings
         .longest_timeout
         .clamp(Duration::from_millis(1), LONGEST_TTL);
-    let last_warning = Mutex::new(None::<Instant>);
+    let eviction_warning = RateLimited::new(EVICTION_WARN_EVERY);
     let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| match cause {
         // The store's own removal: the caller settles it.
         RemovalCause::Explicit => {}
@@ -628,7 +629,11 @@ fn build_cache(
         // Only an entry past its per-entry deadline is ever replaced (see above).
         RemovalCause::Replaced => report_gone(&*sink, &slot, Gone::TimedOut),
         RemovalCause::Size => {
-            warn_evicted(&last_warning, &slot.flow);
+            eviction_warning.warn(format_args!(
+                "correlation store full (limits.max_in_flight): evicting the oldest entries \
+                 (flow {}); raise the limit or shorten flow timeouts",
+                slot.flow
+            ));
             report_gone(&*sink, &slot, Gone::Evicted);
         }
     };
@@ -801,19 +806,6 @@ fn report_gone(sink: &dyn FlowSink, slot: &Slot, why: Gone) {
             flow,
             evicted: why == Gone::Evicted,
         }),
-    }
-}
-
-fn warn_evicted(last: &Mutex<Option<Instant>>, flow: &str) {
-    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-    let now = Instant::now();
-    if last.is_none_or(|t| now.duration_since(t) >= EVICTION_WARN_EVERY) {
-        *last = Some(now);
-        tracing::warn!(
-            flow,
-            "correlation store full (limits.max_in_flight): evicting the oldest entries; \
-             raise the limit or shorten flow timeouts"
-        );
     }
 }
 

@@ -53,6 +53,7 @@ use super::{
     duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreSettings, StoreUnavailable,
 };
 use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
+use crate::logging::RateLimited;
 
 /// Events per script call: bounds how long one call holds the server.
 const CHUNK: usize = 1000;
@@ -218,7 +219,26 @@ pub struct RedisStore {
     /// Entries one shard may hold: `capacity` spread evenly, rounded up.
     shard_capacity: u64,
     available: AtomicBool,
-    last_warning: Mutex<Option<Instant>>,
+    warnings: Warnings,
+}
+
+/// The store's repeated warnings, each rate-limited on its own.
+struct Warnings {
+    unavailable: RateLimited,
+    evicted: RateLimited,
+    lost: RateLimited,
+    unreadable: RateLimited,
+}
+
+impl Warnings {
+    fn new() -> Self {
+        Self {
+            unavailable: RateLimited::new(WARN_EVERY),
+            evicted: RateLimited::new(WARN_EVERY),
+            lost: RateLimited::new(WARN_EVERY),
+            unreadable: RateLimited::new(WARN_EVERY),
+        }
+    }
 }
 
 /// One shard: its keys all start with `prefix`.
@@ -348,7 +368,7 @@ impl RedisStore {
             capacity: settings.capacity,
             shard_capacity: settings.capacity.div_ceil(u64::from(count)),
             available: AtomicBool::new(false),
-            last_warning: Mutex::new(None),
+            warnings: Warnings::new(),
         })
     }
 
@@ -377,12 +397,9 @@ impl RedisStore {
     }
 
     fn warn(&self, op: &'static str, e: &str) {
-        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
-            *last = Some(now);
-            tracing::warn!(op, "correlation store (redis) unavailable: {e}");
-        }
+        self.warnings.unavailable.warn(format_args!(
+            "correlation store (redis) unavailable ({op}): {e}"
+        ));
     }
 
     /// Runs `cmds` (EVALSHA of `script`) pipelined; one result per command.
@@ -506,10 +523,10 @@ impl RedisStore {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if pending.len() >= MAX_PENDING {
             pending.pop_front();
-            tracing::warn!(
+            self.warnings.lost.warn(format_args!(
                 "correlation store (redis): too many exports without a reply; the \
                  outcomes of the oldest are not counted if they were applied"
-            );
+            ));
         }
         pending.push_back(Pending {
             result_key,
@@ -578,7 +595,9 @@ impl RedisStore {
         let stored = || {
             let entry = decode(stored);
             if entry.is_none() {
-                tracing::warn!("correlation store (redis): an entry could not be read");
+                self.warnings.unreadable.warn(format_args!(
+                    "correlation store (redis): an entry could not be read"
+                ));
             }
             entry
         };
@@ -590,7 +609,11 @@ impl RedisStore {
             }
             (Some(b'E'), _) => {
                 if let Some(entry) = stored() {
-                    warn_evicted(&self.last_warning, &entry.flow);
+                    self.warnings.evicted.warn(format_args!(
+                        "correlation store full (limits.max_in_flight): evicting the entries \
+                         due soonest (flow {}); raise the limit or shorten flow timeouts",
+                        entry.flow
+                    ));
                     entry.gone(sink, true);
                 }
             }
@@ -1120,19 +1143,6 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Option<Arc<str>> {
         let len = self.u32()? as usize;
         Some(Arc::from(String::from_utf8_lossy(self.take(len)?).as_ref()))
-    }
-}
-
-fn warn_evicted(last: &Mutex<Option<Instant>>, flow: &str) {
-    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-    let now = Instant::now();
-    if last.is_none_or(|t| now.duration_since(t) >= WARN_EVERY) {
-        *last = Some(now);
-        tracing::warn!(
-            flow,
-            "correlation store full (limits.max_in_flight): evicting the entries due \
-             soonest; raise the limit or shorten flow timeouts"
-        );
     }
 }
 
