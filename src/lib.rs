@@ -6,10 +6,13 @@
 //! (`/metrics`). Each stage imports only the stages before it and [`model`], the shared
 //! vocabulary; [`config`] imports only [`model`]. [`App`] wires it together (with
 //! [`settings`], which turns the config into each stage's settings); `main` and the
-//! integration tests both start it.
+//! integration tests both start it. Around the process: [`logging`] (a log writer that
+//! never blocks, and the one rate-limited warning), [`signals`], and [`config_checks`]
+//! (what the config file and log filter must be before they are used).
 
 pub mod admin;
 pub mod config;
+pub mod config_checks;
 pub mod flows;
 pub mod ingest;
 pub mod logging;

@@ -51,9 +51,16 @@ impl LogGuard {
     }
 }
 
+/// `RUST_LOG`, unless unset or blank (an env file's `RUST_LOG=` means "not set").
+pub fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
 /// The filter in force: `RUST_LOG` if set, else `log.level` (both validated before).
 fn filter(config: &Config) -> tracing_subscriber::EnvFilter {
-    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    let spec = rust_log().unwrap_or_else(|| config.log.level.clone());
     tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
 }

@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         }
     };
     // RUST_LOG overrides log.level: checked like it, or the service could run silent.
-    if let Ok(spec) = std::env::var("RUST_LOG") {
+    if let Some(spec) = logging::rust_log() {
         if let Err(e) = check_log_filter(&spec) {
             write_stderr(&format!(
                 "flowmetrics: configuration error: RUST_LOG (environment): {e}"

@@ -171,6 +171,11 @@ fn a_log_level_that_is_no_level_is_a_config_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("RUST_LOG"));
+    // A blank RUST_LOG (an env file's `RUST_LOG=`) is no filter: log.level applies.
+    let out = flowmetrics(&["check-config"], &[("RUST_LOG", "")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
     // Real filters still pass.
     for ok in [
         "debug",

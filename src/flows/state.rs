@@ -332,26 +332,57 @@ pub fn read(path: &Path, max_bytes: u64) -> Result<Option<StoreSnapshot>, StateE
 
 /// Reads the state file; one that cannot be used is logged at WARN and renamed aside
 /// (`<path>.corrupt-<unix seconds>`) so that it is neither lost nor read again.
+///
+/// It is read under another name, `<path>.loading`, and put back once read: a start
+/// that dies reading it (out of memory under a container's limit, say) leaves it there,
+/// and the next start sets it aside instead of dying the same way (no crash loop).
 pub fn load_or_set_aside(path: &Path, max_bytes: u64) -> Option<StoreSnapshot> {
-    match read(path, max_bytes) {
-        Ok(snapshot) => snapshot,
-        Err(e) => {
-            let secs = unix_nanos_now() / 1_000_000_000;
-            let aside = PathBuf::from(format!("{}.corrupt-{secs}", path.display()));
-            match fs::rename(path, &aside) {
-                Ok(()) => tracing::warn!(
-                    "state file {} not used: {e}; moved to {}, starting with no open flows",
-                    path.display(),
-                    aside.display()
-                ),
-                Err(re) => tracing::warn!(
-                    "state file {} not used: {e}; cannot move it aside ({re}), starting with \
-                     no open flows",
-                    path.display()
-                ),
+    let loading = PathBuf::from(format!("{}.loading", path.display()));
+    if fs::symlink_metadata(&loading).is_ok() {
+        set_aside(&loading, path, "the last start ended while reading it");
+    }
+    let reading = match fs::rename(path, &loading) {
+        Ok(()) => loading.as_path(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        // A directory it cannot be renamed in: read in place.
+        Err(_) => path,
+    };
+    match read(reading, max_bytes) {
+        Ok(snapshot) => {
+            if reading != path {
+                if let Err(e) = fs::rename(reading, path) {
+                    tracing::warn!(
+                        "state file {}: cannot rename it back from {} ({e}); the next \
+                         checkpoint writes it anew",
+                        path.display(),
+                        reading.display()
+                    );
+                }
             }
+            snapshot
+        }
+        Err(e) => {
+            set_aside(reading, path, &e.to_string());
             None
         }
+    }
+}
+
+/// Renames `file` to `<path>.corrupt-<unix seconds>`, logging why it is not used.
+fn set_aside(file: &Path, path: &Path, why: &str) {
+    let secs = unix_nanos_now() / 1_000_000_000;
+    let aside = PathBuf::from(format!("{}.corrupt-{secs}", path.display()));
+    match fs::rename(file, &aside) {
+        Ok(()) => tracing::warn!(
+            "state file {} not used: {why}; moved to {}, starting with no open flows",
+            path.display(),
+            aside.display()
+        ),
+        Err(re) => tracing::warn!(
+            "state file {} not used: {why}; cannot move it aside ({re}), starting with \
+             no open flows",
+            path.display()
+        ),
     }
 }
 
@@ -698,6 +729,32 @@ mod tests {
         fs::write(&path, &out).unwrap();
         assert!(load_or_set_aside(&path, 1 << 20).is_none());
         assert!(!path.exists());
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_file_whose_reading_ended_the_last_start_is_set_aside_not_read_again() {
+        let dir = std::env::temp_dir().join(format!("fm-state-loading-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        // What a start killed while reading leaves: the file under its reading name.
+        write(&dir.join("state.loading"), &sample()).unwrap();
+        assert!(load_or_set_aside(&path, 1 << 20).is_none());
+        assert!(!dir.join("state.loading").exists());
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names.iter().any(|n| n.starts_with("state.corrupt-")),
+            "{names:?}"
+        );
+        // A file read whole is back under its name.
+        write(&path, &sample()).unwrap();
+        assert_eq!(load_or_set_aside(&path, 1 << 20), Some(sample()));
+        assert_eq!(read(&path, 1 << 20).unwrap(), Some(sample()));
+        assert!(!dir.join("state.loading").exists());
         let _ = fs::remove_dir_all(dir);
     }
 

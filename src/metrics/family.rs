@@ -14,8 +14,8 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder};
@@ -23,6 +23,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use crate::flows::event::DimValues;
+use crate::logging::RateLimited;
 use crate::model::OVERFLOW_LABEL;
 
 /// Which labels a family's series carry, in exposition order: `flow`, then `extra` (e.g.
@@ -137,7 +138,8 @@ type Constructor<M> = Box<dyn Fn(Option<&str>) -> M + Send + Sync>;
 /// Shared by every limited family: counts folds per family and rate-limits the warning.
 pub struct OverflowReporter {
     counter_for: Box<dyn Fn(&'static str) -> Counter + Send + Sync>,
-    last_warn: Mutex<HashMap<&'static str, Instant>>,
+    /// One rate-limited warning per family.
+    warnings: RwLock<HashMap<&'static str, RateLimited>>,
 }
 
 const OVERFLOW_WARN_EVERY: Duration = Duration::from_secs(60);
@@ -146,7 +148,7 @@ impl OverflowReporter {
     pub fn new(counter_for: impl Fn(&'static str) -> Counter + Send + Sync + 'static) -> Self {
         Self {
             counter_for: Box::new(counter_for),
-            last_warn: Mutex::new(HashMap::new()),
+            warnings: RwLock::new(HashMap::new()),
         }
     }
 
@@ -154,20 +156,26 @@ impl OverflowReporter {
     /// once a minute per family).
     pub(super) fn folded(&self, metric: &'static str, max: usize) {
         (self.counter_for)(metric).inc();
-        let mut last = self.last_warn.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if last
+        let warn = |limit: &RateLimited| {
+            limit.warn(format_args!(
+                "series limit reached (limits.max_series_per_metric = {max}) in {metric}: new \
+                 label sets are recorded in the otel_metric_overflow=\"true\" series"
+            ))
+        };
+        if let Some(limit) = self
+            .warnings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(metric)
-            .is_none_or(|t| now.duration_since(*t) >= OVERFLOW_WARN_EVERY)
         {
-            last.insert(metric, now);
-            tracing::warn!(
-                metric,
-                max_series = max,
-                "series limit reached (limits.max_series_per_metric): new label sets are \
-                 recorded in the otel_metric_overflow=\"true\" series"
-            );
+            return warn(limit);
         }
+        let mut warnings = self.warnings.write().unwrap_or_else(|p| p.into_inner());
+        warn(
+            warnings
+                .entry(metric)
+                .or_insert_with(|| RateLimited::new(OVERFLOW_WARN_EVERY)),
+        );
     }
 }
 
