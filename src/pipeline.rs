@@ -10,7 +10,7 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
 use crate::flows::event::{AttributeLayers, NO_ATTRIBUTES};
 use crate::flows::network::NetworkFlows;
-use crate::flows::scan::scan_traces_with_network;
+use crate::flows::scan::{event_time, scan_traces_with_network};
 use crate::flows::store::StoreUnavailable;
 use crate::flows::{CorrelationStore, Extractor, FlowEvent, Source, TraceRef};
 use crate::metrics::Metrics;
@@ -166,7 +166,7 @@ impl Pipeline {
                         let result = self.extractor.extract(
                             &event.name,
                             layers,
-                            event.time_unix_nano,
+                            event_time(event.time_unix_nano, span.end_time_unix_nano),
                             received,
                             is_error,
                             trace,

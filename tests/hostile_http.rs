@@ -446,3 +446,37 @@ async fn heavy_decodes_leave_healthz_responsive() {
     );
     app.shutdown().await;
 }
+
+/// A chunked body with broken framing is bad input: 400 with a status that says so,
+/// counted as `code="400"`, not as a client that went away.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400_that_says_why() {
+    let app = start(test_config()).await;
+    let addr = app.otlp_http.unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{{\"a\"\r\nzz\r\n"
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("malformed request body"), "{answer}");
+    assert!(!answer.contains("closed the request"), "{answer}");
+    let m = scrape(&app).await;
+    let series = |code: &str| {
+        value(
+            &m,
+            &format!(
+                r#"flowmetrics_otlp_requests_total{{transport="http",signal="traces",code="{code}"}}"#
+            ),
+        )
+    };
+    assert_eq!(series("400"), 1.0);
+    assert_eq!(series("canceled"), 0.0);
+    app.shutdown().await;
+}

@@ -307,13 +307,37 @@ impl Limits {
     }
 }
 
-/// A body read error: the peer going away is not bad input.
+/// A body read error: the peer going away is not bad input, broken framing is. hyper
+/// reports both as body errors; what tells them apart is the I/O error underneath (a
+/// bad chunk size or chunk end is `InvalidData`/`InvalidInput`, a closed connection
+/// `UnexpectedEof` or a reset).
 fn classify(e: &hyper::Error) -> ReadError {
-    if e.is_parse() || e.is_parse_too_large() || e.is_user() {
-        ReadError::Invalid(format!("reading body: {e}"))
+    let malformed = io_cause(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+        )
+    });
+    if malformed {
+        let cause = io_cause(e).map_or_else(|| e.to_string(), ToString::to_string);
+        ReadError::Invalid(format!("malformed request body: {cause}"))
+    } else if e.is_parse() || e.is_parse_too_large() || e.is_user() {
+        ReadError::Invalid(format!("malformed request body: {e}"))
     } else {
         ReadError::Canceled
     }
+}
+
+/// The I/O error at the bottom of a hyper error, if there is one.
+fn io_cause(e: &hyper::Error) -> Option<&std::io::Error> {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        source = cause.source();
+    }
+    None
 }
 
 #[cfg(test)]
