@@ -32,7 +32,7 @@ fn tool_available(tool: &str, version_arg: &str, installed_by: &str) -> bool {
             std::env::var_os("REQUIRE_REDIS_TESTS").is_none(),
             "{tool} not found, and REQUIRE_REDIS_TESTS is set"
         );
-        eprintln!("SKIPPED: {tool} not found ({installed_by} installs it)");
+        super::skip(&format!("{tool} not found ({installed_by} installs it)"));
     }
     found
 }
