@@ -20,10 +20,7 @@ pub enum ProbeError {
     #[error("{0:?} is not a URL this probe can ask: use http://HOST:PORT/PATH")]
     BadUrl(String),
     #[error("{url}: {source}")]
-    Io {
-        url: String,
-        source: std::io::Error,
-    },
+    Io { url: String, source: std::io::Error },
     #[error("{url}: {source}")]
     Http { url: String, source: hyper::Error },
     #[error("{url}: no answer within {}s", TIMEOUT.as_secs())]
@@ -74,7 +71,10 @@ async fn get(uri: &Uri, url: &str) -> Result<StatusCode, ProbeError> {
     tokio::spawn(conn);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let request = Request::get(path)
-        .header(hyper::header::HOST, uri.authority().map_or(host, |a| a.as_str()))
+        .header(
+            hyper::header::HOST,
+            uri.authority().map_or(host, |a| a.as_str()),
+        )
         .body(Empty::<Bytes>::new())
         .expect("a GET with a checked path is a valid request");
     let response = sender.send_request(request).await.map_err(http)?;

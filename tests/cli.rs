@@ -160,7 +160,10 @@ async fn probe_exits_0_on_200_and_1_otherwise() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), want, "{url}: {stderr}");
         if want == Some(1) {
-            assert!(stderr.contains(&url[7..]), "{url}: the failure names the URL: {stderr}");
+            assert!(
+                stderr.contains(&url[7..]),
+                "{url}: the failure names the URL: {stderr}"
+            );
         }
     }
     app.shutdown().await;

@@ -36,7 +36,11 @@ pub fn skip(reason: &str) {
         .unwrap_or("unnamed")
         .to_string();
     use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(file) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
         // One short line per write with O_APPEND: lines from parallel tests stay whole.
         let _ = f.write_all(format!("{binary} {test}\n").as_bytes());
     }
