@@ -454,9 +454,7 @@ async fn a_malformed_chunked_body_is_a_400_that_says_why() {
     let app = start(test_config()).await;
     let addr = app.otlp_http.unwrap();
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{{\"a\"\r\nzz\r\n"
-    );
+    let request = "POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"a\"\r\nzz\r\n";
     s.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(PATIENCE, s.read_to_end(&mut answer))
