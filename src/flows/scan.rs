@@ -1491,7 +1491,7 @@ mod tests {
         );
         assert_eq!(assert_like_prost(&body), Err(()));
         // An attribute no flow event reads is not looked into (one of the differences
-        // the README lists): prost refuses its bad key, the scan does not.
+        // docs/limits.md lists): prost refuses its bad key, the scan does not.
         let bad_key = message(&[bytes_field(KEY_VALUE_KEY, b"\xc3")]);
         let body = one_event_request(
             &[

@@ -49,7 +49,7 @@ impl RedisServer {
     }
 
     /// With an append-only file synced on every write: what it holds survives a stop,
-    /// also a SIGKILL (the README's persistence settings).
+    /// also a SIGKILL (the persistence settings of docs/replicas.md).
     pub fn start_persistent() -> Option<RedisServer> {
         Self::start_with(true)
     }
