@@ -5,9 +5,11 @@
 #   - compose.yaml: the Compose Specification JSON schema (scripts/schemas/compose-spec.json,
 #     or $COMPOSE_SPEC_SCHEMA) with check-jsonschema (scripts/stack-requirements.txt,
 #     installed into the scripts' virtualenv .venv-test/), and `docker-compose config -q`
-#     (Debian's docker-compose, installed with apt-get when missing; needs no Docker engine)
+#     (Debian's docker-compose, installed with apt-get when missing; needs no Docker engine);
+#     the image built by one service only, a healthcheck on flowmetrics (`flowmetrics
+#     probe`), every depends_on waiting for a healthy service
 #   - Dockerfile / .dockerignore: builds both release binaries, keeps the workspace in
-#     the build context, pins images, runs as non-root
+#     the build context, pins images, runs as non-root, has CA certificates
 # Prints PASS/FAIL lines; exits 1 on any FAIL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +76,26 @@ for want in "FLOWMETRICS_LISTEN__OTLP_HTTP: 0.0.0.0:4318" "FLOWMETRICS_LISTEN__O
   "./prometheus:/etc/prometheus:ro" "GF_AUTH_ANONYMOUS_ENABLED" "- flowmetrics-demo"; do
   grep -qF -- "$want" compose.yaml || fail "compose.yaml lacks: $want"
 done
+builds=$(grep -cE '^\s+build:' compose.yaml)
+[ "$builds" -eq 1 ] && pass "compose.yaml: the image is built once (one build:, the others use image: flowmetrics:local)" ||
+  fail "compose.yaml: $builds services build the image (one should, the others use its image:)"
+grep -qF '"flowmetrics", "probe"' compose.yaml && pass "compose.yaml: flowmetrics healthcheck with flowmetrics probe" ||
+  fail "compose.yaml: no healthcheck running flowmetrics probe"
+# ruamel.yaml comes with check-jsonschema (in the virtualenv).
+plain_depends=$(python3 - <<'PY' || echo "(compose.yaml could not be read)"
+from ruamel.yaml import YAML
+services = YAML(typ="safe").load(open("compose.yaml"))["services"]
+for name, svc in services.items():
+    deps = svc.get("depends_on", {})
+    if isinstance(deps, list) or any(d.get("condition") != "service_healthy" for d in deps.values()):
+        print(name)
+    for dep in deps:
+        if "healthcheck" not in services[dep]:
+            print(f"{name}->{dep} (no healthcheck)")
+PY
+)
+[ -z "$plain_depends" ] && pass "compose.yaml: every depends_on waits for a healthy service" ||
+  fail "compose.yaml: depends_on without condition: service_healthy: $plain_depends"
 grep -q 'flowmetrics:9464' prometheus/prometheus.yml && pass "prometheus.yml scrapes the compose service flowmetrics:9464" ||
   fail "prometheus.yml does not scrape flowmetrics:9464"
 
@@ -83,6 +105,8 @@ if grep -qE 'cargo build --release .*-p flowmetrics -p flowmetrics-demo' Dockerf
   grep -qE '^ARG RUST_VERSION=[0-9]+\.[0-9]+' Dockerfile; then
   pass "Dockerfile: release build of flowmetrics and flowmetrics-demo, pinned toolchain, non-root user"
 else fail "Dockerfile: expected a release build of both binaries, a pinned rust image and a non-root USER"; fi
+grep -qE 'apt-get install .*ca-certificates' Dockerfile && pass "Dockerfile: runtime image has CA certificates (rediss:// with the system's roots)" ||
+  fail "Dockerfile: runtime image lacks ca-certificates"
 members=$(python3 -c 'import re;t=open("Cargo.toml").read();m=re.search(r"members\s*=\s*\[([^\]]*)\]",t);print(" ".join(x.strip(" \"") for x in m.group(1).split(",") if x.strip()) if m else "")')
 bad=""
 for path in Cargo.toml Cargo.lock src $members; do

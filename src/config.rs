@@ -735,10 +735,15 @@ impl Config {
     }
 
     fn validate_network_dimensions(&self) -> Result<(), (String, String)> {
-        const RESERVED: [&str; 2] = ["direction", crate::model::OVERFLOW_LABEL];
+        // The network families' own label, and every label the flow families reserve:
+        // the overview page lists network rows beside flow rows, and a `flow` or
+        // `outcome` dimension there would read as a flow that does not exist.
+        let reserved: Vec<&str> = std::iter::once("direction")
+            .chain(RESERVED_LABELS)
+            .collect();
         let dims = &self.network_flows.dimensions;
         let labels = dims.iter().map(|d| d.label.as_str());
-        check_dimension_labels("network_flows.dimensions", labels, &RESERVED)?;
+        check_dimension_labels("network_flows.dimensions", labels, &reserved)?;
         for (i, dim) in dims.iter().enumerate() {
             if dim.attribute.is_empty() || dim.attribute.iter().any(String::is_empty) {
                 return Err((

@@ -19,6 +19,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod probe;
 pub mod server;
 pub mod settings;
 pub mod signals;

@@ -1,4 +1,4 @@
-//! The `flowmetrics` command: `run` (the default) and `check-config`.
+//! The `flowmetrics` command: `run` (the default), `check-config` and `probe`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +13,8 @@ flowmetrics: OpenTelemetry flow events in, Prometheus RED metrics per flow out.
 Usage:
   flowmetrics [run] [--config PATH]        run the service
   flowmetrics check-config [--config PATH] validate and print the effective config
+  flowmetrics probe [URL]                  GET URL (default http://127.0.0.1:9464/readyz):
+                                           exit 0 on 200, 1 otherwise (a healthcheck)
   flowmetrics --help | --version
 
 With no config file the service runs on its built-in defaults. The file may also be
@@ -35,6 +37,7 @@ const EXIT_CONFIG: u8 = 2;
 enum Command {
     Run,
     CheckConfig,
+    Probe(Option<String>),
 }
 
 fn parse_args() -> Result<(Command, Option<PathBuf>), String> {
@@ -60,6 +63,10 @@ fn parse_args() -> Result<(Command, Option<PathBuf>), String> {
             }
             "run" if command.is_none() => command = Some(Command::Run),
             "check-config" if command.is_none() => command = Some(Command::CheckConfig),
+            "probe" if command.is_none() => command = Some(Command::Probe(None)),
+            url if matches!(command, Some(Command::Probe(None))) && !url.starts_with('-') => {
+                command = Some(Command::Probe(Some(url.to_string())))
+            }
             other => return Err(format!("unexpected argument {other:?}")),
         }
     }
@@ -74,6 +81,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Probe(url) = &command {
+        return probe(url.as_deref().unwrap_or(flowmetrics::probe::DEFAULT_URL));
+    }
     let config = match Config::from_process_env(config_path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -98,6 +108,35 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
+        Command::Probe(_) => unreachable!("answered before the config is read"),
+    }
+}
+
+/// `probe`: needs no config (a healthcheck must not fail on one).
+fn probe(url: &str) -> ExitCode {
+    let uri = match flowmetrics::probe::parse(url) {
+        Ok(uri) => uri,
+        Err(e) => {
+            eprintln!("flowmetrics: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flowmetrics: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(flowmetrics::probe::probe(&uri)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flowmetrics probe: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

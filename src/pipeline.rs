@@ -10,8 +10,8 @@ use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
 use crate::flows::event::{AttributeLayers, NO_ATTRIBUTES};
 use crate::flows::network::NetworkFlows;
-use crate::flows::scan::scan_traces_with_network;
-use crate::flows::store::StoreUnavailable;
+use crate::flows::scan::{event_time, scan_traces_with_network};
+use crate::flows::store::StoreError;
 use crate::flows::{CorrelationStore, Extractor, FlowEvent, Source, TraceRef};
 use crate::metrics::Metrics;
 use crate::model::{Rejection, RejectionSummary, Transport};
@@ -63,7 +63,7 @@ impl Pipeline {
     }
 
     /// Applies the batch's events and hands back what was refused.
-    fn finish(&self, batch: Batch) -> Result<RejectionSummary, StoreUnavailable> {
+    fn finish(&self, batch: Batch) -> Result<RejectionSummary, StoreError> {
         if !batch.events.is_empty() {
             let apply = || self.store.apply_batch(&mut batch.events.into_iter());
             // A store that waits on the network must not hold an async worker: the
@@ -104,7 +104,7 @@ impl Pipeline {
         &self,
         body: &[u8],
         transport: Transport,
-    ) -> Result<Result<RejectionSummary, StoreUnavailable>, String> {
+    ) -> Result<Result<RejectionSummary, StoreError>, String> {
         let scan =
             scan_traces_with_network(body, &self.extractor, self.network.as_ref(), now_nanos())?;
         if let Some(network) = &self.network {
@@ -128,7 +128,7 @@ impl Pipeline {
         &self,
         request: &ExportTraceServiceRequest,
         transport: Transport,
-    ) -> Result<RejectionSummary, StoreUnavailable> {
+    ) -> Result<RejectionSummary, StoreError> {
         let received = now_nanos();
         let mut batch = Batch::default();
         let mut spans = 0u64;
@@ -166,7 +166,7 @@ impl Pipeline {
                         let result = self.extractor.extract(
                             &event.name,
                             layers,
-                            event.time_unix_nano,
+                            event_time(event.time_unix_nano, span.end_time_unix_nano),
                             received,
                             is_error,
                             trace,
@@ -186,7 +186,7 @@ impl Pipeline {
         &self,
         request: &ExportLogsServiceRequest,
         transport: Transport,
-    ) -> Result<RejectionSummary, StoreUnavailable> {
+    ) -> Result<RejectionSummary, StoreError> {
         let received = now_nanos();
         let mut batch = Batch::default();
         let mut records = 0u64;

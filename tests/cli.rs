@@ -1,5 +1,7 @@
-//! The `flowmetrics` binary itself: check-config, config errors, start-up logs, and a
-//! graceful exit on SIGTERM.
+//! The `flowmetrics` binary itself: check-config, config errors, start-up logs, a
+//! graceful exit on SIGTERM, and `probe` (the container healthcheck).
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -312,4 +314,39 @@ fn the_project_variables_stay_out_of_the_configuration_namespace() {
             file.display()
         );
     }
+}
+
+/// `probe` against a running server: 0 for `/readyz` (200), 1 for a path that answers
+/// 404 and for a closed port, 2 for something that is not an http URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_exits_0_on_200_and_1_otherwise() {
+    let app = common::start(common::test_config()).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let cases = [
+        (format!("http://{}/readyz", app.metrics), Some(0)),
+        (format!("http://{}/healthz", app.metrics), Some(0)),
+        (format!("http://{}/no-such-page", app.metrics), Some(1)),
+        (format!("http://{closed}/readyz"), Some(1)),
+        ("https://127.0.0.1:1/readyz".to_string(), Some(2)),
+    ];
+    for (url, want) in cases {
+        let out = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || flowmetrics(&["probe", &url], &[]).output().unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), want, "{url}: {stderr}");
+        if want == Some(1) {
+            assert!(
+                stderr.contains(&url[7..]),
+                "{url}: the failure names the URL: {stderr}"
+            );
+        }
+    }
+    app.shutdown().await;
 }

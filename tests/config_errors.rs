@@ -208,3 +208,21 @@ fn the_shared_store_is_checked_at_start() {
     .expect("the defaults name a local Redis");
     assert_eq!(ok.correlation.redis.key_prefix, "flowmetrics:");
 }
+
+/// `network_flows.dimensions` may not take a label of the flow families (`flow`,
+/// `outcome`, …) any more than one of the network families (`direction`): each would
+/// put rows that are not flows on the overview page.
+#[test]
+fn network_dimensions_refuse_the_labels_flow_and_network_families_use() {
+    for label in ["flow", "outcome", "error_reason", "le", "direction"] {
+        let f = Yaml::new(
+            &format!("network-dim-{label}.yaml"),
+            &format!("network_flows:\n  dimensions:\n    - {{ label: {label}, attribute: x }}\n"),
+        );
+        let err = f.err();
+        assert!(
+            err.contains("network_flows.dimensions[0].label") && err.contains("reserved"),
+            "{label}: {err}"
+        );
+    }
+}

@@ -446,3 +446,61 @@ async fn heavy_decodes_leave_healthz_responsive() {
     );
     app.shutdown().await;
 }
+
+/// A chunked body with broken framing is bad input: 400 with a status that says so,
+/// counted as `code="400"`, not as a client that went away.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400_that_says_why() {
+    let app = start(test_config()).await;
+    let addr = app.otlp_http.unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let request = "POST /v1/traces HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n4\r\n{\"a\"\r\nzz\r\n";
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("malformed request body"), "{answer}");
+    assert!(!answer.contains("closed the request"), "{answer}");
+    let m = scrape(&app).await;
+    let series = |code: &str| {
+        value(
+            &m,
+            &format!(
+                r#"flowmetrics_otlp_requests_total{{transport="http",signal="traces",code="{code}"}}"#
+            ),
+        )
+    };
+    assert_eq!(series("400"), 1.0);
+    assert_eq!(series("canceled"), 0.0);
+    app.shutdown().await;
+}
+
+/// A body of three times the limit, past the 64 MiB that once ended the lingering read,
+/// written whole before the answer is read: the client sees its 413 (which exporters do
+/// not retry), not a broken pipe (which they do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_three_times_the_limit_written_whole_gets_its_413() {
+    const LIMIT: usize = 32 * 1024 * 1024;
+    const SENT: usize = 3 * LIMIT;
+    let mut config = test_config();
+    config.limits.max_request_body_bytes = LIMIT;
+    config.limits.request_read_timeout = Duration::from_secs(60);
+    let app = start(config).await;
+    let addr = app.otlp_http.unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut request = head("/v1/traces", PB, SENT);
+    request.resize(request.len() + SENT, b'x');
+    tokio::time::timeout(Duration::from_secs(60), s.write_all(&request))
+        .await
+        .expect("written within the deadline")
+        .expect("the whole body is taken, not reset");
+    let status = tokio::time::timeout(PATIENCE, read_status(&mut s))
+        .await
+        .unwrap();
+    assert_eq!(status, Some(413));
+    app.shutdown().await;
+}

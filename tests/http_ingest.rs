@@ -650,3 +650,69 @@ async fn concurrent_clients_counters_match_exactly() {
     );
     app.shutdown().await;
 }
+
+/// Events without a time take their span's end time, so an export sent twice (an
+/// exporter's retry) is recognised as such: one instance, not two. Sent as protobuf
+/// (the selective scanner) and as JSON (the full decode), which must agree.
+#[tokio::test]
+async fn a_retried_export_of_events_without_a_time_is_one_instance() {
+    let app = start(test_config()).await;
+    let url = traces_url(&app);
+    for (flow, media) in [
+        ("untimed_pb", "application/x-protobuf"),
+        ("untimed_json", "application/json"),
+    ] {
+        let mut req = request(&[
+            (&format!("flow.{flow}.start"), "r-1", None, 0),
+            (&format!("flow.{flow}.end"), "r-1", Some("success"), 0),
+        ]);
+        let spans = &mut req.resource_spans[0].scope_spans[0].spans;
+        spans[0].end_time_unix_nano = 1_700_000_000_000_000_000;
+        spans[1].end_time_unix_nano = 1_700_000_002_500_000_000;
+        let body = if media == "application/json" {
+            serde_json::to_vec(&req).unwrap()
+        } else {
+            req.encode_to_vec()
+        };
+        for attempt in 0..2 {
+            // Apart in time, as a retry is: a receive time would differ.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let r = post(&url, media, body.clone()).await;
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "{flow} attempt {attempt}: {}",
+                r.text()
+            );
+        }
+        let m = scrape(&app).await;
+        let get = |series: String| value(&m, &series);
+        assert_eq!(
+            get(format!(
+                r#"flowmetrics_flows_started_total{{flow="{flow}"}}"#
+            )),
+            1.0,
+            "{flow}"
+        );
+        assert_eq!(
+            get(format!(
+                r#"flowmetrics_flow_duration_seconds_sum{{flow="{flow}"}}"#
+            )),
+            2.5,
+            "{flow}: the spans' end times are the events' times"
+        );
+    }
+    let m = scrape(&app).await;
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(&m, r#"flowmetrics_flow_events_duplicate_total{kind="end"}"#),
+        2.0
+    );
+    app.shutdown().await;
+}

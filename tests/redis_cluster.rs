@@ -116,7 +116,7 @@ async fn scripts_flushed_on_every_primary_are_loaded_again() {
     app.shutdown().await;
 }
 
-/// Numbers for the README (not a test of speed: it asserts nothing about it).
+/// Numbers for docs/replicas.md (not a test of speed: it asserts nothing about it).
 /// `cargo test --release --test redis_cluster measure -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]

@@ -163,6 +163,65 @@ async fn an_export_while_redis_is_down_is_refused_for_a_retry() {
     app.shutdown().await;
 }
 
+/// Redis out of memory (`maxmemory` with `noeviction`) answers but takes no writes:
+/// exports are refused 503 / UNAVAILABLE with the store's own error, `/readyz` says not
+/// ready (as when Redis is unreachable), and both recover once memory is raised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_refuses_writes_exports_are_refused_and_it_is_not_ready() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let app = replica(&redis.url()).await;
+    wait_ready(std::slice::from_ref(&app), StatusCode::OK, "never ready").await;
+    let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+    let body = batches(11).swap_remove(0);
+    let mut con = redis.connection().unwrap();
+    let config_set = |con: &mut ::redis::Connection, key: &str, value: &str| {
+        ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(key)
+            .arg(value)
+            .query::<()>(con)
+            .unwrap();
+    };
+    config_set(&mut con, "maxmemory-policy", "noeviction");
+    config_set(&mut con, "maxmemory", "1");
+
+    let r = post(&url, "application/x-protobuf", body.clone()).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    let text = r.text();
+    assert!(
+        text.contains("refuses writes") && text.contains("OOM"),
+        "{text}"
+    );
+    assert!(!text.contains("overloaded"), "{text}");
+    let endpoint = format!("http://{}", app.otlp_grpc.unwrap());
+    let mut grpc = TraceServiceClient::connect(endpoint).await.unwrap();
+    let request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+    let status = grpc.export(request).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("refuses writes"), "{status:?}");
+    // The sweeper's calls (reads and deletes) still succeed: readiness must not follow them.
+    wait_ready(
+        std::slice::from_ref(&app),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "/readyz stayed 200 while Redis refused writes",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(readyz(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+
+    config_set(&mut con, "maxmemory", "0");
+    wait_ready(
+        std::slice::from_ref(&app),
+        StatusCode::OK,
+        "/readyz stayed 503 after Redis took writes again",
+    )
+    .await;
+    assert_eq!(post_once(&url, body).await, Some(StatusCode::OK));
+    app.shutdown().await;
+}
+
 /// Numbers for BENCHMARKS.md (not a test of speed: it asserts nothing about it).
 /// `cargo test --release --test redis_replicas -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

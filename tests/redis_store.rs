@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::redis::RedisServer;
 use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome, Source};
 use flowmetrics::flows::store::{
-    RedisSettings, RedisStore, Report, StoreProbe, StoreSettings, StoreUnavailable,
+    RedisSettings, RedisStore, Report, StoreError, StoreProbe, StoreSettings,
 };
 use flowmetrics::flows::{CorrelationStore, FlowSink};
 
@@ -421,7 +421,10 @@ fn an_unreachable_store_refuses_and_a_restarted_one_is_used_again() {
     let refused = rs[0]
         .store
         .apply_batch(&mut vec![ev("f", "2", EventKind::Start, 1)].into_iter());
-    assert_eq!(refused, Err(StoreUnavailable));
+    assert!(
+        matches!(refused, Err(StoreError::Unreachable(_))),
+        "{refused:?}"
+    );
     assert!(!rs[0].store.available());
     assert!(rs[0].probe.errors.load(Ordering::Relaxed) >= 1);
     server.restart();
@@ -613,7 +616,10 @@ fn lost_reply(shards: u32) {
         ]
     };
     let refused = rs[0].store.apply_batch(&mut batch().into_iter());
-    assert_eq!(refused, Err(StoreUnavailable));
+    assert!(
+        matches!(refused, Err(StoreError::Timeout(_))),
+        "{refused:?}"
+    );
     assert_eq!(rec.get("f", "success"), 0);
     busy.join().unwrap().unwrap();
     // The replica that lost the reply reads the outcomes back and reports them, once.

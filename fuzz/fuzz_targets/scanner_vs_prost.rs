@@ -1,8 +1,8 @@
 //! Differential: the selective scanner against a full prost decode of the same bytes.
 //! Whenever prost (plus the id-length checks every path makes) accepts a body, the scan
 //! accepts it and finds exactly the same flow events, in order. Where prost refuses
-//! and the scan accepts, the difference is one README lists (bytes the scan never looks
-//! into); the scan never refuses what prost accepts.
+//! and the scan accepts, the difference is one docs/limits.md lists (bytes the scan never
+//! looks into); the scan never refuses what prost accepts.
 #![no_main]
 
 mod common;

@@ -111,7 +111,8 @@ pub struct FlowEvent {
     pub flow: Arc<str>,
     pub correlation_id: Box<str>,
     pub kind: EventKind,
-    /// Unix nanoseconds: the event's own time, else the time it was received.
+    /// Unix nanoseconds: the event's own time, else its span's end time (a log
+    /// record's observed time), else the time it was received.
     pub timestamp_nanos: u64,
     /// Values of the dimensions read from this side (start dims on a start, end dims on
     /// an end).

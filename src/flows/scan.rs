@@ -564,6 +564,14 @@ impl<'a> Scan<'_, 'a> {
             ..
         } = ids;
         let trace = TraceRef::from_ids(trace_id, span_id);
+        // An event without a time takes its span's end time (docs/behaviour.md §3): a
+        // retried export then carries the same time, and is recognised as a retry. Read
+        // only when needed: almost every event has its own time.
+        let span_end = if self.candidates.iter().any(|c| c.time == 0) {
+            span_end_time(span)
+        } else {
+            0
+        };
         let parent = RawAttributes {
             msg: span,
             outer: None,
@@ -582,7 +590,7 @@ impl<'a> Scan<'_, 'a> {
             match self.x.extract(
                 c.name,
                 layers,
-                c.time,
+                event_time(c.time, span_end),
                 self.received,
                 is_error,
                 trace,
@@ -837,6 +845,29 @@ fn any_value(msg: &[u8]) -> AttrValue<'_> {
     }
 }
 
+/// A span event's time: its own, else its span's end time (0 when neither is set: the
+/// extractor then takes the receive time).
+pub(crate) fn event_time(event_nanos: u64, span_end_nanos: u64) -> u64 {
+    if event_nanos != 0 {
+        event_nanos
+    } else {
+        span_end_nanos
+    }
+}
+
+/// A span's `end_time_unix_nano` (the last one, as a full decode reads it); 0 if unset.
+/// The span was walked once already: errors cannot happen here.
+fn span_end_time(span: &[u8]) -> u64 {
+    let mut end = 0;
+    let mut fields = Fields::new(span);
+    while let Ok(Some(field)) = fields.next_field() {
+        if let (SPAN_END_TIME, Value::Fixed64(t)) = field {
+            end = t;
+        }
+    }
+    end
+}
+
 /// The flow events of a decoded request, every span event in order.
 #[doc(hidden)]
 pub fn decoded_events(
@@ -867,7 +898,7 @@ pub fn decoded_events(
                     match x.extract(
                         &e.name,
                         layers,
-                        e.time_unix_nano,
+                        event_time(e.time_unix_nano, sp.end_time_unix_nano),
                         received_nanos,
                         is_error,
                         TraceRef::from_ids(&sp.trace_id, &sp.span_id),
@@ -1049,6 +1080,46 @@ mod tests {
             crate::flows::EventKind::End(crate::flows::Outcome::Failure)
         );
         assert_eq!(&*ok[2].correlation_id, "from-resource");
+    }
+
+    /// An event without a time takes its span's end time, else the receive time, the
+    /// same in both paths; repeated `end_time_unix_nano` fields: the last wins in both.
+    #[test]
+    fn both_paths_fall_back_to_the_span_end_then_the_receive_time() {
+        let x = Extractor::new(crate::settings::extractor(&config()));
+        let mut req = varied_request();
+        let spans = &mut req.resource_spans[0].scope_spans[0].spans;
+        for sp in spans.iter_mut() {
+            for e in &mut sp.events {
+                e.time_unix_nano = 0;
+            }
+        }
+        spans[0].end_time_unix_nano = 42;
+        spans[1].end_time_unix_nano = 0;
+        let mut bytes = req.encode_to_vec();
+        let scan = scan_traces(&bytes, &x, 1).unwrap();
+        let full = full_decode(&req, &x);
+        let show = |v: &[Result<FlowEvent, Rejection>]| format!("{v:?}");
+        assert_eq!(show(&scan.events), show(&full));
+        let times: Vec<u64> = scan
+            .events
+            .iter()
+            .filter_map(|e| e.as_ref().ok())
+            .map(|e| e.timestamp_nanos)
+            .collect();
+        assert_eq!(times[..2], [42, 1], "span end, then receive time");
+
+        // The first span again, with a second end time after its events: the last wins.
+        let span = req.resource_spans[0].scope_spans[0].spans[0].encode_to_vec();
+        let mut twice = span.clone();
+        twice.extend(fixed64_field(SPAN_END_TIME, 43));
+        let scope = bytes_field(2, &twice);
+        let resource = bytes_field(2, &scope);
+        bytes = bytes_field(1, &resource);
+        let scan = scan_traces(&bytes, &x, 1).unwrap();
+        let decoded = ExportTraceServiceRequest::decode(&bytes[..]).unwrap();
+        assert_eq!(show(&scan.events), show(&full_decode(&decoded, &x)));
+        assert_eq!(scan.events[0].as_ref().unwrap().timestamp_nanos, 43);
     }
 
     #[test]
@@ -1420,7 +1491,7 @@ mod tests {
         );
         assert_eq!(assert_like_prost(&body), Err(()));
         // An attribute no flow event reads is not looked into (one of the differences
-        // the README lists): prost refuses its bad key, the scan does not.
+        // docs/limits.md lists): prost refuses its bad key, the scan does not.
         let bad_key = message(&[bytes_field(KEY_VALUE_KEY, b"\xc3")]);
         let body = one_event_request(
             &[

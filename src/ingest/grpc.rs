@@ -19,6 +19,8 @@ use tonic::{Code, Status};
 use super::decode::{decode, decompress_within, ContentEncoding, DecodeError, MediaType};
 use super::limits::{Held, Limits, ReadError};
 use super::reply::export_response;
+use super::store_refusal;
+use crate::flows::store::StoreError;
 use crate::model::{Signal, Transport};
 use crate::pipeline::Pipeline;
 
@@ -76,9 +78,13 @@ impl OtlpGrpc {
             }
         };
         let result = self.export(req, signal, deadline).await;
+        let mut overloaded = false;
         let (code, response) = match result {
             Ok(message) => (Code::Ok, ok_response(message)),
-            Err(status) => {
+            Err(refused) => {
+                overloaded =
+                    matches!(refused, Refused::Status(ref s) if s.code() == Code::Unavailable);
+                let status = refused.into_status();
                 tracing::debug!(code = ?status.code(), "export refused: {}", status.message());
                 let mut r: Response<tonic::body::Body> = status.clone().into_http();
                 if status.code() == Code::Unimplemented {
@@ -90,7 +96,7 @@ impl OtlpGrpc {
                 (status.code(), r)
             }
         };
-        if code == Code::Unavailable {
+        if overloaded {
             self.limits.note_overload("OTLP/gRPC");
         }
         self.pipeline
@@ -104,7 +110,7 @@ impl OtlpGrpc {
         req: Request<Incoming>,
         signal: Signal,
         deadline: tokio::time::Instant,
-    ) -> Result<Bytes, Status> {
+    ) -> Result<Bytes, Refused> {
         let encoding = req
             .headers()
             .get("grpc-encoding")
@@ -113,7 +119,8 @@ impl OtlpGrpc {
             return Err(Status::unimplemented(format!(
                 "message compression {:?} not supported: use gzip, zstd or none",
                 String::from_utf8_lossy(encoding.unwrap_or_default())
-            )));
+            ))
+            .into());
         };
         let limit = self.limits.settings.max_body_bytes;
         let mut held = self.limits.hold();
@@ -138,7 +145,29 @@ impl OtlpGrpc {
                 export(&pipeline, signal, &message, &mut held)
             })
             .await
-            .unwrap_or_else(|| Err(busy()))
+            .unwrap_or_else(|| Err(busy().into()))
+    }
+}
+
+/// Why a call was refused: a status to answer, or the correlation store's failure
+/// (answered UNAVAILABLE, and logged as what it is rather than as overload).
+enum Refused {
+    Status(Status),
+    Store(StoreError),
+}
+
+impl From<Status> for Refused {
+    fn from(status: Status) -> Self {
+        Refused::Status(status)
+    }
+}
+
+impl Refused {
+    fn into_status(self) -> Status {
+        match self {
+            Refused::Status(status) => status,
+            Refused::Store(e) => Status::unavailable(store_refusal("OTLP/gRPC", &e)),
+        }
     }
 }
 
@@ -166,7 +195,7 @@ pub fn answer_message(
     }
     let mut held = limits.hold();
     let message = unary_message(framed, encoding, limit, &mut held)?;
-    export(pipeline, signal, &message, &mut held)
+    export(pipeline, signal, &message, &mut held).map_err(Refused::into_status)
 }
 
 /// The one message of a unary call's body (framing checked, decompressed within
@@ -246,7 +275,7 @@ fn export(
     signal: Signal,
     message: &[u8],
     held: &mut Held,
-) -> Result<Bytes, Status> {
+) -> Result<Bytes, Refused> {
     let rejected = match signal {
         Signal::Traces => pipeline
             .traces_protobuf(message, Transport::Grpc)
@@ -254,7 +283,7 @@ fn export(
         Signal::Logs => {
             // Decoded messages take about what their bytes took: paid for as such.
             if !held.take(message.len()) {
-                return Err(busy());
+                return Err(busy().into());
             }
             let request: ExportLogsServiceRequest =
                 decode(message, MediaType::Protobuf).map_err(decode_status)?;
@@ -262,8 +291,7 @@ fn export(
         }
         Signal::Metrics => Ok(Default::default()),
     }
-    // The shared correlation store is unreachable: the exporter retries later.
-    .map_err(|e| Status::unavailable(e.to_string()))?;
+    .map_err(Refused::Store)?;
     if !rejected.is_empty() {
         tracing::debug!("{}", rejected.message());
     }

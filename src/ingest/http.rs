@@ -16,6 +16,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use super::decode::{decode, decompress_within, ContentEncoding, DecodeError, MediaType};
 use super::limits::{Held, Limits, ReadError};
 use super::reply::{export_response, grpc_code, status_body};
+use super::store_refusal;
+use crate::flows::store::StoreError;
 use crate::model::{RejectionSummary, Signal, Transport};
 use crate::pipeline::Pipeline;
 use crate::server::HttpResponse;
@@ -33,6 +35,8 @@ struct Failure {
     code: i32,
     message: String,
     label: &'static str,
+    /// Refused for want of memory budget or a decode slot (logged as overload).
+    overloaded: bool,
 }
 
 impl Failure {
@@ -42,7 +46,17 @@ impl Failure {
             code,
             message: message.into(),
             label: status_label(status),
+            overloaded: false,
         }
+    }
+
+    /// The correlation store refused the export: logged as such, and retried.
+    fn store(e: &StoreError) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            grpc_code::UNAVAILABLE,
+            store_refusal("OTLP/HTTP", e),
+        )
     }
 }
 
@@ -80,6 +94,7 @@ impl OtlpHttp {
                 return self.early(req, Answer::Plain, failure, deadline);
             }
         };
+        let mut overloaded = false;
         let (response, label) = match self.export(req, signal, media, deadline).await {
             Ok((media, rejected)) => {
                 if !rejected.is_empty() {
@@ -91,6 +106,7 @@ impl OtlpHttp {
             Err(failure) => {
                 tracing::debug!(status = %failure.status, code = failure.label, "export refused: {}", failure.message);
                 let label = failure.label;
+                overloaded = failure.overloaded;
                 let answer = if failure.status == StatusCode::METHOD_NOT_ALLOWED {
                     Answer::Plain
                 } else {
@@ -99,7 +115,7 @@ impl OtlpHttp {
                 (error(answer, failure), label)
             }
         };
-        if label == "503" {
+        if overloaded {
             self.limits.note_overload("OTLP/HTTP");
         }
         self.pipeline
@@ -286,14 +302,7 @@ fn decode_export(
         Signal::Metrics => Ok(RejectionSummary::default()),
     };
     drop(held);
-    // The shared correlation store is unreachable: 503, and the exporter retries.
-    rejected.map_err(|e| {
-        Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            grpc_code::UNAVAILABLE,
-            e.to_string(),
-        )
-    })
+    rejected.map_err(|e| Failure::store(&e))
 }
 
 fn too_large(limit: usize) -> Failure {
@@ -305,11 +314,14 @@ fn too_large(limit: usize) -> Failure {
 }
 
 fn busy() -> Failure {
-    Failure::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        grpc_code::UNAVAILABLE,
-        "overloaded: request bodies in memory are at limits.max_buffered_bytes; retry shortly",
-    )
+    Failure {
+        overloaded: true,
+        ..Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            grpc_code::UNAVAILABLE,
+            "overloaded: request bodies in memory are at limits.max_buffered_bytes; retry shortly",
+        )
+    }
 }
 
 fn read_failure(e: ReadError, limit: usize) -> Failure {

@@ -33,6 +33,12 @@ pub const ADMIN_CONNECTIONS: usize = 128;
 /// for the bodies SDKs send whole before reading, a fraction of a second on a LAN.
 pub const LINGER_BYTES: usize = 64 * 1024 * 1024;
 
+/// An early answer reads and discards up to this many times `max_body_bytes`: a client
+/// that writes its whole body before reading (the OTLP SDK exporters, Python's
+/// `requests`) sees its 413 for a body up to this size, instead of a reset it would
+/// retry.
+pub const LINGER_BODIES: usize = 4;
+
 /// The limits, as configured.
 #[derive(Debug, Clone)]
 pub struct LimitSettings {
@@ -298,9 +304,11 @@ impl Limits {
     }
 
     /// Reads and discards what a client still sends after an early answer (a 413 before
-    /// the body was read whole): up to `max_body_bytes` or [`LINGER_BYTES`] more, until the request's
-    /// deadline, so that a client that writes its whole body before reading sees the
-    /// answer instead of a reset (nginx's lingering close). Runs beside the answer.
+    /// the body was read whole) until the request's deadline, up to [`LINGER_BODIES`]
+    /// times `max_body_bytes` (at least [`LINGER_BYTES`]), so that a client that writes
+    /// its whole body before reading sees the answer instead of a reset (nginx's
+    /// lingering close). Nothing is kept: it costs time, bounded by the deadline, not
+    /// memory. Runs beside the answer.
     pub fn linger<B>(&self, mut body: B, deadline: Instant)
     where
         B: Body<Data = Bytes> + Unpin + Send + 'static,
@@ -308,7 +316,11 @@ impl Limits {
         if body.is_end_stream() {
             return;
         }
-        let max = self.settings.max_body_bytes.max(LINGER_BYTES);
+        let max = self
+            .settings
+            .max_body_bytes
+            .saturating_mul(LINGER_BODIES)
+            .max(LINGER_BYTES);
         tokio::spawn(async move {
             let mut discarded = 0usize;
             while discarded <= max {
@@ -323,13 +335,37 @@ impl Limits {
     }
 }
 
-/// A body read error: the peer going away is not bad input.
+/// A body read error: the peer going away is not bad input, broken framing is. hyper
+/// reports both as body errors; what tells them apart is the I/O error underneath (a
+/// bad chunk size or chunk end is `InvalidData`/`InvalidInput`, a closed connection
+/// `UnexpectedEof` or a reset).
 fn classify(e: &hyper::Error) -> ReadError {
-    if e.is_parse() || e.is_parse_too_large() || e.is_user() {
-        ReadError::Invalid(format!("reading body: {e}"))
+    let malformed = io_cause(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+        )
+    });
+    if malformed {
+        let cause = io_cause(e).map_or_else(|| e.to_string(), ToString::to_string);
+        ReadError::Invalid(format!("malformed request body: {cause}"))
+    } else if e.is_parse() || e.is_parse_too_large() || e.is_user() {
+        ReadError::Invalid(format!("malformed request body: {e}"))
     } else {
         ReadError::Canceled
     }
+}
+
+/// The I/O error at the bottom of a hyper error, if there is one.
+fn io_cause(e: &hyper::Error) -> Option<&std::io::Error> {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        source = cause.source();
+    }
+    None
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ fn tool_available(tool: &str, version_arg: &str, installed_by: &str) -> bool {
             std::env::var_os("REQUIRE_REDIS_TESTS").is_none(),
             "{tool} not found, and REQUIRE_REDIS_TESTS is set"
         );
-        eprintln!("SKIPPED: {tool} not found ({installed_by} installs it)");
+        super::skip(&format!("{tool} not found ({installed_by} installs it)"));
     }
     found
 }
@@ -49,7 +49,7 @@ impl RedisServer {
     }
 
     /// With an append-only file synced on every write: what it holds survives a stop,
-    /// also a SIGKILL (the README's persistence settings).
+    /// also a SIGKILL (the persistence settings of docs/replicas.md).
     pub fn start_persistent() -> Option<RedisServer> {
         Self::start_with(true)
     }

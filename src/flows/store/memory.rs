@@ -699,7 +699,7 @@ impl CorrelationStore for MemoryStore {
     fn apply_batch(
         &self,
         events: &mut dyn Iterator<Item = FlowEvent>,
-    ) -> Result<(), super::StoreUnavailable> {
+    ) -> Result<(), super::StoreError> {
         // One clock reading per export: its events arrived together.
         let now = self.clock.now();
         for event in events {

@@ -99,10 +99,7 @@ pub trait CorrelationStore: Send + Sync + 'static {
     /// Applies one export's flow events, in order (SPEC §3). A shared store that cannot
     /// be reached refuses: the exporter retries, and what did apply is recognised as a
     /// retry then.
-    fn apply_batch(
-        &self,
-        events: &mut dyn Iterator<Item = FlowEvent>,
-    ) -> Result<(), StoreUnavailable>;
+    fn apply_batch(&self, events: &mut dyn Iterator<Item = FlowEvent>) -> Result<(), StoreError>;
 
     /// Whether [`CorrelationStore::apply_batch`] waits on the network (the caller keeps
     /// it off async worker threads).
@@ -166,14 +163,23 @@ pub struct RestoreSummary {
     pub discarded: u64,
 }
 
-/// A shared store could not be reached, or did not answer in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreUnavailable;
-
-impl std::fmt::Display for StoreUnavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the correlation store is unavailable; retry shortly")
-    }
+/// Why a shared store refused a batch. The transports answer every one 503 /
+/// UNAVAILABLE (the exporter retries) and log it as what it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// No connection: refused, reset, or not yet made.
+    #[error("the correlation store cannot be reached: {0}")]
+    Unreachable(String),
+    /// No answer within `correlation.redis.command_timeout`.
+    #[error("the correlation store did not answer in time: {0}")]
+    Timeout(String),
+    /// The store answers but takes no writes: out of memory (`maxmemory` with the
+    /// `noeviction` policy), a read-only replica, a failed persistence.
+    #[error("the correlation store refuses writes: {0}")]
+    WritesRefused(String),
+    /// Any other error the store answered.
+    #[error("the correlation store failed: {0}")]
+    Failed(String),
 }
 
 /// end − start in seconds, exact for any two u64 timestamps.

@@ -50,7 +50,7 @@ use redis::{
 };
 
 use super::{
-    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreSettings, StoreUnavailable,
+    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreError, StoreSettings,
 };
 use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 use crate::logging::RateLimited;
@@ -219,6 +219,12 @@ pub struct RedisStore {
     /// Entries one shard may hold: `capacity` spread evenly, rounded up.
     shard_capacity: u64,
     available: AtomicBool,
+    /// The last apply was refused for want of writes (out of memory, read-only): the
+    /// sweeper's calls, which only delete, still succeed, so only a write (an apply, or
+    /// the sweeper's probe) says the store is usable again.
+    writes_refused: AtomicBool,
+    /// Written by the probe, with a short expiry.
+    probe_key: Vec<u8>,
     warnings: Warnings,
 }
 
@@ -339,7 +345,9 @@ impl RedisStore {
                     entries: AtomicU64::new(0),
                 }
             })
-            .collect();
+            .collect::<Vec<Shard>>();
+        let mut probe_key = shards[0].prefix.clone();
+        probe_key.extend_from_slice(b"probe");
         Ok(Self {
             pool: Pool {
                 target,
@@ -369,37 +377,65 @@ impl RedisStore {
             shard_capacity: settings.capacity.div_ceil(u64::from(count)),
             available: AtomicBool::new(false),
             warnings: Warnings::new(),
+            writes_refused: AtomicBool::new(false),
+            probe_key,
         })
     }
 
-    /// Times a call, tells the probe, and keeps the availability flag.
+    /// Times a call, tells the probe, and keeps the availability flags. `failure`
+    /// finds an error inside a reply that arrived (a script that failed in a pipeline):
+    /// the reply is still handed back, for the commands that did run.
     fn call<T>(
         &self,
         op: &'static str,
         f: impl FnOnce(&mut Conn) -> RedisResult<T>,
-        ok: impl FnOnce(&T) -> bool,
-    ) -> RedisResult<T> {
+        failure: impl FnOnce(&T) -> Option<StoreError>,
+    ) -> Result<T, StoreError> {
         let started = Instant::now();
-        let result = self.pool.with(f);
-        let fine = result.as_ref().is_ok_and(ok);
-        self.probe
-            .store_call(op, started.elapsed().as_secs_f64(), fine);
-        self.available.store(fine, Ordering::Release);
+        let result = self.pool.with(f).map_err(|e| store_error(&e));
         let error = match &result {
-            Err(e) => Some(e.to_string()),
-            Ok(_) if !fine => Some("a script call failed".to_string()),
-            Ok(_) => None,
+            Err(e) => Some(e.clone()),
+            Ok(reply) => failure(reply),
         };
-        if let Some(e) = error {
-            self.warn(op, &e);
+        self.probe
+            .store_call(op, started.elapsed().as_secs_f64(), error.is_none());
+        self.available.store(error.is_none(), Ordering::Release);
+        match &error {
+            Some(e @ StoreError::WritesRefused(_)) => {
+                self.writes_refused.store(true, Ordering::Release);
+                self.warn(op, e);
+            }
+            Some(e) => self.warn(op, e),
+            None if op == "apply" => self.writes_refused.store(false, Ordering::Release),
+            None => {}
         }
         result
     }
 
-    fn warn(&self, op: &'static str, e: &str) {
-        self.warnings.unavailable.warn(format_args!(
-            "correlation store (redis) unavailable ({op}): {e}"
-        ));
+    fn warn(&self, op: &'static str, e: &StoreError) {
+        self.warnings
+            .unavailable
+            .warn(format_args!("correlation store (redis) unavailable ({op}): {e}"));
+    }
+
+    /// While writes are refused: one short-lived write, to see whether they are taken
+    /// again (the store is ready again only then).
+    fn probe_writes(&self) {
+        if !self.writes_refused.load(Ordering::Acquire) {
+            return;
+        }
+        let written = self.pool.with(|con| {
+            redis::cmd("SET")
+                .arg(&self.probe_key[..])
+                .arg(1)
+                .arg("PX")
+                .arg(1000)
+                .query::<Value>(con.like())
+        });
+        if written.is_ok() {
+            self.writes_refused.store(false, Ordering::Release);
+            tracing::info!("correlation store (redis): writes are taken again");
+        }
     }
 
     /// Runs `cmds` (EVALSHA of `script`) pipelined; one result per command.
@@ -408,11 +444,16 @@ impl RedisStore {
         op: &'static str,
         script: &Script,
         cmds: &[Cmd],
-    ) -> RedisResult<Vec<RedisResult<Value>>> {
+    ) -> Result<Vec<RedisResult<Value>>, StoreError> {
         self.call(
             op,
             |con| con.eval_all(script, cmds),
-            |results| results.iter().all(Result::is_ok),
+            |results| {
+                results
+                    .iter()
+                    .find_map(|r| r.as_ref().err())
+                    .map(store_error)
+            },
         )
     }
 
@@ -553,7 +594,7 @@ impl RedisStore {
             match self.call(
                 "recover",
                 |con| invocation.invoke::<Option<Vec<u8>>>(con.like()),
-                |_| true,
+                |_| None,
             ) {
                 Ok(Some(blob)) => match parse_netstrings(&blob) {
                     Some(out) => self.settle_all(&batch.events, &out),
@@ -661,10 +702,7 @@ impl RedisStore {
 }
 
 impl CorrelationStore for RedisStore {
-    fn apply_batch(
-        &self,
-        events: &mut dyn Iterator<Item = FlowEvent>,
-    ) -> Result<(), StoreUnavailable> {
+    fn apply_batch(&self, events: &mut dyn Iterator<Item = FlowEvent>) -> Result<(), StoreError> {
         let events: Vec<FlowEvent> = events.collect();
         if events.is_empty() {
             return Ok(());
@@ -675,14 +713,14 @@ impl CorrelationStore for RedisStore {
         // retries the whole batch (its fingerprints are in the store).
         let results = match self.eval_all("apply", &self.apply, &cmds) {
             Ok(results) => results,
-            Err(_) => {
+            Err(e) => {
                 for call in calls {
                     self.failed(call);
                 }
-                return Err(StoreUnavailable);
+                return Err(e);
             }
         };
-        let mut refused = false;
+        let mut refused = None;
         for (call, result) in calls.into_iter().zip(results) {
             let out = result.and_then(|v| Vec::<Vec<u8>>::from_redis_value(v).map_err(Into::into));
             match out {
@@ -694,20 +732,17 @@ impl CorrelationStore for RedisStore {
                         .unwrap_or_else(|p| p.into_inner())
                         .push(call.result_key);
                 }
-                Err(_) => {
-                    refused = true;
+                Err(e) => {
+                    refused.get_or_insert_with(|| store_error(&e));
                     self.failed(call);
                 }
             }
         }
-        if refused {
-            Err(StoreUnavailable)
-        } else {
-            Ok(())
-        }
+        refused.map_or(Ok(()), Err)
     }
 
     fn run_pending_tasks(&self) {
+        self.probe_writes();
         let lost = !self
             .pending
             .lock()
@@ -787,7 +822,7 @@ impl CorrelationStore for RedisStore {
     }
 
     fn available(&self) -> bool {
-        self.available.load(Ordering::Acquire)
+        self.available.load(Ordering::Acquire) && !self.writes_refused.load(Ordering::Acquire)
     }
 }
 
@@ -1143,6 +1178,24 @@ impl<'a> Reader<'a> {
     fn string(&mut self) -> Option<Arc<str>> {
         let len = self.u32()? as usize;
         Some(Arc::from(String::from_utf8_lossy(self.take(len)?).as_ref()))
+    }
+}
+
+/// What a failed call means for the exporter and the operator.
+fn store_error(e: &RedisError) -> StoreError {
+    // A script's write refused comes back with the server's code, or in its text.
+    const NO_WRITES: [&str; 4] = ["OOM", "READONLY", "MISCONF", "NOREPLICAS"];
+    let text = e.to_string();
+    let refused = e.code().is_some_and(|c| NO_WRITES.contains(&c))
+        || NO_WRITES.iter().any(|c| text.contains(&format!("{c} ")));
+    if refused {
+        StoreError::WritesRefused(text)
+    } else if e.is_timeout() {
+        StoreError::Timeout(text)
+    } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+        StoreError::Unreachable(text)
+    } else {
+        StoreError::Failed(text)
     }
 }
 
