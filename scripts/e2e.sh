@@ -9,8 +9,11 @@
 #       series (alert expressions: evaluate without error; they only return series while firing);
 #   (2) the flow counters (and the network counters of the --network-flows generator)
 #       Prometheus stored equal what the generators report they sent;
-#   (3) promtool check config / check rules / test rules / check metrics;
-#   plus exemplars stored, the dashboards' structural lint and the compose file's validation
+#   (3) promtool check config / check rules / test rules / check metrics (on the 0.0.4
+#       text flowmetrics serves to a scraper that asks for it);
+#   plus exemplars stored, a native histogram stored (flow "payment" runs with
+#   histogram: both; Prometheus scrapes the protobuf format with native histograms on),
+#   the dashboards' structural lint and the compose file's validation
 #   (scripts/validate-stack.sh).
 # Installs Debian's prometheus package if missing and builds the release binaries.
 # Env: E2E_FLOWMETRICS_BIN / E2E_DEMO_BIN use prebuilt binaries (no cargo build);
@@ -130,6 +133,7 @@ FLOWMETRICS_LISTEN__METRICS=127.0.0.1:$METRICS_PORT \
   FLOWMETRICS_LISTEN__OTLP_HTTP=127.0.0.1:$OTLP_HTTP_PORT \
   FLOWMETRICS_LISTEN__OTLP_GRPC=127.0.0.1:$OTLP_GRPC_PORT \
   FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT=$FLOW_TIMEOUT \
+  FLOWMETRICS_FLOWS__PER_FLOW__PAYMENT__HISTOGRAM=both \
   FLOWMETRICS_LOG__LEVEL=warn \
   "$FM" >"$TMP/flowmetrics.log" 2>&1 &
 PIDS+=($!)
@@ -153,10 +157,11 @@ prometheus --config.file="$TMP/prometheus/prometheus.yml" \
   --storage.tsdb.path="$TMP/data" \
   --web.listen-address="127.0.0.1:$PROM_PORT" \
   --enable-feature=exemplar-storage \
+  --enable-feature=native-histograms \
   --log.level=warn >"$TMP/prometheus.log" 2>&1 &
 PIDS+=($!)
 wait_http "$PROM/-/ready" 30 || die "Prometheus not ready on $PROM"
-pass "Prometheus ready ($PROM, exemplar storage on)"
+pass "Prometheus ready ($PROM, exemplar storage and native histograms on)"
 
 # Two generators at once: OTLP/HTTP and OTLP/gRPC, each writing what it sent.
 "$DEMO" --endpoint "http://127.0.0.1:$OTLP_HTTP_PORT" --protocol http --rate 15 \
@@ -207,12 +212,13 @@ tally python3 scripts/e2e_check.py counters --prom "$PROM" \
 [ -s "$TMP/sent-network.json" ] && echo "     sent-network.json: $(cat "$TMP/sent-network.json")"
 tally python3 scripts/e2e_check.py network --prom "$PROM" --summary "$TMP/sent-network.json" --timeout 30
 tally python3 scripts/e2e_check.py exemplars --prom "$PROM"
+tally python3 scripts/e2e_check.py native --prom "$PROM" --flow payment
 
 # ---------------------------------------------------------------- (3) promtool check metrics
 step "promtool check metrics on a scrape of /metrics"
-if curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" -o "$TMP/metrics.om"; then
-  # promtool (Prometheus 2.x) lints the 0.0.4 text format; flowmetrics serves OpenMetrics.
-  python3 scripts/e2e_check.py om2text <"$TMP/metrics.om" >"$TMP/metrics.txt"
+# promtool (Prometheus 2.x) reads the 0.0.4 text format, which flowmetrics serves when asked.
+if curl -fsS -H 'Accept: text/plain;version=0.0.4' "http://127.0.0.1:$METRICS_PORT/metrics" \
+  -o "$TMP/metrics.txt"; then
   if promtool check metrics <"$TMP/metrics.txt" >"$TMP/promtool.out" 2>&1; then
     pass "promtool check metrics ($(grep -c '^# TYPE' "$TMP/metrics.txt") families)"
   else cat "$TMP/promtool.out"; fail "promtool check metrics"; fi

@@ -19,8 +19,8 @@ Subcommands (each prints "PASS <check>" / "FAIL <check>: <why>" lines, exits 1 o
                                         direction) stored in Prometheus == what the
                                         --network-flows generator reported sending
   exemplars  --prom URL                 exemplars with trace_id stored for the duration histogram
-  om2text                               OpenMetrics exposition (stdin) -> Prometheus text
-                                        format 0.0.4 (stdout), for `promtool check metrics`
+  native     --prom URL --flow NAME     a native histogram series stored for the flow's
+                                        duration (a flow with histogram: both or native)
 """
 import argparse
 import json
@@ -296,24 +296,19 @@ def cmd_exemplars(a):
            b.get("status") == "success" and with_trace > 0, b.get("error") or f"{n} exemplars, {with_trace} with trace_id")
 
 
-# ------------------------------------------------------------------ om2text
-def cmd_om2text(_a):
-    """OpenMetrics names a counter family without `_total` and allows exemplars, UNIT and
-    EOF; the 0.0.4 text format that `promtool check metrics` parses does not. Rename the
-    counter families' HELP/TYPE to their sample name and drop what 0.0.4 lacks."""
-    lines = sys.stdin.read().splitlines()
-    counters = {m.group(1) for l in lines for m in [re.match(r"# TYPE (\S+) counter$", l)] if m}
-    out = []
-    for l in lines:
-        if l == "# EOF" or l.startswith("# UNIT "):
-            continue
-        m = re.match(r"# (HELP|TYPE) (\S+)(.*)$", l)
-        if m and m.group(2) in counters and not m.group(2).endswith("_total"):
-            l = f"# {m.group(1)} {m.group(2)}_total{m.group(3)}"
-        elif not l.startswith("#"):
-            l = re.sub(r" # \{.*$", "", l)  # exemplar
-        out.append(l)
-    sys.stdout.write("\n".join(out) + "\n")
+# ------------------------------------------------------------------ native
+def cmd_native(a):
+    """A native histogram sample comes back from the query API with a `histogram` (not a
+    `value`) field; a classic histogram has no sample under the bare family name."""
+    expr = f'flowmetrics_flow_duration_seconds{{job="flowmetrics", flow="{a.flow}"}}'
+    result, err = query(a.prom, expr)
+    if err:
+        report(f"native: query {expr}", False, err)
+        return
+    native = [r for r in result if "histogram" in r]
+    count = sum(float(r["histogram"][1].get("count", 0)) for r in native)
+    report(f"native: {expr} is a native histogram ({len(native)} series, {count:g} observations)",
+           bool(native) and count > 0, f"result: {json.dumps(result)[:300]}")
 
 
 def main():
@@ -328,10 +323,10 @@ def main():
     s = sub.add_parser("network"); s.add_argument("--prom", required=True)
     s.add_argument("--summary", required=True); s.add_argument("--timeout", type=float, default=60)
     s = sub.add_parser("exemplars"); s.add_argument("--prom", required=True)
-    sub.add_parser("om2text")
+    s = sub.add_parser("native"); s.add_argument("--prom", required=True); s.add_argument("--flow", required=True)
     a = p.parse_args()
     {"probe": cmd_probe, "queries": cmd_queries, "rules": cmd_rules, "counters": cmd_counters,
-     "network": cmd_network, "exemplars": cmd_exemplars, "om2text": cmd_om2text}[a.cmd](a)
+     "network": cmd_network, "exemplars": cmd_exemplars, "native": cmd_native}[a.cmd](a)
     return 1 if FAILED else 0
 
 
