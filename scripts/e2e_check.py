@@ -5,9 +5,11 @@ Subcommands (each prints "PASS <check>" / "FAIL <check>: <why>" lines, exits 1 o
   probe      --otlp URL                 send edge-case flow events (flow "e2e_probe"): a
                                         duplicate start, an end without start, a negative
                                         duration, an invalid outcome
-  queries    --prom URL --dashboards DIR --rate-interval 1m
+  queries    --prom URL --dashboards DIR --rate-interval 1m [--native-prom URL]
                                         every dashboard variable and panel query, template
-                                        variables substituted, must succeed with >= 1 series
+                                        variables substituted, must succeed with >= 1 series;
+                                        queries of native histograms (the duration family
+                                        without _bucket/_sum/_count) go to --native-prom
   rules      --prom URL                 every loaded rule healthy; every recording rule's
                                         query and recorded series non-empty; every alert
                                         expression evaluates without error
@@ -138,6 +140,10 @@ def label_values(prom, q, values):
     return b["data"], None
 
 
+# The duration family by its bare name: a native histogram (classic ones have no such series).
+NATIVE_SELECTOR = re.compile(r"\bflowmetrics_flow_duration_seconds\b(?!_)")
+
+
 def cmd_queries(a):
     for path in sorted(f for f in os.listdir(a.dashboards) if f.endswith(".json")):
         d = json.load(open(os.path.join(a.dashboards, path)))
@@ -161,7 +167,8 @@ def cmd_queries(a):
             for sub in [p] + p.get("panels", []):
                 for t in sub.get("targets", []):
                     expr = substitute(t.get("expr", ""), values)
-                    res, err = query(a.prom, expr)
+                    native = a.native_prom and NATIVE_SELECTOR.search(expr)
+                    res, err = query(a.native_prom if native else a.prom, expr)
                     one_line = " ".join(t.get("expr", "").split())
                     report(f"{path}: panel {sub.get('title')!r} [{t.get('refId')}] {one_line}",
                            err is None and len(res) > 0, err or "query returned no series")
@@ -317,6 +324,7 @@ def main():
     s = sub.add_parser("probe"); s.add_argument("--otlp", required=True)
     s = sub.add_parser("queries"); s.add_argument("--prom", required=True)
     s.add_argument("--dashboards", required=True); s.add_argument("--rate-interval", default="1m")
+    s.add_argument("--native-prom", default=None)
     s = sub.add_parser("rules"); s.add_argument("--prom", required=True)
     s = sub.add_parser("counters"); s.add_argument("--prom", required=True)
     s.add_argument("--summary", action="append", required=True); s.add_argument("--timeout", type=float, default=60)

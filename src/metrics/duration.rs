@@ -58,15 +58,18 @@ pub struct DurationHistogram {
 }
 
 impl DurationHistogram {
-    pub fn new(buckets: &[f64], shape: HistogramShape) -> Self {
+    /// `native_family`: some flow of the family has native buckets. Prometheus decides
+    /// per family, by its first series, whether a protobuf histogram family is native,
+    /// so then every series carries native buckets there (a `classic` flow's as `both`).
+    pub fn new(buckets: &[f64], shape: HistogramShape, native_family: bool) -> Self {
         let config = || {
             NativeHistogramConfig::new(shape.native_bucket_factor)
                 .max_buckets(usize::try_from(shape.native_max_buckets).unwrap_or(usize::MAX))
         };
         let (classic, native) = match shape.mode {
-            HistogramMode::Classic => (buckets, None),
+            HistogramMode::Classic if !native_family => (buckets, None),
             HistogramMode::Native => (&[][..], Some(Histogram::new_native(config()))),
-            HistogramMode::Both => (
+            HistogramMode::Classic | HistogramMode::Both => (
                 buckets,
                 Some(Histogram::new_classic_and_native(
                     buckets.iter().copied(),

@@ -221,6 +221,9 @@ impl Metrics {
         let per_flow = settings.per_flow_buckets.clone();
         let default_shape = settings.default_histogram;
         let per_flow_shape = settings.per_flow_histogram.clone();
+        let native_family = std::iter::once(&default_shape)
+            .chain(per_flow_shape.values())
+            .any(|s| s.mode != HistogramMode::Classic);
         let flow_duration = LimitedFamily::new(
             "flowmetrics_flow_duration_seconds",
             max,
@@ -234,7 +237,7 @@ impl Metrics {
                 let shape = flow
                     .and_then(|f| per_flow_shape.get(f))
                     .unwrap_or(&default_shape);
-                DurationHistogram::new(buckets, *shape)
+                DurationHistogram::new(buckets, *shape, native_family)
             },
         );
         registry.register_with_unit(

@@ -499,21 +499,53 @@ mod formats {
             .unwrap();
         assert_eq!(odd.zero_count, 1);
 
-        // classic (the overflow series' flows): buckets and their exemplars, no schema.
+        // classic flows (folded into the overflow series): native buckets too, since
+        // Prometheus judges the whole family by its first series.
         let overflow = families_odd
             .metric
             .iter()
             .find(|m| m.label.iter().any(|l| l.name == "otel_metric_overflow"))
             .and_then(|m| m.histogram.as_ref())
             .unwrap();
-        assert!(overflow.positive_span.is_empty() && overflow.zero_threshold == 0.0);
-        assert_eq!(overflow.bucket.len(), 19);
-        let exemplar = overflow
-            .bucket
+        assert_eq!((overflow.schema, overflow.bucket.len()), (3, 19));
+        assert!(!overflow.positive_span.is_empty());
+        for series in &families_odd.metric {
+            let h = series.histogram.as_ref().unwrap();
+            assert!(h.zero_threshold > 0.0, "every series is native: {series:?}");
+        }
+    }
+
+    #[test]
+    fn protobuf_without_native_flows_is_classic_with_exemplars() {
+        let mut config = config();
+        config.flows.per_flow.clear();
+        let m = Metrics::new(crate::settings::metrics(&config));
+        record(&m);
+        let families = families(&m.encode_format(ExpositionFormat::Protobuf, 0).unwrap());
+        let duration = families
             .iter()
+            .find(|f| f.name == "flowmetrics_flow_duration_seconds")
+            .unwrap();
+        for series in &duration.metric {
+            let h = series.histogram.as_ref().unwrap();
+            assert!(h.positive_span.is_empty() && h.zero_threshold == 0.0);
+            assert_eq!(h.bucket.len(), 19);
+        }
+        let exemplar = duration
+            .metric
+            .iter()
+            .flat_map(|m| m.histogram.as_ref().unwrap().bucket.iter())
             .find_map(|b| b.exemplar.as_ref())
             .expect("a classic bucket exemplar");
         assert!(exemplar.label.iter().any(|l| l.name == "trace_id"));
+        let completed = families
+            .iter()
+            .find(|f| f.name == "flowmetrics_flows_completed_total")
+            .unwrap();
+        assert!(completed
+            .metric
+            .iter()
+            .any(|m| m.counter.as_ref().unwrap().exemplar.is_some()));
     }
 
     #[test]
