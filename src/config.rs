@@ -1608,6 +1608,43 @@ mod tests {
     }
 
     #[test]
+    fn histogram_kinds_and_label_value_bound_are_checked() {
+        let f = yaml_file(
+            "flows:\n  default: { histogram: native }\n  per_flow:\n    pay: { histogram: both, native_max_buckets: 40 }\nlimits:\n  max_label_value_bytes: 64\n",
+        );
+        let c = Config::load(Some(&f.path), env(&[])).unwrap();
+        assert_eq!(c.flows.default.histogram, HistogramKind::Native);
+        assert_eq!(c.flows.default.native_bucket_factor, 1.1);
+        assert_eq!(c.flows.per_flow["pay"].histogram, Some(HistogramKind::Both));
+        assert_eq!(c.flows.per_flow["pay"].native_max_buckets, Some(40));
+        assert_eq!(c.limits.max_label_value_bytes, 64);
+        for (yaml, key) in [
+            (
+                "flows:\n  default: { histogram: sparse }\n",
+                "flows.default.histogram",
+            ),
+            (
+                "flows:\n  default: { native_bucket_factor: 1 }\n",
+                "flows.default.native_bucket_factor",
+            ),
+            (
+                "flows:\n  per_flow:\n    pay: { native_max_buckets: 0 }\n",
+                "flows.per_flow.pay.native_max_buckets",
+            ),
+            (
+                "limits:\n  max_label_value_bytes: 0\n",
+                "limits.max_label_value_bytes",
+            ),
+        ] {
+            let f = yaml_file(yaml);
+            let err = Config::load(Some(&f.path), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
     fn env_overrides_file_and_numbers_are_accepted() {
         let f =
             yaml_file("listen:\n  metrics: 127.0.0.1:1000\nflows:\n  default:\n    timeout: 1m\n");
