@@ -9,8 +9,13 @@
 #       series (alert expressions: evaluate without error; they only return series while firing);
 #   (2) the flow counters (and the network counters of the --network-flows generator)
 #       Prometheus stored equal what the generators report they sent;
-#   (3) promtool check config / check rules / test rules / check metrics;
-#   plus exemplars stored, the dashboards' structural lint and the compose file's validation
+#   (3) promtool check config / check rules / test rules / check metrics (on the 0.0.4
+#       text flowmetrics serves to a scraper that asks for it);
+#   plus exemplars stored, native histograms stored (flow "payment" runs with
+#   histogram: both; a second Prometheus with --enable-feature=native-histograms scrapes
+#   the protobuf format: Prometheus 2.42 keeps either the classic or the native buckets
+#   of a family, so the classic panels are checked on the first, the native panel on
+#   the second), the dashboards' structural lint and the compose file's validation
 #   (scripts/validate-stack.sh).
 # Installs Debian's prometheus package if missing and builds the release binaries.
 # Env: E2E_FLOWMETRICS_BIN / E2E_DEMO_BIN use prebuilt binaries (no cargo build);
@@ -46,6 +51,8 @@ OTLP_HTTP_PORT=$((BASE + 18))
 OTLP_GRPC_PORT=$((BASE + 17))
 PROM_PORT=$((BASE + 90))
 PROM="http://127.0.0.1:$PROM_PORT"
+PROM_NATIVE_PORT=$((BASE + 91))
+PROM_NATIVE="http://127.0.0.1:$PROM_NATIVE_PORT"
 FLOW_TIMEOUT=20s
 DEMO_DURATION=30s
 
@@ -130,6 +137,7 @@ FLOWMETRICS_LISTEN__METRICS=127.0.0.1:$METRICS_PORT \
   FLOWMETRICS_LISTEN__OTLP_HTTP=127.0.0.1:$OTLP_HTTP_PORT \
   FLOWMETRICS_LISTEN__OTLP_GRPC=127.0.0.1:$OTLP_GRPC_PORT \
   FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT=$FLOW_TIMEOUT \
+  FLOWMETRICS_FLOWS__PER_FLOW__PAYMENT__HISTOGRAM=both \
   FLOWMETRICS_LOG__LEVEL=warn \
   "$FM" >"$TMP/flowmetrics.log" 2>&1 &
 PIDS+=($!)
@@ -157,6 +165,20 @@ prometheus --config.file="$TMP/prometheus/prometheus.yml" \
 PIDS+=($!)
 wait_http "$PROM/-/ready" 30 || die "Prometheus not ready on $PROM"
 pass "Prometheus ready ($PROM, exemplar storage on)"
+# The same job from a Prometheus that scrapes native histograms (protobuf first).
+mkdir -p "$TMP/prometheus-native" "$TMP/data-native"
+printf '%s\n' "global: { scrape_interval: 2s, scrape_timeout: 2s }" "scrape_configs:" \
+  "  - job_name: flowmetrics" \
+  "    static_configs: [{ targets: [\"127.0.0.1:$METRICS_PORT\"] }]" \
+  >"$TMP/prometheus-native/prometheus.yml"
+prometheus --config.file="$TMP/prometheus-native/prometheus.yml" \
+  --storage.tsdb.path="$TMP/data-native" \
+  --web.listen-address="127.0.0.1:$PROM_NATIVE_PORT" \
+  --enable-feature=native-histograms \
+  --log.level=warn >"$TMP/prometheus-native.log" 2>&1 &
+PIDS+=($!)
+wait_http "$PROM_NATIVE/-/ready" 30 || die "Prometheus (native histograms) not ready on $PROM_NATIVE"
+pass "Prometheus with native histograms ready ($PROM_NATIVE)"
 
 # Two generators at once: OTLP/HTTP and OTLP/gRPC, each writing what it sent.
 "$DEMO" --endpoint "http://127.0.0.1:$OTLP_HTTP_PORT" --protocol http --rate 15 \
@@ -189,7 +211,8 @@ if python3 -c 'import json,sys; t=json.load(sys.stdin)["data"]["activeTargets"];
   pass "Prometheus scrapes flowmetrics and itself (all targets up)"
 else fail "Prometheus targets not all up: $targets"; fi
 # Dashboards once the flow timeout has passed for the probe's unmatched end.
-tally python3 scripts/e2e_check.py queries --prom "$PROM" --dashboards grafana/dashboards --rate-interval 1m
+tally python3 scripts/e2e_check.py queries --prom "$PROM" --native-prom "$PROM_NATIVE" \
+  --dashboards grafana/dashboards --rate-interval 1m
 tally python3 scripts/e2e_check.py rules --prom "$PROM"
 
 # ---------------------------------------------------------------- (2) counters
@@ -207,12 +230,13 @@ tally python3 scripts/e2e_check.py counters --prom "$PROM" \
 [ -s "$TMP/sent-network.json" ] && echo "     sent-network.json: $(cat "$TMP/sent-network.json")"
 tally python3 scripts/e2e_check.py network --prom "$PROM" --summary "$TMP/sent-network.json" --timeout 30
 tally python3 scripts/e2e_check.py exemplars --prom "$PROM"
+tally python3 scripts/e2e_check.py native --prom "$PROM_NATIVE" --flow payment
 
 # ---------------------------------------------------------------- (3) promtool check metrics
 step "promtool check metrics on a scrape of /metrics"
-if curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" -o "$TMP/metrics.om"; then
-  # promtool (Prometheus 2.x) lints the 0.0.4 text format; flowmetrics serves OpenMetrics.
-  python3 scripts/e2e_check.py om2text <"$TMP/metrics.om" >"$TMP/metrics.txt"
+# promtool (Prometheus 2.x) reads the 0.0.4 text format, which flowmetrics serves when asked.
+if curl -fsS -H 'Accept: text/plain;version=0.0.4' "http://127.0.0.1:$METRICS_PORT/metrics" \
+  -o "$TMP/metrics.txt"; then
   if promtool check metrics <"$TMP/metrics.txt" >"$TMP/promtool.out" 2>&1; then
     pass "promtool check metrics ($(grep -c '^# TYPE' "$TMP/metrics.txt") families)"
   else cat "$TMP/promtool.out"; fail "promtool check metrics"; fi

@@ -5,9 +5,11 @@ Subcommands (each prints "PASS <check>" / "FAIL <check>: <why>" lines, exits 1 o
   probe      --otlp URL                 send edge-case flow events (flow "e2e_probe"): a
                                         duplicate start, an end without start, a negative
                                         duration, an invalid outcome
-  queries    --prom URL --dashboards DIR --rate-interval 1m
+  queries    --prom URL --dashboards DIR --rate-interval 1m [--native-prom URL]
                                         every dashboard variable and panel query, template
-                                        variables substituted, must succeed with >= 1 series
+                                        variables substituted, must succeed with >= 1 series;
+                                        queries of native histograms (the duration family
+                                        without _bucket/_sum/_count) go to --native-prom
   rules      --prom URL                 every loaded rule healthy; every recording rule's
                                         query and recorded series non-empty; every alert
                                         expression evaluates without error
@@ -19,8 +21,8 @@ Subcommands (each prints "PASS <check>" / "FAIL <check>: <why>" lines, exits 1 o
                                         direction) stored in Prometheus == what the
                                         --network-flows generator reported sending
   exemplars  --prom URL                 exemplars with trace_id stored for the duration histogram
-  om2text                               OpenMetrics exposition (stdin) -> Prometheus text
-                                        format 0.0.4 (stdout), for `promtool check metrics`
+  native     --prom URL --flow NAME     a native histogram series stored for the flow's
+                                        duration (a flow with histogram: both or native)
 """
 import argparse
 import json
@@ -138,6 +140,10 @@ def label_values(prom, q, values):
     return b["data"], None
 
 
+# The duration family by its bare name: a native histogram (classic ones have no such series).
+NATIVE_SELECTOR = re.compile(r"\bflowmetrics_flow_duration_seconds\b(?!_)")
+
+
 def cmd_queries(a):
     for path in sorted(f for f in os.listdir(a.dashboards) if f.endswith(".json")):
         d = json.load(open(os.path.join(a.dashboards, path)))
@@ -161,7 +167,8 @@ def cmd_queries(a):
             for sub in [p] + p.get("panels", []):
                 for t in sub.get("targets", []):
                     expr = substitute(t.get("expr", ""), values)
-                    res, err = query(a.prom, expr)
+                    native = a.native_prom and NATIVE_SELECTOR.search(expr)
+                    res, err = query(a.native_prom if native else a.prom, expr)
                     one_line = " ".join(t.get("expr", "").split())
                     report(f"{path}: panel {sub.get('title')!r} [{t.get('refId')}] {one_line}",
                            err is None and len(res) > 0, err or "query returned no series")
@@ -296,24 +303,19 @@ def cmd_exemplars(a):
            b.get("status") == "success" and with_trace > 0, b.get("error") or f"{n} exemplars, {with_trace} with trace_id")
 
 
-# ------------------------------------------------------------------ om2text
-def cmd_om2text(_a):
-    """OpenMetrics names a counter family without `_total` and allows exemplars, UNIT and
-    EOF; the 0.0.4 text format that `promtool check metrics` parses does not. Rename the
-    counter families' HELP/TYPE to their sample name and drop what 0.0.4 lacks."""
-    lines = sys.stdin.read().splitlines()
-    counters = {m.group(1) for l in lines for m in [re.match(r"# TYPE (\S+) counter$", l)] if m}
-    out = []
-    for l in lines:
-        if l == "# EOF" or l.startswith("# UNIT "):
-            continue
-        m = re.match(r"# (HELP|TYPE) (\S+)(.*)$", l)
-        if m and m.group(2) in counters and not m.group(2).endswith("_total"):
-            l = f"# {m.group(1)} {m.group(2)}_total{m.group(3)}"
-        elif not l.startswith("#"):
-            l = re.sub(r" # \{.*$", "", l)  # exemplar
-        out.append(l)
-    sys.stdout.write("\n".join(out) + "\n")
+# ------------------------------------------------------------------ native
+def cmd_native(a):
+    """A native histogram sample comes back from the query API with a `histogram` (not a
+    `value`) field; a classic histogram has no sample under the bare family name."""
+    expr = f'flowmetrics_flow_duration_seconds{{job="flowmetrics", flow="{a.flow}"}}'
+    result, err = query(a.prom, expr)
+    if err:
+        report(f"native: query {expr}", False, err)
+        return
+    native = [r for r in result if "histogram" in r]
+    count = sum(float(r["histogram"][1].get("count", 0)) for r in native)
+    report(f"native: {expr} is a native histogram ({len(native)} series, {count:g} observations)",
+           bool(native) and count > 0, f"result: {json.dumps(result)[:300]}")
 
 
 def main():
@@ -322,16 +324,17 @@ def main():
     s = sub.add_parser("probe"); s.add_argument("--otlp", required=True)
     s = sub.add_parser("queries"); s.add_argument("--prom", required=True)
     s.add_argument("--dashboards", required=True); s.add_argument("--rate-interval", default="1m")
+    s.add_argument("--native-prom", default=None)
     s = sub.add_parser("rules"); s.add_argument("--prom", required=True)
     s = sub.add_parser("counters"); s.add_argument("--prom", required=True)
     s.add_argument("--summary", action="append", required=True); s.add_argument("--timeout", type=float, default=60)
     s = sub.add_parser("network"); s.add_argument("--prom", required=True)
     s.add_argument("--summary", required=True); s.add_argument("--timeout", type=float, default=60)
     s = sub.add_parser("exemplars"); s.add_argument("--prom", required=True)
-    sub.add_parser("om2text")
+    s = sub.add_parser("native"); s.add_argument("--prom", required=True); s.add_argument("--flow", required=True)
     a = p.parse_args()
     {"probe": cmd_probe, "queries": cmd_queries, "rules": cmd_rules, "counters": cmd_counters,
-     "network": cmd_network, "exemplars": cmd_exemplars, "om2text": cmd_om2text}[a.cmd](a)
+     "network": cmd_network, "exemplars": cmd_exemplars, "native": cmd_native}[a.cmd](a)
     return 1 if FAILED else 0
 
 

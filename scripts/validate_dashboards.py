@@ -25,7 +25,7 @@ VALID_UNITS = {
 }
 # Families that carry a `flow` label: on the flows dashboard they must be filtered by $flow.
 FLOW_FAMILIES = re.compile(
-    r"^flowmetrics_(flows_started_total|flows_completed_total|flow_errors_total|flow_duration_seconds_(bucket|sum|count)"
+    r"^flowmetrics_(flows_started_total|flows_completed_total|flow_errors_total|flow_duration_seconds(_bucket|_sum|_count)?"
     r"|flows_in_progress|flows_dropped_total|flow_unmatched_ends_total|flow_negative_durations_total)$")
 SELECTOR = re.compile(r"\b((?:flowmetrics|process)_[a-zA-Z0-9_]+|up)\b(\s*\{[^}]*\})?(\s*\[[^\]]*\])?")
 RANGE = re.compile(r"\[([^\]]*)\]")

@@ -211,7 +211,28 @@ pub struct FlowSettings {
     #[serde(with = "duration")]
     pub timeout: Duration,
     pub buckets: Vec<f64>,
+    /// Which buckets `flowmetrics_flow_duration_seconds` keeps (docs/behaviour.md §4).
+    pub histogram: HistogramKind,
+    /// Native buckets: each at most this factor wider than the one before (client_golang's
+    /// `NativeHistogramBucketFactor`); the schema is the largest resolution within it.
+    pub native_bucket_factor: f64,
+    /// Native buckets per series at most; beyond, the resolution halves.
+    pub native_max_buckets: u32,
 }
+
+/// Classic buckets (`buckets`), native (exponential) buckets, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistogramKind {
+    #[default]
+    Classic,
+    Native,
+    Both,
+}
+
+/// client_golang's default: schema 3, each bucket 2^(1/8) ≈ 1.09 times the one before.
+pub const DEFAULT_NATIVE_BUCKET_FACTOR: f64 = 1.1;
+pub const DEFAULT_NATIVE_MAX_BUCKETS: u32 = 160;
 
 /// Default duration buckets (seconds): flows run from milliseconds to an hour.
 pub const DEFAULT_BUCKETS: [f64; 18] = [
@@ -224,6 +245,9 @@ impl Default for FlowSettings {
         Self {
             timeout: Duration::from_secs(300),
             buckets: DEFAULT_BUCKETS.to_vec(),
+            histogram: HistogramKind::Classic,
+            native_bucket_factor: DEFAULT_NATIVE_BUCKET_FACTOR,
+            native_max_buckets: DEFAULT_NATIVE_MAX_BUCKETS,
         }
     }
 }
@@ -236,6 +260,12 @@ pub struct FlowOverride {
     pub timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buckets: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub histogram: Option<HistogramKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native_bucket_factor: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native_max_buckets: Option<u32>,
 }
 
 /// Which event of an instance a dimension is read from.
@@ -333,6 +363,8 @@ pub struct Limits {
     pub request_read_timeout: Duration,
     #[serde(with = "byte_size")]
     pub max_buffered_bytes: u64,
+    /// Label values taken from client data are cut to at most this many bytes.
+    pub max_label_value_bytes: usize,
 }
 
 /// Connections per OTLP listener: `auto` (a share of the open-file limit) or a number.
@@ -377,6 +409,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             request_read_timeout: Duration::from_secs(30),
             max_buffered_bytes: 512 * 1024 * 1024,
+            max_label_value_bytes: 256,
         }
     }
 }
@@ -631,6 +664,13 @@ impl Config {
             Some(&self.flows.default.buckets),
         )
         .or_else(|(k, m)| fail(&k, m))?;
+        let default = &self.flows.default;
+        check_native_settings(
+            "flows.default",
+            Some(default.native_bucket_factor),
+            Some(default.native_max_buckets),
+        )
+        .or_else(|(k, m)| fail(&k, m))?;
         for (name, over) in &self.flows.per_flow {
             let flow_key = render_key(&[
                 KeySeg::Key("flows".into()),
@@ -645,6 +685,12 @@ impl Config {
             }
             check_flow_settings(&flow_key, over.timeout, over.buckets.as_ref())
                 .or_else(|(k, m)| fail(&k, m))?;
+            check_native_settings(
+                &flow_key,
+                over.native_bucket_factor,
+                over.native_max_buckets,
+            )
+            .or_else(|(k, m)| fail(&k, m))?;
         }
         if !self.flows.allow_unknown && self.flows.per_flow.is_empty() {
             fail(
@@ -663,6 +709,9 @@ impl Config {
         }
         if self.limits.max_series_per_metric == 0 {
             fail("limits.max_series_per_metric", "must be at least 1".into())?;
+        }
+        if self.limits.max_label_value_bytes == 0 {
+            fail("limits.max_label_value_bytes", "must be at least 1".into())?;
         }
         let limits = &self.limits;
         if !(1024..=MAX_BODY_LIMIT).contains(&limits.max_request_body_bytes) {
@@ -827,6 +876,28 @@ fn check_flow_settings(
                 "bucket bounds must be strictly increasing".into(),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Native histogram settings: a factor above 1 (1.1 is client_golang's default) and a
+/// bucket limit of at least 1 (0 would mean unbounded to the client library).
+fn check_native_settings(
+    key: &str,
+    factor: Option<f64>,
+    max_buckets: Option<u32>,
+) -> Result<(), (String, String)> {
+    if factor.is_some_and(|f| !f.is_finite() || f <= 1.0) {
+        return Err((
+            format!("{key}.native_bucket_factor"),
+            "must be a number greater than 1 (e.g. 1.1)".into(),
+        ));
+    }
+    if max_buckets == Some(0) {
+        return Err((
+            format!("{key}.native_max_buckets"),
+            "must be at least 1".into(),
+        ));
     }
     Ok(())
 }
@@ -1529,6 +1600,43 @@ mod tests {
         assert_eq!(c.flows.default.buckets.len(), 18);
         assert_eq!(c.limits.max_in_flight, 1_000_000);
         assert_eq!(c.limits.dedup_window, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn histogram_kinds_and_label_value_bound_are_checked() {
+        let f = yaml_file(
+            "flows:\n  default: { histogram: native }\n  per_flow:\n    pay: { histogram: both, native_max_buckets: 40 }\nlimits:\n  max_label_value_bytes: 64\n",
+        );
+        let c = Config::load(Some(&f.path), env(&[])).unwrap();
+        assert_eq!(c.flows.default.histogram, HistogramKind::Native);
+        assert_eq!(c.flows.default.native_bucket_factor, 1.1);
+        assert_eq!(c.flows.per_flow["pay"].histogram, Some(HistogramKind::Both));
+        assert_eq!(c.flows.per_flow["pay"].native_max_buckets, Some(40));
+        assert_eq!(c.limits.max_label_value_bytes, 64);
+        for (yaml, key) in [
+            (
+                "flows:\n  default: { histogram: sparse }\n",
+                "flows.default.histogram",
+            ),
+            (
+                "flows:\n  default: { native_bucket_factor: 1 }\n",
+                "flows.default.native_bucket_factor",
+            ),
+            (
+                "flows:\n  per_flow:\n    pay: { native_max_buckets: 0 }\n",
+                "flows.per_flow.pay.native_max_buckets",
+            ),
+            (
+                "limits:\n  max_label_value_bytes: 0\n",
+                "limits.max_label_value_bytes",
+            ),
+        ] {
+            let f = yaml_file(yaml);
+            let err = Config::load(Some(&f.path), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
     }
 
     #[test]

@@ -98,15 +98,17 @@ impl App {
             None => None,
         };
         let maintenance = Maintenance::start(store.clone(), MAINTENANCE_INTERVAL);
+        // Both extraction stages count the label values they cut where /metrics shows them.
+        let label_values = settings::label_bound(&config, metrics.label_cuts());
+        let mut extractor = settings::extractor(&config);
+        extractor.label_values = label_values.clone();
+        let mut network = settings::network_flows(&config);
+        if let Some(network) = &mut network {
+            network.label_values = label_values;
+        }
         let pipeline = Arc::new(
-            Pipeline::new(
-                Extractor::new(settings::extractor(&config)),
-                store.clone(),
-                metrics.clone(),
-            )
-            .with_network_flows(flows::network::NetworkFlows::new(
-                settings::network_flows(&config),
-            )),
+            Pipeline::new(Extractor::new(extractor), store.clone(), metrics.clone())
+                .with_network_flows(flows::network::NetworkFlows::new(network)),
         );
         let limits = ingest::limits::Limits::new(settings::limits(&config));
         let ready = Arc::new(AtomicBool::new(false));

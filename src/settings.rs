@@ -5,14 +5,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{Config, DimensionSource, MaxConnections, StoreKind};
+use crate::config::{Config, DimensionSource, HistogramKind, MaxConnections, StoreKind};
 use crate::flows::event::DimensionLookup;
+use crate::flows::label_value::{LabelBound, LabelCuts};
 use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;
 use crate::flows::store::RedisSettings;
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::ingest::limits::{connection_budget, open_file_limit, LimitSettings};
-use crate::metrics::MetricsSettings;
+use crate::metrics::{HistogramMode, HistogramShape, MetricsSettings};
 use crate::model::sanitize_label_name;
 
 /// How flow events are recognised (`events`, `flows.allow_unknown`, `dimensions`).
@@ -23,6 +24,7 @@ pub fn extractor(config: &Config) -> ExtractorSettings {
             .iter()
             .filter(|d| d.from == side)
             .map(|d| DimensionLookup {
+                label: sanitize_label_name(&d.label),
                 attribute: d.attribute.clone(),
                 default: d.default.clone().unwrap_or_default(),
             })
@@ -43,7 +45,25 @@ pub fn extractor(config: &Config) -> ExtractorSettings {
         // Past the series limit, new names and values land in the overflow series
         // anyway: there is no point remembering more of them than that.
         intern_capacity: config.limits.max_series_per_metric,
+        label_values: label_bound(config, Arc::new(label_cuts(config))),
     }
+}
+
+/// Every label whose values come from client data, for counting cuts (the app exposes
+/// the counts of [`crate::metrics::Metrics::label_cuts`] and hands those to the stages).
+pub fn label_cuts(config: &Config) -> LabelCuts {
+    let flow = config
+        .dimensions
+        .iter()
+        .map(|d| sanitize_label_name(&d.label));
+    let network = network_labels(config);
+    let labels: Vec<String> = flow.chain(network).collect();
+    LabelCuts::new(labels.iter().map(String::as_str))
+}
+
+/// `limits.max_label_value_bytes`, counting cuts in `cuts`.
+pub fn label_bound(config: &Config, cuts: Arc<LabelCuts>) -> LabelBound {
+    LabelBound::new(config.limits.max_label_value_bytes, cuts)
 }
 
 /// The correlation store's bounds and timeouts (`limits`, `flows.*.timeout`).
@@ -96,12 +116,48 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         .iter()
         .filter_map(|(name, o)| Some((name.clone(), o.buckets.clone()?)))
         .collect();
+    let default = &config.flows.default;
+    let shape = |kind: HistogramKind, factor: f64, max_buckets: u32| HistogramShape {
+        mode: match kind {
+            HistogramKind::Classic => HistogramMode::Classic,
+            HistogramKind::Native => HistogramMode::Native,
+            HistogramKind::Both => HistogramMode::Both,
+        },
+        native_bucket_factor: factor,
+        native_max_buckets: max_buckets,
+    };
+    let per_flow_histogram = config
+        .flows
+        .per_flow
+        .iter()
+        .filter(|(_, o)| {
+            o.histogram.is_some()
+                || o.native_bucket_factor.is_some()
+                || o.native_max_buckets.is_some()
+        })
+        .map(|(name, o)| {
+            let s = shape(
+                o.histogram.unwrap_or(default.histogram),
+                o.native_bucket_factor
+                    .unwrap_or(default.native_bucket_factor),
+                o.native_max_buckets.unwrap_or(default.native_max_buckets),
+            );
+            (name.clone(), s)
+        })
+        .collect();
     MetricsSettings {
         max_series_per_metric: config.limits.max_series_per_metric,
         start_dim_labels: labels(DimensionSource::Start),
         end_dim_labels: labels(DimensionSource::End),
         default_buckets: config.flows.default.buckets.clone(),
         per_flow_buckets,
+        default_histogram: shape(
+            default.histogram,
+            default.native_bucket_factor,
+            default.native_max_buckets,
+        ),
+        per_flow_histogram,
+        label_cuts: Arc::new(label_cuts(config)),
         in_flight_capacity: config.limits.max_in_flight,
         network_labels: config.network_flows.enabled.then(|| network_labels(config)),
         series_idle_timeout: config.limits.series_idle_timeout,
@@ -159,6 +215,7 @@ pub fn network_flows(config: &Config) -> Option<NetworkFlowsSettings> {
             .dimensions
             .iter()
             .map(|d| NetworkDimensionLookup {
+                label: sanitize_label_name(&d.label),
                 attributes: d.attribute.clone(),
                 default: d.default.clone().unwrap_or_default(),
             })
@@ -167,6 +224,7 @@ pub fn network_flows(config: &Config) -> Option<NetworkFlowsSettings> {
         dedup_capacity: usize::try_from(config.limits.max_in_flight.min(MAX_FINGERPRINTS))
             .unwrap_or(usize::MAX),
         dedup_window: config.limits.dedup_window,
+        label_values: label_bound(config, Arc::new(label_cuts(config))),
     })
 }
 

@@ -4,14 +4,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flowmetrics::config::Config;
+use flowmetrics::admin::exposition;
+use flowmetrics::config::{Config, HistogramKind};
 use flowmetrics::flows::event::{DimValues, EventKind, FlowEvent, Outcome, Source, TraceRef};
 use flowmetrics::flows::network::NetworkFlows;
 use flowmetrics::flows::store::{CacheBaseline, EndRecord, Maintenance};
 use flowmetrics::flows::{
     CorrelationStore, Extractor, FlowSink, MemoryStore, Report, StoreSettings,
 };
-use flowmetrics::metrics::Metrics;
+use flowmetrics::metrics::{ExpositionFormat, Metrics};
 use flowmetrics::model::Transport;
 use flowmetrics::pipeline::Pipeline;
 use flowmetrics::settings;
@@ -180,11 +181,13 @@ pub struct Encode {
     pub max_ms: f64,
 }
 
-/// Time to encode `/metrics` with `flows` flows, each started and completed once (4
-/// series per flow: started, completed, in_progress, duration histogram).
-pub fn encode(flows: usize, reps: usize) -> Encode {
+/// A registry with `flows` flows, each started and completed once (8 series per flow:
+/// started, in_progress, duration, completed x 3 and errors x 2), durations from 0.2 to
+/// 10.1 s; duration histograms of the given kind; `max_series` per family.
+fn seeded_metrics(flows: usize, histogram: HistogramKind, max_series: usize) -> Metrics {
     let mut config = Config::default();
-    config.limits.max_series_per_metric = flows.max(10_000) + 1;
+    config.limits.max_series_per_metric = max_series;
+    config.flows.default.histogram = histogram;
     let metrics = Metrics::new(settings::metrics(&config));
     let no_dims: DimValues = Arc::from(Vec::new());
     for f in 0..flows {
@@ -206,12 +209,57 @@ pub fn encode(flows: usize, reps: usize) -> Encode {
             duration_secs: 0.2 + (f % 100) as f64 / 10.0,
         });
     }
+    metrics
+}
+
+/// Time to encode `/metrics` with `flows` flows (see [`seeded_metrics`]).
+pub fn encode(flows: usize, reps: usize) -> Encode {
+    let metrics = seeded_metrics(flows, HistogramKind::Classic, flows.max(10_000) + 1);
     let series = metrics.series_counts().iter().map(|(_, n)| n).sum();
     let mut times = Vec::with_capacity(reps);
     let mut bytes = 0;
     for _ in 0..reps.max(1) {
         let t = Instant::now();
         let body = metrics.encode(0);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        bytes = body.len();
+        std::hint::black_box(body);
+    }
+    times.sort_by(f64::total_cmp);
+    Encode {
+        flows,
+        series,
+        bytes,
+        p50_ms: percentile(&times, 0.5),
+        max_ms: *times.last().unwrap_or(&0.0),
+    }
+}
+
+/// One `/metrics` body as a scrape gets it: a format, gzip'd or not.
+#[derive(Clone, Copy)]
+pub struct Exposition {
+    pub format: ExpositionFormat,
+    pub gzip: bool,
+    pub histogram: HistogramKind,
+}
+
+/// Time to make the `/metrics` body of `flows` flows in a format (the encode, plus gzip
+/// when asked), and its size. Every series fits under the series limit.
+pub fn encode_exposition(flows: usize, reps: usize, how: Exposition) -> Encode {
+    let metrics = seeded_metrics(flows, how.histogram, 3 * flows + 1);
+    let series = metrics.series_counts().iter().map(|(_, n)| n).sum();
+    let mut times = Vec::with_capacity(reps);
+    let mut bytes = 0;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let body = metrics
+            .encode_format(how.format, 0)
+            .expect("the exposition encodes");
+        let body = if how.gzip {
+            exposition::gzip(&body)
+        } else {
+            body
+        };
         times.push(t.elapsed().as_secs_f64() * 1e3);
         bytes = body.len();
         std::hint::black_box(body);

@@ -520,6 +520,8 @@ fn main() {
                 json!({"flows": e.flows, "series": e.series, "bytes": e.bytes, "max_ms": e.max_ms});
             rows.push(row);
         }
+        progress("scrape: /metrics bodies by format");
+        rows.extend(exposition_rows(&sizes));
         if let Some(bin) = &binary {
             progress("scrape: ingest with 10k series, not scraped, then scraped every second");
             let server = start(bin, &base_config("", ""));
@@ -1067,6 +1069,86 @@ fn gzip_pool(t: &Template, n: u64) -> Arc<Vec<Bytes>> {
         }
     });
     Arc::new(parts.into_iter().flatten().collect())
+}
+
+/// `/metrics` bodies at 10k and 50k series: OpenMetrics text, gzip'd text, protobuf
+/// (classic histograms, and with `histogram: both` its native buckets too).
+fn exposition_rows(sizes: &Sizes) -> Vec<Row> {
+    use flowmetrics::config::HistogramKind::{Both, Classic};
+    use flowmetrics::metrics::ExpositionFormat::{OpenMetrics, Protobuf};
+    use inproc::Exposition;
+    let mut rows = Vec::new();
+    for (flows, size) in [(1_250, "10k"), (6_250, "50k")] {
+        for (id, what, how) in [
+            (
+                "text",
+                "OpenMetrics text",
+                Exposition {
+                    format: OpenMetrics,
+                    gzip: false,
+                    histogram: Classic,
+                },
+            ),
+            (
+                "text_gzip",
+                "OpenMetrics text, gzip",
+                Exposition {
+                    format: OpenMetrics,
+                    gzip: true,
+                    histogram: Classic,
+                },
+            ),
+            (
+                "protobuf",
+                "protobuf",
+                Exposition {
+                    format: Protobuf,
+                    gzip: false,
+                    histogram: Classic,
+                },
+            ),
+            (
+                "protobuf_gzip",
+                "protobuf, gzip",
+                Exposition {
+                    format: Protobuf,
+                    gzip: true,
+                    histogram: Classic,
+                },
+            ),
+            (
+                "protobuf_both",
+                "protobuf, histogram: both",
+                Exposition {
+                    format: Protobuf,
+                    gzip: false,
+                    histogram: Both,
+                },
+            ),
+        ] {
+            let e = inproc::encode_exposition(flows, sizes.encode_reps, how);
+            let id: &'static str = Box::leak(format!("exposition_{size}_{id}").into_boxed_str());
+            let mut row = Row::new(
+                6,
+                id,
+                format!("/metrics body, {size} series, {what}"),
+                e.p50_ms,
+                "ms",
+            );
+            row.p50_ms = Some(e.p50_ms);
+            row.notes = format!(
+                "{} series, {} KiB body, max {:.1} ms over {} runs",
+                e.series,
+                e.bytes / 1024,
+                e.max_ms,
+                sizes.encode_reps
+            );
+            row.extra =
+                json!({"flows": e.flows, "series": e.series, "bytes": e.bytes, "max_ms": e.max_ms});
+            rows.push(row);
+        }
+    }
+    rows
 }
 
 /// The `flowmetrics` binary: `--server`, else the one next to this executable, rebuilt

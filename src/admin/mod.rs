@@ -1,6 +1,7 @@
 //! The metrics listener: `/metrics`, `/healthz`, `/readyz`, and the live overview page
 //! at `/` with the JSON it polls at `/api/flows`.
 
+pub mod exposition;
 pub mod overview;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +18,6 @@ use crate::metrics::Metrics;
 use crate::server::HttpResponse;
 
 pub use overview::{flow_totals, FlowTotals, Overview};
-
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The overview page: one static file, plain JavaScript, nothing fetched from elsewhere.
 const PAGE: &str = include_str!("overview.html");
@@ -51,10 +50,7 @@ impl Admin {
             return r;
         }
         match req.uri().path() {
-            "/metrics" => {
-                let body = self.metrics.encode(self.store.entries());
-                respond(StatusCode::OK, OPENMETRICS, Bytes::from(body))
-            }
+            "/metrics" => exposition::serve(&self.metrics, self.store.entries(), req.headers()),
             "/healthz" => plain(StatusCode::OK, "ok\n"),
             "/readyz" if !self.store.available() => plain(
                 StatusCode::SERVICE_UNAVAILABLE,

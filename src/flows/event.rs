@@ -8,6 +8,7 @@ use std::sync::Arc;
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 
 use super::intern::Interner;
+use super::label_value::{CutSlot, LabelBound};
 use crate::model::{is_valid_flow_name, Rejection};
 
 /// Values of the configured dimensions of one side (start or end), in config order.
@@ -403,6 +404,8 @@ struct DimensionRule {
     /// Slot of the attribute in `Extractor::keys`.
     slot: usize,
     default: Arc<str>,
+    /// Where cuts of this label's values are counted.
+    cut: CutSlot,
 }
 
 /// Everything needed to recognise flow events, built once from the config.
@@ -424,6 +427,7 @@ pub struct Extractor {
     /// Whole dimension-value lists: instances with the same labels share one.
     dim_lists: Interner<[Arc<str>]>,
     empty_dims: DimValues,
+    label_values: LabelBound,
 }
 
 /// What the extractor is told (built from `events.*`, `flows.*`, `dimensions` and the
@@ -445,11 +449,14 @@ pub struct ExtractorSettings {
     /// Distinct flow names, values and value lists remembered for sharing; past the
     /// series limit new ones land in the overflow series anyway.
     pub intern_capacity: usize,
+    /// `limits.max_label_value_bytes`, and where cuts are counted.
+    pub label_values: LabelBound,
 }
 
-/// One dimension: which attribute to read, and the value when it is absent.
+/// One dimension: its label, which attribute to read, and the value when it is absent.
 #[derive(Debug, Clone)]
 pub struct DimensionLookup {
+    pub label: String,
     pub attribute: String,
     pub default: String,
 }
@@ -468,6 +475,7 @@ impl Extractor {
                 .map(|d| DimensionRule {
                     slot: keys.add(&d.attribute),
                     default: Arc::from(d.default.as_str()),
+                    cut: settings.label_values.slot(&d.label),
                 })
                 .collect()
         };
@@ -489,6 +497,7 @@ impl Extractor {
             values: Interner::new(capacity.saturating_mul(2)),
             dim_lists: Interner::new(capacity),
             empty_dims: Arc::from(Vec::new()),
+            label_values: settings.label_values,
         }
     }
 
@@ -572,7 +581,7 @@ impl Extractor {
             let values: DimValues = rules
                 .iter()
                 .map(|rule| match lookup.get(rule.slot).and_then(label_text) {
-                    Some(v) => self.values.intern(&v),
+                    Some(v) => self.values.intern(self.label_values.apply(rule.cut, &v)),
                     None => rule.default.clone(),
                 })
                 .collect();

@@ -8,6 +8,7 @@
 pub mod dedup;
 pub mod event;
 pub mod intern;
+pub mod label_value;
 pub mod network;
 pub mod scan;
 pub mod state;

@@ -15,6 +15,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 
 use super::event::{AttrValue, Attributes, DimValues, Found, Keys};
 use super::intern::Interner;
+use super::label_value::{CutSlot, LabelBound};
 
 pub const BYTES: &str = "flow.bytes.delta";
 pub const REVERSE_BYTES: &str = "flow.reverse.bytes.delta";
@@ -87,6 +88,8 @@ struct Rule {
     /// Slots in `NetworkFlows::keys`, in the order they are tried.
     slots: Vec<usize>,
     default: Arc<str>,
+    /// Where cuts of this label's values are counted.
+    cut: CutSlot,
 }
 
 /// What [`NetworkFlows`] is told (built from `network_flows` and `limits` by the app).
@@ -99,11 +102,15 @@ pub struct NetworkFlowsSettings {
     /// Retry fingerprints remembered at most.
     pub dedup_capacity: usize,
     pub dedup_window: std::time::Duration,
+    /// `limits.max_label_value_bytes`, and where cuts are counted.
+    pub label_values: LabelBound,
 }
 
-/// One network dimension: the attributes tried in order, and the value when none is set.
+/// One network dimension: its label, the attributes tried in order, and the value when
+/// none is set.
 #[derive(Debug, Clone)]
 pub struct NetworkDimensionLookup {
+    pub label: String,
     pub attributes: Vec<String>,
     pub default: String,
 }
@@ -117,6 +124,7 @@ pub struct NetworkFlows {
     values: Interner,
     dim_lists: Interner<[Arc<str>]>,
     seen: Fingerprints,
+    label_values: LabelBound,
 }
 
 impl NetworkFlows {
@@ -131,6 +139,7 @@ impl NetworkFlows {
             .map(|d| Rule {
                 slots: d.attributes.iter().map(|a| keys.add(a)).collect(),
                 default: Arc::from(d.default.as_str()),
+                cut: settings.label_values.slot(&d.label),
             })
             .collect();
         let max = settings.intern_capacity;
@@ -141,6 +150,7 @@ impl NetworkFlows {
             values: Interner::new(max.saturating_mul(2)),
             dim_lists: Interner::new(max),
             seen: Fingerprints::new(settings.dedup_capacity, settings.dedup_window),
+            label_values: settings.label_values,
         })
     }
 
@@ -188,7 +198,7 @@ impl NetworkFlows {
                 rule.slots
                     .iter()
                     .find_map(|&slot| lookup(slot).and_then(label_text))
-                    .map(|v| self.values.intern(&v))
+                    .map(|v| self.values.intern(self.label_values.apply(rule.cut, &v)))
                     .unwrap_or_else(|| rule.default.clone())
             })
             .collect();

@@ -1343,7 +1343,8 @@ mod tests {
         use crate::flows::{EventKind, Outcome};
         let svc: Arc<str> = "svc".into();
         let gold: Arc<str> = "gold".into();
-        let long: Arc<str> = "v".repeat(300).into();
+        // 300 bytes sent, cut to limits.max_label_value_bytes (256) by either path.
+        let long: Arc<str> = "v".repeat(256).into();
         assert_eq!(
             first,
             vec![

@@ -6,10 +6,14 @@
 //! prometheus-client's own metrics; the service's own families are plain `Family`s
 //! whose fixed series are resolved once and kept.
 
+mod duration;
 mod exemplar;
+mod exposition;
 mod family;
+mod label_cuts;
 pub mod network;
 mod process;
+mod text004;
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -17,19 +21,22 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::exemplar::{CounterWithExemplar, HistogramWithExemplars};
+use prometheus_client::metrics::exemplar::CounterWithExemplar;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::flows::event::{DimValues, Outcome, Source};
+use crate::flows::label_value::LabelCuts;
 use crate::flows::store::{EndRecord, FlowSink, Report, StoreProbe};
 use crate::flows::EventKind;
 use crate::model::{Rejection, Signal, Transport};
+use duration::DurationHistogram;
+pub use duration::{HistogramMode, HistogramShape};
 pub use exemplar::TraceExemplar;
+pub use exposition::{ExpositionError, ExpositionFormat};
 use family::{Layout, LimitedFamily, OverflowReporter, SeriesRef};
 
 type Pair = [(&'static str, &'static str); 1];
@@ -37,7 +44,6 @@ type Pairs2 = [(&'static str, &'static str); 2];
 type Pairs3 = [(&'static str, &'static str); 3];
 
 type ExemplarCounter = CounterWithExemplar<TraceExemplar>;
-type ExemplarHistogram = HistogramWithExemplars<TraceExemplar>;
 
 /// What the metrics need to know (built from `dimensions`, `flows.*.buckets` and
 /// `limits` by the app).
@@ -51,6 +57,13 @@ pub struct MetricsSettings {
     pub default_buckets: Vec<f64>,
     /// Flows with their own duration buckets.
     pub per_flow_buckets: HashMap<String, Vec<f64>>,
+    /// Classic, native or both buckets (`flows.*.histogram`): the default, and flows
+    /// with their own.
+    pub default_histogram: HistogramShape,
+    pub per_flow_histogram: HashMap<String, HistogramShape>,
+    /// Label values cut to `limits.max_label_value_bytes`, per label: exposed as
+    /// `flowmetrics_label_values_truncated_total`.
+    pub label_cuts: Arc<LabelCuts>,
     /// `limits.max_in_flight`, exposed as `flowmetrics_in_flight_capacity`.
     pub in_flight_capacity: u64,
     /// Label names of `network_flows.dimensions`; `None`: network flows are off.
@@ -90,7 +103,7 @@ pub struct Metrics {
     flows_restored: LimitedFamily<Counter>,
     flows_completed: LimitedFamily<ExemplarCounter>,
     flow_errors: LimitedFamily<Counter>,
-    flow_duration: LimitedFamily<ExemplarHistogram>,
+    flow_duration: LimitedFamily<DurationHistogram>,
     flows_in_progress: LimitedFamily<Gauge>,
     flows_dropped: LimitedFamily<Counter>,
     unmatched_ends: LimitedFamily<Counter>,
@@ -110,6 +123,7 @@ pub struct Metrics {
     store_latency: Family<Pair, Histogram, fn() -> Histogram>,
     /// flowmetrics_state_write_errors_total by write: checkpoint, final.
     state_write_errors: [Counter; 2],
+    label_cuts: Arc<LabelCuts>,
 }
 
 /// Round trips to a shared store: 0.25 ms to 2.5 s.
@@ -209,6 +223,11 @@ impl Metrics {
         );
         let default_buckets = settings.default_buckets.clone();
         let per_flow = settings.per_flow_buckets.clone();
+        let default_shape = settings.default_histogram;
+        let per_flow_shape = settings.per_flow_histogram.clone();
+        let native_family = std::iter::once(&default_shape)
+            .chain(per_flow_shape.values())
+            .any(|s| s.mode != HistogramMode::Classic);
         let flow_duration = LimitedFamily::new(
             "flowmetrics_flow_duration_seconds",
             max,
@@ -219,7 +238,10 @@ impl Metrics {
                 let buckets = flow
                     .and_then(|f| per_flow.get(f))
                     .unwrap_or(&default_buckets);
-                ExemplarHistogram::new(buckets.iter().copied())
+                let shape = flow
+                    .and_then(|f| per_flow_shape.get(f))
+                    .unwrap_or(&default_shape);
+                DurationHistogram::new(buckets, *shape, native_family)
             },
         );
         registry.register_with_unit(
@@ -339,6 +361,12 @@ impl Metrics {
             "Build identity of this flowmetrics (always 1)",
             build_info,
         );
+        registry.register(
+            "flowmetrics_label_values_truncated",
+            "Label values from client data (dimensions, network dimensions) cut to \
+             limits.max_label_value_bytes, by the label whose value was cut",
+            label_cuts::LabelCutsFamily(settings.label_cuts.clone()),
+        );
         registry.register_collector(Box::new(process::ProcessCollector));
         registry.register_collector(Box::new(process::LogCollector));
         let state_errors = Family::<Pair, Counter>::default();
@@ -421,12 +449,18 @@ impl Metrics {
             store_errors,
             store_latency,
             state_write_errors,
+            label_cuts: settings.label_cuts,
         }
     }
 
     /// A write of the state file failed (`final`: the one at shutdown).
     pub fn state_write_failed(&self, final_write: bool) {
         self.state_write_errors[usize::from(final_write)].inc();
+    }
+
+    /// Where the extraction stages count label values they cut.
+    pub fn label_cuts(&self) -> Arc<LabelCuts> {
+        self.label_cuts.clone()
     }
 
     /// The network families; `None` when `network_flows.enabled` is false.
@@ -437,17 +471,8 @@ impl Metrics {
     /// Every family as one OpenMetrics exposition. `store_entries`: the correlation
     /// store's entries now.
     pub fn encode(&self, store_entries: u64) -> String {
-        self.in_flight_entries
-            .set(i64::try_from(store_entries).unwrap_or(i64::MAX));
-        // Sized from the last body (plus room to grow), so the multi-MiB body is not
-        // copied through a dozen reallocations.
-        let last = self.last_encoded_len.load(Ordering::Relaxed);
-        let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
-        let quiet = self.gate.close();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        drop(quiet);
-        self.last_encoded_len.store(out.len(), Ordering::Relaxed);
-        out
+        self.encode_text(store_entries)
+            .expect("every family encodes as OpenMetrics text")
     }
 
     /// Call about once a second: advances the families' clock and removes label sets
@@ -770,7 +795,7 @@ impl Metrics {
             }
             Outcome::Success => self.flow_duration.with(
                 self.with_dims(flow, None, start_dims, Some(&end.dims)),
-                |h| h.observe(duration_secs, exemplar, None),
+                |h| h.observe(duration_secs, exemplar),
             ),
             Outcome::Cancelled => {}
         }

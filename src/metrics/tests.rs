@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::config::{Config, Dimension, DimensionSource, FlowOverride};
+use crate::config::{Config, Dimension, DimensionSource, FlowOverride, HistogramKind};
 use crate::flows::event::TraceRef;
+use crate::flows::label_value::LabelBound;
 
 const GOLDEN: &str = include_str!("testdata/exposition.txt");
 
@@ -55,6 +56,15 @@ fn config() -> Config {
                 1e16,
                 1e21,
             ]),
+            histogram: Some(HistogramKind::Both),
+            ..FlowOverride::default()
+        },
+    );
+    config.flows.per_flow.insert(
+        "login".into(),
+        FlowOverride {
+            histogram: Some(HistogramKind::Native),
+            ..FlowOverride::default()
         },
     );
     config
@@ -166,6 +176,8 @@ fn record(m: &Metrics) {
     m.request(Transport::Http, Signal::Logs, "400");
     m.spans_received(Transport::Grpc, 17);
     m.log_records_received(Transport::Http, 3);
+    let bound = LabelBound::new(4, m.label_cuts());
+    assert_eq!(bound.apply(bound.slot("region"), "eu-west-1"), "eu-w");
 }
 
 /// Process metrics dropped (they change from run to run), and the series of each family
@@ -389,4 +401,170 @@ fn idle_label_sets_are_removed_from_every_family_and_free_their_place() {
         "{text}"
     );
     assert!(!text.contains("otel_metric_overflow"), "{text}");
+}
+
+mod formats {
+    use super::*;
+    use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model::{
+        Histogram as ProtoHistogram, MetricFamily, MetricType as ProtoType,
+    };
+    use prost::Message;
+
+    fn families(body: &[u8]) -> Vec<MetricFamily> {
+        let mut rest = body;
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            out.push(MetricFamily::decode_length_delimited(&mut rest).expect("delimited"));
+        }
+        out
+    }
+
+    fn duration_of<'f>(families: &'f [MetricFamily], flow: &str, code: &str) -> &'f ProtoHistogram {
+        let family = families
+            .iter()
+            .find(|f| f.name == "flowmetrics_flow_duration_seconds")
+            .expect("duration family");
+        assert_eq!(family.r#type, ProtoType::Histogram as i32);
+        let label = |m: &&prometheus_client::encoding::prometheus_protobuf::prometheus_data_model::Metric,
+                     name: &str| {
+            m.label.iter().find(|l| l.name == name).map(|l| l.value.clone())
+        };
+        family
+            .metric
+            .iter()
+            .find(|m| {
+                label(m, "flow").as_deref() == Some(flow)
+                    && label(m, "http_code").as_deref() == Some(code)
+            })
+            .and_then(|m| m.histogram.as_ref())
+            .unwrap_or_else(|| panic!("no series for {flow} {code}"))
+    }
+
+    #[test]
+    fn protobuf_carries_native_classic_and_both() {
+        let m = Metrics::new(crate::settings::metrics(&config()));
+        record(&m);
+        let body = m.encode_format(ExpositionFormat::Protobuf, 42).unwrap();
+        let families = families(&body);
+        // The text exposition's families, in the same order.
+        let text = m.encode(42);
+        let names: Vec<&str> = families
+            .iter()
+            .map(|f| f.name.as_str())
+            .filter(|n| !n.starts_with("process_"))
+            .collect();
+        for name in &names {
+            assert!(
+                text.contains(&format!("\n{name}")),
+                "{name} not in the text"
+            );
+        }
+        assert!(names.contains(&"flowmetrics_label_values_truncated_total"));
+
+        // native only: schema 3 (factor 1.1), the default zero threshold, no classic
+        // buckets; 0.042, 0.1, 0.2 in three native buckets.
+        let login = duration_of(&families, "login", "200");
+        assert_eq!((login.sample_count, login.schema), (3, 3));
+        assert!((login.sample_sum - 0.342).abs() < 1e-12);
+        assert_eq!(login.zero_threshold, 2f64.powi(-128));
+        assert!(login.bucket.is_empty());
+        let positive: i64 = login
+            .positive_delta
+            .iter()
+            .scan(0, |c, d| {
+                *c += d;
+                Some(*c)
+            })
+            .sum();
+        assert_eq!(positive, 3);
+        assert_eq!(login.positive_span.iter().map(|s| s.length).sum::<u32>(), 3);
+        // 0.042 is in the bucket (2^((i-1)/8), 2^(i/8)]: i = ceil(8·log2(0.042)) = -36.
+        assert_eq!(login.positive_span[0].offset, -36);
+
+        // both: the classic buckets and the native ones in one histogram.
+        let checkout = duration_of(&families, "checkout", "200");
+        assert_eq!(checkout.schema, 3);
+        assert_eq!(checkout.bucket.len(), 11);
+        assert!(!checkout.positive_span.is_empty());
+        // 0.0 (the odd-region series) lands in the zero bucket.
+        let families_odd = families
+            .iter()
+            .find(|f| f.name == "flowmetrics_flow_duration_seconds")
+            .unwrap();
+        let odd = families_odd
+            .metric
+            .iter()
+            .find(|m| m.label.iter().any(|l| l.value.starts_with("a\"b")))
+            .and_then(|m| m.histogram.as_ref())
+            .unwrap();
+        assert_eq!(odd.zero_count, 1);
+
+        // classic flows (folded into the overflow series): native buckets too, since
+        // Prometheus judges the whole family by its first series.
+        let overflow = families_odd
+            .metric
+            .iter()
+            .find(|m| m.label.iter().any(|l| l.name == "otel_metric_overflow"))
+            .and_then(|m| m.histogram.as_ref())
+            .unwrap();
+        assert_eq!((overflow.schema, overflow.bucket.len()), (3, 19));
+        assert!(!overflow.positive_span.is_empty());
+        for series in &families_odd.metric {
+            let h = series.histogram.as_ref().unwrap();
+            assert!(h.zero_threshold > 0.0, "every series is native: {series:?}");
+        }
+    }
+
+    #[test]
+    fn protobuf_without_native_flows_is_classic_with_exemplars() {
+        let mut config = config();
+        config.flows.per_flow.clear();
+        let m = Metrics::new(crate::settings::metrics(&config));
+        record(&m);
+        let families = families(&m.encode_format(ExpositionFormat::Protobuf, 0).unwrap());
+        let duration = families
+            .iter()
+            .find(|f| f.name == "flowmetrics_flow_duration_seconds")
+            .unwrap();
+        for series in &duration.metric {
+            let h = series.histogram.as_ref().unwrap();
+            assert!(h.positive_span.is_empty() && h.zero_threshold == 0.0);
+            assert_eq!(h.bucket.len(), 19);
+        }
+        let exemplar = duration
+            .metric
+            .iter()
+            .flat_map(|m| m.histogram.as_ref().unwrap().bucket.iter())
+            .find_map(|b| b.exemplar.as_ref())
+            .expect("a classic bucket exemplar");
+        assert!(exemplar.label.iter().any(|l| l.name == "trace_id"));
+        let completed = families
+            .iter()
+            .find(|f| f.name == "flowmetrics_flows_completed_total")
+            .unwrap();
+        assert!(completed
+            .metric
+            .iter()
+            .any(|m| m.counter.as_ref().unwrap().exemplar.is_some()));
+    }
+
+    #[test]
+    fn text_0_0_4_has_no_openmetrics_only_lines() {
+        let m = Metrics::new(crate::settings::metrics(&config()));
+        record(&m);
+        let body = m.encode_format(ExpositionFormat::Text004, 42).unwrap();
+        let text = String::from_utf8(body).unwrap();
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT") && !text.contains(" # {"));
+        assert!(text.contains("# TYPE flowmetrics_flows_started_total counter\n"));
+        assert!(text.contains("# TYPE flowmetrics_flow_duration_seconds histogram\n"));
+        // Same samples as the OpenMetrics text, exemplars aside.
+        let om = m.encode(42);
+        let samples = |t: &str| {
+            t.lines()
+                .filter(|l| !l.starts_with('#') && !l.starts_with("process_"))
+                .map(|l| l.split(" # {").next().unwrap().to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(samples(&text), samples(&om));
+    }
 }
