@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The shared-store suites against a real redis-server: the store's rules
-# (tests/redis_store.rs), three replicas on one Redis fed raw OTLP, with faults
+# (tests/redis_store.rs), three replicas on one Redis fed raw OTLP, with faults (a
+# replica stopped, Redis stopped and restarted, Redis out of memory refusing writes)
 # (tests/redis_replicas.rs), three replicas fed by the OpenTelemetry Rust SDK's exporters
 # (tests/redis_sdk.rs), and TLS with a CA of the test's own (tests/redis_tls.rs,
 # certificates made with openssl). The tests start and stop their own servers

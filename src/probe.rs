@@ -1,6 +1,7 @@
 //! `flowmetrics probe [URL]`: one GET, exit status 0 on 200 and 1 otherwise. A
-//! container healthcheck for an image that has no shell and no curl (the runtime image
-//! is distroless); by default it asks the service's own `/readyz`.
+//! container healthcheck for an image without curl or wget (the runtime image is Debian
+//! slim with only the binaries), as distroless images need; by default it asks the
+//! service's own `/readyz`.
 
 use std::time::Duration;
 
