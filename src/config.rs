@@ -13,7 +13,7 @@ use figment::value::{Dict, Value};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::model::{is_valid_flow_name, sanitize_label_name, RESERVED_LABELS};
+use crate::model::{is_valid_flow_name, is_valid_step_name, sanitize_label_name, RESERVED_LABELS};
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "FLOWMETRICS_CONFIG";
@@ -160,6 +160,12 @@ pub struct Events {
     pub start_suffix: String,
     #[serde(deserialize_with = "string_like")]
     pub end_suffix: String,
+    /// Step events: `<prefix><flow><step_suffix>` (docs/behaviour.md §9).
+    #[serde(deserialize_with = "string_like")]
+    pub step_suffix: String,
+    /// The attribute of a step event that names its step.
+    #[serde(deserialize_with = "string_like")]
+    pub step_key: String,
     #[serde(deserialize_with = "string_list")]
     pub correlation_keys: Vec<String>,
     #[serde(deserialize_with = "string_like")]
@@ -173,6 +179,8 @@ impl Default for Events {
             prefix: "flow.".into(),
             start_suffix: ".start".into(),
             end_suffix: ".end".into(),
+            step_suffix: ".step".into(),
+            step_key: "step".into(),
             correlation_keys: vec![
                 "correlation-id".into(),
                 "correlation_id".into(),
@@ -234,6 +242,14 @@ pub struct FlowOverride {
     pub timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buckets: Option<Vec<f64>>,
+    /// The flow's steps, in order: other step names are refused (`unknown_step`), and
+    /// every declared step's series exist from the flow's first event.
+    #[serde(
+        default,
+        deserialize_with = "opt_string_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub steps: Option<Vec<String>>,
 }
 
 /// Which event of an instance a dimension is read from.
@@ -316,6 +332,8 @@ impl Default for NetworkFlows {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_in_flight: u64,
+    /// Distinct step names an undeclared flow may use (`too_many_steps` beyond).
+    pub max_steps_per_flow: usize,
     pub max_series_per_metric: usize,
     pub max_request_body_bytes: usize,
     #[serde(with = "duration")]
@@ -367,6 +385,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_in_flight: 1_000_000,
+            max_steps_per_flow: 32,
             max_series_per_metric: 10_000,
             max_request_body_bytes: 64 * 1024 * 1024,
             dedup_window: Duration::from_secs(300),
@@ -439,6 +458,8 @@ const MAX_BODY_LIMIT: usize = 2 * 1024 * 1024 * 1024;
 const MAX_BUFFERED_LIMIT: u64 = 1024 * 1024 * 1024 * 1024;
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Distinct steps of one flow: a journey, not a label value dump.
+const MAX_STEPS_LIMIT: usize = 1024;
 
 /// A configuration error, naming the key and where its value came from.
 #[derive(Debug)]
@@ -601,7 +622,9 @@ impl Config {
             ("events.prefix", &self.events.prefix),
             ("events.start_suffix", &self.events.start_suffix),
             ("events.end_suffix", &self.events.end_suffix),
+            ("events.step_suffix", &self.events.step_suffix),
             ("events.outcome_key", &self.events.outcome_key),
+            ("events.step_key", &self.events.step_key),
         ] {
             if value.is_empty() {
                 fail(key, "must not be empty".into())?;
@@ -611,6 +634,13 @@ impl Config {
             fail(
                 "events.end_suffix",
                 "must differ from events.start_suffix".into(),
+            )?;
+        }
+        if [&self.events.start_suffix, &self.events.end_suffix].contains(&&self.events.step_suffix)
+        {
+            fail(
+                "events.step_suffix",
+                "must differ from events.start_suffix and events.end_suffix".into(),
             )?;
         }
         if self.events.correlation_keys.is_empty()
@@ -647,6 +677,9 @@ impl Config {
             }
             check_flow_settings(&flow_key, over.timeout, over.buckets.as_ref())
                 .or_else(|(k, m)| fail(&k, m))?;
+            if let Some(steps) = &over.steps {
+                check_declared_steps(name, steps).or_else(|(k, m)| fail(&k, m))?;
+            }
         }
         if !self.flows.allow_unknown && self.flows.per_flow.is_empty() {
             fail(
@@ -662,6 +695,12 @@ impl Config {
             .or_else(|(k, m)| fail(&k, m))?;
         if self.limits.max_in_flight == 0 {
             fail("limits.max_in_flight", "must be at least 1".into())?;
+        }
+        if !(1..=MAX_STEPS_LIMIT).contains(&self.limits.max_steps_per_flow) {
+            fail(
+                "limits.max_steps_per_flow",
+                format!("must be between 1 and {MAX_STEPS_LIMIT}"),
+            )?;
         }
         if self.limits.max_series_per_metric == 0 {
             fail("limits.max_series_per_metric", "must be at least 1".into())?;
@@ -800,6 +839,42 @@ fn check_dimension_labels<'a>(
                 key,
                 format!("{label:?} is used by another dimension (after sanitising)"),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// A declared step list: names by the flow-name rules (1–64 characters), each once, at
+/// most `MAX_STEPS_LIMIT`.
+fn check_declared_steps(flow: &str, steps: &[String]) -> Result<(), (String, String)> {
+    let key = |i: Option<usize>| {
+        let mut path = vec![
+            KeySeg::Key("flows".into()),
+            KeySeg::Key("per_flow".into()),
+            KeySeg::Key(flow.into()),
+            KeySeg::Key("steps".into()),
+        ];
+        path.extend(i.map(KeySeg::Index));
+        render_key(&path)
+    };
+    if steps.is_empty() {
+        return Err((
+            key(None),
+            "needs at least one step (or leave it out)".into(),
+        ));
+    }
+    if steps.len() > MAX_STEPS_LIMIT {
+        return Err((key(None), format!("at most {MAX_STEPS_LIMIT} steps")));
+    }
+    for (i, step) in steps.iter().enumerate() {
+        if !is_valid_step_name(step) {
+            return Err((
+                key(Some(i)),
+                format!("{step:?}: step names are 1-64 characters of [A-Za-z0-9_.:-]"),
+            ));
+        }
+        if steps[..i].contains(step) {
+            return Err((key(Some(i)), format!("{step:?} is listed twice")));
         }
     }
     Ok(())
@@ -1173,6 +1248,10 @@ fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         Raw::F(f) => f.to_string(),
         Raw::B(b) => b.to_string(),
     })
+}
+
+fn opt_string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    string_list(d).map(Some)
 }
 
 /// A URL, or a list of them (a cluster's nodes), kept comma-separated.

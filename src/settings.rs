@@ -9,6 +9,7 @@ use crate::config::{Config, DimensionSource, MaxConnections, StoreKind};
 use crate::flows::event::DimensionLookup;
 use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;
+use crate::flows::steps::StepSettings;
 use crate::flows::store::RedisSettings;
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::ingest::limits::{auto_connections, open_file_limit, LimitSettings};
@@ -35,6 +36,7 @@ pub fn extractor(config: &Config) -> ExtractorSettings {
         end_suffix: events.end_suffix.clone(),
         correlation_keys: events.correlation_keys.clone(),
         outcome_key: events.outcome_key.clone(),
+        steps: steps(config),
         max_correlation_id_bytes: events.max_correlation_id_bytes,
         known_flows: (!config.flows.allow_unknown)
             .then(|| config.flows.per_flow.keys().cloned().collect()),
@@ -44,6 +46,28 @@ pub fn extractor(config: &Config) -> ExtractorSettings {
         // anyway: there is no point remembering more of them than that.
         intern_capacity: config.limits.max_series_per_metric,
     }
+}
+
+/// Step events and names (`events.step_*`, `flows.per_flow.*.steps`,
+/// `limits.max_steps_per_flow`).
+pub fn steps(config: &Config) -> StepSettings {
+    StepSettings {
+        suffix: config.events.step_suffix.clone(),
+        key: config.events.step_key.clone(),
+        declared: declared_steps(config),
+        max_per_flow: config.limits.max_steps_per_flow,
+        max_flows: config.limits.max_series_per_metric,
+    }
+}
+
+/// Flows with a declared step list, in order.
+pub fn declared_steps(config: &Config) -> HashMap<String, Vec<String>> {
+    config
+        .flows
+        .per_flow
+        .iter()
+        .filter_map(|(flow, o)| Some((flow.clone(), o.steps.clone()?)))
+        .collect()
 }
 
 /// The correlation store's bounds and timeouts (`limits`, `flows.*.timeout`).

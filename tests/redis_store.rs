@@ -77,6 +77,10 @@ impl FlowSink for Recorder {
             // A shared store keeps its instances itself: nothing is restored from a file.
             Report::Restored { flow, .. } => self.add(flow, "restored"),
             Report::Discarded { flow, .. } => self.add(flow, "discarded"),
+            Report::StepReached { flow, step, .. } => self.add(flow, &format!("step_{step}")),
+            Report::StepUnmatched { flow, reason } => {
+                self.add(flow, &format!("step_unmatched_{}", reason.label()))
+            }
         }
     }
 }
@@ -165,6 +169,7 @@ fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
         dims: Arc::from([]),
         trace: None,
         source: Source::SpanEvent,
+        step: None,
     }
 }
 

@@ -204,6 +204,7 @@ pub fn encode(flows: usize, reps: usize) -> Encode {
             start_dims: &no_dims,
             end: &end,
             duration_secs: 0.2 + (f % 100) as f64 / 10.0,
+            transits: &[],
         });
     }
     let series = metrics.series_counts().iter().map(|(_, n)| n).sum();
@@ -295,6 +296,7 @@ pub fn timeliness(n: usize, spread: Duration, timeout: Duration, longest: Durati
             dims: no_dims.clone(),
             trace: None,
             source: Source::SpanEvent,
+            step: None,
         });
         deadlines.push(opened + timeout);
     }

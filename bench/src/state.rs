@@ -39,6 +39,7 @@ fn event(i: u64, kind: EventKind, dims: &[DimValues], flows: &[Arc<str>]) -> Flo
         dims: dims[(i % 10) as usize].clone(),
         trace: None,
         source: Source::SpanEvent,
+        step: None,
     }
 }
 

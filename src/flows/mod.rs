@@ -11,6 +11,7 @@ pub mod intern;
 pub mod network;
 pub mod scan;
 pub mod state;
+pub mod steps;
 pub mod store;
 pub mod wire;
 

@@ -95,10 +95,10 @@ pub struct Metrics {
     negative_durations: LimitedFamily<Counter>,
 
     /// flow_events_total by [source][kind].
-    accepted: [[Counter; 2]; 2],
+    accepted: [[Counter; 3]; 2],
     events_rejected: Family<Pair, Counter>,
     /// flow_events_duplicate_total by kind.
-    duplicates: [Counter; 2],
+    duplicates: [Counter; 3],
     otlp_requests: Family<Pairs3, Counter>,
     otlp_spans: Family<Pair, Counter>,
     otlp_log_records: Family<Pair, Counter>,
@@ -360,14 +360,14 @@ impl Metrics {
         // Self-metric series exist from the start (at 0), so rates and alerts work
         // before the first event; their handles skip the family lookup per event.
         let accepted = [Source::SpanEvent, Source::Log].map(|source| {
-            ["start", "end"].map(|kind| {
+            EventKind::LABELS.map(|kind| {
                 events
                     .get_or_create(&[("kind", kind), ("source", source.label())])
                     .clone()
             })
         });
         let duplicates =
-            ["start", "end"].map(|kind| events_duplicate.get_or_create(&[("kind", kind)]).clone());
+            EventKind::LABELS.map(|kind| events_duplicate.get_or_create(&[("kind", kind)]).clone());
         for reason in Rejection::REASONS {
             let _ = events_rejected.get_or_create(&[("reason", reason)]);
         }
@@ -554,10 +554,7 @@ impl Metrics {
 }
 
 fn kind_index(kind: EventKind) -> usize {
-    match kind {
-        EventKind::Start => 0,
-        EventKind::End(_) => 1,
-    }
+    kind.index()
 }
 
 impl StoreProbe for Metrics {
@@ -628,10 +625,13 @@ impl FlowSink for Metrics {
                 start_dims,
                 end,
                 duration_secs,
+                ..
             } => {
                 self.completed(flow, start_dims, end, duration_secs);
             }
-            Report::TimedOut { flow, start_dims } => {
+            Report::TimedOut {
+                flow, start_dims, ..
+            } => {
                 let labels = self.with_dims(flow, Some("incomplete"), start_dims, None);
                 self.flow_errors.with(labels, |c| c.inc());
                 self.flows_in_progress
@@ -652,6 +652,7 @@ impl FlowSink for Metrics {
             Report::Duplicate { kind } => {
                 self.duplicates[kind_index(kind)].inc();
             }
+            Report::StepReached { .. } | Report::StepUnmatched { .. } => {}
         }
     }
 }

@@ -43,6 +43,7 @@ fn config() -> Config {
         "checkout".into(),
         FlowOverride {
             timeout: None,
+            steps: None,
             buckets: Some(vec![
                 1e-7,
                 0.000123,
@@ -80,6 +81,7 @@ fn record(m: &Metrics) {
             start_dims,
             end,
             duration_secs,
+            transits: &[],
         })
     };
 
@@ -127,6 +129,8 @@ fn record(m: &Metrics) {
     m.report(Report::TimedOut {
         flow: &login,
         start_dims: &eu,
+        transits: &[],
+        last_step: None,
     });
     m.report(Report::Dropped {
         flow: &checkout,
@@ -152,6 +156,8 @@ fn record(m: &Metrics) {
         m.report(Report::TimedOut {
             flow: &flow,
             start_dims: &eu,
+            transits: &[],
+            last_step: None,
         });
         m.report(Report::Unmatched {
             flow: &flow,
@@ -320,6 +326,7 @@ fn with_end_dimensions_outcomes_appear_with_the_first_end() {
         start_dims: &eu,
         end: &end,
         duration_secs: 1.0,
+        transits: &[],
     });
     let text = m.encode(0);
     for outcome in ["success", "failure"] {
@@ -358,6 +365,7 @@ fn idle_label_sets_are_removed_from_every_family_and_free_their_place() {
                 start_dims: &none,
                 end: &end,
                 duration_secs: 1.0,
+                transits: &[],
             });
         }
     };

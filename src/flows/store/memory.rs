@@ -287,6 +287,8 @@ impl MemoryStore {
                         sink.report(Report::TimedOut {
                             flow: &flow,
                             start_dims: &start_dims,
+                            transits: &[],
+                            last_step: None,
                         });
                         continue;
                     }
@@ -476,6 +478,10 @@ impl MemoryStore {
             ..
         } = event;
         match kind {
+            EventKind::Step => sink.report(Report::StepUnmatched {
+                flow: &flow,
+                reason: super::StepUnmatchedReason::NoStart,
+            }),
             // Most starts open a new instance: `contains_key` answers that without
             // cloning a value or recording an access, as `get` would.
             EventKind::Start if !self.cache.contains_key(&key) => {
@@ -781,6 +787,7 @@ fn complete(
         start_dims,
         end,
         duration_secs: duration_secs(start_nanos, end.timestamp_nanos),
+        transits: &[],
     });
 }
 
@@ -796,6 +803,8 @@ fn report_gone(sink: &dyn FlowSink, slot: &Slot, why: Gone) {
         (SlotState::Open { dims, .. }, Gone::TimedOut) => sink.report(Report::TimedOut {
             flow,
             start_dims: dims,
+            transits: &[],
+            last_step: None,
         }),
         (SlotState::Waiting(_), _) => sink.report(Report::Unmatched {
             flow,
@@ -926,6 +935,10 @@ mod tests {
                 Report::Dropped { flow, .. } => self.add(flow, "dropped"),
                 Report::Unmatched { flow, .. } => self.add(flow, "unmatched"),
                 Report::Duplicate { kind } => self.add("*", &format!("dup_{}", kind.label())),
+                Report::StepReached { flow, step, .. } => self.add(flow, &format!("step_{step}")),
+                Report::StepUnmatched { flow, reason } => {
+                    self.add(flow, &format!("step_unmatched_{}", reason.label()))
+                }
             }
         }
     }
@@ -982,6 +995,7 @@ mod tests {
             dims: Arc::from(Vec::new()),
             trace: None,
             source: Source::SpanEvent,
+            step: None,
         }
     }
 

@@ -418,7 +418,7 @@ impl RedisStore {
             key.extend_from_slice(event.correlation_id.as_bytes());
             let (kind, state) = match event.kind {
                 EventKind::Start => (b's', b'o'),
-                EventKind::End(_) => (b'e', b'w'),
+                EventKind::End(_) | EventKind::Step => (b'e', b'w'),
             };
             let mut fingerprint = shard.tagged(&tag, kind);
             fingerprint.extend_from_slice(event.timestamp_nanos.to_string().as_bytes());
@@ -612,6 +612,7 @@ impl RedisStore {
                     start_dims: &e.dims,
                     end: &end,
                     duration_secs: duration_secs(e.timestamp_nanos, end.timestamp_nanos),
+                    transits: &[],
                 });
             }
             (Some(b'C'), Some(e)) => {
@@ -629,6 +630,7 @@ impl RedisStore {
                     start_dims: &entry.dims,
                     end: &end,
                     duration_secs: duration_secs(entry.timestamp_nanos, e.timestamp_nanos),
+                    transits: &[],
                 });
             }
             // `W`: the end waits; nothing to report yet.
@@ -642,7 +644,16 @@ impl CorrelationStore for RedisStore {
         &self,
         events: &mut dyn Iterator<Item = FlowEvent>,
     ) -> Result<(), StoreUnavailable> {
-        let events: Vec<FlowEvent> = events.collect();
+        // Steps are not correlated by the shared store yet: each is counted where a step
+        // without its instance goes, so none is lost without a count.
+        let (steps, events): (Vec<FlowEvent>, Vec<FlowEvent>) =
+            events.partition(|e| e.kind == EventKind::Step);
+        for step in &steps {
+            self.sink.report(Report::StepUnmatched {
+                flow: &step.flow,
+                reason: super::StepUnmatchedReason::NoStart,
+            });
+        }
         if events.is_empty() {
             return Ok(());
         }
@@ -1023,6 +1034,8 @@ impl Entry {
             (None, false) => sink.report(Report::TimedOut {
                 flow: &self.flow,
                 start_dims: &self.dims,
+                transits: &[],
+                last_step: None,
             }),
         }
     }
@@ -1150,6 +1163,7 @@ mod tests {
             dims: Arc::from([Arc::from("web"), Arc::from("")]),
             trace,
             source: Source::SpanEvent,
+            step: None,
         }
     }
 
