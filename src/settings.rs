@@ -86,6 +86,10 @@ pub fn store(config: &Config) -> StoreSettings {
         dedup_window: config.limits.dedup_window,
         timeout_for: Arc::new(move |flow| timeouts.timeout_for(flow)),
         longest_timeout,
+        step_flows: declared_steps(config)
+            .into_keys()
+            .map(|f| Arc::from(f.as_str()))
+            .collect(),
     }
 }
 
