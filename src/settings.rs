@@ -135,6 +135,7 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         series_idle_timeout: config.limits.series_idle_timeout,
         longest_flow_timeout: store(config).longest_timeout,
         shared_store: config.correlation.store == StoreKind::Redis,
+        declared_steps: declared_steps(config),
     }
 }
 

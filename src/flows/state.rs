@@ -180,8 +180,7 @@ impl StoreSnapshot {
                 return Err(StateError::Invalid("dimension index out of range"));
             }
             for step in steps {
-                if !in_range(&step.step) || !is_valid_step_name(&self.strings[step.step as usize])
-                {
+                if !in_range(&step.step) || !is_valid_step_name(&self.strings[step.step as usize]) {
                     return Err(StateError::Invalid("invalid step"));
                 }
             }

@@ -25,6 +25,8 @@
 //!   of the same key finds nothing: one of the two owns the entry.
 
 mod saved;
+#[cfg(test)]
+mod step_tests;
 mod steps;
 
 use std::cell::Cell;
@@ -38,8 +40,7 @@ use moka::policy::{EvictionPolicy, Expiry};
 use moka::sync::Cache;
 
 use super::{
-    CorrelationStore, EndRecord, FlowSink, Report, RestoreRules, RestoreSummary,
-    StoreSettings,
+    CorrelationStore, EndRecord, FlowSink, Report, RestoreRules, RestoreSummary, StoreSettings,
 };
 use crate::flows::dedup::{RecentEvents, Seen};
 use crate::flows::event::{DimValues, EventKind, FlowEvent};

@@ -35,10 +35,16 @@ fn trace_of(saved: Trace) -> Option<TraceRef> {
 }
 
 /// An entry as the file keeps it; strings go through `intern` (their index).
-pub(super) fn saved_state(state: &SlotState, intern: &mut impl FnMut(&Arc<str>) -> u32) -> SavedState {
+pub(super) fn saved_state(
+    state: &SlotState,
+    intern: &mut impl FnMut(&Arc<str>) -> u32,
+) -> SavedState {
     let mut dims = |d: &DimValues| d.iter().map(&mut *intern).collect::<Vec<u32>>();
     match state {
-        SlotState::Open { start_nanos, dims: d } => SavedState::Open {
+        SlotState::Open {
+            start_nanos,
+            dims: d,
+        } => SavedState::Open {
             start_nanos: *start_nanos,
             dims: dims(d),
         },
@@ -98,7 +104,12 @@ pub(super) fn slot_state(
     start_dims: &dyn Fn(&[u32]) -> DimValues,
     end_dims: &dyn Fn(&[u32]) -> DimValues,
 ) -> SlotState {
-    let string = |i: u32| strings.get(i as usize).cloned().unwrap_or_else(|| Arc::from(""));
+    let string = |i: u32| {
+        strings
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(""))
+    };
     let end = |outcome, timestamp_nanos, dims: &[u32], trace| EndRecord {
         outcome: outcome_of(outcome),
         timestamp_nanos,
@@ -136,7 +147,10 @@ pub(super) fn slot_state(
                 })
                 .collect(),
         })),
-        SavedState::Pending { end: saved_end, steps } => SlotState::Waiting(Arc::new(Pending {
+        SavedState::Pending {
+            end: saved_end,
+            steps,
+        } => SlotState::Waiting(Arc::new(Pending {
             end: saved_end.map(|e| end(e.outcome, e.timestamp_nanos, &e.dims, e.trace)),
             steps: steps
                 .into_iter()

@@ -66,7 +66,7 @@ impl Pending {
 /// The flows that use steps, and the instances of theirs that closed recently.
 pub(crate) struct ClosedMarks {
     /// Some flow uses steps: until then no close is remembered (nor looked up).
-    any: AtomicBool,
+    pub(super) any: AtomicBool,
     flows: RwLock<HashSet<Arc<str>, foldhash::fast::RandomState>>,
     /// Per shard of the store (the same key → shard mapping); never held while moka is
     /// called, so the eviction listener may take it inside the store's own `remove`.
@@ -341,7 +341,14 @@ pub(super) fn complete(
 }
 
 /// An entry that left without its counterpart, counted (and its close remembered).
-pub(super) fn gone(sink: &dyn FlowSink, closed: &ClosedMarks, key: Key, slot: &Slot, why: Gone, now: u64) {
+pub(super) fn gone(
+    sink: &dyn FlowSink,
+    closed: &ClosedMarks,
+    key: Key,
+    slot: &Slot,
+    why: Gone,
+    now: u64,
+) {
     if !matches!(slot.state, SlotState::Waiting(_)) {
         closed.mark(&slot.flow, key, now);
     }
