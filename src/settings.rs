@@ -86,6 +86,10 @@ pub fn store(config: &Config) -> StoreSettings {
         dedup_window: config.limits.dedup_window,
         timeout_for: Arc::new(move |flow| timeouts.timeout_for(flow)),
         longest_timeout,
+        step_flows: declared_steps(config)
+            .into_keys()
+            .map(|f| Arc::from(f.as_str()))
+            .collect(),
     }
 }
 
@@ -131,6 +135,7 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         series_idle_timeout: config.limits.series_idle_timeout,
         longest_flow_timeout: store(config).longest_timeout,
         shared_store: config.correlation.store == StoreKind::Redis,
+        declared_steps: declared_steps(config),
     }
 }
 

@@ -140,6 +140,7 @@ fn sharded(
                         }
                     }),
                     longest_timeout: timeout,
+                    step_flows: Vec::new(),
                 },
                 RedisSettings {
                     url: server.url(),
@@ -580,6 +581,7 @@ fn lost_reply(shards: u32) {
             dedup_window: Duration::from_secs(300),
             timeout_for: Arc::new(|_| Duration::from_secs(60)),
             longest_timeout: Duration::from_secs(60),
+            step_flows: Vec::new(),
         },
         RedisSettings {
             url: server.url(),

@@ -270,6 +270,7 @@ pub fn timeliness(n: usize, spread: Duration, timeout: Duration, longest: Durati
             dedup_window: Duration::from_secs(300),
             timeout_for: Arc::new(move |_| timeout),
             longest_timeout: longest,
+            step_flows: Vec::new(),
         },
         stamps.clone(),
     ));

@@ -30,6 +30,9 @@ use crate::model::OVERFLOW_LABEL;
 #[derive(Clone, Debug, Default)]
 pub struct Layout {
     pub extra: Option<&'static str>,
+    /// The name of a label whose values are step names (`step`, `last_step`), after
+    /// `extra`.
+    pub step: Option<&'static str>,
     pub start_dims: Arc<[Box<str>]>,
     pub end_dims: Arc<[Box<str>]>,
 }
@@ -41,6 +44,8 @@ pub struct Layout {
 pub struct SeriesRef<'a> {
     pub flow: &'a Arc<str>,
     pub extra: Option<&'static str>,
+    /// Set exactly when the layout has a step label.
+    pub step: Option<&'a Arc<str>>,
     pub start: &'a DimValues,
     pub end: &'a DimValues,
 }
@@ -51,6 +56,7 @@ pub struct SeriesLabels {
     layout: Arc<Layout>,
     flow: Arc<str>,
     extra: Option<&'static str>,
+    step: Option<Arc<str>>,
     start: DimValues,
     end: DimValues,
 }
@@ -72,6 +78,9 @@ impl EncodeLabelSet for SeriesLabels {
         ("flow", &*self.flow).encode(encoder.encode_label())?;
         if let (Some(name), Some(value)) = (self.layout.extra, self.extra) {
             (name, value).encode(encoder.encode_label())?;
+        }
+        if let (Some(name), Some(value)) = (self.layout.step, &self.step) {
+            (name, &**value).encode(encoder.encode_label())?;
         }
         let start = self.layout.start_dims.iter().zip(self.start.iter());
         let end = self.layout.end_dims.iter().zip(self.end.iter());
@@ -96,6 +105,9 @@ impl SeriesRef<'_> {
         if let Some(extra) = self.extra {
             h.write(extra.as_bytes());
         }
+        if let Some(step) = self.step {
+            h.write(step.as_bytes());
+        }
         for value in self.start.iter().chain(self.end.iter()) {
             h.write(value.as_bytes());
         }
@@ -113,8 +125,13 @@ impl SeriesRef<'_> {
             (Some(a), Some(b)) => std::ptr::eq(a, b) || a == b,
             (a, b) => a.is_none() && b.is_none(),
         };
+        let same_step = match (self.step, &key.step) {
+            (Some(a), Some(b)) => same(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
         same(self.flow, &key.flow)
             && same_extra
+            && same_step
             && same(self.start, &key.start)
             && same(self.end, &key.end)
     }
@@ -125,6 +142,7 @@ impl SeriesRef<'_> {
             layout: layout.clone(),
             flow: self.flow.clone(),
             extra: self.extra,
+            step: self.step.cloned(),
             start: self.start.clone(),
             end: self.end.clone(),
         }
@@ -389,6 +407,7 @@ mod tests {
         SeriesRef {
             flow,
             extra: None,
+            step: None,
             start: none,
             end: none,
         }
@@ -409,6 +428,7 @@ mod tests {
     fn finds_a_series_by_content_when_the_arcs_differ() {
         let layout = Layout {
             extra: Some("outcome"),
+            step: None,
             start_dims: names(&["region"]),
             end_dims: names(&["code"]),
         };
@@ -426,6 +446,7 @@ mod tests {
             SeriesRef {
                 flow,
                 extra: Some(extra),
+                step: None,
                 start,
                 end,
             }
@@ -485,6 +506,7 @@ mod tests {
         let reporter = Arc::new(OverflowReporter::new(|_| Counter::default()));
         let layout = Layout {
             extra: None,
+            step: None,
             start_dims: names(&["region", "tier"]),
             end_dims: names(&["code"]),
         };
@@ -509,6 +531,7 @@ mod tests {
         let key = SeriesRef {
             flow: &flow,
             extra: None,
+            step: None,
             start: &start,
             end: &end,
         };

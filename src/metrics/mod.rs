@@ -10,6 +10,7 @@ mod exemplar;
 mod family;
 pub mod network;
 mod process;
+mod steps;
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -62,6 +63,8 @@ pub struct MetricsSettings {
     pub longest_flow_timeout: Duration,
     /// `correlation.store: redis`: the store's errors and latency are exposed.
     pub shared_store: bool,
+    /// Flows with declared steps (`flows.per_flow.*.steps`), in order.
+    pub declared_steps: HashMap<String, Vec<String>>,
 }
 
 pub struct Metrics {
@@ -93,6 +96,7 @@ pub struct Metrics {
     flows_dropped: LimitedFamily<Counter>,
     unmatched_ends: LimitedFamily<Counter>,
     negative_durations: LimitedFamily<Counter>,
+    steps: steps::StepMetrics,
 
     /// flow_events_total by [source][kind].
     accepted: [[Counter; 3]; 2],
@@ -144,6 +148,7 @@ impl Metrics {
         let flow_only = Layout::default();
         let with_dims = |extra| Layout {
             extra,
+            step: None,
             start_dims: start_dims.clone(),
             end_dims: end_dims.clone(),
         };
@@ -264,6 +269,19 @@ impl Metrics {
             "Successful flows whose end timestamp is earlier than their start (clock \
              skew); not observed in the duration histogram",
             negative_durations.clone(),
+        );
+
+        let steps = steps::StepMetrics::new(
+            steps::StepFamiliesSettings {
+                max_series: max,
+                start_dims: start_dims.clone(),
+                default_buckets: settings.default_buckets.clone(),
+                per_flow_buckets: settings.per_flow_buckets.clone(),
+                declared: &settings.declared_steps,
+                overflow: &overflow,
+                clock: &clock,
+            },
+            &mut registry,
         );
 
         let events = Family::<Pairs2, Counter>::default();
@@ -393,6 +411,7 @@ impl Metrics {
             flows_dropped,
             unmatched_ends,
             negative_durations,
+            steps,
             accepted,
             events_rejected,
             duplicates,
@@ -460,6 +479,7 @@ impl Metrics {
         self.flows_completed.for_each(&mut note);
         self.flow_errors.for_each(&mut note);
         self.flow_duration.for_each(&mut note);
+        self.steps.for_each_by_label_set(&mut note);
         let keep = |labels: &family::SeriesLabels| {
             active.contains(&(labels.flow().clone(), labels.start().clone()))
         };
@@ -467,9 +487,10 @@ impl Metrics {
         removed += self.flows_completed.retain(|l, _, _| keep(l));
         removed += self.flow_errors.retain(|l, _, _| keep(l));
         removed += self.flow_duration.retain(|l, _, _| keep(l));
-        let flows: HashSet<Arc<str>> = active.into_iter().map(|(flow, _)| flow).collect();
+        let flows: HashSet<Arc<str>> = active.iter().map(|(flow, _)| flow.clone()).collect();
         let keep_flow =
             |l: &family::SeriesLabels, touched: u64| flows.contains(l.flow()) || touched > cutoff;
+        removed += self.steps.retain(&keep, &keep_flow);
         removed += self
             .flows_in_progress
             .retain(|l, t, g| keep_flow(l, t) || g.get() != 0);
@@ -531,6 +552,7 @@ impl Metrics {
         SeriesRef {
             flow,
             extra: None,
+            step: None,
             start: &self.no_dims,
             end: &self.no_dims,
         }
@@ -547,6 +569,7 @@ impl Metrics {
         SeriesRef {
             flow,
             extra,
+            step: None,
             start: start_dims,
             end: end_dims.unwrap_or(&self.empty_end_dims),
         }
@@ -576,6 +599,7 @@ impl FlowSink for Metrics {
                 let started = SeriesRef {
                     flow,
                     extra: None,
+                    step: None,
                     start: start_dims,
                     end: &self.no_dims,
                 };
@@ -592,6 +616,7 @@ impl FlowSink for Metrics {
                 let restored = SeriesRef {
                     flow,
                     extra: None,
+                    step: None,
                     start: start_dims,
                     end: &self.no_dims,
                 };
@@ -608,6 +633,7 @@ impl FlowSink for Metrics {
                 let restored = SeriesRef {
                     flow,
                     extra: None,
+                    step: None,
                     start: start_dims,
                     end: &self.no_dims,
                 };
@@ -625,15 +651,21 @@ impl FlowSink for Metrics {
                 start_dims,
                 end,
                 duration_secs,
-                ..
+                transits,
             } => {
                 self.completed(flow, start_dims, end, duration_secs);
+                self.steps.closed(flow, start_dims, transits);
             }
             Report::TimedOut {
-                flow, start_dims, ..
+                flow,
+                start_dims,
+                transits,
+                last_step,
             } => {
                 let labels = self.with_dims(flow, Some("incomplete"), start_dims, None);
                 self.flow_errors.with(labels, |c| c.inc());
+                self.steps.closed(flow, start_dims, transits);
+                self.steps.stalled(flow, start_dims, last_step);
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.dec());
             }
@@ -652,7 +684,16 @@ impl FlowSink for Metrics {
             Report::Duplicate { kind } => {
                 self.duplicates[kind_index(kind)].inc();
             }
-            Report::StepReached { .. } | Report::StepUnmatched { .. } => {}
+            Report::StepReached {
+                flow,
+                start_dims,
+                step,
+                since_start_secs,
+                trace,
+            } => self
+                .steps
+                .reached(flow, start_dims, step, since_start_secs, trace),
+            Report::StepUnmatched { flow, reason } => self.steps.unmatched(flow, reason),
         }
     }
 }
@@ -703,6 +744,9 @@ impl Metrics {
     fn create_zero_series(&self, flow: &Arc<str>, start: &DimValues, end: Option<&DimValues>) {
         let incomplete = self.with_dims(flow, Some("incomplete"), start, None);
         self.flow_errors.with(incomplete, |_| ());
+        if end.is_none() {
+            self.steps.create_zero_series(flow, start);
+        }
         if end.is_none() && self.has_end_dims {
             return;
         }

@@ -24,6 +24,11 @@
 //! - housekeeping removes an entry before calling the listener, so a concurrent `remove`
 //!   of the same key finds nothing: one of the two owns the entry.
 
+mod saved;
+#[cfg(test)]
+mod step_tests;
+mod steps;
+
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,12 +40,12 @@ use moka::policy::{EvictionPolicy, Expiry};
 use moka::sync::Cache;
 
 use super::{
-    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, RestoreRules, RestoreSummary,
-    StoreSettings,
+    CorrelationStore, EndRecord, FlowSink, Report, RestoreRules, RestoreSummary, StoreSettings,
 };
 use crate::flows::dedup::{RecentEvents, Seen};
-use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
-use crate::flows::state::{unix_nanos_now, SavedEntry, SavedShard, SavedState, StoreSnapshot};
+use crate::flows::event::{DimValues, EventKind, FlowEvent};
+use crate::flows::state::{unix_nanos_now, SavedEntry, SavedShard, StoreSnapshot};
+use steps::{ClosedMarks, Pending, Stepped, WaitingStep};
 
 /// An instance's identity, (flow, correlation id), as a 128-bit digest: a moka key
 /// with no allocation and no string compare (collisions: ~2⁻⁸⁸ at a million entries).
@@ -63,8 +68,12 @@ enum SlotState {
         start_nanos: u64,
         dims: DimValues,
     },
-    /// Shared: waiting ends are the minority, and open entries stay small.
-    Waiting(Arc<EndRecord>),
+    /// Open, with steps reached: shared, so that pairs-only entries stay as small as
+    /// `Open` (see [`steps`]).
+    Stepped(Arc<Stepped>),
+    /// An end and/or steps waiting for the start. Shared: waiting entries are the
+    /// minority, and open entries stay small.
+    Waiting(Arc<Pending>),
 }
 
 /// Why an entry left without its counterpart.
@@ -163,6 +172,8 @@ pub struct MemoryStore {
     timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
     capacity: u64,
     final_snapshot: Arc<FinalSnapshot>,
+    /// Recent closes of instances of flows that use steps.
+    closed: Arc<ClosedMarks>,
 }
 
 impl MemoryStore {
@@ -176,12 +187,23 @@ impl MemoryStore {
                 .unwrap_or(now),
         };
         let final_snapshot = Arc::new(FinalSnapshot::default());
-        let cache = build_cache(&settings, clock, sink.clone(), final_snapshot.clone());
         // Remember every event of a full store for the window, at least.
         let per_shard = usize::try_from(settings.capacity.saturating_mul(2))
             .unwrap_or(usize::MAX)
             .max(1024 * SHARDS)
             / SHARDS;
+        let closed = Arc::new(ClosedMarks::new(
+            &settings.step_flows,
+            u64::try_from(settings.longest_timeout.as_nanos()).unwrap_or(u64::MAX),
+            per_shard,
+        ));
+        let cache = build_cache(
+            &settings,
+            clock,
+            sink.clone(),
+            final_snapshot.clone(),
+            closed.clone(),
+        );
         let window_nanos = u64::try_from(settings.dedup_window.as_nanos()).unwrap_or(u64::MAX);
         let shards = (0..SHARDS)
             .map(|_| Mutex::new(RecentEvents::new(window_nanos, per_shard, 0)))
@@ -198,6 +220,7 @@ impl MemoryStore {
             timeout_for: settings.timeout_for,
             capacity: settings.capacity,
             final_snapshot,
+            closed,
         }
     }
 
@@ -264,86 +287,57 @@ impl MemoryStore {
             // original deadline, never later than now + the flow's timeout today.
             let deadline = now_store.saturating_add(remaining.min(self.timeout_nanos(&flow)));
             let key = u128::from_be_bytes(key);
-            match state {
-                SavedState::Open {
-                    start_nanos,
-                    dims: saved,
-                } => {
-                    let start_dims = dims(&start_map, &saved, &rules.start_dims);
-                    if !known {
-                        summary.discarded += 1;
-                        sink.report(Report::Discarded {
-                            flow: &flow,
-                            start_dims: &start_dims,
-                        });
-                        continue;
-                    }
-                    sink.report(Report::Restored {
-                        flow: &flow,
-                        start_dims: &start_dims,
+            let state = saved::slot_state(
+                state,
+                strings,
+                &|saved| dims(&start_map, saved, &rules.start_dims),
+                &|saved| dims(&end_map, saved, &rules.end_dims),
+            );
+            let slot = Slot {
+                flow,
+                deadline,
+                state,
+            };
+            let open_dims = match &slot.state {
+                SlotState::Open { dims, .. } => Some(dims),
+                SlotState::Stepped(open) => Some(&open.dims),
+                SlotState::Waiting(_) => None,
+            };
+            match open_dims {
+                Some(start_dims) if !known => {
+                    summary.discarded += 1;
+                    sink.report(Report::Discarded {
+                        flow: &slot.flow,
+                        start_dims,
                     });
-                    if remaining == 0 {
-                        summary.expired += 1;
-                        sink.report(Report::TimedOut {
-                            flow: &flow,
-                            start_dims: &start_dims,
-                            transits: &[],
-                            last_step: None,
-                        });
-                        continue;
-                    }
-                    summary.open += 1;
-                    self.cache.insert(
-                        key,
-                        Slot {
-                            flow,
-                            deadline,
-                            state: SlotState::Open {
-                                start_nanos,
-                                dims: start_dims,
-                            },
-                        },
-                    );
+                    continue;
                 }
-                SavedState::Waiting {
-                    outcome,
-                    timestamp_nanos,
-                    dims: saved,
-                    trace,
-                } => {
-                    if !known || remaining == 0 {
-                        if known {
-                            summary.expired_ends += 1;
-                        } else {
-                            summary.discarded += 1;
-                        }
-                        sink.report(Report::Unmatched {
-                            flow: &flow,
-                            evicted: false,
-                        });
-                        continue;
-                    }
-                    summary.waiting += 1;
-                    let end = EndRecord {
-                        outcome: match outcome {
-                            0 => Outcome::Success,
-                            1 => Outcome::Failure,
-                            _ => Outcome::Cancelled,
-                        },
-                        timestamp_nanos,
-                        dims: dims(&end_map, &saved, &rules.end_dims),
-                        trace: trace.map(|(trace_id, span_id)| TraceRef { trace_id, span_id }),
-                    };
-                    self.cache.insert(
-                        key,
-                        Slot {
-                            flow,
-                            deadline,
-                            state: SlotState::Waiting(Arc::new(end)),
-                        },
-                    );
+                Some(start_dims) => sink.report(Report::Restored {
+                    flow: &slot.flow,
+                    start_dims,
+                }),
+                None if !known => {
+                    summary.discarded += 1;
+                    report_gone(sink, &slot, Gone::TimedOut);
+                    continue;
                 }
+                None => {}
             }
+            if remaining == 0 {
+                if open_dims.is_some() {
+                    summary.expired += 1;
+                } else {
+                    summary.expired_ends += 1;
+                }
+                report_gone(sink, &slot, Gone::TimedOut);
+                continue;
+            }
+            if open_dims.is_some() {
+                summary.open += 1;
+            } else {
+                summary.waiting += 1;
+            }
+            self.cache.insert(key, slot);
         }
         // Fingerprints live in the shard of their key: only a file with the same
         // sharding can be used.
@@ -391,22 +385,7 @@ impl MemoryStore {
         let mut entries =
             Vec::with_capacity(usize::try_from(self.cache.entry_count()).unwrap_or(0));
         for (key, slot) in self.cache.iter() {
-            let state = match &slot.state {
-                SlotState::Open { start_nanos, dims } => SavedState::Open {
-                    start_nanos: *start_nanos,
-                    dims: dims.iter().map(&mut intern).collect(),
-                },
-                SlotState::Waiting(end) => SavedState::Waiting {
-                    outcome: match end.outcome {
-                        Outcome::Success => 0,
-                        Outcome::Failure => 1,
-                        Outcome::Cancelled => 2,
-                    },
-                    timestamp_nanos: end.timestamp_nanos,
-                    dims: end.dims.iter().map(&mut intern).collect(),
-                    trace: end.trace.map(|t| (t.trace_id, t.span_id)),
-                },
-            };
+            let state = saved::saved_state(&slot.state, &mut intern);
             entries.push(SavedEntry {
                 key: key.to_be_bytes(),
                 flow: intern(&slot.flow),
@@ -462,7 +441,11 @@ impl MemoryStore {
         use std::hash::BuildHasher;
         let key = self.key(&event.flow, &event.correlation_id);
         let is_start = event.kind == EventKind::Start;
-        let fingerprint = self.key_hashers[0].hash_one((key, is_start, event.timestamp_nanos));
+        let fingerprint = match &event.step {
+            // The step's name is part of a step event's identity.
+            Some(step) => self.key_hashers[0].hash_one((key, &**step, event.timestamp_nanos)),
+            None => self.key_hashers[0].hash_one((key, is_start, event.timestamp_nanos)),
+        };
         let mut recent = self.shard(key);
         if recent.check_and_remember(fingerprint, now) == Seen::Again {
             self.sink.report(Report::Duplicate { kind: event.kind });
@@ -475,13 +458,27 @@ impl MemoryStore {
             timestamp_nanos,
             dims,
             trace,
+            step,
             ..
         } = event;
         match kind {
-            EventKind::Step => sink.report(Report::StepUnmatched {
-                flow: &flow,
-                reason: super::StepUnmatchedReason::NoStart,
-            }),
+            EventKind::Step => match step {
+                Some(step) => self.apply_step(
+                    key,
+                    flow,
+                    WaitingStep {
+                        step,
+                        timestamp_nanos,
+                        trace,
+                    },
+                    now,
+                ),
+                // Not made by the extractor; a step without a name has nothing to count.
+                None => sink.report(Report::StepUnmatched {
+                    flow: &flow,
+                    reason: super::StepUnmatchedReason::NoStart,
+                }),
+            },
             // Most starts open a new instance: `contains_key` answers that without
             // cloning a value or recording an access, as `get` would.
             EventKind::Start if !self.cache.contains_key(&key) => {
@@ -490,79 +487,127 @@ impl MemoryStore {
             EventKind::Start => match self.cache.get(&key).map(|slot| slot.state) {
                 None => self.open(key, flow, timestamp_nanos, dims, now),
                 Some(SlotState::Open { start_nanos, .. }) => {
-                    if timestamp_nanos < start_nanos {
-                        // The earliest start wins; the entry keeps its deadline.
-                        match self.take(key, now) {
-                            Some(mut slot) => {
-                                if let SlotState::Open { start_nanos, .. } = &mut slot.state {
-                                    *start_nanos = timestamp_nanos;
-                                }
-                                self.cache.insert(key, slot);
-                            }
-                            // It timed out just now: this start opens a new instance.
-                            None => return self.open(key, flow, timestamp_nanos, dims, now),
-                        }
-                    }
-                    sink.report(Report::Duplicate { kind });
+                    self.earlier_start(key, flow, start_nanos, timestamp_nanos, dims, now)
+                }
+                Some(SlotState::Stepped(open)) => {
+                    self.earlier_start(key, flow, open.start_nanos, timestamp_nanos, dims, now)
                 }
                 Some(SlotState::Waiting(_)) => match self.take(key, now) {
                     Some(Slot {
-                        state: SlotState::Waiting(end),
+                        state: SlotState::Waiting(pending),
                         ..
-                    }) => {
-                        sink.report(Report::Opened {
-                            flow: &flow,
-                            start_dims: &dims,
-                        });
-                        complete(sink, &flow, &dims, timestamp_nanos, &end);
-                    }
-                    // The waiting end timed out just now (counted unmatched).
+                    }) => self.start_over_pending(key, flow, timestamp_nanos, dims, &pending, now),
+                    // What waited timed out just now (counted unmatched).
                     _ => self.open(key, flow, timestamp_nanos, dims, now),
                 },
             },
-            EventKind::End(outcome) => match self.take(key, now) {
-                Some(Slot {
-                    flow,
-                    state:
-                        SlotState::Open {
-                            start_nanos,
-                            dims: start_dims,
-                        },
-                    ..
-                }) => {
-                    let end = EndRecord {
-                        outcome,
-                        timestamp_nanos,
-                        dims,
-                        trace,
-                    };
-                    complete(sink, &flow, &start_dims, start_nanos, &end);
-                }
-                Some(waiting) => {
-                    // A second end while the first waits: the first stays.
-                    self.cache.insert(key, waiting);
-                    sink.report(Report::Duplicate { kind });
-                }
-                None => {
-                    let deadline = now.saturating_add(self.timeout_nanos(&flow));
-                    let end = EndRecord {
-                        outcome,
-                        timestamp_nanos,
-                        dims,
-                        trace,
-                    };
-                    self.cache.insert(
-                        key,
-                        Slot {
-                            flow,
-                            deadline,
-                            state: SlotState::Waiting(Arc::new(end)),
-                        },
-                    );
-                }
-            },
+            EventKind::End(outcome) => {
+                let end = EndRecord {
+                    outcome,
+                    timestamp_nanos,
+                    dims,
+                    trace,
+                };
+                self.apply_end(key, flow, end, now);
+            }
         }
         drop(recent);
+    }
+
+    /// A second start of an open instance: a duplicate; the earliest start wins, and
+    /// the entry keeps its deadline.
+    fn earlier_start(
+        &self,
+        key: Key,
+        flow: Arc<str>,
+        known_nanos: u64,
+        timestamp_nanos: u64,
+        dims: DimValues,
+        now: u64,
+    ) {
+        if timestamp_nanos < known_nanos {
+            match self.take(key, now) {
+                Some(mut slot) => {
+                    match &mut slot.state {
+                        SlotState::Open { start_nanos, .. } => *start_nanos = timestamp_nanos,
+                        SlotState::Stepped(open) => {
+                            slot.state = SlotState::Stepped(Arc::new(Stepped {
+                                start_nanos: timestamp_nanos,
+                                dims: open.dims.clone(),
+                                steps: open.steps.clone(),
+                            }))
+                        }
+                        SlotState::Waiting(_) => {}
+                    }
+                    self.cache.insert(key, slot);
+                }
+                // It timed out just now: this start opens a new instance.
+                None => return self.open(key, flow, timestamp_nanos, dims, now),
+            }
+        }
+        self.sink.report(Report::Duplicate {
+            kind: EventKind::Start,
+        });
+    }
+
+    /// An end event: closes its open instance, or waits for the start.
+    fn apply_end(&self, key: Key, flow: Arc<str>, end: EndRecord, now: u64) {
+        let sink = &*self.sink;
+        match self.take(key, now) {
+            Some(Slot {
+                flow,
+                state: SlotState::Open { start_nanos, dims },
+                ..
+            }) => {
+                steps::complete(sink, &flow, &dims, start_nanos, &[], &end);
+                self.closed.mark(&flow, key, now);
+            }
+            Some(Slot {
+                flow,
+                state: SlotState::Stepped(open),
+                ..
+            }) => {
+                steps::complete(sink, &flow, &open.dims, open.start_nanos, &open.steps, &end);
+                self.closed.mark(&flow, key, now);
+            }
+            Some(Slot {
+                flow,
+                deadline,
+                state: SlotState::Waiting(pending),
+            }) => {
+                let state = if pending.end.is_some() {
+                    // A second end while the first waits: the first stays.
+                    sink.report(Report::Duplicate {
+                        kind: EventKind::End(end.outcome),
+                    });
+                    SlotState::Waiting(pending)
+                } else {
+                    SlotState::Waiting(Arc::new(Pending {
+                        end: Some(end),
+                        steps: pending.steps.clone(),
+                    }))
+                };
+                self.cache.insert(
+                    key,
+                    Slot {
+                        flow,
+                        deadline,
+                        state,
+                    },
+                );
+            }
+            None => {
+                let deadline = now.saturating_add(self.timeout_nanos(&flow));
+                self.cache.insert(
+                    key,
+                    Slot {
+                        flow,
+                        deadline,
+                        state: SlotState::Waiting(Arc::new(Pending::end(end))),
+                    },
+                );
+            }
+        }
     }
 
     fn timeout_nanos(&self, flow: &str) -> u64 {
@@ -596,7 +641,7 @@ impl MemoryStore {
             return None;
         }
         if slot.deadline <= now {
-            report_gone(&*self.sink, &slot, Gone::TimedOut);
+            steps::gone(&*self.sink, &self.closed, key, &slot, Gone::TimedOut, now);
             return None;
         }
         Some(slot)
@@ -611,6 +656,7 @@ fn build_cache(
     clock: Clock,
     sink: Arc<dyn FlowSink>,
     final_snapshot: Arc<FinalSnapshot>,
+    closed: Arc<ClosedMarks>,
 ) -> Cache<Key, Slot, RandomState> {
     let ttl = settings
         .longest_timeout
@@ -629,13 +675,15 @@ fn build_cache(
                     }
                 }
             });
-            report_gone(&*sink, &slot, Gone::TimedOut);
+            steps::gone(&*sink, &closed, *key, &slot, Gone::TimedOut, clock.now());
         }
         // Only an entry past its per-entry deadline is ever replaced (see above).
-        RemovalCause::Replaced => report_gone(&*sink, &slot, Gone::TimedOut),
+        RemovalCause::Replaced => {
+            steps::gone(&*sink, &closed, *key, &slot, Gone::TimedOut, clock.now())
+        }
         RemovalCause::Size => {
             warn_evicted(&last_warning, &slot.flow);
-            report_gone(&*sink, &slot, Gone::Evicted);
+            steps::gone(&*sink, &closed, *key, &slot, Gone::Evicted, clock.now());
         }
     };
     Cache::builder()
@@ -667,7 +715,13 @@ impl CacheBaseline {
         let timeout_nanos =
             u64::try_from((settings.timeout_for)("baseline").as_nanos()).unwrap_or(u64::MAX);
         Self {
-            cache: build_cache(&settings, clock, sink, Arc::default()),
+            cache: build_cache(
+                &settings,
+                clock,
+                sink,
+                Arc::default(),
+                Arc::new(ClosedMarks::new(&[], 0, 1)),
+            ),
             clock,
             flow: Arc::from("baseline"),
             dims: Arc::from([]),
@@ -775,22 +829,6 @@ fn key_hashers(seed: u64) -> [FixedState; 2] {
     ]
 }
 
-fn complete(
-    sink: &dyn FlowSink,
-    flow: &Arc<str>,
-    start_dims: &DimValues,
-    start_nanos: u64,
-    end: &EndRecord,
-) {
-    sink.report(Report::Completed {
-        flow,
-        start_dims,
-        end,
-        duration_secs: duration_secs(start_nanos, end.timestamp_nanos),
-        transits: &[],
-    });
-}
-
 /// An entry that left without its counterpart: an open instance timed out or was
 /// dropped, a waiting end never met its start.
 fn report_gone(sink: &dyn FlowSink, slot: &Slot, why: Gone) {
@@ -806,10 +844,20 @@ fn report_gone(sink: &dyn FlowSink, slot: &Slot, why: Gone) {
             transits: &[],
             last_step: None,
         }),
-        (SlotState::Waiting(_), _) => sink.report(Report::Unmatched {
+        (SlotState::Stepped(open), Gone::Evicted) => sink.report(Report::Dropped {
             flow,
-            evicted: why == Gone::Evicted,
+            start_dims: &open.dims,
         }),
+        (SlotState::Stepped(open), Gone::TimedOut) => steps::timed_out(sink, flow, open),
+        (SlotState::Waiting(pending), _) => {
+            if pending.end.is_some() {
+                sink.report(Report::Unmatched {
+                    flow,
+                    evicted: why == Gone::Evicted,
+                });
+            }
+            steps::steps_unmatched(sink, flow, pending);
+        }
     }
 }
 
@@ -955,6 +1003,7 @@ mod tests {
                 dedup_window: dedup,
                 timeout_for: Arc::new(move |_| timeout),
                 longest_timeout: timeout,
+                step_flows: Vec::new(),
             },
             rec.clone(),
         );
@@ -969,6 +1018,7 @@ mod tests {
                 capacity,
                 dedup_window: Duration::from_secs(300),
                 longest_timeout: Duration::from_secs(600),
+                step_flows: Vec::new(),
                 timeout_for: Arc::new(move |flow| {
                     if flow == "short" {
                         short
@@ -1036,6 +1086,7 @@ mod tests {
                 dedup_window: Duration::from_secs(300),
                 timeout_for: Arc::new(move |_| timeout),
                 longest_timeout: timeout,
+                step_flows: Vec::new(),
             },
             rec.clone(),
         );
@@ -1176,7 +1227,7 @@ mod tests {
                     ["none", "web"]
                 )
             }
-            SlotState::Waiting(_) => panic!("restored as waiting"),
+            _ => panic!("not restored as open"),
         }
     }
 

@@ -141,6 +141,9 @@ pub struct StoreSettings {
     pub timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
     /// The longest timeout any flow can have: the store's time-to-live.
     pub longest_timeout: Duration,
+    /// Flows with declared steps (`flows.per_flow.*.steps`): they use steps from their
+    /// first event on (others from their first step event).
+    pub step_flows: Vec<Arc<str>>,
 }
 
 /// A correlation store, in process or shared. Every method is cheap to call from a
