@@ -135,6 +135,19 @@ fn replicas(
     shards: u32,
     rec: &Arc<Recorder>,
 ) -> Vec<RedisStore> {
+    declaring(server, n, capacity, timeout, shards, rec, &[])
+}
+
+/// The same, with flows that declare steps (`flows.per_flow.*.steps`).
+fn declaring(
+    server: &RedisServer,
+    n: usize,
+    capacity: u64,
+    timeout: Duration,
+    shards: u32,
+    rec: &Arc<Recorder>,
+    step_flows: &[&str],
+) -> Vec<RedisStore> {
     (0..n)
         .map(|_| {
             RedisStore::new(
@@ -143,6 +156,7 @@ fn replicas(
                     dedup_window: Duration::from_secs(300),
                     timeout_for: Arc::new(move |_| timeout),
                     longest_timeout: timeout,
+                    step_flows: step_flows.iter().map(|f| Arc::from(*f)).collect(),
                 },
                 RedisSettings {
                     url: server.url(),
@@ -480,4 +494,32 @@ fn a_flow_without_steps_keeps_no_key_for_them() {
         left.iter().all(|k| k.contains("}s") || k.contains("}e")),
         "{left:?}"
     );
+}
+
+#[test]
+fn a_declared_flow_marks_its_closed_instances_before_any_step_came() {
+    let server = server!();
+    let rec = Arc::new(Recorder::default());
+    let rs = declaring(
+        &server,
+        2,
+        1000,
+        Duration::from_secs(60),
+        4,
+        &rec,
+        &["order"],
+    );
+    // No step of either flow yet, on any shard: only the declared one leaves marks.
+    apply(&rs[0], vec![ev("order", "1", EventKind::Start, SEC)]);
+    apply(&rs[1], vec![ev("order", "1", END, 2 * SEC)]);
+    apply(&rs[0], vec![ev("other", "1", EventKind::Start, SEC)]);
+    apply(&rs[1], vec![ev("other", "1", END, 2 * SEC)]);
+    apply(&rs[1], vec![step("order", "1", "paid", 3 * SEC)]);
+    apply(&rs[0], vec![step("other", "1", "paid", 3 * SEC)]);
+    assert_eq!(rec.get("order", "step_unmatched_after_close"), 1);
+    // Undeclared and closed before its flow's first step: it waits for a start.
+    assert_eq!(rec.get("other", "step_unmatched_after_close"), 0);
+    assert_eq!(rec.get("other", "step_paid"), 0);
+    rs[0].run_pending_tasks();
+    assert_eq!(rs[0].entries(), 1);
 }

@@ -123,6 +123,8 @@ pub struct RedisStore {
     probe: Arc<dyn StoreProbe>,
     timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
     window_ms: u64,
+    /// How long a closed instance of a flow with steps stays marked: the longest timeout.
+    mark_ms: u64,
     capacity: u64,
     /// Entries one shard may hold: `capacity` spread evenly, rounded up.
     shard_capacity: u64,
@@ -261,10 +263,13 @@ impl RedisStore {
             window_ms: u64::try_from(settings.dedup_window.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
+            mark_ms: u64::try_from(settings.longest_timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .clamp(1, MAX_TIMEOUT_MS),
             capacity: settings.capacity,
             shard_capacity: settings.capacity.div_ceil(u64::from(count)),
             available: AtomicBool::new(false),
-            step_flows: steps::KnownStepFlows::default(),
+            step_flows: steps::KnownStepFlows::new(settings.step_flows.clone()),
             last_warning: Mutex::new(None),
         })
     }
@@ -339,7 +344,7 @@ impl RedisStore {
         let shard = &self.shards[call.shard];
         let mut keys: Vec<Vec<u8>> =
             Vec::with_capacity(3 + 2 * call.events.len() + call.acks.len());
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(4 + 4 * call.events.len());
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(5 + 4 * call.events.len());
         keys.push(shard.deadlines.clone());
         keys.push(call.result_key.clone());
         keys.push(shard.stepflows.clone());
@@ -347,6 +352,7 @@ impl RedisStore {
         args.push(self.shard_capacity.to_string().into_bytes());
         args.push(call.acks.len().to_string().into_bytes());
         args.push(shard.prefix.len().to_string().into_bytes());
+        args.push(self.mark_ms.to_string().into_bytes());
         for event in &call.events {
             let tag = hex(digest(&event.flow, &event.correlation_id));
             let mut key = shard.tagged(&tag, b'i');
@@ -693,7 +699,7 @@ impl CorrelationStore for RedisStore {
                             .arg(&shard.stepflows[..])
                             .arg(SWEEP_LIMIT)
                             .arg(shard.prefix.len())
-                            .arg(self.window_ms);
+                            .arg(self.mark_ms);
                         cmd
                     })
                     .collect();

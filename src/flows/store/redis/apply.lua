@@ -1,7 +1,8 @@
 -- Applies a chunk of one shard's flow events (see redis.rs for the keys and codes).
 -- KEYS: the shard's deadlines, this call's result key, the shard's set of flows that use
 -- steps, then per event its instance key and its fingerprint, then result keys to delete.
--- ARGV: dedup window (ms), shard capacity, number of acks, shard prefix length, then per
+-- ARGV: dedup window (ms), shard capacity, number of acks, shard prefix length, how long
+-- a closed mark stays (ms, the longest flow timeout), then per
 -- event: kind (s start, e end, t step), value, timeout (ms), and for a step
 -- "<step>\0<stored step value>".
 local zset = KEYS[1]
@@ -9,6 +10,7 @@ local stepflows = KEYS[3]
 local window = ARGV[1]
 local cap = tonumber(ARGV[2])
 local plen = tonumber(ARGV[4])
+local mark_ttl = ARGV[5]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
@@ -37,8 +39,8 @@ local function steps_of(key)
   return table.concat(parts)
 end
 -- Removes an instance leaving the store; answers its steps. An instance that had opened
--- leaves a closed mark (for the dedup window) when its flow uses steps, so that a later
--- step of it counts as after_close. Flows without steps keep nothing more.
+-- leaves a closed mark (for the longest flow timeout) when its flow uses steps, so that a
+-- later step of it counts as after_close. Flows without steps keep nothing more.
 local function take(key, old)
   local steps = steps_of(key)
   if steps ~= '' then redis.call('DEL', companion(key, 'k')) end
@@ -46,7 +48,7 @@ local function take(key, old)
   redis.call('ZREM', zset, key)
   if string.sub(old, 1, 1) == 'o' and
       (steps ~= '' or redis.call('SISMEMBER', stepflows, flow_of(key)) == 1) then
-    redis.call('SET', companion(key, 'c'), '1', 'PX', window)
+    redis.call('SET', companion(key, 'c'), '1', 'PX', mark_ttl)
   end
   return steps
 end
@@ -86,9 +88,9 @@ for j = 2 * n + 4, #KEYS do redis.call('DEL', KEYS[j]) end
 for i = 1, n do
   local key = KEYS[2 * i + 2]
   local fp = KEYS[2 * i + 3]
-  local kind = ARGV[4 * i + 1]
-  local value = ARGV[4 * i + 2]
-  local timeout = tonumber(ARGV[4 * i + 3])
+  local kind = ARGV[4 * i + 2]
+  local value = ARGV[4 * i + 3]
+  local timeout = tonumber(ARGV[4 * i + 4])
   if not redis.call('SET', fp, '1', 'NX', 'PX', window) then
     emit(i, 'D')
   else
@@ -105,7 +107,7 @@ for i = 1, n do
     end
     local state = old and string.sub(old, 1, 1)
     if kind == 't' then
-      step(i, key, old, value, timeout, ARGV[4 * i + 4])
+      step(i, key, old, value, timeout, ARGV[4 * i + 5])
     elseif not old then
       redis.call('SET', key, value)
       redis.call('ZADD', zset, now + timeout, key)

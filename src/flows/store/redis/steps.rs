@@ -17,21 +17,37 @@ use crate::flows::event::{DimValues, FlowEvent, TraceRef};
 
 /// Flows whose use of steps this replica has announced to every shard, so that their
 /// closed instances leave a closed mark on every shard, not only where a step of theirs
-/// came before. Bounded: beyond [`KnownStepFlows::MAX`] flows, each step marks its own
+/// came before: flows with declared steps with the first batch, others with their first
+/// step event. Bounded: beyond [`KnownStepFlows::MAX`] flows, each step marks its own
 /// shard only.
-#[derive(Default)]
-pub(super) struct KnownStepFlows(Mutex<HashSet<Arc<str>>>);
+pub(super) struct KnownStepFlows {
+    known: Mutex<HashSet<Arc<str>>>,
+    /// Declared flows not yet announced (emptied once they are).
+    declared: Mutex<Vec<Arc<str>>>,
+}
 
 impl KnownStepFlows {
     const MAX: usize = 10_000;
 
-    /// The flows of step events in `events` not yet announced (usually none).
-    pub fn unknown(&self, events: &[FlowEvent]) -> Vec<Arc<str>> {
-        let known = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if known.len() >= Self::MAX {
-            return Vec::new();
+    pub fn new(declared: Vec<Arc<str>>) -> Self {
+        Self {
+            known: Mutex::default(),
+            declared: Mutex::new(declared),
         }
-        let mut new: Vec<Arc<str>> = Vec::new();
+    }
+
+    /// The flows of step events in `events` not yet announced (usually none), and the
+    /// declared ones until they are.
+    pub fn unknown(&self, events: &[FlowEvent]) -> Vec<Arc<str>> {
+        let mut new: Vec<Arc<str>> = self
+            .declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= Self::MAX {
+            return new;
+        }
         for e in events.iter().filter(|e| e.step.is_some()) {
             if !known.contains(&e.flow) && !new.contains(&e.flow) {
                 new.push(e.flow.clone());
@@ -41,7 +57,11 @@ impl KnownStepFlows {
     }
 
     pub fn learned(&self, flows: Vec<Arc<str>>) {
-        let mut known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.declared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|d| !flows.contains(d));
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         for flow in flows {
             if known.len() < Self::MAX {
                 known.insert(flow);

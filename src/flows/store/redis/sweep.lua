@@ -1,6 +1,6 @@
 -- Pops the shard's instances past their deadline (see redis.rs).
 -- KEYS: the shard's deadlines, the shard's set of flows that use steps.
--- ARGV: most entries popped, shard prefix length, dedup window (ms).
+-- ARGV: most entries popped, shard prefix length, how long a closed mark stays (ms).
 -- Answers the entries left, then per instance popped its value and its steps.
 local plen = tonumber(ARGV[2])
 local t = redis.call('TIME')
