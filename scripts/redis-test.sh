@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The shared-store suites against a real redis-server: the store's rules
 # (tests/redis_store.rs) and its flow steps (tests/redis_steps.rs), three replicas on one
-# Redis fed raw OTLP, with faults and with steps (tests/redis_replicas_steps.rs)
-# (tests/redis_replicas.rs), three replicas fed by the OpenTelemetry Rust SDK's exporters
+# Redis fed raw OTLP, with faults (tests/redis_replicas.rs) and with flow steps
+# (tests/redis_replicas_steps.rs), three replicas fed by the OpenTelemetry Rust SDK's exporters
 # (tests/redis_sdk.rs), and TLS with a CA of the test's own (tests/redis_tls.rs,
 # certificates made with openssl). The tests start and stop their own servers
 # (tests/common/redis.rs: a free loopback port, a temporary directory, no persistence
