@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::attr as s;
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use common::replicas::{now_nanos, post_once, replica_with, total, wait_ready, Rng, FLOW, TIMEOUT};
 use common::scrape;
 use hyper::StatusCode;
@@ -209,9 +209,23 @@ async fn steps_over_three_replicas_sum_exactly_for_every_step_family() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
+    run(|c| c.correlation.redis.url = redis.url()).await;
+}
+
+/// The same on a Redis Cluster of three primaries (16 shards, one hash slot each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_over_three_replicas_on_a_redis_cluster_sum_exactly() {
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    let nodes = cluster.urls();
+    run(|c| c.correlation.redis.cluster = nodes.clone()).await;
+}
+
+async fn run(store: impl Fn(&mut flowmetrics::config::Config)) {
     let mut apps = Vec::new();
     for _ in 0..3 {
-        apps.push(replica_with(|c| c.correlation.redis.url = redis.url()).await);
+        apps.push(replica_with(&store).await);
     }
     wait_ready(&apps, StatusCode::OK, "replica never ready").await;
     let urls: Vec<String> = apps
