@@ -12,7 +12,10 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::family::{Layout, LimitedFamily, OverflowReporter, SeriesLabels, SeriesRef};
-use super::{ExemplarHistogram, TraceExemplar};
+use super::TraceExemplar;
+
+type ExemplarHistogram =
+    prometheus_client::metrics::exemplar::HistogramWithExemplars<TraceExemplar>;
 use crate::flows::event::{DimValues, TraceRef};
 use crate::flows::store::{StepTransit, StepUnmatchedReason};
 
