@@ -1835,6 +1835,83 @@ mod tests {
     }
 
     #[test]
+    fn step_settings_load_and_bad_ones_name_key_and_source() {
+        let f = yaml_file(
+            "events: { step_suffix: .reached, step_key: stage }\nflows:\n  per_flow:\n    order.v2: { steps: [placed, payment_authorized, shipped] }\nlimits: { max_steps_per_flow: 8 }\n",
+        );
+        let c = Config::load(Some(&f.path), env(&[])).unwrap();
+        assert_eq!(
+            (&*c.events.step_suffix, &*c.events.step_key),
+            (".reached", "stage")
+        );
+        assert_eq!(c.limits.max_steps_per_flow, 8);
+        assert_eq!(
+            c.flows.per_flow["order.v2"].steps.as_deref(),
+            Some(
+                &[
+                    "placed".to_string(),
+                    "payment_authorized".into(),
+                    "shipped".into()
+                ][..]
+            )
+        );
+        let d = Config::default();
+        assert_eq!(
+            (&*d.events.step_suffix, &*d.events.step_key),
+            (".step", "step")
+        );
+        assert_eq!(d.limits.max_steps_per_flow, 32);
+        let long = "s".repeat(65);
+        for (text, key) in [
+            (
+                "flows:\n  per_flow:\n    o: { steps: [a, b, a] }\n".to_string(),
+                "flows.per_flow.o.steps[2]",
+            ),
+            (
+                "flows:\n  per_flow:\n    o: { steps: [a, \"b c\"] }\n".into(),
+                "flows.per_flow.o.steps[1]",
+            ),
+            (
+                format!("flows:\n  per_flow:\n    o: {{ steps: [{long}] }}\n"),
+                "flows.per_flow.o.steps[0]",
+            ),
+            (
+                "flows:\n  per_flow:\n    o: { steps: [] }\n".into(),
+                "flows.per_flow.o.steps",
+            ),
+            (
+                "limits: { max_steps_per_flow: 0 }\n".into(),
+                "limits.max_steps_per_flow",
+            ),
+            (
+                "events: { step_suffix: .end }\n".into(),
+                "events.step_suffix",
+            ),
+            ("events: { step_key: \"\" }\n".into(), "events.step_key"),
+        ] {
+            let f = yaml_file(&text);
+            let err = Config::load(Some(&f.path), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(
+                err.contains(f.path.file_name().unwrap().to_str().unwrap()),
+                "{text}: {err}"
+            );
+        }
+        let err = Config::load(
+            None,
+            env(&[("FLOWMETRICS_LIMITS__MAX_STEPS_PER_FLOW", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("FLOWMETRICS_LIMITS__MAX_STEPS_PER_FLOW"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn effective_config_renders_and_reloads() {
         let c = Config::load(None, env(&[])).unwrap();
         let yaml = c.to_yaml();

@@ -916,6 +916,98 @@ mod tests {
     }
 
     #[test]
+    fn step_events_carry_their_shared_name_and_no_dimensions() {
+        let c = Config {
+            dimensions: serde_yaml::from_str("- { label: tier, attribute: tier }\n").unwrap(),
+            ..Default::default()
+        };
+        let x = Extractor::new(crate::settings::extractor(&c));
+        let attrs = [
+            s("correlation-id", "a"),
+            s("step", "paid"),
+            s("tier", "gold"),
+        ];
+        let e = extract(&x, "flow.order.step", &attrs, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e.kind, e.step.as_deref(), e.dims.len()),
+            (EventKind::Step, Some("paid"), 0)
+        );
+        let again = extract(&x, "flow.order.step", &attrs, false)
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(
+            e.step.as_ref().unwrap(),
+            again.step.as_ref().unwrap()
+        ));
+        assert_eq!(e.kind.label(), "step");
+        assert!(extract(&x, "flow.order.start", &attrs, false)
+            .unwrap()
+            .unwrap()
+            .step
+            .is_none());
+        for (attrs, want) in [
+            (vec![s("correlation-id", "a")], Rejection::MissingStep),
+            (
+                vec![s("correlation-id", "a"), s("step", "")],
+                Rejection::MissingStep,
+            ),
+            (
+                vec![s("correlation-id", "a"), s("step", "a b")],
+                Rejection::InvalidStep,
+            ),
+            (
+                vec![
+                    s("correlation-id", "a"),
+                    kv("step", any_value::Value::BoolValue(true)),
+                ],
+                Rejection::InvalidStep,
+            ),
+            (vec![s("step", "paid")], Rejection::MissingCorrelationId),
+        ] {
+            assert_eq!(
+                extract(&x, "flow.order.step", &attrs, false).unwrap_err(),
+                want
+            );
+        }
+    }
+
+    #[test]
+    fn declared_and_undeclared_step_names() {
+        let mut c: Config = serde_yaml::from_str(
+            "events: { step_suffix: .reached, step_key: stage }\nflows:\n  per_flow:\n    order: { steps: [placed, paid] }\nlimits: { max_steps_per_flow: 2 }\n",
+        )
+        .unwrap();
+        c.flows.allow_unknown = true;
+        let x = Extractor::new(crate::settings::extractor(&c));
+        let step = |flow: &str, name: &str| {
+            let event = format!("flow.{flow}.reached");
+            extract(
+                &x,
+                &event,
+                &[s("correlation-id", "a"), s("stage", name)],
+                false,
+            )
+            .map(|e| e.unwrap().step.unwrap().to_string())
+        };
+        assert_eq!(step("order", "paid").unwrap(), "paid");
+        assert_eq!(step("order", "packed"), Err(Rejection::UnknownStep));
+        assert_eq!(step("other", "x").unwrap(), "x");
+        assert_eq!(step("other", "y").unwrap(), "y");
+        assert_eq!(step("other", "z"), Err(Rejection::TooManySteps));
+        assert_eq!(step("other", "x").unwrap(), "x");
+        // The default suffix is not a flow event under this configuration.
+        assert_eq!(
+            extract(&x, "flow.order.step", &[s("correlation-id", "a")], false)
+                .unwrap()
+                .map(|e| e.kind),
+            None
+        );
+        assert_eq!(x.declared_steps("order").map(|s| s.len()), Some(2));
+    }
+
+    #[test]
     fn trace_refs_need_well_formed_ids() {
         assert!(TraceRef::from_ids(&[1; 16], &[2; 8]).is_some());
         assert!(TraceRef::from_ids(&[1; 15], &[2; 8]).is_none());

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::*;
 use crate::config::{Config, Dimension, DimensionSource, FlowOverride};
 use crate::flows::event::TraceRef;
+use crate::flows::store::{StepTransit, StepUnmatchedReason};
 
 const GOLDEN: &str = include_str!("testdata/exposition.txt");
 
@@ -56,6 +57,14 @@ fn config() -> Config {
                 1e16,
                 1e21,
             ]),
+        },
+    );
+    // Declared steps: their series exist from the flow's first event.
+    config.flows.per_flow.insert(
+        "login".into(),
+        FlowOverride {
+            steps: Some(vec!["placed".into(), "paid".into()]),
+            ..Default::default()
         },
     );
     config
@@ -126,12 +135,65 @@ fn record(m: &Metrics) {
         &end(Outcome::Success, &failed, trace(10)),
         4000.0,
     );
+    // Steps: reached (one before its start: not observed), transits on close, where a
+    // timed-out instance stalled, steps that met no instance.
+    let paid: Arc<str> = Arc::from("paid");
+    let packed: Arc<str> = Arc::from("packed");
+    for (flow, step, since, trace) in [
+        (&checkout, &paid, 0.25, trace(11)),
+        (&checkout, &packed, 2.5, None),
+        (&checkout, &paid, -1.0, trace(12)),
+        (&login, &paid, 1.0, trace(13)),
+    ] {
+        m.report(Report::StepReached {
+            flow,
+            start_dims: &eu,
+            step,
+            since_start_secs: since,
+            trace,
+        });
+    }
+    let transits = [
+        StepTransit {
+            step: paid.clone(),
+            transit_secs: 0.25,
+        },
+        StepTransit {
+            step: packed.clone(),
+            transit_secs: 2.25,
+        },
+    ];
+    m.report(Report::Completed {
+        flow: &checkout,
+        start_dims: &eu,
+        end: &end(Outcome::Success, &ok, None),
+        duration_secs: 3.0,
+        transits: &transits,
+    });
+    m.report(Report::TimedOut {
+        flow: &login,
+        start_dims: &eu,
+        transits: &transits[..1],
+        last_step: Some(&paid),
+    });
     m.report(Report::TimedOut {
         flow: &login,
         start_dims: &eu,
         transits: &[],
         last_step: None,
     });
+    m.report(Report::StepUnmatched {
+        flow: &login,
+        reason: StepUnmatchedReason::AfterClose,
+    });
+    m.report(Report::StepUnmatched {
+        flow: &checkout,
+        reason: StepUnmatchedReason::NoStart,
+    });
+    m.report(Report::Duplicate {
+        kind: EventKind::Step,
+    });
+    m.event_accepted(EventKind::Step, Source::Log);
     m.report(Report::Dropped {
         flow: &checkout,
         start_dims: &eu,
