@@ -469,29 +469,30 @@ fn flow_totals_sum_each_flows_own_series_and_skip_the_overflow() {
     let names: Vec<&str> = totals.iter().map(|t| t.flow.as_str()).collect();
     assert_eq!(names, ["checkout", "f0", "f1", "f2", "login"]);
     let checkout = &totals[0];
-    // Two label sets (one with an odd region value); the failure end folded (full family).
+    // Two label sets (one with an odd region value); the failure end folded (full family);
+    // one success closed with its steps' transits.
     assert_eq!(checkout.started, 1235);
-    assert_eq!(checkout.completed_success, 8);
+    assert_eq!(checkout.completed_success, 9);
     assert_eq!(checkout.completed_failure, 0);
     assert_eq!(checkout.completed_cancelled, 1);
     assert_eq!(checkout.incomplete, 0);
-    assert_eq!(checkout.in_progress, 1224);
+    assert_eq!(checkout.in_progress, 1223);
     assert_eq!(checkout.dropped, 1);
     assert_eq!(checkout.unmatched, 0);
     // The negative duration is not observed; 2e21 lies past the last bound.
-    assert_eq!(checkout.duration_count, 7);
-    assert_eq!(checkout.duration_sum, 2e21 + 7.0);
+    assert_eq!(checkout.duration_count, 8);
+    assert_eq!(checkout.duration_sum, 2e21 + 10.0);
     assert_eq!(checkout.duration_buckets.len(), 11);
     assert_eq!(checkout.duration_buckets[0], (1e-7, 2));
     assert_eq!(checkout.duration_buckets[2], (0.1, 3));
-    assert_eq!(checkout.duration_buckets[9], (1e21, 6));
-    assert_eq!(checkout.duration_buckets[10], (f64::INFINITY, 7));
+    assert_eq!(checkout.duration_buckets[9], (1e21, 7));
+    assert_eq!(checkout.duration_buckets[10], (f64::INFINITY, 8));
 
     let login = &totals[4];
     assert_eq!(login.started, 1);
     assert_eq!(login.completed_success, 0, "folded: the family was full");
-    assert_eq!(login.incomplete, 1);
-    assert_eq!(login.in_progress, -4);
+    assert_eq!(login.incomplete, 2);
+    assert_eq!(login.in_progress, -5);
     assert_eq!(login.unmatched, 1);
     assert_eq!(login.duration_count, 4);
     assert!((login.duration_sum - 4000.342).abs() < 1e-9);
