@@ -13,6 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::watch;
 
+mod journey;
+
 pub use crate::metrics::FlowTotals;
 use crate::metrics::Metrics;
 
@@ -130,6 +132,11 @@ impl Overview {
 
     fn sample(&self) {
         let mut totals = self.current();
+        // The journeys are shown since the start, not over the window: the history
+        // keeps no steps (at most max_steps_per_flow bucket sets per flow).
+        for t in &mut totals {
+            t.steps = Vec::new();
+        }
         if totals.len() > MAX_HISTORY_FLOWS {
             totals.sort_by(|a, b| b.started.cmp(&a.started).then(a.flow.cmp(&b.flow)));
             totals.truncate(MAX_HISTORY_FLOWS);
@@ -188,6 +195,10 @@ struct FlowRow {
     /// the last sample to now), oldest first.
     spark_started: Vec<f64>,
     spark_errors: Vec<f64>,
+    /// The flow's steps in journey order (empty without steps), and the timed-out
+    /// instances that reached none.
+    steps: Vec<journey::StepRow>,
+    stalled_at_start: u64,
 }
 
 fn build_report(
@@ -259,6 +270,8 @@ fn build_report(
                 p99: quantile(0.99, &window_buckets),
                 spark_started,
                 spark_errors,
+                steps: journey::step_rows(t),
+                stalled_at_start: t.stalled_at_start,
             }
         })
         .collect();

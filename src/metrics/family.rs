@@ -73,6 +73,11 @@ impl SeriesLabels {
         self.extra
     }
 
+    /// The value of the family's step label (`step`, `last_step`), if it has one.
+    pub fn step(&self) -> Option<&Arc<str>> {
+        self.step.as_ref()
+    }
+
     /// The start dimension values (empty when the family has none).
     pub fn start(&self) -> &DimValues {
         &self.start
@@ -471,10 +476,7 @@ macro_rules! unpinned {
     )*};
 }
 
-unpinned!(
-    prometheus_client::metrics::histogram::Histogram,
-    prometheus_client::metrics::exemplar::HistogramWithExemplars<super::TraceExemplar>
-);
+unpinned!(prometheus_client::metrics::histogram::Histogram);
 
 /// One series as an encode writes it: its labels (`None`: the overflow series), its
 /// metric, and the reading taken when pinned (`None`: written as it is then).

@@ -12,6 +12,7 @@ mod family;
 pub mod format;
 pub mod network;
 mod process;
+mod step_totals;
 mod steps;
 mod totals;
 
@@ -36,7 +37,7 @@ use crate::model::{Rejection, Signal, Transport};
 use duration::DurationSeries;
 pub use exemplar::TraceExemplar;
 use family::{Layout, LimitedFamily, OverflowReporter, SeriesRef};
-pub use totals::FlowTotals;
+pub use totals::{FlowTotals, StepTotals};
 
 type Pair = [(&'static str, &'static str); 1];
 type Pairs2 = [(&'static str, &'static str); 2];

@@ -11,11 +11,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::duration::DurationSeries;
 use super::family::{Layout, LimitedFamily, OverflowReporter, SeriesLabels, SeriesRef};
 use super::TraceExemplar;
-
-type ExemplarHistogram =
-    prometheus_client::metrics::exemplar::HistogramWithExemplars<TraceExemplar>;
 use crate::flows::event::{DimValues, TraceRef};
 use crate::flows::store::{StepTransit, StepUnmatchedReason};
 
@@ -32,12 +30,13 @@ pub(super) struct StepFamiliesSettings<'a> {
 }
 
 pub(super) struct StepMetrics {
-    steps: LimitedFamily<Counter>,
-    duration: LimitedFamily<ExemplarHistogram>,
+    pub(super) steps: LimitedFamily<Counter>,
+    /// With a tally of its buckets beside it, for the overview (time to step).
+    pub(super) duration: LimitedFamily<DurationSeries>,
     transit: LimitedFamily<Histogram>,
-    stalled: LimitedFamily<Counter>,
+    pub(super) stalled: LimitedFamily<Counter>,
     unmatched: LimitedFamily<Counter>,
-    declared: HashMap<Box<str>, Box<[Arc<str>]>>,
+    pub(super) declared: HashMap<Box<str>, Box<[Arc<str>]>>,
     /// `last_step` of an instance that reached no step.
     start: Arc<str>,
     no_dims: DimValues,
@@ -86,7 +85,7 @@ impl StepMetrics {
             by_step("step"),
             overflow.clone(),
             clock.clone(),
-            move |flow| ExemplarHistogram::new(of(flow).into_iter()),
+            move |flow| DurationSeries::new(Arc::from(of(flow))),
         );
         registry.register_with_unit(
             "flowmetrics_flow_step_duration",
@@ -210,7 +209,7 @@ impl StepMetrics {
         // Negative (clock skew): counted above, not observed.
         if since_start_secs >= 0.0 {
             self.duration.with(labels, |h| {
-                h.observe(since_start_secs, trace.map(TraceExemplar), None)
+                h.observe(since_start_secs, trace.map(TraceExemplar))
             });
         }
     }

@@ -26,6 +26,23 @@ pub struct FlowTotals {
     pub duration_buckets: Vec<(f64, u64)>,
     pub duration_count: u64,
     pub duration_sum: f64,
+    /// The flow's steps (docs/behaviour.md §9), declared ones in their order, others by
+    /// instances reached (most first); empty for a flow without steps.
+    pub steps: Vec<StepTotals>,
+    /// Timed-out instances that had reached no step (`last_step="start"`).
+    pub stalled_at_start: u64,
+}
+
+/// One step of a flow, summed over its dimension labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepTotals {
+    pub step: String,
+    /// Instances that reached it.
+    pub reached: u64,
+    /// Cumulative buckets of the time from the start to the step, as `duration_buckets`.
+    pub to_step_buckets: Vec<(f64, u64)>,
+    /// Timed-out instances for which it was the last step reached.
+    pub stalled: u64,
 }
 
 impl FlowTotals {
@@ -98,5 +115,6 @@ impl Metrics {
         self.negative_durations.for_each_metric(|l, _| {
             at(flows, l);
         });
+        self.steps.add_totals(flows);
     }
 }
