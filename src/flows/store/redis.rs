@@ -860,7 +860,7 @@ impl Conn {
                 for cmd in cmds.by_ref() {
                     pipe.add_command(cmd);
                 }
-                pipe.query::<Vec<Value>>(&mut **c).map(drop)
+                pipe.query::<Vec<Value>>(c).map(drop)
             }
         }
     }
