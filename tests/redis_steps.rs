@@ -523,3 +523,34 @@ fn a_declared_flow_marks_its_closed_instances_before_any_step_came() {
     rs[0].run_pending_tasks();
     assert_eq!(rs[0].entries(), 1);
 }
+
+/// Numbers for docs/steps-operations.md (not a test of size: it asserts nothing about it).
+/// `cargo test --release --test redis_steps -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_memory_per_open_instance_with_and_without_steps() {
+    let server = server!();
+    let rec = Arc::new(Recorder::default());
+    let rs = replicas(&server, 1, 1_000_000, Duration::from_secs(600), 1, &rec);
+    let n = 20_000u64;
+    for (flow, steps) in [("plain", 0usize), ("stepped", 3)] {
+        let before = server.used_memory();
+        for chunk in 0..n / 500 {
+            let mut events = Vec::new();
+            for i in chunk * 500..(chunk + 1) * 500 {
+                let id = format!("order-{i:08}");
+                events.push(ev(flow, &id, EventKind::Start, SEC + i));
+                for (j, name) in ["placed", "paid", "packed"].iter().enumerate().take(steps) {
+                    events.push(step(flow, &id, name, 2 * SEC + i + j as u64));
+                }
+            }
+            apply(&rs[0], events);
+        }
+        let after = server.used_memory();
+        println!(
+            "{flow}: {} bytes per open instance with {steps} steps (instance, deadline, \
+             fingerprints, steps; 14-byte ids, no dims)",
+            (after - before) / n
+        );
+    }
+}
