@@ -97,7 +97,7 @@ impl StepMetrics {
             by_step("step"),
             overflow.clone(),
             clock.clone(),
-            move |flow| Histogram::new(buckets_of(flow).into_iter()),
+            move |flow| Histogram::new(buckets_of(flow)),
         );
         registry.register_with_unit(
             "flowmetrics_flow_step_transit",
