@@ -68,12 +68,50 @@ enum SlotState {
         start_nanos: u64,
         dims: DimValues,
     },
-    /// Open, with steps reached: shared, so that pairs-only entries stay as small as
-    /// `Open` (see [`steps`]).
-    Stepped(Arc<Stepped>),
-    /// An end and/or steps waiting for the start. Shared: waiting entries are the
-    /// minority, and open entries stay small.
-    Waiting(Arc<Pending>),
+    /// Open with steps reached, or an end and/or steps waiting for the start (see
+    /// [`steps`]). One shared pointer: the enum keeps its tag in the niche of `dims`,
+    /// so `Open` entries are exactly as small as without steps.
+    Shared(Arc<Shared>),
+}
+
+#[derive(Debug)]
+enum Shared {
+    Stepped(Stepped),
+    Waiting(Pending),
+}
+
+/// A slot's state, borrowed, with the shared cases unwrapped.
+#[derive(Clone, Copy)]
+enum View<'a> {
+    Open {
+        start_nanos: u64,
+        dims: &'a DimValues,
+    },
+    Stepped(&'a Stepped),
+    Waiting(&'a Pending),
+}
+
+impl SlotState {
+    fn stepped(open: Stepped) -> Self {
+        SlotState::Shared(Arc::new(Shared::Stepped(open)))
+    }
+
+    fn waiting(pending: Pending) -> Self {
+        SlotState::Shared(Arc::new(Shared::Waiting(pending)))
+    }
+
+    fn view(&self) -> View<'_> {
+        match self {
+            SlotState::Open { start_nanos, dims } => View::Open {
+                start_nanos: *start_nanos,
+                dims,
+            },
+            SlotState::Shared(shared) => match &**shared {
+                Shared::Stepped(open) => View::Stepped(open),
+                Shared::Waiting(pending) => View::Waiting(pending),
+            },
+        }
+    }
 }
 
 /// Why an entry left without its counterpart.
@@ -298,10 +336,10 @@ impl MemoryStore {
                 deadline,
                 state,
             };
-            let open_dims = match &slot.state {
-                SlotState::Open { dims, .. } => Some(dims),
-                SlotState::Stepped(open) => Some(&open.dims),
-                SlotState::Waiting(_) => None,
+            let open_dims = match slot.state.view() {
+                View::Open { dims, .. } => Some(dims),
+                View::Stepped(open) => Some(&open.dims),
+                View::Waiting(_) => None,
             };
             match open_dims {
                 Some(start_dims) if !known => {
@@ -486,19 +524,28 @@ impl MemoryStore {
             }
             EventKind::Start => match self.cache.get(&key).map(|slot| slot.state) {
                 None => self.open(key, flow, timestamp_nanos, dims, now),
-                Some(SlotState::Open { start_nanos, .. }) => {
-                    self.earlier_start(key, flow, start_nanos, timestamp_nanos, dims, now)
-                }
-                Some(SlotState::Stepped(open)) => {
-                    self.earlier_start(key, flow, open.start_nanos, timestamp_nanos, dims, now)
-                }
-                Some(SlotState::Waiting(_)) => match self.take(key, now) {
-                    Some(Slot {
-                        state: SlotState::Waiting(pending),
-                        ..
-                    }) => self.start_over_pending(key, flow, timestamp_nanos, dims, &pending, now),
-                    // What waited timed out just now (counted unmatched).
-                    _ => self.open(key, flow, timestamp_nanos, dims, now),
+                Some(state) => match state.view() {
+                    View::Open { start_nanos, .. } => {
+                        self.earlier_start(key, flow, start_nanos, timestamp_nanos, dims, now)
+                    }
+                    View::Stepped(open) => {
+                        self.earlier_start(key, flow, open.start_nanos, timestamp_nanos, dims, now)
+                    }
+                    View::Waiting(_) => match self.take(key, now) {
+                        Some(slot) => match slot.state.view() {
+                            View::Waiting(pending) => self.start_over_pending(
+                                key,
+                                flow,
+                                timestamp_nanos,
+                                dims,
+                                pending,
+                                now,
+                            ),
+                            _ => self.open(key, flow, timestamp_nanos, dims, now),
+                        },
+                        // What waited timed out just now (counted unmatched).
+                        None => self.open(key, flow, timestamp_nanos, dims, now),
+                    },
                 },
             },
             EventKind::End(outcome) => {
@@ -528,17 +575,19 @@ impl MemoryStore {
         if timestamp_nanos < known_nanos {
             match self.take(key, now) {
                 Some(mut slot) => {
-                    match &mut slot.state {
-                        SlotState::Open { start_nanos, .. } => *start_nanos = timestamp_nanos,
-                        SlotState::Stepped(open) => {
-                            slot.state = SlotState::Stepped(Arc::new(Stepped {
-                                start_nanos: timestamp_nanos,
-                                dims: open.dims.clone(),
-                                steps: open.steps.clone(),
-                            }))
-                        }
-                        SlotState::Waiting(_) => {}
-                    }
+                    let state = match slot.state.view() {
+                        View::Open { dims, .. } => SlotState::Open {
+                            start_nanos: timestamp_nanos,
+                            dims: dims.clone(),
+                        },
+                        View::Stepped(open) => SlotState::stepped(Stepped {
+                            start_nanos: timestamp_nanos,
+                            dims: open.dims.clone(),
+                            steps: open.steps.clone(),
+                        }),
+                        View::Waiting(_) => slot.state.clone(),
+                    };
+                    slot.state = state;
                     self.cache.insert(key, slot);
                 }
                 // It timed out just now: this start opens a new instance.
@@ -553,39 +602,43 @@ impl MemoryStore {
     /// An end event: closes its open instance, or waits for the start.
     fn apply_end(&self, key: Key, flow: Arc<str>, end: EndRecord, now: u64) {
         let sink = &*self.sink;
-        match self.take(key, now) {
-            Some(Slot {
-                flow,
-                state: SlotState::Open { start_nanos, dims },
-                ..
-            }) => {
-                steps::complete(sink, &flow, &dims, start_nanos, &[], &end);
+        let Some(Slot {
+            flow,
+            deadline,
+            state,
+        }) = self.take(key, now)
+        else {
+            let deadline = now.saturating_add(self.timeout_nanos(&flow));
+            return self.cache.insert(
+                key,
+                Slot {
+                    flow,
+                    deadline,
+                    state: SlotState::waiting(Pending::end(end)),
+                },
+            );
+        };
+        match state.view() {
+            View::Open { start_nanos, dims } => {
+                steps::complete(sink, &flow, dims, start_nanos, &[], &end);
                 self.closed.mark(&flow, key, now);
             }
-            Some(Slot {
-                flow,
-                state: SlotState::Stepped(open),
-                ..
-            }) => {
+            View::Stepped(open) => {
                 steps::complete(sink, &flow, &open.dims, open.start_nanos, &open.steps, &end);
                 self.closed.mark(&flow, key, now);
             }
-            Some(Slot {
-                flow,
-                deadline,
-                state: SlotState::Waiting(pending),
-            }) => {
+            View::Waiting(pending) => {
                 let state = if pending.end.is_some() {
                     // A second end while the first waits: the first stays.
                     sink.report(Report::Duplicate {
                         kind: EventKind::End(end.outcome),
                     });
-                    SlotState::Waiting(pending)
+                    state.clone()
                 } else {
-                    SlotState::Waiting(Arc::new(Pending {
+                    SlotState::waiting(Pending {
                         end: Some(end),
                         steps: pending.steps.clone(),
-                    }))
+                    })
                 };
                 self.cache.insert(
                     key,
@@ -593,17 +646,6 @@ impl MemoryStore {
                         flow,
                         deadline,
                         state,
-                    },
-                );
-            }
-            None => {
-                let deadline = now.saturating_add(self.timeout_nanos(&flow));
-                self.cache.insert(
-                    key,
-                    Slot {
-                        flow,
-                        deadline,
-                        state: SlotState::Waiting(Arc::new(Pending::end(end))),
                     },
                 );
             }
@@ -833,23 +875,23 @@ fn key_hashers(seed: u64) -> [FixedState; 2] {
 /// dropped, a waiting end never met its start.
 fn report_gone(sink: &dyn FlowSink, slot: &Slot, why: Gone) {
     let flow = &slot.flow;
-    match (&slot.state, why) {
-        (SlotState::Open { dims, .. }, Gone::Evicted) => sink.report(Report::Dropped {
+    match (slot.state.view(), why) {
+        (View::Open { dims, .. }, Gone::Evicted) => sink.report(Report::Dropped {
             flow,
             start_dims: dims,
         }),
-        (SlotState::Open { dims, .. }, Gone::TimedOut) => sink.report(Report::TimedOut {
+        (View::Open { dims, .. }, Gone::TimedOut) => sink.report(Report::TimedOut {
             flow,
             start_dims: dims,
             transits: &[],
             last_step: None,
         }),
-        (SlotState::Stepped(open), Gone::Evicted) => sink.report(Report::Dropped {
+        (View::Stepped(open), Gone::Evicted) => sink.report(Report::Dropped {
             flow,
             start_dims: &open.dims,
         }),
-        (SlotState::Stepped(open), Gone::TimedOut) => steps::timed_out(sink, flow, open),
-        (SlotState::Waiting(pending), _) => {
+        (View::Stepped(open), Gone::TimedOut) => steps::timed_out(sink, flow, open),
+        (View::Waiting(pending), _) => {
             if pending.end.is_some() {
                 sink.report(Report::Unmatched {
                     flow,

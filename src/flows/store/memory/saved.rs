@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::steps::{Pending, StepAt, Stepped, WaitingStep};
-use super::SlotState;
+use super::{SlotState, View};
 use crate::flows::event::{DimValues, Outcome, TraceRef};
 use crate::flows::state::{SavedEnd, SavedState, SavedStep};
 use crate::flows::store::EndRecord;
@@ -40,15 +40,15 @@ pub(super) fn saved_state(
     intern: &mut impl FnMut(&Arc<str>) -> u32,
 ) -> SavedState {
     let mut dims = |d: &DimValues| d.iter().map(&mut *intern).collect::<Vec<u32>>();
-    match state {
-        SlotState::Open {
+    match state.view() {
+        View::Open {
             start_nanos,
             dims: d,
         } => SavedState::Open {
-            start_nanos: *start_nanos,
+            start_nanos,
             dims: dims(d),
         },
-        SlotState::Stepped(open) => {
+        View::Stepped(open) => {
             let d = dims(&open.dims);
             SavedState::Stepped {
                 start_nanos: open.start_nanos,
@@ -64,7 +64,7 @@ pub(super) fn saved_state(
                     .collect(),
             }
         }
-        SlotState::Waiting(pending) => {
+        View::Waiting(pending) => {
             let end = pending.end.as_ref().map(|end| SavedEnd {
                 outcome: outcome_code(end.outcome),
                 timestamp_nanos: end.timestamp_nanos,
@@ -126,17 +126,12 @@ pub(super) fn slot_state(
             timestamp_nanos,
             dims,
             trace,
-        } => SlotState::Waiting(Arc::new(Pending::end(end(
-            outcome,
-            timestamp_nanos,
-            &dims,
-            trace,
-        )))),
+        } => SlotState::waiting(Pending::end(end(outcome, timestamp_nanos, &dims, trace))),
         SavedState::Stepped {
             start_nanos,
             dims,
             steps,
-        } => SlotState::Stepped(Arc::new(Stepped {
+        } => SlotState::stepped(Stepped {
             start_nanos,
             dims: start_dims(&dims),
             steps: steps
@@ -146,11 +141,11 @@ pub(super) fn slot_state(
                     timestamp_nanos: s.timestamp_nanos,
                 })
                 .collect(),
-        })),
+        }),
         SavedState::Pending {
             end: saved_end,
             steps,
-        } => SlotState::Waiting(Arc::new(Pending {
+        } => SlotState::waiting(Pending {
             end: saved_end.map(|e| end(e.outcome, e.timestamp_nanos, &e.dims, e.trace)),
             steps: steps
                 .into_iter()
@@ -160,6 +155,6 @@ pub(super) fn slot_state(
                     trace: trace_of(s.trace),
                 })
                 .collect(),
-        })),
+        }),
     }
 }

@@ -320,6 +320,13 @@ fn stalled_instances_sum_to_the_incomplete_ones() {
 }
 
 #[test]
+fn a_pairs_only_slot_is_as_small_as_without_steps() {
+    // flow (16) + deadline (8) + Open { start, dims } (24): the tag lives in the dims
+    // pointer's niche, as it did before steps.
+    assert_eq!(std::mem::size_of::<Slot>(), 48);
+}
+
+#[test]
 fn a_pairs_only_instance_stays_a_plain_open_entry() {
     let (t, _) = store();
     t.apply(start("1", 100));
@@ -328,7 +335,7 @@ fn a_pairs_only_instance_stays_a_plain_open_entry() {
     assert!(!t.closed.any.load(std::sync::atomic::Ordering::Relaxed));
     t.apply(step("1", "paid", 101));
     let slot = t.cache.get(&t.key("order", "1")).unwrap();
-    assert!(matches!(slot.state, SlotState::Stepped(_)));
+    assert!(matches!(slot.state.view(), View::Stepped(_)));
 }
 
 fn through_the_file(t: &MemoryStore, timeout: Duration) -> (Arc<MemoryStore>, Arc<Log>) {

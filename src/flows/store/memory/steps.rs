@@ -1,9 +1,9 @@
 //! Flow steps in the moka store (docs/behaviour.md §9).
 //!
 //! Cost: a pairs-only instance stays a `SlotState::Open` (no field for steps). The first
-//! step turns it into `SlotState::Stepped`, one shared allocation holding the start and
+//! step turns it into a shared `Stepped` (one pointer in the slot), one allocation holding the start and
 //! the steps reached (24 bytes a step). Steps that come before their start wait in the
-//! same entry as a waiting end does (`SlotState::Waiting`).
+//! same entry as a waiting end does (`Pending`).
 //!
 //! "Already closed": when an instance of a flow that uses steps (declared, or one step
 //! event seen) closes, a fingerprint of its key is remembered for the longest flow
@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::{report_gone, Gone, Key, MemoryStore, Slot, SlotState, SHARDS};
+use super::{report_gone, Gone, Key, MemoryStore, Slot, SlotState, View, SHARDS};
 use crate::flows::dedup::RecentEvents;
 use crate::flows::event::{DimValues, TraceRef};
 use crate::flows::store::{
@@ -207,7 +207,7 @@ impl MemoryStore {
                 Slot {
                     flow,
                     deadline,
-                    state: SlotState::Waiting(Arc::new(pending)),
+                    state: SlotState::waiting(pending),
                 },
             );
         };
@@ -216,17 +216,17 @@ impl MemoryStore {
             deadline,
             state,
         } = slot;
-        let state = match state {
-            SlotState::Open { start_nanos, dims } => {
-                reached(sink, &flow, &dims, start_nanos, &step);
+        let state = match state.view() {
+            View::Open { start_nanos, dims } => {
+                reached(sink, &flow, dims, start_nanos, &step);
                 let (steps, _) = with_step(&[], &step.step, step.timestamp_nanos);
-                SlotState::Stepped(Arc::new(Stepped {
+                SlotState::stepped(Stepped {
                     start_nanos,
-                    dims,
+                    dims: dims.clone(),
                     steps,
-                }))
+                })
             }
-            SlotState::Stepped(open) => {
+            View::Stepped(open) => {
                 let (steps, new) = with_step(&open.steps, &step.step, step.timestamp_nanos);
                 if new {
                     reached(sink, &flow, &open.dims, open.start_nanos, &step);
@@ -235,13 +235,13 @@ impl MemoryStore {
                         kind: crate::flows::EventKind::Step,
                     });
                 }
-                SlotState::Stepped(Arc::new(Stepped {
+                SlotState::stepped(Stepped {
                     start_nanos: open.start_nanos,
                     dims: open.dims.clone(),
                     steps,
-                }))
+                })
             }
-            SlotState::Waiting(pending) => {
+            View::Waiting(pending) => {
                 let mut steps = pending.steps.to_vec();
                 match steps.iter_mut().find(|s| s.step == step.step) {
                     Some(known) => {
@@ -254,10 +254,10 @@ impl MemoryStore {
                     }
                     None => steps.push(step),
                 }
-                SlotState::Waiting(Arc::new(Pending {
+                SlotState::waiting(Pending {
                     end: pending.end.clone(),
                     steps: steps.into(),
-                }))
+                })
             }
         };
         self.cache.insert(
@@ -309,11 +309,11 @@ impl MemoryStore {
                     Slot {
                         flow,
                         deadline,
-                        state: SlotState::Stepped(Arc::new(Stepped {
+                        state: SlotState::stepped(Stepped {
                             start_nanos,
                             dims,
                             steps,
-                        })),
+                        }),
                     },
                 );
             }
@@ -349,7 +349,7 @@ pub(super) fn gone(
     why: Gone,
     now: u64,
 ) {
-    if !matches!(slot.state, SlotState::Waiting(_)) {
+    if !matches!(slot.state.view(), View::Waiting(_)) {
         closed.mark(&slot.flow, key, now);
     }
     report_gone(sink, slot, why);
