@@ -524,7 +524,7 @@ fn a_declared_flow_marks_its_closed_instances_before_any_step_came() {
     assert_eq!(rs[0].entries(), 1);
 }
 
-/// Numbers for docs/steps-operations.md (not a test of size: it asserts nothing about it).
+/// Numbers for BENCHMARKS.md ("Flow steps in Redis") (not a test of size: it asserts nothing about it).
 /// `cargo test --release --test redis_steps -- --ignored --nocapture`
 #[test]
 #[ignore]
