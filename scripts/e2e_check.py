@@ -211,7 +211,12 @@ def cmd_counters(a):
         for flow, c in s.items():
             acc = sent.setdefault(flow, {})
             for k, v in c.items():
-                acc[k] = acc.get(k, 0) + int(v)
+                if isinstance(v, dict):  # steps sent, stalled: by step
+                    inner = acc.setdefault(k, {})
+                    for step, n in v.items():
+                        inner[step] = inner.get(step, 0) + int(n)
+                else:
+                    acc[k] = acc.get(k, 0) + int(v)
     report(f"counters: generator summary lists flows ({', '.join(sorted(sent))})", bool(sent), "no flows in summary")
     if not sent:
         return
@@ -229,6 +234,11 @@ def cmd_counters(a):
                 errors[(s["metric"]["flow"], s["metric"]["error_reason"])] = float(s["value"][1])
             in_progress = scalar_by(a.prom, f"sum by (flow) (flowmetrics_flows_in_progress{{{job}}})", "flow")
             dropped = scalar_by(a.prom, f"sum by (flow) (flowmetrics_flows_dropped_total{{{job}}})", "flow")
+            steps, stalled = {}, {}
+            for s in query(a.prom, f"sum by (flow, step) (flowmetrics_flow_steps_total{{{job}}})")[0]:
+                steps[(s["metric"]["flow"], s["metric"]["step"])] = float(s["value"][1])
+            for s in query(a.prom, f"sum by (flow, last_step) (flowmetrics_flow_stalled_total{{{job}}})")[0]:
+                stalled[(s["metric"]["flow"], s["metric"]["last_step"])] = float(s["value"][1])
         except RuntimeError as e:
             checks = [("counters: query Prometheus", False, str(e))]
         else:
@@ -250,6 +260,15 @@ def cmd_counters(a):
                     + errors.get((flow, "incomplete"), 0) + dropped.get(flow, 0) + in_progress.get(flow, 0)
                 checks.append((f"counters: {flow} started = completed + incomplete + dropped + in_progress",
                                total == started.get(flow, 0), f"{started.get(flow, 0):g} != {total:g}"))
+                # Flow steps (docs/steps.md): every step sent had its start, so each counts.
+                for step, n in sorted(c.get("steps", {}).items()):
+                    got = steps.get((flow, step), 0)
+                    checks.append((f"counters: {flow} steps{{step={step}}} = {n} sent",
+                                   got == n, f"Prometheus has {got:g}"))
+                for last, n in sorted(c.get("stalled", {}).items()):
+                    got = stalled.get((flow, last), 0)
+                    checks.append((f"counters: {flow} stalled{{last_step={last}}} = {n} unfinished there",
+                                   got == n, f"Prometheus has {got:g}"))
         if all(ok for _, ok, _ in checks) or time.time() > deadline:
             break
         time.sleep(2)

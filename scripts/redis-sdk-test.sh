@@ -3,8 +3,8 @@
 # all on loopback: starts a redis-server on a free port and three replicas of the release
 # binary with `correlation.store: redis`, then runs scripts/sdk_replicas.py, which feeds
 # them through the official OTLP exporters (HTTP/protobuf and gRPC), each flow's start to
-# one replica and its end to another, ends often first, and checks the counters summed
-# over the three /metrics (exact, for every outcome).
+# one replica and its end to another, its steps to the third, ends often first, and checks
+# the counters summed over the three /metrics (exact, for every outcome and step family).
 #
 # Installs Debian's redis-server when it is missing, and the Python packages
 # (scripts/sdk-requirements.txt) into the scripts' virtualenv (.venv-test/, scripts/venv.sh).
@@ -91,6 +91,9 @@ correlation:
   redis: { url: "redis://127.0.0.1:$REDIS_PORT/0" }
 flows:
   default: { timeout: ${FLOW_TIMEOUT}s }
+  # Declared steps for one flow; checkout.payment uses the same names undeclared.
+  per_flow:
+    checkout: { steps: [cart, paid, packed] }
 EOF
 HTTP=() GRPC=() METRICS=()
 for r in 0 1 2; do

@@ -12,10 +12,18 @@ failure (by attribute, or by the end span's ERROR status) and cancelled. The exp
 retry as they do by default; the service recognises a retried event, so the totals must
 be exact all the same.
 
+Instances also pass through up to three steps (`flow.<flow>.step`, attribute `step`;
+declared for `checkout` in the replicas' config, undeclared for `checkout.payment`), each
+exported to the replica that has neither the start nor the end: before the start, with
+it, or (ends first) with the end. Some instances send one more step after their end was
+exported and answered (unmatched, after_close); every instance that never starts sends a
+step (unmatched, no_start); instances that never end stall at their last step.
+
 Once the time-outs are counted, all three /metrics are scraped and summed: started,
 completed per outcome, errors per reason, unmatched ends, duration count and sum (each
 duration a multiple of 1/4 s, so every sum is exact in floating point and is compared
-with ==), in progress 0. Prints each mismatch and one summary line,
+with ==), in progress 0; per step: reached, time to step and transit (count and sum,
+multiples of 1/16 s), stalled by last step, unmatched steps by reason. Prints each mismatch and one summary line,
 "sdk-replicas: N passed, N failed"; exits 1 on any mismatch.
 """
 
@@ -43,6 +51,8 @@ IDS = 200  # correlation ids per flow
 ROUND = 40  # instances per round (ends first, then starts, then the other ends)
 # (replica, transport) of each tracer provider.
 PROVIDERS = [(0, "http"), (1, "grpc"), (2, "http"), (2, "grpc")]
+# The steps of both flows, in order (`checkout` declares them: see redis-sdk-test.sh).
+STEPS = ["cart", "paid", "packed"]
 
 
 def plan(seed, base_ns):
@@ -61,19 +71,36 @@ def plan(seed, base_ns):
             ]
             quarters = (n * 7 + f) % 12 + 1
             start_ns = base_ns + (f * IDS + n) * 1_000_000
+            end_via = rng.choice(others)
+            end_first = rng.randrange(2) == 0
+            # Steps go to the replica that has neither the start nor the end.
+            third = [
+                p
+                for p in range(len(PROVIDERS))
+                if PROVIDERS[p][0] not in (PROVIDERS[start_via][0], PROVIDERS[end_via][0])
+            ]
+            steps = 1 if fate == "end_only" else (n * 5 + f) % 4
             instances.append(
                 {
                     "flow": flow,
                     "id": f"o-{n}",
                     "fate": fate,
                     "outcome": outcome,
-                    "end_first": rng.randrange(2) == 0,
+                    "end_first": end_first,
                     "by_status": fate == "pair" and outcome == "failure" and n % 4 == 2,
                     "start_via": start_via,
-                    "end_via": rng.choice(others),
+                    "end_via": end_via,
                     "start_ns": start_ns,
                     "end_ns": start_ns + quarters * 250_000_000,
                     "quarters": quarters,
+                    # Step j at start + (j + 1) * quarters/16 s: before the end.
+                    "steps": steps,
+                    "step_via": rng.choice(third),
+                    # Ends first: the steps go with the end, before the start closes
+                    # the instance. Else before the start or with it, at random.
+                    "steps_first": end_first or rng.randrange(2) == 0,
+                    # One more step after the end was answered: after_close.
+                    "late_step": fate == "pair" and steps < len(STEPS) and n % 6 == 5,
                 }
             )
     rng.shuffle(instances)
@@ -119,6 +146,20 @@ def emit_end(providers, i):
     emit(providers[i["end_via"]], event, i["end_ns"], attributes, i["by_status"])
 
 
+def step_ns(i, j):
+    return i["start_ns"] + (j + 1) * i["quarters"] * 62_500_000
+
+
+def emit_step(providers, i, j):
+    attributes = {"correlation-id": i["id"], "step": STEPS[j]}
+    emit(providers[i["step_via"]], f"flow.{i['flow']}.step", step_ns(i, j), attributes)
+
+
+def emit_steps(providers, i):
+    for j in range(i["steps"]):
+        emit_step(providers, i, j)
+
+
 def flush_all(providers):
     for p in providers:
         if not p.force_flush(timeout_millis=60_000):
@@ -135,14 +176,23 @@ def send(providers, instances):
         for i in chunk:
             if (pair(i) and i["end_first"]) or i["fate"] == "end_only":
                 emit_end(providers, i)
+            if i["steps_first"] or i["fate"] == "end_only":
+                emit_steps(providers, i)
         flush_all(providers)
         for i in chunk:
             if i["fate"] != "end_only":
                 emit_start(providers, i)
+                if not i["steps_first"]:
+                    emit_steps(providers, i)
         flush_all(providers)
         for i in chunk:
             if pair(i) and not i["end_first"]:
                 emit_end(providers, i)
+        flush_all(providers)
+        # Closed, every one of them: a step now finds its instance gone.
+        for i in chunk:
+            if i["late_step"]:
+                emit_step(providers, i, i["steps"])
         flush_all(providers)
 
 
@@ -174,15 +224,27 @@ def expected(instances, flow):
         ["started", "success", "failure", "cancelled", "incomplete", "unmatched"], 0
     )
     e["duration_sum"] = 0.0
+    e["after_close"] = e["no_start"] = 0
+    # Per step: reached, sum of time to step, sum of transit; stalled by last step.
+    e["steps"] = {s: [0, 0.0, 0.0] for s in STEPS}
+    e["stalled"] = dict.fromkeys(["start"] + STEPS, 0)
     for i in instances:
         if i["flow"] != flow:
             continue
         if i["fate"] == "end_only":
             e["unmatched"] += 1
+            e["no_start"] += i["steps"]
             continue
         e["started"] += 1
+        e["after_close"] += 1 if i["late_step"] else 0
+        for j in range(i["steps"]):
+            reached = e["steps"][STEPS[j]]
+            reached[0] += 1
+            reached[1] += (step_ns(i, j) - i["start_ns"]) / 1e9
+            reached[2] += i["quarters"] / 16
         if i["fate"] == "start_only":
             e["incomplete"] += 1
+            e["stalled"][STEPS[i["steps"] - 1] if i["steps"] else "start"] += 1
         else:
             e[i["outcome"]] += 1
             if i["outcome"] == "success":
@@ -201,9 +263,10 @@ def main():
 
     instances = plan(args.seed, time.time_ns())
     ends_first = sum(1 for i in instances if i["fate"] == "pair" and i["end_first"])
+    steps = sum(i["steps"] + i["late_step"] for i in instances)
     print(
         f"sdk-replicas: {len(instances)} instances in {len(FLOWS)} flows, "
-        f"{ends_first} ends exported before their start, over {len(PROVIDERS)} "
+        f"{ends_first} ends exported before their start, {steps} steps, over {len(PROVIDERS)} "
         "tracer providers (replica 0 http, 1 grpc, 2 both)"
     )
     providers = providers_for(args.otlp_http, args.otlp_grpc)
@@ -221,6 +284,10 @@ def main():
             >= e["incomplete"]
             and total(scrapes, "flowmetrics_flow_unmatched_ends_total", f'flow="{flow}"')
             >= e["unmatched"]
+            and total(
+                scrapes, "flowmetrics_flow_steps_unmatched_total", f'flow="{flow}"', "no_start"
+            )
+            >= e["no_start"]
             for flow, e in expect.items()
         )
         if done or time.monotonic() > give_up:
@@ -278,6 +345,41 @@ def main():
             get("flowmetrics_flow_duration_seconds_sum"),
             e["duration_sum"],
         )
+        for step, (reached, to_step, transit) in e["steps"].items():
+            st = f'step="{step}"'
+            check(f"{flow} steps{{{step}}}", get("flowmetrics_flow_steps_total", st), reached)
+            check(
+                f"{flow} time to {step} count",
+                get("flowmetrics_flow_step_duration_seconds_count", st),
+                reached,
+            )
+            check(
+                f"{flow} time to {step} sum",
+                get("flowmetrics_flow_step_duration_seconds_sum", st),
+                to_step,
+            )
+            check(
+                f"{flow} transit {step} count",
+                get("flowmetrics_flow_step_transit_seconds_count", st),
+                reached,
+            )
+            check(
+                f"{flow} transit {step} sum",
+                get("flowmetrics_flow_step_transit_seconds_sum", st),
+                transit,
+            )
+        for last, n in e["stalled"].items():
+            check(
+                f"{flow} stalled{{{last}}}",
+                get("flowmetrics_flow_stalled_total", f'last_step="{last}"'),
+                n,
+            )
+        for reason in ["after_close", "no_start"]:
+            check(
+                f"{flow} unmatched steps{{{reason}}}",
+                get("flowmetrics_flow_steps_unmatched_total", f'reason="{reason}"'),
+                e[reason],
+            )
         check(f"{flow} in progress", get("flowmetrics_flows_in_progress"), 0)
         check(f"{flow} dropped", get("flowmetrics_flows_dropped_total"), 0)
         check(

@@ -8,7 +8,8 @@ valid unit and the templated datasource; every query with job/instance matchers,
 counter inside rate()/increase(), every range = $__rate_interval. Plus this project's
 own: the flows dashboard has a multi-select `flow` variable from
 label_values(flowmetrics_flows_started_total, flow), uses it in every per-flow selector,
-has the five rows, and shows exemplars on the duration panels.
+has its rows (Rate, Errors, Duration, Flows in progress, Pipeline health, Journey), and
+shows exemplars on the duration panels.
 
 Prints one "PASS <check>" or "FAIL <check>: <why>" line per check; exits 1 on any FAIL.
 Usage: validate_dashboards.py [DASHBOARD.json ...]   (default: grafana/dashboards/*.json)
@@ -26,7 +27,9 @@ VALID_UNITS = {
 # Families that carry a `flow` label: on the flows dashboard they must be filtered by $flow.
 FLOW_FAMILIES = re.compile(
     r"^flowmetrics_(flows_started_total|flows_completed_total|flow_errors_total|flow_duration_seconds(_bucket|_sum|_count)?"
-    r"|flows_in_progress|flows_dropped_total|flow_unmatched_ends_total|flow_negative_durations_total)$")
+    r"|flows_in_progress|flows_dropped_total|flow_unmatched_ends_total|flow_negative_durations_total"
+    r"|flow_steps_total|flow_step_(duration|transit)_seconds_(bucket|sum|count)|flow_stalled_total"
+    r"|flow_steps_unmatched_total)$")
 SELECTOR = re.compile(r"\b((?:flowmetrics|process)_[a-zA-Z0-9_]+|up)\b(\s*\{[^}]*\})?(\s*\[[^\]]*\])?")
 RANGE = re.compile(r"\[([^\]]*)\]")
 VAR_REF = re.compile(r"\$(\w+)|\$\{(\w+)(?::\w+)?\}")
@@ -107,8 +110,10 @@ def lint(path):
     check(f"{base}: panels fit the 24-column grid", not bad_grid, f"{bad_grid}")
     rows = [p.get("title") for p in flat if p.get("type") == "row"]
     if base == "flowmetrics.json":
-        want = ["Rate", "Errors", "Duration", "Flows in progress", "Pipeline health"]
-        check(f"{base}: rows {want}", rows == want, f"rows are {rows}")
+        # These rows, in this order; other rows may come between and after them.
+        want = ["Rate", "Errors", "Duration", "Flows in progress", "Pipeline health", "Journey"]
+        it = iter(rows)
+        check(f"{base}: rows {want}", all(w in it for w in want), f"rows are {rows}")
     defined = set(vars_) | {"__rate_interval", "__interval", "__range"}
     for p in flat:
         if p.get("type") == "row":

@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config_checks::check_config_file;
 pub use crate::config_checks::{check_log_filter, MAX_CONFIG_FILE_BYTES};
-use crate::model::{is_valid_flow_name, sanitize_label_name, RESERVED_LABELS};
+use crate::model::{is_valid_flow_name, is_valid_step_name, sanitize_label_name, RESERVED_LABELS};
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "FLOWMETRICS_CONFIG";
@@ -162,6 +162,12 @@ pub struct Events {
     pub start_suffix: String,
     #[serde(deserialize_with = "string_like")]
     pub end_suffix: String,
+    /// Step events: `<prefix><flow><step_suffix>` (docs/behaviour.md §9).
+    #[serde(deserialize_with = "string_like")]
+    pub step_suffix: String,
+    /// The attribute of a step event that names its step.
+    #[serde(deserialize_with = "string_like")]
+    pub step_key: String,
     #[serde(deserialize_with = "string_list")]
     pub correlation_keys: Vec<String>,
     #[serde(deserialize_with = "string_like")]
@@ -175,6 +181,8 @@ impl Default for Events {
             prefix: "flow.".into(),
             start_suffix: ".start".into(),
             end_suffix: ".end".into(),
+            step_suffix: ".step".into(),
+            step_key: "step".into(),
             correlation_keys: vec![
                 "correlation-id".into(),
                 "correlation_id".into(),
@@ -266,6 +274,14 @@ pub struct FlowOverride {
     pub native_bucket_factor: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub native_max_buckets: Option<u32>,
+    /// The flow's steps, in order: other step names are refused (`unknown_step`), and
+    /// every declared step's series exist from the flow's first event.
+    #[serde(
+        default,
+        deserialize_with = "opt_string_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub steps: Option<Vec<String>>,
 }
 
 /// Which event of an instance a dimension is read from.
@@ -348,6 +364,8 @@ impl Default for NetworkFlows {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_in_flight: u64,
+    /// Distinct step names an undeclared flow may use (`too_many_steps` beyond).
+    pub max_steps_per_flow: usize,
     pub max_series_per_metric: usize,
     pub max_request_body_bytes: usize,
     #[serde(with = "duration")]
@@ -401,6 +419,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_in_flight: 1_000_000,
+            max_steps_per_flow: 32,
             max_series_per_metric: 10_000,
             max_request_body_bytes: 64 * 1024 * 1024,
             dedup_window: Duration::from_secs(300),
@@ -474,6 +493,8 @@ const MAX_BODY_LIMIT: usize = 2 * 1024 * 1024 * 1024;
 const MAX_BUFFERED_LIMIT: u64 = 1024 * 1024 * 1024 * 1024;
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Distinct steps of one flow: a journey, not a label value dump.
+const MAX_STEPS_LIMIT: usize = 1024;
 
 /// A configuration error, naming the key and where its value came from.
 #[derive(Debug)]
@@ -632,7 +653,9 @@ impl Config {
             ("events.prefix", &self.events.prefix),
             ("events.start_suffix", &self.events.start_suffix),
             ("events.end_suffix", &self.events.end_suffix),
+            ("events.step_suffix", &self.events.step_suffix),
             ("events.outcome_key", &self.events.outcome_key),
+            ("events.step_key", &self.events.step_key),
         ] {
             if value.is_empty() {
                 fail(key, "must not be empty".into())?;
@@ -642,6 +665,13 @@ impl Config {
             fail(
                 "events.end_suffix",
                 "must differ from events.start_suffix".into(),
+            )?;
+        }
+        if [&self.events.start_suffix, &self.events.end_suffix].contains(&&self.events.step_suffix)
+        {
+            fail(
+                "events.step_suffix",
+                "must differ from events.start_suffix and events.end_suffix".into(),
             )?;
         }
         if self.events.correlation_keys.is_empty()
@@ -691,6 +721,9 @@ impl Config {
                 over.native_max_buckets,
             )
             .or_else(|(k, m)| fail(&k, m))?;
+            if let Some(steps) = &over.steps {
+                check_declared_steps(name, steps).or_else(|(k, m)| fail(&k, m))?;
+            }
         }
         if !self.flows.allow_unknown && self.flows.per_flow.is_empty() {
             fail(
@@ -706,6 +739,12 @@ impl Config {
             .or_else(|(k, m)| fail(&k, m))?;
         if self.limits.max_in_flight == 0 {
             fail("limits.max_in_flight", "must be at least 1".into())?;
+        }
+        if !(1..=MAX_STEPS_LIMIT).contains(&self.limits.max_steps_per_flow) {
+            fail(
+                "limits.max_steps_per_flow",
+                format!("must be between 1 and {MAX_STEPS_LIMIT}"),
+            )?;
         }
         if self.limits.max_series_per_metric == 0 {
             fail("limits.max_series_per_metric", "must be at least 1".into())?;
@@ -844,6 +883,42 @@ fn check_dimension_labels<'a>(
                 key,
                 format!("{label:?} is used by another dimension (after sanitising)"),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// A declared step list: names by the flow-name rules (1–64 characters), each once, at
+/// most `MAX_STEPS_LIMIT`.
+fn check_declared_steps(flow: &str, steps: &[String]) -> Result<(), (String, String)> {
+    let key = |i: Option<usize>| {
+        let mut path = vec![
+            KeySeg::Key("flows".into()),
+            KeySeg::Key("per_flow".into()),
+            KeySeg::Key(flow.into()),
+            KeySeg::Key("steps".into()),
+        ];
+        path.extend(i.map(KeySeg::Index));
+        render_key(&path)
+    };
+    if steps.is_empty() {
+        return Err((
+            key(None),
+            "needs at least one step (or leave it out)".into(),
+        ));
+    }
+    if steps.len() > MAX_STEPS_LIMIT {
+        return Err((key(None), format!("at most {MAX_STEPS_LIMIT} steps")));
+    }
+    for (i, step) in steps.iter().enumerate() {
+        if !is_valid_step_name(step) {
+            return Err((
+                key(Some(i)),
+                format!("{step:?}: step names are 1-64 characters of [A-Za-z0-9_.:-]"),
+            ));
+        }
+        if steps[..i].contains(step) {
+            return Err((key(Some(i)), format!("{step:?} is listed twice")));
         }
     }
     Ok(())
@@ -1239,6 +1314,10 @@ fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         Raw::F(f) => f.to_string(),
         Raw::B(b) => b.to_string(),
     })
+}
+
+fn opt_string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    string_list(d).map(Some)
 }
 
 /// A URL, or a list of them (a cluster's nodes), kept comma-separated.
@@ -1856,6 +1935,83 @@ mod tests {
                 "{text}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn step_settings_load_and_bad_ones_name_key_and_source() {
+        let f = yaml_file(
+            "events: { step_suffix: .reached, step_key: stage }\nflows:\n  per_flow:\n    order.v2: { steps: [placed, payment_authorized, shipped] }\nlimits: { max_steps_per_flow: 8 }\n",
+        );
+        let c = Config::load(Some(&f.path), env(&[])).unwrap();
+        assert_eq!(
+            (&*c.events.step_suffix, &*c.events.step_key),
+            (".reached", "stage")
+        );
+        assert_eq!(c.limits.max_steps_per_flow, 8);
+        assert_eq!(
+            c.flows.per_flow["order.v2"].steps.as_deref(),
+            Some(
+                &[
+                    "placed".to_string(),
+                    "payment_authorized".into(),
+                    "shipped".into()
+                ][..]
+            )
+        );
+        let d = Config::default();
+        assert_eq!(
+            (&*d.events.step_suffix, &*d.events.step_key),
+            (".step", "step")
+        );
+        assert_eq!(d.limits.max_steps_per_flow, 32);
+        let long = "s".repeat(65);
+        for (text, key) in [
+            (
+                "flows:\n  per_flow:\n    o: { steps: [a, b, a] }\n".to_string(),
+                "flows.per_flow.o.steps[2]",
+            ),
+            (
+                "flows:\n  per_flow:\n    o: { steps: [a, \"b c\"] }\n".into(),
+                "flows.per_flow.o.steps[1]",
+            ),
+            (
+                format!("flows:\n  per_flow:\n    o: {{ steps: [{long}] }}\n"),
+                "flows.per_flow.o.steps[0]",
+            ),
+            (
+                "flows:\n  per_flow:\n    o: { steps: [] }\n".into(),
+                "flows.per_flow.o.steps",
+            ),
+            (
+                "limits: { max_steps_per_flow: 0 }\n".into(),
+                "limits.max_steps_per_flow",
+            ),
+            (
+                "events: { step_suffix: .end }\n".into(),
+                "events.step_suffix",
+            ),
+            ("events: { step_key: \"\" }\n".into(), "events.step_key"),
+        ] {
+            let f = yaml_file(&text);
+            let err = Config::load(Some(&f.path), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(
+                err.contains(f.path.file_name().unwrap().to_str().unwrap()),
+                "{text}: {err}"
+            );
+        }
+        let err = Config::load(
+            None,
+            env(&[("FLOWMETRICS_LIMITS__MAX_STEPS_PER_FLOW", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("FLOWMETRICS_LIMITS__MAX_STEPS_PER_FLOW"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,7 +8,15 @@ use std::fmt;
 pub const OVERFLOW_LABEL: &str = "otel_metric_overflow";
 
 /// Label names of flowmetrics' own families: a configured dimension may not take them.
-pub const RESERVED_LABELS: [&str; 5] = ["flow", "outcome", "error_reason", "le", OVERFLOW_LABEL];
+pub const RESERVED_LABELS: [&str; 7] = [
+    "flow",
+    "outcome",
+    "error_reason",
+    "le",
+    OVERFLOW_LABEL,
+    "step",
+    "last_step",
+];
 
 /// Which OTLP transport a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,16 +60,29 @@ pub enum Rejection {
     CorrelationIdTooLong,
     InvalidOutcome(String),
     UnknownFlow,
+    /// A step name that breaks the flow-name rules or is longer than 64 characters.
+    InvalidStep,
+    /// A step event without the step attribute (`events.step_key`).
+    MissingStep,
+    /// A step name the flow's declared list (`flows.per_flow.<flow>.steps`) lacks.
+    UnknownStep,
+    /// A new step name of an undeclared flow that already has
+    /// `limits.max_steps_per_flow` distinct names.
+    TooManySteps,
 }
 
 impl Rejection {
     /// Every `reason` label value.
-    pub const REASONS: [&'static str; 5] = [
+    pub const REASONS: [&'static str; 9] = [
         "invalid_flow_name",
         "missing_correlation_id",
         "correlation_id_too_long",
         "invalid_outcome",
         "unknown_flow",
+        "invalid_step",
+        "missing_step",
+        "unknown_step",
+        "too_many_steps",
     ];
 
     pub fn reason(&self) -> &'static str {
@@ -71,6 +92,10 @@ impl Rejection {
             Rejection::CorrelationIdTooLong => "correlation_id_too_long",
             Rejection::InvalidOutcome(_) => "invalid_outcome",
             Rejection::UnknownFlow => "unknown_flow",
+            Rejection::InvalidStep => "invalid_step",
+            Rejection::MissingStep => "missing_step",
+            Rejection::UnknownStep => "unknown_step",
+            Rejection::TooManySteps => "too_many_steps",
         }
     }
 }
@@ -83,6 +108,10 @@ impl fmt::Display for Rejection {
             Rejection::CorrelationIdTooLong => f.write_str("correlation id too long"),
             Rejection::InvalidOutcome(v) => write!(f, "invalid outcome {v:?}"),
             Rejection::UnknownFlow => f.write_str("unknown flow"),
+            Rejection::InvalidStep => f.write_str("invalid step name"),
+            Rejection::MissingStep => f.write_str("missing step name"),
+            Rejection::UnknownStep => f.write_str("step not declared for its flow"),
+            Rejection::TooManySteps => f.write_str("too many distinct steps for its flow"),
         }
     }
 }
@@ -93,6 +122,13 @@ pub fn is_valid_flow_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Step names: the flow-name characters, 1–64 of them (docs/behaviour.md §9).
+pub const MAX_STEP_NAME_CHARS: usize = 64;
+
+pub fn is_valid_step_name(name: &str) -> bool {
+    name.len() <= MAX_STEP_NAME_CHARS && is_valid_flow_name(name)
 }
 
 /// Flow events refused in one request, grouped by reason for a short message.

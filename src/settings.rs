@@ -10,6 +10,7 @@ use crate::flows::event::DimensionLookup;
 use crate::flows::label_value::{LabelBound, LabelCuts};
 use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;
+use crate::flows::steps::StepSettings;
 use crate::flows::store::RedisSettings;
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::ingest::limits::{connection_budget, open_file_limit, LimitSettings};
@@ -37,6 +38,7 @@ pub fn extractor(config: &Config) -> ExtractorSettings {
         end_suffix: events.end_suffix.clone(),
         correlation_keys: events.correlation_keys.clone(),
         outcome_key: events.outcome_key.clone(),
+        steps: steps(config),
         max_correlation_id_bytes: events.max_correlation_id_bytes,
         known_flows: (!config.flows.allow_unknown)
             .then(|| config.flows.per_flow.keys().cloned().collect()),
@@ -66,6 +68,28 @@ pub fn label_bound(config: &Config, cuts: Arc<LabelCuts>) -> LabelBound {
     LabelBound::new(config.limits.max_label_value_bytes, cuts)
 }
 
+/// Step events and names (`events.step_*`, `flows.per_flow.*.steps`,
+/// `limits.max_steps_per_flow`).
+pub fn steps(config: &Config) -> StepSettings {
+    StepSettings {
+        suffix: config.events.step_suffix.clone(),
+        key: config.events.step_key.clone(),
+        declared: declared_steps(config),
+        max_per_flow: config.limits.max_steps_per_flow,
+        max_flows: config.limits.max_series_per_metric,
+    }
+}
+
+/// Flows with a declared step list, in order.
+pub fn declared_steps(config: &Config) -> HashMap<String, Vec<String>> {
+    config
+        .flows
+        .per_flow
+        .iter()
+        .filter_map(|(flow, o)| Some((flow.clone(), o.steps.clone()?)))
+        .collect()
+}
+
 /// The correlation store's bounds and timeouts (`limits`, `flows.*.timeout`).
 pub fn store(config: &Config) -> StoreSettings {
     let timeouts = config.clone();
@@ -82,6 +106,10 @@ pub fn store(config: &Config) -> StoreSettings {
         dedup_window: config.limits.dedup_window,
         timeout_for: Arc::new(move |flow| timeouts.timeout_for(flow)),
         longest_timeout,
+        step_flows: declared_steps(config)
+            .into_keys()
+            .map(|f| Arc::from(f.as_str()))
+            .collect(),
     }
 }
 
@@ -164,6 +192,7 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         longest_flow_timeout: store(config).longest_timeout,
         shared_store: config.correlation.store == StoreKind::Redis,
         state_file: config.correlation.store == StoreKind::Memory && !config.state.path.is_empty(),
+        declared_steps: declared_steps(config),
     }
 }
 

@@ -18,7 +18,7 @@ fn now_ns() -> u64 {
 }
 
 /// One OTLP/JSON trace export with one span per event: (event name, correlation id,
-/// outcome or "", timestamp ns).
+/// outcome — for a `.step` event the step — or "", timestamp ns).
 fn export(events: &[(&str, &str, &str, u64)]) -> String {
     let spans: Vec<String> = events
         .iter()
@@ -26,8 +26,9 @@ fn export(events: &[(&str, &str, &str, u64)]) -> String {
         .map(|(i, (name, id, outcome, ts))| {
             let mut attrs = format!(r#"{{"key":"correlation-id","value":{{"stringValue":"{id}"}}}}"#);
             if !outcome.is_empty() {
+                let key = if name.ends_with(".step") { "step" } else { "outcome" };
                 attrs.push_str(&format!(
-                    r#",{{"key":"outcome","value":{{"stringValue":"{outcome}"}}}}"#
+                    r#",{{"key":"{key}","value":{{"stringValue":"{outcome}"}}}}"#
                 ));
             }
             format!(
@@ -106,6 +107,11 @@ fn check_counts(report: &Value) {
     // end of the first; p99: rank 1.98, 98% into (2.5, 5].
     assert!(close(&c["p50"], 0.25), "{c}");
     assert!(close(&c["p99"], 2.5 + 2.5 * 0.98), "{c}");
+    assert_eq!(
+        c["steps"],
+        serde_json::json!([]),
+        "a flow without steps: {c}"
+    );
     let p = row(report, "payment");
     assert_eq!(p["started"], 1, "{p}");
     assert_eq!(p["cancelled"], 1, "{p}");
@@ -197,5 +203,239 @@ async fn the_page_is_self_contained_and_carries_the_current_numbers() {
     )
     .await;
     assert_eq!(head.status, StatusCode::OK);
+    app.shutdown().await;
+}
+
+/// The page's totals are the exposition's own numbers: each flow's sum over its series.
+#[tokio::test]
+async fn api_flows_totals_equal_the_exposition_sums() {
+    let app = start(test_config()).await;
+    feed(&app).await;
+    let text = common::scrape_text(&app).await;
+    let r = request(
+        Method::GET,
+        &format!("http://{}/api/flows", app.metrics),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    let report: Value = serde_json::from_slice(&r.body).unwrap();
+    let samples = common::parse_samples(&text);
+    let sum = |name: &str, flow: &str, filter: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|(series, _)| {
+                series.starts_with(&format!("{name}{{"))
+                    && series.contains(&format!("flow=\"{flow}\""))
+                    && series.contains(filter)
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    for flow in ["checkout", "payment"] {
+        let row = row(&report, flow);
+        let checks = [
+            ("started", sum("flowmetrics_flows_started_total", flow, "")),
+            (
+                "success",
+                sum(
+                    "flowmetrics_flows_completed_total",
+                    flow,
+                    "outcome=\"success\"",
+                ),
+            ),
+            (
+                "failure",
+                sum(
+                    "flowmetrics_flows_completed_total",
+                    flow,
+                    "outcome=\"failure\"",
+                ),
+            ),
+            (
+                "cancelled",
+                sum(
+                    "flowmetrics_flows_completed_total",
+                    flow,
+                    "outcome=\"cancelled\"",
+                ),
+            ),
+            (
+                "incomplete",
+                sum("flowmetrics_flow_errors_total", flow, "\"incomplete\""),
+            ),
+            (
+                "in_progress",
+                sum("flowmetrics_flows_in_progress", flow, ""),
+            ),
+            ("dropped", sum("flowmetrics_flows_dropped_total", flow, "")),
+        ];
+        for (field, want) in checks {
+            assert_eq!(row[field].as_f64(), Some(want), "{flow} {field}: {row}");
+        }
+    }
+    assert!(row(&report, "checkout")["started"].as_u64().unwrap() > 0);
+    app.shutdown().await;
+}
+
+/// `order` declares placed → paid → shipped; `ship` uses steps a and b undeclared.
+/// Both time out after 1 s: order's o1 stalls at paid, o2 at placed, o3 at start; o4
+/// reaches every step and ends. ship's s1 reaches a and b and ends, s2 stalls at a.
+async fn feed_journeys(app: &flowmetrics::RunningApp) {
+    let t = now_ns() - 10_000_000_000;
+    let ms = 1_000_000u64;
+    send(
+        app,
+        export(&[
+            ("flow.order.step", "o1", "placed", t + 1000 * ms),
+            ("flow.order.start", "o1", "", t),
+            ("flow.order.start", "o2", "", t),
+            ("flow.order.start", "o3", "", t),
+            ("flow.order.start", "o4", "", t),
+            ("flow.order.step", "o1", "paid", t + 2000 * ms),
+            ("flow.order.step", "o2", "placed", t + 500 * ms),
+            ("flow.order.step", "o4", "placed", t + 500 * ms),
+            ("flow.order.step", "o4", "paid", t + 800 * ms),
+            ("flow.order.step", "o4", "shipped", t + 900 * ms),
+            ("flow.order.end", "o4", "success", t + 1000 * ms),
+            ("flow.ship.start", "s1", "", t),
+            ("flow.ship.start", "s2", "", t),
+            ("flow.ship.step", "s1", "b", t + 200 * ms),
+            ("flow.ship.step", "s1", "a", t + 100 * ms),
+            ("flow.ship.step", "s2", "a", t + 100 * ms),
+            ("flow.ship.end", "s1", "success", t + 300 * ms),
+        ]),
+    )
+    .await;
+}
+
+fn step_row<'a>(flow: &'a Value, step: &str) -> &'a Value {
+    flow["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == step)
+        .unwrap_or_else(|| panic!("no step {step} in {flow}"))
+}
+
+#[tokio::test]
+async fn api_flows_shows_each_journey_reached_conversion_median_and_stalls() {
+    let mut config = test_config();
+    config.flows.default.timeout = Duration::from_secs(1);
+    config.flows.per_flow.insert(
+        "order".into(),
+        flowmetrics::config::FlowOverride {
+            steps: Some(vec!["placed".into(), "paid".into(), "shipped".into()]),
+            ..Default::default()
+        },
+    );
+    let app = start(config).await;
+    feed_journeys(&app).await;
+    let url = format!("http://{}/api/flows", app.metrics);
+    // Until the time-outs are counted (within 2 s after the 1 s timeout).
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let r = request(Method::GET, &url, &[], Bytes::new()).await;
+        let report: Value = serde_json::from_slice(&r.body).unwrap();
+        let done =
+            row(&report, "order")["incomplete"] == 3 && row(&report, "ship")["incomplete"] == 1;
+        if done || std::time::Instant::now() > give_up {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let order = row(&report, "order");
+    assert_eq!(order["started"], 4, "{order}");
+    assert_eq!(order["incomplete"], 3, "{order}");
+    let names: Vec<&str> = order["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["placed", "paid", "shipped"],
+        "declared order: {order}"
+    );
+    let placed = step_row(order, "placed");
+    assert_eq!(placed["reached"], 3, "{placed}");
+    assert!(close(&placed["conversion"], 0.75), "{placed}");
+    // 0.5 s, 0.5 s and 1 s: rank 1.5 of 3 lies 3/4 into (0.25, 0.5].
+    assert!(close(&placed["p50"], 0.4375), "{placed}");
+    assert_eq!(placed["stalled"], 1, "{placed}");
+    let paid = step_row(order, "paid");
+    assert_eq!(paid["reached"], 2, "{paid}");
+    assert!(close(&paid["conversion"], 0.5), "{paid}");
+    assert_eq!(paid["stalled"], 1, "{paid}");
+    let shipped = step_row(order, "shipped");
+    assert_eq!(shipped["reached"], 1, "{shipped}");
+    assert_eq!(shipped["stalled"], 0, "{shipped}");
+    assert_eq!(order["stalled_at_start"], 1, "{order}");
+
+    // Undeclared: by instances reached, most first.
+    let ship = row(&report, "ship");
+    let names: Vec<&str> = ship["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b"], "{ship}");
+    assert!(close(&step_row(ship, "a")["conversion"], 1.0), "{ship}");
+    assert_eq!(step_row(ship, "a")["stalled"], 1, "{ship}");
+    assert!(close(&step_row(ship, "b")["conversion"], 0.5), "{ship}");
+    assert_eq!(ship["stalled_at_start"], 0, "{ship}");
+
+    // The same numbers as the exposition's step families.
+    let samples = common::parse_samples(&common::scrape_text(&app).await);
+    let sum = |name: &str, labels: &[&str]| -> f64 {
+        samples
+            .iter()
+            .filter(|(series, _)| {
+                series.starts_with(&format!("{name}{{"))
+                    && labels.iter().all(|l| series.contains(l))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    for (flow, step) in [
+        ("order", "placed"),
+        ("order", "paid"),
+        ("order", "shipped"),
+        ("ship", "a"),
+        ("ship", "b"),
+    ] {
+        let f = format!("flow=\"{flow}\"");
+        let st = format!("step=\"{step}\"");
+        let last = format!("last_step=\"{step}\"");
+        let r = step_row(row(&report, flow), step);
+        assert_eq!(
+            r["reached"].as_f64(),
+            Some(sum("flowmetrics_flow_steps_total", &[&f, &st]))
+        );
+        assert_eq!(
+            r["stalled"].as_f64(),
+            Some(sum("flowmetrics_flow_stalled_total", &[&f, &last]))
+        );
+    }
+
+    // The page carries the journeys for its first paint and renders them as tables.
+    let page = request(
+        Method::GET,
+        &format!("http://{}/", app.metrics),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .text();
+    assert!(page.contains(r#"id="journeys""#) && page.contains("renderJourneys"));
+    let data = page
+        .split_once(r#"<script type="application/json" id="initial-data">"#)
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map(|(json, _)| json)
+        .expect("initial data block");
+    let initial: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(step_row(row(&initial, "order"), "placed")["reached"], 3);
     app.shutdown().await;
 }

@@ -77,6 +77,10 @@ impl FlowSink for Recorder {
             // A shared store keeps its instances itself: nothing is restored from a file.
             Report::Restored { flow, .. } => self.add(flow, "restored"),
             Report::Discarded { flow, .. } => self.add(flow, "discarded"),
+            Report::StepReached { flow, step, .. } => self.add(flow, &format!("step_{step}")),
+            Report::StepUnmatched { flow, reason } => {
+                self.add(flow, &format!("step_unmatched_{}", reason.label()))
+            }
         }
     }
 }
@@ -136,6 +140,7 @@ fn sharded(
                         }
                     }),
                     longest_timeout: timeout,
+                    step_flows: Vec::new(),
                 },
                 RedisSettings {
                     url: server.url(),
@@ -165,6 +170,7 @@ fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
         dims: Arc::from([]),
         trace: None,
         source: Source::SpanEvent,
+        step: None,
     }
 }
 
@@ -578,6 +584,7 @@ fn lost_reply(shards: u32) {
             dedup_window: Duration::from_secs(300),
             timeout_for: Arc::new(|_| Duration::from_secs(60)),
             longest_timeout: Duration::from_secs(60),
+            step_flows: Vec::new(),
         },
         RedisSettings {
             url: server.url(),

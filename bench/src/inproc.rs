@@ -207,6 +207,7 @@ fn seeded_metrics(flows: usize, histogram: HistogramKind, max_series: usize) -> 
             start_dims: &no_dims,
             end: &end,
             duration_secs: 0.2 + (f % 100) as f64 / 10.0,
+            transits: &[],
         });
     }
     metrics
@@ -317,6 +318,7 @@ pub fn timeliness(n: usize, spread: Duration, timeout: Duration, longest: Durati
             dedup_window: Duration::from_secs(300),
             timeout_for: Arc::new(move |_| timeout),
             longest_timeout: longest,
+            step_flows: Vec::new(),
         },
         stamps.clone(),
     ));
@@ -343,6 +345,7 @@ pub fn timeliness(n: usize, spread: Duration, timeout: Duration, longest: Durati
             dims: no_dims.clone(),
             trace: None,
             source: Source::SpanEvent,
+            step: None,
         });
         deadlines.push(opened + timeout);
     }

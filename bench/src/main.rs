@@ -284,6 +284,8 @@ fn main() {
     let sparse = Arc::new(Template::new(Shape::Sparse));
     let rare = Arc::new(Template::new(Shape::Rare));
     let starts = Arc::new(Template::new(Shape::StartsOnly));
+    let steps = Arc::new(Template::new(Shape::Steps));
+    let starts_with_steps = Arc::new(Template::new(Shape::StartsWithSteps));
     let machine = machine();
     eprintln!(
         "flowmetrics-bench ({} mode) on {} CPUs, {}",
@@ -345,10 +347,12 @@ fn main() {
     // (3) Pipeline in process.
     if wants("pipeline") {
         progress("pipeline in process");
+        let mut flow_events_per_sec = None;
         for (t, id) in [
             (&flow, "pipeline_flow"),
             (&sparse, "pipeline_sparse"),
             (&rare, "pipeline_rare"),
+            (&steps, "pipeline_steps"),
         ] {
             let p = on_worker(inproc_cpu, || inproc::pipeline(t, sizes.inproc));
             let (value, unit) = rate_for(t, p.events_per_sec, p.spans_per_sec);
@@ -360,13 +364,19 @@ fn main() {
                 unit,
             );
             row.ratio = Some(p.spans_per_sec / baselines.for_shape(t.shape));
-            let vs_moka = if t.shape == Shape::Flow {
-                format!(
-                    "; {:.2}x moka alone",
-                    p.events_per_sec / moka.events_per_sec
-                )
-            } else {
-                String::new()
+            let vs_moka = match (t.shape, flow_events_per_sec) {
+                (Shape::Flow, _) => {
+                    flow_events_per_sec = Some(p.events_per_sec);
+                    format!(
+                        "; {:.2}x moka alone",
+                        p.events_per_sec / moka.events_per_sec
+                    )
+                }
+                // The steps workload against the pairs workload of this run.
+                (Shape::Steps, Some(pairs)) => {
+                    format!("; {:.2}x the flow workload", p.events_per_sec / pairs)
+                }
+                _ => String::new(),
             };
             row.notes = format!(
                 "{:.0} spans/s{vs_moka}; store housekeeping {:.0}% of time; {} batches",
@@ -484,6 +494,10 @@ fn main() {
                 ));
                 rows.push(memory(bin, &starts, n, dims));
             }
+        }
+        for n in sizes.memory {
+            progress(&format!("memory: {n} open instances with 4 steps each"));
+            rows.push(memory(bin, &starts_with_steps, n, false));
         }
         progress("memory: RSS under steady load");
         rows.push(steady(bin, &flow, &sizes, &baselines));
@@ -885,10 +899,11 @@ fn memory(bin: &Path, starts: &Arc<Template>, n: u64, dims: bool) -> Row {
         "flows:\n  default:\n    timeout: 1h\n{}",
         if dims { THREE_DIMENSIONS } else { "" }
     );
+    let with_steps = starts.shape == Shape::StartsWithSteps;
     let server = start(bin, &base_config(&limits, &extra));
     std::thread::sleep(Duration::from_millis(300));
     let before = server.rss_bytes();
-    let batches = n.div_ceil(starts.events);
+    let batches = n.div_ceil(starts.instances());
     let r = load::run(
         &server,
         Load {
@@ -903,7 +918,7 @@ fn memory(bin: &Path, starts: &Arc<Template>, n: u64, dims: bool) -> Row {
             first_batch: 0,
         },
     );
-    let opened = batches * starts.events;
+    let opened = batches * starts.instances();
     // The last requests may still be in flight when the load generator returns.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut entries = 0.0;
@@ -924,15 +939,18 @@ fn memory(bin: &Path, starts: &Arc<Template>, n: u64, dims: bool) -> Row {
     };
     let mut row = Row::new(
         5,
-        match (n >= 1_000_000, dims) {
-            (true, false) => "rss_per_instance_1m",
-            (true, true) => "rss_per_instance_1m_dims",
-            (false, false) => "rss_per_instance_small",
-            (false, true) => "rss_per_instance_small_dims",
+        match (n >= 1_000_000, dims, with_steps) {
+            (true, _, true) => "rss_per_instance_1m_4steps",
+            (false, _, true) => "rss_per_instance_small_4steps",
+            (true, false, _) => "rss_per_instance_1m",
+            (true, true, _) => "rss_per_instance_1m_dims",
+            (false, false, _) => "rss_per_instance_small",
+            (false, true, _) => "rss_per_instance_small_dims",
         },
         format!(
-            "RSS per open instance, {} open, {dims_label}",
-            thousands(opened as f64)
+            "RSS per open instance, {} open, {dims_label}{}",
+            thousands(opened as f64),
+            if with_steps { ", 4 steps each" } else { "" }
         ),
         per,
         "bytes/instance",

@@ -25,6 +25,7 @@ fn store(capacity: u64) -> MemoryStore {
             dedup_window: Duration::from_secs(300),
             timeout_for: Arc::new(|_| Duration::from_secs(1800)),
             longest_timeout: Duration::from_secs(1800),
+            step_flows: Vec::new(),
         },
         Arc::new(Null),
     )
@@ -39,6 +40,7 @@ fn event(i: u64, kind: EventKind, dims: &[DimValues], flows: &[Arc<str>]) -> Flo
         dims: dims[(i % 10) as usize].clone(),
         trace: None,
         source: Source::SpanEvent,
+        step: None,
     }
 }
 

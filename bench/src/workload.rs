@@ -43,7 +43,18 @@ pub enum Shape {
     NetworkAll,
     /// One span in ten is a Flow Span, the rest plain spans.
     NetworkSparse,
+    /// Every span carries one flow event; each instance has a start, four steps
+    /// (`LAG / 2` batches later) and an end (`LAG` batches later).
+    Steps,
+    /// Every span carries an event: each new instance's start and its four steps, in
+    /// the same batch; nothing closes them (memory runs).
+    StartsWithSteps,
 }
+
+/// The steps of the steps workloads, in order.
+pub const STEP_NAMES: [&str; 4] = ["placed", "paid", "packed", "shipped"];
+/// Events per instance: start, four steps, end.
+const STEPS_EVENTS: usize = 6;
 
 impl Shape {
     pub fn label(self) -> &'static str {
@@ -54,6 +65,8 @@ impl Shape {
             Shape::StartsOnly => "starts only",
             Shape::NetworkAll => "Flow Spans (every span)",
             Shape::NetworkSparse => "Flow Spans (10% of spans)",
+            Shape::Steps => "steps (1 event/span; start, 4 steps, end)",
+            Shape::StartsWithSteps => "starts with 4 steps",
         }
     }
 }
@@ -181,6 +194,16 @@ pub fn flow_event(flow: &str, start: bool, id: &str, n: usize) -> Event {
     }
 }
 
+/// Step `k` of an instance, `k + 1` × 300 ms after its start.
+pub fn step_event(flow: &str, k: usize, id: &str, n: usize) -> Event {
+    Event {
+        time_unix_nano: BASE_TIME + (k as u64 + 1) * 300_000_000 + n as u64,
+        name: format!("flow.{flow}.step"),
+        attributes: vec![kv("correlation-id", s(id)), kv("step", s(STEP_NAMES[k]))],
+        ..Default::default()
+    }
+}
+
 pub fn request(spans: Vec<Span>) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
@@ -201,7 +224,9 @@ impl Template {
         let mut slot = 0usize;
         for n in 0..SPANS_PER_BATCH {
             let carries = match shape {
-                Shape::Flow | Shape::StartsOnly => true,
+                Shape::Flow | Shape::StartsOnly | Shape::StartsWithSteps => true,
+                // Whole instances only.
+                Shape::Steps => n < SPANS_PER_BATCH / STEPS_EVENTS * STEPS_EVENTS,
                 Shape::Sparse => n.is_multiple_of(10),
                 Shape::Rare => n.is_multiple_of(100),
                 Shape::NetworkAll | Shape::NetworkSparse => false,
@@ -216,9 +241,13 @@ impl Template {
                 continue;
             }
             let event = carries.then(|| {
-                let (start, pair) = slot_role(shape, slot);
+                let (role, pair) = slot_role(shape, slot);
                 slot += 1;
-                flow_event(FLOWS[pair as usize % FLOWS.len()], start, &placeholder(), n)
+                let flow = FLOWS[pair as usize % FLOWS.len()];
+                match role {
+                    Role::Step(k) => step_event(flow, k, &placeholder(), n),
+                    role => flow_event(flow, role == Role::Start, &placeholder(), n),
+                }
             });
             spans.push(span(n, event));
         }
@@ -251,6 +280,8 @@ impl Template {
         );
         let starts = match shape {
             Shape::StartsOnly => slot as u64,
+            Shape::Steps => (slot / STEPS_EVENTS) as u64,
+            Shape::StartsWithSteps => (slot / 5) as u64,
             _ => slot as u64 / 2,
         };
         Template {
@@ -265,12 +296,21 @@ impl Template {
         }
     }
 
+    /// New instances per batch.
+    pub fn instances(&self) -> u64 {
+        self.starts
+    }
+
     fn id(&self, batch: u64, slot: usize) -> u64 {
-        let (start, pair) = slot_role(self.shape, slot);
-        if start {
-            batch * self.starts + pair
-        } else if batch >= LAG {
-            (batch - LAG) * self.starts + pair
+        let (role, pair) = slot_role(self.shape, slot);
+        // Steps of the steps workload go to instances opened LAG / 2 batches earlier.
+        let lag = match (role, self.shape) {
+            (Role::Start, _) | (Role::Step(_), Shape::StartsWithSteps) => 0,
+            (Role::Step(_), _) => LAG / 2,
+            (Role::End, _) => LAG,
+        };
+        if batch >= lag {
+            (batch - lag) * self.starts + pair
         } else {
             ORPHAN_BASE + batch * self.starts + pair
         }
@@ -361,11 +401,35 @@ pub fn flow_span(n: usize) -> Span {
     span
 }
 
-/// (is a start, pair index) of the flow event in `slot`.
-fn slot_role(shape: Shape, slot: usize) -> (bool, u64) {
+/// What a flow event does to its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Start,
+    Step(usize),
+    End,
+}
+
+/// (role, instance index within the batch) of the flow event in `slot`.
+fn slot_role(shape: Shape, slot: usize) -> (Role, u64) {
     match shape {
-        Shape::StartsOnly => (true, slot as u64),
-        _ => (slot.is_multiple_of(2), slot as u64 / 2),
+        Shape::StartsOnly => (Role::Start, slot as u64),
+        Shape::Steps => {
+            let role = match slot % STEPS_EVENTS {
+                0 => Role::Start,
+                5 => Role::End,
+                k => Role::Step(k - 1),
+            };
+            (role, (slot / STEPS_EVENTS) as u64)
+        }
+        Shape::StartsWithSteps => {
+            let role = match slot % 5 {
+                0 => Role::Start,
+                k => Role::Step(k - 1),
+            };
+            (role, (slot / 5) as u64)
+        }
+        _ if slot.is_multiple_of(2) => (Role::Start, slot as u64 / 2),
+        _ => (Role::End, slot as u64 / 2),
     }
 }
 
@@ -415,6 +479,30 @@ mod tests {
         let sparse = Template::new(Shape::Sparse);
         assert_eq!(sparse.events, 100);
         assert_eq!(Template::new(Shape::Rare).events, 10);
+    }
+
+    #[test]
+    fn steps_go_to_open_instances() {
+        let t = Template::new(Shape::Steps);
+        assert_eq!((t.instances(), t.events), (166, 996));
+        let m = t.batch_message(LAG);
+        let spans = &m.resource_spans[0].scope_spans[0].spans;
+        let event = |n: usize| &spans[n].events[0];
+        let id = |n: usize| format!("{:?}", event(n).attributes[0].value);
+        assert_eq!(event(0).name, "flow.checkout.start");
+        assert_eq!(event(1).name, "flow.checkout.step");
+        assert_eq!(event(5).name, "flow.checkout.end");
+        assert_eq!(id(0), format!("{:?}", s(&id_text(LAG * 166))));
+        assert_eq!(id(1), format!("{:?}", s(&id_text(LAG / 2 * 166))));
+        assert_eq!(id(5), format!("{:?}", s(&id_text(0))));
+        let w = Template::new(Shape::StartsWithSteps);
+        assert_eq!((w.instances(), w.events), (200, 1000));
+        let m = w.batch_message(3);
+        let spans = &m.resource_spans[0].scope_spans[0].spans;
+        assert_eq!(
+            spans[0].events[0].attributes[0].value,
+            spans[4].events[0].attributes[0].value
+        );
     }
 
     #[test]

@@ -5,8 +5,11 @@
 //! Three services, each with its own tracer provider and `service.name`:
 //! `order-service`, `payment-service` and `fulfillment-service`. Three flows:
 //!
-//! * `checkout`: started by order-service, charged by payment-service (a child span in the
-//!   same trace, no flow event), ended by fulfillment-service in a trace of its own;
+//! * `checkout`: started by order-service, then four steps (`flow.checkout.step`):
+//!   `cart` (order-service) and `payment_authorized` (payment-service) in the start's trace,
+//!   `packed` and `shipped` (fulfillment-service) in traces of their own; ended by
+//!   fulfillment-service in a trace of its own. Unfinished instances stall after any
+//!   number of steps (see `journey`);
 //! * `payment`: started and ended by payment-service, in two different traces (the end
 //!   comes from the payment provider's callback);
 //! * `refund`: started by order-service, ended by payment-service.
@@ -23,10 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
-};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
 use opentelemetry_http::hyper::HyperClient;
 use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
 use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
@@ -39,6 +40,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+mod journey;
 mod network;
 
 const HELP: &str = "\
@@ -50,7 +52,9 @@ USAGE:
 Simulates three services (order-service, payment-service, fulfillment-service), each with
 its own OpenTelemetry tracer provider and service.name, running three business flows:
 
-    checkout  start: order-service    (payment-service charges in between)
+    checkout  start: order-service
+              steps: cart (order-service), payment_authorized (payment-service),
+                     packed, shipped (fulfillment-service)
               end:   fulfillment-service
     payment   start: payment-service   end: payment-service (callback, another trace)
     refund    start: order-service     end: payment-service
@@ -58,10 +62,19 @@ its own OpenTelemetry tracer provider and service.name, running three business f
 Each flow instance is a span carrying the event `flow.<flow>.start` with attribute
 `correlation-id`, and later, in another service and trace, a span carrying
 `flow.<flow>.end` with attributes `correlation-id` and `outcome`. Outcomes are mostly
-`success`, some `failure` (span status ERROR), some `cancelled`; about 2% of instances
-never end (flowmetrics counts them as `incomplete` once the flow timeout passes). About
-10% of instances export their end before their start (the start's span stays open until
-after the end has been exported). Latencies follow a log-normal spread per flow, from
+`success`, some `failure` (span status ERROR), some `cancelled`; 1-5% of instances
+never end (flowmetrics counts them as `incomplete` once the flow timeout passes).
+
+Checkout instances also pass through steps, each a span event `flow.checkout.step`
+with attributes `correlation-id` and `step`, at 10%, 40%, 70% and 90% of the latency.
+Successful checkouts send all four; failed ones stop after `cart` (payment declined)
+or `packed` (out of stock); cancelled ones after `cart` or `payment_authorized`.
+Unfinished checkouts stall after any number of steps, from none (`start`) to
+`shipped`, and never send the later steps or the end. Configure flowmetrics with
+`flows.per_flow.checkout.steps: [cart, payment_authorized, packed, shipped]`.
+
+About 10% of instances export their start after everything else they send (steps and
+end): the start's span stays open until after those have been exported. Latencies follow a log-normal spread per flow, from
 milliseconds to tens of seconds, capped at --max-latency. Spans are exported in batches
 every 500ms.
 
@@ -85,8 +98,12 @@ OPTIONS:
                            off [default: 5s]
     --summary PATH         write what was sent as JSON:
                            {\"flows\":{\"checkout\":{\"started\":N,\"success\":N,
-                           \"failure\":N,\"cancelled\":N,\"unfinished\":N},...}}
-                           unfinished = started without an end sent
+                           \"failure\":N,\"cancelled\":N,\"unfinished\":N,
+                           \"steps\":{\"cart\":N,...},\"stalled\":{\"start\":N,
+                           \"cart\":N,...}},...}}
+                           unfinished = started without an end sent; steps =
+                           step events sent; stalled = unfinished instances by
+                           the last step sent (flows with steps only)
     --network-flows        instead of flows, export Flow Spans (network flow records
                            between the shop's workloads, --rate records/s)
     -h, --help             print this help
@@ -107,8 +124,9 @@ EXAMPLES:
     flowmetrics-demo --endpoint http://flowmetrics:4318 --seed 7 --max-latency 5s
 ";
 
-/// How long a start span stays open after its end was emitted, for instances whose end is
-/// exported first: longer than the batch delay, so the end's batch leaves first.
+/// How long a start span stays open after the instance's last event was emitted, for
+/// instances whose start is exported last: longer than the batch delay, so the other
+/// events' batches leave first.
 const END_FIRST_HOLD: Duration = Duration::from_millis(2000);
 const BATCH_DELAY: Duration = Duration::from_millis(500);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -338,6 +356,8 @@ struct FlowSpec {
     sigma: f64,
     /// Weights of success, failure, cancelled, never finished.
     outcomes: [f64; 4],
+    /// The steps between start and end, in order (empty: none).
+    steps: &'static [journey::StepSpec],
 }
 
 const FLOWS: [FlowSpec; 3] = [
@@ -345,11 +365,15 @@ const FLOWS: [FlowSpec; 3] = [
         name: "checkout",
         weight: 0.5,
         start: (Service::Order, "POST /checkout"),
-        via: Some((Service::Payment, "charge card")),
+        // payment-service charges in between: the payment_authorized step's span.
+        via: None,
         end: (Service::Fulfillment, "ship order"),
         median: Duration::from_millis(1200),
         sigma: 1.1,
-        outcomes: [0.85, 0.08, 0.05, 0.02],
+        // More never-finished instances than the other flows, so that every step has
+        // stalled instances to show.
+        outcomes: [0.83, 0.08, 0.04, 0.05],
+        steps: &journey::CHECKOUT_STEPS,
     },
     FlowSpec {
         name: "payment",
@@ -360,6 +384,7 @@ const FLOWS: [FlowSpec; 3] = [
         median: Duration::from_millis(250),
         sigma: 1.0,
         outcomes: [0.91, 0.06, 0.02, 0.01],
+        steps: &[],
     },
     FlowSpec {
         name: "refund",
@@ -370,6 +395,7 @@ const FLOWS: [FlowSpec; 3] = [
         median: Duration::from_secs(4),
         sigma: 1.0,
         outcomes: [0.78, 0.10, 0.09, 0.03],
+        steps: &[],
     },
 ];
 
@@ -380,7 +406,10 @@ struct Plan {
     latency: Duration,
     /// `None`: never finished.
     outcome: Option<Outcome>,
-    end_first: bool,
+    /// How many of the flow's steps are sent (a prefix of them).
+    steps: usize,
+    /// The start is exported after the instance's steps and end.
+    start_last: bool,
 }
 
 fn plan(rng: &mut Rng, run_id: &str, n: u64, max_latency: Duration) -> Plan {
@@ -395,13 +424,16 @@ fn plan(rng: &mut Rng, run_id: &str, n: u64, max_latency: Duration) -> Plan {
         2 => Some(Outcome::Cancelled),
         _ => None,
     };
-    let end_first = rng.unit() < 0.10;
+    let steps = journey::steps_reached(rng, spec.steps.len(), outcome);
+    let start_last = rng.unit() < 0.10;
     Plan {
         flow,
         correlation_id: format!("{}-{run_id}-{n}", spec.name),
         latency,
         outcome,
-        end_first: end_first && outcome.is_some(),
+        steps,
+        // Only when something else is sent before it.
+        start_last: start_last && (outcome.is_some() || steps > 0),
     }
 }
 
@@ -414,6 +446,10 @@ struct Counts {
     success: u64,
     failure: u64,
     cancelled: u64,
+    /// Step events sent, by the step's index in the flow's steps.
+    steps: [u64; journey::MAX_STEPS],
+    /// Unfinished instances by the number of steps they sent (0: stalled at `start`).
+    stalled: [u64; journey::MAX_STEPS + 1],
 }
 
 impl Counts {
@@ -433,7 +469,7 @@ fn summary_json(tally: &BTreeMap<&'static str, Counts>) -> String {
         }
         let _ = write!(
             out,
-            "\"{}\":{{\"started\":{},\"success\":{},\"failure\":{},\"cancelled\":{},\"unfinished\":{}}}",
+            "\"{}\":{{\"started\":{},\"success\":{},\"failure\":{},\"cancelled\":{},\"unfinished\":{}",
             spec.name,
             c.started,
             c.success,
@@ -441,6 +477,10 @@ fn summary_json(tally: &BTreeMap<&'static str, Counts>) -> String {
             c.cancelled,
             c.unfinished()
         );
+        if !spec.steps.is_empty() {
+            out.push_str(&journey::summary_json(spec.steps, &c.steps, &c.stalled));
+        }
+        out.push('}');
     }
     out.push_str("}}\n");
     out
@@ -460,6 +500,7 @@ fn summary_table(tally: &BTreeMap<&'static str, Counts>, exports: &ExportTotals)
         success: t.success + c.success,
         failure: t.failure + c.failure,
         cancelled: t.cancelled + c.cancelled,
+        ..Counts::default()
     });
     rows.push(("total".into(), total));
     let mut out = format!(
@@ -477,6 +518,10 @@ fn summary_table(tally: &BTreeMap<&'static str, Counts>, exports: &ExportTotals)
             c.cancelled,
             c.unfinished()
         );
+    }
+    for spec in FLOWS.iter().filter(|s| !s.steps.is_empty()) {
+        let c = tally.get(spec.name).copied().unwrap_or_default();
+        out.push_str(&journey::summary_lines(spec, &c.steps, &c.stalled));
     }
     let _ = writeln!(
         out,
@@ -804,90 +849,6 @@ impl Shop {
     }
 }
 
-/// Sleeps for `d`; false when aborted first.
-async fn sleep_or_abort(d: Duration, abort: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => true,
-        _ = abort.wait_for(|a| *a) => false,
-    }
-}
-
-async fn run_instance(shop: Arc<Shop>, plan: Plan, tally: Tally, mut abort: watch::Receiver<bool>) {
-    let spec = &FLOWS[plan.flow];
-    let id = plan.correlation_id;
-    let start_tracer = shop.tracer(spec.start.0);
-    let mut start_span = start_tracer
-        .span_builder(spec.start.1)
-        .with_kind(SpanKind::Server)
-        .start(start_tracer);
-    start_span.add_event(
-        format!("flow.{}.start", spec.name),
-        vec![KeyValue::new("correlation-id", id.clone())],
-    );
-    tally.lock().unwrap().entry(spec.name).or_default().started += 1;
-    let start_cx = Context::new().with_remote_span_context(start_span.span_context().clone());
-    if !plan.end_first {
-        start_span.end();
-    }
-
-    let alive = if let Some((service, op)) = spec.via {
-        let before = plan.latency.mul_f64(0.4);
-        let mut alive = sleep_or_abort(before, &mut abort).await;
-        if alive {
-            let tracer = shop.tracer(service);
-            let mut span = tracer
-                .span_builder(op)
-                .with_kind(SpanKind::Internal)
-                .start_with_context(tracer, &start_cx);
-            span.set_attribute(KeyValue::new("payment.amount", 42.0));
-            span.end();
-            alive = sleep_or_abort(plan.latency - before, &mut abort).await;
-        }
-        alive
-    } else {
-        sleep_or_abort(plan.latency, &mut abort).await
-    };
-
-    if let (true, Some(outcome)) = (alive, plan.outcome) {
-        let tracer = shop.tracer(spec.end.0);
-        let kind = if spec.end.0 == Service::Fulfillment {
-            SpanKind::Consumer
-        } else {
-            SpanKind::Server
-        };
-        // A root span: the end lives in a trace of its own.
-        let mut span = tracer
-            .span_builder(spec.end.1)
-            .with_kind(kind)
-            .start_with_context(tracer, &Context::new());
-        span.add_event(
-            format!("flow.{}.end", spec.name),
-            vec![
-                KeyValue::new("correlation-id", id),
-                KeyValue::new("outcome", outcome.as_str()),
-            ],
-        );
-        if outcome == Outcome::Failure {
-            span.set_status(Status::error(format!("{} failed", spec.name)));
-        }
-        span.end();
-        {
-            let mut tally = tally.lock().unwrap();
-            let c = tally.entry(spec.name).or_default();
-            match outcome {
-                Outcome::Success => c.success += 1,
-                Outcome::Failure => c.failure += 1,
-                Outcome::Cancelled => c.cancelled += 1,
-            }
-        }
-        if plan.end_first {
-            sleep_or_abort(END_FIRST_HOLD, &mut abort).await;
-        }
-    }
-    // Ends the start span if still open (end-first instances, aborted ones).
-    drop(start_span);
-}
-
 // ---------------------------------------------------------------------------------------
 // Main
 
@@ -1017,7 +978,7 @@ async fn run(args: Args) -> ExitCode {
         }
         let p = plan(&mut rng, &run_id, n, args.max_latency);
         n += 1;
-        tasks.spawn(run_instance(
+        tasks.spawn(journey::run_instance(
             shop.clone(),
             p,
             tally.clone(),
@@ -1170,7 +1131,7 @@ mod tests {
             (0..200)
                 .map(|n| {
                     let p = plan(&mut rng, "r", n, Duration::from_secs(30));
-                    (p.flow, p.latency, p.outcome, p.end_first)
+                    (p.flow, p.latency, p.outcome, p.steps, p.start_last)
                 })
                 .collect::<Vec<_>>()
         };
@@ -1191,7 +1152,20 @@ mod tests {
         assert!(share(&|p| p.outcome == Some(Outcome::Failure)) > 0.04);
         assert!(share(&|p| p.outcome == Some(Outcome::Cancelled)) > 0.02);
         assert!(share(&|p| p.outcome.is_none()) > 0.005);
-        assert!(share(&|p| p.end_first) > 0.05);
+        assert!(share(&|p| p.start_last) > 0.05);
+        assert!(plans.iter().all(|p| p.steps <= FLOWS[p.flow].steps.len()));
+        // Every checkout success sends all its steps; unfinished ones stall everywhere.
+        assert!(plans
+            .iter()
+            .filter(|p| p.flow == 0 && p.outcome == Some(Outcome::Success))
+            .all(|p| p.steps == journey::CHECKOUT_STEPS.len()));
+        for k in 0..=journey::CHECKOUT_STEPS.len() {
+            assert!(
+                share(&|p| p.flow == 0 && p.outcome.is_none() && p.steps == k) > 0.002,
+                "checkout instances stalling after {k} steps"
+            );
+        }
+        assert!(share(&|p| p.flow != 0 && p.steps > 0) == 0.0);
         assert!(share(&|p| p.latency < Duration::from_millis(100)) > 0.02);
         assert!(share(&|p| p.latency > Duration::from_secs(10)) > 0.005);
         assert!(plans
@@ -1224,11 +1198,24 @@ mod tests {
                 success: 2,
                 failure: 1,
                 cancelled: 1,
+                ..Counts::default()
+            },
+        );
+        t.insert(
+            "checkout",
+            Counts {
+                started: 3,
+                success: 1,
+                steps: [3, 2, 1, 1],
+                stalled: [1, 1, 0, 0, 0],
+                ..Counts::default()
             },
         );
         assert_eq!(
             summary_json(&t),
-            "{\"flows\":{\"checkout\":{\"started\":0,\"success\":0,\"failure\":0,\"cancelled\":0,\"unfinished\":0},\
+            "{\"flows\":{\"checkout\":{\"started\":3,\"success\":1,\"failure\":0,\"cancelled\":0,\"unfinished\":2,\
+             \"steps\":{\"cart\":3,\"payment_authorized\":2,\"packed\":1,\"shipped\":1},\
+             \"stalled\":{\"start\":1,\"cart\":1,\"payment_authorized\":0,\"packed\":0,\"shipped\":0}},\
              \"payment\":{\"started\":5,\"success\":2,\"failure\":1,\"cancelled\":1,\"unfinished\":1},\
              \"refund\":{\"started\":0,\"success\":0,\"failure\":0,\"cancelled\":0,\"unfinished\":0}}}\n"
         );

@@ -1,20 +1,28 @@
 //! The `flowmetrics-demo` binary as a user runs it: progress lines, the final summary
-//! table, and failed exports that name the endpoint and the cause.
+//! table, failed exports that name the endpoint and the cause, and the flow events it
+//! sends (decoded from the OTLP requests) matching its summary.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use prost::Message as _;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flowmetrics-demo");
 
+/// Request bodies in the order they arrived.
+type Bodies = Arc<Mutex<Vec<Vec<u8>>>>;
+
 /// A minimal OTLP/HTTP sink on loopback: answers every request with `status` and an
-/// empty (valid) protobuf body; counts the requests.
-fn sink(status: &'static str) -> (String, Arc<AtomicU64>) {
+/// empty (valid) protobuf body; keeps the request bodies.
+fn sink(status: &'static str) -> (String, Bodies) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let requests = Arc::new(AtomicU64::new(0));
+    let requests = Bodies::default();
     let counter = requests.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -25,7 +33,7 @@ fn sink(status: &'static str) -> (String, Arc<AtomicU64>) {
     (url, requests)
 }
 
-fn serve(conn: TcpStream, status: &str, counter: &AtomicU64) {
+fn serve(conn: TcpStream, status: &str, counter: &Mutex<Vec<Vec<u8>>>) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut conn = conn;
     loop {
@@ -50,7 +58,7 @@ fn serve(conn: TcpStream, status: &str, counter: &AtomicU64) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.lock().unwrap().push(body);
         let reply = format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n"
         );
@@ -100,7 +108,7 @@ fn progress_lines_and_a_summary_table_that_matches_the_summary_file() {
     let out = demo(&url, &["--summary", summary.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(requests.load(Ordering::Relaxed) > 0);
+    assert!(!requests.lock().unwrap().is_empty());
 
     let progress: Vec<&str> = stderr
         .lines()
@@ -183,4 +191,149 @@ fn a_rejecting_server_is_named_with_its_status() {
         stderr.contains(&format!("failed: HTTP 503 Service Unavailable at {url}")),
         "{stderr}"
     );
+}
+
+/// One flow event as the sink received it.
+struct Received {
+    flow: String,
+    kind: String,
+    id: String,
+    step: Option<String>,
+    /// Index of the request that carried it.
+    request: usize,
+}
+
+fn decode_events(bodies: &[Vec<u8>]) -> Vec<Received> {
+    let mut out = Vec::new();
+    for (request, body) in bodies.iter().enumerate() {
+        let req = ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP protobuf");
+        for span in req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+        {
+            for event in &span.events {
+                let Some(rest) = event.name.strip_prefix("flow.") else {
+                    continue;
+                };
+                let (flow, kind) = rest.rsplit_once('.').unwrap();
+                let attr = |key: &str| {
+                    event
+                        .attributes
+                        .iter()
+                        .find(|kv| kv.key == key)
+                        .and_then(|kv| kv.value.as_ref()?.value.clone())
+                        .map(|v| match v {
+                            Value::StringValue(s) => s,
+                            other => panic!("{key}: not a string: {other:?}"),
+                        })
+                };
+                out.push(Received {
+                    flow: flow.to_string(),
+                    kind: kind.to_string(),
+                    id: attr("correlation-id").expect("correlation-id on every flow event"),
+                    step: attr("step"),
+                    request,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn checkout_steps_are_sent_in_order_and_stall_at_every_step_as_the_summary_says() {
+    const ORDER: [&str; 4] = ["cart", "payment_authorized", "packed", "shipped"];
+    let (url, requests) = sink("200 OK");
+    let summary = std::env::temp_dir().join(format!("demo-steps-{}.json", std::process::id()));
+    let out = demo(
+        &url,
+        &["--rate", "400", "--summary", summary.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&summary);
+    let events = decode_events(&requests.lock().unwrap());
+
+    // Per checkout instance: its start's request, its steps (name, request), its end's.
+    #[derive(Default)]
+    struct Instance {
+        start: Option<usize>,
+        steps: Vec<(String, usize)>,
+        end: Option<usize>,
+    }
+    let mut checkout: HashMap<&str, Instance> = HashMap::new();
+    for e in &events {
+        assert!(
+            e.kind == "start" || e.kind == "end" || e.kind == "step",
+            "{}",
+            e.kind
+        );
+        if e.kind == "step" {
+            assert_eq!(e.flow, "checkout", "only checkout has steps");
+        }
+        if e.flow != "checkout" {
+            continue;
+        }
+        let i = checkout.entry(&e.id).or_default();
+        match e.kind.as_str() {
+            "start" => i.start = Some(e.request),
+            "end" => i.end = Some(e.request),
+            _ => i
+                .steps
+                .push((e.step.clone().expect("step attribute"), e.request)),
+        }
+    }
+
+    let mut sent = BTreeMap::<&str, u64>::new();
+    let mut stalled = BTreeMap::<&str, u64>::new();
+    let (mut step_before_start, mut end_before_start) = (0, 0);
+    for (id, i) in &checkout {
+        let start = i.start.unwrap_or_else(|| panic!("{id}: no start"));
+        // The steps an instance sends are the first k of the order, each once.
+        let mut names: Vec<&str> = i.steps.iter().map(|(s, _)| s.as_str()).collect();
+        names.sort_by_key(|n| ORDER.iter().position(|o| o == n).expect("a known step"));
+        assert_eq!(names, ORDER[..names.len()], "{id}");
+        for n in &names {
+            *sent.entry(n).or_default() += 1;
+        }
+        if i.end.is_none() {
+            *stalled
+                .entry(names.last().copied().unwrap_or("start"))
+                .or_default() += 1;
+        }
+        step_before_start += i.steps.iter().any(|(_, r)| *r < start) as u32;
+        end_before_start += i.end.is_some_and(|r| r < start) as u32;
+    }
+    let want = &json["flows"]["checkout"];
+    assert_eq!(want["started"], checkout.len() as u64);
+    for step in ORDER {
+        assert_eq!(want["steps"][step], sent[step], "step {step} sent");
+    }
+    let mut unfinished = 0;
+    for at in ["start", "cart", "payment_authorized", "packed", "shipped"] {
+        let n = stalled.get(at).copied().unwrap_or(0);
+        assert_eq!(want["stalled"][at], n, "stalled at {at}");
+        assert!(n > 0, "some instances stall at {at}: {stalled:?}");
+        unfinished += n;
+    }
+    assert_eq!(want["unfinished"], unfinished);
+    assert!(
+        step_before_start > 0,
+        "some steps are exported before their start"
+    );
+    assert!(
+        end_before_start > 0,
+        "some ends are exported before their start"
+    );
+    assert!(
+        stderr.contains("checkout steps sent: cart ")
+            && stderr.contains("checkout unfinished, by last step sent: start "),
+        "{stderr}"
+    );
+    // Flows without steps have no step keys in the summary.
+    assert!(json["flows"]["payment"].get("steps").is_none());
 }

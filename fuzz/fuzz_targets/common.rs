@@ -33,6 +33,16 @@ pub fn config() -> Config {
     c.limits.max_series_per_metric = 100;
     c.limits.max_request_body_bytes = 1024 * 1024;
     c.limits.max_buffered_bytes = 64 * 1024 * 1024;
+    // Steps: one flow with a declared list (`unknown_step`), a small cap for the others
+    // (`too_many_steps`), so both extraction paths meet every step verdict.
+    c.limits.max_steps_per_flow = 4;
+    c.flows.per_flow.insert(
+        "order".into(),
+        flowmetrics::config::FlowOverride {
+            steps: Some(vec!["placed".into(), "paid".into(), "shipped".into()]),
+            ..Default::default()
+        },
+    );
     c.dimensions = vec![
         Dimension {
             label: "tier".into(),

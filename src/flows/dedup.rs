@@ -92,6 +92,26 @@ impl RecentEvents {
         }
     }
 
+    /// Whether the fingerprint was remembered within the window, without remembering it.
+    pub fn contains(&self, fingerprint: u64, now: u64) -> bool {
+        if self.window_nanos == 0
+            || self.slots.is_empty()
+            || now.saturating_sub(self.rotated_at) >= self.window_nanos.saturating_mul(2)
+        {
+            return false;
+        }
+        let key = (fingerprint & !TAG_BITS).max(TAG_BITS + 1);
+        let mask = self.slots.len() - 1;
+        let mut at = home(key, mask);
+        loop {
+            match self.slots[at] {
+                0 => return false,
+                slot if slot & !TAG_BITS == key => return true,
+                _ => at = (at + 1) & mask,
+            }
+        }
+    }
+
     /// Forgets the previous generation; the current one becomes the previous.
     fn rotate(&mut self, now: u64) {
         let keep = self.current_tag;

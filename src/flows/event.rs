@@ -9,6 +9,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 
 use super::intern::Interner;
 use super::label_value::{CutSlot, LabelBound};
+use super::steps::{StepNames, StepSettings};
 use crate::model::{is_valid_flow_name, Rejection};
 
 /// Values of the configured dimensions of one side (start or end), in config order.
@@ -56,10 +57,14 @@ impl Outcome {
     }
 }
 
+/// What an event does to its instance. Copy and two bytes: the step's name travels on
+/// the event ([`FlowEvent::step`]), so pairs-only flows carry nothing for steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     Start,
     End(Outcome),
+    /// A step reached (docs/behaviour.md §9); [`FlowEvent::step`] names it.
+    Step,
 }
 
 impl EventKind {
@@ -67,8 +72,21 @@ impl EventKind {
         match self {
             EventKind::Start => "start",
             EventKind::End(_) => "end",
+            EventKind::Step => "step",
         }
     }
+
+    /// 0 start, 1 end, 2 step: for per-kind counters.
+    pub fn index(self) -> usize {
+        match self {
+            EventKind::Start => 0,
+            EventKind::End(_) => 1,
+            EventKind::Step => 2,
+        }
+    }
+
+    /// Every `kind` label value, in [`EventKind::index`] order.
+    pub const LABELS: [&'static str; 3] = ["start", "end", "step"];
 }
 
 /// Where a flow event was found.
@@ -120,6 +138,9 @@ pub struct FlowEvent {
     pub dims: DimValues,
     pub trace: Option<TraceRef>,
     pub source: Source,
+    /// The step's name (shared by every event of that step of the flow), exactly when
+    /// `kind` is [`EventKind::Step`].
+    pub step: Option<Arc<str>>,
 }
 
 /// An attribute value as flowmetrics reads it (borrowed, never copied).
@@ -413,11 +434,14 @@ pub struct Extractor {
     prefix: String,
     start_suffix: String,
     end_suffix: String,
+    step_suffix: String,
     /// Every attribute key read, once.
     keys: Keys,
     /// Slots of `events.correlation_keys`, in config order.
     correlation_slots: Vec<usize>,
     outcome_slot: usize,
+    step_slot: usize,
+    step_names: StepNames,
     max_correlation_id_bytes: usize,
     known_flows: Option<HashSet<String>>,
     start_dims: Vec<DimensionRule>,
@@ -440,6 +464,8 @@ pub struct ExtractorSettings {
     /// Tried in order: the first present is the correlation id.
     pub correlation_keys: Vec<String>,
     pub outcome_key: String,
+    /// Step events: suffix, step attribute, declared lists, limits.
+    pub steps: StepSettings,
     pub max_correlation_id_bytes: usize,
     /// `Some`: only these flows are tracked (`flows.allow_unknown: false`).
     pub known_flows: Option<HashSet<String>>,
@@ -470,6 +496,7 @@ impl Extractor {
             .map(|k| keys.add(k))
             .collect();
         let outcome_slot = keys.add(&settings.outcome_key);
+        let step_slot = keys.add(&settings.steps.key);
         let mut rules = |dims: &[DimensionLookup]| {
             dims.iter()
                 .map(|d| DimensionRule {
@@ -486,9 +513,12 @@ impl Extractor {
             prefix: settings.prefix,
             start_suffix: settings.start_suffix,
             end_suffix: settings.end_suffix,
+            step_suffix: settings.steps.suffix.clone(),
             keys,
             correlation_slots,
             outcome_slot,
+            step_slot,
+            step_names: StepNames::new(&settings.steps),
             max_correlation_id_bytes: settings.max_correlation_id_bytes,
             known_flows: settings.known_flows,
             start_dims,
@@ -501,16 +531,23 @@ impl Extractor {
         }
     }
 
-    /// Splits an event name into (is_start, flow name) when it has the flow shape.
-    /// Names with the prefix but neither suffix are not flow events at all.
-    fn classify<'n>(&self, name: &'n str) -> Option<(bool, &'n str)> {
+    /// Splits an event name into (side, flow name) when it has the flow shape. Names
+    /// with the prefix but no suffix of ours are not flow events at all.
+    fn classify<'n>(&self, name: &'n str) -> Option<(Side, &'n str)> {
         let rest = name.strip_prefix(self.prefix.as_str())?;
         if let Some(flow) = rest.strip_suffix(self.start_suffix.as_str()) {
-            Some((true, flow))
+            Some((Side::Start, flow))
+        } else if let Some(flow) = rest.strip_suffix(self.end_suffix.as_str()) {
+            Some((Side::End, flow))
         } else {
-            rest.strip_suffix(self.end_suffix.as_str())
-                .map(|flow| (false, flow))
+            rest.strip_suffix(self.step_suffix.as_str())
+                .map(|flow| (Side::Step, flow))
         }
+    }
+
+    /// The flow's declared steps, in order (`flows.per_flow.<flow>.steps`).
+    pub fn declared_steps(&self, flow: &str) -> Option<&Arc<[Arc<str>]>> {
+        self.step_names.declared(flow)
     }
 
     /// Cheap pre-check: could this name be a flow event?
@@ -533,7 +570,7 @@ impl Extractor {
         trace: Option<TraceRef>,
         source: Source,
     ) -> Result<Option<FlowEvent>, Rejection> {
-        let Some((is_start, flow)) = self.classify(name) else {
+        let Some((side, flow)) = self.classify(name) else {
             return Ok(None);
         };
         if !is_valid_flow_name(flow) {
@@ -553,27 +590,41 @@ impl Extractor {
         if correlation_id.len() > self.max_correlation_id_bytes {
             return Err(Rejection::CorrelationIdTooLong);
         }
-        let kind = if is_start {
-            EventKind::Start
-        } else {
-            let outcome = match lookup.in_layer(0, self.outcome_slot) {
-                Some(AttrValue::Str(raw)) => Outcome::parse(raw)
-                    .ok_or_else(|| Rejection::InvalidOutcome(truncate(raw, 64)))?,
-                Some(other) => {
-                    return Err(Rejection::InvalidOutcome(truncate(
-                        &label_text(other).unwrap_or_default(),
-                        64,
-                    )))
-                }
-                None if is_error => Outcome::Failure,
-                None => Outcome::Success,
-            };
-            EventKind::End(outcome)
+        let mut step = None;
+        let kind = match side {
+            Side::Start => EventKind::Start,
+            Side::Step => {
+                // On the event itself, as the outcome: a span's or resource's `step`
+                // attribute describes something else.
+                let name = match lookup.in_layer(0, self.step_slot) {
+                    Some(AttrValue::Str(s)) if !s.is_empty() => s,
+                    Some(AttrValue::Str(_)) | None => return Err(Rejection::MissingStep),
+                    Some(_) => return Err(Rejection::InvalidStep),
+                };
+                step = Some(self.step_names.admit(flow, name)?);
+                EventKind::Step
+            }
+            Side::End => {
+                let outcome = match lookup.in_layer(0, self.outcome_slot) {
+                    Some(AttrValue::Str(raw)) => Outcome::parse(raw)
+                        .ok_or_else(|| Rejection::InvalidOutcome(truncate(raw, 64)))?,
+                    Some(other) => {
+                        return Err(Rejection::InvalidOutcome(truncate(
+                            &label_text(other).unwrap_or_default(),
+                            64,
+                        )))
+                    }
+                    None if is_error => Outcome::Failure,
+                    None => Outcome::Success,
+                };
+                EventKind::End(outcome)
+            }
         };
-        let rules = if is_start {
-            &self.start_dims
-        } else {
-            &self.end_dims
+        // A step carries no dimensions: its series take the start's.
+        let rules: &[DimensionRule] = match side {
+            Side::Start => &self.start_dims,
+            Side::End => &self.end_dims,
+            Side::Step => &[],
         };
         let dims = if rules.is_empty() {
             self.empty_dims.clone()
@@ -600,8 +651,17 @@ impl Extractor {
             dims,
             trace,
             source,
+            step,
         }))
     }
+}
+
+/// Which suffix an event name ends in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Start,
+    End,
+    Step,
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {
@@ -863,6 +923,98 @@ mod tests {
             extract(&x, "flow.other.start", &[s("correlation-id", "a")], false).unwrap_err(),
             Rejection::UnknownFlow
         );
+    }
+
+    #[test]
+    fn step_events_carry_their_shared_name_and_no_dimensions() {
+        let c = Config {
+            dimensions: serde_yaml::from_str("- { label: tier, attribute: tier }\n").unwrap(),
+            ..Default::default()
+        };
+        let x = Extractor::new(crate::settings::extractor(&c));
+        let attrs = [
+            s("correlation-id", "a"),
+            s("step", "paid"),
+            s("tier", "gold"),
+        ];
+        let e = extract(&x, "flow.order.step", &attrs, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e.kind, e.step.as_deref(), e.dims.len()),
+            (EventKind::Step, Some("paid"), 0)
+        );
+        let again = extract(&x, "flow.order.step", &attrs, false)
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(
+            e.step.as_ref().unwrap(),
+            again.step.as_ref().unwrap()
+        ));
+        assert_eq!(e.kind.label(), "step");
+        assert!(extract(&x, "flow.order.start", &attrs, false)
+            .unwrap()
+            .unwrap()
+            .step
+            .is_none());
+        for (attrs, want) in [
+            (vec![s("correlation-id", "a")], Rejection::MissingStep),
+            (
+                vec![s("correlation-id", "a"), s("step", "")],
+                Rejection::MissingStep,
+            ),
+            (
+                vec![s("correlation-id", "a"), s("step", "a b")],
+                Rejection::InvalidStep,
+            ),
+            (
+                vec![
+                    s("correlation-id", "a"),
+                    kv("step", any_value::Value::BoolValue(true)),
+                ],
+                Rejection::InvalidStep,
+            ),
+            (vec![s("step", "paid")], Rejection::MissingCorrelationId),
+        ] {
+            assert_eq!(
+                extract(&x, "flow.order.step", &attrs, false).unwrap_err(),
+                want
+            );
+        }
+    }
+
+    #[test]
+    fn declared_and_undeclared_step_names() {
+        let mut c: Config = serde_yaml::from_str(
+            "events: { step_suffix: .reached, step_key: stage }\nflows:\n  per_flow:\n    order: { steps: [placed, paid] }\nlimits: { max_steps_per_flow: 2 }\n",
+        )
+        .unwrap();
+        c.flows.allow_unknown = true;
+        let x = Extractor::new(crate::settings::extractor(&c));
+        let step = |flow: &str, name: &str| {
+            let event = format!("flow.{flow}.reached");
+            extract(
+                &x,
+                &event,
+                &[s("correlation-id", "a"), s("stage", name)],
+                false,
+            )
+            .map(|e| e.unwrap().step.unwrap().to_string())
+        };
+        assert_eq!(step("order", "paid").unwrap(), "paid");
+        assert_eq!(step("order", "packed"), Err(Rejection::UnknownStep));
+        assert_eq!(step("other", "x").unwrap(), "x");
+        assert_eq!(step("other", "y").unwrap(), "y");
+        assert_eq!(step("other", "z"), Err(Rejection::TooManySteps));
+        assert_eq!(step("other", "x").unwrap(), "x");
+        // The default suffix is not a flow event under this configuration.
+        assert_eq!(
+            extract(&x, "flow.order.step", &[s("correlation-id", "a")], false)
+                .unwrap()
+                .map(|e| e.kind),
+            None
+        );
+        assert_eq!(x.declared_steps("order").map(|s| s.len()), Some(2));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod label_value;
 pub mod network;
 pub mod scan;
 pub mod state;
+pub mod steps;
 pub mod store;
 pub mod wire;
 

@@ -1034,6 +1034,23 @@ mod tests {
                             false,
                         ),
                         span(vec![], vec![str_kv("http.method", "GET")], false),
+                        // Steps: the name is read from the event only (not its span).
+                        span(
+                            vec![
+                                event(
+                                    "flow.a.step",
+                                    vec![str_kv("correlation-id", "e1"), str_kv("step", "paid")],
+                                ),
+                                event("flow.a.step", vec![str_kv("correlation-id", "e1")]),
+                                event(
+                                    "flow.a.step",
+                                    vec![kv("step", any_value::Value::IntValue(5))],
+                                ),
+                                event("flow.a.step", vec![str_kv("step", "bad name")]),
+                            ],
+                            vec![str_kv("step", "span-step")],
+                            false,
+                        ),
                     ],
                     ..Default::default()
                 }],
@@ -1066,11 +1083,23 @@ mod tests {
         let req = varied_request();
         let bytes = req.encode_to_vec();
         let scan = scan_traces(&bytes, &x, 1).unwrap();
-        assert_eq!(scan.spans, 6);
+        assert_eq!(scan.spans, 7);
         let full = full_decode(&req, &x);
         let show = |v: &[Result<FlowEvent, Rejection>]| format!("{v:?}");
         assert_eq!(show(&scan.events), show(&full));
-        assert_eq!(scan.events.len(), 5);
+        assert_eq!(scan.events.len(), 9);
+        let step = scan.events[5].as_ref().unwrap();
+        assert_eq!(
+            (step.kind, step.step.as_deref(), step.dims.len()),
+            (crate::flows::EventKind::Step, Some("paid"), 0)
+        );
+        assert_eq!(
+            scan.events[6..]
+                .iter()
+                .map(|e| e.as_ref().unwrap_err().reason())
+                .collect::<Vec<_>>(),
+            ["missing_step", "invalid_step", "invalid_step"]
+        );
         let ok: Vec<_> = scan.events.iter().filter_map(|e| e.as_ref().ok()).collect();
         assert_eq!(&*ok[0].correlation_id, "e1");
         assert_eq!(&*ok[0].dims[0], "gold");

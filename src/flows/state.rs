@@ -25,12 +25,15 @@ use serde::{Deserialize, Serialize};
 
 use super::store::CorrelationStore;
 use crate::logging::RateLimited;
-use crate::model::is_valid_flow_name;
+use crate::model::{is_valid_flow_name, is_valid_step_name};
 
 pub const MAGIC: [u8; 8] = *b"FLOWMST\x01";
 /// Bumped whenever [`StoreSnapshot`] or the layout changes; another version is set
-/// aside (version 1, without the declared length, is still read).
-pub const VERSION: u32 = 2;
+/// aside. 2: the trailer declares the body's length. 3: steps (`SavedState::Stepped`,
+/// `SavedState::Pending`), appended so that older bodies decode as they are. Versions 1
+/// (no declared length) and 2 are still read.
+pub const VERSION: u32 = 3;
+const LENGTH_VERSION: u32 = 2;
 const LEGACY_VERSION: u32 = 1;
 const HEADER: usize = MAGIC.len() + 4;
 /// Body length and CRC-32.
@@ -86,6 +89,37 @@ pub enum SavedState {
         dims: Vec<u32>,
         trace: Option<([u8; 16], [u8; 8])>,
     },
+    /// An open instance with the steps it reached (version 2).
+    Stepped {
+        start_nanos: u64,
+        dims: Vec<u32>,
+        steps: Vec<SavedStep>,
+    },
+    /// Steps waiting for their start, with or without a waiting end (version 2).
+    Pending {
+        end: Option<SavedEnd>,
+        steps: Vec<SavedStep>,
+    },
+}
+
+/// A step of an entry (version 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedStep {
+    /// Index into [`StoreSnapshot::strings`].
+    pub step: u32,
+    pub timestamp_nanos: u64,
+    /// Kept for waiting steps only (the exemplar when their start comes).
+    pub trace: Option<([u8; 16], [u8; 8])>,
+}
+
+/// A waiting end beside waiting steps (version 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedEnd {
+    /// 0 success, 1 failure, 2 cancelled.
+    pub outcome: u8,
+    pub timestamp_nanos: u64,
+    pub dims: Vec<u32>,
+    pub trace: Option<([u8; 16], [u8; 8])>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,17 +181,25 @@ impl StoreSnapshot {
             if !is_valid_flow_name(&self.strings[e.flow as usize]) {
                 return Err(StateError::Invalid("invalid flow name"));
             }
-            let dims = match &e.state {
-                SavedState::Open { dims, .. } => dims,
-                SavedState::Waiting { outcome, dims, .. } => {
-                    if *outcome > 2 {
-                        return Err(StateError::Invalid("unknown outcome"));
-                    }
-                    dims
-                }
+            let (outcome, dims, steps): (Option<u8>, &[u32], &[SavedStep]) = match &e.state {
+                SavedState::Open { dims, .. } => (None, dims, &[]),
+                SavedState::Waiting { outcome, dims, .. } => (Some(*outcome), dims, &[]),
+                SavedState::Stepped { dims, steps, .. } => (None, dims, steps),
+                SavedState::Pending { end, steps } => match end {
+                    Some(end) => (Some(end.outcome), &end.dims, steps),
+                    None => (None, &[], steps),
+                },
             };
+            if outcome.is_some_and(|o| o > 2) {
+                return Err(StateError::Invalid("unknown outcome"));
+            }
             if !dims.iter().all(in_range) {
                 return Err(StateError::Invalid("dimension index out of range"));
+            }
+            for step in steps {
+                if !in_range(&step.step) || !is_valid_step_name(&self.strings[step.step as usize]) {
+                    return Err(StateError::Invalid("invalid step"));
+                }
             }
         }
         if self.shards.iter().any(|s| !matches!(s.current_tag, 1 | 2)) {
@@ -221,7 +263,7 @@ fn check_frame(header: &[u8], len: u64, trailer: &[u8]) -> Result<(u64, u32), St
     let crc_at = trailer.len().saturating_sub(4);
     let crc = |t: &[u8]| u32::from_le_bytes(t[crc_at..].try_into().expect("4 bytes"));
     match version {
-        VERSION => {
+        VERSION | LENGTH_VERSION => {
             if len < (HEADER + TRAILER) as u64 || trailer.len() < TRAILER {
                 return Err(StateError::Truncated);
             }

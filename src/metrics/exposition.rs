@@ -86,10 +86,11 @@ impl Metrics {
             ExpositionFormat::Protobuf => {
                 self.set_store_entries(store_entries);
                 let _writing = Writing::start(ExpositionFormat::Protobuf);
-                let quiet = self.gate.close();
-                let body = prometheus_protobuf::encode_to_vec(&self.registry)?;
-                drop(quiet);
-                Ok(body)
+                let _one = self.encoding.lock().unwrap_or_else(|p| p.into_inner());
+                self.pin_for_encode();
+                let body = prometheus_protobuf::encode_to_vec(&self.registry);
+                self.pin_invariant_families(false);
+                Ok(body?)
             }
         }
     }
@@ -102,11 +103,24 @@ impl Metrics {
         let last = self.last_encoded_len.load(Ordering::Relaxed);
         let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
         let _writing = Writing::start(ExpositionFormat::OpenMetrics);
-        let quiet = self.gate.close();
-        text::encode(&mut out, &self.registry)?;
-        drop(quiet);
+        let _one = self.encoding.lock().unwrap_or_else(|p| p.into_inner());
+        self.pin_for_encode();
+        let written = text::encode(&mut out, &self.registry);
+        // A family the encoder skipped (no series) left its copy: drop it.
+        self.pin_invariant_families(false);
+        written?;
         self.last_encoded_len.store(out.len(), Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// Reports are held only while the families of the invariant (docs/behaviour.md §3)
+    /// are pinned, a walk that copies each series' value; the encode then writes those
+    /// copies while reports go on, so every exposition is one consistent cut and ingest
+    /// never waits for the encode.
+    fn pin_for_encode(&self) {
+        let quiet = self.gate.close();
+        self.pin_invariant_families(true);
+        drop(quiet);
     }
 
     fn set_store_entries(&self, store_entries: u64) {

@@ -14,12 +14,14 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::{CounterWithExemplar, Exemplar};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use crate::flows::event::DimValues;
@@ -31,6 +33,9 @@ use crate::model::OVERFLOW_LABEL;
 #[derive(Clone, Debug, Default)]
 pub struct Layout {
     pub extra: Option<&'static str>,
+    /// The name of a label whose values are step names (`step`, `last_step`), after
+    /// `extra`.
+    pub step: Option<&'static str>,
     pub start_dims: Arc<[Box<str>]>,
     pub end_dims: Arc<[Box<str>]>,
 }
@@ -42,6 +47,8 @@ pub struct Layout {
 pub struct SeriesRef<'a> {
     pub flow: &'a Arc<str>,
     pub extra: Option<&'static str>,
+    /// Set exactly when the layout has a step label.
+    pub step: Option<&'a Arc<str>>,
     pub start: &'a DimValues,
     pub end: &'a DimValues,
 }
@@ -52,6 +59,7 @@ pub struct SeriesLabels {
     layout: Arc<Layout>,
     flow: Arc<str>,
     extra: Option<&'static str>,
+    step: Option<Arc<str>>,
     start: DimValues,
     end: DimValues,
 }
@@ -59,6 +67,16 @@ pub struct SeriesLabels {
 impl SeriesLabels {
     pub fn flow(&self) -> &Arc<str> {
         &self.flow
+    }
+
+    /// The value of the family's extra label (`outcome`, `error_reason`, `reason`).
+    pub fn extra(&self) -> Option<&'static str> {
+        self.extra
+    }
+
+    /// The value of the family's step label (`step`, `last_step`), if it has one.
+    pub fn step(&self) -> Option<&Arc<str>> {
+        self.step.as_ref()
     }
 
     /// The start dimension values (empty when the family has none).
@@ -73,6 +91,9 @@ impl EncodeLabelSet for SeriesLabels {
         ("flow", &*self.flow).encode(encoder.encode_label())?;
         if let (Some(name), Some(value)) = (self.layout.extra, self.extra) {
             (name, value).encode(encoder.encode_label())?;
+        }
+        if let (Some(name), Some(value)) = (self.layout.step, &self.step) {
+            (name, &**value).encode(encoder.encode_label())?;
         }
         let start = self.layout.start_dims.iter().zip(self.start.iter());
         let end = self.layout.end_dims.iter().zip(self.end.iter());
@@ -97,6 +118,9 @@ impl SeriesRef<'_> {
         if let Some(extra) = self.extra {
             h.write(extra.as_bytes());
         }
+        if let Some(step) = self.step {
+            h.write(step.as_bytes());
+        }
         for value in self.start.iter().chain(self.end.iter()) {
             h.write(value.as_bytes());
         }
@@ -114,8 +138,13 @@ impl SeriesRef<'_> {
             (Some(a), Some(b)) => std::ptr::eq(a, b) || a == b,
             (a, b) => a.is_none() && b.is_none(),
         };
+        let same_step = match (self.step, &key.step) {
+            (Some(a), Some(b)) => same(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
         same(self.flow, &key.flow)
             && same_extra
+            && same_step
             && same(self.start, &key.start)
             && same(self.end, &key.end)
     }
@@ -126,6 +155,7 @@ impl SeriesRef<'_> {
             layout: layout.clone(),
             flow: self.flow.clone(),
             extra: self.extra,
+            step: self.step.cloned(),
             start: self.start.clone(),
             end: self.end.clone(),
         }
@@ -194,7 +224,8 @@ impl<M> Clone for LimitedFamily<M> {
 
 struct Series<M> {
     hash: u64,
-    labels: SeriesLabels,
+    /// Shared with the pinned copies a scrape encodes from.
+    labels: Arc<SeriesLabels>,
     metric: M,
     /// The family clock's reading at the last recording (or creation).
     touched: AtomicU64,
@@ -208,6 +239,8 @@ struct Inner<M> {
     layout: Arc<Layout>,
     hasher: DefaultHashBuilder,
     series: RwLock<HashTable<Series<M>>>,
+    /// What the next encode writes instead of the live series (see [`Self::pin`]).
+    pinned: Mutex<Option<Pinned<M>>>,
     /// Kept apart from `series`, so a full family folds under the read lock.
     overflow_series: OnceLock<M>,
     make: Constructor<M>,
@@ -240,6 +273,7 @@ impl<M> LimitedFamily<M> {
                 layout: Arc::new(layout),
                 hasher: DefaultHashBuilder::default(),
                 series: RwLock::new(HashTable::new()),
+                pinned: Mutex::new(None),
                 overflow_series: OnceLock::new(),
                 make: Box::new(make),
                 overflow,
@@ -290,7 +324,7 @@ impl<M> LimitedFamily<M> {
         }
         let new = Series {
             hash,
-            labels: labels.to_labels(&this.layout),
+            labels: Arc::new(labels.to_labels(&this.layout)),
             metric: (this.make)(Some(&**labels.flow)),
             touched: AtomicU64::new(this.clock.load(Ordering::Relaxed)),
         };
@@ -304,6 +338,15 @@ impl<M> LimitedFamily<M> {
         let series = self.inner.series.read().unwrap_or_else(|p| p.into_inner());
         for s in series.iter() {
             f(&s.labels, s.touched.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Calls `f` with every series' labels and metric (not the overflow series: it belongs
+    /// to no label set).
+    pub fn for_each_metric(&self, mut f: impl FnMut(&SeriesLabels, &M)) {
+        let series = self.inner.series.read().unwrap_or_else(|p| p.into_inner());
+        for s in series.iter() {
+            f(&s.labels, &s.metric);
         }
     }
 
@@ -342,17 +385,178 @@ impl<M> LimitedFamily<M> {
     }
 }
 
-impl<M: EncodeMetric + TypedMetric> EncodeMetric for LimitedFamily<M> {
-    /// Every series, the overflow series last.
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+/// A reading of a series taken while reports are held (see [`LimitedFamily::pin`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Reading {
+    Count(u64),
+    Level(i64),
+}
+
+/// A metric whose value can be read now and written later as read. Histograms answer
+/// `None` (prometheus-client has no reader for their buckets; they take no part in the
+/// invariant of docs/behaviour.md §3) and are written as they are when encoded.
+pub trait Pinnable: EncodeMetric + TypedMetric + Clone {
+    fn read(&self) -> Option<Reading>;
+
+    /// Writes `reading` (taken from `self` by [`Pinnable::read`]) as this metric's value.
+    fn encode_reading(
+        &self,
+        reading: Reading,
+        encoder: MetricEncoder,
+    ) -> Result<(), std::fmt::Error>;
+}
+
+/// No exemplar: the type prometheus-client's encoder needs to be told.
+type NoExemplar = Option<&'static Exemplar<Vec<(String, String)>, u64>>;
+
+impl Pinnable for Counter {
+    fn read(&self) -> Option<Reading> {
+        Some(Reading::Count(self.get()))
+    }
+
+    fn encode_reading(
+        &self,
+        reading: Reading,
+        mut encoder: MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match reading {
+            Reading::Count(v) => encoder.encode_counter(&v, NoExemplar::None),
+            Reading::Level(_) => self.encode(encoder),
+        }
+    }
+}
+
+impl Pinnable for Gauge {
+    fn read(&self) -> Option<Reading> {
+        Some(Reading::Level(self.get()))
+    }
+
+    fn encode_reading(
+        &self,
+        reading: Reading,
+        mut encoder: MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match reading {
+            Reading::Level(v) => encoder.encode_gauge(&v),
+            Reading::Count(_) => self.encode(encoder),
+        }
+    }
+}
+
+impl<S: EncodeLabelSet + Send + Sync + std::fmt::Debug + 'static> Pinnable
+    for CounterWithExemplar<S>
+{
+    fn read(&self) -> Option<Reading> {
+        Some(Reading::Count(self.get().0))
+    }
+
+    /// The value as read; the exemplar as it is now (a sample trace, newer at most).
+    fn encode_reading(
+        &self,
+        reading: Reading,
+        mut encoder: MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match reading {
+            Reading::Count(v) => {
+                let (_, exemplar) = self.get();
+                encoder.encode_counter(&v, exemplar.as_ref())
+            }
+            Reading::Level(_) => self.encode(encoder),
+        }
+    }
+}
+
+macro_rules! unpinned {
+    ($($t:ty),*) => {$(
+        impl Pinnable for $t {
+            fn read(&self) -> Option<Reading> {
+                None
+            }
+
+            fn encode_reading(
+                &self,
+                _: Reading,
+                encoder: MetricEncoder,
+            ) -> Result<(), std::fmt::Error> {
+                self.encode(encoder)
+            }
+        }
+    )*};
+}
+
+unpinned!(prometheus_client::metrics::histogram::Histogram);
+
+/// One series as an encode writes it: its labels (`None`: the overflow series), its
+/// metric, and the reading taken when pinned (`None`: written as it is then).
+struct PinnedSeries<M> {
+    labels: Option<Arc<SeriesLabels>>,
+    metric: M,
+    reading: Option<Reading>,
+}
+
+type Pinned<M> = Vec<PinnedSeries<M>>;
+
+impl<M: Pinnable> LimitedFamily<M> {
+    /// Copies the family's series (labels and metric handles, shared, and each value as
+    /// read now) for the next encode, which then writes this copy and holds no lock of
+    /// the family while it writes. Taken for every invariant family while reports are
+    /// held, it makes the exposition one consistent cut (docs/behaviour.md §3) at the
+    /// cost of a walk over the series, not of the whole encode.
+    pub fn pin(&self) {
+        let pinned = self.copy_series();
+        *self.inner.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(pinned);
+    }
+
+    /// Drops a pinned copy the encode did not take (a family it skipped).
+    pub fn unpin(&self) {
+        self.inner
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    fn copy_series(&self) -> Pinned<M> {
         let this = &*self.inner;
         let series = this.series.read().unwrap_or_else(|p| p.into_inner());
-        for s in series.iter() {
-            s.metric.encode(encoder.encode_family(&s.labels)?)?;
-        }
+        let mut out = Vec::with_capacity(series.len() + 1);
+        out.extend(series.iter().map(|s| PinnedSeries {
+            labels: Some(s.labels.clone()),
+            reading: s.metric.read(),
+            metric: s.metric.clone(),
+        }));
         drop(series);
         if let Some(m) = this.overflow_series.get() {
-            m.encode(encoder.encode_family(&OVERFLOW_LABELS)?)?;
+            out.push(PinnedSeries {
+                labels: None,
+                reading: m.read(),
+                metric: m.clone(),
+            });
+        }
+        out
+    }
+}
+
+impl<M: Pinnable> EncodeMetric for LimitedFamily<M> {
+    /// Every series, the overflow series last: the pinned copy when there is one, else a
+    /// copy made now (so the family's lock is not held while the text is written).
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let pinned = self
+            .inner
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let series = pinned.unwrap_or_else(|| self.copy_series());
+        for s in &series {
+            let family = match &s.labels {
+                Some(labels) => encoder.encode_family(&**labels)?,
+                None => encoder.encode_family(&OVERFLOW_LABELS)?,
+            };
+            match s.reading {
+                Some(reading) => s.metric.encode_reading(reading, family)?,
+                None => s.metric.encode(family)?,
+            }
         }
         Ok(())
     }
@@ -361,9 +565,13 @@ impl<M: EncodeMetric + TypedMetric> EncodeMetric for LimitedFamily<M> {
         M::TYPE
     }
 
-    /// A family without series is left out of the exposition (no HELP/TYPE lines).
+    /// A family without series is left out of the exposition (no HELP/TYPE lines); with
+    /// a pinned copy, that copy decides.
     fn is_empty(&self) -> bool {
-        LimitedFamily::is_empty(self)
+        match &*self.inner.pinned.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(pinned) => pinned.is_empty(),
+            None => LimitedFamily::is_empty(self),
+        }
     }
 }
 
@@ -397,6 +605,7 @@ mod tests {
         SeriesRef {
             flow,
             extra: None,
+            step: None,
             start: none,
             end: none,
         }
@@ -417,6 +626,7 @@ mod tests {
     fn finds_a_series_by_content_when_the_arcs_differ() {
         let layout = Layout {
             extra: Some("outcome"),
+            step: None,
             start_dims: names(&["region"]),
             end_dims: names(&["code"]),
         };
@@ -434,6 +644,7 @@ mod tests {
             SeriesRef {
                 flow,
                 extra: Some(extra),
+                step: None,
                 start,
                 end,
             }
@@ -493,6 +704,7 @@ mod tests {
         let reporter = Arc::new(OverflowReporter::new(|_| Counter::default()));
         let layout = Layout {
             extra: None,
+            step: None,
             start_dims: names(&["region", "tier"]),
             end_dims: names(&["code"]),
         };
@@ -517,6 +729,7 @@ mod tests {
         let key = SeriesRef {
             flow: &flow,
             extra: None,
+            step: None,
             start: &start,
             end: &end,
         };

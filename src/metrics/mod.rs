@@ -13,7 +13,10 @@ mod family;
 mod label_cuts;
 pub mod network;
 mod process;
+mod step_totals;
+mod steps;
 mod text004;
+mod totals;
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -33,11 +36,12 @@ use crate::flows::label_value::LabelCuts;
 use crate::flows::store::{EndRecord, FlowSink, Report, StoreProbe};
 use crate::flows::EventKind;
 use crate::model::{Rejection, Signal, Transport};
-use duration::DurationHistogram;
+use duration::DurationSeries;
 pub use duration::{HistogramMode, HistogramShape};
 pub use exemplar::TraceExemplar;
 pub use exposition::{ExpositionError, ExpositionFormat};
 use family::{Layout, LimitedFamily, OverflowReporter, SeriesRef};
+pub use totals::{FlowTotals, StepTotals};
 
 type Pair = [(&'static str, &'static str); 1];
 type Pairs2 = [(&'static str, &'static str); 2];
@@ -77,6 +81,8 @@ pub struct MetricsSettings {
     pub shared_store: bool,
     /// `state.path` is set (memory store): failed state writes are exposed.
     pub state_file: bool,
+    /// Flows with declared steps (`flows.per_flow.*.steps`), in order.
+    pub declared_steps: HashMap<String, Vec<String>>,
 }
 
 pub struct Metrics {
@@ -84,6 +90,8 @@ pub struct Metrics {
     /// Makes each report atomic to a scrape (the invariant of SPEC §3 holds in every
     /// exposition): reports hold one stripe for reading, a scrape holds all for writing.
     gate: ScrapeGate,
+    /// Held for the whole of an encode: one at a time.
+    encoding: std::sync::Mutex<()>,
     /// Length of the last `/metrics` body, to size the next one.
     last_encoded_len: AtomicUsize,
     /// No dimension values (families without start or end dimensions).
@@ -103,17 +111,18 @@ pub struct Metrics {
     flows_restored: LimitedFamily<Counter>,
     flows_completed: LimitedFamily<ExemplarCounter>,
     flow_errors: LimitedFamily<Counter>,
-    flow_duration: LimitedFamily<DurationHistogram>,
+    flow_duration: LimitedFamily<DurationSeries>,
     flows_in_progress: LimitedFamily<Gauge>,
     flows_dropped: LimitedFamily<Counter>,
     unmatched_ends: LimitedFamily<Counter>,
     negative_durations: LimitedFamily<Counter>,
+    steps: steps::StepMetrics,
 
     /// flow_events_total by [source][kind].
-    accepted: [[Counter; 2]; 2],
+    accepted: [[Counter; 3]; 2],
     events_rejected: Family<Pair, Counter>,
     /// flow_events_duplicate_total by kind.
-    duplicates: [Counter; 2],
+    duplicates: [Counter; 3],
     otlp_requests: Family<Pairs3, Counter>,
     otlp_spans: Family<Pair, Counter>,
     otlp_log_records: Family<Pair, Counter>,
@@ -162,6 +171,7 @@ impl Metrics {
         let flow_only = Layout::default();
         let with_dims = |extra| Layout {
             extra,
+            step: None,
             start_dims: start_dims.clone(),
             end_dims: end_dims.clone(),
         };
@@ -221,8 +231,15 @@ impl Metrics {
              instances whose timeout passed without an end",
             flow_errors.clone(),
         );
-        let default_buckets = settings.default_buckets.clone();
-        let per_flow = settings.per_flow_buckets.clone();
+        // As prometheus-client keeps them: finite bounds (`+Inf` is implicit).
+        let finite =
+            |b: &[f64]| -> Arc<[f64]> { b.iter().copied().filter(|b| b.is_finite()).collect() };
+        let default_buckets = finite(&settings.default_buckets);
+        let per_flow: HashMap<String, Arc<[f64]>> = settings
+            .per_flow_buckets
+            .iter()
+            .map(|(flow, b)| (flow.clone(), finite(b)))
+            .collect();
         let default_shape = settings.default_histogram;
         let per_flow_shape = settings.per_flow_histogram.clone();
         let native_family = std::iter::once(&default_shape)
@@ -241,7 +258,7 @@ impl Metrics {
                 let shape = flow
                     .and_then(|f| per_flow_shape.get(f))
                     .unwrap_or(&default_shape);
-                DurationHistogram::new(buckets, *shape, native_family)
+                DurationSeries::new(buckets.clone(), *shape, native_family)
             },
         );
         registry.register_with_unit(
@@ -290,6 +307,19 @@ impl Metrics {
             "Successful flows whose end timestamp is earlier than their start (clock \
              skew); not observed in the duration histogram",
             negative_durations.clone(),
+        );
+
+        let steps = steps::StepMetrics::new(
+            steps::StepFamiliesSettings {
+                max_series: max,
+                start_dims: start_dims.clone(),
+                default_buckets: settings.default_buckets.clone(),
+                per_flow_buckets: settings.per_flow_buckets.clone(),
+                declared: &settings.declared_steps,
+                overflow: &overflow,
+                clock: &clock,
+            },
+            &mut registry,
         );
 
         let events = Family::<Pairs2, Counter>::default();
@@ -405,20 +435,21 @@ impl Metrics {
         // Self-metric series exist from the start (at 0), so rates and alerts work
         // before the first event; their handles skip the family lookup per event.
         let accepted = [Source::SpanEvent, Source::Log].map(|source| {
-            ["start", "end"].map(|kind| {
+            EventKind::LABELS.map(|kind| {
                 events
                     .get_or_create(&[("kind", kind), ("source", source.label())])
                     .clone()
             })
         });
         let duplicates =
-            ["start", "end"].map(|kind| events_duplicate.get_or_create(&[("kind", kind)]).clone());
+            EventKind::LABELS.map(|kind| events_duplicate.get_or_create(&[("kind", kind)]).clone());
         for reason in Rejection::REASONS {
             let _ = events_rejected.get_or_create(&[("reason", reason)]);
         }
         Self {
             registry,
             gate: ScrapeGate::default(),
+            encoding: std::sync::Mutex::new(()),
             last_encoded_len: AtomicUsize::new(0),
             no_dims: Arc::from([]),
             empty_end_dims: end_dims.iter().map(|_| Arc::from("")).collect(),
@@ -438,6 +469,7 @@ impl Metrics {
             flows_dropped,
             unmatched_ends,
             negative_durations,
+            steps,
             accepted,
             events_rejected,
             duplicates,
@@ -470,9 +502,33 @@ impl Metrics {
 
     /// Every family as one OpenMetrics exposition. `store_entries`: the correlation
     /// store's entries now.
+    ///
+    /// Reports are held only while the families of the invariant (docs/behaviour.md §3:
+    /// started, restored, completed, errors, in progress, dropped) are pinned: a walk
+    /// that copies each series' handle and value, about a millisecond at 10,000 label
+    /// sets. The text is then written from those copies while reports go on, so every
+    /// exposition is one consistent cut and ingest never waits for the encode. The other
+    /// families (durations, self-metrics) are written as they are at that moment. One
+    /// encode runs at a time (the pinned copies are per family).
     pub fn encode(&self, store_entries: u64) -> String {
         self.encode_text(store_entries)
             .expect("every family encodes as OpenMetrics text")
+    }
+
+    fn pin_invariant_families(&self, pin: bool) {
+        fn set<M: family::Pinnable>(f: &LimitedFamily<M>, pin: bool) {
+            if pin {
+                f.pin();
+            } else {
+                f.unpin();
+            }
+        }
+        set(&self.flows_started, pin);
+        set(&self.flows_restored, pin);
+        set(&self.flows_completed, pin);
+        set(&self.flow_errors, pin);
+        set(&self.flows_in_progress, pin);
+        set(&self.flows_dropped, pin);
     }
 
     /// Call about once a second: advances the families' clock and removes label sets
@@ -508,6 +564,7 @@ impl Metrics {
         self.flows_completed.for_each(&mut note);
         self.flow_errors.for_each(&mut note);
         self.flow_duration.for_each(&mut note);
+        self.steps.for_each_by_label_set(&mut note);
         let keep = |labels: &family::SeriesLabels| {
             active.contains(&(labels.flow().clone(), labels.start().clone()))
         };
@@ -515,9 +572,10 @@ impl Metrics {
         removed += self.flows_completed.retain(|l, _, _| keep(l));
         removed += self.flow_errors.retain(|l, _, _| keep(l));
         removed += self.flow_duration.retain(|l, _, _| keep(l));
-        let flows: HashSet<Arc<str>> = active.into_iter().map(|(flow, _)| flow).collect();
+        let flows: HashSet<Arc<str>> = active.iter().map(|(flow, _)| flow.clone()).collect();
         let keep_flow =
             |l: &family::SeriesLabels, touched: u64| flows.contains(l.flow()) || touched > cutoff;
+        removed += self.steps.retain(&keep, &keep_flow);
         removed += self
             .flows_in_progress
             .retain(|l, t, g| keep_flow(l, t) || g.get() != 0);
@@ -579,6 +637,7 @@ impl Metrics {
         SeriesRef {
             flow,
             extra: None,
+            step: None,
             start: &self.no_dims,
             end: &self.no_dims,
         }
@@ -595,6 +654,7 @@ impl Metrics {
         SeriesRef {
             flow,
             extra,
+            step: None,
             start: start_dims,
             end: end_dims.unwrap_or(&self.empty_end_dims),
         }
@@ -602,10 +662,7 @@ impl Metrics {
 }
 
 fn kind_index(kind: EventKind) -> usize {
-    match kind {
-        EventKind::Start => 0,
-        EventKind::End(_) => 1,
-    }
+    kind.index()
 }
 
 impl StoreProbe for Metrics {
@@ -627,6 +684,7 @@ impl FlowSink for Metrics {
                 let started = SeriesRef {
                     flow,
                     extra: None,
+                    step: None,
                     start: start_dims,
                     end: &self.no_dims,
                 };
@@ -643,6 +701,7 @@ impl FlowSink for Metrics {
                 let restored = SeriesRef {
                     flow,
                     extra: None,
+                    step: None,
                     start: start_dims,
                     end: &self.no_dims,
                 };
@@ -659,6 +718,7 @@ impl FlowSink for Metrics {
                 let restored = SeriesRef {
                     flow,
                     extra: None,
+                    step: None,
                     start: start_dims,
                     end: &self.no_dims,
                 };
@@ -676,12 +736,21 @@ impl FlowSink for Metrics {
                 start_dims,
                 end,
                 duration_secs,
+                transits,
             } => {
                 self.completed(flow, start_dims, end, duration_secs);
+                self.steps.closed(flow, start_dims, transits);
             }
-            Report::TimedOut { flow, start_dims } => {
+            Report::TimedOut {
+                flow,
+                start_dims,
+                transits,
+                last_step,
+            } => {
                 let labels = self.with_dims(flow, Some("incomplete"), start_dims, None);
                 self.flow_errors.with(labels, |c| c.inc());
+                self.steps.closed(flow, start_dims, transits);
+                self.steps.stalled(flow, start_dims, last_step);
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.dec());
             }
@@ -700,6 +769,16 @@ impl FlowSink for Metrics {
             Report::Duplicate { kind } => {
                 self.duplicates[kind_index(kind)].inc();
             }
+            Report::StepReached {
+                flow,
+                start_dims,
+                step,
+                since_start_secs,
+                trace,
+            } => self
+                .steps
+                .reached(flow, start_dims, step, since_start_secs, trace),
+            Report::StepUnmatched { flow, reason } => self.steps.unmatched(flow, reason),
         }
     }
 }
@@ -750,6 +829,9 @@ impl Metrics {
     fn create_zero_series(&self, flow: &Arc<str>, start: &DimValues, end: Option<&DimValues>) {
         let incomplete = self.with_dims(flow, Some("incomplete"), start, None);
         self.flow_errors.with(incomplete, |_| ());
+        if end.is_none() {
+            self.steps.create_zero_series(flow, start);
+        }
         if end.is_none() && self.has_end_dims {
             return;
         }

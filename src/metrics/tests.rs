@@ -8,6 +8,7 @@ use super::*;
 use crate::config::{Config, Dimension, DimensionSource, FlowOverride, HistogramKind};
 use crate::flows::event::TraceRef;
 use crate::flows::label_value::LabelBound;
+use crate::flows::store::{StepTransit, StepUnmatchedReason};
 
 const GOLDEN: &str = include_str!("testdata/exposition.txt");
 
@@ -44,6 +45,7 @@ fn config() -> Config {
         "checkout".into(),
         FlowOverride {
             timeout: None,
+            steps: None,
             buckets: Some(vec![
                 1e-7,
                 0.000123,
@@ -60,10 +62,12 @@ fn config() -> Config {
             ..FlowOverride::default()
         },
     );
+    // Declared steps: their series exist from the flow's first event.
     config.flows.per_flow.insert(
         "login".into(),
         FlowOverride {
             histogram: Some(HistogramKind::Native),
+            steps: Some(vec!["placed".into(), "paid".into()]),
             ..FlowOverride::default()
         },
     );
@@ -90,6 +94,7 @@ fn record(m: &Metrics) {
             start_dims,
             end,
             duration_secs,
+            transits: &[],
         })
     };
 
@@ -134,10 +139,65 @@ fn record(m: &Metrics) {
         &end(Outcome::Success, &failed, trace(10)),
         4000.0,
     );
+    // Steps: reached (one before its start: not observed), transits on close, where a
+    // timed-out instance stalled, steps that met no instance.
+    let paid: Arc<str> = Arc::from("paid");
+    let packed: Arc<str> = Arc::from("packed");
+    for (flow, step, since, trace) in [
+        (&checkout, &paid, 0.25, trace(11)),
+        (&checkout, &packed, 2.5, None),
+        (&checkout, &paid, -1.0, trace(12)),
+        (&login, &paid, 1.0, trace(13)),
+    ] {
+        m.report(Report::StepReached {
+            flow,
+            start_dims: &eu,
+            step,
+            since_start_secs: since,
+            trace,
+        });
+    }
+    let transits = [
+        StepTransit {
+            step: paid.clone(),
+            transit_secs: 0.25,
+        },
+        StepTransit {
+            step: packed.clone(),
+            transit_secs: 2.25,
+        },
+    ];
+    m.report(Report::Completed {
+        flow: &checkout,
+        start_dims: &eu,
+        end: &end(Outcome::Success, &ok, None),
+        duration_secs: 3.0,
+        transits: &transits,
+    });
     m.report(Report::TimedOut {
         flow: &login,
         start_dims: &eu,
+        transits: &transits[..1],
+        last_step: Some(&paid),
     });
+    m.report(Report::TimedOut {
+        flow: &login,
+        start_dims: &eu,
+        transits: &[],
+        last_step: None,
+    });
+    m.report(Report::StepUnmatched {
+        flow: &login,
+        reason: StepUnmatchedReason::AfterClose,
+    });
+    m.report(Report::StepUnmatched {
+        flow: &checkout,
+        reason: StepUnmatchedReason::NoStart,
+    });
+    m.report(Report::Duplicate {
+        kind: EventKind::Step,
+    });
+    m.event_accepted(EventKind::Step, Source::Log);
     m.report(Report::Dropped {
         flow: &checkout,
         start_dims: &eu,
@@ -162,6 +222,8 @@ fn record(m: &Metrics) {
         m.report(Report::TimedOut {
             flow: &flow,
             start_dims: &eu,
+            transits: &[],
+            last_step: None,
         });
         m.report(Report::Unmatched {
             flow: &flow,
@@ -332,6 +394,7 @@ fn with_end_dimensions_outcomes_appear_with_the_first_end() {
         start_dims: &eu,
         end: &end,
         duration_secs: 1.0,
+        transits: &[],
     });
     let text = m.encode(0);
     for outcome in ["success", "failure"] {
@@ -370,6 +433,7 @@ fn idle_label_sets_are_removed_from_every_family_and_free_their_place() {
                 start_dims: &none,
                 end: &end,
                 duration_secs: 1.0,
+                transits: &[],
             });
         }
     };
@@ -567,4 +631,145 @@ mod formats {
         };
         assert_eq!(samples(&text), samples(&om));
     }
+}
+
+#[test]
+fn flow_totals_sum_each_flows_own_series_and_skip_the_overflow() {
+    let m = Metrics::new(crate::settings::metrics(&config()));
+    record(&m);
+    let totals = m.flow_totals();
+    let names: Vec<&str> = totals.iter().map(|t| t.flow.as_str()).collect();
+    assert_eq!(names, ["checkout", "f0", "f1", "f2", "login"]);
+    let checkout = &totals[0];
+    // Two label sets (one with an odd region value); the failure end folded (full family);
+    // one success closed with its steps' transits.
+    assert_eq!(checkout.started, 1235);
+    assert_eq!(checkout.completed_success, 9);
+    assert_eq!(checkout.completed_failure, 0);
+    assert_eq!(checkout.completed_cancelled, 1);
+    assert_eq!(checkout.incomplete, 0);
+    assert_eq!(checkout.in_progress, 1223);
+    assert_eq!(checkout.dropped, 1);
+    assert_eq!(checkout.unmatched, 0);
+    // The negative duration is not observed; 2e21 lies past the last bound.
+    assert_eq!(checkout.duration_count, 8);
+    assert_eq!(checkout.duration_sum, 2e21 + 10.0);
+    assert_eq!(checkout.duration_buckets.len(), 11);
+    assert_eq!(checkout.duration_buckets[0], (1e-7, 2));
+    assert_eq!(checkout.duration_buckets[2], (0.1, 3));
+    assert_eq!(checkout.duration_buckets[9], (1e21, 7));
+    assert_eq!(checkout.duration_buckets[10], (f64::INFINITY, 8));
+
+    let login = &totals[4];
+    assert_eq!(login.started, 1);
+    assert_eq!(login.completed_success, 0, "folded: the family was full");
+    assert_eq!(login.incomplete, 2);
+    assert_eq!(login.in_progress, -5);
+    assert_eq!(login.unmatched, 1);
+    assert_eq!(login.duration_count, 4);
+    assert!((login.duration_sum - 4000.342).abs() < 1e-9);
+    let buckets = &login.duration_buckets;
+    assert_eq!(buckets.last(), Some(&(f64::INFINITY, 4)));
+    let at = |bound: f64| buckets.iter().find(|(b, _)| *b == bound).unwrap().1;
+    assert_eq!((at(0.05), at(0.1), at(0.25), at(3600.0)), (1, 2, 3, 3));
+
+    let f0 = &totals[1];
+    assert_eq!((f0.started, f0.in_progress, f0.unmatched), (1, -1, 1));
+    let f2 = &totals[3];
+    assert_eq!((f2.started, f2.in_progress, f2.unmatched), (0, 0, 1));
+}
+
+/// Reports from four threads while totals and expositions are read: every reading sees
+/// `started = Σ completed + incomplete + dropped + in_progress` per flow.
+#[test]
+fn every_reading_is_one_consistent_cut_while_reports_go_on() {
+    let mut config = Config::default();
+    config.limits.max_series_per_metric = 10_000;
+    let m = Arc::new(Metrics::new(crate::settings::metrics(&config)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let (m, stop) = (m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let flow: Arc<str> = Arc::from(format!("flow{}", t % 2));
+                let none = dims(&[]);
+                let end = |outcome| EndRecord {
+                    outcome,
+                    timestamp_nanos: 0,
+                    dims: none.clone(),
+                    trace: None,
+                };
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let start_dims = dims(&[&format!("{}", i % 50)]);
+                    m.report(Report::Opened {
+                        flow: &flow,
+                        start_dims: &start_dims,
+                    });
+                    let outcome =
+                        [Outcome::Success, Outcome::Failure, Outcome::Cancelled][i as usize % 3];
+                    match i % 5 {
+                        0 => m.report(Report::TimedOut {
+                            flow: &flow,
+                            start_dims: &start_dims,
+                            transits: &[],
+                            last_step: None,
+                        }),
+                        1 => m.report(Report::Dropped {
+                            flow: &flow,
+                            start_dims: &start_dims,
+                        }),
+                        2 => {}
+                        _ => m.report(Report::Completed {
+                            flow: &flow,
+                            start_dims: &start_dims,
+                            end: &end(outcome),
+                            duration_secs: 0.01,
+                            transits: &[],
+                        }),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let balanced = |t: &FlowTotals| {
+        t.started as i64
+            == (t.completed_success + t.completed_failure + t.completed_cancelled) as i64
+                + t.incomplete as i64
+                + t.dropped as i64
+                + t.in_progress
+    };
+    let mut checked = 0;
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        for t in m.flow_totals() {
+            assert!(balanced(&t), "{t:?}");
+            checked += 1;
+        }
+        let text = m.encode(0);
+        for flow in ["flow0", "flow1"] {
+            let sum = |prefix: &str, filter: &str| -> i64 {
+                text.lines()
+                    .filter(|l| l.starts_with(prefix) && l.contains(&format!("flow=\"{flow}\"")))
+                    .filter(|l| l.contains(filter))
+                    .map(|l| {
+                        let value = l.split(" # ").next().unwrap().rsplit(' ').next().unwrap();
+                        value.parse::<i64>().unwrap()
+                    })
+                    .sum()
+            };
+            let started = sum("flowmetrics_flows_started_total{", "");
+            let ended = sum("flowmetrics_flows_completed_total{", "")
+                + sum("flowmetrics_flow_errors_total{", "incomplete")
+                + sum("flowmetrics_flows_dropped_total{", "")
+                + sum("flowmetrics_flows_in_progress{", "");
+            assert_eq!(started, ended, "{flow}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(checked > 0);
 }

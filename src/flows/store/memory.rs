@@ -24,6 +24,11 @@
 //! - housekeeping removes an entry before calling the listener, so a concurrent `remove`
 //!   of the same key finds nothing: one of the two owns the entry.
 
+mod saved;
+#[cfg(test)]
+mod step_tests;
+mod steps;
+
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,12 +40,12 @@ use moka::policy::{EvictionPolicy, Expiry};
 use moka::sync::Cache;
 
 use super::{
-    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, RestoreRules, RestoreSummary,
-    StoreSettings,
+    CorrelationStore, EndRecord, FlowSink, Report, RestoreRules, RestoreSummary, StoreSettings,
 };
 use crate::flows::dedup::{RecentEvents, Seen};
-use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
-use crate::flows::state::{unix_nanos_now, SavedEntry, SavedShard, SavedState, StoreSnapshot};
+use crate::flows::event::{DimValues, EventKind, FlowEvent};
+use crate::flows::state::{unix_nanos_now, SavedEntry, SavedShard, StoreSnapshot};
+use steps::{ClosedMarks, Pending, Stepped, WaitingStep};
 use crate::logging::RateLimited;
 
 /// An instance's identity, (flow, correlation id), as a 128-bit digest: a moka key
@@ -64,8 +69,50 @@ enum SlotState {
         start_nanos: u64,
         dims: DimValues,
     },
-    /// Shared: waiting ends are the minority, and open entries stay small.
-    Waiting(Arc<EndRecord>),
+    /// Open with steps reached, or an end and/or steps waiting for the start (see
+    /// [`steps`]). One shared pointer: the enum keeps its tag in the niche of `dims`,
+    /// so `Open` entries are exactly as small as without steps.
+    Shared(Arc<Shared>),
+}
+
+#[derive(Debug)]
+enum Shared {
+    Stepped(Stepped),
+    Waiting(Pending),
+}
+
+/// A slot's state, borrowed, with the shared cases unwrapped.
+#[derive(Clone, Copy)]
+enum View<'a> {
+    Open {
+        start_nanos: u64,
+        dims: &'a DimValues,
+    },
+    Stepped(&'a Stepped),
+    Waiting(&'a Pending),
+}
+
+impl SlotState {
+    fn stepped(open: Stepped) -> Self {
+        SlotState::Shared(Arc::new(Shared::Stepped(open)))
+    }
+
+    fn waiting(pending: Pending) -> Self {
+        SlotState::Shared(Arc::new(Shared::Waiting(pending)))
+    }
+
+    fn view(&self) -> View<'_> {
+        match self {
+            SlotState::Open { start_nanos, dims } => View::Open {
+                start_nanos: *start_nanos,
+                dims,
+            },
+            SlotState::Shared(shared) => match &**shared {
+                Shared::Stepped(open) => View::Stepped(open),
+                Shared::Waiting(pending) => View::Waiting(pending),
+            },
+        }
+    }
 }
 
 /// Why an entry left without its counterpart.
@@ -164,6 +211,8 @@ pub struct MemoryStore {
     timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
     capacity: u64,
     final_snapshot: Arc<FinalSnapshot>,
+    /// Recent closes of instances of flows that use steps.
+    closed: Arc<ClosedMarks>,
 }
 
 impl MemoryStore {
@@ -177,12 +226,23 @@ impl MemoryStore {
                 .unwrap_or(now),
         };
         let final_snapshot = Arc::new(FinalSnapshot::default());
-        let cache = build_cache(&settings, clock, sink.clone(), final_snapshot.clone());
         // Remember every event of a full store for the window, at least.
         let per_shard = usize::try_from(settings.capacity.saturating_mul(2))
             .unwrap_or(usize::MAX)
             .max(1024 * SHARDS)
             / SHARDS;
+        let closed = Arc::new(ClosedMarks::new(
+            &settings.step_flows,
+            u64::try_from(settings.longest_timeout.as_nanos()).unwrap_or(u64::MAX),
+            per_shard,
+        ));
+        let cache = build_cache(
+            &settings,
+            clock,
+            sink.clone(),
+            final_snapshot.clone(),
+            closed.clone(),
+        );
         let window_nanos = u64::try_from(settings.dedup_window.as_nanos()).unwrap_or(u64::MAX);
         let shards = (0..SHARDS)
             .map(|_| Mutex::new(RecentEvents::new(window_nanos, per_shard, 0)))
@@ -199,6 +259,7 @@ impl MemoryStore {
             timeout_for: settings.timeout_for,
             capacity: settings.capacity,
             final_snapshot,
+            closed,
         }
     }
 
@@ -265,84 +326,57 @@ impl MemoryStore {
             // original deadline, never later than now + the flow's timeout today.
             let deadline = now_store.saturating_add(remaining.min(self.timeout_nanos(&flow)));
             let key = u128::from_be_bytes(key);
-            match state {
-                SavedState::Open {
-                    start_nanos,
-                    dims: saved,
-                } => {
-                    let start_dims = dims(&start_map, &saved, &rules.start_dims);
-                    if !known {
-                        summary.discarded += 1;
-                        sink.report(Report::Discarded {
-                            flow: &flow,
-                            start_dims: &start_dims,
-                        });
-                        continue;
-                    }
-                    sink.report(Report::Restored {
-                        flow: &flow,
-                        start_dims: &start_dims,
+            let state = saved::slot_state(
+                state,
+                strings,
+                &|saved| dims(&start_map, saved, &rules.start_dims),
+                &|saved| dims(&end_map, saved, &rules.end_dims),
+            );
+            let slot = Slot {
+                flow,
+                deadline,
+                state,
+            };
+            let open_dims = match slot.state.view() {
+                View::Open { dims, .. } => Some(dims),
+                View::Stepped(open) => Some(&open.dims),
+                View::Waiting(_) => None,
+            };
+            match open_dims {
+                Some(start_dims) if !known => {
+                    summary.discarded += 1;
+                    sink.report(Report::Discarded {
+                        flow: &slot.flow,
+                        start_dims,
                     });
-                    if remaining == 0 {
-                        summary.expired += 1;
-                        sink.report(Report::TimedOut {
-                            flow: &flow,
-                            start_dims: &start_dims,
-                        });
-                        continue;
-                    }
-                    summary.open += 1;
-                    self.cache.insert(
-                        key,
-                        Slot {
-                            flow,
-                            deadline,
-                            state: SlotState::Open {
-                                start_nanos,
-                                dims: start_dims,
-                            },
-                        },
-                    );
+                    continue;
                 }
-                SavedState::Waiting {
-                    outcome,
-                    timestamp_nanos,
-                    dims: saved,
-                    trace,
-                } => {
-                    if !known || remaining == 0 {
-                        if known {
-                            summary.expired_ends += 1;
-                        } else {
-                            summary.discarded += 1;
-                        }
-                        sink.report(Report::Unmatched {
-                            flow: &flow,
-                            evicted: false,
-                        });
-                        continue;
-                    }
-                    summary.waiting += 1;
-                    let end = EndRecord {
-                        outcome: match outcome {
-                            0 => Outcome::Success,
-                            1 => Outcome::Failure,
-                            _ => Outcome::Cancelled,
-                        },
-                        timestamp_nanos,
-                        dims: dims(&end_map, &saved, &rules.end_dims),
-                        trace: trace.map(|(trace_id, span_id)| TraceRef { trace_id, span_id }),
-                    };
-                    self.cache.insert(
-                        key,
-                        Slot {
-                            flow,
-                            deadline,
-                            state: SlotState::Waiting(Arc::new(end)),
-                        },
-                    );
+                Some(start_dims) => sink.report(Report::Restored {
+                    flow: &slot.flow,
+                    start_dims,
+                }),
+                None if !known => {
+                    summary.discarded += 1;
+                    report_gone(sink, &slot, Gone::TimedOut);
+                    continue;
                 }
+                None => {}
             }
+            if remaining == 0 {
+                if open_dims.is_some() {
+                    summary.expired += 1;
+                } else {
+                    summary.expired_ends += 1;
+                }
+                report_gone(sink, &slot, Gone::TimedOut);
+                continue;
+            }
+            if open_dims.is_some() {
+                summary.open += 1;
+            } else {
+                summary.waiting += 1;
+            }
+            self.cache.insert(key, slot);
         }
         // Fingerprints live in the shard of their key: only a file with the same
         // sharding can be used.
@@ -390,22 +424,7 @@ impl MemoryStore {
         let mut entries =
             Vec::with_capacity(usize::try_from(self.cache.entry_count()).unwrap_or(0));
         for (key, slot) in self.cache.iter() {
-            let state = match &slot.state {
-                SlotState::Open { start_nanos, dims } => SavedState::Open {
-                    start_nanos: *start_nanos,
-                    dims: dims.iter().map(&mut intern).collect(),
-                },
-                SlotState::Waiting(end) => SavedState::Waiting {
-                    outcome: match end.outcome {
-                        Outcome::Success => 0,
-                        Outcome::Failure => 1,
-                        Outcome::Cancelled => 2,
-                    },
-                    timestamp_nanos: end.timestamp_nanos,
-                    dims: end.dims.iter().map(&mut intern).collect(),
-                    trace: end.trace.map(|t| (t.trace_id, t.span_id)),
-                },
-            };
+            let state = saved::saved_state(&slot.state, &mut intern);
             entries.push(SavedEntry {
                 key: key.to_be_bytes(),
                 flow: intern(&slot.flow),
@@ -461,7 +480,11 @@ impl MemoryStore {
         use std::hash::BuildHasher;
         let key = self.key(&event.flow, &event.correlation_id);
         let is_start = event.kind == EventKind::Start;
-        let fingerprint = self.key_hashers[0].hash_one((key, is_start, event.timestamp_nanos));
+        let fingerprint = match &event.step {
+            // The step's name is part of a step event's identity.
+            Some(step) => self.key_hashers[0].hash_one((key, &**step, event.timestamp_nanos)),
+            None => self.key_hashers[0].hash_one((key, is_start, event.timestamp_nanos)),
+        };
         let mut recent = self.shard(key);
         if recent.check_and_remember(fingerprint, now) == Seen::Again {
             self.sink.report(Report::Duplicate { kind: event.kind });
@@ -474,9 +497,27 @@ impl MemoryStore {
             timestamp_nanos,
             dims,
             trace,
+            step,
             ..
         } = event;
         match kind {
+            EventKind::Step => match step {
+                Some(step) => self.apply_step(
+                    key,
+                    flow,
+                    WaitingStep {
+                        step,
+                        timestamp_nanos,
+                        trace,
+                    },
+                    now,
+                ),
+                // Not made by the extractor; a step without a name has nothing to count.
+                None => sink.report(Report::StepUnmatched {
+                    flow: &flow,
+                    reason: super::StepUnmatchedReason::NoStart,
+                }),
+            },
             // Most starts open a new instance: `contains_key` answers that without
             // cloning a value or recording an access, as `get` would.
             EventKind::Start if !self.cache.contains_key(&key) => {
@@ -484,80 +525,132 @@ impl MemoryStore {
             }
             EventKind::Start => match self.cache.get(&key).map(|slot| slot.state) {
                 None => self.open(key, flow, timestamp_nanos, dims, now),
-                Some(SlotState::Open { start_nanos, .. }) => {
-                    if timestamp_nanos < start_nanos {
-                        // The earliest start wins; the entry keeps its deadline.
-                        match self.take(key, now) {
-                            Some(mut slot) => {
-                                if let SlotState::Open { start_nanos, .. } = &mut slot.state {
-                                    *start_nanos = timestamp_nanos;
-                                }
-                                self.cache.insert(key, slot);
-                            }
-                            // It timed out just now: this start opens a new instance.
-                            None => return self.open(key, flow, timestamp_nanos, dims, now),
-                        }
+                Some(state) => match state.view() {
+                    View::Open { start_nanos, .. } => {
+                        self.earlier_start(key, flow, start_nanos, timestamp_nanos, dims, now)
                     }
-                    sink.report(Report::Duplicate { kind });
-                }
-                Some(SlotState::Waiting(_)) => match self.take(key, now) {
-                    Some(Slot {
-                        state: SlotState::Waiting(end),
-                        ..
-                    }) => {
-                        sink.report(Report::Opened {
-                            flow: &flow,
-                            start_dims: &dims,
-                        });
-                        complete(sink, &flow, &dims, timestamp_nanos, &end);
+                    View::Stepped(open) => {
+                        self.earlier_start(key, flow, open.start_nanos, timestamp_nanos, dims, now)
                     }
-                    // The waiting end timed out just now (counted unmatched).
-                    _ => self.open(key, flow, timestamp_nanos, dims, now),
+                    View::Waiting(_) => match self.take(key, now) {
+                        Some(slot) => match slot.state.view() {
+                            View::Waiting(pending) => self.start_over_pending(
+                                key,
+                                flow,
+                                timestamp_nanos,
+                                dims,
+                                pending,
+                                now,
+                            ),
+                            _ => self.open(key, flow, timestamp_nanos, dims, now),
+                        },
+                        // What waited timed out just now (counted unmatched).
+                        None => self.open(key, flow, timestamp_nanos, dims, now),
+                    },
                 },
             },
-            EventKind::End(outcome) => match self.take(key, now) {
-                Some(Slot {
-                    flow,
-                    state:
-                        SlotState::Open {
-                            start_nanos,
-                            dims: start_dims,
-                        },
-                    ..
-                }) => {
-                    let end = EndRecord {
-                        outcome,
-                        timestamp_nanos,
-                        dims,
-                        trace,
-                    };
-                    complete(sink, &flow, &start_dims, start_nanos, &end);
-                }
-                Some(waiting) => {
-                    // A second end while the first waits: the first stays.
-                    self.cache.insert(key, waiting);
-                    sink.report(Report::Duplicate { kind });
-                }
-                None => {
-                    let deadline = now.saturating_add(self.timeout_nanos(&flow));
-                    let end = EndRecord {
-                        outcome,
-                        timestamp_nanos,
-                        dims,
-                        trace,
-                    };
-                    self.cache.insert(
-                        key,
-                        Slot {
-                            flow,
-                            deadline,
-                            state: SlotState::Waiting(Arc::new(end)),
-                        },
-                    );
-                }
-            },
+            EventKind::End(outcome) => {
+                let end = EndRecord {
+                    outcome,
+                    timestamp_nanos,
+                    dims,
+                    trace,
+                };
+                self.apply_end(key, flow, end, now);
+            }
         }
         drop(recent);
+    }
+
+    /// A second start of an open instance: a duplicate; the earliest start wins, and
+    /// the entry keeps its deadline.
+    fn earlier_start(
+        &self,
+        key: Key,
+        flow: Arc<str>,
+        known_nanos: u64,
+        timestamp_nanos: u64,
+        dims: DimValues,
+        now: u64,
+    ) {
+        if timestamp_nanos < known_nanos {
+            match self.take(key, now) {
+                Some(mut slot) => {
+                    let state = match slot.state.view() {
+                        View::Open { dims, .. } => SlotState::Open {
+                            start_nanos: timestamp_nanos,
+                            dims: dims.clone(),
+                        },
+                        View::Stepped(open) => SlotState::stepped(Stepped {
+                            start_nanos: timestamp_nanos,
+                            dims: open.dims.clone(),
+                            steps: open.steps.clone(),
+                        }),
+                        View::Waiting(_) => slot.state.clone(),
+                    };
+                    slot.state = state;
+                    self.cache.insert(key, slot);
+                }
+                // It timed out just now: this start opens a new instance.
+                None => return self.open(key, flow, timestamp_nanos, dims, now),
+            }
+        }
+        self.sink.report(Report::Duplicate {
+            kind: EventKind::Start,
+        });
+    }
+
+    /// An end event: closes its open instance, or waits for the start.
+    fn apply_end(&self, key: Key, flow: Arc<str>, end: EndRecord, now: u64) {
+        let sink = &*self.sink;
+        let Some(Slot {
+            flow,
+            deadline,
+            state,
+        }) = self.take(key, now)
+        else {
+            let deadline = now.saturating_add(self.timeout_nanos(&flow));
+            return self.cache.insert(
+                key,
+                Slot {
+                    flow,
+                    deadline,
+                    state: SlotState::waiting(Pending::end(end)),
+                },
+            );
+        };
+        match state.view() {
+            View::Open { start_nanos, dims } => {
+                steps::complete(sink, &flow, dims, start_nanos, &[], &end);
+                self.closed.mark(&flow, key, now);
+            }
+            View::Stepped(open) => {
+                steps::complete(sink, &flow, &open.dims, open.start_nanos, &open.steps, &end);
+                self.closed.mark(&flow, key, now);
+            }
+            View::Waiting(pending) => {
+                let state = if pending.end.is_some() {
+                    // A second end while the first waits: the first stays.
+                    sink.report(Report::Duplicate {
+                        kind: EventKind::End(end.outcome),
+                    });
+                    state.clone()
+                } else {
+                    SlotState::waiting(Pending {
+                        end: Some(end),
+                        steps: pending.steps.clone(),
+                    })
+                };
+                self.cache.insert(
+                    key,
+                    Slot {
+                        flow,
+                        deadline,
+                        state,
+                    },
+                );
+            }
+        }
     }
 
     fn timeout_nanos(&self, flow: &str) -> u64 {
@@ -591,7 +684,7 @@ impl MemoryStore {
             return None;
         }
         if slot.deadline <= now {
-            report_gone(&*self.sink, &slot, Gone::TimedOut);
+            steps::gone(&*self.sink, &self.closed, key, &slot, Gone::TimedOut, now);
             return None;
         }
         Some(slot)
@@ -606,6 +699,7 @@ fn build_cache(
     clock: Clock,
     sink: Arc<dyn FlowSink>,
     final_snapshot: Arc<FinalSnapshot>,
+    closed: Arc<ClosedMarks>,
 ) -> Cache<Key, Slot, RandomState> {
     let ttl = settings
         .longest_timeout
@@ -624,17 +718,19 @@ fn build_cache(
                     }
                 }
             });
-            report_gone(&*sink, &slot, Gone::TimedOut);
+            steps::gone(&*sink, &closed, *key, &slot, Gone::TimedOut, clock.now());
         }
         // Only an entry past its per-entry deadline is ever replaced (see above).
-        RemovalCause::Replaced => report_gone(&*sink, &slot, Gone::TimedOut),
+        RemovalCause::Replaced => {
+            steps::gone(&*sink, &closed, *key, &slot, Gone::TimedOut, clock.now())
+        }
         RemovalCause::Size => {
             eviction_warning.warn(format_args!(
                 "correlation store full (limits.max_in_flight): evicting the oldest entries \
                  (flow {}); raise the limit or shorten flow timeouts",
                 slot.flow
             ));
-            report_gone(&*sink, &slot, Gone::Evicted);
+            steps::gone(&*sink, &closed, *key, &slot, Gone::Evicted, clock.now());
         }
     };
     Cache::builder()
@@ -666,7 +762,13 @@ impl CacheBaseline {
         let timeout_nanos =
             u64::try_from((settings.timeout_for)("baseline").as_nanos()).unwrap_or(u64::MAX);
         Self {
-            cache: build_cache(&settings, clock, sink, Arc::default()),
+            cache: build_cache(
+                &settings,
+                clock,
+                sink,
+                Arc::default(),
+                Arc::new(ClosedMarks::new(&[], 0, 1)),
+            ),
             clock,
             flow: Arc::from("baseline"),
             dims: Arc::from([]),
@@ -774,38 +876,35 @@ fn key_hashers(seed: u64) -> [FixedState; 2] {
     ]
 }
 
-fn complete(
-    sink: &dyn FlowSink,
-    flow: &Arc<str>,
-    start_dims: &DimValues,
-    start_nanos: u64,
-    end: &EndRecord,
-) {
-    sink.report(Report::Completed {
-        flow,
-        start_dims,
-        end,
-        duration_secs: duration_secs(start_nanos, end.timestamp_nanos),
-    });
-}
-
 /// An entry that left without its counterpart: an open instance timed out or was
 /// dropped, a waiting end never met its start.
 fn report_gone(sink: &dyn FlowSink, slot: &Slot, why: Gone) {
     let flow = &slot.flow;
-    match (&slot.state, why) {
-        (SlotState::Open { dims, .. }, Gone::Evicted) => sink.report(Report::Dropped {
+    match (slot.state.view(), why) {
+        (View::Open { dims, .. }, Gone::Evicted) => sink.report(Report::Dropped {
             flow,
             start_dims: dims,
         }),
-        (SlotState::Open { dims, .. }, Gone::TimedOut) => sink.report(Report::TimedOut {
+        (View::Open { dims, .. }, Gone::TimedOut) => sink.report(Report::TimedOut {
             flow,
             start_dims: dims,
+            transits: &[],
+            last_step: None,
         }),
-        (SlotState::Waiting(_), _) => sink.report(Report::Unmatched {
+        (View::Stepped(open), Gone::Evicted) => sink.report(Report::Dropped {
             flow,
-            evicted: why == Gone::Evicted,
+            start_dims: &open.dims,
         }),
+        (View::Stepped(open), Gone::TimedOut) => steps::timed_out(sink, flow, open),
+        (View::Waiting(pending), _) => {
+            if pending.end.is_some() {
+                sink.report(Report::Unmatched {
+                    flow,
+                    evicted: why == Gone::Evicted,
+                });
+            }
+            steps::steps_unmatched(sink, flow, pending);
+        }
     }
 }
 
@@ -918,6 +1017,10 @@ mod tests {
                 Report::Dropped { flow, .. } => self.add(flow, "dropped"),
                 Report::Unmatched { flow, .. } => self.add(flow, "unmatched"),
                 Report::Duplicate { kind } => self.add("*", &format!("dup_{}", kind.label())),
+                Report::StepReached { flow, step, .. } => self.add(flow, &format!("step_{step}")),
+                Report::StepUnmatched { flow, reason } => {
+                    self.add(flow, &format!("step_unmatched_{}", reason.label()))
+                }
             }
         }
     }
@@ -934,6 +1037,7 @@ mod tests {
                 dedup_window: dedup,
                 timeout_for: Arc::new(move |_| timeout),
                 longest_timeout: timeout,
+                step_flows: Vec::new(),
             },
             rec.clone(),
         );
@@ -948,6 +1052,7 @@ mod tests {
                 capacity,
                 dedup_window: Duration::from_secs(300),
                 longest_timeout: Duration::from_secs(600),
+                step_flows: Vec::new(),
                 timeout_for: Arc::new(move |flow| {
                     if flow == "short" {
                         short
@@ -974,6 +1079,7 @@ mod tests {
             dims: Arc::from(Vec::new()),
             trace: None,
             source: Source::SpanEvent,
+            step: None,
         }
     }
 
@@ -1014,6 +1120,7 @@ mod tests {
                 dedup_window: Duration::from_secs(300),
                 timeout_for: Arc::new(move |_| timeout),
                 longest_timeout: timeout,
+                step_flows: Vec::new(),
             },
             rec.clone(),
         );
@@ -1154,7 +1261,7 @@ mod tests {
                     ["none", "web"]
                 )
             }
-            SlotState::Waiting(_) => panic!("restored as waiting"),
+            _ => panic!("not restored as open"),
         }
     }
 

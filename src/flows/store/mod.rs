@@ -33,11 +33,33 @@ pub enum Report<'a> {
         end: &'a EndRecord,
         /// end − start in seconds; negative from clock skew.
         duration_secs: f64,
+        /// The steps it reached, by event timestamp (empty for a flow without steps).
+        transits: &'a [StepTransit],
     },
     /// The instance's deadline passed with no end.
     TimedOut {
         flow: &'a Arc<str>,
         start_dims: &'a DimValues,
+        /// The steps it reached, by event timestamp (empty for a flow without steps).
+        transits: &'a [StepTransit],
+        /// The latest step it reached by event timestamp; `None`: none (`start`).
+        last_step: Option<&'a Arc<str>>,
+    },
+    /// A step of an instance whose start is known (on the step's arrival, or on the
+    /// start's when the step came first). Once per (instance, step).
+    StepReached {
+        flow: &'a Arc<str>,
+        start_dims: &'a DimValues,
+        step: &'a Arc<str>,
+        /// step − start in seconds, by event timestamps; negative from clock skew.
+        since_start_secs: f64,
+        /// The step event's trace, for the exemplar.
+        trace: Option<TraceRef>,
+    },
+    /// A step that never met its instance: counted here and nowhere else.
+    StepUnmatched {
+        flow: &'a Arc<str>,
+        reason: StepUnmatchedReason,
     },
     /// The instance was evicted because the store was full.
     Dropped {
@@ -61,6 +83,35 @@ pub enum Report<'a> {
     Unmatched { flow: &'a Arc<str>, evicted: bool },
     /// An event ignored as a duplicate (a second start, a second end, or a retry).
     Duplicate { kind: EventKind },
+}
+
+/// One step of a closing instance: its time since the step before it by event
+/// timestamp (the first step's since the start). Negative only from clock skew.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTransit {
+    pub step: Arc<str>,
+    pub transit_secs: f64,
+}
+
+/// Why a step event was not counted with an instance (`reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepUnmatchedReason {
+    /// Its instance had already closed (ended or timed out).
+    AfterClose,
+    /// Its start never came within the flow's timeout (or it was evicted from a full
+    /// store while waiting).
+    NoStart,
+}
+
+impl StepUnmatchedReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            StepUnmatchedReason::AfterClose => "after_close",
+            StepUnmatchedReason::NoStart => "no_start",
+        }
+    }
+
+    pub const LABELS: [&'static str; 2] = ["after_close", "no_start"];
 }
 
 /// Receives what the store decides. Implemented by the metrics registry, and by a
@@ -90,6 +141,9 @@ pub struct StoreSettings {
     pub timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
     /// The longest timeout any flow can have: the store's time-to-live.
     pub longest_timeout: Duration,
+    /// Flows with declared steps (`flows.per_flow.*.steps`): they use steps from their
+    /// first event on (others from their first step event).
+    pub step_flows: Vec<Arc<str>>,
 }
 
 /// A correlation store, in process or shared. Every method is cheap to call from a

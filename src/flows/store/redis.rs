@@ -26,13 +26,18 @@
 //! sweeper and reports it then (once: reading deletes it).
 //!
 //! Keys (`s` the shard's prefix, `h` a stable 64-bit digest of flow and id in hex):
-//! `s{h}i<flow>\0<id>` the instance; `s{h}s<ts>` / `s{h}e<ts>` a retry fingerprint that
-//! expires after the dedup window; `sdeadlines` the shard's instance keys by deadline
-//! (ms); `s{r}<replica>:<call>` a call's reply. (Only the first `{…}` of a key is its
-//! Cluster hash tag: in `p{3}{h}i…` it is `3`.) An instance's value: its state (`o`
-//! open, `w` an end waiting), its event timestamp as 20 digits (compared as strings:
-//! Lua numbers are doubles), then the payload encoded here (flow, dims, and for an end
-//! its outcome and trace).
+//! `s{h}i<flow>\0<id>` the instance; `s{h}s<ts>` / `s{h}e<ts>` / `s{h}t<step>\0<ts>` a
+//! retry fingerprint that expires after the dedup window; `sdeadlines` the shard's
+//! instance keys by deadline (ms); `s{r}<replica>:<call>` a call's reply. (Only the first
+//! `{…}` of a key is its Cluster hash tag: in `p{3}{h}i…` it is `3`.) An instance's
+//! value: its state (`o` open, `w` an end waiting, `p` steps waiting for their start),
+//! its event timestamp as 20 digits (compared as strings: Lua numbers are doubles), then
+//! the payload encoded here (flow, dims, and for an end its outcome and trace).
+//!
+//! Steps (docs/behaviour.md §9, [`steps`]): `s{h}k<flow>\0<id>` the instance's steps (a
+//! hash), `s{h}c<flow>\0<id>` a closed instance's mark (for the dedup window, so that a
+//! later step counts as after_close), `sstepflows` the flows that sent a step (only
+//! their instances leave a mark). The scripts live in `redis/*.lua`.
 //!
 //! The client is redis-rs' synchronous connection (or its cluster connection, which
 //! routes each call by its first key) with socket timeouts, in a small pool: the store
@@ -50,10 +55,14 @@ use redis::{
 };
 
 use super::{
-    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreError, StoreSettings,
+    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StepUnmatchedReason,
+    StoreError, StoreSettings,
 };
 use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 use crate::logging::RateLimited;
+
+mod steps;
+use steps::StoredStep;
 
 /// Events per script call: bounds how long one call holds the server.
 const CHUNK: usize = 1000;
@@ -70,109 +79,9 @@ const MAX_ACKS: usize = 256;
 /// Longest timeout in ms the script is handed: Lua prints numbers with 14 digits.
 const MAX_TIMEOUT_MS: u64 = 1_000_000_000_000;
 
-const APPLY: &str = r#"
-local zset = KEYS[1]
-local window = ARGV[1]
-local cap = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {}
-local function emit(i, code, v)
-  out[#out + 1] = tostring(i)
-  out[#out + 1] = code
-  out[#out + 1] = v or ''
-end
-local function take(key)
-  redis.call('DEL', key)
-  redis.call('ZREM', zset, key)
-end
-local acks = tonumber(ARGV[3])
-local n = (#KEYS - 2 - acks) / 2
--- Results this replica has read: no longer needed for recovery.
-for j = 2 * n + 3, #KEYS do redis.call('DEL', KEYS[j]) end
-for i = 1, n do
-  local key = KEYS[2 * i + 1]
-  local fp = KEYS[2 * i + 2]
-  local kind = ARGV[3 * i + 1]
-  local value = ARGV[3 * i + 2]
-  local timeout = tonumber(ARGV[3 * i + 3])
-  if not redis.call('SET', fp, '1', 'NX', 'PX', window) then
-    emit(i, 'D')
-  else
-    local old = redis.call('GET', key)
-    if old then
-      local due = redis.call('ZSCORE', zset, key)
-      if due and tonumber(due) <= now then
-        -- Past its deadline and not yet swept: it timed out, and this event finds nothing.
-        take(key)
-        emit(i, 'T', old)
-        old = nil
-      end
-    end
-    if not old then
-      redis.call('SET', key, value)
-      redis.call('ZADD', zset, now + timeout, key)
-      if kind == 's' then emit(i, 'O') else emit(i, 'W') end
-    elseif kind == 's' then
-      if string.sub(old, 1, 1) == 'o' then
-        -- The earliest start wins; the instance keeps its dims and deadline.
-        if string.sub(value, 2, 21) < string.sub(old, 2, 21) then
-          redis.call('SET', key, string.sub(value, 1, 21) .. string.sub(old, 22))
-        end
-        emit(i, 'D')
-      else
-        take(key)
-        emit(i, 'P', old)
-      end
-    elseif string.sub(old, 1, 1) == 'o' then
-      take(key)
-      emit(i, 'C', old)
-    else
-      emit(i, 'D')
-    end
-  end
-end
--- Full: the entries due soonest leave (timed out if already due). The keys popped are
--- not in KEYS, but they are this shard's: in the hash slot of KEYS[1] (the shard's tag).
-local over = redis.call('ZCARD', zset) - cap
-while over > 0 do
-  local popped = redis.call('ZPOPMIN', zset)
-  if #popped == 0 then break end
-  local v = redis.call('GET', popped[1])
-  redis.call('DEL', popped[1])
-  if v then
-    if tonumber(popped[2]) <= now then emit(0, 'T', v) else emit(0, 'E', v) end
-  end
-  over = over - 1
-end
--- Kept until this replica has read the reply: if the reply is lost, the replica reads
--- the outcomes from here and reports them (the exporter's retry finds only duplicates).
-local parts = {}
-for j = 1, #out do parts[j] = #out[j] .. ':' .. out[j] end
-redis.call('SET', KEYS[2], table.concat(parts), 'PX', math.max(tonumber(window), 60000))
-return out
-"#;
-
-const CLAIM: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v then redis.call('DEL', KEYS[1]) end
-return v
-"#;
-
-const SWEEP: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local out = { tostring(redis.call('ZCARD', KEYS[1]) - #due) }
--- Not in KEYS, but of this shard: in the hash slot of KEYS[1] (the shard's tag).
-for _, key in ipairs(due) do
-  local v = redis.call('GET', key)
-  redis.call('DEL', key)
-  redis.call('ZREM', KEYS[1], key)
-  if v then out[#out + 1] = v end
-end
-return out
-"#;
+const APPLY: &str = include_str!("redis/apply.lua");
+const CLAIM: &str = include_str!("redis/claim.lua");
+const SWEEP: &str = include_str!("redis/sweep.lua");
 
 /// Where the shared store is and how long to wait for it (`correlation.redis`).
 #[derive(Clone, Debug)]
@@ -215,6 +124,8 @@ pub struct RedisStore {
     probe: Arc<dyn StoreProbe>,
     timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
     window_ms: u64,
+    /// How long a closed instance of a flow with steps stays marked: the longest timeout.
+    mark_ms: u64,
     capacity: u64,
     /// Entries one shard may hold: `capacity` spread evenly, rounded up.
     shard_capacity: u64,
@@ -226,6 +137,8 @@ pub struct RedisStore {
     /// Written by the probe, with a short expiry.
     probe_key: Vec<u8>,
     warnings: Warnings,
+    /// Flows this replica has told every shard about (they use steps).
+    step_flows: steps::KnownStepFlows,
 }
 
 /// The store's repeated warnings, each rate-limited on its own.
@@ -252,6 +165,8 @@ struct Shard {
     /// `p{n}` (one hash slot on a cluster), or `p` alone for one shard on one server.
     prefix: Vec<u8>,
     deadlines: Vec<u8>,
+    /// The flows that sent a step to this shard.
+    stepflows: Vec<u8>,
     /// Result keys of replies read, deleted by the next call to this shard.
     acks: Mutex<Vec<Vec<u8>>>,
     /// Entries at the last sweep: read by `/metrics` without a round trip.
@@ -338,9 +253,12 @@ impl RedisStore {
                 }
                 let mut deadlines = prefix.clone();
                 deadlines.extend_from_slice(b"deadlines");
+                let mut stepflows = prefix.clone();
+                stepflows.extend_from_slice(b"stepflows");
                 Shard {
                     prefix,
                     deadlines,
+                    stepflows,
                     acks: Mutex::new(Vec::new()),
                     entries: AtomicU64::new(0),
                 }
@@ -373,13 +291,35 @@ impl RedisStore {
             window_ms: u64::try_from(settings.dedup_window.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
+            mark_ms: u64::try_from(settings.longest_timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .clamp(1, MAX_TIMEOUT_MS),
             capacity: settings.capacity,
             shard_capacity: settings.capacity.div_ceil(u64::from(count)),
             available: AtomicBool::new(false),
             warnings: Warnings::new(),
             writes_refused: AtomicBool::new(false),
             probe_key,
+            step_flows: steps::KnownStepFlows::new(settings.step_flows.clone()),
         })
+    }
+
+    /// The first step of a flow this replica sees: every shard learns that the flow uses
+    /// steps (so that its closed instances leave a mark there), in one round trip, once
+    /// per flow and replica. Flows without steps never get here.
+    fn announce_step_flows(&self, events: &[FlowEvent]) {
+        let new = self.step_flows.unknown(events);
+        if new.is_empty() {
+            return;
+        }
+        let keys: Vec<&[u8]> = self.shards.iter().map(|s| &s.stepflows[..]).collect();
+        // A failure is not one for the batch: each step still marks its own shard.
+        if self
+            .call("apply", |con| con.add_to_all(&keys, &new), |_| None)
+            .is_ok()
+        {
+            self.step_flows.learned(new);
+        }
     }
 
     /// Times a call, tells the probe, and keeps the availability flags. `failure`
@@ -461,13 +401,16 @@ impl RedisStore {
     fn apply_cmd(&self, call: &Call) -> Cmd {
         let shard = &self.shards[call.shard];
         let mut keys: Vec<Vec<u8>> =
-            Vec::with_capacity(2 + 2 * call.events.len() + call.acks.len());
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(3 + 3 * call.events.len());
+            Vec::with_capacity(3 + 2 * call.events.len() + call.acks.len());
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(5 + 4 * call.events.len());
         keys.push(shard.deadlines.clone());
         keys.push(call.result_key.clone());
+        keys.push(shard.stepflows.clone());
         args.push(self.window_ms.to_string().into_bytes());
         args.push(self.shard_capacity.to_string().into_bytes());
         args.push(call.acks.len().to_string().into_bytes());
+        args.push(shard.prefix.len().to_string().into_bytes());
+        args.push(self.mark_ms.to_string().into_bytes());
         for event in &call.events {
             let tag = hex(digest(&event.flow, &event.correlation_id));
             let mut key = shard.tagged(&tag, b'i');
@@ -477,8 +420,13 @@ impl RedisStore {
             let (kind, state) = match event.kind {
                 EventKind::Start => (b's', b'o'),
                 EventKind::End(_) => (b'e', b'w'),
+                EventKind::Step => (b't', b'p'),
             };
             let mut fingerprint = shard.tagged(&tag, kind);
+            if let Some(step) = &event.step {
+                fingerprint.extend_from_slice(step.as_bytes());
+                fingerprint.push(0);
+            }
             fingerprint.extend_from_slice(event.timestamp_nanos.to_string().as_bytes());
             let timeout_ms = u64::try_from((self.timeout_for)(&event.flow).as_millis())
                 .unwrap_or(u64::MAX)
@@ -488,6 +436,10 @@ impl RedisStore {
             args.push(vec![kind]);
             args.push(encode(state, event));
             args.push(timeout_ms.to_string().into_bytes());
+            args.push(match event.kind {
+                EventKind::Step => steps::step_argument(event),
+                _ => Vec::new(),
+            });
         }
         keys.extend(call.acks.iter().cloned());
         let mut cmd = redis::cmd("EVALSHA");
@@ -620,18 +572,19 @@ impl RedisStore {
     }
 
     fn settle_all(&self, events: &[FlowEvent], out: &[Vec<u8>]) {
-        for record in out.chunks_exact(3) {
+        for record in out.chunks_exact(4) {
             let index = std::str::from_utf8(&record[0])
                 .ok()
                 .and_then(|s| s.parse::<usize>().ok())
                 .unwrap_or(0);
             let event = index.checked_sub(1).and_then(|i| events.get(i));
-            self.settle(event, record[1].first().copied(), &record[2]);
+            self.settle(event, record[1].first().copied(), &record[2], &record[3]);
         }
     }
 
-    /// Reports one outcome the script returned for `event` (none: an eviction).
-    fn settle(&self, event: Option<&FlowEvent>, code: Option<u8>, stored: &[u8]) {
+    /// Reports one outcome the script returned for `event` (none: an eviction), with the
+    /// steps of the instance it concerns when the script handed them back.
+    fn settle(&self, event: Option<&FlowEvent>, code: Option<u8>, stored: &[u8], kept: &[u8]) {
         let sink = &*self.sink;
         let stored = || {
             let entry = decode(stored);
@@ -645,7 +598,7 @@ impl RedisStore {
         match (code, event) {
             (Some(b'T'), _) => {
                 if let Some(entry) = stored() {
-                    entry.gone(sink, false);
+                    entry.gone(sink, false, &steps::parse_steps(kept));
                 }
             }
             (Some(b'E'), _) => {
@@ -655,9 +608,33 @@ impl RedisStore {
                          due soonest (flow {}); raise the limit or shorten flow timeouts",
                         entry.flow
                     ));
-                    entry.gone(sink, true);
+                    entry.gone(sink, true, &steps::parse_steps(kept));
                 }
             }
+            (Some(b'S'), Some(e)) => {
+                sink.report(Report::Opened {
+                    flow: &e.flow,
+                    start_dims: &e.dims,
+                });
+                let kept = steps::parse_steps(kept);
+                steps::report_reached(sink, &e.flow, &e.dims, e.timestamp_nanos, &kept);
+            }
+            (Some(b'R'), Some(e)) => {
+                let (Some(entry), Some(step)) = (stored(), &e.step) else {
+                    return;
+                };
+                sink.report(Report::StepReached {
+                    flow: &entry.flow,
+                    start_dims: &entry.dims,
+                    step,
+                    since_start_secs: duration_secs(entry.timestamp_nanos, e.timestamp_nanos),
+                    trace: e.trace,
+                });
+            }
+            (Some(b'A'), Some(e)) => sink.report(Report::StepUnmatched {
+                flow: &e.flow,
+                reason: StepUnmatchedReason::AfterClose,
+            }),
             (Some(b'O'), Some(e)) => sink.report(Report::Opened {
                 flow: &e.flow,
                 start_dims: &e.dims,
@@ -671,11 +648,14 @@ impl RedisStore {
                     flow: &e.flow,
                     start_dims: &e.dims,
                 });
+                let kept = steps::parse_steps(kept);
+                steps::report_reached(sink, &e.flow, &e.dims, e.timestamp_nanos, &kept);
                 sink.report(Report::Completed {
                     flow: &e.flow,
                     start_dims: &e.dims,
                     end: &end,
                     duration_secs: duration_secs(e.timestamp_nanos, end.timestamp_nanos),
+                    transits: &steps::transits(e.timestamp_nanos, &kept),
                 });
             }
             (Some(b'C'), Some(e)) => {
@@ -688,11 +668,13 @@ impl RedisStore {
                     dims: e.dims.clone(),
                     trace: e.trace,
                 };
+                let kept = steps::parse_steps(kept);
                 sink.report(Report::Completed {
                     flow: &entry.flow,
                     start_dims: &entry.dims,
                     end: &end,
                     duration_secs: duration_secs(entry.timestamp_nanos, e.timestamp_nanos),
+                    transits: &steps::transits(entry.timestamp_nanos, &kept),
                 });
             }
             // `W`: the end waits; nothing to report yet.
@@ -707,6 +689,7 @@ impl CorrelationStore for RedisStore {
         if events.is_empty() {
             return Ok(());
         }
+        self.announce_step_flows(&events);
         let calls = self.calls(events);
         let cmds: Vec<Cmd> = calls.iter().map(|c| self.apply_cmd(c)).collect();
         // A call that applied while another failed is recognised when the exporter
@@ -767,10 +750,14 @@ impl CorrelationStore for RedisStore {
                     .iter()
                     .map(|&n| {
                         let mut cmd = redis::cmd("EVALSHA");
+                        let shard = &self.shards[n];
                         cmd.arg(self.sweep.get_hash())
-                            .arg(1)
-                            .arg(&self.shards[n].deadlines[..])
-                            .arg(SWEEP_LIMIT);
+                            .arg(2)
+                            .arg(&shard.deadlines[..])
+                            .arg(&shard.stepflows[..])
+                            .arg(SWEEP_LIMIT)
+                            .arg(shard.prefix.len())
+                            .arg(self.mark_ms);
                         cmd
                     })
                     .collect();
@@ -791,10 +778,10 @@ impl CorrelationStore for RedisStore {
                         .and_then(|s| s.parse::<u64>().ok())
                         .unwrap_or(0);
                     self.shards[n].entries.store(left, Ordering::Relaxed);
-                    for stored in due {
-                        self.settle(None, Some(b'T'), stored);
+                    for popped in due.chunks_exact(2) {
+                        self.settle(None, Some(b'T'), &popped[0], &popped[1]);
                     }
-                    if due.len() >= SWEEP_LIMIT {
+                    if due.len() / 2 >= SWEEP_LIMIT {
                         again.push(n);
                     }
                 }
@@ -908,6 +895,32 @@ impl Conn {
         let results: Vec<RedisResult<Value>> =
             values.into_iter().map(Value::extract_error).collect();
         Ok(self.retry_refused(script, cmds, results))
+    }
+
+    /// `SADD key members…` for every key, pipelined (routed by key on a cluster).
+    fn add_to_all(&mut self, keys: &[&[u8]], members: &[Arc<str>]) -> RedisResult<()> {
+        let members: Vec<&str> = members.iter().map(|m| &**m).collect();
+        let mut cmds = keys.iter().map(|key| {
+            let mut cmd = redis::cmd("SADD");
+            cmd.arg(*key).arg(&members[..]);
+            cmd
+        });
+        match self {
+            Conn::One(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds.by_ref() {
+                    pipe.add_command(cmd);
+                }
+                pipe.query::<Vec<Value>>(c).map(drop)
+            }
+            Conn::Cluster(c) => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for cmd in cmds.by_ref() {
+                    pipe.add_command(cmd);
+                }
+                pipe.query::<Vec<Value>>(c).map(drop)
+            }
+        }
     }
 
     /// Sends again, once and on its own, each command refused before it ran.
@@ -1063,25 +1076,35 @@ struct Entry {
     flow: Arc<str>,
     timestamp_nanos: u64,
     dims: DimValues,
-    /// The waiting end; `None` for an open instance.
+    /// Opened by its start (else an end, or only steps, wait for it).
+    opened: bool,
+    /// The waiting end; `None` for an open instance or waiting steps.
     end: Option<EndRecord>,
 }
 
 impl Entry {
-    fn gone(&self, sink: &dyn FlowSink, evicted: bool) {
-        match (&self.end, evicted) {
-            (Some(_), _) => sink.report(Report::Unmatched {
-                flow: &self.flow,
-                evicted,
-            }),
-            (None, true) => sink.report(Report::Dropped {
+    /// The entry left the store by time-out or eviction, with `steps` its steps.
+    fn gone(&self, sink: &dyn FlowSink, evicted: bool, kept: &[StoredStep]) {
+        if !self.opened {
+            if self.end.is_some() {
+                sink.report(Report::Unmatched {
+                    flow: &self.flow,
+                    evicted,
+                });
+            }
+            steps::report_no_start(sink, &self.flow, kept);
+        } else if evicted {
+            sink.report(Report::Dropped {
                 flow: &self.flow,
                 start_dims: &self.dims,
-            }),
-            (None, false) => sink.report(Report::TimedOut {
+            });
+        } else {
+            sink.report(Report::TimedOut {
                 flow: &self.flow,
                 start_dims: &self.dims,
-            }),
+                transits: &steps::transits(self.timestamp_nanos, kept),
+                last_step: kept.last().map(|s| &s.name),
+            });
         }
     }
 }
@@ -1132,7 +1155,7 @@ fn decode(raw: &[u8]) -> Option<Entry> {
     }
     let dims: DimValues = dims.into();
     let end = match state {
-        b'o' => None,
+        b'o' | b'p' => None,
         b'w' => {
             let outcome = match r.take(1)?[0] {
                 b's' => Outcome::Success,
@@ -1158,6 +1181,7 @@ fn decode(raw: &[u8]) -> Option<Entry> {
         flow,
         timestamp_nanos,
         dims,
+        opened: state == b'o',
         end,
     })
 }
@@ -1213,6 +1237,7 @@ mod tests {
             dims: Arc::from([Arc::from("web"), Arc::from("")]),
             trace,
             source: Source::SpanEvent,
+            step: None,
         }
     }
 

@@ -1,0 +1,262 @@
+//! The step families (docs/behaviour.md §9): steps reached, time from the start to each
+//! step, transit between consecutive steps, where timed-out instances stalled, and steps
+//! that never met their instance. The store decides what happened; this decides how it
+//! is counted.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::duration::DurationSeries;
+use super::family::{Layout, LimitedFamily, OverflowReporter, SeriesLabels, SeriesRef};
+use super::TraceExemplar;
+use crate::flows::event::{DimValues, TraceRef};
+use crate::flows::store::{StepTransit, StepUnmatchedReason};
+
+/// What the step families are built from.
+pub(super) struct StepFamiliesSettings<'a> {
+    pub max_series: usize,
+    pub start_dims: Arc<[Box<str>]>,
+    pub default_buckets: Vec<f64>,
+    pub per_flow_buckets: HashMap<String, Vec<f64>>,
+    /// Flows with declared steps, in order: their series exist from the first event.
+    pub declared: &'a HashMap<String, Vec<String>>,
+    pub overflow: &'a Arc<OverflowReporter>,
+    pub clock: &'a Arc<AtomicU64>,
+}
+
+pub(super) struct StepMetrics {
+    pub(super) steps: LimitedFamily<Counter>,
+    /// With a tally of its buckets beside it, for the overview (time to step).
+    pub(super) duration: LimitedFamily<DurationSeries>,
+    transit: LimitedFamily<Histogram>,
+    pub(super) stalled: LimitedFamily<Counter>,
+    unmatched: LimitedFamily<Counter>,
+    pub(super) declared: HashMap<Box<str>, Box<[Arc<str>]>>,
+    /// `last_step` of an instance that reached no step.
+    start: Arc<str>,
+    no_dims: DimValues,
+}
+
+impl StepMetrics {
+    pub fn new(settings: StepFamiliesSettings<'_>, registry: &mut Registry) -> Self {
+        let StepFamiliesSettings {
+            max_series: max,
+            start_dims,
+            default_buckets,
+            per_flow_buckets,
+            declared,
+            overflow,
+            clock,
+        } = settings;
+        let by_step = |step| Layout {
+            extra: None,
+            step: Some(step),
+            start_dims: start_dims.clone(),
+            end_dims: Arc::from([]),
+        };
+        let counter = |name, layout| {
+            LimitedFamily::new(name, max, layout, overflow.clone(), clock.clone(), |_| {
+                Counter::default()
+            })
+        };
+        let buckets = Arc::new((default_buckets, per_flow_buckets));
+        let buckets_of = move |flow: Option<&str>| {
+            let (default, per_flow) = &*buckets;
+            flow.and_then(|f| per_flow.get(f))
+                .unwrap_or(default)
+                .clone()
+        };
+        let steps = counter("flowmetrics_flow_steps_total", by_step("step"));
+        registry.register(
+            "flowmetrics_flow_steps",
+            "Flow instances that reached a step, by step (each instance and step once, \
+             when both the step and the instance's start are known)",
+            steps.clone(),
+        );
+        let of = buckets_of.clone();
+        let duration = LimitedFamily::new(
+            "flowmetrics_flow_step_duration_seconds",
+            max,
+            by_step("step"),
+            overflow.clone(),
+            clock.clone(),
+            move |flow| DurationSeries::classic(Arc::from(of(flow))),
+        );
+        registry.register_with_unit(
+            "flowmetrics_flow_step_duration",
+            "Time from an instance's start to a step, from the two events' timestamps",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        let transit = LimitedFamily::new(
+            "flowmetrics_flow_step_transit_seconds",
+            max,
+            by_step("step"),
+            overflow.clone(),
+            clock.clone(),
+            move |flow| Histogram::new(buckets_of(flow)),
+        );
+        registry.register_with_unit(
+            "flowmetrics_flow_step_transit",
+            "Time from the step before (by event timestamp; the start for the first step) \
+             to a step, observed when the instance closes (end or time-out)",
+            Unit::Seconds,
+            transit.clone(),
+        );
+        let stalled = counter("flowmetrics_flow_stalled_total", by_step("last_step"));
+        registry.register(
+            "flowmetrics_flow_stalled",
+            "Timed-out instances by the latest step they reached by event timestamp \
+             (last_step=\"start\": none); per flow they sum to \
+             flowmetrics_flow_errors_total{error_reason=\"incomplete\"}",
+            stalled.clone(),
+        );
+        let unmatched = counter(
+            "flowmetrics_flow_steps_unmatched_total",
+            Layout {
+                extra: Some("reason"),
+                ..Layout::default()
+            },
+        );
+        registry.register(
+            "flowmetrics_flow_steps_unmatched",
+            "Step events counted with no instance: reason=\"after_close\" (its instance \
+             had ended or timed out), \"no_start\" (its start never came within the \
+             timeout, or it was evicted from a full store while waiting)",
+            unmatched.clone(),
+        );
+        Self {
+            steps,
+            duration,
+            transit,
+            stalled,
+            unmatched,
+            declared: declared
+                .iter()
+                .map(|(flow, steps)| {
+                    let steps = steps.iter().map(|s| Arc::from(s.as_str())).collect();
+                    (Box::from(flow.as_str()), steps)
+                })
+                .collect(),
+            start: Arc::from("start"),
+            no_dims: Arc::from([]),
+        }
+    }
+
+    fn labels<'a>(
+        &'a self,
+        flow: &'a Arc<str>,
+        step: &'a Arc<str>,
+        start_dims: &'a DimValues,
+    ) -> SeriesRef<'a> {
+        SeriesRef {
+            flow,
+            extra: None,
+            step: Some(step),
+            start: start_dims,
+            end: &self.no_dims,
+        }
+    }
+
+    /// A label set first seen: a declared flow's step series at 0, so `rate()` and
+    /// conversion ratios see every step from the first scrape.
+    pub fn create_zero_series(&self, flow: &Arc<str>, start_dims: &DimValues) {
+        let Some(steps) = self.declared.get(&**flow) else {
+            return;
+        };
+        for step in steps.iter() {
+            let labels = self.labels(flow, step, start_dims);
+            self.steps.with(labels, |_| ());
+            self.duration.with(labels, |_| ());
+            self.transit.with(labels, |_| ());
+            self.stalled.with(labels, |_| ());
+        }
+        self.stalled
+            .with(self.labels(flow, &self.start, start_dims), |_| ());
+        for reason in StepUnmatchedReason::LABELS {
+            self.unmatched
+                .with(self.unmatched_labels(flow, reason), |_| ());
+        }
+    }
+
+    fn unmatched_labels<'a>(&'a self, flow: &'a Arc<str>, reason: &'static str) -> SeriesRef<'a> {
+        SeriesRef {
+            flow,
+            extra: Some(reason),
+            step: None,
+            start: &self.no_dims,
+            end: &self.no_dims,
+        }
+    }
+
+    pub fn reached(
+        &self,
+        flow: &Arc<str>,
+        start_dims: &DimValues,
+        step: &Arc<str>,
+        since_start_secs: f64,
+        trace: Option<TraceRef>,
+    ) {
+        let labels = self.labels(flow, step, start_dims);
+        self.steps.with(labels, |c| {
+            c.inc();
+        });
+        // Negative (clock skew): counted above, not observed.
+        if since_start_secs >= 0.0 {
+            self.duration.with(labels, |h| {
+                h.observe(since_start_secs, trace.map(TraceExemplar))
+            });
+        }
+    }
+
+    /// An instance closed (end or time-out): the transits of its steps.
+    pub fn closed(&self, flow: &Arc<str>, start_dims: &DimValues, transits: &[StepTransit]) {
+        for t in transits.iter().filter(|t| t.transit_secs >= 0.0) {
+            self.transit
+                .with(self.labels(flow, &t.step, start_dims), |h| {
+                    h.observe(t.transit_secs)
+                });
+        }
+    }
+
+    pub fn stalled(&self, flow: &Arc<str>, start_dims: &DimValues, last_step: Option<&Arc<str>>) {
+        let step = last_step.unwrap_or(&self.start);
+        self.stalled.with(self.labels(flow, step, start_dims), |c| {
+            c.inc();
+        });
+    }
+
+    pub fn unmatched(&self, flow: &Arc<str>, reason: StepUnmatchedReason) {
+        self.unmatched
+            .with(self.unmatched_labels(flow, reason.label()), |c| {
+                c.inc();
+            });
+    }
+
+    /// Every step series' labels and last recording, for idle removal.
+    pub fn for_each_by_label_set(&self, f: &mut impl FnMut(&SeriesLabels, u64)) {
+        self.steps.for_each(&mut *f);
+        self.duration.for_each(&mut *f);
+        self.transit.for_each(&mut *f);
+        self.stalled.for_each(&mut *f);
+    }
+
+    /// Removes idle series: `keep` for (flow, start dims) label sets, `keep_flow` for
+    /// the per-flow unmatched series.
+    pub fn retain(
+        &self,
+        keep: &impl Fn(&SeriesLabels) -> bool,
+        keep_flow: &impl Fn(&SeriesLabels, u64) -> bool,
+    ) -> usize {
+        self.steps.retain(|l, _, _| keep(l))
+            + self.duration.retain(|l, _, _| keep(l))
+            + self.transit.retain(|l, _, _| keep(l))
+            + self.stalled.retain(|l, _, _| keep(l))
+            + self.unmatched.retain(|l, t, _| keep_flow(l, t))
+    }
+}
