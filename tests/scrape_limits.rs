@@ -398,7 +398,7 @@ async fn many_concurrent_and_slow_scrapers_stay_within_a_memory_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn zero_window_h2_streams_are_bounded_and_cut_off() {
     let server = Server::start("h2").await;
-    server.seed(300).await;
+    server.seed(50).await;
     let (_, size) = get(server.metrics, "/metrics").await.unwrap();
     let (base, _) = server.rss_mib();
     let started = Instant::now();
