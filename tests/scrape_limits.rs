@@ -319,10 +319,11 @@ async fn many_concurrent_and_slow_scrapers_stay_within_a_memory_bound() {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.set_recv_buffer_size(4096).unwrap();
             let mut stream = socket.connect(addr).await.unwrap();
-            let request = stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n");
             let mut head = [0u8; 12];
             let answer = tokio::time::timeout(Duration::from_secs(60), async {
-                request.await?;
+                stream
+                    .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await?;
                 stream.read_exact(&mut head).await
             });
             if !matches!(answer.await, Ok(Ok(_))) {
