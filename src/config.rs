@@ -383,6 +383,10 @@ pub struct Limits {
     pub max_buffered_bytes: u64,
     /// Label values taken from client data are cut to at most this many bytes.
     pub max_label_value_bytes: usize,
+    /// On the metrics listener: a response (`/metrics`, `/`, `/api/flows`) not written
+    /// whole within this closes its connection (slow or stalled readers).
+    #[serde(with = "duration")]
+    pub response_write_timeout: Duration,
 }
 
 /// Connections per OTLP listener: `auto` (a share of the open-file limit) or a number.
@@ -429,6 +433,7 @@ impl Default for Limits {
             request_read_timeout: Duration::from_secs(30),
             max_buffered_bytes: 512 * 1024 * 1024,
             max_label_value_bytes: 256,
+            response_write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -788,6 +793,11 @@ impl Config {
             (
                 "limits.request_read_timeout",
                 limits.request_read_timeout,
+                Duration::from_millis(100),
+            ),
+            (
+                "limits.response_write_timeout",
+                limits.response_write_timeout,
                 Duration::from_millis(100),
             ),
             ("limits.dedup_window", limits.dedup_window, Duration::ZERO),
@@ -1900,6 +1910,11 @@ mod tests {
                 "FLOWMETRICS_LIMITS__REQUEST_READ_TIMEOUT",
                 "400d",
                 "limits.request_read_timeout",
+            ),
+            (
+                "FLOWMETRICS_LIMITS__RESPONSE_WRITE_TIMEOUT",
+                "10ms",
+                "limits.response_write_timeout",
             ),
         ] {
             let err = Config::load(None, env(&[(var, value)]))

@@ -129,6 +129,7 @@ impl App {
             store: store.clone(),
             ready: ready.clone(),
             overview,
+            bodies: Arc::new(admin::shared::SharedBodies::default()),
         };
         let admin_task = tokio::spawn(server::serve(
             metrics_listener,

@@ -59,6 +59,12 @@ pub struct ConnLimits {
     pub idle_timeout: Duration,
     /// HTTP/1 request headers must arrive within this.
     pub header_read_timeout: Duration,
+    /// Streams one h2 connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// A response whose body is not handed to the connection whole within this closes
+    /// the connection at once (no graceful close: its reader is too slow or stalled).
+    /// `None`: no deadline (OTLP answers are small and bounded by the idle timeout).
+    pub write_timeout: Option<Duration>,
 }
 
 /// Resolves once `shutdown` is true (or its sender is gone).
@@ -75,7 +81,7 @@ pub async fn serve<H, F, B>(
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -89,7 +95,7 @@ pub async fn serve<H, F, B>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+        .max_concurrent_streams(limits.max_concurrent_streams);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let open = Arc::new(Open::default());
     let mut connections = JoinSet::new();
@@ -136,13 +142,19 @@ pub async fn serve<H, F, B>(
         });
         let handler = handler.clone();
         let service_activity = activity.clone();
+        let write_timeout = limits.write_timeout;
         let service = service_fn(move |req| {
             let handler = handler.clone();
             let guard = InFlight::new(service_activity.clone());
+            let activity = service_activity.clone();
             async move {
                 let response = handler(req).await;
                 drop(guard);
-                Ok::<_, Infallible>(response)
+                let deadline = write_timeout.map(|t| WriteDeadline::start(activity, t));
+                Ok::<_, Infallible>(response.map(|body| DeadlineBody {
+                    inner: body,
+                    deadline,
+                }))
             }
         });
         let conn = builder.serve_connection(io, service).into_owned();
@@ -192,6 +204,10 @@ async fn drive<S, B>(
             tracing::debug!("closing a connection idle for {idle_timeout:?}");
             CLOSE_GRACE
         }
+        _ = activity.cut.notified() => {
+            tracing::debug!("closing a connection whose response was not written in time (limits.response_write_timeout)");
+            return;
+        }
         _ = activity.evict.notified() => {
             tracing::debug!("closing the idlest connection to make room (limits.max_connections)");
             EVICT_GRACE
@@ -200,7 +216,10 @@ async fn drive<S, B>(
     };
     // HTTP/1: closes after the request in flight; h2: GOAWAY, then ends with its streams.
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(grace, conn).await;
+    if tokio::time::timeout(grace, conn.as_mut()).await.is_err() {
+        // Given up on: reset, so the kernel does not go on sending what is buffered.
+        activity.reset.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The open connections of a listener, to find the idlest when at the cap.
@@ -244,6 +263,11 @@ struct Activity {
     /// Told to close to make room.
     evicted: AtomicBool,
     evict: Notify,
+    /// A response missed its write deadline: close now.
+    cut: Notify,
+    /// Set with `cut`: the socket is reset when dropped, so what the kernel still holds
+    /// for the slow reader is discarded too (a plain close would keep sending it).
+    reset: AtomicBool,
 }
 
 impl Activity {
@@ -254,6 +278,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
+            cut: Notify::new(),
+            reset: AtomicBool::new(false),
         }
     }
 
@@ -302,10 +328,76 @@ impl Drop for InFlight {
     }
 }
 
+/// Cuts the connection off unless dropped within the write timeout: held by a response
+/// body until hyper has taken its last frame.
+/// The response counts as in flight meanwhile: its connection is not the idlest one to
+/// close at the connection cap.
+struct WriteDeadline(tokio::task::JoinHandle<()>, #[allow(dead_code)] InFlight);
+
+impl WriteDeadline {
+    fn start(activity: Arc<Activity>, timeout: Duration) -> Self {
+        let busy = InFlight::new(activity.clone());
+        Self(
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                activity.reset.store(true, Ordering::Relaxed);
+                activity.cut.notify_one();
+            }),
+            busy,
+        )
+    }
+}
+
+impl Drop for WriteDeadline {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A response body with its [`WriteDeadline`] (dropped with the body, when hyper has
+/// taken the last frame or the stream is reset).
+pub struct DeadlineBody<B> {
+    inner: B,
+    deadline: Option<WriteDeadline>,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for DeadlineBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(poll, Poll::Ready(None)) {
+            self.deadline = None;
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A TCP stream that notes every byte moved in its [`Activity`].
 struct Tracked {
     inner: TcpStream,
     activity: Arc<Activity>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.activity.reset.load(Ordering::Relaxed) {
+            // SO_LINGER 0: close sends a reset and drops the unsent bytes (no blocking).
+            let _ = self.inner.set_zero_linger();
+        }
+    }
 }
 
 impl AsyncRead for Tracked {

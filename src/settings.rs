@@ -302,6 +302,7 @@ pub fn limits(config: &Config) -> LimitSettings {
         admin_max_connections: budget.admin,
         idle_timeout: l.idle_timeout,
         request_read_timeout: l.request_read_timeout,
+        response_write_timeout: l.response_write_timeout,
         decode_slots: cpus * 2,
     }
 }

@@ -13,6 +13,7 @@
 
 mod inproc;
 mod load;
+mod scrape_load;
 mod server;
 mod state;
 mod workload;
@@ -606,6 +607,61 @@ fn main() {
             );
             row.extra["scrape_ms"] = json!(scrapes);
             row.extra["vs_unscraped"] = json!(vs);
+            rows.push(row);
+
+            progress("scrape: ingest while 4 clients scrape /metrics in a loop");
+            let looping = scrape_load::LoopScrapers::start(server.metrics, 4);
+            let r = run(None, 300_000_000);
+            let loop_scrapes = looping.scrapes.load(std::sync::atomic::Ordering::Relaxed);
+            drop(looping);
+            let after2 = run(None, 400_000_000);
+            let quiet_mean = (after.events_per_sec + after2.events_per_sec) / 2.0;
+            let vs = r.events_per_sec / quiet_mean;
+            let counted = server.scrape();
+            let mut row = e2e_row(
+                6,
+                "e2e_http_protobuf_scrape_loop",
+                "end to end HTTP/protobuf, 10k series held, 4 clients scraping /metrics in a loop",
+                &flow,
+                &r,
+                &baselines,
+                &counted,
+            );
+            row.notes = format!(
+                "{}; {loop_scrapes} scrapes answered; {vs:.2}x the same server unscraped (runs \
+                 before and after: {:.0} and {:.0} events/s)",
+                row.notes, after.events_per_sec, after2.events_per_sec
+            );
+            row.extra["vs_unscraped"] = json!(vs);
+            row.extra["loop_scrapes"] = json!(loop_scrapes);
+            rows.push(row);
+            drop(server);
+
+            progress("scrape: 500 concurrent and 200 slow scrapers, 10k series held");
+            let server = start(bin, &base_config("  response_write_timeout: 10s\n", ""));
+            seed_server(&server, workload::seed_request(1_250));
+            let body = server.scrape().len();
+            let before = server.rss_bytes();
+            let s = scrape_load::storm(server.metrics, server.pid, 500, 200);
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            let mut row = Row::new(
+                6,
+                "scrape_storm_peak_rss",
+                "peak RSS, 500 concurrent + 200 slow (1 B/s) scrapers, 10k series held",
+                mib(s.peak_rss),
+                "MiB",
+            );
+            row.notes = format!(
+                "body {} KiB; RSS {:.0} MiB before; {} of 500 scrapes complete, {} of 200 slow \
+                 readers cut off (limits.response_write_timeout 10s), {:.1} s",
+                body / 1024,
+                mib(before),
+                s.complete,
+                s.slow_cut,
+                s.secs
+            );
+            row.extra = json!({"peak_rss_bytes": s.peak_rss, "rss_before": before,
+                "complete": s.complete, "slow_cut": s.slow_cut, "body_bytes": body});
             rows.push(row);
         }
     }

@@ -12,7 +12,7 @@ use hyper::header::{HeaderMap, HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENC
 use hyper::StatusCode;
 
 use crate::metrics::{ExpositionFormat, Metrics};
-use crate::server::HttpResponse;
+use super::AdminResponse;
 
 /// The `proto` parameter of the Prometheus protobuf media type.
 const METRIC_FAMILY: &str = "io.prometheus.client.MetricFamily";
@@ -168,23 +168,25 @@ pub fn gzip(body: &[u8]) -> Vec<u8> {
 }
 
 /// The `/metrics` answer to a request with these headers.
-pub fn serve(metrics: &Metrics, store_entries: u64, headers: &HeaderMap) -> HttpResponse {
-    let (format, compress) = negotiate(headers);
-    let body = match metrics.encode_format(format, store_entries) {
+/// The body of one `/metrics` answer: the exposition in `format`, gzip'd when asked.
+/// Empty when it could not be written (logged).
+pub fn make_body(metrics: &Metrics, store_entries: u64, format: ExpositionFormat, gzip_it: bool) -> Vec<u8> {
+    match metrics.encode_format(format, store_entries) {
+        Ok(body) if gzip_it => gzip(&body),
         Ok(body) => body,
         Err(e) => {
             tracing::error!(error = %e, ?format, "/metrics could not be written");
-            return super::plain(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the metrics could not be written; see the log\n",
-            );
+            Vec::new()
         }
-    };
-    let body = if compress { gzip(&body) } else { body };
-    let mut response = super::respond(StatusCode::OK, format.content_type(), Bytes::from(body));
+    }
+}
+
+/// The answer carrying a body made by [`make_body`].
+pub fn answer(format: ExpositionFormat, gzipped: bool, body: Bytes) -> AdminResponse {
+    let mut response = super::respond(StatusCode::OK, format.content_type(), body);
     let headers = response.headers_mut();
     headers.insert(VARY, HeaderValue::from_static("Accept, Accept-Encoding"));
-    if compress {
+    if gzipped {
         headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
     response

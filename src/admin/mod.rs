@@ -1,23 +1,27 @@
 //! The metrics listener: `/metrics`, `/healthz`, `/readyz`, and the live overview page
 //! at `/` with the JSON it polls at `/api/flows`.
 
+mod body;
 pub mod exposition;
 pub mod overview;
+pub mod shared;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::flows::CorrelationStore;
 use crate::metrics::Metrics;
-use crate::server::HttpResponse;
-
+pub use body::SharedBody;
 pub use overview::{flow_totals, FlowTotals, Overview};
+use shared::{BodyError, BodyKey, SharedBodies};
+
+/// What the metrics listener answers with.
+pub type AdminResponse = Response<SharedBody>;
 
 /// The overview page: one static file, plain JavaScript, nothing fetched from elsewhere.
 const PAGE: &str = include_str!("overview.html");
@@ -36,10 +40,12 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
     /// Per-flow history for the overview page.
     pub overview: Arc<Overview>,
+    /// Bodies shared by concurrent requests, and their budget.
+    pub bodies: Arc<SharedBodies>,
 }
 
 impl Admin {
-    pub async fn handle(self, req: Request<Incoming>) -> HttpResponse {
+    pub async fn handle(self, req: Request<Incoming>) -> AdminResponse {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut r = plain(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -50,7 +56,25 @@ impl Admin {
             return r;
         }
         match req.uri().path() {
-            "/metrics" => exposition::serve(&self.metrics, self.store.entries(), req.headers()),
+            "/metrics" => {
+                let (format, gzip) = exposition::negotiate(req.headers());
+                let key = BodyKey::Exposition { format, gzip };
+                let (metrics, store) = (self.metrics.clone(), self.store.clone());
+                let made = self
+                    .bodies
+                    .get(key, move || {
+                        exposition::make_body(&metrics, store.entries(), format, gzip)
+                    })
+                    .await;
+                match made {
+                    Ok(body) if !body.is_empty() => exposition::answer(format, gzip, body),
+                    Ok(_) => plain(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the metrics could not be written; see the log\n",
+                    ),
+                    Err(e) => unavailable(e),
+                }
+            }
             "/healthz" => plain(StatusCode::OK, "ok\n"),
             "/readyz" if !self.store.available() => plain(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -62,12 +86,19 @@ impl Admin {
                 "not ready: starting or shutting down\n",
             ),
             "/" => {
-                let data = overview::json_for_script(&self.overview.json());
-                let mut r = respond(
-                    StatusCode::OK,
-                    "text/html; charset=utf-8",
-                    Bytes::from(PAGE.replacen(PAGE_DATA_SLOT, &data, 1)),
-                );
+                let overview = self.overview.clone();
+                let made = self
+                    .bodies
+                    .get(BodyKey::Page, move || {
+                        let data = overview::json_for_script(&overview.json());
+                        PAGE.replacen(PAGE_DATA_SLOT, &data, 1).into_bytes()
+                    })
+                    .await;
+                let body = match made {
+                    Ok(body) => body,
+                    Err(e) => return unavailable(e),
+                };
+                let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", body);
                 let headers = r.headers_mut();
                 headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 headers.insert(
@@ -81,11 +112,15 @@ impl Admin {
                 r
             }
             "/api/flows" => {
-                let mut r = respond(
-                    StatusCode::OK,
-                    "application/json",
-                    Bytes::from(self.overview.json()),
-                );
+                let overview = self.overview.clone();
+                let made = self
+                    .bodies
+                    .get(BodyKey::Overview, move || overview.json().into_bytes())
+                    .await;
+                let mut r = match made {
+                    Ok(body) => respond(StatusCode::OK, "application/json", body),
+                    Err(e) => return unavailable(e),
+                };
                 r.headers_mut()
                     .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 r
@@ -98,7 +133,19 @@ impl Admin {
     }
 }
 
-fn plain(status: StatusCode, body: &'static str) -> HttpResponse {
+/// 503 with `Retry-After`: every place for a body is taken (or making it failed).
+fn unavailable(e: BodyError) -> AdminResponse {
+    let mut r = respond(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain; charset=utf-8",
+        Bytes::from(format!("{e}; retry shortly\n")),
+    );
+    r.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+fn plain(status: StatusCode, body: &'static str) -> AdminResponse {
     respond(
         status,
         "text/plain; charset=utf-8",
@@ -106,8 +153,8 @@ fn plain(status: StatusCode, body: &'static str) -> HttpResponse {
     )
 }
 
-fn respond(status: StatusCode, content_type: &str, body: Bytes) -> HttpResponse {
-    let mut response = Response::new(Full::new(body));
+fn respond(status: StatusCode, content_type: &str, body: Bytes) -> AdminResponse {
+    let mut response = Response::new(SharedBody::new(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,

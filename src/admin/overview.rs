@@ -26,6 +26,8 @@ pub const MAX_SAMPLES: usize = 60;
 pub const MAX_HISTORY_FLOWS: usize = 100;
 /// Flows listed in one `/api/flows` answer (those with the most starts).
 pub const MAX_LISTED_FLOWS: usize = 1000;
+/// How long totals read for the page are reused (it polls every few seconds).
+const TOTALS_REUSE: Duration = Duration::from_millis(250);
 /// The window of the started/s column.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -92,6 +94,8 @@ pub struct Overview {
     metrics: Arc<Metrics>,
     interval: Duration,
     samples: Mutex<VecDeque<Snapshot>>,
+    /// The last totals read, and when: reused for [`TOTALS_REUSE`].
+    last: Mutex<Option<(Instant, Arc<Vec<FlowTotals>>)>>,
 }
 
 impl Overview {
@@ -105,6 +109,7 @@ impl Overview {
             metrics,
             interval,
             samples: Mutex::new(VecDeque::with_capacity(MAX_SAMPLES)),
+            last: Mutex::new(None),
         });
         overview.sample();
         let weak = Arc::downgrade(&overview);
@@ -126,12 +131,23 @@ impl Overview {
         overview
     }
 
-    fn current(&self) -> Vec<FlowTotals> {
-        flow_totals(&self.metrics)
+    /// The totals now, or read at most [`TOTALS_REUSE`] ago: reading them holds
+    /// reports for a walk over the flow families, so a page polled by many clients
+    /// does so a few times a second at most.
+    fn current(&self) -> Arc<Vec<FlowTotals>> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, totals)) = &*last {
+            if at.elapsed() <= TOTALS_REUSE {
+                return totals.clone();
+            }
+        }
+        let totals = Arc::new(flow_totals(&self.metrics));
+        *last = Some((Instant::now(), totals.clone()));
+        totals
     }
 
     fn sample(&self) {
-        let mut totals = self.current();
+        let mut totals = flow_totals(&self.metrics);
         // The journeys are shown since the start, not over the window: the history
         // keeps no steps (at most max_steps_per_flow bucket sets per flow).
         for t in &mut totals {

@@ -29,6 +29,10 @@ const MAX_SLACK_FDS: u64 = 224;
 /// most: fewer when the open-file limit is low.
 pub const ADMIN_CONNECTIONS: usize = 128;
 
+/// Streams one h2 connection to the metrics listener may have open at once: a scraper
+/// needs one; each stream of a connection shares the same encoded body.
+pub const ADMIN_CONCURRENT_STREAMS: u32 = 8;
+
 /// What an early answer reads and discards at least (see [`Limits::linger`]): enough
 /// for the bodies SDKs send whole before reading, a fraction of a second on a LAN.
 pub const LINGER_BYTES: usize = 64 * 1024 * 1024;
@@ -55,6 +59,9 @@ pub struct LimitSettings {
     pub request_read_timeout: Duration,
     /// Decodes running at once.
     pub decode_slots: usize,
+    /// Metrics listener: a response not written whole within this closes its
+    /// connection.
+    pub response_write_timeout: Duration,
 }
 
 impl LimitSettings {
@@ -64,14 +71,19 @@ impl LimitSettings {
             max_connections: self.max_connections,
             idle_timeout: self.idle_timeout,
             header_read_timeout: self.request_read_timeout,
+            max_concurrent_streams: crate::server::MAX_CONCURRENT_STREAMS,
+            write_timeout: None,
         }
     }
 
     /// The metrics listener: its own small cap, so saturated OTLP listeners never take
-    /// its descriptors, and the same timeouts.
+    /// its descriptors, the same read timeouts, few h2 streams per connection, and a
+    /// deadline for writing each response (a slow reader is cut off).
     pub fn admin_conn_limits(&self) -> ConnLimits {
         ConnLimits {
             max_connections: self.admin_max_connections,
+            max_concurrent_streams: ADMIN_CONCURRENT_STREAMS,
+            write_timeout: Some(self.response_write_timeout),
             ..self.conn_limits()
         }
     }
@@ -396,6 +408,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             request_read_timeout: Duration::from_secs(1),
             decode_slots: 1,
+            response_write_timeout: Duration::from_secs(1),
         });
         let mut a = limits.hold();
         let mut b = limits.hold();
