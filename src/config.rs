@@ -15,6 +15,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::model::{is_valid_flow_name, sanitize_label_name, RESERVED_LABELS};
 
+mod objectives;
+pub use objectives::{with_bounds, Objective};
+
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "FLOWMETRICS_CONFIG";
 const ENV_PREFIX: &str = "FLOWMETRICS_";
@@ -209,6 +212,11 @@ pub struct FlowSettings {
     #[serde(with = "duration")]
     pub timeout: Duration,
     pub buckets: Vec<f64>,
+    /// docs/behaviour.md §10: what "good" means for every flow without its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objective: Option<Objective>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub overdue_after: Option<Duration>,
 }
 
 /// Default duration buckets (seconds): flows run from milliseconds to an hour.
@@ -222,6 +230,8 @@ impl Default for FlowSettings {
         Self {
             timeout: Duration::from_secs(300),
             buckets: DEFAULT_BUCKETS.to_vec(),
+            objective: None,
+            overdue_after: None,
         }
     }
 }
@@ -234,6 +244,10 @@ pub struct FlowOverride {
     pub timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buckets: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objective: Option<Objective>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub overdue_after: Option<Duration>,
 }
 
 /// Which event of an instance a dimension is read from.
@@ -633,6 +647,12 @@ impl Config {
             Some(&self.flows.default.buckets),
         )
         .or_else(|(k, m)| fail(&k, m))?;
+        objectives::check(
+            "flows.default",
+            self.flows.default.objective.as_ref(),
+            self.flows.default.overdue_after,
+        )
+        .or_else(|(k, m)| fail(&k, m))?;
         for (name, over) in &self.flows.per_flow {
             let flow_key = render_key(&[
                 KeySeg::Key("flows".into()),
@@ -646,6 +666,8 @@ impl Config {
                 )?;
             }
             check_flow_settings(&flow_key, over.timeout, over.buckets.as_ref())
+                .or_else(|(k, m)| fail(&k, m))?;
+            objectives::check(&flow_key, over.objective.as_ref(), over.overdue_after)
                 .or_else(|(k, m)| fail(&k, m))?;
         }
         if !self.flows.allow_unknown && self.flows.per_flow.is_empty() {

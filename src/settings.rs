@@ -12,7 +12,7 @@ use crate::flows::state::StateSettings;
 use crate::flows::store::RedisSettings;
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::ingest::limits::{auto_connections, open_file_limit, LimitSettings};
-use crate::metrics::MetricsSettings;
+use crate::metrics::{FlowObjective, MetricsSettings, ObjectiveSettings};
 use crate::model::sanitize_label_name;
 
 /// How flow events are recognised (`events`, `flows.allow_unknown`, `dimensions`).
@@ -90,23 +90,27 @@ pub fn metrics(config: &Config) -> MetricsSettings {
             .map(|d| sanitize_label_name(&d.label))
             .collect()
     };
+    // Flows with their own buckets or their own objective's `within` (docs/behaviour.md
+    // §10: `within` is always a bound of the flow's histogram).
     let per_flow_buckets: HashMap<String, Vec<f64>> = config
         .flows
         .per_flow
         .iter()
-        .filter_map(|(name, o)| Some((name.clone(), o.buckets.clone()?)))
+        .filter(|(_, o)| o.buckets.is_some() || o.objective.is_some())
+        .map(|(name, _)| (name.clone(), config.duration_buckets_for(name)))
         .collect();
     MetricsSettings {
         max_series_per_metric: config.limits.max_series_per_metric,
         start_dim_labels: labels(DimensionSource::Start),
         end_dim_labels: labels(DimensionSource::End),
-        default_buckets: config.flows.default.buckets.clone(),
+        default_buckets: config.default_duration_buckets(),
         per_flow_buckets,
         in_flight_capacity: config.limits.max_in_flight,
         network_labels: config.network_flows.enabled.then(|| network_labels(config)),
         series_idle_timeout: config.limits.series_idle_timeout,
         longest_flow_timeout: store(config).longest_timeout,
         shared_store: config.correlation.store == StoreKind::Redis,
+        objectives: objectives(config),
     }
 }
 
@@ -199,5 +203,22 @@ pub fn limits(config: &Config) -> LimitSettings {
         idle_timeout: l.idle_timeout,
         request_read_timeout: l.request_read_timeout,
         decode_slots: cpus * 2,
+    }
+}
+
+/// Each flow's objective (`flows.*.objective`), for its gauges.
+pub fn objectives(config: &Config) -> ObjectiveSettings {
+    let as_metric = |o: crate::config::Objective| FlowObjective {
+        target: o.target,
+        within_secs: o.within_secs(),
+    };
+    ObjectiveSettings {
+        default: config.flows.default.objective.map(as_metric),
+        per_flow: config
+            .flows
+            .per_flow
+            .keys()
+            .filter_map(|flow| Some((flow.clone(), as_metric(config.objective_for(flow)?))))
+            .collect(),
     }
 }

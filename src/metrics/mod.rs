@@ -9,6 +9,7 @@
 mod exemplar;
 mod family;
 pub mod network;
+mod objectives;
 mod process;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use crate::flows::EventKind;
 use crate::model::{Rejection, Signal, Transport};
 pub use exemplar::TraceExemplar;
 use family::{Layout, LimitedFamily, OverflowReporter, SeriesRef};
+pub use objectives::{FlowObjective, ObjectiveSettings};
 
 type Pair = [(&'static str, &'static str); 1];
 type Pairs2 = [(&'static str, &'static str); 2];
@@ -62,6 +64,8 @@ pub struct MetricsSettings {
     pub longest_flow_timeout: Duration,
     /// `correlation.store: redis`: the store's errors and latency are exposed.
     pub shared_store: bool,
+    /// `flows.*.objective` (docs/behaviour.md §10).
+    pub objectives: ObjectiveSettings,
 }
 
 pub struct Metrics {
@@ -106,6 +110,7 @@ pub struct Metrics {
     network: Option<network::NetworkMetrics>,
     store_errors: Family<Pair, Counter>,
     store_latency: Family<Pair, Histogram, fn() -> Histogram>,
+    objectives: objectives::ObjectiveMetrics,
 }
 
 /// Round trips to a shared store: 0.25 ms to 2.5 s.
@@ -326,6 +331,8 @@ impl Metrics {
             &overflow,
             &events_rejected,
         );
+        let objectives =
+            objectives::ObjectiveMetrics::new(&mut registry, settings.objectives.clone(), max);
         let build_info = Family::<Pair, Gauge>::default();
         build_info
             .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -403,6 +410,7 @@ impl Metrics {
             network,
             store_errors,
             store_latency,
+            objectives,
         }
     }
 
@@ -587,6 +595,7 @@ impl FlowSink for Metrics {
                 });
                 if first {
                     self.create_zero_series(flow, start_dims, None);
+                    self.objectives.flow_seen(flow);
                 }
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.inc());
@@ -603,6 +612,7 @@ impl FlowSink for Metrics {
                 });
                 if first {
                     self.create_zero_series(flow, start_dims, None);
+                    self.objectives.flow_seen(flow);
                 }
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.inc());
@@ -652,6 +662,11 @@ impl FlowSink for Metrics {
             Report::Duplicate { kind } => {
                 self.duplicates[kind_index(kind)].inc();
             }
+            Report::Overdue {
+                flow,
+                overdue,
+                oldest_open_secs,
+            } => self.objectives.overdue(flow, overdue, oldest_open_secs),
         }
     }
 }

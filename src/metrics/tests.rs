@@ -55,6 +55,7 @@ fn config() -> Config {
                 1e16,
                 1e21,
             ]),
+            ..FlowOverride::default()
         },
     );
     config

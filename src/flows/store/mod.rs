@@ -61,6 +61,14 @@ pub enum Report<'a> {
     Unmatched { flow: &'a Arc<str>, evicted: bool },
     /// An event ignored as a duplicate (a second start, a second end, or a retry).
     Duplicate { kind: EventKind },
+    /// The open instances of a flow with an overdue threshold (docs/behaviour.md §10),
+    /// counted about once a second: how many are older than the threshold, and the age
+    /// of the oldest (0 when none is open).
+    Overdue {
+        flow: &'a Arc<str>,
+        overdue: u64,
+        oldest_open_secs: f64,
+    },
 }
 
 /// Receives what the store decides. Implemented by the metrics registry, and by a
