@@ -211,6 +211,9 @@ fn correlation_store(
     match config.correlation.store {
         StoreKind::Memory => {
             let mut memory = MemoryStore::new(settings::store(config), metrics.clone());
+            if let Some(overdue) = settings::overdue(config) {
+                memory = memory.track_open_ages(overdue);
+            }
             if let Some(st) = state.as_ref() {
                 match state::load_or_set_aside(&st.path, st.max_file_bytes) {
                     Some(snapshot) => {

@@ -9,7 +9,7 @@ use crate::config::{Config, DimensionSource, MaxConnections, StoreKind};
 use crate::flows::event::DimensionLookup;
 use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;
-use crate::flows::store::RedisSettings;
+use crate::flows::store::{OverdueSettings, RedisSettings};
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::ingest::limits::{auto_connections, open_file_limit, LimitSettings};
 use crate::metrics::{FlowObjective, MetricsSettings, ObjectiveSettings};
@@ -221,4 +221,28 @@ pub fn objectives(config: &Config) -> ObjectiveSettings {
             .filter_map(|flow| Some((flow.clone(), as_metric(config.objective_for(flow)?))))
             .collect(),
     }
+}
+
+/// Which flows' open instances are checked for being overdue (`flows.*.overdue_after`,
+/// else `objective.within`); `None`: no flow can be, and the stores keep no ages.
+pub fn overdue(config: &Config) -> Option<OverdueSettings> {
+    if !config.any_overdue_threshold() {
+        return None;
+    }
+    let (thresholds, timeouts) = (config.clone(), config.clone());
+    Some(OverdueSettings {
+        threshold_for: Arc::new(move |flow| {
+            // A flow the config does not track never reaches the store.
+            thresholds.overdue_threshold_for(flow)
+        }),
+        timeout_for: Arc::new(move |flow| timeouts.timeout_for(flow)),
+        named: config
+            .flows
+            .per_flow
+            .keys()
+            .filter(|flow| config.overdue_threshold_for(flow).is_some())
+            .cloned()
+            .collect(),
+        max_flows: config.limits.max_series_per_metric,
+    })
 }

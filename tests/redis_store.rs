@@ -77,6 +77,7 @@ impl FlowSink for Recorder {
             // A shared store keeps its instances itself: nothing is restored from a file.
             Report::Restored { flow, .. } => self.add(flow, "restored"),
             Report::Discarded { flow, .. } => self.add(flow, "discarded"),
+            Report::Overdue { .. } => {}
         }
     }
 }

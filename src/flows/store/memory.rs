@@ -26,7 +26,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::{FixedState, RandomState};
@@ -34,6 +34,7 @@ use moka::notification::RemovalCause;
 use moka::policy::{EvictionPolicy, Expiry};
 use moka::sync::Cache;
 
+use super::open_ages::{OpenAges, OverdueSettings};
 use super::{
     duration_secs, CorrelationStore, EndRecord, FlowSink, Report, RestoreRules, RestoreSummary,
     StoreSettings,
@@ -163,6 +164,9 @@ pub struct MemoryStore {
     timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
     capacity: u64,
     final_snapshot: Arc<FinalSnapshot>,
+    /// Open-instance ages of flows with an overdue threshold (docs/behaviour.md §10);
+    /// unset: no flow has one, and nothing is kept.
+    ages: Arc<OnceLock<OpenAges>>,
 }
 
 impl MemoryStore {
@@ -176,7 +180,14 @@ impl MemoryStore {
                 .unwrap_or(now),
         };
         let final_snapshot = Arc::new(FinalSnapshot::default());
-        let cache = build_cache(&settings, clock, sink.clone(), final_snapshot.clone());
+        let ages = Arc::new(OnceLock::new());
+        let cache = build_cache(
+            &settings,
+            clock,
+            sink.clone(),
+            final_snapshot.clone(),
+            ages.clone(),
+        );
         // Remember every event of a full store for the window, at least.
         let per_shard = usize::try_from(settings.capacity.saturating_mul(2))
             .unwrap_or(usize::MAX)
@@ -198,7 +209,21 @@ impl MemoryStore {
             timeout_for: settings.timeout_for,
             capacity: settings.capacity,
             final_snapshot,
+            ages,
         }
+    }
+
+    /// Keeps the ages of open instances of flows with an overdue threshold, and reports
+    /// them about once a second from [`CorrelationStore::run_pending_tasks`]. Call
+    /// before [`MemoryStore::restore`] and before any event.
+    pub fn track_open_ages(self, settings: OverdueSettings) -> Self {
+        let _ = self.ages.set(OpenAges::new(settings));
+        self
+    }
+
+    /// (overdue, oldest open age in seconds) of `flow` now, as last reported.
+    pub fn open_ages(&self, flow: &str) -> Option<(u64, f64)> {
+        self.ages.get()?.counts(flow, unix_nanos_now())
     }
 
     /// Reads back a snapshot (written at shutdown or at a checkpoint) into this new,
@@ -291,6 +316,9 @@ impl MemoryStore {
                         continue;
                     }
                     summary.open += 1;
+                    if let Some(ages) = self.ages.get() {
+                        ages.opened(&flow, start_nanos);
+                    }
                     self.cache.insert(
                         key,
                         Slot {
@@ -491,6 +519,9 @@ impl MemoryStore {
                                 if let SlotState::Open { start_nanos, .. } = &mut slot.state {
                                     *start_nanos = timestamp_nanos;
                                 }
+                                if let Some(ages) = self.ages.get() {
+                                    ages.opened(&slot.flow, timestamp_nanos);
+                                }
                                 self.cache.insert(key, slot);
                             }
                             // It timed out just now: this start opens a new instance.
@@ -569,6 +600,10 @@ impl MemoryStore {
             start_dims: &dims,
         });
         let deadline = now.saturating_add(self.timeout_nanos(&flow));
+        // Before the insert: the entry's removal (by anyone) comes after.
+        if let Some(ages) = self.ages.get() {
+            ages.opened(&flow, start_nanos);
+        }
         self.cache.insert(
             key,
             Slot {
@@ -589,6 +624,10 @@ impl MemoryStore {
         if counted {
             return None;
         }
+        // Removed by this thread (cause `Explicit`): the listener left its age here.
+        if let (Some(ages), SlotState::Open { start_nanos, .. }) = (self.ages.get(), &slot.state) {
+            ages.closed(&slot.flow, *start_nanos);
+        }
         if slot.deadline <= now {
             report_gone(&*self.sink, &slot, Gone::TimedOut);
             return None;
@@ -605,31 +644,44 @@ fn build_cache(
     clock: Clock,
     sink: Arc<dyn FlowSink>,
     final_snapshot: Arc<FinalSnapshot>,
+    ages: Arc<OnceLock<OpenAges>>,
 ) -> Cache<Key, Slot, RandomState> {
     let ttl = settings
         .longest_timeout
         .clamp(Duration::from_millis(1), LONGEST_TTL);
     let last_warning = Mutex::new(None::<Instant>);
-    let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| match cause {
-        // The store's own removal: the caller settles it.
-        RemovalCause::Explicit => {}
-        // Written to the state file at shutdown: the next run counts it.
-        _ if final_snapshot.leave_to_next_run(*key) => {}
-        RemovalCause::Expired => {
-            EXPIRED_IN_REMOVE.with(|cell| {
-                if let Some((watched, _)) = cell.get() {
-                    if watched == *key {
-                        cell.set(Some((watched, true)));
-                    }
-                }
-            });
-            report_gone(&*sink, &slot, Gone::TimedOut);
+    let forget_age = move |slot: &Slot| {
+        if let (Some(ages), SlotState::Open { start_nanos, .. }) = (ages.get(), &slot.state) {
+            ages.closed(&slot.flow, *start_nanos);
         }
-        // Only an entry past its per-entry deadline is ever replaced (see above).
-        RemovalCause::Replaced => report_gone(&*sink, &slot, Gone::TimedOut),
-        RemovalCause::Size => {
-            warn_evicted(&last_warning, &slot.flow);
-            report_gone(&*sink, &slot, Gone::Evicted);
+    };
+    let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| {
+        // The store's own removal: the caller settles it.
+        if cause == RemovalCause::Explicit {
+            return;
+        }
+        // Whatever else removed it, the instance is no longer open.
+        forget_age(&slot);
+        match cause {
+            RemovalCause::Explicit => {}
+            // Written to the state file at shutdown: the next run counts it.
+            _ if final_snapshot.leave_to_next_run(*key) => {}
+            RemovalCause::Expired => {
+                EXPIRED_IN_REMOVE.with(|cell| {
+                    if let Some((watched, _)) = cell.get() {
+                        if watched == *key {
+                            cell.set(Some((watched, true)));
+                        }
+                    }
+                });
+                report_gone(&*sink, &slot, Gone::TimedOut);
+            }
+            // Only an entry past its per-entry deadline is ever replaced (see above).
+            RemovalCause::Replaced => report_gone(&*sink, &slot, Gone::TimedOut),
+            RemovalCause::Size => {
+                warn_evicted(&last_warning, &slot.flow);
+                report_gone(&*sink, &slot, Gone::Evicted);
+            }
         }
     };
     Cache::builder()
@@ -661,7 +713,7 @@ impl CacheBaseline {
         let timeout_nanos =
             u64::try_from((settings.timeout_for)("baseline").as_nanos()).unwrap_or(u64::MAX);
         Self {
-            cache: build_cache(&settings, clock, sink, Arc::default()),
+            cache: build_cache(&settings, clock, sink, Arc::default(), Arc::default()),
             clock,
             flow: Arc::from("baseline"),
             dims: Arc::from([]),
@@ -705,6 +757,9 @@ impl CorrelationStore for MemoryStore {
 
     fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();
+        if let Some(ages) = self.ages.get() {
+            ages.report_if_due(&*self.sink, unix_nanos_now());
+        }
     }
 
     fn entries(&self) -> u64 {
@@ -926,6 +981,7 @@ mod tests {
                 Report::Dropped { flow, .. } => self.add(flow, "dropped"),
                 Report::Unmatched { flow, .. } => self.add(flow, "unmatched"),
                 Report::Duplicate { kind } => self.add("*", &format!("dup_{}", kind.label())),
+                Report::Overdue { .. } => {}
             }
         }
     }

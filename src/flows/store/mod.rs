@@ -6,6 +6,7 @@
 //! implements [`CorrelationStore`] beside it, and nothing in ingest or metrics changes.
 
 pub mod memory;
+pub mod open_ages;
 pub mod redis;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 use super::state::StoreSnapshot;
 
 pub use memory::{CacheBaseline, Maintenance, MemoryStore};
+pub use open_ages::{OpenAges, OverdueSettings};
 pub use redis::{RedisSettings, RedisStore, StoreProbe};
 
 /// What a store tells its sink. `flow` is the flow name; `start_dims` the dimension
