@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The shared-store suites against a real redis-server: the store's rules
-# (tests/redis_store.rs), three replicas on one Redis fed raw OTLP, with faults
+# (tests/redis_store.rs), overdue instances (tests/redis_objectives.rs), three replicas on one Redis fed raw OTLP, with faults
 # (tests/redis_replicas.rs), three replicas fed by the OpenTelemetry Rust SDK's exporters
 # (tests/redis_sdk.rs), and TLS with a CA of the test's own (tests/redis_tls.rs,
 # certificates made with openssl). The tests start and stop their own servers
@@ -17,4 +17,4 @@ if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then
   apt-get install -y -qq redis-server openssl >/dev/null
 fi
 redis-server --version
-REQUIRE_REDIS_TESTS=1 cargo test --test redis_store --test redis_replicas --test redis_sdk --test redis_tls "$@"
+REQUIRE_REDIS_TESTS=1 cargo test --test redis_store --test redis_objectives --test redis_replicas --test redis_sdk --test redis_tls "$@"

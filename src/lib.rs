@@ -249,6 +249,10 @@ fn correlation_store(
                 metrics.clone(),
             )
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let redis = match settings::overdue(config) {
+                Some(overdue) => redis.track_open_ages(overdue),
+                None => redis,
+            };
             Ok(Arc::new(redis))
         }
     }

@@ -50,8 +50,11 @@ use redis::{
 };
 
 use super::{
-    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StoreSettings, StoreUnavailable,
+    duration_secs, CorrelationStore, EndRecord, FlowSink, OverdueSettings, Report, StoreSettings,
+    StoreUnavailable,
 };
+
+mod ages;
 use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 
 /// Events per script call: bounds how long one call holds the server.
@@ -81,12 +84,23 @@ local function emit(i, code, v)
   out[#out + 1] = code
   out[#out + 1] = v or ''
 end
-local function take(key)
-  redis.call('DEL', key)
-  redis.call('ZREM', zset, key)
-end
 local acks = tonumber(ARGV[3])
 local n = (#KEYS - 2 - acks) / 2
+-- Open instances per flow by start second (docs/behaviour.md §10 "overdue"), when asked.
+local track = ARGV[3 * n + 4] == '1'
+local prefix = string.sub(zset, 1, -10)
+local function age(key, v, d)
+  if not track or string.sub(v, 1, 1) ~= 'o' then return end
+  local flow = string.match(key, '%x}i([%w_%.:%-]+)')
+  if not flow then return end
+  local ages, second = prefix .. 'ages:' .. flow, string.sub(v, 2, 12)
+  if redis.call('HINCRBY', ages, second, d) <= 0 then redis.call('HDEL', ages, second) end
+end
+local function take(key, old)
+  redis.call('DEL', key)
+  redis.call('ZREM', zset, key)
+  age(key, old, -1)
+end
 -- Results this replica has read: no longer needed for recovery.
 for j = 2 * n + 3, #KEYS do redis.call('DEL', KEYS[j]) end
 for i = 1, n do
@@ -103,7 +117,7 @@ for i = 1, n do
       local due = redis.call('ZSCORE', zset, key)
       if due and tonumber(due) <= now then
         -- Past its deadline and not yet swept: it timed out, and this event finds nothing.
-        take(key)
+        take(key, old)
         emit(i, 'T', old)
         old = nil
       end
@@ -111,20 +125,24 @@ for i = 1, n do
     if not old then
       redis.call('SET', key, value)
       redis.call('ZADD', zset, now + timeout, key)
+      age(key, value, 1)
       if kind == 's' then emit(i, 'O') else emit(i, 'W') end
     elseif kind == 's' then
       if string.sub(old, 1, 1) == 'o' then
         -- The earliest start wins; the instance keeps its dims and deadline.
         if string.sub(value, 2, 21) < string.sub(old, 2, 21) then
-          redis.call('SET', key, string.sub(value, 1, 21) .. string.sub(old, 22))
+          local earlier = string.sub(value, 1, 21) .. string.sub(old, 22)
+          redis.call('SET', key, earlier)
+          age(key, old, -1)
+          age(key, earlier, 1)
         end
         emit(i, 'D')
       else
-        take(key)
+        take(key, old)
         emit(i, 'P', old)
       end
     elseif string.sub(old, 1, 1) == 'o' then
-      take(key)
+      take(key, old)
       emit(i, 'C', old)
     else
       emit(i, 'D')
@@ -140,6 +158,7 @@ while over > 0 do
   local v = redis.call('GET', popped[1])
   redis.call('DEL', popped[1])
   if v then
+    age(popped[1], v, -1)
     if tonumber(popped[2]) <= now then emit(0, 'T', v) else emit(0, 'E', v) end
   end
   over = over - 1
@@ -159,6 +178,8 @@ return v
 "#;
 
 const SWEEP: &str = r#"
+local track = ARGV[2] == '1'
+local prefix = string.sub(KEYS[1], 1, -10)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
@@ -168,7 +189,14 @@ for _, key in ipairs(due) do
   local v = redis.call('GET', key)
   redis.call('DEL', key)
   redis.call('ZREM', KEYS[1], key)
-  if v then out[#out + 1] = v end
+  if v then
+    out[#out + 1] = v
+    local flow = string.match(key, '%x}i([%w_%.:%-]+)')
+    if track and flow and string.sub(v, 1, 1) == 'o' then
+      local ages, second = prefix .. 'ages:' .. flow, string.sub(v, 2, 12)
+      if redis.call('HINCRBY', ages, second, -1) <= 0 then redis.call('HDEL', ages, second) end
+    end
+  end
 end
 return out
 "#;
@@ -219,6 +247,8 @@ pub struct RedisStore {
     shard_capacity: u64,
     available: AtomicBool,
     last_warning: Mutex<Option<Instant>>,
+    /// Open-instance ages of flows with an overdue threshold; `None`: none has one.
+    ages: Option<ages::RedisAges>,
 }
 
 /// One shard: its keys all start with `prefix`.
@@ -349,7 +379,16 @@ impl RedisStore {
             shard_capacity: settings.capacity.div_ceil(u64::from(count)),
             available: AtomicBool::new(false),
             last_warning: Mutex::new(None),
+            ages: None,
         })
+    }
+
+    /// Keeps, in the store, the ages of open instances (per flow, by start second) and
+    /// reports the overdue counts of flows with a threshold about every two seconds.
+    /// Every replica must be configured alike: each one reports the same, global values.
+    pub fn track_open_ages(mut self, settings: OverdueSettings) -> Self {
+        self.ages = Some(ages::RedisAges::new(settings));
+        self
     }
 
     /// Times a call, tells the probe, and keeps the availability flag.
@@ -432,6 +471,7 @@ impl RedisStore {
             args.push(timeout_ms.to_string().into_bytes());
         }
         keys.extend(call.acks.iter().cloned());
+        args.push(if self.ages.is_some() { b"1".to_vec() } else { b"0".to_vec() });
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.apply.get_hash())
             .arg(keys.len())
@@ -646,6 +686,9 @@ impl CorrelationStore for RedisStore {
         if events.is_empty() {
             return Ok(());
         }
+        if let Some(ages) = &self.ages {
+            ages.note_flows(&events);
+        }
         let calls = self.calls(events);
         let cmds: Vec<Cmd> = calls.iter().map(|c| self.apply_cmd(c)).collect();
         // A call that applied while another failed is recognised when the exporter
@@ -693,6 +736,9 @@ impl CorrelationStore for RedisStore {
         if lost {
             self.recover();
         }
+        if let Some(ages) = &self.ages {
+            ages.report_if_due(self);
+        }
         // A sweep's reply cannot be read back (unlike an apply's): on a cluster, where a
         // NOSCRIPT or a failed node in a pipeline loses the replies of the calls sent
         // with it, each shard is swept in a call of its own.
@@ -712,7 +758,8 @@ impl CorrelationStore for RedisStore {
                         cmd.arg(self.sweep.get_hash())
                             .arg(1)
                             .arg(&self.shards[n].deadlines[..])
-                            .arg(SWEEP_LIMIT);
+                            .arg(SWEEP_LIMIT)
+                            .arg(u8::from(self.ages.is_some()));
                         cmd
                     })
                     .collect();

@@ -1,0 +1,202 @@
+//! Overdue instances (docs/behaviour.md §10) on the Redis store and a real redis-server:
+//! two stores on one server stand for replicas, the keys spread over four shards. What
+//! one replica opens, another counts; closes, time-outs and an earlier duplicate start
+//! change the count exactly; both replicas report the same, global values.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::redis::RedisServer;
+use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome, Source};
+use flowmetrics::flows::store::{
+    OverdueSettings, RedisSettings, RedisStore, Report, StoreProbe, StoreSettings,
+};
+use flowmetrics::flows::{CorrelationStore, FlowSink};
+
+const SEC: u64 = 1_000_000_000;
+
+/// The latest overdue report per flow, and the time-outs.
+#[derive(Default)]
+struct Latest {
+    overdue: Mutex<HashMap<String, (u64, f64)>>,
+    timed_out: Mutex<u64>,
+}
+
+impl FlowSink for Latest {
+    fn report(&self, report: Report<'_>) {
+        match report {
+            Report::Overdue {
+                flow,
+                overdue,
+                oldest_open_secs,
+            } => {
+                self.overdue
+                    .lock()
+                    .unwrap()
+                    .insert(flow.to_string(), (overdue, oldest_open_secs));
+            }
+            Report::TimedOut { .. } => *self.timed_out.lock().unwrap() += 1,
+            _ => {}
+        }
+    }
+}
+
+struct NoProbe;
+
+impl StoreProbe for NoProbe {
+    fn store_call(&self, _op: &'static str, _seconds: f64, _ok: bool) {}
+}
+
+fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
+    // Flow "t" times out after 300 ms; "g" has no threshold.
+    let timeout_for = Arc::new(|flow: &str| {
+        if flow == "t" {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(600)
+        }
+    });
+    RedisStore::new(
+        StoreSettings {
+            capacity: 10_000,
+            dedup_window: Duration::from_secs(300),
+            timeout_for: timeout_for.clone(),
+            longest_timeout: Duration::from_secs(600),
+        },
+        RedisSettings {
+            url: server.url(),
+            cluster: Vec::new(),
+            shards: 4,
+            ca_file: None,
+            key_prefix: "o:".into(),
+            connect_timeout: Duration::from_millis(500),
+            command_timeout: Duration::from_secs(2),
+            pool_size: 2,
+        },
+        sink.clone(),
+        Arc::new(NoProbe),
+    )
+    .expect("store")
+    .track_open_ages(OverdueSettings {
+        threshold_for: Arc::new(|flow| (flow != "g").then_some(Duration::from_secs(10))),
+        timeout_for,
+        named: vec!["f".into()],
+        max_flows: 100,
+    })
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// Whether `oldest` is the age now of an instance that started `age` seconds before
+/// `then`, to the second the store counts in (reports are fresh: taken just now).
+fn is_age(oldest: f64, then: u64, age: u64) -> bool {
+    let expected = (now_nanos() - (then - age * SEC)) as f64 / 1e9;
+    (expected - 0.5..=expected + 1.5).contains(&oldest)
+}
+
+fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
+    FlowEvent {
+        flow: Arc::from(flow),
+        correlation_id: id.into(),
+        kind,
+        timestamp_nanos: ts,
+        dims: Arc::from([]),
+        trace: None,
+        source: Source::SpanEvent,
+    }
+}
+
+fn apply(store: &RedisStore, events: Vec<FlowEvent>) {
+    store
+        .apply_batch(&mut events.into_iter())
+        .expect("store reachable");
+}
+
+/// Runs the replica's maintenance until a new report for `flow` has `overdue` (bounded:
+/// reports come every 2 s).
+fn report_until(store: &RedisStore, sink: &Latest, flow: &str, overdue: u64) -> (u64, f64) {
+    sink.overdue.lock().unwrap().remove(flow);
+    let give_up = Instant::now() + Duration::from_secs(8);
+    loop {
+        store.run_pending_tasks();
+        let got = sink.overdue.lock().unwrap().get(flow).copied();
+        if got.is_some_and(|(n, _)| n == overdue) || Instant::now() > give_up {
+            return got.unwrap_or_default();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn overdue_counts_are_exact_and_global_across_replicas() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a_sink, b_sink) = (Arc::new(Latest::default()), Arc::new(Latest::default()));
+    let (a, b) = (replica(&server, &a_sink), replica(&server, &b_sink));
+    // A named flow is reported (at 0) before its first event.
+    assert_eq!(report_until(&b, &b_sink, "f", 0), (0, 0.0));
+
+    let now = now_nanos();
+    let start = |flow: &str, id: &str, age: u64| ev(flow, id, EventKind::Start, now - age * SEC);
+    apply(
+        &a,
+        vec![
+            start("f", "1", 120),
+            start("f", "2", 120),
+            start("f", "3", 60),
+            start("f", "4", 5),
+            start("f", "5", 1),
+            start("g", "1", 100),
+        ],
+    );
+    // Counted on the other replica: 120, 120 and 60 s are past 10 s; 5 and 1 s are not.
+    let (overdue, oldest) = report_until(&b, &b_sink, "f", 3);
+    assert_eq!(overdue, 3);
+    assert!(is_age(oldest, now, 120), "oldest {oldest}");
+    assert!(!b_sink.overdue.lock().unwrap().contains_key("g"));
+
+    // Closed on replica b: the count drops on replica a too.
+    let success = EventKind::End(Outcome::Success);
+    apply(&b, vec![ev("f", "1", success, now), ev("f", "4", success, now)]);
+    let (overdue, oldest) = report_until(&a, &a_sink, "f", 2);
+    assert_eq!(overdue, 2, "one at 120 s and one at 60 s");
+    assert!(is_age(oldest, now, 120), "oldest {oldest}");
+
+    // An earlier duplicate start moves its instance back: the 1 s one becomes 200 s old.
+    apply(&a, vec![start("f", "5", 200)]);
+    let (overdue, oldest) = report_until(&b, &b_sink, "f", 3);
+    assert_eq!(overdue, 3);
+    assert!(is_age(oldest, now, 200), "oldest {oldest}");
+
+    // Time-outs leave the count: flow "t" times out after 300 ms.
+    apply(&a, vec![start("t", "1", 50), start("t", "2", 50)]);
+    assert_eq!(report_until(&a, &a_sink, "t", 2).0, 2);
+    std::thread::sleep(Duration::from_millis(400));
+    let (overdue, oldest) = report_until(&b, &b_sink, "t", 0);
+    assert_eq!((overdue, oldest), (0, 0.0));
+    assert_eq!(*a_sink.timed_out.lock().unwrap() + *b_sink.timed_out.lock().unwrap(), 2);
+
+    // Everything closed: the per-second hashes are gone, nothing is left behind.
+    apply(
+        &b,
+        vec![
+            ev("f", "2", success, now),
+            ev("f", "3", success, now),
+            ev("f", "5", success, now),
+            ev("g", "1", success, now),
+        ],
+    );
+    assert_eq!(report_until(&a, &a_sink, "f", 0), (0, 0.0));
+    let mut con = server.connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("o:*ages:*").query(&mut con).unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
