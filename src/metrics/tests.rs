@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::config::{Config, Dimension, DimensionSource, FlowOverride};
+use crate::config::{Config, Dimension, DimensionSource, FlowOverride, Objective};
 use crate::flows::event::TraceRef;
 
 const GOLDEN: &str = include_str!("testdata/exposition.txt");
@@ -55,9 +55,19 @@ fn config() -> Config {
                 1e16,
                 1e21,
             ]),
+            // `within` is added to the buckets (between 1.0 and 2.5).
+            objective: Some(Objective {
+                target: 0.99,
+                within: Some(std::time::Duration::from_secs(2)),
+            }),
             ..FlowOverride::default()
         },
     );
+    // Every other flow: a target and no `within` (no seconds gauge), from its first event.
+    config.flows.default.objective = Some(Objective {
+        target: 0.95,
+        within: None,
+    });
     config
 }
 
@@ -139,6 +149,11 @@ fn record(m: &Metrics) {
     });
     m.report(Report::Duplicate {
         kind: EventKind::Start,
+    });
+    m.report(Report::Overdue {
+        flow: &checkout,
+        overdue: 3,
+        oldest_open_secs: 42.5,
     });
 
     // Past the limit of 4 series: the rest folds into the overflow series.
