@@ -106,10 +106,8 @@ impl App {
 
         let metrics_listener = bind(&config.listen.metrics, "listen.metrics").await?;
         let metrics_addr = metrics_listener.local_addr()?;
-        let entries = store.clone();
         let overview = admin::Overview::start(
             metrics.clone(),
-            move || entries.entries(),
             admin::overview::SAMPLE_INTERVAL,
             stop.clone(),
         );

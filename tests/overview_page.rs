@@ -199,3 +199,75 @@ async fn the_page_is_self_contained_and_carries_the_current_numbers() {
     assert_eq!(head.status, StatusCode::OK);
     app.shutdown().await;
 }
+
+/// The page's totals are the exposition's own numbers: each flow's sum over its series.
+#[tokio::test]
+async fn api_flows_totals_equal_the_exposition_sums() {
+    let app = start(test_config()).await;
+    feed(&app).await;
+    let text = common::scrape_text(&app).await;
+    let r = request(
+        Method::GET,
+        &format!("http://{}/api/flows", app.metrics),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    let report: Value = serde_json::from_slice(&r.body).unwrap();
+    let samples = common::parse_samples(&text);
+    let sum = |name: &str, flow: &str, filter: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|(series, _)| {
+                series.starts_with(&format!("{name}{{"))
+                    && series.contains(&format!("flow=\"{flow}\""))
+                    && series.contains(filter)
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    for flow in ["checkout", "payment"] {
+        let row = row(&report, flow);
+        let checks = [
+            ("started", sum("flowmetrics_flows_started_total", flow, "")),
+            (
+                "success",
+                sum(
+                    "flowmetrics_flows_completed_total",
+                    flow,
+                    "outcome=\"success\"",
+                ),
+            ),
+            (
+                "failure",
+                sum(
+                    "flowmetrics_flows_completed_total",
+                    flow,
+                    "outcome=\"failure\"",
+                ),
+            ),
+            (
+                "cancelled",
+                sum(
+                    "flowmetrics_flows_completed_total",
+                    flow,
+                    "outcome=\"cancelled\"",
+                ),
+            ),
+            (
+                "incomplete",
+                sum("flowmetrics_flow_errors_total", flow, "\"incomplete\""),
+            ),
+            (
+                "in_progress",
+                sum("flowmetrics_flows_in_progress", flow, ""),
+            ),
+            ("dropped", sum("flowmetrics_flows_dropped_total", flow, "")),
+        ];
+        for (field, want) in checks {
+            assert_eq!(row[field].as_f64(), Some(want), "{flow} {field}: {row}");
+        }
+    }
+    assert!(row(&report, "checkout")["started"].as_u64().unwrap() > 0);
+    app.shutdown().await;
+}

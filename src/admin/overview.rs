@@ -2,16 +2,18 @@
 //! history sampled every few seconds (for rates, windowed percentiles and sparklines), and
 //! the JSON the page polls.
 //!
-//! The totals come from [`flow_totals`], the one place that reads the metrics; everything
-//! else here works on [`FlowTotals`] snapshots.
+//! The totals come from [`flow_totals`], the one place that reads the metrics (typed,
+//! from the flow families' own series); everything else here works on [`FlowTotals`]
+//! snapshots.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::watch;
 
+pub use crate::metrics::FlowTotals;
 use crate::metrics::Metrics;
 
 /// How often the history takes a sample.
@@ -25,182 +27,10 @@ pub const MAX_LISTED_FLOWS: usize = 1000;
 /// The window of the started/s column.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
-/// One flow's counters, summed over its dimension labels.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct FlowTotals {
-    pub flow: String,
-    pub started: u64,
-    pub completed_success: u64,
-    pub completed_failure: u64,
-    pub completed_cancelled: u64,
-    pub incomplete: u64,
-    pub in_progress: i64,
-    pub dropped: u64,
-    pub unmatched: u64,
-    /// Cumulative duration buckets: (upper bound in seconds, count), ascending, ending
-    /// with `+Inf`.
-    pub duration_buckets: Vec<(f64, u64)>,
-    pub duration_count: u64,
-    pub duration_sum: f64,
-}
-
-impl FlowTotals {
-    fn ended(&self) -> u64 {
-        self.completed_success + self.completed_failure + self.completed_cancelled + self.incomplete
-    }
-
-    fn errors(&self) -> u64 {
-        self.completed_failure + self.incomplete
-    }
-}
-
-/// Every flow's totals, sorted by flow name.
-///
-/// Reads the metrics through their own OpenMetrics exposition (the families' internals are
-/// not a stable interface); series folded into `otel_metric_overflow` belong to no flow
-/// and are skipped.
-pub fn flow_totals(metrics: &Metrics, entries: u64) -> Vec<FlowTotals> {
-    totals_from_exposition(&metrics.encode(entries))
-}
-
-/// Parses our own exposition text into per-flow totals.
-pub fn totals_from_exposition(text: &str) -> Vec<FlowTotals> {
-    let mut flows: BTreeMap<String, FlowTotals> = BTreeMap::new();
-    // Per flow: bucket upper bound (as written) → (bound, cumulative count).
-    let mut buckets: HashMap<String, BTreeMap<String, (f64, u64)>> = HashMap::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let Some(sample) = parse_sample(line) else {
-            continue;
-        };
-        if sample.label("otel_metric_overflow").is_some() {
-            continue;
-        }
-        let Some(flow) = sample.label("flow") else {
-            continue;
-        };
-        let count = || to_count(sample.value);
-        let totals = flows.entry(flow.to_string()).or_insert_with(|| FlowTotals {
-            flow: flow.to_string(),
-            ..Default::default()
-        });
-        match sample.name {
-            "flowmetrics_flows_started_total" => totals.started += count(),
-            "flowmetrics_flows_completed_total" => match sample.label("outcome") {
-                Some("success") => totals.completed_success += count(),
-                Some("failure") => totals.completed_failure += count(),
-                Some("cancelled") => totals.completed_cancelled += count(),
-                _ => {}
-            },
-            "flowmetrics_flow_errors_total"
-                if sample.label("error_reason") == Some("incomplete") =>
-            {
-                totals.incomplete += count();
-            }
-            "flowmetrics_flows_in_progress" => totals.in_progress += sample.value as i64,
-            "flowmetrics_flows_dropped_total" => totals.dropped += count(),
-            "flowmetrics_flow_unmatched_ends_total" => totals.unmatched += count(),
-            "flowmetrics_flow_duration_seconds_count" => totals.duration_count += count(),
-            "flowmetrics_flow_duration_seconds_sum" => totals.duration_sum += sample.value,
-            "flowmetrics_flow_duration_seconds_bucket" => {
-                if let Some(le) = sample.label("le") {
-                    if let Some(bound) = parse_number(le) {
-                        let slot = buckets
-                            .entry(flow.to_string())
-                            .or_default()
-                            .entry(le.to_string())
-                            .or_insert((bound, 0));
-                        slot.1 += count();
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    for (flow, by_le) in buckets {
-        if let Some(totals) = flows.get_mut(&flow) {
-            let mut list: Vec<(f64, u64)> = by_le.into_values().collect();
-            list.sort_by(|a, b| a.0.total_cmp(&b.0));
-            totals.duration_buckets = list;
-        }
-    }
-    flows.into_values().collect()
-}
-
-fn to_count(v: f64) -> u64 {
-    if v.is_finite() && v > 0.0 {
-        v.round() as u64
-    } else {
-        0
-    }
-}
-
-fn parse_number(s: &str) -> Option<f64> {
-    match s {
-        "+Inf" | "Inf" => Some(f64::INFINITY),
-        "-Inf" => Some(f64::NEG_INFINITY),
-        _ => s.parse().ok(),
-    }
-}
-
-struct Sample<'a> {
-    name: &'a str,
-    labels: Vec<(&'a str, String)>,
-    value: f64,
-}
-
-impl Sample<'_> {
-    fn label(&self, name: &str) -> Option<&str> {
-        self.labels
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// `name{k="v",...} value [timestamp] [# exemplar]`, label values unescaped.
-fn parse_sample(line: &str) -> Option<Sample<'_>> {
-    let name_end = line.find(['{', ' '])?;
-    let name = &line[..name_end];
-    let mut labels = Vec::new();
-    let mut rest = &line[name_end..];
-    if let Some(inner) = rest.strip_prefix('{') {
-        let mut s = inner;
-        loop {
-            s = s.trim_start_matches(',');
-            if let Some(after) = s.strip_prefix('}') {
-                rest = after;
-                break;
-            }
-            let eq = s.find('=')?;
-            let key = &s[..eq];
-            let quoted = s[eq + 1..].strip_prefix('"')?;
-            let mut chars = quoted.char_indices();
-            let mut value = String::new();
-            let consumed = loop {
-                let (i, c) = chars.next()?;
-                match c {
-                    '"' => break i + 1,
-                    '\\' => match chars.next()?.1 {
-                        'n' => value.push('\n'),
-                        other => value.push(other),
-                    },
-                    c => value.push(c),
-                }
-            };
-            labels.push((key, value));
-            s = &quoted[consumed..];
-        }
-    }
-    let value_text = rest.trim_start().split([' ', '#']).next()?;
-    let value = parse_number(value_text)?;
-    Some(Sample {
-        name,
-        labels,
-        value,
-    })
+/// Every flow's totals, sorted by flow name, read from the families' own series
+/// ([`Metrics::flow_totals`]).
+pub fn flow_totals(metrics: &Metrics) -> Vec<FlowTotals> {
+    metrics.flow_totals()
 }
 
 /// The `q` quantile (0..=1) of cumulative buckets, as Prometheus' `histogram_quantile`
@@ -258,8 +88,6 @@ struct Snapshot {
 /// The sampled history and what the page needs from it.
 pub struct Overview {
     metrics: Arc<Metrics>,
-    /// Entries in the correlation store, for [`Metrics::encode`].
-    entries: Box<dyn Fn() -> u64 + Send + Sync>,
     interval: Duration,
     samples: Mutex<VecDeque<Snapshot>>,
 }
@@ -268,13 +96,11 @@ impl Overview {
     /// Takes a first sample now and one every `interval` until `stop` turns true.
     pub fn start(
         metrics: Arc<Metrics>,
-        entries: impl Fn() -> u64 + Send + Sync + 'static,
         interval: Duration,
         mut stop: watch::Receiver<bool>,
     ) -> Arc<Overview> {
         let overview = Arc::new(Overview {
             metrics,
-            entries: Box::new(entries),
             interval,
             samples: Mutex::new(VecDeque::with_capacity(MAX_SAMPLES)),
         });
@@ -299,7 +125,7 @@ impl Overview {
     }
 
     fn current(&self) -> Vec<FlowTotals> {
-        flow_totals(&self.metrics, (self.entries)())
+        flow_totals(&self.metrics)
     }
 
     fn sample(&self) {
@@ -460,72 +286,6 @@ pub fn json_for_script(json: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Samples as the exposition writes them (the parser skips `#` lines, see `# EOF`).
-    const TEXT: &str = r#"flowmetrics_flows_started_total{flow="checkout",region="a\"b\\c\nd é}{,="} 1
-flowmetrics_flows_started_total{flow="checkout",region="eu"} 1234
-flowmetrics_flows_started_total{flow="login",region="eu"} 7
-flowmetrics_flows_started_total{otel_metric_overflow="true"} 5
-flowmetrics_flows_completed_total{flow="checkout",outcome="cancelled",region="eu"} 1 # {trace_id="07",span_id="de"} 1.0
-flowmetrics_flows_completed_total{flow="checkout",outcome="failure",region="eu"} 3
-flowmetrics_flows_completed_total{flow="checkout",outcome="success",region="eu"} 6
-flowmetrics_flows_completed_total{flow="checkout",outcome="success",region="us"} 4
-flowmetrics_flows_completed_total{otel_metric_overflow="true"} 10
-flowmetrics_flow_errors_total{flow="checkout",error_reason="failure",region="eu"} 3
-flowmetrics_flow_errors_total{flow="checkout",error_reason="incomplete",region="eu"} 2
-flowmetrics_flow_duration_seconds_sum{flow="login",region="eu"} 0.5
-flowmetrics_flow_duration_seconds_count{flow="login",region="eu"} 4
-flowmetrics_flow_duration_seconds_bucket{le="0.1",flow="login",region="eu"} 1
-flowmetrics_flow_duration_seconds_bucket{le="1.0",flow="login",region="eu"} 3 # {trace_id="09",span_id="de"} 0.042
-flowmetrics_flow_duration_seconds_bucket{le="+Inf",flow="login",region="eu"} 4
-flowmetrics_flow_duration_seconds_sum{flow="login",region="us"} 0.1
-flowmetrics_flow_duration_seconds_count{flow="login",region="us"} 1
-flowmetrics_flow_duration_seconds_bucket{le="0.1",flow="login",region="us"} 1
-flowmetrics_flow_duration_seconds_bucket{le="1.0",flow="login",region="us"} 1
-flowmetrics_flow_duration_seconds_bucket{le="+Inf",flow="login",region="us"} 1
-flowmetrics_flows_in_progress{flow="checkout"} 1219
-flowmetrics_flows_dropped_total{flow="login",reason="capacity"} 2
-flowmetrics_flow_unmatched_ends_total{flow="login"} 3
-flowmetrics_in_flight_entries 9
-# EOF
-"#;
-
-    #[test]
-    fn totals_sum_over_dimensions_and_skip_overflow() {
-        let totals = totals_from_exposition(TEXT);
-        assert_eq!(totals.len(), 2, "{totals:?}");
-        let checkout = &totals[0];
-        assert_eq!(checkout.flow, "checkout");
-        assert_eq!(checkout.started, 1235);
-        assert_eq!(checkout.completed_success, 10);
-        assert_eq!(checkout.completed_failure, 3);
-        assert_eq!(checkout.completed_cancelled, 1);
-        assert_eq!(checkout.incomplete, 2);
-        assert_eq!(checkout.in_progress, 1219);
-        let login = &totals[1];
-        assert_eq!(login.flow, "login");
-        assert_eq!(login.started, 7);
-        assert_eq!(login.dropped, 2);
-        assert_eq!(login.unmatched, 3);
-        assert_eq!(login.duration_count, 5);
-        assert!((login.duration_sum - 0.6).abs() < 1e-9);
-        assert_eq!(
-            login.duration_buckets,
-            vec![(0.1, 2), (1.0, 4), (f64::INFINITY, 5)]
-        );
-    }
-
-    #[test]
-    fn label_values_are_unescaped() {
-        let s = parse_sample(r#"m{a="x\"y\\z\nw",b="}{,="} 2.5 # {t="1"} 1"#).unwrap();
-        assert_eq!(s.name, "m");
-        assert_eq!(s.label("a"), Some("x\"y\\z\nw"));
-        assert_eq!(s.label("b"), Some("}{,="));
-        assert_eq!(s.value, 2.5);
-        let s = parse_sample("m 1e21").unwrap();
-        assert_eq!(s.value, 1e21);
-        assert!(s.labels.is_empty());
-    }
 
     #[test]
     fn quantiles_interpolate_like_histogram_quantile() {

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use hashbrown::{DefaultHashBuilder, HashTable};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::{CounterWithExemplar, Exemplar};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use crate::flows::event::DimValues;
@@ -58,6 +60,11 @@ pub struct SeriesLabels {
 impl SeriesLabels {
     pub fn flow(&self) -> &Arc<str> {
         &self.flow
+    }
+
+    /// The value of the family's extra label (`outcome`, `error_reason`, `reason`).
+    pub fn extra(&self) -> Option<&'static str> {
+        self.extra
     }
 
     /// The start dimension values (empty when the family has none).
@@ -186,7 +193,8 @@ impl<M> Clone for LimitedFamily<M> {
 
 struct Series<M> {
     hash: u64,
-    labels: SeriesLabels,
+    /// Shared with the pinned copies a scrape encodes from.
+    labels: Arc<SeriesLabels>,
     metric: M,
     /// The family clock's reading at the last recording (or creation).
     touched: AtomicU64,
@@ -200,6 +208,8 @@ struct Inner<M> {
     layout: Arc<Layout>,
     hasher: DefaultHashBuilder,
     series: RwLock<HashTable<Series<M>>>,
+    /// What the next encode writes instead of the live series (see [`Self::pin`]).
+    pinned: Mutex<Option<Pinned<M>>>,
     /// Kept apart from `series`, so a full family folds under the read lock.
     overflow_series: OnceLock<M>,
     make: Constructor<M>,
@@ -232,6 +242,7 @@ impl<M> LimitedFamily<M> {
                 layout: Arc::new(layout),
                 hasher: DefaultHashBuilder::default(),
                 series: RwLock::new(HashTable::new()),
+                pinned: Mutex::new(None),
                 overflow_series: OnceLock::new(),
                 make: Box::new(make),
                 overflow,
@@ -282,7 +293,7 @@ impl<M> LimitedFamily<M> {
         }
         let new = Series {
             hash,
-            labels: labels.to_labels(&this.layout),
+            labels: Arc::new(labels.to_labels(&this.layout)),
             metric: (this.make)(Some(&**labels.flow)),
             touched: AtomicU64::new(this.clock.load(Ordering::Relaxed)),
         };
@@ -296,6 +307,15 @@ impl<M> LimitedFamily<M> {
         let series = self.inner.series.read().unwrap_or_else(|p| p.into_inner());
         for s in series.iter() {
             f(&s.labels, s.touched.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Calls `f` with every series' labels and metric (not the overflow series: it belongs
+    /// to no label set).
+    pub fn for_each_metric(&self, mut f: impl FnMut(&SeriesLabels, &M)) {
+        let series = self.inner.series.read().unwrap_or_else(|p| p.into_inner());
+        for s in series.iter() {
+            f(&s.labels, &s.metric);
         }
     }
 
@@ -334,17 +354,178 @@ impl<M> LimitedFamily<M> {
     }
 }
 
-impl<M: EncodeMetric + TypedMetric> EncodeMetric for LimitedFamily<M> {
-    /// Every series, the overflow series last.
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+/// A reading of a series taken while reports are held (see [`LimitedFamily::pin`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Reading {
+    Count(u64),
+    Level(i64),
+}
+
+/// A metric whose value can be read now and written later as read. Histograms answer
+/// `None` (prometheus-client has no reader for their buckets; they take no part in the
+/// invariant of docs/behaviour.md §3) and are written as they are when encoded.
+pub trait Pinnable: EncodeMetric + TypedMetric + Clone {
+    fn read(&self) -> Option<Reading>;
+
+    /// Writes `reading` (taken from `self` by [`Pinnable::read`]) as this metric's value.
+    fn encode_reading(
+        &self,
+        reading: Reading,
+        encoder: MetricEncoder,
+    ) -> Result<(), std::fmt::Error>;
+}
+
+/// No exemplar: the type prometheus-client's encoder needs to be told.
+type NoExemplar = Option<&'static Exemplar<Vec<(String, String)>, u64>>;
+
+impl Pinnable for Counter {
+    fn read(&self) -> Option<Reading> {
+        Some(Reading::Count(self.get()))
+    }
+
+    fn encode_reading(
+        &self,
+        reading: Reading,
+        mut encoder: MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match reading {
+            Reading::Count(v) => encoder.encode_counter(&v, NoExemplar::None),
+            Reading::Level(_) => self.encode(encoder),
+        }
+    }
+}
+
+impl Pinnable for Gauge {
+    fn read(&self) -> Option<Reading> {
+        Some(Reading::Level(self.get()))
+    }
+
+    fn encode_reading(
+        &self,
+        reading: Reading,
+        mut encoder: MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match reading {
+            Reading::Level(v) => encoder.encode_gauge(&v),
+            Reading::Count(_) => self.encode(encoder),
+        }
+    }
+}
+
+impl<S: EncodeLabelSet + Send + Sync + std::fmt::Debug + 'static> Pinnable
+    for CounterWithExemplar<S>
+{
+    fn read(&self) -> Option<Reading> {
+        Some(Reading::Count(self.get().0))
+    }
+
+    /// The value as read; the exemplar as it is now (a sample trace, newer at most).
+    fn encode_reading(
+        &self,
+        reading: Reading,
+        mut encoder: MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match reading {
+            Reading::Count(v) => {
+                let (_, exemplar) = self.get();
+                encoder.encode_counter(&v, exemplar.as_ref())
+            }
+            Reading::Level(_) => self.encode(encoder),
+        }
+    }
+}
+
+macro_rules! unpinned {
+    ($($t:ty),*) => {$(
+        impl Pinnable for $t {
+            fn read(&self) -> Option<Reading> {
+                None
+            }
+
+            fn encode_reading(
+                &self,
+                _: Reading,
+                encoder: MetricEncoder,
+            ) -> Result<(), std::fmt::Error> {
+                self.encode(encoder)
+            }
+        }
+    )*};
+}
+
+unpinned!(prometheus_client::metrics::histogram::Histogram);
+
+/// One series as an encode writes it: its labels (`None`: the overflow series), its
+/// metric, and the reading taken when pinned (`None`: written as it is then).
+struct PinnedSeries<M> {
+    labels: Option<Arc<SeriesLabels>>,
+    metric: M,
+    reading: Option<Reading>,
+}
+
+type Pinned<M> = Vec<PinnedSeries<M>>;
+
+impl<M: Pinnable> LimitedFamily<M> {
+    /// Copies the family's series (labels and metric handles, shared, and each value as
+    /// read now) for the next encode, which then writes this copy and holds no lock of
+    /// the family while it writes. Taken for every invariant family while reports are
+    /// held, it makes the exposition one consistent cut (docs/behaviour.md §3) at the
+    /// cost of a walk over the series, not of the whole encode.
+    pub fn pin(&self) {
+        let pinned = self.copy_series();
+        *self.inner.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(pinned);
+    }
+
+    /// Drops a pinned copy the encode did not take (a family it skipped).
+    pub fn unpin(&self) {
+        self.inner
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    fn copy_series(&self) -> Pinned<M> {
         let this = &*self.inner;
         let series = this.series.read().unwrap_or_else(|p| p.into_inner());
-        for s in series.iter() {
-            s.metric.encode(encoder.encode_family(&s.labels)?)?;
-        }
+        let mut out = Vec::with_capacity(series.len() + 1);
+        out.extend(series.iter().map(|s| PinnedSeries {
+            labels: Some(s.labels.clone()),
+            reading: s.metric.read(),
+            metric: s.metric.clone(),
+        }));
         drop(series);
         if let Some(m) = this.overflow_series.get() {
-            m.encode(encoder.encode_family(&OVERFLOW_LABELS)?)?;
+            out.push(PinnedSeries {
+                labels: None,
+                reading: m.read(),
+                metric: m.clone(),
+            });
+        }
+        out
+    }
+}
+
+impl<M: Pinnable> EncodeMetric for LimitedFamily<M> {
+    /// Every series, the overflow series last: the pinned copy when there is one, else a
+    /// copy made now (so the family's lock is not held while the text is written).
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let pinned = self
+            .inner
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let series = pinned.unwrap_or_else(|| self.copy_series());
+        for s in &series {
+            let family = match &s.labels {
+                Some(labels) => encoder.encode_family(&**labels)?,
+                None => encoder.encode_family(&OVERFLOW_LABELS)?,
+            };
+            match s.reading {
+                Some(reading) => s.metric.encode_reading(reading, family)?,
+                None => s.metric.encode(family)?,
+            }
         }
         Ok(())
     }
@@ -353,9 +534,13 @@ impl<M: EncodeMetric + TypedMetric> EncodeMetric for LimitedFamily<M> {
         M::TYPE
     }
 
-    /// A family without series is left out of the exposition (no HELP/TYPE lines).
+    /// A family without series is left out of the exposition (no HELP/TYPE lines); with
+    /// a pinned copy, that copy decides.
     fn is_empty(&self) -> bool {
-        LimitedFamily::is_empty(self)
+        match &*self.inner.pinned.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(pinned) => pinned.is_empty(),
+            None => LimitedFamily::is_empty(self),
+        }
     }
 }
 

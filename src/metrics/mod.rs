@@ -6,11 +6,14 @@
 //! prometheus-client's own metrics; the service's own families are plain `Family`s
 //! whose fixed series are resolved once and kept.
 
+mod duration;
 mod exemplar;
 mod family;
+pub mod format;
 pub mod network;
 mod objectives;
 mod process;
+mod totals;
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::exemplar::{CounterWithExemplar, HistogramWithExemplars};
+use prometheus_client::metrics::exemplar::CounterWithExemplar;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -30,16 +33,17 @@ use crate::flows::event::{DimValues, Outcome, Source};
 use crate::flows::store::{EndRecord, FlowSink, Report, StoreProbe};
 use crate::flows::EventKind;
 use crate::model::{Rejection, Signal, Transport};
+use duration::DurationSeries;
 pub use exemplar::TraceExemplar;
 use family::{Layout, LimitedFamily, OverflowReporter, SeriesRef};
 pub use objectives::{FlowObjective, ObjectiveSettings};
+pub use totals::FlowTotals;
 
 type Pair = [(&'static str, &'static str); 1];
 type Pairs2 = [(&'static str, &'static str); 2];
 type Pairs3 = [(&'static str, &'static str); 3];
 
 type ExemplarCounter = CounterWithExemplar<TraceExemplar>;
-type ExemplarHistogram = HistogramWithExemplars<TraceExemplar>;
 
 /// What the metrics need to know (built from `dimensions`, `flows.*.buckets` and
 /// `limits` by the app).
@@ -73,6 +77,8 @@ pub struct Metrics {
     /// Makes each report atomic to a scrape (the invariant of SPEC §3 holds in every
     /// exposition): reports hold one stripe for reading, a scrape holds all for writing.
     gate: ScrapeGate,
+    /// Held for the whole of an encode: one at a time.
+    encoding: std::sync::Mutex<()>,
     /// Length of the last `/metrics` body, to size the next one.
     last_encoded_len: AtomicUsize,
     /// No dimension values (families without start or end dimensions).
@@ -92,7 +98,7 @@ pub struct Metrics {
     flows_restored: LimitedFamily<Counter>,
     flows_completed: LimitedFamily<ExemplarCounter>,
     flow_errors: LimitedFamily<Counter>,
-    flow_duration: LimitedFamily<ExemplarHistogram>,
+    flow_duration: LimitedFamily<DurationSeries>,
     flows_in_progress: LimitedFamily<Gauge>,
     flows_dropped: LimitedFamily<Counter>,
     unmatched_ends: LimitedFamily<Counter>,
@@ -208,8 +214,15 @@ impl Metrics {
              instances whose timeout passed without an end",
             flow_errors.clone(),
         );
-        let default_buckets = settings.default_buckets.clone();
-        let per_flow = settings.per_flow_buckets.clone();
+        // As prometheus-client keeps them: finite bounds (`+Inf` is implicit).
+        let finite =
+            |b: &[f64]| -> Arc<[f64]> { b.iter().copied().filter(|b| b.is_finite()).collect() };
+        let default_buckets = finite(&settings.default_buckets);
+        let per_flow: HashMap<String, Arc<[f64]>> = settings
+            .per_flow_buckets
+            .iter()
+            .map(|(flow, b)| (flow.clone(), finite(b)))
+            .collect();
         let flow_duration = LimitedFamily::new(
             "flowmetrics_flow_duration_seconds",
             max,
@@ -220,7 +233,7 @@ impl Metrics {
                 let buckets = flow
                     .and_then(|f| per_flow.get(f))
                     .unwrap_or(&default_buckets);
-                ExemplarHistogram::new(buckets.iter().copied())
+                DurationSeries::new(buckets.clone())
             },
         );
         registry.register_with_unit(
@@ -381,6 +394,7 @@ impl Metrics {
         Self {
             registry,
             gate: ScrapeGate::default(),
+            encoding: std::sync::Mutex::new(()),
             last_encoded_len: AtomicUsize::new(0),
             no_dims: Arc::from([]),
             empty_end_dims: end_dims.iter().map(|_| Arc::from("")).collect(),
@@ -421,7 +435,16 @@ impl Metrics {
 
     /// Every family as one OpenMetrics exposition. `store_entries`: the correlation
     /// store's entries now.
+    ///
+    /// Reports are held only while the families of the invariant (docs/behaviour.md §3:
+    /// started, restored, completed, errors, in progress, dropped) are pinned: a walk
+    /// that copies each series' handle and value, about a millisecond at 10,000 label
+    /// sets. The text is then written from those copies while reports go on, so every
+    /// exposition is one consistent cut and ingest never waits for the encode. The other
+    /// families (durations, self-metrics) are written as they are at that moment. One
+    /// encode runs at a time (the pinned copies are per family).
     pub fn encode(&self, store_entries: u64) -> String {
+        let _one = self.encoding.lock().unwrap_or_else(|p| p.into_inner());
         self.in_flight_entries
             .set(i64::try_from(store_entries).unwrap_or(i64::MAX));
         // Sized from the last body (plus room to grow), so the multi-MiB body is not
@@ -429,10 +452,29 @@ impl Metrics {
         let last = self.last_encoded_len.load(Ordering::Relaxed);
         let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
         let quiet = self.gate.close();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        self.pin_invariant_families(true);
         drop(quiet);
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        // A family the encoder skipped (no series) left its copy: drop it.
+        self.pin_invariant_families(false);
         self.last_encoded_len.store(out.len(), Ordering::Relaxed);
         out
+    }
+
+    fn pin_invariant_families(&self, pin: bool) {
+        fn set<M: family::Pinnable>(f: &LimitedFamily<M>, pin: bool) {
+            if pin {
+                f.pin();
+            } else {
+                f.unpin();
+            }
+        }
+        set(&self.flows_started, pin);
+        set(&self.flows_restored, pin);
+        set(&self.flows_completed, pin);
+        set(&self.flow_errors, pin);
+        set(&self.flows_in_progress, pin);
+        set(&self.flows_dropped, pin);
     }
 
     /// Call about once a second: advances the families' clock and removes label sets
@@ -762,7 +804,7 @@ impl Metrics {
             }
             Outcome::Success => self.flow_duration.with(
                 self.with_dims(flow, None, start_dims, Some(&end.dims)),
-                |h| h.observe(duration_secs, exemplar, None),
+                |h| h.observe(duration_secs, exemplar),
             ),
             Outcome::Cancelled => {}
         }

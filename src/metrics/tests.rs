@@ -406,3 +406,142 @@ fn idle_label_sets_are_removed_from_every_family_and_free_their_place() {
     );
     assert!(!text.contains("otel_metric_overflow"), "{text}");
 }
+
+#[test]
+fn flow_totals_sum_each_flows_own_series_and_skip_the_overflow() {
+    let m = Metrics::new(crate::settings::metrics(&config()));
+    record(&m);
+    let totals = m.flow_totals();
+    let names: Vec<&str> = totals.iter().map(|t| t.flow.as_str()).collect();
+    assert_eq!(names, ["checkout", "f0", "f1", "f2", "login"]);
+    let checkout = &totals[0];
+    // Two label sets (one with an odd region value); the failure end folded (full family).
+    assert_eq!(checkout.started, 1235);
+    assert_eq!(checkout.completed_success, 8);
+    assert_eq!(checkout.completed_failure, 0);
+    assert_eq!(checkout.completed_cancelled, 1);
+    assert_eq!(checkout.incomplete, 0);
+    assert_eq!(checkout.in_progress, 1224);
+    assert_eq!(checkout.dropped, 1);
+    assert_eq!(checkout.unmatched, 0);
+    // The negative duration is not observed; 2e21 lies past the last bound.
+    assert_eq!(checkout.duration_count, 7);
+    assert_eq!(checkout.duration_sum, 2e21 + 7.0);
+    // Ten bounds, the objective's `within` (2 s) and +Inf.
+    assert_eq!(checkout.duration_buckets.len(), 12);
+    assert_eq!(checkout.duration_buckets[0], (1e-7, 2));
+    assert_eq!(checkout.duration_buckets[2], (0.1, 3));
+    assert_eq!(checkout.duration_buckets[5], (2.0, 5));
+    assert_eq!(checkout.duration_buckets[10], (1e21, 6));
+    assert_eq!(checkout.duration_buckets[11], (f64::INFINITY, 7));
+
+    let login = &totals[4];
+    assert_eq!(login.started, 1);
+    assert_eq!(login.completed_success, 0, "folded: the family was full");
+    assert_eq!(login.incomplete, 1);
+    assert_eq!(login.in_progress, -4);
+    assert_eq!(login.unmatched, 1);
+    assert_eq!(login.duration_count, 4);
+    assert!((login.duration_sum - 4000.342).abs() < 1e-9);
+    let buckets = &login.duration_buckets;
+    assert_eq!(buckets.last(), Some(&(f64::INFINITY, 4)));
+    let at = |bound: f64| buckets.iter().find(|(b, _)| *b == bound).unwrap().1;
+    assert_eq!((at(0.05), at(0.1), at(0.25), at(3600.0)), (1, 2, 3, 3));
+
+    let f0 = &totals[1];
+    assert_eq!((f0.started, f0.in_progress, f0.unmatched), (1, -1, 1));
+    let f2 = &totals[3];
+    assert_eq!((f2.started, f2.in_progress, f2.unmatched), (0, 0, 1));
+}
+
+/// Reports from four threads while totals and expositions are read: every reading sees
+/// `started = Σ completed + incomplete + dropped + in_progress` per flow.
+#[test]
+fn every_reading_is_one_consistent_cut_while_reports_go_on() {
+    let mut config = Config::default();
+    config.limits.max_series_per_metric = 10_000;
+    let m = Arc::new(Metrics::new(crate::settings::metrics(&config)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let (m, stop) = (m.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let flow: Arc<str> = Arc::from(format!("flow{}", t % 2));
+                let none = dims(&[]);
+                let end = |outcome| EndRecord {
+                    outcome,
+                    timestamp_nanos: 0,
+                    dims: none.clone(),
+                    trace: None,
+                };
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let start_dims = dims(&[&format!("{}", i % 50)]);
+                    m.report(Report::Opened {
+                        flow: &flow,
+                        start_dims: &start_dims,
+                    });
+                    let outcome =
+                        [Outcome::Success, Outcome::Failure, Outcome::Cancelled][i as usize % 3];
+                    match i % 5 {
+                        0 => m.report(Report::TimedOut {
+                            flow: &flow,
+                            start_dims: &start_dims,
+                        }),
+                        1 => m.report(Report::Dropped {
+                            flow: &flow,
+                            start_dims: &start_dims,
+                        }),
+                        2 => {}
+                        _ => m.report(Report::Completed {
+                            flow: &flow,
+                            start_dims: &start_dims,
+                            end: &end(outcome),
+                            duration_secs: 0.01,
+                        }),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let balanced = |t: &FlowTotals| {
+        t.started as i64
+            == (t.completed_success + t.completed_failure + t.completed_cancelled) as i64
+                + t.incomplete as i64
+                + t.dropped as i64
+                + t.in_progress
+    };
+    let mut checked = 0;
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        for t in m.flow_totals() {
+            assert!(balanced(&t), "{t:?}");
+            checked += 1;
+        }
+        let text = m.encode(0);
+        for flow in ["flow0", "flow1"] {
+            let sum = |prefix: &str, filter: &str| -> i64 {
+                text.lines()
+                    .filter(|l| l.starts_with(prefix) && l.contains(&format!("flow=\"{flow}\"")))
+                    .filter(|l| l.contains(filter))
+                    .map(|l| {
+                        let value = l.split(" # ").next().unwrap().rsplit(' ').next().unwrap();
+                        value.parse::<i64>().unwrap()
+                    })
+                    .sum()
+            };
+            let started = sum("flowmetrics_flows_started_total{", "");
+            let ended = sum("flowmetrics_flows_completed_total{", "")
+                + sum("flowmetrics_flow_errors_total{", "incomplete")
+                + sum("flowmetrics_flows_dropped_total{", "")
+                + sum("flowmetrics_flows_in_progress{", "");
+            assert_eq!(started, ended, "{flow}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(checked > 0);
+}

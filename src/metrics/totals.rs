@@ -1,0 +1,102 @@
+//! Per-flow totals for the overview page, read from the flow families' own series (no
+//! text in between): one walk over the series while reports are held, so the totals
+//! are one consistent cut, as an exposition is (docs/behaviour.md §3).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::family::SeriesLabels;
+use super::Metrics;
+
+/// One flow's counters, summed over its dimension labels. Series folded into
+/// `otel_metric_overflow` belong to no flow and are not counted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FlowTotals {
+    pub flow: String,
+    pub started: u64,
+    pub completed_success: u64,
+    pub completed_failure: u64,
+    pub completed_cancelled: u64,
+    pub incomplete: u64,
+    pub in_progress: i64,
+    pub dropped: u64,
+    pub unmatched: u64,
+    /// Cumulative duration buckets: (upper bound in seconds, count), ascending, ending
+    /// with `+Inf`.
+    pub duration_buckets: Vec<(f64, u64)>,
+    pub duration_count: u64,
+    pub duration_sum: f64,
+}
+
+impl FlowTotals {
+    pub fn ended(&self) -> u64 {
+        self.completed_success + self.completed_failure + self.completed_cancelled + self.incomplete
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.completed_failure + self.incomplete
+    }
+}
+
+impl Metrics {
+    /// Every flow's totals, sorted by flow name.
+    pub fn flow_totals(&self) -> Vec<FlowTotals> {
+        let mut flows: BTreeMap<Arc<str>, FlowTotals> = BTreeMap::new();
+        let quiet = self.gate.close();
+        self.read_totals(&mut flows);
+        drop(quiet);
+        flows
+            .into_iter()
+            .map(|(flow, mut totals)| {
+                totals.flow = flow.to_string();
+                totals
+            })
+            .collect()
+    }
+
+    fn read_totals(&self, flows: &mut BTreeMap<Arc<str>, FlowTotals>) {
+        fn at<'a>(
+            flows: &'a mut BTreeMap<Arc<str>, FlowTotals>,
+            labels: &SeriesLabels,
+        ) -> &'a mut FlowTotals {
+            flows.entry(labels.flow().clone()).or_default()
+        }
+        self.flows_started
+            .for_each_metric(|l, c| at(flows, l).started += c.get());
+        self.flows_completed.for_each_metric(|l, c| {
+            let totals = at(flows, l);
+            let n = c.get().0;
+            match l.extra() {
+                Some("success") => totals.completed_success += n,
+                Some("failure") => totals.completed_failure += n,
+                Some("cancelled") => totals.completed_cancelled += n,
+                _ => {}
+            }
+        });
+        self.flow_errors.for_each_metric(|l, c| {
+            let totals = at(flows, l);
+            if l.extra() == Some("incomplete") {
+                totals.incomplete += c.get();
+            }
+        });
+        self.flows_in_progress
+            .for_each_metric(|l, g| at(flows, l).in_progress += g.get());
+        self.flows_dropped
+            .for_each_metric(|l, c| at(flows, l).dropped += c.get());
+        self.unmatched_ends
+            .for_each_metric(|l, c| at(flows, l).unmatched += c.get());
+        self.flow_duration.for_each_metric(|l, h| {
+            let totals = at(flows, l);
+            let (count, sum) = h.add_to(&mut totals.duration_buckets);
+            totals.duration_count += count;
+            totals.duration_sum += sum;
+        });
+        // A flow seen only here still gets its row (at zero), as in the exposition.
+        self.flows_restored.for_each_metric(|l, _| {
+            at(flows, l);
+        });
+        self.negative_durations.for_each_metric(|l, _| {
+            at(flows, l);
+        });
+    }
+}
