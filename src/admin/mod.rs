@@ -1,6 +1,7 @@
 //! The metrics listener: `/metrics`, `/healthz`, `/readyz`, and the live overview page
 //! at `/` with the JSON it polls at `/api/flows`.
 
+pub mod objective_status;
 pub mod overview;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -121,3 +121,10 @@ impl ObjectiveMetrics {
             .set(oldest_open_secs.max(0.0));
     }
 }
+
+impl super::Metrics {
+    /// The objective `flow` is measured against, if any.
+    pub fn objective_for(&self, flow: &str) -> Option<FlowObjective> {
+        self.objectives.settings.objective_for(flow)
+    }
+}
