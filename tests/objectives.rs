@@ -133,7 +133,10 @@ async fn objective_gauges_and_exact_overdue_counts() {
     assert!(!m.contains_key(r#"flowmetrics_flows_overdue{flow="refund"}"#));
     // overdue_after without an objective: overdue series, no objective gauges.
     assert!(!m.contains_key(r#"flowmetrics_flow_objective_target{flow="orders"}"#));
-    assert_eq!(m.get(r#"flowmetrics_flows_overdue{flow="orders"}"#), Some(&0.0));
+    assert_eq!(
+        m.get(r#"flowmetrics_flows_overdue{flow="orders"}"#),
+        Some(&0.0)
+    );
     assert_eq!(
         m.get(r#"flowmetrics_flow_oldest_open_seconds{flow="orders"}"#),
         Some(&0.0)
@@ -153,7 +156,10 @@ async fn objective_gauges_and_exact_overdue_counts() {
     })
     .await;
     assert_eq!(value(&m, checkout), 5.0, "3 at 120 s and 2 at 60 s > 45 s");
-    assert_eq!(value(&m, r#"flowmetrics_flows_overdue{flow="orders"}"#), 2.0);
+    assert_eq!(
+        value(&m, r#"flowmetrics_flows_overdue{flow="orders"}"#),
+        2.0
+    );
     let age = value(&m, oldest);
     assert!((120.0..=124.0).contains(&age), "oldest {age}");
     assert!(!m.contains_key(r#"flowmetrics_flows_overdue{flow="other"}"#));
@@ -178,7 +184,10 @@ async fn objective_gauges_and_exact_overdue_counts() {
     let m = scrape_until(&app, Duration::from_secs(5), |m| value(m, checkout) == 1.0).await;
     assert_eq!(value(&m, checkout), 1.0);
     let age = value(&m, oldest);
-    assert!((60.0..=66.0).contains(&age), "oldest now the 60 s one: {age}");
+    assert!(
+        (60.0..=66.0).contains(&age),
+        "oldest now the 60 s one: {age}"
+    );
     app.shutdown().await;
 }
 
@@ -189,18 +198,15 @@ async fn a_default_objective_applies_to_every_flow_from_its_first_event() {
     let app = start(config).await;
     let m = scrape(&app).await;
     assert!(
-        !m.keys().any(|k| k.starts_with("flowmetrics_flow_objective")),
+        !m.keys()
+            .any(|k| k.starts_with("flowmetrics_flow_objective")),
         "no flow seen yet, no objective series"
     );
     let now = now_nanos();
     send(
         &app,
         &[
-            (
-                "flow.anything.start".into(),
-                "a".into(),
-                now - 10 * SEC,
-            ),
+            ("flow.anything.start".into(), "a".into(), now - 10 * SEC),
             ("flow.anything.end".into(), "a".into(), now - 9 * SEC),
             ("flow.anything.start".into(), "b".into(), now - 3 * SEC),
         ],

@@ -312,10 +312,16 @@ async fn api_flows_says_whether_each_objective_is_met() {
     let c = &row(&report, "checkout")["objective"];
     assert_eq!(c["state"], "burning", "{c}");
     assert!(close(&c["target"], 0.99), "{c}");
-    assert!(close(&c["sli"], 1.0 / 3.0), "0.2 s is good, 3 s and the failure not: {c}");
+    assert!(
+        close(&c["sli"], 1.0 / 3.0),
+        "0.2 s is good, 3 s and the failure not: {c}"
+    );
     let p = &row(&report, "payment")["objective"];
     assert_eq!(p["state"], "met", "{p}");
-    assert!(p["sli"].is_null(), "a cancelled instance is not counted: {p}");
+    assert!(
+        p["sli"].is_null(),
+        "a cancelled instance is not counted: {p}"
+    );
     let s = &row(&report, "search")["objective"];
     assert_eq!(s["state"], "none", "{s}");
     assert!(s["target"].is_null(), "{s}");

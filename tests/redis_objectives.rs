@@ -166,7 +166,10 @@ fn overdue_counts_are_exact_and_global_across_replicas() {
 
     // Closed on replica b: the count drops on replica a too.
     let success = EventKind::End(Outcome::Success);
-    apply(&b, vec![ev("f", "1", success, now), ev("f", "4", success, now)]);
+    apply(
+        &b,
+        vec![ev("f", "1", success, now), ev("f", "4", success, now)],
+    );
     let (overdue, oldest) = report_until(&a, &a_sink, "f", 2);
     assert_eq!(overdue, 2, "one at 120 s and one at 60 s");
     assert!(is_age(oldest, now, 120), "oldest {oldest}");
@@ -183,7 +186,10 @@ fn overdue_counts_are_exact_and_global_across_replicas() {
     std::thread::sleep(Duration::from_millis(400));
     let (overdue, oldest) = report_until(&b, &b_sink, "t", 0);
     assert_eq!((overdue, oldest), (0, 0.0));
-    assert_eq!(*a_sink.timed_out.lock().unwrap() + *b_sink.timed_out.lock().unwrap(), 2);
+    assert_eq!(
+        *a_sink.timed_out.lock().unwrap() + *b_sink.timed_out.lock().unwrap(),
+        2
+    );
 
     // Everything closed: the per-second hashes are gone, nothing is left behind.
     apply(

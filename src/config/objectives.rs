@@ -108,11 +108,10 @@ impl Config {
 
     /// The threshold of a flow not named in `flows.per_flow`.
     pub fn default_overdue_threshold(&self) -> Option<Duration> {
-        self.flows.default.overdue_after.or(self
-            .flows
+        self.flows
             .default
-            .objective
-            .and_then(|o| o.within))
+            .overdue_after
+            .or(self.flows.default.objective.and_then(|o| o.within))
     }
 
     /// The bounds `flow`'s duration histogram must contain whatever its buckets say
@@ -135,7 +134,11 @@ impl Config {
     /// The classic buckets of `flow` (its own or the default ones, with the bounds of
     /// [`Config::required_duration_bounds`] added when missing).
     pub fn duration_buckets_for(&self, flow: &str) -> Vec<f64> {
-        let own = self.flows.per_flow.get(flow).and_then(|o| o.buckets.as_ref());
+        let own = self
+            .flows
+            .per_flow
+            .get(flow)
+            .and_then(|o| o.buckets.as_ref());
         let mut buckets = own.unwrap_or(&self.flows.default.buckets).clone();
         for bound in self.required_duration_bounds(flow) {
             buckets = with_bounds(&buckets, Some(bound));
@@ -162,7 +165,13 @@ mod tests {
     fn config(yaml: &str) -> Config {
         let dir = std::env::temp_dir().join(format!("fm-objectives-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.yaml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let path = dir.join(format!(
+            "{:x}.yaml",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
         std::fs::write(&path, yaml).unwrap();
         let config = Config::load(Some(&path), Vec::new());
         let _ = std::fs::remove_file(&path);

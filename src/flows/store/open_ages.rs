@@ -31,11 +31,14 @@ const MIN_RING: usize = 64;
 const MAX_RING: usize = 1 << 14;
 const NANOS: u64 = 1_000_000_000;
 
+/// A flow's overdue threshold, if it has one.
+pub type ThresholdFor = Arc<dyn Fn(&str) -> Option<Duration> + Send + Sync>;
+
 /// Which flows have an overdue threshold, and how long their instances can stay open.
 #[derive(Clone)]
 pub struct OverdueSettings {
     /// `overdue_after`, else the objective's `within`; `None`: not tracked.
-    pub threshold_for: Arc<dyn Fn(&str) -> Option<Duration> + Send + Sync>,
+    pub threshold_for: ThresholdFor,
     /// The flow's timeout: how far back its ring reaches.
     pub timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
     /// Flows named in the config with a threshold: reported (at 0) from the start.

@@ -471,7 +471,11 @@ impl RedisStore {
             args.push(timeout_ms.to_string().into_bytes());
         }
         keys.extend(call.acks.iter().cloned());
-        args.push(if self.ages.is_some() { b"1".to_vec() } else { b"0".to_vec() });
+        args.push(if self.ages.is_some() {
+            b"1".to_vec()
+        } else {
+            b"0".to_vec()
+        });
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.apply.get_hash())
             .arg(keys.len())
