@@ -236,3 +236,95 @@ async fn a_default_objective_applies_to_every_flow_from_its_first_event() {
     );
     app.shutdown().await;
 }
+
+/// Instances leave the count however they leave: timed out, evicted from a full store;
+/// and restored ones (state file) count again after a restart.
+#[tokio::test]
+async fn time_outs_evictions_and_restarts_keep_the_count_exact() {
+    let dir = std::env::temp_dir().join(format!("fm-objectives-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = || {
+        let mut config = test_config();
+        config.limits.max_in_flight = 10;
+        config.state.path = dir.join("state").display().to_string();
+        let overdue = |timeout| FlowOverride {
+            timeout: Some(Duration::from_secs(timeout)),
+            overdue_after: Some(Duration::from_secs(5)),
+            ..FlowOverride::default()
+        };
+        config.flows.per_flow.insert("t".into(), overdue(1));
+        config.flows.per_flow.insert("e".into(), overdue(600));
+        config.flows.per_flow.insert("r".into(), overdue(600));
+        config
+    };
+    let overdue = |flow: &str| format!(r#"flowmetrics_flows_overdue{{flow="{flow}"}}"#);
+    let app = start(config()).await;
+    let now = now_nanos();
+
+    // Time-outs: three overdue instances, gone once their 1 s timeout passes.
+    send(&app, &starts("t", "t", &[60, 60, 60], now)).await;
+    let m = scrape_until(&app, Duration::from_secs(5), |m| {
+        value(m, &overdue("t")) == 3.0
+    })
+    .await;
+    assert_eq!(value(&m, &overdue("t")), 3.0);
+    let m = scrape_until(&app, Duration::from_secs(8), |m| {
+        value(m, &overdue("t")) == 0.0
+            && value(
+                m,
+                r#"flowmetrics_flow_errors_total{flow="t",error_reason="incomplete"}"#,
+            ) == 3.0
+    })
+    .await;
+    assert_eq!(value(&m, &overdue("t")), 0.0, "timed out: no longer open");
+
+    // Evictions: a full store (10 entries) drops the oldest for new ones.
+    send(&app, &starts("e", "e", &[60; 6], now)).await;
+    let m = scrape_until(&app, Duration::from_secs(5), |m| {
+        value(m, &overdue("e")) == 6.0
+    })
+    .await;
+    assert_eq!(value(&m, &overdue("e")), 6.0);
+    send(&app, &starts("other", "x", &[0; 10], now_nanos())).await;
+    let m = scrape_until(&app, Duration::from_secs(8), |m| {
+        value(
+            m,
+            r#"flowmetrics_flows_dropped_total{flow="e",reason="capacity"}"#,
+        ) == 6.0
+            && value(m, &overdue("e")) == 0.0
+    })
+    .await;
+    assert_eq!(
+        value(
+            &m,
+            r#"flowmetrics_flows_dropped_total{flow="e",reason="capacity"}"#
+        ),
+        6.0
+    );
+    assert_eq!(value(&m, &overdue("e")), 0.0, "evicted: no longer open");
+
+    // Restarts: open instances written at shutdown count again once read back.
+    send(&app, &starts("r", "r", &[60, 60, 1], now_nanos())).await;
+    let m = scrape_until(&app, Duration::from_secs(5), |m| {
+        value(m, &overdue("r")) == 2.0
+    })
+    .await;
+    assert_eq!(value(&m, &overdue("r")), 2.0);
+    app.shutdown().await;
+    let app = start(config()).await;
+    let m = scrape_until(&app, Duration::from_secs(5), |m| {
+        value(m, &overdue("r")) == 2.0
+    })
+    .await;
+    assert_eq!(
+        value(&m, r#"flowmetrics_flows_restored_total{flow="r"}"#),
+        3.0
+    );
+    assert_eq!(
+        value(&m, &overdue("r")),
+        2.0,
+        "restored with their start timestamps"
+    );
+    app.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
