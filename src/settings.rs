@@ -229,13 +229,12 @@ pub fn overdue(config: &Config) -> Option<OverdueSettings> {
     if !config.any_overdue_threshold() {
         return None;
     }
-    let (thresholds, timeouts) = (config.clone(), config.clone());
+    let thresholds = config.clone();
     Some(OverdueSettings {
         threshold_for: Arc::new(move |flow| {
             // A flow the config does not track never reaches the store.
             thresholds.overdue_threshold_for(flow)
         }),
-        timeout_for: Arc::new(move |flow| timeouts.timeout_for(flow)),
         named: config
             .flows
             .per_flow

@@ -63,7 +63,7 @@ fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
         StoreSettings {
             capacity: 10_000,
             dedup_window: Duration::from_secs(300),
-            timeout_for: timeout_for.clone(),
+            timeout_for,
             longest_timeout: Duration::from_secs(600),
         },
         RedisSettings {
@@ -82,7 +82,6 @@ fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
     .expect("store")
     .track_open_ages(OverdueSettings {
         threshold_for: Arc::new(|flow| (flow != "g").then_some(Duration::from_secs(10))),
-        timeout_for,
         named: vec!["f".into()],
         max_flows: 100,
     })

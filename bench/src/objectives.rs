@@ -42,7 +42,6 @@ fn store(capacity: u64, with_ages: bool) -> MemoryStore {
     }
     s.track_open_ages(OverdueSettings {
         threshold_for: Arc::new(|_| Some(Duration::from_secs(600))),
-        timeout_for: Arc::new(|_| TIMEOUT),
         named: Vec::new(),
         max_flows: 10_000,
     })

@@ -2,16 +2,17 @@
 //! without a walk over the instances: per flow, a count of open instances by the second
 //! their start timestamp falls in, kept as they open and close.
 //!
-//! Each flow with an overdue threshold has a ring of per-second counters covering its
-//! timeout (plus a margin), so opening or closing an instance is one counter under the
-//! flow's own lock; a second whose ring slot is taken by another second (a start
-//! timestamp far in the past or the future) is counted in a small ordered map beside
-//! it. About once a second the store asks for the counts: the overdue instances are
-//! those of every second older than the threshold, the oldest open one is in the
-//! earliest non-empty second. Both are exact to the second; the cost is the ring's
-//! length per flow, whatever the number of open instances.
+//! Each flow with an overdue threshold has a small hash map from start second to the
+//! number of open instances that started in it, under the flow's own lock: opening or
+//! closing an instance changes one counter (a second whose count reaches 0 goes). About
+//! once a second the store asks for the counts: the overdue instances are those of every
+//! second older than the threshold, the oldest open one is in the earliest second. Both
+//! are exact to the second. The map holds at most one entry per distinct start second of
+//! the flow's open instances (a flow's timeout in seconds, in steady state), so it is
+//! bounded by the store's own capacity, and a refresh costs that many entries per flow
+//! whatever the number of open instances.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -22,13 +23,6 @@ use super::{FlowSink, Report};
 
 /// How often the counts go to the sink (SPEC's bound is 5 s).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
-/// Seconds of start timestamps a ring covers beyond the flow's timeout (late exports,
-/// clock skew).
-const RING_MARGIN_SECS: u64 = 120;
-/// A ring never has fewer slots than this, nor more than the longest (4.5 h): longer
-/// timeouts spill their oldest seconds into the ordered map.
-const MIN_RING: usize = 64;
-const MAX_RING: usize = 1 << 14;
 const NANOS: u64 = 1_000_000_000;
 
 /// A flow's overdue threshold, if it has one.
@@ -39,8 +33,6 @@ pub type ThresholdFor = Arc<dyn Fn(&str) -> Option<Duration> + Send + Sync>;
 pub struct OverdueSettings {
     /// `overdue_after`, else the objective's `within`; `None`: not tracked.
     pub threshold_for: ThresholdFor,
-    /// The flow's timeout: how far back its ring reaches.
-    pub timeout_for: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
     /// Flows named in the config with a threshold: reported (at 0) from the start.
     pub named: Vec<String>,
     /// Flows tracked at most (`limits.max_series_per_metric`).
@@ -58,7 +50,7 @@ pub struct OpenAges {
 
 struct FlowAges {
     threshold_nanos: u64,
-    ring: Mutex<Ring>,
+    seconds: Mutex<Seconds>,
 }
 
 impl OpenAges {
@@ -78,7 +70,7 @@ impl OpenAges {
     /// instance is stored, so that its close can never come first.
     pub fn opened(&self, flow: &Arc<str>, start_nanos: u64) {
         if let Some(ages) = self.flow(flow) {
-            lock(&ages.ring).add(start_nanos / NANOS);
+            lock(&ages.seconds).add(start_nanos / NANOS);
         }
     }
 
@@ -87,7 +79,7 @@ impl OpenAges {
     pub fn closed(&self, flow: &str, start_nanos: u64) {
         let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
         if let Some(Some(ages)) = flows.get(flow) {
-            lock(&ages.ring).remove(start_nanos / NANOS);
+            lock(&ages.seconds).remove(start_nanos / NANOS);
         }
     }
 
@@ -96,8 +88,8 @@ impl OpenAges {
     pub fn counts(&self, flow: &str, now_nanos: u64) -> Option<(u64, f64)> {
         let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
         let ages = flows.get(flow)?.as_ref()?;
-        let ring = lock(&ages.ring);
-        Some(ring.counts(now_nanos, ages.threshold_nanos))
+        let seconds = lock(&ages.seconds);
+        Some(seconds.counts(now_nanos, ages.threshold_nanos))
     }
 
     /// Reports every tracked flow's counts to `sink`, at most once per
@@ -119,7 +111,7 @@ impl OpenAges {
         for (flow, ages) in tracked {
             // The flow's lock is held for the count only, never while reporting.
             let (overdue, oldest_open_secs) =
-                lock(&ages.ring).counts(now_nanos, ages.threshold_nanos);
+                lock(&ages.seconds).counts(now_nanos, ages.threshold_nanos);
             sink.report(Report::Overdue {
                 flow: &flow,
                 overdue,
@@ -146,14 +138,9 @@ impl OpenAges {
             return None;
         }
         let ages = (self.settings.threshold_for)(flow).map(|threshold| {
-            let span = (self.settings.timeout_for)(flow).as_secs() + RING_MARGIN_SECS;
-            let len = usize::try_from(span)
-                .unwrap_or(MAX_RING)
-                .next_power_of_two()
-                .clamp(MIN_RING, MAX_RING);
             Arc::new(FlowAges {
                 threshold_nanos: u64::try_from(threshold.as_nanos()).unwrap_or(u64::MAX),
-                ring: Mutex::new(Ring::new(len)),
+                seconds: Mutex::new(Seconds::default()),
             })
         });
         flows.insert(flow.clone(), ages.clone());
@@ -166,48 +153,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Open instances by start second.
-struct Ring {
-    /// `len` is a power of two; slot `s & mask` holds second `s` while its count is > 0.
-    slots: Box<[SecondCount]>,
-    mask: u64,
-    /// Seconds whose slot held another second when they came.
-    spilled: BTreeMap<u64, u64>,
+#[derive(Default)]
+struct Seconds {
+    counts: HashMap<u64, u64, RandomState>,
 }
 
-#[derive(Clone, Copy, Default)]
-struct SecondCount {
-    second: u64,
-    count: u64,
-}
-
-impl Ring {
-    fn new(len: usize) -> Self {
-        Self {
-            slots: vec![SecondCount::default(); len].into_boxed_slice(),
-            mask: len as u64 - 1,
-            spilled: BTreeMap::new(),
-        }
-    }
-
+impl Seconds {
     fn add(&mut self, second: u64) {
-        let slot = &mut self.slots[(second & self.mask) as usize];
-        if slot.count == 0 {
-            *slot = SecondCount { second, count: 1 };
-        } else if slot.second == second {
-            slot.count += 1;
-        } else {
-            *self.spilled.entry(second).or_insert(0) += 1;
-        }
+        *self.counts.entry(second).or_insert(0) += 1;
     }
 
     fn remove(&mut self, second: u64) {
-        let slot = &mut self.slots[(second & self.mask) as usize];
-        if slot.count > 0 && slot.second == second {
-            slot.count -= 1;
-        } else if let Some(count) = self.spilled.get_mut(&second) {
+        if let Some(count) = self.counts.get_mut(&second) {
             *count -= 1;
             if *count == 0 {
-                self.spilled.remove(&second);
+                self.counts.remove(&second);
+                // After a burst, give the room back.
+                if self.counts.capacity() > 1024 && self.counts.len() < self.counts.capacity() / 8 {
+                    self.counts.shrink_to(self.counts.len() * 2);
+                }
             }
         }
     }
@@ -219,13 +183,7 @@ impl Ring {
         let overdue_before = now_nanos.saturating_sub(threshold_nanos) / NANOS;
         let mut overdue = 0;
         let mut oldest = u64::MAX;
-        let seconds = self
-            .slots
-            .iter()
-            .filter(|s| s.count > 0)
-            .map(|s| (s.second, s.count))
-            .chain(self.spilled.iter().map(|(s, c)| (*s, *c)));
-        for (second, count) in seconds {
+        for (&second, &count) in &self.counts {
             oldest = oldest.min(second);
             if second < overdue_before {
                 overdue += count;
@@ -244,12 +202,11 @@ impl Ring {
 mod tests {
     use super::*;
 
-    fn ages(threshold: u64, timeout: u64) -> OpenAges {
+    fn ages(threshold: u64) -> OpenAges {
         OpenAges::new(OverdueSettings {
             threshold_for: Arc::new(move |flow| {
                 (flow != "untracked").then_some(Duration::from_secs(threshold))
             }),
-            timeout_for: Arc::new(move |_| Duration::from_secs(timeout)),
             named: vec!["named".into()],
             max_flows: 3,
         })
@@ -259,7 +216,7 @@ mod tests {
 
     #[test]
     fn counts_what_is_older_than_the_threshold_and_forgets_what_closed() {
-        let a = ages(10, 300);
+        let a = ages(10);
         let f: Arc<str> = Arc::from("f");
         for age in [0, 5, 9, 11, 20, 20, 299] {
             a.opened(&f, NOW - age * NANOS);
@@ -273,11 +230,10 @@ mod tests {
     }
 
     #[test]
-    fn seconds_sharing_a_slot_are_both_counted() {
-        let a = ages(10, 1);
+    fn far_off_and_repeated_seconds_are_counted() {
+        let a = ages(10);
         let f: Arc<str> = Arc::from("f");
-        // 128 slots (1 s + the margin): now and now - 128 s share one, as do far-off
-        // starts.
+        // Far in the past (a late export), and twice the same second.
         for age in [0, 128, 128 * 1000, 128] {
             a.opened(&f, NOW - age * NANOS);
         }
@@ -295,7 +251,7 @@ mod tests {
 
     #[test]
     fn only_flows_with_a_threshold_are_tracked_and_at_most_max_flows() {
-        let a = ages(10, 300);
+        let a = ages(10);
         assert_eq!(a.counts("named", NOW), Some((0, 0.0)));
         a.opened(&Arc::from("untracked"), NOW);
         assert_eq!(a.counts("untracked", NOW), None);
