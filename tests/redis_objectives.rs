@@ -51,6 +51,15 @@ impl StoreProbe for NoProbe {
 }
 
 fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
+    replica_with(server, sink, 10_000, true)
+}
+
+fn replica_with(
+    server: &RedisServer,
+    sink: &Arc<Latest>,
+    capacity: u64,
+    track: bool,
+) -> RedisStore {
     // Flow "t" times out after 300 ms; "g" has no threshold.
     let timeout_for = Arc::new(|flow: &str| {
         if flow == "t" {
@@ -59,9 +68,9 @@ fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
             Duration::from_secs(600)
         }
     });
-    RedisStore::new(
+    let store = RedisStore::new(
         StoreSettings {
-            capacity: 10_000,
+            capacity,
             dedup_window: Duration::from_secs(300),
             timeout_for,
             longest_timeout: Duration::from_secs(600),
@@ -79,8 +88,11 @@ fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
         sink.clone(),
         Arc::new(NoProbe),
     )
-    .expect("store")
-    .track_open_ages(OverdueSettings {
+    .expect("store");
+    if !track {
+        return store;
+    }
+    store.track_open_ages(OverdueSettings {
         threshold_for: Arc::new(|flow| (flow != "g").then_some(Duration::from_secs(10))),
         named: vec!["f".into()],
         max_flows: 100,
@@ -204,4 +216,80 @@ fn overdue_counts_are_exact_and_global_across_replicas() {
     let mut con = server.connection().unwrap();
     let keys: Vec<String> = redis::cmd("KEYS").arg("o:*ages:*").query(&mut con).unwrap();
     assert!(keys.is_empty(), "{keys:?}");
+}
+
+/// The cost of counting overdue instances on Redis (BENCHMARKS.md): the same store
+/// without and with thresholds, each filled with `FM_OPEN` (default 1,000,000) open
+/// instances of 10 flows (start seconds over 20 minutes); fill rate, Redis memory per
+/// open instance, the flow path at that many open (exports of 50 starts + 50 ends of
+/// new instances), and one refresh (every shard's counts of every flow).
+/// `cargo test --release --test redis_objectives measure -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_overdue_cost_on_redis() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let n: u64 = std::env::var("FM_OPEN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let flows: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
+    let now = now_nanos();
+    let batch = |from: u64, to: u64, kind: EventKind, age: &dyn Fn(u64) -> u64| -> Vec<FlowEvent> {
+        (from..to)
+            .map(|i| {
+                ev(
+                    &flows[(i % 10) as usize],
+                    &format!("order-{i:012}"),
+                    kind,
+                    now - age(i) * SEC,
+                )
+            })
+            .collect()
+    };
+    for track in [false, true] {
+        server.flush();
+        let base = server.used_memory();
+        let sink = Arc::new(Latest::default());
+        let store = replica_with(&server, &sink, n * 2, track);
+        let t = Instant::now();
+        for from in (0..n).step_by(1000) {
+            apply(
+                &store,
+                batch(from, (from + 1000).min(n), EventKind::Start, &|i| i % 1200),
+            );
+        }
+        let fill = n as f64 / t.elapsed().as_secs_f64();
+        let per_instance = (server.used_memory() - base) as f64 / n as f64;
+        let t = Instant::now();
+        let mut next = n;
+        while t.elapsed() < Duration::from_secs(5) {
+            apply(&store, batch(next, next + 50, EventKind::Start, &|_| 0));
+            apply(
+                &store,
+                batch(next, next + 50, EventKind::End(Outcome::Success), &|_| 0),
+            );
+            next += 50;
+        }
+        let churn = (next - n) as f64 * 2.0 / t.elapsed().as_secs_f64();
+        // A maintenance run with the refresh due, then one right after (sweep only).
+        let mut refresh_ms = Vec::new();
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(2100));
+            let t = Instant::now();
+            store.run_pending_tasks();
+            let with = t.elapsed();
+            let t = Instant::now();
+            store.run_pending_tasks();
+            refresh_ms.push(with.saturating_sub(t.elapsed()).as_secs_f64() * 1e3);
+        }
+        let overdue: u64 = sink.overdue.lock().unwrap().values().map(|(c, _)| c).sum();
+        println!(
+            "redis, {n} open, overdue thresholds {}: fill {fill:.0} events/s, {per_instance:.1} B \
+             per open instance in Redis, flow path {churn:.0} events/s, refresh {refresh_ms:.1?} ms \
+             ({overdue} overdue reported)",
+            if track { "on " } else { "off" }
+        );
+    }
 }
