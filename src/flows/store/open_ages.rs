@@ -69,6 +69,16 @@ impl OpenAges {
     /// An instance of `flow` opened with this start timestamp. Called before the
     /// instance is stored, so that its close can never come first.
     pub fn opened(&self, flow: &Arc<str>, start_nanos: u64) {
+        {
+            // The common case: a flow seen before, under the read lock (no clone).
+            let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(known) = flows.get(&**flow) {
+                if let Some(ages) = known {
+                    lock(&ages.seconds).add(start_nanos / NANOS);
+                }
+                return;
+            }
+        }
         if let Some(ages) = self.flow(flow) {
             lock(&ages.seconds).add(start_nanos / NANOS);
         }
