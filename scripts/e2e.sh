@@ -7,6 +7,7 @@
 #   (1) every PromQL expression of every dashboard panel and variable, and of every rule,
 #       runs through Prometheus' HTTP API with template variables substituted, and returns
 #       series (alert expressions: evaluate without error; they only return series while firing);
+#       the objective rules too: every flow gets an objective below (refund its own);
 #   (2) the flow counters (and the network counters of the --network-flows generator)
 #       Prometheus stored equal what the generators report they sent;
 #   (3) promtool check config / check rules / test rules / check metrics (on the 0.0.4
@@ -138,6 +139,9 @@ FLOWMETRICS_LISTEN__METRICS=127.0.0.1:$METRICS_PORT \
   FLOWMETRICS_LISTEN__OTLP_GRPC=127.0.0.1:$OTLP_GRPC_PORT \
   FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT=$FLOW_TIMEOUT \
   FLOWMETRICS_FLOWS__PER_FLOW__PAYMENT__HISTOGRAM=both \
+  FLOWMETRICS_FLOWS__DEFAULT__OBJECTIVE__TARGET=0.95 \
+  FLOWMETRICS_FLOWS__DEFAULT__OBJECTIVE__WITHIN=2s \
+  FLOWMETRICS_FLOWS__PER_FLOW__REFUND__OBJECTIVE__TARGET=0.9 \
   FLOWMETRICS_LOG__LEVEL=warn \
   "$FM" >"$TMP/flowmetrics.log" 2>&1 &
 PIDS+=($!)
@@ -147,6 +151,10 @@ pass "flowmetrics ready (flow timeout $FLOW_TIMEOUT)"
 # The repo's Prometheus config, targets rewritten for loopback, 2s scrapes and rule evaluations.
 mkdir -p "$TMP/prometheus" "$TMP/data"
 cp -r prometheus/rules "$TMP/prometheus/"
+# The 28-day budget group runs every 5m: here every 2s, so that it has data in time.
+sed -i 's/^    interval: 5m$/    interval: 2s/' "$TMP/prometheus/rules/flowmetrics-objectives-recording.yml"
+grep -q '^    interval: 2s$' "$TMP/prometheus/rules/flowmetrics-objectives-recording.yml" \
+  || die "rewriting the objective rules' budget interval failed"
 sed -e "s/flowmetrics:9464/127.0.0.1:$METRICS_PORT/" \
   -e "s/localhost:9090/127.0.0.1:$PROM_PORT/" \
   -e 's/^\(  scrape_interval:\) 15s/\1 2s/' \

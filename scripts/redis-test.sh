@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The shared-store suites against a real redis-server: the store's rules
-# (tests/redis_store.rs) and its flow steps (tests/redis_steps.rs), three replicas on one
-# Redis fed raw OTLP, with faults (a replica stopped, Redis stopped and restarted, Redis
-# out of memory refusing writes) (tests/redis_replicas.rs) and with flow steps
-# (tests/redis_replicas_steps.rs), three replicas fed by the OpenTelemetry Rust SDK's exporters
+# (tests/redis_store.rs) and its flow steps (tests/redis_steps.rs), three replicas on one Redis fed raw OTLP, with faults (a
+# replica stopped, Redis stopped and restarted, Redis out of memory refusing writes)
+# (tests/redis_replicas.rs) and with flow steps (tests/redis_replicas_steps.rs), three
+# replicas fed by the OpenTelemetry Rust SDK's exporters
 # (tests/redis_sdk.rs), and TLS with a CA of the test's own (tests/redis_tls.rs,
 # certificates made with openssl). The tests start and stop their own servers
 # (tests/common/redis.rs: a free loopback port, a temporary directory, no persistence

@@ -5,11 +5,12 @@ Follows the rules of Grafana's dashboard-linter that can be checked without Graf
 a `datasource` variable; `job` and `instance` query variables (multi, allValue ".+",
 refreshed on time change, from $datasource); every panel with a title, a description, a
 valid unit and the templated datasource; every query with job/instance matchers, every
-counter inside rate()/increase(), every range = $__rate_interval. Plus this project's
+counter inside rate()/increase(), every range = $__rate_interval (recording rules,
+level:metric:operations, carry no job/instance: exempt). Plus this project's
 own: the flows dashboard has a multi-select `flow` variable from
 label_values(flowmetrics_flows_started_total, flow), uses it in every per-flow selector,
-has its rows (Rate, Errors, Duration, Flows in progress, Pipeline health, Journey), and
-shows exemplars on the duration panels.
+has its rows (Rate, Errors, Duration, Flows in progress, Pipeline health, Journey,
+Objectives), and shows exemplars on the duration panels.
 
 Prints one "PASS <check>" or "FAIL <check>: <why>" line per check; exits 1 on any FAIL.
 Usage: validate_dashboards.py [DASHBOARD.json ...]   (default: grafana/dashboards/*.json)
@@ -29,8 +30,12 @@ FLOW_FAMILIES = re.compile(
     r"^flowmetrics_(flows_started_total|flows_completed_total|flow_errors_total|flow_duration_seconds(_bucket|_sum|_count)?"
     r"|flows_in_progress|flows_dropped_total|flow_unmatched_ends_total|flow_negative_durations_total"
     r"|flow_steps_total|flow_step_(duration|transit)_seconds_(bucket|sum|count)|flow_stalled_total"
-    r"|flow_steps_unmatched_total)$")
-SELECTOR = re.compile(r"\b((?:flowmetrics|process)_[a-zA-Z0-9_]+|up)\b(\s*\{[^}]*\})?(\s*\[[^\]]*\])?")
+    r"|flow_steps_unmatched_total"
+    r"|flow_objective_target|flow_objective_seconds|flows_overdue|flow_oldest_open_seconds)$")
+# A family, or a recording rule (level:metric:operations) of one.
+SELECTOR = re.compile(
+    r"\b((?:[a-zA-Z_]+:)?(?:flowmetrics|process)_[a-zA-Z0-9_]+(?::[a-zA-Z0-9_]+)?|up)\b"
+    r"(\s*\{[^}]*\})?(\s*\[[^\]]*\])?")
 RANGE = re.compile(r"\[([^\]]*)\]")
 VAR_REF = re.compile(r"\$(\w+)|\$\{(\w+)(?::\w+)?\}")
 
@@ -111,7 +116,8 @@ def lint(path):
     rows = [p.get("title") for p in flat if p.get("type") == "row"]
     if base == "flowmetrics.json":
         # These rows, in this order; other rows may come between and after them.
-        want = ["Rate", "Errors", "Duration", "Flows in progress", "Pipeline health", "Journey"]
+        want = ["Rate", "Errors", "Duration", "Flows in progress", "Pipeline health", "Journey",
+                "Objectives"]
         it = iter(rows)
         check(f"{base}: rows {want}", all(w in it for w in want), f"rows are {rows}")
     defined = set(vars_) | {"__rate_interval", "__interval", "__range"}
@@ -147,6 +153,12 @@ def lint(path):
                 metric, matchers, rng = m.group(1), m.group(2) or "", m.group(3)
                 if not matchers:
                     errors.append(f"{ref}: {metric} has no label matchers")
+                if ":" in metric:
+                    # A recording rule keeps only its level's labels (job and instance are
+                    # summed away); a per-flow one is still filtered by $flow.
+                    if base == "flowmetrics.json" and metric.startswith("flow") and 'flow=~"$flow"' not in matchers:
+                        errors.append(f'{ref}: {metric} lacks flow=~"$flow"')
+                    continue
                 for lbl in ("job", "instance"):
                     if f'{lbl}=~"${lbl}"' not in matchers:
                         errors.append(f'{ref}: {metric} lacks {lbl}=~"${lbl}"')

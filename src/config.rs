@@ -17,6 +17,9 @@ use crate::config_checks::check_config_file;
 pub use crate::config_checks::{check_log_filter, MAX_CONFIG_FILE_BYTES};
 use crate::model::{is_valid_flow_name, is_valid_step_name, sanitize_label_name, RESERVED_LABELS};
 
+mod objectives;
+pub use objectives::{with_bounds, Objective};
+
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "FLOWMETRICS_CONFIG";
 const ENV_PREFIX: &str = "FLOWMETRICS_";
@@ -226,6 +229,11 @@ pub struct FlowSettings {
     pub native_bucket_factor: f64,
     /// Native buckets per series at most; beyond, the resolution halves.
     pub native_max_buckets: u32,
+    /// docs/behaviour.md §10: what "good" means for every flow without its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objective: Option<Objective>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub overdue_after: Option<Duration>,
 }
 
 /// Classic buckets (`buckets`), native (exponential) buckets, or both.
@@ -256,6 +264,8 @@ impl Default for FlowSettings {
             histogram: HistogramKind::Classic,
             native_bucket_factor: DEFAULT_NATIVE_BUCKET_FACTOR,
             native_max_buckets: DEFAULT_NATIVE_MAX_BUCKETS,
+            objective: None,
+            overdue_after: None,
         }
     }
 }
@@ -282,6 +292,9 @@ pub struct FlowOverride {
         skip_serializing_if = "Option::is_none"
     )]
     pub steps: Option<Vec<String>>,
+    pub objective: Option<Objective>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub overdue_after: Option<Duration>,
 }
 
 /// Which event of an instance a dimension is read from.
@@ -706,6 +719,12 @@ impl Config {
             Some(default.native_max_buckets),
         )
         .or_else(|(k, m)| fail(&k, m))?;
+        objectives::check(
+            "flows.default",
+            self.flows.default.objective.as_ref(),
+            self.flows.default.overdue_after,
+        )
+        .or_else(|(k, m)| fail(&k, m))?;
         for (name, over) in &self.flows.per_flow {
             let flow_key = render_key(&[
                 KeySeg::Key("flows".into()),
@@ -729,6 +748,8 @@ impl Config {
             if let Some(steps) = &over.steps {
                 check_declared_steps(name, steps).or_else(|(k, m)| fail(&k, m))?;
             }
+            objectives::check(&flow_key, over.objective.as_ref(), over.overdue_after)
+                .or_else(|(k, m)| fail(&k, m))?;
         }
         if !self.flows.allow_unknown && self.flows.per_flow.is_empty() {
             fail(

@@ -224,6 +224,9 @@ fn correlation_store(
     match config.correlation.store {
         StoreKind::Memory => {
             let mut memory = MemoryStore::new(settings::store(config), metrics.clone());
+            if let Some(overdue) = settings::overdue(config) {
+                memory = memory.track_open_ages(overdue);
+            }
             if let Some(st) = state.as_ref() {
                 match state::load_or_set_aside(&st.path, st.max_file_bytes) {
                     Some(snapshot) => {
@@ -259,6 +262,12 @@ fn correlation_store(
                 metrics.clone(),
             )
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            if settings::overdue(config).is_some() {
+                tracing::warn!(
+                    "flows_overdue and flow_oldest_open_seconds are kept by the memory store \
+                     only: with correlation.store: redis they are not exposed"
+                );
+            }
             Ok(Arc::new(redis))
         }
     }

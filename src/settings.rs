@@ -11,10 +11,10 @@ use crate::flows::label_value::{LabelBound, LabelCuts};
 use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;
 use crate::flows::steps::StepSettings;
-use crate::flows::store::RedisSettings;
+use crate::flows::store::{OverdueSettings, RedisSettings};
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::ingest::limits::{connection_budget, open_file_limit, LimitSettings};
-use crate::metrics::{HistogramMode, HistogramShape, MetricsSettings};
+use crate::metrics::{FlowObjective, HistogramMode, HistogramShape, MetricsSettings, ObjectiveSettings};
 use crate::model::sanitize_label_name;
 
 /// How flow events are recognised (`events`, `flows.allow_unknown`, `dimensions`).
@@ -138,11 +138,14 @@ pub fn metrics(config: &Config) -> MetricsSettings {
             .map(|d| sanitize_label_name(&d.label))
             .collect()
     };
+    // Flows with their own buckets or their own objective's `within` (docs/behaviour.md
+    // §10: `within` is always a bound of the flow's histogram).
     let per_flow_buckets: HashMap<String, Vec<f64>> = config
         .flows
         .per_flow
         .iter()
-        .filter_map(|(name, o)| Some((name.clone(), o.buckets.clone()?)))
+        .filter(|(_, o)| o.buckets.is_some() || o.objective.is_some())
+        .map(|(name, _)| (name.clone(), config.duration_buckets_for(name)))
         .collect();
     let default = &config.flows.default;
     let shape = |kind: HistogramKind, factor: f64, max_buckets: u32| HistogramShape {
@@ -177,7 +180,7 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         max_series_per_metric: config.limits.max_series_per_metric,
         start_dim_labels: labels(DimensionSource::Start),
         end_dim_labels: labels(DimensionSource::End),
-        default_buckets: config.flows.default.buckets.clone(),
+        default_buckets: config.default_duration_buckets(),
         per_flow_buckets,
         default_histogram: shape(
             default.histogram,
@@ -193,6 +196,7 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         shared_store: config.correlation.store == StoreKind::Redis,
         state_file: config.correlation.store == StoreKind::Memory && !config.state.path.is_empty(),
         declared_steps: declared_steps(config),
+        objectives: objectives(config),
     }
 }
 
@@ -305,4 +309,44 @@ pub fn limits(config: &Config) -> LimitSettings {
         response_write_timeout: l.response_write_timeout,
         decode_slots: cpus * 2,
     }
+}
+
+/// Each flow's objective (`flows.*.objective`), for its gauges.
+pub fn objectives(config: &Config) -> ObjectiveSettings {
+    let as_metric = |o: crate::config::Objective| FlowObjective {
+        target: o.target,
+        within_secs: o.within_secs(),
+    };
+    ObjectiveSettings {
+        default: config.flows.default.objective.map(as_metric),
+        per_flow: config
+            .flows
+            .per_flow
+            .keys()
+            .filter_map(|flow| Some((flow.clone(), as_metric(config.objective_for(flow)?))))
+            .collect(),
+    }
+}
+
+/// Which flows' open instances are checked for being overdue (`flows.*.overdue_after`,
+/// else `objective.within`); `None`: no flow can be, and the stores keep no ages.
+pub fn overdue(config: &Config) -> Option<OverdueSettings> {
+    if !config.any_overdue_threshold() {
+        return None;
+    }
+    let thresholds = config.clone();
+    Some(OverdueSettings {
+        threshold_for: Arc::new(move |flow| {
+            // A flow the config does not track never reaches the store.
+            thresholds.overdue_threshold_for(flow)
+        }),
+        named: config
+            .flows
+            .per_flow
+            .keys()
+            .filter(|flow| config.overdue_threshold_for(flow).is_some())
+            .cloned()
+            .collect(),
+        max_flows: config.limits.max_series_per_metric,
+    })
 }

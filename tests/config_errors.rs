@@ -226,3 +226,54 @@ fn network_dimensions_refuse_the_labels_flow_and_network_families_use() {
         );
     }
 }
+
+#[test]
+fn objective_errors_name_the_key_and_the_source() {
+    let f = Yaml::new(
+        "objective-target.yaml",
+        "flows:\n  per_flow:\n    checkout:\n      objective: { target: 1.0, within: 30s }\n",
+    );
+    let err = f.err();
+    assert!(
+        err.starts_with(&format!(
+            "flows.per_flow.checkout.objective.target {}:",
+            f.named()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("strictly between 0 and 1"), "{err}");
+    let f = Yaml::new(
+        "objective-within.yaml",
+        "flows:\n  default:\n    objective: { target: 0.99, within: 0s }\n",
+    );
+    let err = f.err();
+    assert!(
+        err.starts_with(&format!("flows.default.objective.within {}:", f.named())),
+        "{err}"
+    );
+    assert!(err.ends_with("must be longer than 0s"), "{err}");
+    let err = error(None, &[("FLOWMETRICS_FLOWS__DEFAULT__OVERDUE_AFTER", "0s")]);
+    assert!(
+        err.starts_with(
+            "flows.default.overdue_after from environment variable FLOWMETRICS_FLOWS__DEFAULT__OVERDUE_AFTER:"
+        ),
+        "{err}"
+    );
+    let err = error(
+        None,
+        &[("FLOWMETRICS_FLOWS__DEFAULT__OBJECTIVE__TARGET", "0")],
+    );
+    assert!(
+        err.starts_with("flows.default.objective"),
+        "a target without the rest, or out of range, is named: {err}"
+    );
+    let f = Yaml::new(
+        "objective-key.yaml",
+        "flows:\n  default:\n    objective: { target: 0.9, whithin: 1s }\n",
+    );
+    let err = f.err();
+    assert!(
+        err.starts_with(&format!("flows.default.objective.whithin {}:", f.named())),
+        "{err}"
+    );
+}

@@ -55,6 +55,11 @@ async fn full_exposition_parses_with_the_reference_parser() {
     config.flows.default.timeout = Duration::from_millis(300);
     config.limits.max_series_per_metric = 3;
     config.limits.max_in_flight = 50;
+    // Every flow under an objective (target and seconds gauges), and the overdue gauges.
+    config.flows.default.objective = Some(flowmetrics::config::Objective {
+        target: 0.99,
+        within: Some(Duration::from_secs(2)),
+    });
     config.dimensions = serde_yaml::from_str(
         "- { label: service, attribute: service.name, default: unknown }\n\
          - { label: region, attribute: cloud.region, from: end }\n",
@@ -172,6 +177,7 @@ async fn full_exposition_parses_with_the_reference_parser() {
     .await;
     let _ = scrape_until(&app, Duration::from_secs(5), |m| {
         value(m, r#"flowmetrics_flow_unmatched_ends_total{flow="a"}"#) >= 1.0
+            && m.contains_key(r#"flowmetrics_flows_overdue{flow="a"}"#)
     })
     .await;
 
@@ -196,6 +202,10 @@ async fn full_exposition_parses_with_the_reference_parser() {
         ("flowmetrics_in_flight_entries", "gauge"),
         ("flowmetrics_series_overflow", "counter"),
         ("flowmetrics_build_info", "gauge"),
+        ("flowmetrics_flow_objective_target", "gauge"),
+        ("flowmetrics_flow_objective_seconds", "gauge"),
+        ("flowmetrics_flows_overdue", "gauge"),
+        ("flowmetrics_flow_oldest_open_seconds", "gauge"),
         ("process_resident_memory_bytes", "gauge"),
         ("process_cpu_seconds", "counter"),
     ] {

@@ -439,3 +439,69 @@ async fn api_flows_shows_each_journey_reached_conversion_median_and_stalls() {
     assert_eq!(step_row(row(&initial, "order"), "placed")["reached"], 3);
     app.shutdown().await;
 }
+
+/// The objective column: checkout (99% within 1 s) had 1 good of 3 counted — burning;
+/// payment (50%, any success) counted nothing (one cancelled) — met; search has none.
+#[tokio::test]
+async fn api_flows_says_whether_each_objective_is_met() {
+    use flowmetrics::config::{FlowOverride, Objective};
+    let mut config = test_config();
+    for (flow, target, within) in [("checkout", 0.99, Some(1)), ("payment", 0.5, None)] {
+        config.flows.per_flow.insert(
+            flow.into(),
+            FlowOverride {
+                objective: Some(Objective {
+                    target,
+                    within: within.map(Duration::from_secs),
+                }),
+                ..FlowOverride::default()
+            },
+        );
+    }
+    let app = start(config).await;
+    feed(&app).await;
+    let t = now_ns();
+    send(
+        &app,
+        export(&[
+            ("flow.search.start", "s1", "", t),
+            ("flow.search.end", "s1", "failure", t),
+        ]),
+    )
+    .await;
+    let r = request(
+        Method::GET,
+        &format!("http://{}/api/flows", app.metrics),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    let report: Value = serde_json::from_slice(&r.body).unwrap();
+    let c = &row(&report, "checkout")["objective"];
+    assert_eq!(c["state"], "burning", "{c}");
+    assert!(close(&c["target"], 0.99), "{c}");
+    assert!(
+        close(&c["sli"], 1.0 / 3.0),
+        "0.2 s is good, 3 s and the failure not: {c}"
+    );
+    let p = &row(&report, "payment")["objective"];
+    assert_eq!(p["state"], "met", "{p}");
+    assert!(
+        p["sli"].is_null(),
+        "a cancelled instance is not counted: {p}"
+    );
+    let s = &row(&report, "search")["objective"];
+    assert_eq!(s["state"], "none", "{s}");
+    assert!(s["target"].is_null(), "{s}");
+    // The page renders the column.
+    let page = request(
+        Method::GET,
+        &format!("http://{}/", app.metrics),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .text();
+    assert!(page.contains("<th rowspan=\"2\">objective</th>"));
+    app.shutdown().await;
+}

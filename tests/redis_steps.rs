@@ -98,6 +98,7 @@ impl FlowSink for Recorder {
             Report::Dropped { flow, .. } => self.add(flow, "dropped"),
             Report::Unmatched { flow, .. } => self.add(flow, "unmatched"),
             Report::Duplicate { kind } => self.add("*", &format!("dup_{}", kind.label())),
+            Report::Overdue { .. } => {}
             Report::Restored { flow, .. } => self.add(flow, "restored"),
             Report::Discarded { flow, .. } => self.add(flow, "discarded"),
             Report::StepReached {

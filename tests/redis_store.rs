@@ -81,6 +81,7 @@ impl FlowSink for Recorder {
             Report::StepUnmatched { flow, reason } => {
                 self.add(flow, &format!("step_unmatched_{}", reason.label()))
             }
+            Report::Overdue { .. } => {}
         }
     }
 }

@@ -13,6 +13,7 @@
 
 mod inproc;
 mod load;
+mod objectives;
 mod scrape_load;
 mod server;
 mod state;
@@ -45,7 +46,8 @@ Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
   --json PATH    where to write the results (default target/flowmetrics-bench.json)
   --only LIST    comma-separated sections: pipeline,e2e,memory,scrape,timeliness,
                  network (the baseline always runs); `state` (the state file, on
-                 its own: only when named) runs alone
+                 its own: only when named) runs alone, as does `objectives` (the
+                 cost of counting overdue instances at 1M open)
   --server PATH  the flowmetrics binary to start (default: built next to this one)
   --steady SECS  length of the steady-load RSS run (full: 600, quick: 2)
   --profile-pipeline N   run only N batches through the in-process pipeline (for
@@ -277,6 +279,16 @@ fn main() {
     {
         progress("state file");
         let rows = state::run(args.quick);
+        println!("{}", serde_json::Value::Array(rows));
+        return;
+    }
+    if args
+        .only
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|s| s == "objectives"))
+    {
+        progress("objectives: overdue instances");
+        let rows = objectives::run(args.quick);
         println!("{}", serde_json::Value::Array(rows));
         return;
     }

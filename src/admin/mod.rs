@@ -3,6 +3,7 @@
 
 mod body;
 pub mod exposition;
+pub mod objective_status;
 pub mod overview;
 pub mod shared;
 

@@ -15,8 +15,9 @@ use tokio::sync::watch;
 
 mod journey;
 
+use super::objective_status::{objective_cell, ObjectiveCell};
 pub use crate::metrics::FlowTotals;
-use crate::metrics::Metrics;
+use crate::metrics::{FlowObjective, Metrics};
 
 /// How often the history takes a sample.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -172,7 +173,14 @@ impl Overview {
     pub fn json(&self) -> String {
         let current = self.current();
         let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        let report = build_report(&current, &samples, Instant::now(), self.interval);
+        let objective_for = |flow: &str| self.metrics.objective_for(flow);
+        let report = build_report(
+            &current,
+            &samples,
+            Instant::now(),
+            self.interval,
+            &objective_for,
+        );
         drop(samples);
         serde_json::to_string(&report).unwrap_or_else(|_| "{}".into())
     }
@@ -207,6 +215,8 @@ struct FlowRow {
     p50: Option<f64>,
     p95: Option<f64>,
     p99: Option<f64>,
+    /// The flow's objective over the window: met, burning, or none.
+    objective: ObjectiveCell,
     /// Starts per second and errors per second between consecutive samples (and from
     /// the last sample to now), oldest first.
     spark_started: Vec<f64>,
@@ -222,6 +232,7 @@ fn build_report(
     samples: &VecDeque<Snapshot>,
     now: Instant,
     interval: Duration,
+    objective_for: &dyn Fn(&str) -> Option<FlowObjective>,
 ) -> Report {
     let oldest = samples.front();
     let window = oldest.map_or(Duration::ZERO, |s| now.saturating_duration_since(s.at));
@@ -284,6 +295,7 @@ fn build_report(
                 p50: quantile(0.50, &window_buckets),
                 p95: quantile(0.95, &window_buckets),
                 p99: quantile(0.99, &window_buckets),
+                objective: objective_cell(objective_for(&t.flow), t, &base),
                 spark_started,
                 spark_errors,
                 steps: journey::step_rows(t),
@@ -354,7 +366,7 @@ mod tests {
         .into();
         let now = t0 + Duration::from_secs(20);
         let current = [flow(160, 90, 60, vec![(1.0, 60), (f64::INFINITY, 90)])];
-        let report = build_report(&current, &samples, now, Duration::from_secs(10));
+        let report = build_report(&current, &samples, now, Duration::from_secs(10), &|_| None);
         assert_eq!(report.flow_count, 1);
         let row = &report.flows[0];
         assert_eq!(row.started, 160);

@@ -12,6 +12,7 @@ mod exposition;
 mod family;
 mod label_cuts;
 pub mod network;
+mod objectives;
 mod process;
 mod step_totals;
 mod steps;
@@ -41,6 +42,7 @@ pub use duration::{HistogramMode, HistogramShape};
 pub use exemplar::TraceExemplar;
 pub use exposition::{ExpositionError, ExpositionFormat};
 use family::{Layout, LimitedFamily, OverflowReporter, SeriesRef};
+pub use objectives::{FlowObjective, ObjectiveSettings};
 pub use totals::{FlowTotals, StepTotals};
 
 type Pair = [(&'static str, &'static str); 1];
@@ -83,6 +85,8 @@ pub struct MetricsSettings {
     pub state_file: bool,
     /// Flows with declared steps (`flows.per_flow.*.steps`), in order.
     pub declared_steps: HashMap<String, Vec<String>>,
+    /// `flows.*.objective` (docs/behaviour.md §10).
+    pub objectives: ObjectiveSettings,
 }
 
 pub struct Metrics {
@@ -133,6 +137,7 @@ pub struct Metrics {
     /// flowmetrics_state_write_errors_total by write: checkpoint, final.
     state_write_errors: [Counter; 2],
     label_cuts: Arc<LabelCuts>,
+    objectives: objectives::ObjectiveMetrics,
 }
 
 /// Round trips to a shared store: 0.25 ms to 2.5 s.
@@ -382,6 +387,8 @@ impl Metrics {
             &overflow,
             &events_rejected,
         );
+        let objectives =
+            objectives::ObjectiveMetrics::new(&mut registry, settings.objectives.clone(), max);
         let build_info = Family::<Pair, Gauge>::default();
         build_info
             .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
@@ -482,6 +489,7 @@ impl Metrics {
             store_latency,
             state_write_errors,
             label_cuts: settings.label_cuts,
+            objectives,
         }
     }
 
@@ -693,6 +701,7 @@ impl FlowSink for Metrics {
                 });
                 if first {
                     self.create_zero_series(flow, start_dims, None);
+                    self.objectives.flow_seen(flow);
                 }
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.inc());
@@ -710,6 +719,7 @@ impl FlowSink for Metrics {
                 });
                 if first {
                     self.create_zero_series(flow, start_dims, None);
+                    self.objectives.flow_seen(flow);
                 }
                 self.flows_in_progress
                     .with(self.flow_only(flow), |g| g.inc());
@@ -779,6 +789,11 @@ impl FlowSink for Metrics {
                 .steps
                 .reached(flow, start_dims, step, since_start_secs, trace),
             Report::StepUnmatched { flow, reason } => self.steps.unmatched(flow, reason),
+            Report::Overdue {
+                flow,
+                overdue,
+                oldest_open_secs,
+            } => self.objectives.overdue(flow, overdue, oldest_open_secs),
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::config::{Config, Dimension, DimensionSource, FlowOverride, HistogramKind};
+use crate::config::{Config, Dimension, DimensionSource, FlowOverride, HistogramKind, Objective};
 use crate::flows::event::TraceRef;
 use crate::flows::label_value::LabelBound;
 use crate::flows::store::{StepTransit, StepUnmatchedReason};
@@ -59,6 +59,11 @@ fn config() -> Config {
                 1e21,
             ]),
             histogram: Some(HistogramKind::Both),
+            // `within` is added to the buckets (between 1.0 and 2.5).
+            objective: Some(Objective {
+                target: 0.99,
+                within: Some(std::time::Duration::from_secs(2)),
+            }),
             ..FlowOverride::default()
         },
     );
@@ -71,6 +76,11 @@ fn config() -> Config {
             ..FlowOverride::default()
         },
     );
+    // Every other flow: a target and no `within` (no seconds gauge), from its first event.
+    config.flows.default.objective = Some(Objective {
+        target: 0.95,
+        within: None,
+    });
     config
 }
 
@@ -208,6 +218,11 @@ fn record(m: &Metrics) {
     });
     m.report(Report::Duplicate {
         kind: EventKind::Start,
+    });
+    m.report(Report::Overdue {
+        flow: &checkout,
+        overdue: 3,
+        oldest_open_secs: 42.5,
     });
 
     // Past the limit of 4 series: the rest folds into the overflow series.
@@ -654,11 +669,13 @@ fn flow_totals_sum_each_flows_own_series_and_skip_the_overflow() {
     // The negative duration is not observed; 2e21 lies past the last bound.
     assert_eq!(checkout.duration_count, 8);
     assert_eq!(checkout.duration_sum, 2e21 + 10.0);
-    assert_eq!(checkout.duration_buckets.len(), 11);
+    // Ten bounds, the objective's `within` (2 s) and +Inf.
+    assert_eq!(checkout.duration_buckets.len(), 12);
     assert_eq!(checkout.duration_buckets[0], (1e-7, 2));
     assert_eq!(checkout.duration_buckets[2], (0.1, 3));
-    assert_eq!(checkout.duration_buckets[9], (1e21, 7));
-    assert_eq!(checkout.duration_buckets[10], (f64::INFINITY, 8));
+    assert_eq!(checkout.duration_buckets[5], (2.0, 5));
+    assert_eq!(checkout.duration_buckets[10], (1e21, 7));
+    assert_eq!(checkout.duration_buckets[11], (f64::INFINITY, 8));
 
     let login = &totals[4];
     assert_eq!(login.started, 1);

@@ -31,7 +31,7 @@ mod steps;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::{FixedState, RandomState};
@@ -39,6 +39,7 @@ use moka::notification::RemovalCause;
 use moka::policy::{EvictionPolicy, Expiry};
 use moka::sync::Cache;
 
+use super::open_ages::{OpenAges, OverdueSettings};
 use super::{
     CorrelationStore, EndRecord, FlowSink, Report, RestoreRules, RestoreSummary, StoreSettings,
 };
@@ -99,6 +100,15 @@ impl SlotState {
 
     fn waiting(pending: Pending) -> Self {
         SlotState::Shared(Arc::new(Shared::Waiting(pending)))
+    }
+
+    /// The start time of an open instance (with or without steps).
+    fn open_start(&self) -> Option<u64> {
+        match self.view() {
+            View::Open { start_nanos, .. } => Some(start_nanos),
+            View::Stepped(open) => Some(open.start_nanos),
+            View::Waiting(_) => None,
+        }
     }
 
     fn view(&self) -> View<'_> {
@@ -213,6 +223,9 @@ pub struct MemoryStore {
     final_snapshot: Arc<FinalSnapshot>,
     /// Recent closes of instances of flows that use steps.
     closed: Arc<ClosedMarks>,
+    /// Open-instance ages of flows with an overdue threshold (docs/behaviour.md §10);
+    /// unset: no flow has one, and nothing is kept.
+    ages: Arc<OnceLock<OpenAges>>,
 }
 
 impl MemoryStore {
@@ -236,12 +249,14 @@ impl MemoryStore {
             u64::try_from(settings.longest_timeout.as_nanos()).unwrap_or(u64::MAX),
             per_shard,
         ));
+        let ages = Arc::new(OnceLock::new());
         let cache = build_cache(
             &settings,
             clock,
             sink.clone(),
             final_snapshot.clone(),
             closed.clone(),
+            ages.clone(),
         );
         let window_nanos = u64::try_from(settings.dedup_window.as_nanos()).unwrap_or(u64::MAX);
         let shards = (0..SHARDS)
@@ -260,7 +275,21 @@ impl MemoryStore {
             capacity: settings.capacity,
             final_snapshot,
             closed,
+            ages,
         }
+    }
+
+    /// Keeps the ages of open instances of flows with an overdue threshold, and reports
+    /// them about once a second from [`CorrelationStore::run_pending_tasks`]. Call
+    /// before [`MemoryStore::restore`] and before any event.
+    pub fn track_open_ages(self, settings: OverdueSettings) -> Self {
+        let _ = self.ages.set(OpenAges::new(settings));
+        self
+    }
+
+    /// (overdue, oldest open age in seconds) of `flow` now, as last reported.
+    pub fn open_ages(&self, flow: &str) -> Option<(u64, f64)> {
+        self.ages.get()?.counts(flow, unix_nanos_now())
     }
 
     /// Reads back a snapshot (written at shutdown or at a checkpoint) into this new,
@@ -376,7 +405,7 @@ impl MemoryStore {
             } else {
                 summary.waiting += 1;
             }
-            self.cache.insert(key, slot);
+            self.put(key, slot);
         }
         // Fingerprints live in the shard of their key: only a file with the same
         // sharding can be used.
@@ -589,7 +618,7 @@ impl MemoryStore {
                         View::Waiting(_) => slot.state.clone(),
                     };
                     slot.state = state;
-                    self.cache.insert(key, slot);
+                    self.put(key, slot);
                 }
                 // It timed out just now: this start opens a new instance.
                 None => return self.open(key, flow, timestamp_nanos, dims, now),
@@ -610,7 +639,7 @@ impl MemoryStore {
         }) = self.take(key, now)
         else {
             let deadline = now.saturating_add(self.timeout_nanos(&flow));
-            return self.cache.insert(
+            return self.put(
                 key,
                 Slot {
                     flow,
@@ -641,7 +670,7 @@ impl MemoryStore {
                         steps: pending.steps.clone(),
                     })
                 };
-                self.cache.insert(
+                self.put(
                     key,
                     Slot {
                         flow,
@@ -663,7 +692,7 @@ impl MemoryStore {
             start_dims: &dims,
         });
         let deadline = now.saturating_add(self.timeout_nanos(&flow));
-        self.cache.insert(
+        self.put(
             key,
             Slot {
                 flow,
@@ -671,6 +700,15 @@ impl MemoryStore {
                 state: SlotState::Open { start_nanos, dims },
             },
         );
+    }
+
+    /// Every entry goes into the cache here: an open instance's start time is counted
+    /// for the overdue figures before the insert, so its removal (by anyone) comes after.
+    fn put(&self, key: Key, slot: Slot) {
+        if let (Some(ages), Some(start_nanos)) = (self.ages.get(), slot.state.open_start()) {
+            ages.opened(&slot.flow, start_nanos);
+        }
+        self.cache.insert(key, slot);
     }
 
     /// Removes the key's entry if it is still live. An entry that is already past its
@@ -683,11 +721,20 @@ impl MemoryStore {
         if counted {
             return None;
         }
+        // Removed by this thread (cause `Explicit`): the listener left its age here.
+        forget_age(&self.ages, &slot);
         if slot.deadline <= now {
             steps::gone(&*self.sink, &self.closed, key, &slot, Gone::TimedOut, now);
             return None;
         }
         Some(slot)
+    }
+}
+
+/// An open instance left the store: its start time no longer counts as open.
+fn forget_age(ages: &OnceLock<OpenAges>, slot: &Slot) {
+    if let (Some(ages), Some(start_nanos)) = (ages.get(), slot.state.open_start()) {
+        ages.closed(&slot.flow, start_nanos);
     }
 }
 
@@ -700,12 +747,13 @@ fn build_cache(
     sink: Arc<dyn FlowSink>,
     final_snapshot: Arc<FinalSnapshot>,
     closed: Arc<ClosedMarks>,
+    ages: Arc<OnceLock<OpenAges>>,
 ) -> Cache<Key, Slot, RandomState> {
     let ttl = settings
         .longest_timeout
         .clamp(Duration::from_millis(1), LONGEST_TTL);
     let eviction_warning = RateLimited::new(EVICTION_WARN_EVERY);
-    let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| match cause {
+    let on_removal = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| match cause {
         // The store's own removal: the caller settles it.
         RemovalCause::Explicit => {}
         // Written to the state file at shutdown: the next run counts it.
@@ -732,6 +780,13 @@ fn build_cache(
             ));
             steps::gone(&*sink, &closed, *key, &slot, Gone::Evicted, clock.now());
         }
+    };
+    let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| {
+        // Whatever but the store's own removal took it, the instance is no longer open.
+        if cause != RemovalCause::Explicit {
+            forget_age(&ages, &slot);
+        }
+        on_removal(key, slot, cause)
     };
     Cache::builder()
         .max_capacity(settings.capacity)
@@ -768,6 +823,7 @@ impl CacheBaseline {
                 sink,
                 Arc::default(),
                 Arc::new(ClosedMarks::new(&[], 0, 1)),
+                Arc::default(),
             ),
             clock,
             flow: Arc::from("baseline"),
@@ -812,6 +868,9 @@ impl CorrelationStore for MemoryStore {
 
     fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();
+        if let Some(ages) = self.ages.get() {
+            ages.report_if_due(&*self.sink, unix_nanos_now());
+        }
     }
 
     fn entries(&self) -> u64 {
@@ -1021,6 +1080,7 @@ mod tests {
                 Report::StepUnmatched { flow, reason } => {
                     self.add(flow, &format!("step_unmatched_{}", reason.label()))
                 }
+                Report::Overdue { .. } => {}
             }
         }
     }

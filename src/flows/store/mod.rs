@@ -6,6 +6,7 @@
 //! implements [`CorrelationStore`] beside it, and nothing in ingest or metrics changes.
 
 pub mod memory;
+pub mod open_ages;
 pub mod redis;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 use super::state::StoreSnapshot;
 
 pub use memory::{CacheBaseline, Maintenance, MemoryStore};
+pub use open_ages::{OpenAges, OverdueSettings};
 pub use redis::{RedisSettings, RedisStore, StoreProbe};
 
 /// What a store tells its sink. `flow` is the flow name; `start_dims` the dimension
@@ -83,6 +85,14 @@ pub enum Report<'a> {
     Unmatched { flow: &'a Arc<str>, evicted: bool },
     /// An event ignored as a duplicate (a second start, a second end, or a retry).
     Duplicate { kind: EventKind },
+    /// The open instances of a flow with an overdue threshold (docs/behaviour.md §10),
+    /// counted about once a second: how many are older than the threshold, and the age
+    /// of the oldest (0 when none is open).
+    Overdue {
+        flow: &'a Arc<str>,
+        overdue: u64,
+        oldest_open_secs: f64,
+    },
 }
 
 /// One step of a closing instance: its time since the step before it by event

@@ -70,6 +70,7 @@ impl FlowSink for Log {
                 self.line(format!("reached {step}@{since_start_secs}"));
             }
             Report::StepUnmatched { reason, .. } => self.add(reason.label()),
+            Report::Overdue { .. } => {}
         }
     }
 }

@@ -202,7 +202,7 @@ impl MemoryStore {
                 end: None,
                 steps: Box::new([step]),
             };
-            return self.cache.insert(
+            return self.put(
                 key,
                 Slot {
                     flow,
@@ -260,7 +260,7 @@ impl MemoryStore {
                 })
             }
         };
-        self.cache.insert(
+        self.put(
             key,
             Slot {
                 flow,
@@ -304,7 +304,7 @@ impl MemoryStore {
             }
             None => {
                 let deadline = now.saturating_add(self.timeout_nanos(&flow));
-                self.cache.insert(
+                self.put(
                     key,
                     Slot {
                         flow,
