@@ -40,7 +40,7 @@ pub struct Config {
     pub log: Log,
 }
 
-/// Where open instances live (SPEC §3 "several replicas", §5 `correlation`).
+/// Where open instances live (docs/behaviour.md §3 "several replicas", §5 `correlation`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Correlation {
@@ -320,7 +320,7 @@ pub struct Dimension {
     pub default: Option<String>,
 }
 
-/// Network Flow Spans (SPEC §8): traffic counters from spans of the Flow Span convention.
+/// Network Flow Spans (docs/behaviour.md §8): traffic counters from spans of the Flow Span convention.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkFlows {
@@ -451,7 +451,7 @@ impl Default for Limits {
     }
 }
 
-/// The state file that carries open instances across a restart (SPEC §3).
+/// The state file that carries open instances across a restart (docs/behaviour.md §3).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct State {
@@ -471,7 +471,7 @@ impl Default for State {
     }
 }
 
-/// What happens between a stop signal and exit (SPEC §7).
+/// What happens between a stop signal and exit (docs/behaviour.md §7).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Shutdown {

@@ -291,7 +291,7 @@ impl RunningApp {
         }
     }
 
-    /// SPEC §7: not ready at once; the OTLP listeners stop accepting and let requests in
+    /// docs/behaviour.md §7: not ready at once; the OTLP listeners stop accepting and let requests in
     /// flight finish (bounded); the state file is written; `/metrics` answers for
     /// `shutdown.final_scrape_wait` more; then it returns.
     pub async fn shutdown(self) {

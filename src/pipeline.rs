@@ -48,7 +48,7 @@ impl Pipeline {
         }
     }
 
-    /// Counts Flow Spans too (SPEC §8); `None`: they are not looked for.
+    /// Counts Flow Spans too (docs/behaviour.md §8); `None`: they are not looked for.
     pub fn with_network_flows(mut self, network: Option<NetworkFlows>) -> Self {
         self.network = network;
         self

@@ -1,5 +1,5 @@
 //! OTLP/gRPC over loopback: traces and logs feed the same pipeline as HTTP, metrics are
-//! discarded, and bad input gets the codes of SPEC §6.
+//! discarded, and bad input gets the codes of docs/behaviour.md §6.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Hostile HTTP/2 clients over loopback (SPEC §6): many large gRPC streams, stalled
+//! Hostile HTTP/2 clients over loopback (docs/behaviour.md §6): many large gRPC streams, stalled
 //! ones, and streams the client resets. Memory stays within the byte budget, and a
 //! reset is not counted as bad input.
 

@@ -1,4 +1,4 @@
-//! Hostile clients over real loopback sockets (SPEC §6): silent connections, a full
+//! Hostile clients over real loopback sockets (docs/behaviour.md §6): silent connections, a full
 //! connection cap, slow bodies, a spent byte budget, a body written whole before the
 //! answer is read, heavy decodes next to `/healthz`. Each time a good client must still
 //! be served, and the bad ones must be bounded.

@@ -1,5 +1,5 @@
 //! OTLP/HTTP over loopback against a real flowmetrics: the seed's curl bodies, every
-//! body format and encoding, every error status of SPEC §6, and a concurrent load
+//! body format and encoding, every error status of docs/behaviour.md §6, and a concurrent load
 //! whose counters must match exactly what was sent.
 
 mod common;
@@ -569,7 +569,7 @@ async fn concurrent_clients_counters_match_exactly() {
             }
         }));
     }
-    // Scraped all along: every exposition satisfies the invariant of SPEC §3.
+    // Scraped all along: every exposition satisfies the invariant of docs/behaviour.md §3.
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let scraper = {
         let done = done.clone();

@@ -1,4 +1,4 @@
-//! Network Flow Spans (SPEC §8) on every ingest path, and OTLP/JSON enum names.
+//! Network Flow Spans (docs/behaviour.md §8) on every ingest path, and OTLP/JSON enum names.
 
 mod common;
 

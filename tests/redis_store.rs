@@ -1,4 +1,4 @@
-//! The rules of SPEC §3 against the Redis store and a real redis-server, with two or
+//! The rules of docs/behaviour.md §3 against the Redis store and a real redis-server, with two or
 //! three stores on one server standing for replicas: what one opens another closes,
 //! each time-out is counted once, retries are recognised everywhere.
 

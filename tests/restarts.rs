@@ -1,4 +1,4 @@
-//! Restarts (SPEC §3 "restarts", §7): the real binary over loopback, stopped with
+//! Restarts (docs/behaviour.md §3 "restarts", §7): the real binary over loopback, stopped with
 //! SIGTERM or `kill -9` and started again on the same state file.
 
 use std::collections::BTreeMap;
@@ -229,7 +229,7 @@ fn ends(ids: std::ops::Range<u64>) -> Vec<(&'static str, &'static str, String, u
     .collect()
 }
 
-/// started + restored = Σ completed + incomplete + dropped + in_progress (SPEC §3).
+/// started + restored = Σ completed + incomplete + dropped + in_progress (docs/behaviour.md §3).
 fn assert_invariant(s: &BTreeMap<String, f64>) {
     let f = "flow=\"checkout\"";
     let left = sum(s, "flowmetrics_flows_started_total", &[f])

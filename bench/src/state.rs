@@ -1,4 +1,4 @@
-//! `--only state`: the state file (SPEC §3 "restarts"). Time to snapshot and write it,
+//! `--only state`: the state file (docs/behaviour.md §3 "restarts"). Time to snapshot and write it,
 //! to read and restore it, its size per open instance, and what a checkpoint costs the
 //! ingest that goes on meanwhile, at a store holding many open instances.
 

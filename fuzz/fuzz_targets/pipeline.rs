@@ -1,6 +1,6 @@
 //! The whole OTLP/HTTP path after the socket, over every signal, media type and
 //! encoding: decompression, decoding (selective or full), extraction, correlation,
-//! metrics, answer. Never a panic, only the statuses SPEC §6 names, and a body compressed
+//! metrics, answer. Never a panic, only the statuses docs/behaviour.md §6 names, and a body compressed
 //! by any encoding is judged as it is uncompressed.
 #![no_main]
 

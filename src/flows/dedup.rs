@@ -1,4 +1,4 @@
-//! Recently handled events, for telling a retried export from new data (SPEC §3).
+//! Recently handled events, for telling a retried export from new data (docs/behaviour.md §3).
 //!
 //! Each event is remembered as a fingerprint of (flow, correlation id, kind, timestamp),
 //! tagged with the generation it arrived in. Lookups see both generations; every
@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn a_remembered_event_costs_a_few_bytes() {
-        // The budget: small next to the table (hundreds of bytes per entry).
+        // The budget: small next to the correlation store (hundreds of bytes per entry).
         let mut r = RecentEvents::new(300 * SEC, 2_000_000, 0);
         for i in 0..200_000u64 {
             r.check_and_remember(fp(&i.to_string(), true, i), 0);

@@ -31,7 +31,7 @@ impl Outcome {
         }
     }
 
-    /// Case-insensitive, with the aliases of SPEC §2.
+    /// Case-insensitive, with the aliases of docs/behaviour.md §2.
     pub fn parse(raw: &str) -> Option<Outcome> {
         const TABLE: [(&str, Outcome); 7] = [
             ("success", Outcome::Success),
@@ -242,7 +242,7 @@ impl Keys {
 }
 
 /// Somewhere attributes can be looked up: decoded `KeyValue`s, or raw protobuf bytes (see
-/// `ingest::selective`). Values borrow from the underlying data (`'a`).
+/// `flows::scan`). Values borrow from the underlying data (`'a`).
 pub trait Attributes<'a> {
     /// For every slot `i` of `keys`, the value of the first attribute named like it goes
     /// to `found[i]`. `found` has one entry per slot, all `None` on entry; keys that are

@@ -1,4 +1,4 @@
-//! Network Flow Spans (SPEC §8): a span of the Flow Span convention is one network flow
+//! Network Flow Spans (docs/behaviour.md §8): a span of the Flow Span convention is one network flow
 //! record. Recognised by its `flow.*` attributes; read into a [`NetworkFlowRecord`]
 //! (label values, forward/reverse bytes and packets); retries recognised by a compact
 //! fingerprint of the span's identity. Knows nothing of Prometheus: what happened goes

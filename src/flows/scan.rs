@@ -64,7 +64,7 @@ enum KeyAction {
     SkipFixed32,
     /// A length-delimited field to look at.
     Read,
-    /// A span attribute: only its key is looked at (Flow Spans, SPEC §8).
+    /// A span attribute: only its key is looked at (Flow Spans, docs/behaviour.md §8).
     Attribute,
 }
 
@@ -265,7 +265,7 @@ pub struct TraceScan {
 }
 
 /// Walks an `ExportTraceServiceRequest` and extracts its flow events. Nothing is applied
-/// here: a malformed request is refused whole, before any event reaches the table.
+/// here: a malformed request is refused whole, before any event reaches the correlation store.
 pub fn scan_traces(
     body: &[u8],
     extractor: &Extractor,

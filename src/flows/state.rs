@@ -1,6 +1,6 @@
 //! The state file: what the correlation store holds (open instances, waiting ends, retry
 //! fingerprints), written at shutdown and at every checkpoint, read back at start
-//! (SPEC §3 "restarts").
+//! (docs/behaviour.md §3 "restarts").
 //!
 //! Layout: an 8-byte magic, a little-endian `u32` format version, the body
 //! ([`StoreSnapshot`] in postcard), the body's length (little-endian `u64`) and a

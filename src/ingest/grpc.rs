@@ -3,7 +3,7 @@
 //!
 //! Unary calls are framed here rather than by tonic's server: the message is read under
 //! the same limits as an HTTP body (byte budget, read deadline, size) before anything is
-//! decompressed, and a malformed one is INVALID_ARGUMENT (SPEC §6), not tonic's INTERNAL.
+//! decompressed, and a malformed one is INVALID_ARGUMENT (docs/behaviour.md §6), not tonic's INTERNAL.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
 //! OTLP/HTTP: `POST /v1/traces`, `/v1/logs`, `/v1/metrics` (accepted, discarded).
-//! Routing, media types, encodings, body limits and status codes (SPEC §6).
+//! Routing, media types, encodings, body limits and status codes (docs/behaviour.md §6).
 
 use std::sync::Arc;
 

@@ -1,4 +1,4 @@
-//! The bounds every OTLP request meets, on both transports (SPEC §5–§6): body size,
+//! The bounds every OTLP request meets, on both transports (docs/behaviour.md §5–§6): body size,
 //! a deadline for the whole request, a budget of buffered bytes shared by all requests
 //! being read or decoded, a bound on decodes at once (run off the async workers), and a
 //! lingering read of what an early answer left unread.

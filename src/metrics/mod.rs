@@ -1,4 +1,4 @@
-//! Every public metric family (SPEC §4) in one prometheus-client [`Registry`], the
+//! Every public metric family (docs/behaviour.md §4) in one prometheus-client [`Registry`], the
 //! correlation store's sink, and the exposition (written by prometheus-client's text
 //! encoder).
 //!
@@ -91,7 +91,7 @@ pub struct MetricsSettings {
 
 pub struct Metrics {
     registry: Registry,
-    /// Makes each report atomic to a scrape (the invariant of SPEC §3 holds in every
+    /// Makes each report atomic to a scrape (the invariant of docs/behaviour.md §3 holds in every
     /// exposition): reports hold one stripe for reading, a scrape holds all for writing.
     gate: ScrapeGate,
     /// Held for the whole of an encode: one at a time.
@@ -558,7 +558,7 @@ impl Metrics {
     /// Removes, from every family, the label sets (flow, start dimensions) with no
     /// recording after `cutoff` in any family, then the per-flow series of flows left
     /// with no label set, unless they moved after `cutoff` or instances are open. Each
-    /// removal takes a whole label set, so the invariant of SPEC §3 still holds; a
+    /// removal takes a whole label set, so the invariant of docs/behaviour.md §3 still holds; a
     /// label set that comes back starts again from 0 (a counter reset to Prometheus).
     fn remove_idle(&self, cutoff: u64) -> usize {
         let _quiet = self.gate.close();
@@ -837,7 +837,7 @@ const OUTCOMES: [Outcome; 3] = [Outcome::Success, Outcome::Failure, Outcome::Can
 
 impl Metrics {
     /// A label set's `completed{outcome}` and `errors{error_reason}` series, at 0, so
-    /// `rate()` and alerts see them from the first scrape (SPEC §4). Called when a
+    /// `rate()` and alerts see them from the first scrape (docs/behaviour.md §4). Called when a
     /// label set is first seen: with `end_dims` `None` (a start) only the series whose
     /// labels a start already knows; with end dimensions configured, the outcomes of a
     /// (start, end) label set are created when its first end arrives.

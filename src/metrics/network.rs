@@ -1,4 +1,4 @@
-//! The `flowmetrics_network_*` families (SPEC §4, §8): prometheus-client `Family`s of
+//! The `flowmetrics_network_*` families (docs/behaviour.md §4, §8): prometheus-client `Family`s of
 //! counters, registered in the registry and written by its encoder, behind a wrapper
 //! that enforces `limits.max_series_per_metric` with one `otel_metric_overflow="true"`
 //! series (as the flow families do).

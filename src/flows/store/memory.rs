@@ -46,8 +46,8 @@ use super::{
 use crate::flows::dedup::{RecentEvents, Seen};
 use crate::flows::event::{DimValues, EventKind, FlowEvent};
 use crate::flows::state::{unix_nanos_now, SavedEntry, SavedShard, StoreSnapshot};
-use steps::{ClosedMarks, Pending, Stepped, WaitingStep};
 use crate::logging::RateLimited;
+use steps::{ClosedMarks, Pending, Stepped, WaitingStep};
 
 /// An instance's identity, (flow, correlation id), as a 128-bit digest: a moka key
 /// with no allocation and no string compare (collisions: ~2⁻⁸⁸ at a million entries).
@@ -296,7 +296,7 @@ impl MemoryStore {
     /// empty store: the entries with their original deadlines (capped by the flow's
     /// timeout now), the retry fingerprints, and the key seed. What the new
     /// configuration no longer tracks, and what timed out while the service was down,
-    /// is counted at once (SPEC §3 "restarts").
+    /// is counted at once (docs/behaviour.md §3 "restarts").
     pub fn restore(&mut self, snapshot: StoreSnapshot, rules: &RestoreRules) -> RestoreSummary {
         let now_store = self.clock.now();
         let now_wall = unix_nanos_now();
@@ -499,7 +499,7 @@ impl MemoryStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Applies one flow event (SPEC §3).
+    /// Applies one flow event (docs/behaviour.md §3).
     pub fn apply(&self, event: FlowEvent) {
         self.apply_at(event, self.clock.now());
     }
@@ -1011,7 +1011,7 @@ mod tests {
     use crate::flows::event::{Outcome, Source};
     use std::collections::BTreeMap;
 
-    /// Counts what the table reports, per flow.
+    /// Counts what the store reports, per flow.
     #[derive(Default)]
     struct Recorder {
         counts: Mutex<BTreeMap<(String, String), i64>>,
@@ -1383,7 +1383,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(200);
         settle_expiries(&t, &rec, |r| r.get("order", "incomplete") > 0);
         assert_eq!(rec.get("order", "incomplete"), 1);
-        // Counted within 2 s of the deadline (SPEC §3).
+        // Counted within 2 s of the deadline (docs/behaviour.md §3).
         assert!(Instant::now() < deadline + Duration::from_secs(2));
         assert_eq!(rec.in_progress("order"), 0);
         t.apply(ev("order", "1", OK, 2 * SEC));

@@ -1,7 +1,7 @@
 //! The correlation store: pairs starts with ends, times out open instances, evicts the
 //! oldest entries when full, and reports every outcome to a [`FlowSink`].
 //!
-//! The rules (SPEC §3) are the same for every backend; [`memory::MemoryStore`] keeps the
+//! The rules (docs/behaviour.md §3) are the same for every backend; [`memory::MemoryStore`] keeps the
 //! instances in a moka cache inside the process. A backend shared by several replicas
 //! implements [`CorrelationStore`] beside it, and nothing in ingest or metrics changes.
 
@@ -160,7 +160,7 @@ pub struct StoreSettings {
 /// request handler except [`CorrelationStore::run_pending_tasks`], which belongs on a
 /// thread of its own ([`Maintenance`]).
 pub trait CorrelationStore: Send + Sync + 'static {
-    /// Applies one export's flow events, in order (SPEC §3). A shared store that cannot
+    /// Applies one export's flow events, in order (docs/behaviour.md §3). A shared store that cannot
     /// be reached refuses: the exporter retries, and what did apply is recognised as a
     /// retry then.
     fn apply_batch(&self, events: &mut dyn Iterator<Item = FlowEvent>) -> Result<(), StoreError>;

@@ -21,7 +21,7 @@ use foldhash::fast::RandomState;
 
 use super::{FlowSink, Report};
 
-/// How often the counts go to the sink (SPEC's bound is 5 s).
+/// How often the counts go to the sink (docs/behaviour.md §10: at most 5 s old).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
 const NANOS: u64 = 1_000_000_000;
 

@@ -1,6 +1,6 @@
 //! The shared correlation store: Redis or Valkey (one server, or a Redis Cluster) holds
 //! every open instance, every end waiting for its start, the deadlines and the retry
-//! fingerprints, so that any replica closes what another opened (SPEC §3 "several
+//! fingerprints, so that any replica closes what another opened (docs/behaviour.md §3 "several
 //! replicas").
 //!
 //! The keys are split into shards (`correlation.redis.shards`); an instance belongs to
@@ -55,8 +55,8 @@ use redis::{
 };
 
 use super::{
-    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StepUnmatchedReason,
-    StoreError, StoreSettings,
+    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StepUnmatchedReason, StoreError,
+    StoreSettings,
 };
 use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 use crate::logging::RateLimited;
@@ -353,9 +353,9 @@ impl RedisStore {
     }
 
     fn warn(&self, op: &'static str, e: &StoreError) {
-        self.warnings
-            .unavailable
-            .warn(format_args!("correlation store (redis) unavailable ({op}): {e}"));
+        self.warnings.unavailable.warn(format_args!(
+            "correlation store (redis) unavailable ({op}): {e}"
+        ));
     }
 
     /// While writes are refused: one short-lived write, to see whether they are taken
