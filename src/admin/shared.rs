@@ -10,6 +10,11 @@
 //! dropped (the last slow reader cut off by the write deadline): with readers holding
 //! older bodies, memory is at most that many bodies, however many clients there are.
 //! A body that finds no place within [`BODY_WAIT`] is answered 503.
+//!
+//! Encodes are paced: one starts no sooner than [`ENCODE_PACE`] times the last one's
+//! length after it ended, so that scrapers in a tight loop take at most about a quarter
+//! of a core from ingest. A request that arrives meanwhile joins the body about to be
+//! made, which still starts after it arrived (no scrape gets older data).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -25,6 +30,11 @@ use crate::metrics::ExpositionFormat;
 pub const MAX_BODIES: usize = 4;
 /// How long making a body waits for a place among [`MAX_BODIES`].
 pub const BODY_WAIT: Duration = Duration::from_secs(5);
+
+/// After an encode of length d, the next starts no sooner than `ENCODE_PACE × d` later.
+pub const ENCODE_PACE: u32 = 3;
+/// The longest a body waits for its turn under [`ENCODE_PACE`].
+const MAX_PACE_WAIT: Duration = Duration::from_secs(2);
 
 /// What a body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +64,8 @@ pub struct SharedBodies {
     making: Arc<Mutex<HashMap<BodyKey, watch::Receiver<Outcome>>>>,
     places: Arc<Semaphore>,
     wait: Duration,
+    /// When the next encode may start ([`ENCODE_PACE`]).
+    next_start: Arc<Mutex<tokio::time::Instant>>,
 }
 
 impl Default for SharedBodies {
@@ -80,6 +92,7 @@ impl SharedBodies {
             making: Arc::default(),
             places: Arc::new(Semaphore::new(max_bodies.max(1))),
             wait,
+            next_start: Arc::new(Mutex::new(tokio::time::Instant::now())),
         }
     }
 
@@ -103,6 +116,7 @@ impl SharedBodies {
                         tx,
                         self.places.clone(),
                         self.wait,
+                        self.next_start.clone(),
                         make,
                     ));
                     rx
@@ -128,16 +142,26 @@ async fn make_body<F>(
     tx: watch::Sender<Outcome>,
     places: Arc<Semaphore>,
     wait: Duration,
+    next_start: Arc<Mutex<tokio::time::Instant>>,
     make: F,
 ) where
     F: FnOnce() -> Vec<u8> + Send + 'static,
 {
+    let turn = *next_start.lock().unwrap_or_else(|p| p.into_inner());
+    let now = tokio::time::Instant::now();
+    tokio::time::sleep_until(turn.min(now + MAX_PACE_WAIT)).await;
     let outcome = match tokio::time::timeout(wait, places.acquire_owned()).await {
         Ok(Ok(place)) => tokio::task::spawn_blocking(move || {
-            Bytes::from_owner(Owned {
+            let started = tokio::time::Instant::now();
+            let bytes = Bytes::from_owner(Owned {
                 bytes: make(),
                 _place: place,
-            })
+            });
+            let ended = tokio::time::Instant::now();
+            let turn = ended + (ended - started) * ENCODE_PACE;
+            let mut next = next_start.lock().unwrap_or_else(|p| p.into_inner());
+            *next = (*next).max(turn);
+            bytes
         })
         .await
         .map_err(|e| {
