@@ -19,4 +19,4 @@ if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then
   apt-get install -y -qq redis-server openssl >/dev/null
 fi
 redis-server --version
-REQUIRE_REDIS_TESTS=1 cargo test --test redis_store --test redis_steps --test redis_replicas --test redis_replicas_steps --test redis_sdk --test redis_tls "$@"
+REQUIRE_REDIS_TESTS=1 cargo test --test redis_objectives --test redis_store --test redis_steps --test redis_replicas --test redis_replicas_steps --test redis_sdk --test redis_tls "$@"

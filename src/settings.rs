@@ -14,7 +14,9 @@ use crate::flows::steps::StepSettings;
 use crate::flows::store::{OverdueSettings, RedisSettings};
 use crate::flows::{ExtractorSettings, RestoreRules, StoreSettings};
 use crate::ingest::limits::{connection_budget, open_file_limit, LimitSettings};
-use crate::metrics::{FlowObjective, HistogramMode, HistogramShape, MetricsSettings, ObjectiveSettings};
+use crate::metrics::{
+    FlowObjective, HistogramMode, HistogramShape, MetricsSettings, ObjectiveSettings,
+};
 use crate::model::sanitize_label_name;
 
 /// How flow events are recognised (`events`, `flows.allow_unknown`, `dimensions`).

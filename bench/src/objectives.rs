@@ -34,6 +34,7 @@ fn store(capacity: u64, with_ages: bool) -> MemoryStore {
             dedup_window: Duration::from_secs(300),
             timeout_for: Arc::new(|_| TIMEOUT),
             longest_timeout: TIMEOUT,
+            step_flows: Vec::new(),
         },
         Arc::new(Null),
     );
@@ -76,6 +77,7 @@ impl Events {
             dims: self.dims.clone(),
             trace: None,
             source: Source::SpanEvent,
+            step: None,
         }
     }
 }

@@ -11,8 +11,8 @@ use flate2::Compression;
 use hyper::header::{HeaderMap, HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, VARY};
 use hyper::StatusCode;
 
-use crate::metrics::{ExpositionFormat, Metrics};
 use super::AdminResponse;
+use crate::metrics::{ExpositionFormat, Metrics};
 
 /// The `proto` parameter of the Prometheus protobuf media type.
 const METRIC_FAMILY: &str = "io.prometheus.client.MetricFamily";
@@ -170,7 +170,12 @@ pub fn gzip(body: &[u8]) -> Vec<u8> {
 /// The `/metrics` answer to a request with these headers.
 /// The body of one `/metrics` answer: the exposition in `format`, gzip'd when asked.
 /// Empty when it could not be written (logged).
-pub fn make_body(metrics: &Metrics, store_entries: u64, format: ExpositionFormat, gzip_it: bool) -> Vec<u8> {
+pub fn make_body(
+    metrics: &Metrics,
+    store_entries: u64,
+    format: ExpositionFormat,
+    gzip_it: bool,
+) -> Vec<u8> {
     match metrics.encode_format(format, store_entries) {
         Ok(body) if gzip_it => gzip(&body),
         Ok(body) => body,

@@ -46,8 +46,8 @@ use super::{
 use crate::flows::dedup::{RecentEvents, Seen};
 use crate::flows::event::{DimValues, EventKind, FlowEvent};
 use crate::flows::state::{unix_nanos_now, SavedEntry, SavedShard, StoreSnapshot};
-use steps::{ClosedMarks, Pending, Stepped, WaitingStep};
 use crate::logging::RateLimited;
+use steps::{ClosedMarks, Pending, Stepped, WaitingStep};
 
 /// An instance's identity, (flow, correlation id), as a 128-bit digest: a moka key
 /// with no allocation and no string compare (collisions: ~2⁻⁸⁸ at a million entries).
