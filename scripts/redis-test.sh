@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The shared-store suites against a real redis-server: the store's rules
-# (tests/redis_store.rs) and its flow steps (tests/redis_steps.rs), three replicas on one Redis fed raw OTLP, with faults (a
+# (tests/redis_store.rs), its overdue counts (tests/redis_objectives.rs) and its flow
+# steps (tests/redis_steps.rs), three replicas on one Redis fed raw OTLP, with faults (a
 # replica stopped, Redis stopped and restarted, Redis out of memory refusing writes)
 # (tests/redis_replicas.rs) and with flow steps (tests/redis_replicas_steps.rs), three
 # replicas fed by the OpenTelemetry Rust SDK's exporters

@@ -1,7 +1,8 @@
 //! Overdue instances (docs/behaviour.md §10) on the Redis store and a real redis-server:
 //! two stores on one server stand for replicas, the keys spread over four shards. What
 //! one replica opens, another counts; closes, time-outs and an earlier duplicate start
-//! change the count exactly; both replicas report the same, global values.
+//! change the count exactly; both replicas report the same, global values. Steps and ends
+//! waiting for their start are not counted; evicted instances leave the count.
 
 mod common;
 

@@ -39,6 +39,9 @@
 //! later step counts as after_close), `sstepflows` the flows that sent a step (only
 //! their instances leave a mark). The scripts live in `redis/*.lua`.
 //!
+//! Overdue instances (docs/behaviour.md §10, [`ages`]): `sages:<flow>` a flow's open
+//! instances by start second (a hash), for flows with a threshold only.
+//!
 //! The client is redis-rs' synchronous connection (or its cluster connection, which
 //! routes each call by its first key) with socket timeouts, in a small pool: the store
 //! is called from blocking threads (pipeline, maintenance thread), and a dropped
