@@ -205,10 +205,13 @@ fn overdue_counts_are_exact_and_global_across_replicas() {
         2
     );
 
-    // Everything closed: the per-second hashes are gone, nothing is left behind.
+    // Everything closed (one more opened and closed in the same call): the per-second
+    // hashes are gone, nothing is left behind.
     apply(
         &b,
         vec![
+            start("f", "9", 300),
+            ev("f", "9", success, now),
             ev("f", "2", success, now),
             ev("f", "3", success, now),
             ev("f", "5", success, now),

@@ -33,11 +33,27 @@ local function flow_of(key)
 end
 -- Open instances of a flow with an overdue threshold (docs/behaviour.md §10), counted by
 -- start second in `<shard prefix>ages:<flow>`: `flow` is the event's flow when counted,
--- else nil (nothing to do, and no key parsed).
-local function age(key, flow, v, d)
+-- else nil (nothing to do, and no key parsed). The changes are summed here per (flow,
+-- second) and written once at the end of the call: one HINCRBY per second the call
+-- touched, none for an instance opened and closed within the call.
+local ages_prefix = string.sub(zset, 1, plen) .. 'ages:'
+local deltas = {}
+local function age(flow, v, d)
   if not flow or string.sub(v, 1, 1) ~= 'o' then return end
-  local ages, second = string.sub(key, 1, plen) .. 'ages:' .. flow, string.sub(v, 2, 12)
-  if redis.call('HINCRBY', ages, second, d) <= 0 then redis.call('HDEL', ages, second) end
+  local per = deltas[flow]
+  if not per then
+    per = {}
+    deltas[flow] = per
+  end
+  local second = string.sub(v, 2, 12)
+  per[second] = (per[second] or 0) + d
+end
+-- Whether an open instance of `flow` that started in `second` is counted (its flow has a
+-- threshold): for an instance known by its key only.
+local function is_counted(flow, second)
+  local per = deltas[flow]
+  return (per and per[second] ~= nil) or
+      redis.call('HEXISTS', ages_prefix .. flow, second) == 1
 end
 -- The instance's steps as netstrings (name, value, ...); '' when it has none.
 local function steps_of(key)
@@ -51,7 +67,7 @@ end
 -- leaves a closed mark (for the longest flow timeout) when its flow uses steps, so that a
 -- later step of it counts as after_close. Flows without steps keep nothing more.
 local function take(key, old, counted)
-  age(key, counted, old, -1)
+  age(counted, old, -1)
   local steps = steps_of(key)
   if steps ~= '' then redis.call('DEL', companion(key, 'k')) end
   redis.call('DEL', key)
@@ -125,7 +141,7 @@ for i = 1, n do
       redis.call('SET', key, value)
       redis.call('ZADD', zset, now + timeout, key)
       if kind == 's' then
-        age(key, counted, value, 1)
+        age(counted, value, 1)
         -- A new instance: a closed mark of an earlier one with this id is gone.
         redis.call('DEL', companion(key, 'c'))
         emit(i, 'O')
@@ -138,8 +154,8 @@ for i = 1, n do
         if string.sub(value, 2, 21) < string.sub(old, 2, 21) then
           local earlier = string.sub(value, 1, 21) .. string.sub(old, 22)
           redis.call('SET', key, earlier)
-          age(key, counted, old, -1)
-          age(key, counted, earlier, 1)
+          age(counted, old, -1)
+          age(counted, earlier, 1)
         end
         emit(i, 'D')
       elseif state == 'p' then
@@ -147,7 +163,7 @@ for i = 1, n do
         redis.call('SET', key, value)
         redis.call('ZADD', zset, now + timeout, key)
         redis.call('DEL', companion(key, 'c'))
-        age(key, counted, value, 1)
+        age(counted, value, 1)
         emit(i, 'S', '', steps_of(key))
       else
         -- Never counted (it waited, not open); 'o': it leaves a closed mark.
@@ -176,15 +192,20 @@ while over > 0 do
     -- Known by its key only: counted if its flow's hash has its second.
     if track and string.sub(v, 1, 1) == 'o' then
       local flow = flow_of(popped[1])
-      local ages = string.sub(popped[1], 1, plen) .. 'ages:' .. flow
-      if redis.call('HEXISTS', ages, string.sub(v, 2, 12)) == 1 then
-        age(popped[1], flow, v, -1)
-      end
+      if is_counted(flow, string.sub(v, 2, 12)) then age(flow, v, -1) end
     end
     local steps = take(popped[1], v)
     if tonumber(popped[2]) <= now then emit(0, 'T', v, steps) else emit(0, 'E', v, steps) end
   end
   over = over - 1
+end
+for flow, per in pairs(deltas) do
+  local ages = ages_prefix .. flow
+  for second, d in pairs(per) do
+    if d ~= 0 and redis.call('HINCRBY', ages, second, d) <= 0 then
+      redis.call('HDEL', ages, second)
+    end
+  end
 end
 -- Kept until this replica has read the reply: if the reply is lost, the replica reads
 -- the outcomes from here and reports them (the exporter's retry finds only duplicates).
