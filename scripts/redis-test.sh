@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The shared-store suites against a real redis-server: the store's rules
-# (tests/redis_store.rs) and its flow steps (tests/redis_steps.rs), three replicas on one Redis fed raw OTLP, with faults (a
+# (tests/redis_store.rs), its overdue counts (tests/redis_objectives.rs) and its flow
+# steps (tests/redis_steps.rs), three replicas on one Redis fed raw OTLP, with faults (a
 # replica stopped, Redis stopped and restarted, Redis out of memory refusing writes)
 # (tests/redis_replicas.rs) and with flow steps (tests/redis_replicas_steps.rs), three
 # replicas fed by the OpenTelemetry Rust SDK's exporters
@@ -19,4 +20,4 @@ if ! command -v redis-server >/dev/null || ! command -v openssl >/dev/null; then
   apt-get install -y -qq redis-server openssl >/dev/null
 fi
 redis-server --version
-REQUIRE_REDIS_TESTS=1 cargo test --test redis_store --test redis_steps --test redis_replicas --test redis_replicas_steps --test redis_sdk --test redis_tls "$@"
+REQUIRE_REDIS_TESTS=1 cargo test --test redis_objectives --test redis_store --test redis_steps --test redis_replicas --test redis_replicas_steps --test redis_sdk --test redis_tls "$@"

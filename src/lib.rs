@@ -255,18 +255,15 @@ fn correlation_store(
                     "state.path is not used with correlation.store: redis (open flows are kept in Redis)"
                 );
             }
-            let redis = RedisStore::new(
+            let mut redis = RedisStore::new(
                 settings::store(config),
                 settings::redis(config),
                 metrics.clone(),
                 metrics.clone(),
             )
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            if settings::overdue(config).is_some() {
-                tracing::warn!(
-                    "flows_overdue and flow_oldest_open_seconds are kept by the memory store \
-                     only: with correlation.store: redis they are not exposed"
-                );
+            if let Some(overdue) = settings::overdue(config) {
+                redis = redis.track_open_ages(overdue);
             }
             Ok(Arc::new(redis))
         }

@@ -1,6 +1,6 @@
 //! The shared correlation store: Redis or Valkey (one server, or a Redis Cluster) holds
 //! every open instance, every end waiting for its start, the deadlines and the retry
-//! fingerprints, so that any replica closes what another opened (docs/behaviour.md §3 "several
+//! fingerprints, so that any replica closes what another opened (SPEC §3 "several
 //! replicas").
 //!
 //! The keys are split into shards (`correlation.redis.shards`); an instance belongs to
@@ -39,6 +39,9 @@
 //! later step counts as after_close), `sstepflows` the flows that sent a step (only
 //! their instances leave a mark). The scripts live in `redis/*.lua`.
 //!
+//! Overdue instances (docs/behaviour.md §10, [`ages`]): `sages:<flow>` a flow's open
+//! instances by start second (a hash), for flows with a threshold only.
+//!
 //! The client is redis-rs' synchronous connection (or its cluster connection, which
 //! routes each call by its first key) with socket timeouts, in a small pool: the store
 //! is called from blocking threads (pipeline, maintenance thread), and a dropped
@@ -55,12 +58,13 @@ use redis::{
 };
 
 use super::{
-    duration_secs, CorrelationStore, EndRecord, FlowSink, Report, StepUnmatchedReason, StoreError,
-    StoreSettings,
+    duration_secs, CorrelationStore, EndRecord, FlowSink, OverdueSettings, Report,
+    StepUnmatchedReason, StoreError, StoreSettings,
 };
 use crate::flows::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 use crate::logging::RateLimited;
 
+mod ages;
 mod steps;
 use steps::StoredStep;
 
@@ -139,6 +143,8 @@ pub struct RedisStore {
     warnings: Warnings,
     /// Flows this replica has told every shard about (they use steps).
     step_flows: steps::KnownStepFlows,
+    /// Open-instance ages of flows with an overdue threshold; `None`: no flow has one.
+    ages: Option<ages::RedisAges>,
 }
 
 /// The store's repeated warnings, each rate-limited on its own.
@@ -301,7 +307,17 @@ impl RedisStore {
             writes_refused: AtomicBool::new(false),
             probe_key,
             step_flows: steps::KnownStepFlows::new(settings.step_flows.clone()),
+            ages: None,
         })
+    }
+
+    /// Keeps, in the store, the open instances of flows with an overdue threshold (per
+    /// flow, by start second) and reports their overdue counts about every two seconds
+    /// (docs/behaviour.md §10). Every replica must be configured alike: each one reports
+    /// the same, global values.
+    pub fn track_open_ages(mut self, settings: OverdueSettings) -> Self {
+        self.ages = Some(ages::RedisAges::new(settings));
+        self
     }
 
     /// The first step of a flow this replica sees: every shard learns that the flow uses
@@ -402,7 +418,7 @@ impl RedisStore {
         let shard = &self.shards[call.shard];
         let mut keys: Vec<Vec<u8>> =
             Vec::with_capacity(3 + 2 * call.events.len() + call.acks.len());
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(5 + 4 * call.events.len());
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(6 + 4 * call.events.len());
         keys.push(shard.deadlines.clone());
         keys.push(call.result_key.clone());
         keys.push(shard.stepflows.clone());
@@ -411,6 +427,9 @@ impl RedisStore {
         args.push(call.acks.len().to_string().into_bytes());
         args.push(shard.prefix.len().to_string().into_bytes());
         args.push(self.mark_ms.to_string().into_bytes());
+        // Whether the open instances of the last event's flow are counted: one look-up
+        // per run of events of one flow.
+        let mut counted: Option<(&Arc<str>, bool)> = None;
         for event in &call.events {
             let tag = hex(digest(&event.flow, &event.correlation_id));
             let mut key = shard.tagged(&tag, b'i');
@@ -433,7 +452,18 @@ impl RedisStore {
                 .min(MAX_TIMEOUT_MS);
             keys.push(key);
             keys.push(fingerprint);
-            args.push(vec![kind]);
+            let count = match (&self.ages, counted) {
+                (None, _) => false,
+                (Some(_), Some((flow, known))) if *flow == event.flow => known,
+                (Some(ages), _) => ages.counted(&event.flow),
+            };
+            counted = Some((&event.flow, count));
+            // A counted flow's name follows the kind: the script parses no key for it.
+            let mut kind_arg = vec![kind];
+            if count {
+                kind_arg.extend_from_slice(event.flow.as_bytes());
+            }
+            args.push(kind_arg);
             args.push(encode(state, event));
             args.push(timeout_ms.to_string().into_bytes());
             args.push(match event.kind {
@@ -442,6 +472,7 @@ impl RedisStore {
             });
         }
         keys.extend(call.acks.iter().cloned());
+        args.push(vec![if self.ages.is_some() { b'1' } else { b'0' }]);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.apply.get_hash())
             .arg(keys.len())
@@ -734,6 +765,9 @@ impl CorrelationStore for RedisStore {
         if lost {
             self.recover();
         }
+        if let Some(ages) = &self.ages {
+            ages.report_if_due(self);
+        }
         // A sweep's reply cannot be read back (unlike an apply's): on a cluster, where a
         // NOSCRIPT or a failed node in a pipeline loses the replies of the calls sent
         // with it, each shard is swept in a call of its own.
@@ -757,7 +791,8 @@ impl CorrelationStore for RedisStore {
                             .arg(&shard.stepflows[..])
                             .arg(SWEEP_LIMIT)
                             .arg(shard.prefix.len())
-                            .arg(self.mark_ms);
+                            .arg(self.mark_ms)
+                            .arg(u8::from(self.ages.is_some()));
                         cmd
                     })
                     .collect();

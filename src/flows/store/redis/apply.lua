@@ -3,8 +3,9 @@
 -- steps, then per event its instance key and its fingerprint, then result keys to delete.
 -- ARGV: dedup window (ms), shard capacity, number of acks, shard prefix length, how long
 -- a closed mark stays (ms, the longest flow timeout), then per
--- event: kind (s start, e end, t step), value, timeout (ms), and for a step
--- "<step>\0<stored step value>".
+-- event: kind (s start, e end, t step; followed by the flow's name when its open instances
+-- are counted), value, timeout (ms), and for a step "<step>\0<stored step value>"; last,
+-- '1' when some flow of the deployment has an overdue threshold.
 local zset = KEYS[1]
 local stepflows = KEYS[3]
 local window = ARGV[1]
@@ -30,6 +31,30 @@ local function flow_of(key)
   local stop = string.find(key, '\0', from, true)
   return string.sub(key, from, (stop or 0) - 1)
 end
+-- Open instances of a flow with an overdue threshold (docs/behaviour.md §10), counted by
+-- start second in `<shard prefix>ages:<flow>`: `flow` is the event's flow when counted,
+-- else nil (nothing to do, and no key parsed). The changes are summed here per (flow,
+-- second) and written once at the end of the call: one HINCRBY per second the call
+-- touched, none for an instance opened and closed within the call.
+local ages_prefix = string.sub(zset, 1, plen) .. 'ages:'
+local deltas = {}
+local function age(flow, v, d)
+  if not flow or string.sub(v, 1, 1) ~= 'o' then return end
+  local per = deltas[flow]
+  if not per then
+    per = {}
+    deltas[flow] = per
+  end
+  local second = string.sub(v, 2, 12)
+  per[second] = (per[second] or 0) + d
+end
+-- Whether an open instance of `flow` that started in `second` is counted (its flow has a
+-- threshold): for an instance known by its key only.
+local function is_counted(flow, second)
+  local per = deltas[flow]
+  return (per and per[second] ~= nil) or
+      redis.call('HEXISTS', ages_prefix .. flow, second) == 1
+end
 -- The instance's steps as netstrings (name, value, ...); '' when it has none.
 local function steps_of(key)
   local all = redis.call('HGETALL', companion(key, 'k'))
@@ -41,7 +66,8 @@ end
 -- Removes an instance leaving the store; answers its steps. An instance that had opened
 -- leaves a closed mark (for the longest flow timeout) when its flow uses steps, so that a
 -- later step of it counts as after_close. Flows without steps keep nothing more.
-local function take(key, old)
+local function take(key, old, counted)
+  age(counted, old, -1)
   local steps = steps_of(key)
   if steps ~= '' then redis.call('DEL', companion(key, 'k')) end
   redis.call('DEL', key)
@@ -83,12 +109,15 @@ local function step(i, key, old, value, timeout, aux)
 end
 local acks = tonumber(ARGV[3])
 local n = (#KEYS - 3 - acks) / 2
+local track = ARGV[4 * n + 6] == '1'
 -- Results this replica has read: no longer needed for recovery.
 for j = 2 * n + 4, #KEYS do redis.call('DEL', KEYS[j]) end
 for i = 1, n do
   local key = KEYS[2 * i + 2]
   local fp = KEYS[2 * i + 3]
   local kind = ARGV[4 * i + 2]
+  local counted = #kind > 1 and string.sub(kind, 2) or nil
+  kind = string.sub(kind, 1, 1)
   local value = ARGV[4 * i + 3]
   local timeout = tonumber(ARGV[4 * i + 4])
   if not redis.call('SET', fp, '1', 'NX', 'PX', window) then
@@ -101,7 +130,7 @@ for i = 1, n do
       local due = redis.call('ZSCORE', zset, key)
       if due and tonumber(due) <= now then
         -- Past its deadline and not yet swept: it timed out, and this event finds nothing.
-        emit(i, 'T', old, take(key, old))
+        emit(i, 'T', old, take(key, old, counted))
         old = nil
       end
     end
@@ -112,6 +141,7 @@ for i = 1, n do
       redis.call('SET', key, value)
       redis.call('ZADD', zset, now + timeout, key)
       if kind == 's' then
+        age(counted, value, 1)
         -- A new instance: a closed mark of an earlier one with this id is gone.
         redis.call('DEL', companion(key, 'c'))
         emit(i, 'O')
@@ -122,7 +152,10 @@ for i = 1, n do
       if state == 'o' then
         -- The earliest start wins; the instance keeps its dims and deadline.
         if string.sub(value, 2, 21) < string.sub(old, 2, 21) then
-          redis.call('SET', key, string.sub(value, 1, 21) .. string.sub(old, 22))
+          local earlier = string.sub(value, 1, 21) .. string.sub(old, 22)
+          redis.call('SET', key, earlier)
+          age(counted, old, -1)
+          age(counted, earlier, 1)
         end
         emit(i, 'D')
       elseif state == 'p' then
@@ -130,12 +163,14 @@ for i = 1, n do
         redis.call('SET', key, value)
         redis.call('ZADD', zset, now + timeout, key)
         redis.call('DEL', companion(key, 'c'))
+        age(counted, value, 1)
         emit(i, 'S', '', steps_of(key))
       else
+        -- Never counted (it waited, not open); 'o': it leaves a closed mark.
         emit(i, 'P', old, take(key, 'o'))
       end
     elseif state == 'o' then
-      emit(i, 'C', old, take(key, old))
+      emit(i, 'C', old, take(key, old, counted))
     elseif state == 'p' then
       -- Steps waited, and now the end too: it waits for the start with them.
       redis.call('SET', key, value)
@@ -154,10 +189,23 @@ while over > 0 do
   if #popped == 0 then break end
   local v = redis.call('GET', popped[1])
   if v then
+    -- Known by its key only: counted if its flow's hash has its second.
+    if track and string.sub(v, 1, 1) == 'o' then
+      local flow = flow_of(popped[1])
+      if is_counted(flow, string.sub(v, 2, 12)) then age(flow, v, -1) end
+    end
     local steps = take(popped[1], v)
     if tonumber(popped[2]) <= now then emit(0, 'T', v, steps) else emit(0, 'E', v, steps) end
   end
   over = over - 1
+end
+for flow, per in pairs(deltas) do
+  local ages = ages_prefix .. flow
+  for second, d in pairs(per) do
+    if d ~= 0 and redis.call('HINCRBY', ages, second, d) <= 0 then
+      redis.call('HDEL', ages, second)
+    end
+  end
 end
 -- Kept until this replica has read the reply: if the reply is lost, the replica reads
 -- the outcomes from here and reports them (the exporter's retry finds only duplicates).

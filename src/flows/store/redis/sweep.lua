@@ -1,6 +1,8 @@
 -- Pops the shard's instances past their deadline (see redis.rs).
 -- KEYS: the shard's deadlines, the shard's set of flows that use steps.
--- ARGV: most entries popped, shard prefix length, how long a closed mark stays (ms).
+-- ARGV: most entries popped, shard prefix length, how long a closed mark stays (ms), '1'
+-- when some flow has an overdue threshold (docs/behaviour.md §10: open instances counted
+-- by start second in `<shard prefix>ages:<flow>`).
 -- Answers the entries left, then per instance popped its value and its steps.
 local plen = tonumber(ARGV[2])
 local t = redis.call('TIME')
@@ -28,9 +30,17 @@ for _, key in ipairs(due) do
     if string.sub(v, 1, 1) == 'o' then
       local from = plen + 20
       local stop = string.find(key, '\0', from, true)
-      if steps ~= '' or
-          redis.call('SISMEMBER', KEYS[2], string.sub(key, from, (stop or 0) - 1)) == 1 then
+      local flow = string.sub(key, from, (stop or 0) - 1)
+      if steps ~= '' or redis.call('SISMEMBER', KEYS[2], flow) == 1 then
         redis.call('SET', companion(key, 'c'), '1', 'PX', ARGV[3])
+      end
+      -- Counted only if its flow has a threshold: then its second is there.
+      if ARGV[4] == '1' then
+        local ages, second = string.sub(key, 1, plen) .. 'ages:' .. flow, string.sub(v, 2, 12)
+        if redis.call('HEXISTS', ages, second) == 1 and
+            redis.call('HINCRBY', ages, second, -1) <= 0 then
+          redis.call('HDEL', ages, second)
+        end
       end
     end
     out[#out + 1] = v
