@@ -1,6 +1,6 @@
 //! The shared correlation store: Redis or Valkey (one server, or a Redis Cluster) holds
 //! every open instance, every end waiting for its start, the deadlines and the retry
-//! fingerprints, so that any replica closes what another opened (SPEC §3 "several
+//! fingerprints, so that any replica closes what another opened (docs/behaviour.md §3 "several
 //! replicas").
 //!
 //! The keys are split into shards (`correlation.redis.shards`); an instance belongs to

@@ -17,7 +17,7 @@ use redis::{Cmd, FromRedisValue, Script};
 use super::{RedisStore, Target};
 use crate::flows::store::{OverdueSettings, Report};
 
-/// How often the counts are read (SPEC's bound is 5 s).
+/// How often the counts are read (docs/behaviour.md §10: at most 5 s old).
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 /// Per flow (ARGV: flow, threshold in seconds, ...): overdue count and the oldest start
