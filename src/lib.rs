@@ -1,14 +1,17 @@
 //! flowmetrics: OpenTelemetry flow events in, Prometheus RED metrics per flow out.
 //!
-//! Data moves one way: [`ingest`] (HTTP, gRPC: decode, limits, answers) →
-//! [`pipeline`] (walk requests) → [`flows`] (extract events, correlate in the moka
-//! store) → [`metrics`] (prometheus-client families, limits, exemplars) → [`admin`]
-//! (`/metrics`). Each stage imports only the stages before it and [`model`], the shared
-//! vocabulary; [`config`] imports only [`model`]. [`App`] wires it together (with
-//! [`settings`], which turns the config into each stage's settings); `main` and the
-//! integration tests both start it. Around the process: [`logging`] (a log writer that
-//! never blocks, and the one rate-limited warning), [`signals`], and [`config_checks`]
-//! (what the config file and log filter must be before they are used).
+//! Data moves one way: [`ingest`] (HTTP, gRPC: limits, decompression, answers) →
+//! [`pipeline`] (the one entry both transports call) → [`flows`] (walk the request once,
+//! extract flow events, correlate them in the store) → [`metrics`] (prometheus-client
+//! families, limits, exemplars) → [`admin`] (`/metrics`). [`flows`] imports only
+//! [`model`], the shared vocabulary; [`metrics`] implements the sinks [`flows`] reports
+//! to; [`pipeline`] joins the two; [`ingest`] calls [`pipeline`] and maps every stage's
+//! error to its answer ([`ingest::reply::Refusal`]); [`config`] imports only [`model`].
+//! [`App`] wires it together (with [`settings`], which turns the config into each
+//! stage's settings); `main` and the integration tests both start it. Around the
+//! process: [`logging`] (a log writer that never blocks, and the one rate-limited
+//! warning), [`signals`], and [`config_checks`] (what the config file and log filter
+//! must be before they are used).
 
 pub mod admin;
 pub mod config;

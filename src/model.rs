@@ -53,6 +53,39 @@ impl Signal {
 }
 
 /// Why a flow event was refused. The label values are public (`reason`).
+/// The ids of a span (or log record), and the length each must have when it is set:
+/// checked by every decoder, since neither prost nor serde checks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdField {
+    TraceId,
+    SpanId,
+    ParentSpanId,
+}
+
+impl IdField {
+    /// The field's name in OTLP/JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            IdField::TraceId => "traceId",
+            IdField::SpanId => "spanId",
+            IdField::ParentSpanId => "parentSpanId",
+        }
+    }
+
+    /// Bytes it must have (or none, when unset).
+    pub fn bytes(self) -> usize {
+        match self {
+            IdField::TraceId => 16,
+            IdField::SpanId | IdField::ParentSpanId => 8,
+        }
+    }
+
+    /// Empty (unset) or of the right length.
+    pub fn fits(self, id: &[u8]) -> bool {
+        id.is_empty() || id.len() == self.bytes()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     InvalidFlowName,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{Config, DimensionSource, HistogramKind, MaxConnections, StoreKind};
-use crate::flows::event::DimensionLookup;
+use crate::flows::extract::DimensionLookup;
 use crate::flows::label_value::{LabelBound, LabelCuts};
 use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
 use crate::flows::state::StateSettings;

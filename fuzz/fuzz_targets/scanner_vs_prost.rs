@@ -7,14 +7,16 @@
 
 mod common;
 
-use flowmetrics::flows::scan::{decoded_events, scan_traces};
-use flowmetrics::ingest::decode::decode_traces_protobuf;
+use flowmetrics::flows::decoded::trace_events;
+use flowmetrics::flows::scan::scan_traces;
+use flowmetrics::ingest::decode::{decode, MediaType};
 use libfuzzer_sys::fuzz_target;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 fuzz_target!(|data: &[u8]| {
     let x = common::extractor();
     let scan = scan_traces(data, x, 1);
-    let Ok(full) = decode_traces_protobuf(data) else {
+    let Ok(full) = decode::<ExportTraceServiceRequest>(data, MediaType::Protobuf) else {
         return;
     };
     let full_spans: u64 = full
@@ -23,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
         .flat_map(|r| &r.scope_spans)
         .map(|s| s.spans.len() as u64)
         .sum();
-    let full_events = decoded_events(&full, x, 1);
+    let full_events = trace_events(&full, x, None, 1).events;
     let scan = match scan {
         Ok(scan) => scan,
         Err(e) => panic!("prost accepts, the scan refuses: {e}"),

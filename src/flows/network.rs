@@ -13,7 +13,8 @@ use hashbrown::HashSet;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 
-use super::event::{AttrValue, Attributes, DimValues, Found, Keys};
+use super::attributes::{AttrValue, Attributes, Found, Keys};
+use super::event::DimValues;
 use super::intern::Interner;
 use super::label_value::{CutSlot, LabelBound};
 
@@ -225,14 +226,14 @@ impl NetworkFlows {
         }
     }
 
-    /// A decoded span (OTLP/JSON): counted if it is a Flow Span.
-    pub fn decoded_span(&self, span: &Span, resource: &[KeyValue], sink: &impl NetworkSink) {
+    /// A decoded span (OTLP/JSON), read if it is a Flow Span.
+    pub fn decoded_span(&self, span: &Span, resource: &[KeyValue]) -> Option<NetworkFlowRecord> {
         if !span
             .attributes
             .iter()
             .any(|kv| is_flow_span_key(kv.key.as_bytes()))
         {
-            return;
+            return None;
         }
         let identity = SpanIdentity {
             trace_id: &span.trace_id,
@@ -240,8 +241,7 @@ impl NetworkFlows {
             start_nanos: span.start_time_unix_nano,
             end_nanos: span.end_time_unix_nano,
         };
-        let record = self.extract(&span.attributes[..], resource, identity);
-        self.apply(&record, sink);
+        Some(self.extract(&span.attributes[..], resource, identity))
     }
 
     /// Retry fingerprints held now.
@@ -335,24 +335,9 @@ impl Fingerprints {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::flows::event::NO_ATTRIBUTES;
-    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
-
-    fn kv(key: &str, value: any_value::Value) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue { value: Some(value) }),
-            ..Default::default()
-        }
-    }
-
-    fn int(key: &str, v: i64) -> KeyValue {
-        kv(key, any_value::Value::IntValue(v))
-    }
-
-    fn s(key: &str, v: &str) -> KeyValue {
-        kv(key, any_value::Value::StringValue(v.into()))
-    }
+    use crate::flows::attributes::NO_ATTRIBUTES;
+    use crate::flows::test_attrs::{int_kv as int, kv, str_kv as s};
+    use opentelemetry_proto::tonic::common::v1::any_value;
 
     #[derive(Default)]
     struct Sink {

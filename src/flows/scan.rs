@@ -8,11 +8,29 @@
 //! reads are only skipped, so bytes a full decode would refuse there (say, invalid
 //! UTF-8 in an unrelated attribute) pass.
 
-use super::wire::{check_wire, utf8, Fields, Value, WireError, PAST_THE_END, WRONG_WIRE_TYPE};
-use crate::flows::event::{AttrValue, AttributeLayers, Attributes, Keys, SharedLayer};
-use crate::flows::network::{is_flow_span_key, NetworkFlowRecord, NetworkFlows, SpanIdentity};
-use crate::flows::{Extractor, FlowEvent, Source, TraceRef};
-use crate::model::Rejection;
+use super::attributes::{AttrValue, AttributeLayers, Attributes, Keys, SharedLayer};
+use super::event::{Source, TraceRef};
+use super::extract::{EventContext, Extractor, Origin, TraceEvents};
+use super::network::{is_flow_span_key, NetworkFlows, SpanIdentity};
+use super::wire::{check_wire, utf8, Fields, Value, WireError};
+use crate::model::IdField;
+
+/// Why a protobuf trace export was refused whole (before any of its events is applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ScanError {
+    /// Not valid protobuf.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// Past prost's recursion limit.
+    #[error("messages nested too deeply")]
+    TooDeep,
+    /// An attribute a flow event reads is malformed: a full decode refuses it too.
+    #[error("an attribute a flow event reads is malformed (not UTF-8, or bad framing)")]
+    MalformedAttribute,
+    /// A span's trace, span or parent span id of the wrong length.
+    #[error("{} must be {} bytes", .0.name(), .0.bytes())]
+    IdLength(IdField),
+}
 
 // Field numbers from opentelemetry/proto/{collector/trace,trace,resource,common}/v1.
 const REQUEST_RESOURCE_SPANS: u32 = 1;
@@ -174,9 +192,6 @@ thread_local! {
     static MALFORMED_READ: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-const MALFORMED_ATTRIBUTE: WireError =
-    WireError("an attribute a flow event reads is malformed (not UTF-8, or bad framing)");
-
 /// Depth (the request is 0) of the `AnyValue` of a `KeyValue` in attribute list `field`.
 fn value_depth(field: u32) -> u32 {
     match field {
@@ -186,11 +201,9 @@ fn value_depth(field: u32) -> u32 {
     }
 }
 
-const TOO_DEEP: WireError = WireError("messages nested too deeply");
-
-fn check_key_value(kv: &[u8], depth: u32) -> Result<(), WireError> {
+fn check_key_value(kv: &[u8], depth: u32) -> Result<(), ScanError> {
     if depth > MAX_DEPTH {
-        return Err(TOO_DEEP);
+        return Err(ScanError::TooDeep);
     }
     let mut fields = Fields::new(kv);
     while let Some((number, value)) = fields.next_field()? {
@@ -200,16 +213,16 @@ fn check_key_value(kv: &[u8], depth: u32) -> Result<(), WireError> {
                 utf8(k)?;
             }
             (KEY_VALUE_VALUE, Value::Bytes(v)) => check_any_value(v, depth + 1)?,
-            _ if depth >= MAX_DEPTH => return Err(TOO_DEEP),
+            _ if depth >= MAX_DEPTH => return Err(ScanError::TooDeep),
             _ => {}
         }
     }
     Ok(())
 }
 
-fn check_any_value(any: &[u8], depth: u32) -> Result<(), WireError> {
+fn check_any_value(any: &[u8], depth: u32) -> Result<(), ScanError> {
     if depth > MAX_DEPTH {
-        return Err(TOO_DEEP);
+        return Err(ScanError::TooDeep);
     }
     let mut fields = Fields::new(any);
     while let Some((number, value)) = fields.next_field()? {
@@ -222,7 +235,7 @@ fn check_any_value(any: &[u8], depth: u32) -> Result<(), WireError> {
             (5, Value::Bytes(list)) => check_list(list, depth + 1, check_any_value)?,
             (6, Value::Bytes(list)) => check_list(list, depth + 1, check_key_value)?,
             (1..=ANY_STRINDEX, _) => {}
-            _ if depth >= MAX_DEPTH => return Err(TOO_DEEP),
+            _ if depth >= MAX_DEPTH => return Err(ScanError::TooDeep),
             _ => {}
         }
     }
@@ -232,17 +245,17 @@ fn check_any_value(any: &[u8], depth: u32) -> Result<(), WireError> {
 fn check_list(
     list: &[u8],
     depth: u32,
-    item: fn(&[u8], u32) -> Result<(), WireError>,
-) -> Result<(), WireError> {
+    item: fn(&[u8], u32) -> Result<(), ScanError>,
+) -> Result<(), ScanError> {
     if depth > MAX_DEPTH {
-        return Err(TOO_DEEP);
+        return Err(ScanError::TooDeep);
     }
     let mut fields = Fields::new(list);
     while let Some((number, value)) = fields.next_field()? {
         match (number, value) {
             (1, Value::Bytes(b)) => item(b, depth + 1)?,
-            (1, _) => return Err(WRONG_WIRE_TYPE),
-            _ if depth >= MAX_DEPTH => return Err(TOO_DEEP),
+            (1, _) => return Err(WireError::WrongWireType.into()),
+            _ if depth >= MAX_DEPTH => return Err(ScanError::TooDeep),
             _ => {}
         }
     }
@@ -256,21 +269,13 @@ const SPAN_KEYS_NETWORK: [KeyAction; 256] = {
     keys
 };
 
-/// Extraction results of one export, and how many spans it held.
-pub struct TraceScan {
-    pub spans: u64,
-    pub events: Vec<Result<FlowEvent, Rejection>>,
-    /// Flow Spans read (empty unless a [`NetworkFlows`] was given).
-    pub network: Vec<NetworkFlowRecord>,
-}
-
 /// Walks an `ExportTraceServiceRequest` and extracts its flow events. Nothing is applied
 /// here: a malformed request is refused whole, before any event reaches the correlation store.
 pub fn scan_traces(
     body: &[u8],
     extractor: &Extractor,
     received_nanos: u64,
-) -> Result<TraceScan, String> {
+) -> Result<TraceEvents, ScanError> {
     scan_traces_with_network(body, extractor, None, received_nanos)
 }
 
@@ -280,28 +285,21 @@ pub fn scan_traces_with_network(
     extractor: &Extractor,
     network: Option<&NetworkFlows>,
     received_nanos: u64,
-) -> Result<TraceScan, String> {
+) -> Result<TraceEvents, ScanError> {
     let mut scan = Scan {
         x: extractor,
         received: received_nanos,
-        spans: 0,
-        events: Vec::new(),
+        found: TraceEvents::default(),
         candidates: Vec::new(),
         network,
-        records: Vec::new(),
         resource: SharedLayer::new(RawAttributes {
             msg: &[],
             outer: None,
             field: RESOURCE_ATTRIBUTES,
         }),
     };
-    scan.request(body)
-        .map_err(|e| format!("protobuf body: {e}"))?;
-    Ok(TraceScan {
-        spans: scan.spans,
-        events: scan.events,
-        network: scan.records,
-    })
+    scan.request(body)?;
+    Ok(scan.found)
 }
 
 /// An event that looks like a flow event, remembered until its span has been read whole
@@ -328,12 +326,10 @@ struct SpanIds<'a> {
 struct Scan<'x, 'a> {
     x: &'x Extractor,
     received: u64,
-    spans: u64,
-    events: Vec<Result<FlowEvent, Rejection>>,
+    found: TraceEvents,
     /// Reused for every span: most spans have no candidate, none allocates.
     candidates: Vec<Candidate<'a>>,
     network: Option<&'x NetworkFlows>,
-    records: Vec<NetworkFlowRecord>,
     /// The current resource's attributes for Flow Spans, read once per resource for
     /// all its spans (a `SharedLayer` caches one key set: the flow extractor has its
     /// own).
@@ -341,7 +337,7 @@ struct Scan<'x, 'a> {
 }
 
 impl<'a> Scan<'_, 'a> {
-    fn request(&mut self, body: &'a [u8]) -> Result<(), WireError> {
+    fn request(&mut self, body: &'a [u8]) -> Result<(), ScanError> {
         let mut fields = Fields::new(body);
         while let Some(field) = fields.next_field()? {
             check_wire(field.0, &field.1, request_wire)?;
@@ -352,7 +348,7 @@ impl<'a> Scan<'_, 'a> {
         Ok(())
     }
 
-    fn resource_spans(&mut self, msg: &'a [u8]) -> Result<(), WireError> {
+    fn resource_spans(&mut self, msg: &'a [u8]) -> Result<(), ScanError> {
         // The resource may come after its spans on the wire: find it first. Repeated, the
         // message fields merge (as prost does); for attributes that means the lists add
         // up, which `RawAttributes` gets by reading every occurrence.
@@ -392,7 +388,7 @@ impl<'a> Scan<'_, 'a> {
                 while let Some(field) = fields.next_field()? {
                     check_wire(field.0, &field.1, container_wire)?;
                     if let (SCOPE_SPANS_SPANS, Value::Bytes(span)) = field {
-                        self.spans += 1;
+                        self.found.spans += 1;
                         self.span(span, &resource)?;
                     }
                 }
@@ -407,7 +403,7 @@ impl<'a> Scan<'_, 'a> {
         &mut self,
         span: &'a [u8],
         resource: &SharedLayer<'a, RawAttributes<'a>>,
-    ) -> Result<(), WireError> {
+    ) -> Result<(), ScanError> {
         let mut ids = SpanIds::default();
         self.candidates.clear();
         let mut rest = span;
@@ -475,16 +471,16 @@ impl<'a> Scan<'_, 'a> {
                 KeyAction::General => {}
             }
             let mut fields = Fields::new(rest);
-            let field = fields.next_field()?.ok_or(PAST_THE_END)?;
+            let field = fields.next_field()?.ok_or(WireError::PastTheEnd)?;
             rest = fields.rest();
             check_wire(field.0, &field.1, span_wire)?;
             if let (number, Value::Bytes(bytes)) = field {
                 self.span_field(&mut ids, number, bytes)?;
             }
         }
-        check_id(ids.trace_id, 16, "traceId must be 16 bytes")?;
-        check_id(ids.span_id, 8, "spanId must be 8 bytes")?;
-        check_id(ids.parent_span_id, 8, "parentSpanId must be 8 bytes")?;
+        check_id(ids.trace_id, IdField::TraceId)?;
+        check_id(ids.span_id, IdField::SpanId)?;
+        check_id(ids.parent_span_id, IdField::ParentSpanId)?;
         if ids.flow_span {
             self.network_record(span, &ids);
         }
@@ -501,7 +497,7 @@ impl<'a> Scan<'_, 'a> {
         ids: &mut SpanIds<'a>,
         number: u32,
         bytes: &'a [u8],
-    ) -> Result<(), WireError> {
+    ) -> Result<(), ScanError> {
         match number {
             // Repeated, the last one wins: lengths are checked once the span is read.
             SPAN_TRACE_ID => ids.trace_id = bytes,
@@ -545,7 +541,7 @@ impl<'a> Scan<'_, 'a> {
             field: SPAN_ATTRIBUTES,
         };
         let record = network.extract(attributes, &self.resource, identity);
-        self.records.push(record);
+        self.found.network.push(record);
     }
 
     /// The flow events of one span, read by now.
@@ -555,15 +551,13 @@ impl<'a> Scan<'_, 'a> {
         span: &'a [u8],
         ids: SpanIds<'a>,
         resource: &SharedLayer<'a, RawAttributes<'a>>,
-    ) -> Result<(), WireError> {
+    ) -> Result<(), ScanError> {
         MALFORMED_READ.with(|m| m.set(false));
-        let SpanIds {
-            trace_id,
-            span_id,
-            is_error,
-            ..
-        } = ids;
-        let trace = TraceRef::from_ids(trace_id, span_id);
+        let origin = Origin {
+            is_error: ids.is_error,
+            trace: TraceRef::from_ids(ids.trace_id, ids.span_id),
+            source: Source::SpanEvent,
+        };
         // An event without a time takes its span's end time (docs/behaviour.md §3): a
         // retried export then carries the same time, and is recognised as a retry. Read
         // only when needed: almost every event has its own time.
@@ -578,38 +572,33 @@ impl<'a> Scan<'_, 'a> {
             field: SPAN_ATTRIBUTES,
         };
         for c in self.candidates.drain(..) {
-            let layers = AttributeLayers {
-                event: RawAttributes {
-                    msg: c.attributes,
-                    outer: None,
-                    field: EVENT_ATTRIBUTES,
+            let event = EventContext {
+                name: c.name,
+                layers: AttributeLayers {
+                    event: RawAttributes {
+                        msg: c.attributes,
+                        outer: None,
+                        field: EVENT_ATTRIBUTES,
+                    },
+                    parent,
+                    resource,
                 },
-                parent,
-                resource,
+                time_nanos: c.time,
+                fallback_nanos: span_end,
+                origin,
             };
-            match self.x.extract(
-                c.name,
-                layers,
-                event_time(c.time, span_end),
-                self.received,
-                is_error,
-                trace,
-                Source::SpanEvent,
-            ) {
-                Ok(Some(e)) => self.events.push(Ok(e)),
-                Ok(None) => {}
-                Err(r) => self.events.push(Err(r)),
-            }
+            self.x
+                .extract_into(&event, self.received, &mut self.found.events);
         }
         if MALFORMED_READ.with(|m| m.get()) {
-            return Err(MALFORMED_ATTRIBUTE);
+            return Err(ScanError::MalformedAttribute);
         }
         Ok(())
     }
 
     /// Name (checked UTF-8, whatever it is) and time of one span event.
     #[inline(never)]
-    fn event(&mut self, event: &'a [u8]) -> Result<(), WireError> {
+    fn event(&mut self, event: &'a [u8]) -> Result<(), ScanError> {
         let mut name = "";
         let mut time = 0;
         // Where the attributes are (first to last), so that lookups skip the rest.
@@ -632,7 +621,7 @@ impl<'a> Scan<'_, 'a> {
                 }
                 _ => {
                     let mut fields = Fields::new(rest);
-                    let field = fields.next_field()?.ok_or(PAST_THE_END)?;
+                    let field = fields.next_field()?.ok_or(WireError::PastTheEnd)?;
                     check_wire(field.0, &field.1, event_wire)?;
                     (field, fields.rest())
                 }
@@ -686,7 +675,7 @@ fn is_flow_span_kv(kv: &[u8]) -> bool {
 /// code: `None`. Repeated, the last one wins (and repeated statuses merge, as in a full
 /// decode).
 #[inline]
-fn status_is_error(status: &[u8]) -> Result<Option<bool>, WireError> {
+fn status_is_error(status: &[u8]) -> Result<Option<bool>, ScanError> {
     match *status {
         [] => return Ok(None),
         [STATUS_CODE_TAG, code] if code < 0x80 => {
@@ -698,7 +687,7 @@ fn status_is_error(status: &[u8]) -> Result<Option<bool>, WireError> {
 }
 
 #[inline(never)]
-fn status_fields(status: &[u8]) -> Result<Option<bool>, WireError> {
+fn status_fields(status: &[u8]) -> Result<Option<bool>, ScanError> {
     let mut is_error = None;
     let mut fields = Fields::new(status);
     while let Some(field) = fields.next_field()? {
@@ -711,11 +700,11 @@ fn status_fields(status: &[u8]) -> Result<Option<bool>, WireError> {
 }
 
 #[inline]
-fn check_id(bytes: &[u8], len: usize, what: &'static str) -> Result<(), WireError> {
-    if bytes.is_empty() || bytes.len() == len {
+fn check_id(bytes: &[u8], field: IdField) -> Result<(), ScanError> {
+    if field.fits(bytes) {
         Ok(())
     } else {
-        Err(WireError(what))
+        Err(ScanError::IdLength(field))
     }
 }
 
@@ -845,16 +834,6 @@ fn any_value(msg: &[u8]) -> AttrValue<'_> {
     }
 }
 
-/// A span event's time: its own, else its span's end time (0 when neither is set: the
-/// extractor then takes the receive time).
-pub(crate) fn event_time(event_nanos: u64, span_end_nanos: u64) -> u64 {
-    if event_nanos != 0 {
-        event_nanos
-    } else {
-        span_end_nanos
-    }
-}
-
 /// A span's `end_time_unix_nano` (the last one, as a full decode reads it); 0 if unset.
 /// The span was walked once already: errors cannot happen here.
 fn span_end_time(span: &[u8]) -> u64 {
@@ -868,57 +847,13 @@ fn span_end_time(span: &[u8]) -> u64 {
     end
 }
 
-/// The flow events of a decoded request, every span event in order.
-#[doc(hidden)]
-pub fn decoded_events(
-    req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
-    x: &Extractor,
-    received_nanos: u64,
-) -> Vec<Result<FlowEvent, Rejection>> {
-    use crate::flows::event::NO_ATTRIBUTES;
-    let mut out = Vec::new();
-    for rs in &req.resource_spans {
-        let resource = rs
-            .resource
-            .as_ref()
-            .map(|r| &r.attributes[..])
-            .unwrap_or(NO_ATTRIBUTES);
-        for ss in &rs.scope_spans {
-            for sp in &ss.spans {
-                let is_error = sp
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| u64::try_from(s.code) == Ok(STATUS_CODE_ERROR));
-                for e in &sp.events {
-                    let layers = AttributeLayers {
-                        event: &e.attributes[..],
-                        parent: &sp.attributes[..],
-                        resource,
-                    };
-                    match x.extract(
-                        &e.name,
-                        layers,
-                        event_time(e.time_unix_nano, sp.end_time_unix_nano),
-                        received_nanos,
-                        is_error,
-                        TraceRef::from_ids(&sp.trace_id, &sp.span_id),
-                        Source::SpanEvent,
-                    ) {
-                        Ok(Some(ev)) => out.push(Ok(ev)),
-                        Ok(None) => {}
-                        Err(r) => out.push(Err(r)),
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::flows::test_attrs::{kv, str_kv};
+    use crate::flows::FlowEvent;
+    use crate::model::Rejection;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
     use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -927,18 +862,6 @@ mod tests {
     };
     use prost::Message;
     use std::sync::Arc;
-
-    fn kv(key: &str, v: any_value::Value) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue { value: Some(v) }),
-            ..Default::default()
-        }
-    }
-
-    fn str_kv(key: &str, v: &str) -> KeyValue {
-        kv(key, any_value::Value::StringValue(v.into()))
-    }
 
     #[test]
     fn flow_span_keys_are_found_in_any_encoding() {
@@ -1074,7 +997,7 @@ mod tests {
         req: &ExportTraceServiceRequest,
         x: &Extractor,
     ) -> Vec<Result<FlowEvent, Rejection>> {
-        decoded_events(req, x, 1)
+        crate::flows::decoded::trace_events(req, x, None, 1).events
     }
 
     #[test]
@@ -1161,7 +1084,7 @@ mod tests {
         }
         req.resource_spans[0].scope_spans[0].spans[0].trace_id = vec![1; 15];
         let err = scan_traces(&req.encode_to_vec(), &x, 1).err().unwrap();
-        assert!(err.contains("traceId"), "{err}");
+        assert!(err.to_string().contains("traceId"), "{err}");
     }
 
     // Hand-written wire bytes: what prost never writes but may read.
@@ -1421,6 +1344,23 @@ mod tests {
         bytes_field(REQUEST_RESOURCE_SPANS, &rs)
     }
 
+    /// One `flow.a.start` event with a correlation id and a `tier` attribute (a dimension)
+    /// whose `AnyValue` is `any`.
+    fn tier_request(any: &[u8]) -> Vec<u8> {
+        let tier = message(&[
+            bytes_field(KEY_VALUE_KEY, b"tier"),
+            bytes_field(KEY_VALUE_VALUE, any),
+        ]);
+        one_event_request(
+            &[
+                bytes_field(EVENT_NAME, b"flow.a.start"),
+                bytes_field(EVENT_ATTRIBUTES, &plain_kv("correlation-id", "c1")),
+                bytes_field(EVENT_ATTRIBUTES, &tier),
+            ],
+            &[],
+        )
+    }
+
     /// Both ways agree: same verdict, and the same events when accepted.
     fn assert_like_prost(bytes: &[u8]) -> Result<usize, ()> {
         let x = Extractor::new(crate::settings::extractor(&config()));
@@ -1507,19 +1447,8 @@ mod tests {
             &bytes_field(SPAN_ATTRIBUTES, &bad_id),
         );
         assert_eq!(assert_like_prost(&body), Err(()));
-        let bad_tier = message(&[
-            bytes_field(KEY_VALUE_KEY, b"tier"),
-            bytes_field(KEY_VALUE_VALUE, &bytes_field(5, b"\x0a\x05ab")),
-        ]);
-        let body = one_event_request(
-            &[
-                name.clone(),
-                id.clone(),
-                bytes_field(EVENT_ATTRIBUTES, &bad_tier),
-            ],
-            &[],
-        );
-        assert_eq!(assert_like_prost(&body), Err(()));
+        let bad_tier = tier_request(&bytes_field(5, b"\x0a\x05ab"));
+        assert_eq!(assert_like_prost(&bad_tier), Err(()));
         // An attribute no flow event reads is not looked into (one of the differences
         // docs/limits.md lists): prost refuses its bad key, the scan does not.
         let bad_key = message(&[bytes_field(KEY_VALUE_KEY, b"\xc3")]);
@@ -1564,26 +1493,12 @@ mod tests {
         for _ in 0..60 {
             any = bytes_field(5, &bytes_field(1, &any));
         }
-        let deep = message(&[
-            bytes_field(KEY_VALUE_KEY, b"tier"),
-            bytes_field(KEY_VALUE_VALUE, &any),
-        ]);
-        let body = one_event_request(
-            &[
-                name.clone(),
-                id.clone(),
-                bytes_field(EVENT_ATTRIBUTES, &deep),
-            ],
-            &[],
-        );
-        assert_eq!(assert_like_prost(&body), Err(()));
+        assert_eq!(assert_like_prost(&tier_request(&any)), Err(()));
     }
 
     /// Around prost's recursion limit: the verdicts match at every depth.
     #[test]
     fn nesting_depth_is_judged_as_prost_judges_it() {
-        let name = bytes_field(EVENT_NAME, b"flow.a.start");
-        let id = bytes_field(EVENT_ATTRIBUTES, &plain_kv("correlation-id", "c1"));
         let mut verdicts = Vec::new();
         for levels in 40..52 {
             let mut any = message(&[bytes_field(ANY_STRING, b"deep"), varint_field(9, 1)]);
@@ -1591,19 +1506,7 @@ mod tests {
                 any = bytes_field(5, &message(&[bytes_field(1, &any), varint_field(9, 1)]));
             }
             // Read (a dimension), so judged as prost judges it.
-            let deep = message(&[
-                bytes_field(KEY_VALUE_KEY, b"tier"),
-                bytes_field(KEY_VALUE_VALUE, &any),
-            ]);
-            let body = one_event_request(
-                &[
-                    name.clone(),
-                    id.clone(),
-                    bytes_field(EVENT_ATTRIBUTES, &deep),
-                ],
-                &[],
-            );
-            verdicts.push(assert_like_prost(&body).is_ok());
+            verdicts.push(assert_like_prost(&tier_request(&any)).is_ok());
         }
         // Both sides of the limit were tried.
         assert!(

@@ -29,9 +29,6 @@ impl Value<'_> {
     }
 }
 
-/// A known field sent with another wire type than its own: prost refuses it, so must we.
-pub const WRONG_WIRE_TYPE: WireError = WireError("field with the wrong wire type");
-
 /// Checks `value` against `expected(number)` (the schema of the message being read; `None`
 /// for fields it does not have).
 #[inline]
@@ -41,19 +38,37 @@ pub fn check_wire(
     expected: fn(u32) -> Option<u8>,
 ) -> Result<(), WireError> {
     match expected(number) {
-        Some(w) if w != value.wire_type() => Err(WRONG_WIRE_TYPE),
+        Some(w) if w != value.wire_type() => Err(WireError::WrongWireType),
         _ => Ok(()),
     }
 }
 
-/// Why bytes are not a valid protobuf message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireError(pub &'static str);
-
-impl std::fmt::Display for WireError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0)
-    }
+/// Why bytes are not a valid protobuf message (each one prost refuses too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("field runs past the end of its message")]
+    PastTheEnd,
+    /// A known field sent with another wire type than its own.
+    #[error("field with the wrong wire type")]
+    WrongWireType,
+    #[error("field number out of range")]
+    FieldNumberOutOfRange,
+    #[error("field number 0")]
+    FieldNumberZero,
+    #[error("invalid wire type")]
+    InvalidWireType,
+    #[error("end of a group that was not started")]
+    UnstartedGroupEnd,
+    #[error("group without its end")]
+    UnendedGroup,
+    #[error("groups nested too deeply")]
+    GroupsTooDeep,
+    #[error("varint longer than 10 bytes or 64 bits")]
+    VarintTooLong,
+    #[error("truncated varint")]
+    TruncatedVarint,
+    #[error("string field is not valid UTF-8")]
+    InvalidUtf8,
 }
 
 /// Iterates the fields of one message: `(field number, value)`.
@@ -161,10 +176,10 @@ impl<'a> Fields<'a> {
 fn read_field(buf: &[u8]) -> Result<(u32, Value<'_>, &[u8]), WireError> {
     let (key, rest) = varint(buf)?;
     // Like prost: a key must fit in 32 bits, and field number 0 does not exist.
-    let key = u32::try_from(key).map_err(|_| WireError("field number out of range"))?;
+    let key = u32::try_from(key).map_err(|_| WireError::FieldNumberOutOfRange)?;
     let number = key >> 3;
     if number == 0 {
-        return Err(WireError("field number 0"));
+        return Err(WireError::FieldNumberZero);
     }
     let (value, rest) = match key & 7 {
         0 => {
@@ -173,21 +188,21 @@ fn read_field(buf: &[u8]) -> Result<(u32, Value<'_>, &[u8]), WireError> {
         }
         2 => {
             let (len, rest) = varint(rest)?;
-            let len = usize::try_from(len).map_err(|_| PAST_THE_END)?;
-            let (bytes, rest) = rest.split_at_checked(len).ok_or(PAST_THE_END)?;
+            let len = usize::try_from(len).map_err(|_| WireError::PastTheEnd)?;
+            let (bytes, rest) = rest.split_at_checked(len).ok_or(WireError::PastTheEnd)?;
             (Value::Bytes(bytes), rest)
         }
         1 => {
-            let (b, rest) = rest.split_first_chunk::<8>().ok_or(PAST_THE_END)?;
+            let (b, rest) = rest.split_first_chunk::<8>().ok_or(WireError::PastTheEnd)?;
             (Value::Fixed64(u64::from_le_bytes(*b)), rest)
         }
         5 => {
-            let (b, rest) = rest.split_first_chunk::<4>().ok_or(PAST_THE_END)?;
+            let (b, rest) = rest.split_first_chunk::<4>().ok_or(WireError::PastTheEnd)?;
             (Value::Fixed32(u32::from_le_bytes(*b)), rest)
         }
         3 => (Value::Group, skip_group(number, rest, 0)?),
-        4 => return Err(WireError("end of a group that was not started")),
-        _ => return Err(WireError("invalid wire type")),
+        4 => return Err(WireError::UnstartedGroupEnd),
+        _ => return Err(WireError::InvalidWireType),
     };
     Ok((number, value, rest))
 }
@@ -201,28 +216,26 @@ const MAX_GROUP_DEPTH: u32 = 100;
 #[inline(never)]
 fn skip_group(number: u32, mut buf: &[u8], depth: u32) -> Result<&[u8], WireError> {
     if depth >= MAX_GROUP_DEPTH {
-        return Err(WireError("groups nested too deeply"));
+        return Err(WireError::GroupsTooDeep);
     }
     loop {
         if buf.is_empty() {
-            return Err(WireError("group without its end"));
+            return Err(WireError::UnendedGroup);
         }
         let (key, rest) = varint(buf)?;
-        let key = u32::try_from(key).map_err(|_| WireError("field number out of range"))?;
+        let key = u32::try_from(key).map_err(|_| WireError::FieldNumberOutOfRange)?;
         let inner = key >> 3;
         if inner == 0 {
-            return Err(WireError("field number 0"));
+            return Err(WireError::FieldNumberZero);
         }
         buf = match key & 7 {
             4 if inner == number => return Ok(rest),
-            4 => return Err(WireError("end of a group that was not started")),
+            4 => return Err(WireError::UnstartedGroupEnd),
             3 => skip_group(inner, rest, depth + 1)?,
             _ => read_field(buf)?.2,
         };
     }
 }
-
-pub const PAST_THE_END: WireError = WireError("field runs past the end of its message");
 
 /// A varint, and what follows it.
 #[inline(always)]
@@ -243,14 +256,14 @@ fn long_varint(buf: &[u8]) -> Result<(u64, &[u8]), WireError> {
     let mut value = 0u64;
     for (i, &byte) in buf.iter().take(10).enumerate() {
         if i == 9 && byte > 1 {
-            return Err(WireError("varint longer than 10 bytes or 64 bits"));
+            return Err(WireError::VarintTooLong);
         }
         value |= u64::from(byte & 0x7f) << (7 * i);
         if byte < 0x80 {
             return Ok((value, &buf[i + 1..]));
         }
     }
-    Err(WireError("truncated varint"))
+    Err(WireError::TruncatedVarint)
 }
 
 impl<'a> Iterator for Fields<'a> {
@@ -265,7 +278,7 @@ impl<'a> Iterator for Fields<'a> {
 /// A length-delimited field as UTF-8 text.
 #[inline]
 pub fn utf8(bytes: &[u8]) -> Result<&str, WireError> {
-    std::str::from_utf8(bytes).map_err(|_| WireError("string field is not valid UTF-8"))
+    std::str::from_utf8(bytes).map_err(|_| WireError::InvalidUtf8)
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 use serde::de::DeserializeOwned;
 
+use crate::model::IdField;
+
 /// Body formats of OTLP/HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MediaType {
@@ -62,14 +64,36 @@ impl ContentEncoding {
 }
 
 /// Why a body could not be turned into a request.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// Larger than the limit after decompression.
+    #[error("body over {limit} bytes once decompressed")]
     TooLarge { limit: usize },
-    /// Not valid for its encoding or media type; the message says where.
-    Invalid(String),
+    /// Not valid for its encoding or media type.
+    #[error(transparent)]
+    Invalid(#[from] InvalidBody),
     /// The buffered-bytes budget ran out while decompressing.
+    #[error("the buffered-bytes budget ran out while decompressing")]
     Busy,
+}
+
+/// What is wrong with a body, and where: the text the client reads.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidBody {
+    #[error("zstd body: {0}")]
+    Zstd(String),
+    /// gzip, deflate or zstd data that does not decompress.
+    #[error("compressed body: {0}")]
+    Compressed(String),
+    #[error("protobuf body: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error("JSON body: {0}")]
+    Json(String),
+    /// Keys written as in the .proto files: they would decode as an empty request.
+    #[error("JSON body uses the snake_case key {0}: OTLP/JSON keys are lowerCamelCase")]
+    SnakeCaseJson(&'static str),
+    #[error("{} must be {} bytes, got {got}", .field.name(), .field.bytes())]
+    IdLength { field: IdField, got: usize },
 }
 
 /// Decompresses `body`, refusing to produce more than `limit` bytes (a gzip bomb stops
@@ -109,7 +133,7 @@ pub fn decompress_within(
         }
         ContentEncoding::Zstd => Box::new(
             zstd::stream::read::Decoder::new(&body[..])
-                .map_err(|e| DecodeError::Invalid(format!("zstd body: {e}")))?,
+                .map_err(|e| InvalidBody::Zstd(e.to_string()))?,
         ),
     };
     // One byte past the limit tells "too large" from "exactly the limit"; saturating, so
@@ -124,7 +148,7 @@ pub fn decompress_within(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(DecodeError::Invalid(format!("compressed body: {e}"))),
+            Err(e) => return Err(InvalidBody::Compressed(e.to_string()).into()),
         };
         if out.len() + n > limit {
             return Err(DecodeError::TooLarge { limit });
@@ -156,15 +180,20 @@ pub trait OtlpRequest: Message + Default + DeserializeOwned {
     const SNAKE_CASE_KEY: &'static str;
     fn is_empty(&self) -> bool;
     /// Checks what neither prost nor serde checks: trace and span id lengths.
-    fn check_ids(&self) -> Result<(), String>;
+    fn check_ids(&self) -> Result<(), InvalidBody>;
 }
 
-fn check_id(bytes: &[u8], len: usize, what: &str) -> Result<(), String> {
-    if bytes.is_empty() || bytes.len() == len {
-        Ok(())
-    } else {
-        Err(format!("{what} must be {len} bytes, got {}", bytes.len()))
+/// The first id of the wrong length, if any.
+fn check_ids<'a>(ids: impl Iterator<Item = (IdField, &'a [u8])>) -> Result<(), InvalidBody> {
+    for (field, id) in ids {
+        if !field.fits(id) {
+            return Err(InvalidBody::IdLength {
+                field,
+                got: id.len(),
+            });
+        }
     }
+    Ok(())
 }
 
 impl OtlpRequest for ExportTraceServiceRequest {
@@ -172,18 +201,19 @@ impl OtlpRequest for ExportTraceServiceRequest {
     fn is_empty(&self) -> bool {
         self.resource_spans.is_empty()
     }
-    fn check_ids(&self) -> Result<(), String> {
-        for span in self
+    fn check_ids(&self) -> Result<(), InvalidBody> {
+        let spans = self
             .resource_spans
             .iter()
             .flat_map(|r| &r.scope_spans)
-            .flat_map(|s| &s.spans)
-        {
-            check_id(&span.trace_id, 16, "traceId")?;
-            check_id(&span.span_id, 8, "spanId")?;
-            check_id(&span.parent_span_id, 8, "parentSpanId")?;
-        }
-        Ok(())
+            .flat_map(|s| &s.spans);
+        check_ids(spans.flat_map(|s| {
+            [
+                (IdField::TraceId, &s.trace_id[..]),
+                (IdField::SpanId, &s.span_id[..]),
+                (IdField::ParentSpanId, &s.parent_span_id[..]),
+            ]
+        }))
     }
 }
 
@@ -192,50 +222,35 @@ impl OtlpRequest for ExportLogsServiceRequest {
     fn is_empty(&self) -> bool {
         self.resource_logs.is_empty()
     }
-    fn check_ids(&self) -> Result<(), String> {
-        for record in self
+    fn check_ids(&self) -> Result<(), InvalidBody> {
+        let records = self
             .resource_logs
             .iter()
             .flat_map(|r| &r.scope_logs)
-            .flat_map(|s| &s.log_records)
-        {
-            check_id(&record.trace_id, 16, "traceId")?;
-            check_id(&record.span_id, 8, "spanId")?;
-        }
-        Ok(())
+            .flat_map(|s| &s.log_records);
+        check_ids(records.flat_map(|r| {
+            [
+                (IdField::TraceId, &r.trace_id[..]),
+                (IdField::SpanId, &r.span_id[..]),
+            ]
+        }))
     }
-}
-
-/// A protobuf trace export decoded in full, with the id checks every path makes: the
-/// reference the selective scan (`flows::scan`) is held to by the `scanner_vs_prost`
-/// fuzz target.
-#[doc(hidden)]
-pub fn decode_traces_protobuf(body: &[u8]) -> Result<ExportTraceServiceRequest, String> {
-    decode(body, MediaType::Protobuf).map_err(|e| match e {
-        DecodeError::Invalid(m) => m,
-        other => format!("{other:?}"),
-    })
 }
 
 /// Decodes a complete (decompressed) body.
 pub fn decode<R: OtlpRequest>(body: &[u8], media: MediaType) -> Result<R, DecodeError> {
     let request = match media {
-        MediaType::Protobuf => {
-            R::decode(body).map_err(|e| DecodeError::Invalid(format!("protobuf body: {e}")))?
-        }
+        MediaType::Protobuf => R::decode(body).map_err(InvalidBody::Protobuf)?,
         MediaType::Json => {
-            let request: R = super::json::from_slice(body)
-                .map_err(|e| DecodeError::Invalid(format!("JSON body: {e}")))?;
+            let request: R =
+                super::json::from_slice(body).map_err(|e| InvalidBody::Json(e.to_string()))?;
             if request.is_empty() && contains(body, R::SNAKE_CASE_KEY.as_bytes()) {
-                return Err(DecodeError::Invalid(format!(
-                    "JSON body uses the snake_case key {}: OTLP/JSON keys are lowerCamelCase",
-                    R::SNAKE_CASE_KEY
-                )));
+                return Err(InvalidBody::SnakeCaseJson(R::SNAKE_CASE_KEY).into());
             }
             request
         }
     };
-    request.check_ids().map_err(DecodeError::Invalid)?;
+    request.check_ids()?;
     Ok(request)
 }
 
@@ -351,9 +366,17 @@ mod tests {
     fn json_ids_are_length_checked_and_snake_case_is_refused() {
         let bad = br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"abcd","spanId":"1111111111111111"}]}]}]}"#;
         let err = decode::<ExportTraceServiceRequest>(bad, MediaType::Json).unwrap_err();
-        assert!(matches!(err, DecodeError::Invalid(m) if m.contains("traceId")));
+        assert!(matches!(
+            err,
+            DecodeError::Invalid(InvalidBody::IdLength { .. })
+        ));
+        assert!(err.to_string().contains("traceId"), "{err}");
         let snake = br#"{"resource_spans":[{"scope_spans":[]}]}"#;
         let err = decode::<ExportTraceServiceRequest>(snake, MediaType::Json).unwrap_err();
-        assert!(matches!(err, DecodeError::Invalid(m) if m.contains("lowerCamelCase")));
+        assert!(matches!(
+            err,
+            DecodeError::Invalid(InvalidBody::SnakeCaseJson(_))
+        ));
+        assert!(err.to_string().contains("lowerCamelCase"), "{err}");
     }
 }

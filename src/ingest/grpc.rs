@@ -14,13 +14,11 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response};
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-use tonic::{Code, Status};
+use tonic::Code;
 
-use super::decode::{decode, decompress_within, ContentEncoding, DecodeError, MediaType};
-use super::limits::{Held, Limits, ReadError};
-use super::reply::export_response;
-use super::store_refusal;
-use crate::flows::store::StoreError;
+use super::decode::{decode, decompress_within, ContentEncoding, MediaType};
+use super::limits::{Held, Limits};
+use super::reply::{export_response, FramingError, Refusal};
 use crate::model::{Signal, Transport};
 use crate::pipeline::Pipeline;
 
@@ -68,23 +66,19 @@ impl OtlpGrpc {
             TRACE_EXPORT => Signal::Traces,
             LOGS_EXPORT => Signal::Logs,
             METRICS_EXPORT => Signal::Metrics,
-            _ => {
+            path => {
                 // Unknown service or method: UNIMPLEMENTED, as gRPC servers answer.
-                return Status::unimplemented(format!(
-                    "no such method {}: flowmetrics serves the OTLP Trace, Logs and Metrics services",
-                    req.uri().path()
-                ))
-                .into_http();
+                return Refusal::NoSuchMethod(path.to_string()).status().into_http();
             }
         };
         let result = self.export(req, signal, deadline).await;
         let mut overloaded = false;
         let (code, response) = match result {
             Ok(message) => (Code::Ok, ok_response(message)),
-            Err(refused) => {
-                overloaded =
-                    matches!(refused, Refused::Status(ref s) if s.code() == Code::Unavailable);
-                let status = refused.into_status();
+            Err(refusal) => {
+                refusal.log("OTLP/gRPC");
+                overloaded = refusal.is_overload();
+                let status = refusal.status();
                 tracing::debug!(code = ?status.code(), "export refused: {}", status.message());
                 let mut r: Response<tonic::body::Body> = status.clone().into_http();
                 if status.code() == Code::Unimplemented {
@@ -110,17 +104,15 @@ impl OtlpGrpc {
         req: Request<Incoming>,
         signal: Signal,
         deadline: tokio::time::Instant,
-    ) -> Result<Bytes, Refused> {
+    ) -> Result<Bytes, Refusal> {
         let encoding = req
             .headers()
             .get("grpc-encoding")
             .map(HeaderValue::as_bytes);
         let Some(encoding) = GrpcEncoding::from_header(encoding) else {
-            return Err(Status::unimplemented(format!(
-                "message compression {:?} not supported: use gzip, zstd or none",
-                String::from_utf8_lossy(encoding.unwrap_or_default())
-            ))
-            .into());
+            return Err(Refusal::MessageCompression(
+                String::from_utf8_lossy(encoding.unwrap_or_default()).into_owned(),
+            ));
         };
         let limit = self.limits.settings.max_body_bytes;
         let mut held = self.limits.hold();
@@ -129,15 +121,7 @@ impl OtlpGrpc {
             .limits
             .read_body(&mut body, limit + FRAME_HEADER, None, deadline, &mut held)
             .await
-            .map_err(|e| match e {
-                ReadError::TooLarge => too_large(limit),
-                ReadError::Busy => busy(),
-                ReadError::Timeout => Status::deadline_exceeded(
-                    "message not received within limits.request_read_timeout",
-                ),
-                ReadError::Canceled => Status::cancelled("the client reset the stream"),
-                ReadError::Invalid(m) => Status::invalid_argument(m),
-            })?;
+            .map_err(|e| Refusal::read(e, Transport::Grpc, limit))?;
         let pipeline = self.pipeline.clone();
         self.limits
             .decode(deadline, move || {
@@ -145,57 +129,39 @@ impl OtlpGrpc {
                 export(&pipeline, signal, &message, &mut held)
             })
             .await
-            .unwrap_or_else(|| Err(busy().into()))
-    }
-}
-
-/// Why a call was refused: a status to answer, or the correlation store's failure
-/// (answered UNAVAILABLE, and logged as what it is rather than as overload).
-enum Refused {
-    Status(Status),
-    Store(StoreError),
-}
-
-impl From<Status> for Refused {
-    fn from(status: Status) -> Self {
-        Refused::Status(status)
-    }
-}
-
-impl Refused {
-    fn into_status(self) -> Status {
-        match self {
-            Refused::Status(status) => status,
-            Refused::Store(e) => Status::unavailable(store_refusal("OTLP/gRPC", &e)),
-        }
+            .unwrap_or(Err(Refusal::Busy(Transport::Grpc)))
     }
 }
 
 /// One call's body framed, decoded and answered as the handler does, without a
 /// connection (for the fuzz targets): the encoded response message or the status.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn answer_message(
     pipeline: &Pipeline,
     limits: &Limits,
     path: &str,
     grpc_encoding: Option<&[u8]>,
     framed: Bytes,
-) -> Result<Bytes, Status> {
+) -> Result<Bytes, tonic::Status> {
     let signal = match path {
         TRACE_EXPORT => Signal::Traces,
         LOGS_EXPORT => Signal::Logs,
         METRICS_EXPORT => Signal::Metrics,
-        _ => return Err(Status::unimplemented("no such method")),
+        _ => return Err(Refusal::NoSuchMethod(path.to_string()).status()),
     };
-    let encoding = GrpcEncoding::from_header(grpc_encoding)
-        .ok_or_else(|| Status::unimplemented("compression"))?;
+    let encoding = GrpcEncoding::from_header(grpc_encoding).ok_or_else(|| {
+        let named = String::from_utf8_lossy(grpc_encoding.unwrap_or_default());
+        Refusal::MessageCompression(named.into_owned()).status()
+    })?;
     let limit = limits.settings.max_body_bytes;
+    let transport = Transport::Grpc;
     if framed.len() > limit + FRAME_HEADER {
-        return Err(too_large(limit));
+        return Err(Refusal::TooLarge { transport, limit }.status());
     }
     let mut held = limits.hold();
-    let message = unary_message(framed, encoding, limit, &mut held)?;
-    export(pipeline, signal, &message, &mut held).map_err(Refused::into_status)
+    unary_message(framed, encoding, limit, &mut held)
+        .and_then(|message| export(pipeline, signal, &message, &mut held))
+        .map_err(|refusal| refusal.status())
 }
 
 /// The one message of a unary call's body (framing checked, decompressed within
@@ -205,68 +171,45 @@ pub fn unary_message(
     encoding: GrpcEncoding,
     limit: usize,
     held: &mut Held,
-) -> Result<Bytes, Status> {
+) -> Result<Bytes, Refusal> {
     let Some(header) = framed.get(..FRAME_HEADER) else {
-        return Err(Status::invalid_argument(if framed.is_empty() {
-            "missing request message"
+        return Err(if framed.is_empty() {
+            FramingError::Missing
         } else {
-            "truncated gRPC message header"
-        }));
+            FramingError::TruncatedHeader
+        }
+        .into());
     };
     let compressed = match header[0] {
         0 => false,
         1 => true,
-        _ => return Err(Status::invalid_argument("invalid gRPC compression flag")),
+        _ => return Err(FramingError::CompressionFlag.into()),
     };
     let len = u32::from_be_bytes(header[1..].try_into().expect("4 bytes")) as usize;
+    let transport = Transport::Grpc;
     if len > limit {
-        return Err(too_large(limit));
+        return Err(Refusal::TooLarge { transport, limit });
     }
     let rest = framed.len() - FRAME_HEADER;
-    if rest < len {
-        return Err(Status::invalid_argument(
-            "gRPC message shorter than its length",
-        ));
-    }
-    if rest > len {
-        return Err(Status::invalid_argument(
-            "more than one message in a unary call",
-        ));
+    if rest != len {
+        let wrong = if rest < len {
+            FramingError::Short
+        } else {
+            FramingError::Several
+        };
+        return Err(wrong.into());
     }
     let message = framed.slice(FRAME_HEADER..);
     if !compressed {
         return Ok(message);
     }
     let encoding = match encoding {
-        GrpcEncoding::Identity => {
-            return Err(Status::invalid_argument(
-                "compressed message without grpc-encoding",
-            ))
-        }
+        GrpcEncoding::Identity => return Err(FramingError::CompressedWithoutEncoding.into()),
         GrpcEncoding::Gzip => ContentEncoding::Gzip,
         GrpcEncoding::Zstd => ContentEncoding::Zstd,
     };
-    decompress_within(message, encoding, limit, &mut |n| held.take(n)).map_err(decode_status)
-}
-
-fn decode_status(e: DecodeError) -> Status {
-    match e {
-        DecodeError::TooLarge { limit } => too_large(limit),
-        DecodeError::Busy => busy(),
-        DecodeError::Invalid(m) => Status::invalid_argument(m),
-    }
-}
-
-fn too_large(limit: usize) -> Status {
-    Status::resource_exhausted(format!(
-        "message over limits.max_request_body_bytes ({limit} bytes)"
-    ))
-}
-
-fn busy() -> Status {
-    Status::unavailable(
-        "overloaded: messages in memory are at limits.max_buffered_bytes; retry shortly",
-    )
+    decompress_within(message, encoding, limit, &mut |n| held.take(n))
+        .map_err(|e| Refusal::decode(e, transport))
 }
 
 /// Decodes and counts one message; the encoded `Export*ServiceResponse`.
@@ -275,23 +218,20 @@ fn export(
     signal: Signal,
     message: &[u8],
     held: &mut Held,
-) -> Result<Bytes, Refused> {
+) -> Result<Bytes, Refusal> {
     let rejected = match signal {
-        Signal::Traces => pipeline
-            .traces_protobuf(message, Transport::Grpc)
-            .map_err(Status::invalid_argument)?,
+        Signal::Traces => pipeline.traces_protobuf(message, Transport::Grpc)?,
         Signal::Logs => {
             // Decoded messages take about what their bytes took: paid for as such.
             if !held.take(message.len()) {
-                return Err(busy().into());
+                return Err(Refusal::Busy(Transport::Grpc));
             }
-            let request: ExportLogsServiceRequest =
-                decode(message, MediaType::Protobuf).map_err(decode_status)?;
-            pipeline.logs(&request, Transport::Grpc)
+            let request: ExportLogsServiceRequest = decode(message, MediaType::Protobuf)
+                .map_err(|e| Refusal::decode(e, Transport::Grpc))?;
+            pipeline.logs(&request, Transport::Grpc)?
         }
-        Signal::Metrics => Ok(Default::default()),
-    }
-    .map_err(Refused::Store)?;
+        Signal::Metrics => Default::default(),
+    };
     if !rejected.is_empty() {
         tracing::debug!("{}", rejected.message());
     }

@@ -14,10 +14,8 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
 use super::decode::{decode, decompress_within, ContentEncoding, DecodeError, MediaType};
-use super::limits::{Held, Limits, ReadError};
-use super::reply::{export_response, grpc_code, status_body};
-use super::store_refusal;
-use crate::flows::store::StoreError;
+use super::limits::{Held, Limits};
+use super::reply::{export_response, status_body, Refusal};
 use crate::model::{RejectionSummary, Signal, Transport};
 use crate::pipeline::Pipeline;
 use crate::server::HttpResponse;
@@ -26,38 +24,6 @@ use crate::server::HttpResponse;
 pub struct OtlpHttp {
     pipeline: Arc<Pipeline>,
     limits: Limits,
-}
-
-/// An error answer: status, gRPC-style code for the `google.rpc.Status` body, message,
-/// and the `code` label it is counted under.
-struct Failure {
-    status: StatusCode,
-    code: i32,
-    message: String,
-    label: &'static str,
-    /// Refused for want of memory budget or a decode slot (logged as overload).
-    overloaded: bool,
-}
-
-impl Failure {
-    fn new(status: StatusCode, code: i32, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            label: status_label(status),
-            overloaded: false,
-        }
-    }
-
-    /// The correlation store refused the export: logged as such, and retried.
-    fn store(e: &StoreError) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            grpc_code::UNAVAILABLE,
-            store_refusal("OTLP/HTTP", e),
-        )
-    }
 }
 
 /// How an answer is written: OTLP requests get a `google.rpc.Status` in their media
@@ -86,12 +52,9 @@ impl OtlpHttp {
             "/v1/logs" => Signal::Logs,
             "/v1/metrics" => Signal::Metrics,
             path => {
-                let msg = format!(
-                    "no such path {path}: OTLP/HTTP accepts POST /v1/traces, /v1/logs, /v1/metrics"
-                );
-                tracing::debug!("export refused: {msg}");
-                let failure = Failure::new(StatusCode::NOT_FOUND, grpc_code::NOT_FOUND, msg);
-                return self.early(req, Answer::Plain, failure, deadline);
+                let refusal = Refusal::NoSuchPath(path.to_string());
+                tracing::debug!("export refused: {refusal}");
+                return self.early(req, Answer::Plain, &refusal, deadline);
             }
         };
         let mut overloaded = false;
@@ -103,16 +66,17 @@ impl OtlpHttp {
                 let body = export_response(signal, media, &rejected);
                 (respond(StatusCode::OK, media, body), "200")
             }
-            Err(failure) => {
-                tracing::debug!(status = %failure.status, code = failure.label, "export refused: {}", failure.message);
-                let label = failure.label;
-                overloaded = failure.overloaded;
-                let answer = if failure.status == StatusCode::METHOD_NOT_ALLOWED {
+            Err(refusal) => {
+                let (status, label) = (refusal.http_status(), refusal.http_label());
+                tracing::debug!(status = %status, code = label, "export refused: {refusal}");
+                refusal.log("OTLP/HTTP");
+                overloaded = refusal.is_overload();
+                let answer = if status == StatusCode::METHOD_NOT_ALLOWED {
                     Answer::Plain
                 } else {
                     answer
                 };
-                (error(answer, failure), label)
+                (error(answer, &refusal), label)
             }
         };
         if overloaded {
@@ -130,11 +94,11 @@ impl OtlpHttp {
         &self,
         req: Request<Incoming>,
         answer: Answer,
-        failure: Failure,
+        refusal: &Refusal,
         deadline: tokio::time::Instant,
     ) -> HttpResponse {
         self.linger(req, deadline);
-        error(answer, failure)
+        error(answer, refusal)
     }
 
     fn linger(&self, req: Request<Incoming>, deadline: tokio::time::Instant) {
@@ -151,44 +115,28 @@ impl OtlpHttp {
         signal: Signal,
         media: Option<MediaType>,
         deadline: tokio::time::Instant,
-    ) -> Result<(MediaType, RejectionSummary), Failure> {
-        if req.method() != Method::POST {
-            let failure = Failure::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                grpc_code::UNIMPLEMENTED,
-                format!("method {} not allowed: use POST", req.method()),
-            );
-            self.linger(req, deadline);
-            return Err(failure);
-        }
+    ) -> Result<(MediaType, RejectionSummary), Refusal> {
         let header = |name| {
             req.headers()
                 .get(name)
                 .and_then(|v: &HeaderValue| v.to_str().ok())
         };
-        let Some(media) = media else {
-            let failure = Failure::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                grpc_code::INVALID_ARGUMENT,
-                format!(
-                    "unsupported content type {:?}: use application/x-protobuf or application/json",
-                    header(CONTENT_TYPE).unwrap_or("")
-                ),
-            );
-            self.linger(req, deadline);
-            return Err(failure);
+        let header_text = |name| header(name).unwrap_or("").to_string();
+        let checked = if req.method() != Method::POST {
+            Err(Refusal::MethodNotAllowed(req.method().to_string()))
+        } else if let Some(media) = media {
+            ContentEncoding::from_header(header(CONTENT_ENCODING))
+                .map(|encoding| (media, encoding))
+                .ok_or_else(|| Refusal::ContentEncoding(header_text(CONTENT_ENCODING)))
+        } else {
+            Err(Refusal::ContentType(header_text(CONTENT_TYPE)))
         };
-        let Some(encoding) = ContentEncoding::from_header(header(CONTENT_ENCODING)) else {
-            let failure = Failure::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                grpc_code::INVALID_ARGUMENT,
-                format!(
-                    "unsupported content encoding {:?}: use gzip, deflate, zstd or none",
-                    header(CONTENT_ENCODING).unwrap_or("")
-                ),
-            );
-            self.linger(req, deadline);
-            return Err(failure);
+        let (media, encoding) = match checked {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                self.linger(req, deadline);
+                return Err(refusal);
+            }
         };
         let declared = header(CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
         let limit = self.limits.settings.max_body_bytes;
@@ -201,14 +149,11 @@ impl OtlpHttp {
         let body = match read {
             Ok(bytes) => bytes,
             Err(e) => {
-                let failure = read_failure(e, limit);
-                if matches!(
-                    failure.status,
-                    StatusCode::PAYLOAD_TOO_LARGE | StatusCode::SERVICE_UNAVAILABLE
-                ) {
+                let refusal = Refusal::read(e, Transport::Http, limit);
+                if matches!(refusal, Refusal::TooLarge { .. } | Refusal::Busy(_)) {
                     self.limits.linger(body, deadline);
                 }
-                return Err(failure);
+                return Err(refusal);
             }
         };
         let pipeline = self.pipeline.clone();
@@ -217,14 +162,14 @@ impl OtlpHttp {
                 decode_export(&pipeline, signal, media, encoding, body, limit, held)
             })
             .await
-            .unwrap_or_else(|| Err(busy()))
+            .unwrap_or(Err(Refusal::Busy(Transport::Http)))
             .map(|rejected| (media, rejected))
     }
 }
 
 /// One request body decoded and answered as the handler does, without a connection
 /// (for the fuzz targets): the answer's status and body.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub fn answer_body(
     pipeline: &Pipeline,
     limits: &Limits,
@@ -259,7 +204,10 @@ pub fn answer_body(
         limits.hold(),
     ) {
         Ok(rejected) => (StatusCode::OK, export_response(signal, media, &rejected)),
-        Err(f) => (f.status, status_body(media, f.code, &f.message)),
+        Err(refusal) => (
+            refusal.http_status(),
+            status_body(media, refusal.grpc_code(), &refusal.to_string()),
+        ),
     }
 }
 
@@ -272,91 +220,43 @@ fn decode_export(
     body: Bytes,
     limit: usize,
     mut held: Held,
-) -> Result<RejectionSummary, Failure> {
-    let invalid = |e: DecodeError| match e {
-        DecodeError::TooLarge { .. } => too_large(limit),
-        DecodeError::Busy => busy(),
-        DecodeError::Invalid(m) => {
-            Failure::new(StatusCode::BAD_REQUEST, grpc_code::INVALID_ARGUMENT, m)
-        }
-    };
+) -> Result<RejectionSummary, Refusal> {
+    let invalid = |e: DecodeError| Refusal::decode(e, Transport::Http);
     let body = decompress_within(body, encoding, limit, &mut |n| held.take(n)).map_err(invalid)?;
     // Decoded messages take about what their bytes took: paid for as such.
     let structs = media == MediaType::Json || signal == Signal::Logs;
     if structs && !held.take(body.len()) {
-        return Err(busy());
+        return Err(Refusal::Busy(Transport::Http));
     }
-    let rejected = match signal {
-        Signal::Traces if media == MediaType::Protobuf => pipeline
-            .traces_protobuf(&body, Transport::Http)
-            .map_err(|m| invalid(DecodeError::Invalid(m)))?,
+    Ok(match signal {
+        Signal::Traces if media == MediaType::Protobuf => {
+            pipeline.traces_protobuf(&body, Transport::Http)?
+        }
         Signal::Traces => {
             let request: ExportTraceServiceRequest = decode(&body, media).map_err(invalid)?;
-            pipeline.traces(&request, Transport::Http)
+            pipeline.traces(&request, Transport::Http)?
         }
         Signal::Logs => {
             let request: ExportLogsServiceRequest = decode(&body, media).map_err(invalid)?;
-            pipeline.logs(&request, Transport::Http)
+            pipeline.logs(&request, Transport::Http)?
         }
         // Accepted and discarded: SDKs and flowgen send every signal to one endpoint.
-        Signal::Metrics => Ok(RejectionSummary::default()),
-    };
-    drop(held);
-    rejected.map_err(|e| Failure::store(&e))
+        Signal::Metrics => RejectionSummary::default(),
+    })
 }
 
-fn too_large(limit: usize) -> Failure {
-    Failure::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        grpc_code::RESOURCE_EXHAUSTED,
-        format!("request body over limits.max_request_body_bytes ({limit} bytes)"),
-    )
-}
-
-fn busy() -> Failure {
-    Failure {
-        overloaded: true,
-        ..Failure::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            grpc_code::UNAVAILABLE,
-            "overloaded: request bodies in memory are at limits.max_buffered_bytes; retry shortly",
-        )
-    }
-}
-
-fn read_failure(e: ReadError, limit: usize) -> Failure {
-    match e {
-        ReadError::TooLarge => too_large(limit),
-        ReadError::Busy => busy(),
-        ReadError::Timeout => Failure::new(
-            StatusCode::REQUEST_TIMEOUT,
-            grpc_code::UNAVAILABLE,
-            "request body not received within limits.request_read_timeout",
-        ),
-        ReadError::Canceled => Failure {
-            label: "canceled",
-            ..Failure::new(
-                StatusCode::BAD_REQUEST,
-                grpc_code::CANCELLED,
-                "the client closed the request",
-            )
-        },
-        ReadError::Invalid(m) => {
-            Failure::new(StatusCode::BAD_REQUEST, grpc_code::INVALID_ARGUMENT, m)
-        }
-    }
-}
-
-fn error(answer: Answer, failure: Failure) -> HttpResponse {
+fn error(answer: Answer, refusal: &Refusal) -> HttpResponse {
+    let status = refusal.http_status();
+    let message = refusal.to_string();
     let mut r = match answer {
         Answer::Otlp(media) => respond(
-            failure.status,
+            status,
             media,
-            status_body(media, failure.code, &failure.message),
+            status_body(media, refusal.grpc_code(), &message),
         ),
         Answer::Plain => {
-            let mut r = Response::new(Full::new(Bytes::from(format!("{}\n", failure.message))));
-            *r.status_mut() = failure.status;
+            let mut r = Response::new(Full::new(Bytes::from(format!("{message}\n"))));
+            *r.status_mut() = status;
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -364,11 +264,11 @@ fn error(answer: Answer, failure: Failure) -> HttpResponse {
             r
         }
     };
-    if failure.status == StatusCode::METHOD_NOT_ALLOWED {
+    if status == StatusCode::METHOD_NOT_ALLOWED {
         r.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("POST"));
     }
-    if failure.status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE {
         r.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -382,18 +282,4 @@ fn respond(status: StatusCode, media: MediaType, body: Bytes) -> HttpResponse {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(media.content_type()));
     response
-}
-
-fn status_label(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        200 => "200",
-        400 => "400",
-        404 => "404",
-        405 => "405",
-        413 => "413",
-        408 => "408",
-        415 => "415",
-        503 => "503",
-        _ => "500",
-    }
 }
