@@ -36,13 +36,12 @@ pub fn trace_events(
     network: Option<&NetworkFlows>,
     received_nanos: u64,
 ) -> TraceEvents {
-    let mut found = TraceEvents::default();
     let spans = items(
         &request.resource_spans,
-        |r| r.resource.as_ref(),
-        |r| &r.scope_spans,
+        |r| (r.resource.as_ref(), &r.scope_spans),
         |s| &s.spans,
     );
+    let mut found = TraceEvents::default();
     for (resource, span) in spans {
         found.spans += 1;
         if let Some(record) = network.and_then(|n| n.decoded_span(span, resource)) {
@@ -100,36 +99,51 @@ pub fn log_events(
     extractor: &Extractor,
     received_nanos: u64,
 ) -> LogEvents {
-    let mut found = LogEvents::default();
     let records = items(
         &request.resource_logs,
-        |r| r.resource.as_ref(),
-        |r| &r.scope_logs,
+        |r| (r.resource.as_ref(), &r.scope_logs),
         |s| &s.log_records,
     );
+    let mut found = LogEvents::default();
     for (resource, record) in records {
         found.records += 1;
-        let Some(name) = event_name(record).filter(|n| extractor.may_be_flow_event(n)) else {
-            continue;
-        };
-        let event = EventContext {
-            name,
-            layers: AttributeLayers {
-                event: &record.attributes[..],
-                parent: NO_ATTRIBUTES,
-                resource,
-            },
-            time_nanos: record.time_unix_nano,
-            fallback_nanos: record.observed_time_unix_nano,
-            origin: Origin {
-                is_error: record.severity_number >= SEVERITY_ERROR,
-                trace: TraceRef::from_ids(&record.trace_id, &record.span_id),
-                source: Source::Log,
-            },
-        };
-        extractor.extract_into(&event, received_nanos, &mut found.events);
+        log_event(
+            record,
+            resource,
+            extractor,
+            received_nanos,
+            &mut found.events,
+        );
     }
     found
+}
+
+fn log_event(
+    record: &LogRecord,
+    resource: &[KeyValue],
+    extractor: &Extractor,
+    received_nanos: u64,
+    found: &mut Vec<Result<FlowEvent, Rejection>>,
+) {
+    let Some(name) = event_name(record).filter(|n| extractor.may_be_flow_event(n)) else {
+        return;
+    };
+    let event = EventContext {
+        name,
+        layers: AttributeLayers {
+            event: &record.attributes[..],
+            parent: NO_ATTRIBUTES,
+            resource,
+        },
+        time_nanos: record.time_unix_nano,
+        fallback_nanos: record.observed_time_unix_nano,
+        origin: Origin {
+            is_error: record.severity_number >= SEVERITY_ERROR,
+            trace: TraceRef::from_ids(&record.trace_id, &record.span_id),
+            source: Source::Log,
+        },
+    };
+    extractor.extract_into(&event, received_nanos, found);
 }
 
 /// A log record's event name: `event_name`, else a string `event.name` attribute.
@@ -147,13 +161,13 @@ fn event_name(record: &LogRecord) -> Option<&str> {
 /// Every item (span, log record) of an export, in order, with its resource's attributes.
 fn items<'r, G, S: 'r, T: 'r>(
     groups: &'r [G],
-    resource: fn(&G) -> Option<&Resource>,
-    scopes: fn(&G) -> &Vec<S>,
+    resource_and_scopes: fn(&G) -> (Option<&Resource>, &Vec<S>),
     in_scope: fn(&S) -> &Vec<T>,
 ) -> impl Iterator<Item = (&'r [KeyValue], &'r T)> {
     groups.iter().flat_map(move |group| {
-        let attributes = resource(group).map_or(NO_ATTRIBUTES, |r| &r.attributes[..]);
-        scopes(group)
+        let (resource, scopes) = resource_and_scopes(group);
+        let attributes = resource.map_or(NO_ATTRIBUTES, |r| &r.attributes[..]);
+        scopes
             .iter()
             .flat_map(in_scope)
             .map(move |item| (attributes, item))

@@ -380,6 +380,15 @@ mod tests {
         x.extract(&e, 99)
     }
 
+    /// An extractor of the default configuration with these `dimensions` (YAML).
+    fn with_dimensions(yaml: &str) -> Extractor {
+        let c = Config {
+            dimensions: serde_yaml::from_str(yaml).unwrap(),
+            ..Default::default()
+        };
+        Extractor::new(crate::settings::extractor(&c))
+    }
+
     /// [`extract`] of a flow event that is accepted.
     fn accept(x: &Extractor, name: &str, attributes: &[KeyValue], is_error: bool) -> FlowEvent {
         extract(x, name, attributes, is_error).unwrap().unwrap()
@@ -559,11 +568,7 @@ mod tests {
 
     #[test]
     fn step_events_carry_their_shared_name_and_no_dimensions() {
-        let c = Config {
-            dimensions: serde_yaml::from_str("- { label: tier, attribute: tier }\n").unwrap(),
-            ..Default::default()
-        };
-        let x = Extractor::new(crate::settings::extractor(&c));
+        let x = with_dimensions("- { label: tier, attribute: tier }\n");
         let attrs = [
             s("correlation-id", "a"),
             s("step", "paid"),
@@ -643,14 +648,9 @@ mod tests {
 
     #[test]
     fn attribute_layers_are_searched_in_order_and_shared_once() {
-        let c = Config {
-            dimensions: serde_yaml::from_str(
-                "- { label: a, attribute: x, default: dflt }\n- { label: b, attribute: y }\n",
-            )
-            .unwrap(),
-            ..Default::default()
-        };
-        let x = Extractor::new(crate::settings::extractor(&c));
+        let x = with_dimensions(
+            "- { label: a, attribute: x, default: dflt }\n- { label: b, attribute: y }\n",
+        );
         let resource = [
             s("x", "from-resource"),
             s("y", "res-y"),
