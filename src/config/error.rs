@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::config_checks::{ConfigFileError, LogFilterError};
 
+use super::report::describe_kind;
 use super::validate::{MAX_BODY_LIMIT, MAX_BUFFERED_LIMIT, MAX_CONNECTIONS_LIMIT, MAX_STEPS_LIMIT};
 
 /// A configuration that cannot be used. Its text names the key and where its value
@@ -43,18 +44,33 @@ fn join(errors: &[ReadError]) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     /// Nothing was read: the file is not YAML.
-    #[error("config file {}: not valid YAML: {message}", file.display())]
-    NotYaml { file: PathBuf, message: String },
+    #[error("config file {}: not valid YAML: {problem}", file.display())]
+    NotYaml { file: PathBuf, problem: ReadProblem },
     /// A problem of the whole configuration, at no key.
-    #[error("configuration {origin}: {message}")]
-    Whole { origin: Origin, message: String },
+    #[error("configuration {origin}: {problem}")]
+    Whole {
+        origin: Origin,
+        problem: ReadProblem,
+    },
     /// A key whose value has the wrong type or form, or that is not a key at all.
-    #[error("{key} {origin}: {message}")]
+    #[error("{key} {origin}: {problem}")]
     Value {
         key: Key,
         origin: Origin,
-        message: String,
+        problem: ReadProblem,
     },
+}
+
+/// What is wrong with a value that does not parse, in words without serde's backticks
+/// or Rust type names.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadProblem {
+    /// A key that must be given is not.
+    #[error("is required")]
+    Required,
+    /// What serde (or a value's own parser, as a message) found.
+    #[error("{}", describe_kind(.0))]
+    Invalid(figment::error::Kind),
 }
 
 /// Where a value came from.

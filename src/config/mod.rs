@@ -16,7 +16,7 @@ mod validate;
 mod values;
 
 pub use crate::config_checks::{check_log_filter, MAX_CONFIG_FILE_BYTES};
-pub use error::{ConfigError, Key, KeySeg, Origin, Problem, ReadError};
+pub use error::{ConfigError, Key, KeySeg, Origin, Problem, ReadError, ReadProblem};
 pub use load::CONFIG_ENV;
 pub use objectives::{with_bounds, Objective};
 pub use schema::{

@@ -6,7 +6,7 @@ use figment::error::{Actual, Kind};
 use figment::value::Value;
 use figment::Figment;
 
-use super::error::{Key, KeySeg, Origin, ReadError};
+use super::error::{Key, KeySeg, Origin, ReadError, ReadProblem};
 
 /// Every problem at once, e.g. `flows.default.timeout from environment variable
 /// FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT: "soon" is not a duration (…)` or
@@ -22,18 +22,18 @@ fn read_error(e: &figment::Error, figment: &Figment) -> ReadError {
         Some(m) => describe_origin(m, &key),
         None => origin_of(figment, &key),
     };
-    let message = match &e.kind {
+    let problem = match &e.kind {
         Kind::MissingField(field) => {
             key.0.push(KeySeg::Key(field.to_string()));
-            "is required".to_string()
+            ReadProblem::Required
         }
-        kind => describe_kind(kind),
+        kind => ReadProblem::Invalid(kind.clone()),
     };
     if !key.0.is_empty() {
         return ReadError::Value {
             key,
             origin,
-            message,
+            problem,
         };
     }
     // Nothing was read: the file itself is the problem (YAML syntax).
@@ -45,14 +45,14 @@ fn read_error(e: &figment::Error, figment: &Figment) -> ReadError {
     match file {
         Some(p) => ReadError::NotYaml {
             file: p.to_path_buf(),
-            message,
+            problem,
         },
-        None => ReadError::Whole { origin, message },
+        None => ReadError::Whole { origin, problem },
     }
 }
 
 /// What went wrong, in words, without serde's backticks.
-fn describe_kind(kind: &Kind) -> String {
+pub(super) fn describe_kind(kind: &Kind) -> String {
     match kind {
         Kind::Message(m) => m.clone(),
         Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {

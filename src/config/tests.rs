@@ -29,6 +29,17 @@ fn file_error(yaml: &str) -> (String, String) {
     (err.to_string(), name.to_string())
 }
 
+/// The configuration `yaml` gives as a config file.
+fn file_config(yaml: &str) -> Config {
+    let f = yaml_file(yaml);
+    Config::load(Some(&f.path), env(&[])).unwrap()
+}
+
+/// The configuration the given environment variables give.
+fn env_config(pairs: &[(&str, &str)]) -> Config {
+    Config::load(None, env(pairs)).unwrap()
+}
+
 /// The error the given environment variables give.
 fn env_error(pairs: &[(&str, &str)]) -> String {
     Config::load(None, env(pairs)).unwrap_err().to_string()
@@ -59,59 +70,41 @@ mod tempfile_lite {
 
 #[test]
 fn a_redis_cluster_is_a_list_of_nodes_with_16_shards_by_default() {
-    let f = yaml_file(
-        "correlation:\n  store: redis\n  redis:\n    cluster: [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n",
-    );
-    let c = Config::load(Some(&f.path), env(&[])).unwrap();
+    let c = file_config("correlation:\n  store: redis\n  redis:\n    cluster: [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n",);
     assert_eq!(c.correlation.redis.cluster.len(), 2);
     assert_eq!(c.correlation.redis.shard_count(), 16);
-    let one = Config::load(None, env(&[("FLOWMETRICS_CORRELATION__STORE", "redis")])).unwrap();
+    let one = env_config(&[("FLOWMETRICS_CORRELATION__STORE", "redis")]);
     assert_eq!(one.correlation.redis.shard_count(), 1);
-    let c = Config::load(
-        None,
-        env(&[
-            ("FLOWMETRICS_CORRELATION__STORE", "redis"),
-            (
-                "FLOWMETRICS_CORRELATION__REDIS__CLUSTER",
-                "[redis://a:1, redis://b:2]",
-            ),
-            ("FLOWMETRICS_CORRELATION__REDIS__SHARDS", "64"),
-        ]),
-    )
-    .unwrap();
+    let c = env_config(&[
+        ("FLOWMETRICS_CORRELATION__STORE", "redis"),
+        (
+            "FLOWMETRICS_CORRELATION__REDIS__CLUSTER",
+            "[redis://a:1, redis://b:2]",
+        ),
+        ("FLOWMETRICS_CORRELATION__REDIS__SHARDS", "64"),
+    ]);
     assert_eq!(c.correlation.redis.cluster, ["redis://a:1", "redis://b:2"]);
     assert_eq!(c.correlation.redis.shard_count(), 64);
-    let tls = Config::load(
-        None,
-        env(&[
-            ("FLOWMETRICS_CORRELATION__STORE", "redis"),
-            ("FLOWMETRICS_CORRELATION__REDIS__URL", "rediss://r:6380/0"),
-            ("FLOWMETRICS_CORRELATION__REDIS__CA_FILE", "/etc/ca.pem"),
-        ]),
-    )
-    .unwrap();
+    let tls = env_config(&[
+        ("FLOWMETRICS_CORRELATION__STORE", "redis"),
+        ("FLOWMETRICS_CORRELATION__REDIS__URL", "rediss://r:6380/0"),
+        ("FLOWMETRICS_CORRELATION__REDIS__CA_FILE", "/etc/ca.pem"),
+    ]);
     assert_eq!(tls.correlation.redis.ca_file, "/etc/ca.pem");
     // The nodes may also be listed in `url`: a YAML list, or a comma-separated string.
-    let f = yaml_file(
-        "correlation:\n  store: redis\n  redis:\n    url: [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n",
-    );
-    let c = Config::load(Some(&f.path), env(&[])).unwrap();
+    let c = file_config("correlation:\n  store: redis\n  redis:\n    url: [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n",);
     assert_eq!(
         c.correlation.redis.target().urls(),
         ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]
     );
     assert_eq!(c.correlation.redis.shard_count(), 16);
-    let c = Config::load(
-        None,
-        env(&[
-            ("FLOWMETRICS_CORRELATION__STORE", "redis"),
-            (
-                "FLOWMETRICS_CORRELATION__REDIS__URL",
-                "redis://a:1, redis://b:2",
-            ),
-        ]),
-    )
-    .unwrap();
+    let c = env_config(&[
+        ("FLOWMETRICS_CORRELATION__STORE", "redis"),
+        (
+            "FLOWMETRICS_CORRELATION__REDIS__URL",
+            "redis://a:1, redis://b:2",
+        ),
+    ]);
     assert_eq!(
         c.correlation.redis.target(),
         RedisTarget::Cluster {
@@ -186,7 +179,7 @@ fn a_bad_redis_cluster_setting_fails_naming_the_key() {
 
 #[test]
 fn defaults_need_no_file() {
-    let c = Config::load(None, env(&[])).unwrap();
+    let c = env_config(&[]);
     assert_eq!(c.listen.otlp_http, "127.0.0.1:4318");
     assert_eq!(c.listen.metrics, "127.0.0.1:9464");
     assert_eq!(c.flows.default.timeout, Duration::from_secs(300));
@@ -197,10 +190,7 @@ fn defaults_need_no_file() {
 
 #[test]
 fn histogram_kinds_and_label_value_bound_are_checked() {
-    let f = yaml_file(
-        "flows:\n  default: { histogram: native }\n  per_flow:\n    pay: { histogram: both, native_max_buckets: 40 }\nlimits:\n  max_label_value_bytes: 64\n",
-    );
-    let c = Config::load(Some(&f.path), env(&[])).unwrap();
+    let c = file_config("flows:\n  default: { histogram: native }\n  per_flow:\n    pay: { histogram: both, native_max_buckets: 40 }\nlimits:\n  max_label_value_bytes: 64\n",);
     assert_eq!(c.flows.default.histogram, HistogramKind::Native);
     assert_eq!(c.flows.default.native_bucket_factor, 1.1);
     assert_eq!(c.flows.per_flow["pay"].histogram, Some(HistogramKind::Both));
@@ -255,10 +245,7 @@ fn env_overrides_file_and_numbers_are_accepted() {
 
 #[test]
 fn file_values_apply() {
-    let f = yaml_file(
-        "events:\n  correlation_keys: [order.id]\nflows:\n  per_flow:\n    order_processing: { timeout: 30m }\nlog: { level: debug, format: json }\n",
-    );
-    let c = Config::load(Some(&f.path), env(&[])).unwrap();
+    let c = file_config("events:\n  correlation_keys: [order.id]\nflows:\n  per_flow:\n    order_processing: { timeout: 30m }\nlog: { level: debug, format: json }\n",);
     assert_eq!(c.events.correlation_keys, vec!["order.id"]);
     assert_eq!(c.timeout_for("order_processing"), Duration::from_secs(1800));
     assert_eq!(c.timeout_for("other"), Duration::from_secs(300));
@@ -312,22 +299,15 @@ fn dimension_labels_are_sanitised_and_checked() {
 
 #[test]
 fn limits_keys_parse_and_are_range_checked() {
-    let f = yaml_file(
-        "limits:\n  max_connections: 12\n  idle_timeout: 1s\n  request_read_timeout: 2s\n  max_buffered_bytes: 128MiB\n",
-    );
-    let c = Config::load(Some(&f.path), env(&[])).unwrap();
+    let c = file_config("limits:\n  max_connections: 12\n  idle_timeout: 1s\n  request_read_timeout: 2s\n  max_buffered_bytes: 128MiB\n",);
     assert_eq!(c.limits.max_connections, MaxConnections::Fixed(12));
     assert_eq!(c.limits.idle_timeout, Duration::from_secs(1));
     assert_eq!(c.limits.request_read_timeout, Duration::from_secs(2));
     assert_eq!(c.limits.max_buffered_bytes, 128 << 20);
-    let c = Config::load(
-        None,
-        env(&[
-            ("FLOWMETRICS_LIMITS__MAX_CONNECTIONS", "auto"),
-            ("FLOWMETRICS_LIMITS__MAX_BUFFERED_BYTES", "100000000"),
-        ]),
-    )
-    .unwrap();
+    let c = env_config(&[
+        ("FLOWMETRICS_LIMITS__MAX_CONNECTIONS", "auto"),
+        ("FLOWMETRICS_LIMITS__MAX_BUFFERED_BYTES", "100000000"),
+    ]);
     assert_eq!(c.limits.max_connections, MaxConnections::Auto);
     assert_eq!(c.limits.max_buffered_bytes, 100_000_000);
     assert_eq!(byte_size::parse("64 MB"), Some(64_000_000));
@@ -421,10 +401,7 @@ fn huge_durations_are_errors_not_panics() {
 
 #[test]
 fn step_settings_load_and_bad_ones_name_key_and_source() {
-    let f = yaml_file(
-        "events: { step_suffix: .reached, step_key: stage }\nflows:\n  per_flow:\n    order.v2: { steps: [placed, payment_authorized, shipped] }\nlimits: { max_steps_per_flow: 8 }\n",
-    );
-    let c = Config::load(Some(&f.path), env(&[])).unwrap();
+    let c = file_config("events: { step_suffix: .reached, step_key: stage }\nflows:\n  per_flow:\n    order.v2: { steps: [placed, payment_authorized, shipped] }\nlimits: { max_steps_per_flow: 8 }\n",);
     assert_eq!(
         (&*c.events.step_suffix, &*c.events.step_key),
         (".reached", "stage")
@@ -487,17 +464,16 @@ fn step_settings_load_and_bad_ones_name_key_and_source() {
 
 #[test]
 fn effective_config_renders_and_reloads() {
-    let c = Config::load(None, env(&[])).unwrap();
+    let c = env_config(&[]);
     let yaml = c.to_yaml();
     assert!(yaml.contains("timeout: 5m"), "{yaml}");
-    let f = yaml_file(&yaml);
-    let again = Config::load(Some(&f.path), env(&[])).unwrap();
+    let again = file_config(&yaml);
     assert_eq!(again.flows.default.timeout, c.flows.default.timeout);
 }
 
 #[test]
 fn counts_of_at_least_one_are_typed_and_refuse_0_naming_key_and_source() {
-    let c = Config::load(None, env(&[])).unwrap();
+    let c = env_config(&[]);
     assert_eq!(c.correlation.redis.pool_size.get(), 8);
     assert_eq!(c.events.max_correlation_id_bytes.get(), 256);
     assert_eq!(c.flows.default.native_max_buckets.get(), 160);
