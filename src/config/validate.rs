@@ -26,7 +26,7 @@ pub(super) const MAX_STEPS_LIMIT: usize = 1024;
 
 type Checked = Result<(), Invalid>;
 
-/// `Err` with `problem` at `key` when `bad`.
+/// `Err` with `problem` at `key` unless `ok`.
 fn ensure(ok: bool, key: impl FnOnce() -> Key, problem: impl FnOnce() -> Problem) -> Checked {
     if ok {
         Ok(())
