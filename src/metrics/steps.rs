@@ -4,7 +4,6 @@
 //! is counted.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
@@ -12,22 +11,11 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::duration::DurationSeries;
-use super::family::{Layout, LimitedFamily, OverflowReporter, SeriesLabels, SeriesRef};
-use super::TraceExemplar;
+use super::family::{Layout, LimitedFamily, SeriesLabels, SeriesLimit, SeriesRef};
+use super::flow_families::label_names;
+use super::{MetricsSettings, TraceExemplar};
 use crate::flows::event::{DimValues, TraceRef};
 use crate::flows::store::{StepTransit, StepUnmatchedReason};
-
-/// What the step families are built from.
-pub(super) struct StepFamiliesSettings<'a> {
-    pub max_series: usize,
-    pub start_dims: Arc<[Box<str>]>,
-    pub default_buckets: Vec<f64>,
-    pub per_flow_buckets: HashMap<String, Vec<f64>>,
-    /// Flows with declared steps, in order: their series exist from the first event.
-    pub declared: &'a HashMap<String, Vec<String>>,
-    pub overflow: &'a Arc<OverflowReporter>,
-    pub clock: &'a Arc<AtomicU64>,
-}
 
 pub(super) struct StepMetrics {
     pub(super) steps: LimitedFamily<Counter>,
@@ -36,6 +24,7 @@ pub(super) struct StepMetrics {
     transit: LimitedFamily<Histogram>,
     pub(super) stalled: LimitedFamily<Counter>,
     unmatched: LimitedFamily<Counter>,
+    /// Flows with declared steps, in order: their series exist from the first event.
     pub(super) declared: HashMap<Box<str>, Box<[Arc<str>]>>,
     /// `last_step` of an instance that reached no step.
     start: Arc<str>,
@@ -43,35 +32,29 @@ pub(super) struct StepMetrics {
 }
 
 impl StepMetrics {
-    pub fn new(settings: StepFamiliesSettings<'_>, registry: &mut Registry) -> Self {
-        let StepFamiliesSettings {
-            max_series: max,
-            start_dims,
-            default_buckets,
-            per_flow_buckets,
-            declared,
-            overflow,
-            clock,
-        } = settings;
+    pub(super) fn register(
+        registry: &mut Registry,
+        limit: &SeriesLimit,
+        settings: &MetricsSettings,
+    ) -> Self {
+        let start_dims = label_names(&settings.start_dim_labels);
         let by_step = |step| Layout {
             extra: None,
             step: Some(step),
             start_dims: start_dims.clone(),
             end_dims: Arc::from([]),
         };
-        let counter = |name, layout| {
-            LimitedFamily::new(name, max, layout, overflow.clone(), clock.clone(), |_| {
-                Counter::default()
-            })
-        };
-        let buckets = Arc::new((default_buckets, per_flow_buckets));
+        let buckets = Arc::new((
+            settings.default_buckets.clone(),
+            settings.per_flow_buckets.clone(),
+        ));
         let buckets_of = move |flow: Option<&str>| {
             let (default, per_flow) = &*buckets;
             flow.and_then(|f| per_flow.get(f))
                 .unwrap_or(default)
                 .clone()
         };
-        let steps = counter("flowmetrics_flow_steps_total", by_step("step"));
+        let steps = limit.counters("flowmetrics_flow_steps_total", by_step("step"));
         registry.register(
             "flowmetrics_flow_steps",
             "Flow instances that reached a step, by step (each instance and step once, \
@@ -79,12 +62,9 @@ impl StepMetrics {
             steps.clone(),
         );
         let of = buckets_of.clone();
-        let duration = LimitedFamily::new(
+        let duration: LimitedFamily<DurationSeries> = limit.family(
             "flowmetrics_flow_step_duration_seconds",
-            max,
             by_step("step"),
-            overflow.clone(),
-            clock.clone(),
             move |flow| DurationSeries::classic(Arc::from(of(flow))),
         );
         registry.register_with_unit(
@@ -93,12 +73,9 @@ impl StepMetrics {
             Unit::Seconds,
             duration.clone(),
         );
-        let transit = LimitedFamily::new(
+        let transit: LimitedFamily<Histogram> = limit.family(
             "flowmetrics_flow_step_transit_seconds",
-            max,
             by_step("step"),
-            overflow.clone(),
-            clock.clone(),
             move |flow| Histogram::new(buckets_of(flow)),
         );
         registry.register_with_unit(
@@ -108,7 +85,7 @@ impl StepMetrics {
             Unit::Seconds,
             transit.clone(),
         );
-        let stalled = counter("flowmetrics_flow_stalled_total", by_step("last_step"));
+        let stalled = limit.counters("flowmetrics_flow_stalled_total", by_step("last_step"));
         registry.register(
             "flowmetrics_flow_stalled",
             "Timed-out instances by the latest step they reached by event timestamp \
@@ -116,7 +93,7 @@ impl StepMetrics {
              flowmetrics_flow_errors_total{error_reason=\"incomplete\"}",
             stalled.clone(),
         );
-        let unmatched = counter(
+        let unmatched = limit.counters(
             "flowmetrics_flow_steps_unmatched_total",
             Layout {
                 extra: Some("reason"),
@@ -136,13 +113,7 @@ impl StepMetrics {
             transit,
             stalled,
             unmatched,
-            declared: declared
-                .iter()
-                .map(|(flow, steps)| {
-                    let steps = steps.iter().map(|s| Arc::from(s.as_str())).collect();
-                    (Box::from(flow.as_str()), steps)
-                })
-                .collect(),
+            declared: declared_steps(&settings.declared_steps),
             start: Arc::from("start"),
             no_dims: Arc::from([]),
         }
@@ -259,4 +230,15 @@ impl StepMetrics {
             + self.stalled.retain(|l, _, _| keep(l))
             + self.unmatched.retain(|l, t, _| keep_flow(l, t))
     }
+}
+
+/// The declared steps, interned once.
+fn declared_steps(declared: &HashMap<String, Vec<String>>) -> HashMap<Box<str>, Box<[Arc<str>]>> {
+    declared
+        .iter()
+        .map(|(flow, steps)| {
+            let steps = steps.iter().map(|s| Arc::from(s.as_str())).collect();
+            (Box::from(flow.as_str()), steps)
+        })
+        .collect()
 }

@@ -8,7 +8,8 @@ use super::*;
 use crate::config::{Config, Dimension, DimensionSource, FlowOverride, HistogramKind, Objective};
 use crate::flows::event::TraceRef;
 use crate::flows::label_value::LabelBound;
-use crate::flows::store::{StepTransit, StepUnmatchedReason};
+use crate::flows::event::Outcome;
+use crate::flows::store::{EndRecord, StepTransit, StepUnmatchedReason};
 
 const GOLDEN: &str = include_str!("testdata/exposition.txt");
 
@@ -108,6 +109,15 @@ fn record(m: &Metrics) {
         })
     };
 
+    let timed_out = |flow: &Arc<str>, transits: &[StepTransit], last_step: Option<&Arc<str>>| {
+        m.report(Report::TimedOut {
+            flow,
+            start_dims: &eu,
+            transits,
+            last_step,
+        })
+    };
+
     for _ in 0..1234 {
         m.report(Report::Opened {
             flow: &checkout,
@@ -184,18 +194,8 @@ fn record(m: &Metrics) {
         duration_secs: 3.0,
         transits: &transits,
     });
-    m.report(Report::TimedOut {
-        flow: &login,
-        start_dims: &eu,
-        transits: &transits[..1],
-        last_step: Some(&paid),
-    });
-    m.report(Report::TimedOut {
-        flow: &login,
-        start_dims: &eu,
-        transits: &[],
-        last_step: None,
-    });
+    timed_out(&login, &transits[..1], Some(&paid));
+    timed_out(&login, &[], None);
     m.report(Report::StepUnmatched {
         flow: &login,
         reason: StepUnmatchedReason::AfterClose,
@@ -234,12 +234,7 @@ fn record(m: &Metrics) {
         });
         let e = end(Outcome::Success, &ok, trace(20 + i));
         completed(&flow, &eu, &e, f64::from(i) * 0.75);
-        m.report(Report::TimedOut {
-            flow: &flow,
-            start_dims: &eu,
-            transits: &[],
-            last_step: None,
-        });
+        timed_out(&flow, &[], None);
         m.report(Report::Unmatched {
             flow: &flow,
             evicted: true,
