@@ -120,20 +120,16 @@ impl App {
             tasks: Vec::new(),
         };
         let http = ingest::http::OtlpHttp::new(pipeline.clone(), limits.clone());
-        let otlp_http = otlp
-            .serve(
-                ("OTLP/HTTP", "listen.otlp_http", &config.listen.otlp_http),
-                move |req| http.clone().handle(req),
-                |addr| format!("http://{addr}/v1/traces, /v1/logs, /v1/metrics"),
-            )
-            .await?;
         let grpc = ingest::grpc::OtlpGrpc::new(pipeline.clone(), limits.clone());
+        let otlp_http = otlp
+            .serve(&OTLP_HTTP, &config.listen.otlp_http, move |req| {
+                http.clone().handle(req)
+            })
+            .await?;
         let otlp_grpc = otlp
-            .serve(
-                ("OTLP/gRPC", "listen.otlp_grpc", &config.listen.otlp_grpc),
-                move |req| grpc.clone().handle(req),
-                |addr| format!("{addr} (TraceService, LogsService, MetricsService)"),
-            )
+            .serve(&OTLP_GRPC, &config.listen.otlp_grpc, move |req| {
+                grpc.clone().handle(req)
+            })
             .await?;
         let mut tasks = otlp.tasks;
         tasks.push(spawn_housekeeping(metrics.clone(), stop));
@@ -195,6 +191,27 @@ fn build_pipeline(
     )
 }
 
+/// An OTLP listener as the log names it.
+struct Listener {
+    name: &'static str,
+    /// Its config key.
+    key: &'static str,
+    /// What is served at the bound address.
+    served: fn(SocketAddr) -> String,
+}
+
+const OTLP_HTTP: Listener = Listener {
+    name: "OTLP/HTTP",
+    key: "listen.otlp_http",
+    served: |addr| format!("http://{addr}/v1/traces, /v1/logs, /v1/metrics"),
+};
+
+const OTLP_GRPC: Listener = Listener {
+    name: "OTLP/gRPC",
+    key: "listen.otlp_grpc",
+    served: |addr| format!("{addr} (TraceService, LogsService, MetricsService)"),
+};
+
 /// The OTLP listeners: their connection limits, the signal that stops them, and the
 /// tasks serving them.
 struct Listeners {
@@ -204,14 +221,12 @@ struct Listeners {
 }
 
 impl Listeners {
-    /// Serves `handler` where `listener` = (its name, its config key, the address)
-    /// says; `None` when the address is empty (the listener is off). `served`: what
-    /// the log line says is served at the bound address.
+    /// Serves `handler` on `addr`; `None` when `addr` is empty (the listener is off).
     async fn serve<H, F, B>(
         &mut self,
-        (name, key, addr): (&str, &str, &str),
+        listener: &Listener,
+        addr: &str,
         handler: H,
-        served: impl FnOnce(SocketAddr) -> String,
     ) -> std::io::Result<Option<SocketAddr>>
     where
         H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -220,12 +235,13 @@ impl Listeners {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let Listener { name, key, served } = listener;
         if addr.is_empty() {
             tracing::info!("{name}: disabled ({key} is empty)");
             return Ok(None);
         }
-        let listener = server::bind(addr, key).await?;
-        let (bound, task) = server::spawn(listener, handler, self.limits, self.stop.clone())?;
+        let bound = server::bind(addr, key).await?;
+        let (bound, task) = server::spawn(bound, handler, self.limits, self.stop.clone())?;
         self.tasks.push(task);
         tracing::info!("{name}: {}", served(bound));
         Ok(Some(bound))

@@ -96,7 +96,9 @@ impl EventMetrics {
         let accepted = [Source::SpanEvent, Source::Log].map(|source| {
             EventKind::LABELS.map(|kind| {
                 let source = source.label();
-                events.get_or_create(&KindSourceLabels { kind, source }).clone()
+                events
+                    .get_or_create(&KindSourceLabels { kind, source })
+                    .clone()
             })
         });
         let duplicates =
@@ -144,7 +146,9 @@ impl EventMetrics {
 
     pub(super) fn spans(&self, transport: Transport, n: u64) {
         let transport = transport.label();
-        self.spans.get_or_create(&TransportLabel { transport }).inc_by(n);
+        self.spans
+            .get_or_create(&TransportLabel { transport })
+            .inc_by(n);
     }
 
     pub(super) fn log_records(&self, transport: Transport, n: u64) {

@@ -259,7 +259,7 @@ struct MetricLabel {
 impl SeriesLimit {
     /// Registers `flowmetrics_series_overflow`, where every family under this limit
     /// counts the recordings it folds.
-    pub fn register(registry: &mut Registry, max_series: usize) -> Self {
+    pub fn registered(registry: &mut Registry, max_series: usize) -> Self {
         let folds = Family::<MetricLabel, Counter>::default();
         registry.register(
             "flowmetrics_series_overflow",
@@ -277,7 +277,7 @@ impl SeriesLimit {
     }
 
     /// A family under this limit. `name`: the sample name as exposed (`…_total` for
-    /// counters), the `metric` label of its folds.
+    /// counters, `…_seconds` for durations), the `metric` label of its folds.
     pub fn family<M, L: SeriesLabelSet>(
         &self,
         name: &'static str,
@@ -285,11 +285,6 @@ impl SeriesLimit {
         make: impl Fn(Option<&str>) -> M + Send + Sync + 'static,
     ) -> LimitedFamily<M, L> {
         LimitedFamily::new(name, self.clone(), layout, make)
-    }
-
-    /// A flow family of counters.
-    pub fn counters(&self, name: &'static str, layout: Layout) -> LimitedFamily<Counter> {
-        self.family(name, layout, |_| Counter::default())
     }
 }
 
@@ -655,7 +650,10 @@ mod tests {
             overflow: Arc::new(OverflowReporter::new(move |_| f2.clone())),
             clock: Arc::new(AtomicU64::new(0)),
         };
-        (limit.counters("x_total", layout), folds)
+        (
+            limit.family("x_total", layout, |_| Counter::default()),
+            folds,
+        )
     }
 
     fn flow_only<'a>(flow: &'a Arc<str>, none: &'a DimValues) -> SeriesRef<'a> {

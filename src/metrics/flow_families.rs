@@ -10,11 +10,10 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::CounterWithExemplar;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
 
 use super::duration::{DurationSeries, HistogramMode};
-use super::family::{Layout, LimitedFamily, SeriesLabels, SeriesLimit, SeriesRef};
-use super::{MetricsSettings, TraceExemplar};
+use super::family::{Layout, LimitedFamily, SeriesLabels, SeriesRef};
+use super::{MetricsSettings, Registrar, TraceExemplar};
 use crate::flows::event::{DimValues, Outcome};
 use crate::flows::store::EndRecord;
 
@@ -79,15 +78,12 @@ pub(super) fn label_names(names: &[String]) -> Arc<[Box<str>]> {
 }
 
 impl FlowFamilies {
-    pub(super) fn register(
-        registry: &mut Registry,
-        limit: &SeriesLimit,
-        settings: &MetricsSettings,
-    ) -> Self {
+    pub(super) fn register(r: &mut Registrar<'_>) -> Self {
+        let settings = r.settings;
         let start_dims = label_names(&settings.start_dim_labels);
         let end_dims = label_names(&settings.end_dim_labels);
-        let flow_only = Layout::default();
-        let with_start = Layout {
+        let flow_only = Layout::default;
+        let with_start = || Layout {
             start_dims: start_dims.clone(),
             ..Layout::default()
         };
@@ -97,97 +93,83 @@ impl FlowFamilies {
             start_dims: start_dims.clone(),
             end_dims: end_dims.clone(),
         };
-
-        let started = limit.counters("flowmetrics_flows_started_total", with_start.clone());
-        registry.register(
-            "flowmetrics_flows_started",
-            "Flow instances opened by a start event",
-            started.clone(),
-        );
-        let restored = limit.counters("flowmetrics_flows_restored_total", with_start);
-        registry.register(
-            "flowmetrics_flows_restored",
-            "Open flow instances read back from the state file at start (state.path); \
-             they count here instead of in flowmetrics_flows_started_total",
-            restored.clone(),
-        );
-        let completed: LimitedFamily<ExemplarCounter> = limit.family(
-            "flowmetrics_flows_completed_total",
-            with_dims(Some("outcome")),
-            |_| ExemplarCounter::default(),
-        );
-        registry.register(
-            "flowmetrics_flows_completed",
-            "Flow instances closed by an end event, by outcome (success, failure, \
-             cancelled)",
-            completed.clone(),
-        );
-        let errors = limit.counters(
-            "flowmetrics_flow_errors_total",
-            with_dims(Some("error_reason")),
-        );
-        registry.register(
-            "flowmetrics_flow_errors",
-            "Failed flows: error_reason=\"failure\" for failure ends, \"incomplete\" for \
-             instances whose timeout passed without an end",
-            errors.clone(),
-        );
-        let duration = duration_family(limit, with_dims(None), settings);
-        registry.register_with_unit(
-            "flowmetrics_flow_duration",
-            "Start-to-end duration of successful flows, from the two events' timestamps",
-            Unit::Seconds,
-            duration.clone(),
-        );
-        let in_progress: LimitedFamily<Gauge> =
-            limit.family("flowmetrics_flows_in_progress", flow_only.clone(), |_| {
-                Gauge::default()
-            });
-        registry.register(
-            "flowmetrics_flows_in_progress",
-            "Flow instances open now (started, not yet ended, timed out or dropped)",
-            in_progress.clone(),
-        );
-        let dropped = limit.counters(
-            "flowmetrics_flows_dropped_total",
-            Layout {
-                extra: Some("reason"),
-                ..Layout::default()
-            },
-        );
-        registry.register(
-            "flowmetrics_flows_dropped",
-            "Open flow instances dropped before they ended; reason=\"capacity\": the \
-             correlation store was full (limits.max_in_flight); reason=\"config_changed\": \
-             restored from the state file for a flow the configuration no longer tracks",
-            dropped.clone(),
-        );
-        let unmatched_ends =
-            limit.counters("flowmetrics_flow_unmatched_ends_total", flow_only.clone());
-        registry.register(
-            "flowmetrics_flow_unmatched_ends",
-            "End events whose start never arrived within the flow's timeout (or that \
-             were evicted from a full store while waiting)",
-            unmatched_ends.clone(),
-        );
-        let negative_durations =
-            limit.counters("flowmetrics_flow_negative_durations_total", flow_only);
-        registry.register(
-            "flowmetrics_flow_negative_durations",
-            "Successful flows whose end timestamp is earlier than their start (clock \
-             skew); not observed in the duration histogram",
-            negative_durations.clone(),
-        );
         Self {
-            started,
-            restored,
-            completed,
-            errors,
-            duration,
-            in_progress,
-            dropped,
-            unmatched_ends,
-            negative_durations,
+            started: r.counters(
+                (
+                    "flowmetrics_flows_started_total",
+                    "Flow instances opened by a start event",
+                ),
+                with_start(),
+            ),
+            restored: r.counters(
+                (
+                    "flowmetrics_flows_restored_total",
+                    "Open flow instances read back from the state file at start (state.path); \
+                 they count here instead of in flowmetrics_flows_started_total",
+                ),
+                with_start(),
+            ),
+            completed: r.family(
+                (
+                    "flowmetrics_flows_completed_total",
+                    "Flow instances closed by an end event, by outcome (success, failure, \
+                 cancelled)",
+                ),
+                with_dims(Some("outcome")),
+                |_| ExemplarCounter::default(),
+            ),
+            errors: r.counters(
+                (
+                    "flowmetrics_flow_errors_total",
+                    "Failed flows: error_reason=\"failure\" for failure ends, \"incomplete\" for \
+                 instances whose timeout passed without an end",
+                ),
+                with_dims(Some("error_reason")),
+            ),
+            duration: r.family(
+                (
+                    "flowmetrics_flow_duration_seconds",
+                    "Start-to-end duration of successful flows, from the two events' timestamps",
+                ),
+                with_dims(None),
+                duration_series(settings),
+            ),
+            in_progress: r.family(
+                (
+                    "flowmetrics_flows_in_progress",
+                    "Flow instances open now (started, not yet ended, timed out or dropped)",
+                ),
+                flow_only(),
+                |_| Gauge::default(),
+            ),
+            dropped: r.counters(
+                (
+                    "flowmetrics_flows_dropped_total",
+                    "Open flow instances dropped before they ended; reason=\"capacity\": the \
+                 correlation store was full (limits.max_in_flight); reason=\"config_changed\": \
+                 restored from the state file for a flow the configuration no longer tracks",
+                ),
+                Layout {
+                    extra: Some("reason"),
+                    ..Layout::default()
+                },
+            ),
+            unmatched_ends: r.counters(
+                (
+                    "flowmetrics_flow_unmatched_ends_total",
+                    "End events whose start never arrived within the flow's timeout (or that \
+                 were evicted from a full store while waiting)",
+                ),
+                flow_only(),
+            ),
+            negative_durations: r.counters(
+                (
+                    "flowmetrics_flow_negative_durations_total",
+                    "Successful flows whose end timestamp is earlier than their start (clock \
+                 skew); not observed in the duration histogram",
+                ),
+                flow_only(),
+            ),
             no_dims: Arc::from([]),
             empty_end_dims: end_dims.iter().map(|_| Arc::from("")).collect(),
             has_end_dims: !end_dims.is_empty(),
@@ -195,15 +177,14 @@ impl FlowFamilies {
     }
 }
 
-/// The duration histogram: per-flow buckets and shape (`flows.*.buckets`,
+/// The duration histogram's constructor: per-flow buckets and shape (`flows.*.buckets`,
 /// `flows.*.histogram`), else the default ones.
-fn duration_family(
-    limit: &SeriesLimit,
-    layout: Layout,
+fn duration_series(
     settings: &MetricsSettings,
-) -> LimitedFamily<DurationSeries> {
+) -> impl Fn(Option<&str>) -> DurationSeries + Send + Sync + 'static {
     // As prometheus-client keeps them: finite bounds (`+Inf` is implicit).
-    let finite = |b: &[f64]| -> Arc<[f64]> { b.iter().copied().filter(|b| b.is_finite()).collect() };
+    let finite =
+        |b: &[f64]| -> Arc<[f64]> { b.iter().copied().filter(|b| b.is_finite()).collect() };
     let default_buckets = finite(&settings.default_buckets);
     let per_flow: HashMap<String, Arc<[f64]>> = settings
         .per_flow_buckets
@@ -215,19 +196,15 @@ fn duration_family(
     let native_family = std::iter::once(&default_shape)
         .chain(per_flow_shape.values())
         .any(|s| s.mode != HistogramMode::Classic);
-    limit.family(
-        "flowmetrics_flow_duration_seconds",
-        layout,
-        move |flow: Option<&str>| {
-            let buckets = flow
-                .and_then(|f| per_flow.get(f))
-                .unwrap_or(&default_buckets);
-            let shape = flow
-                .and_then(|f| per_flow_shape.get(f))
-                .unwrap_or(&default_shape);
-            DurationSeries::new(buckets.clone(), *shape, native_family)
-        },
-    )
+    move |flow: Option<&str>| {
+        let buckets = flow
+            .and_then(|f| per_flow.get(f))
+            .unwrap_or(&default_buckets);
+        let shape = flow
+            .and_then(|f| per_flow_shape.get(f))
+            .unwrap_or(&default_shape);
+        DurationSeries::new(buckets.clone(), *shape, native_family)
+    }
 }
 
 /// Recording, from the store's reports (docs/behaviour.md §3 holds across them: each
@@ -310,7 +287,12 @@ impl FlowFamilies {
 
     /// An instance whose timeout passed without an end.
     pub(super) fn timed_out(&self, flow: &Arc<str>, start_dims: &DimValues) {
-        let labels = self.with_dims(flow, Some(ErrorReason::Incomplete.label()), start_dims, None);
+        let labels = self.with_dims(
+            flow,
+            Some(ErrorReason::Incomplete.label()),
+            start_dims,
+            None,
+        );
         self.errors.with(labels, |c| c.inc());
         self.in_progress.with(self.flow_only(flow), |g| g.dec());
     }
@@ -435,4 +417,3 @@ impl FlowFamilies {
         ]
     }
 }
-

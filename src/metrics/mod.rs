@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -46,7 +47,7 @@ use crate::model::{Rejection, Signal, Transport};
 pub use duration::{HistogramMode, HistogramShape};
 pub use exemplar::TraceExemplar;
 pub use exposition::{ExpositionError, ExpositionFormat};
-use family::SeriesLimit;
+use family::{LimitedFamily, SeriesLimit};
 use flow_families::FlowFamilies;
 pub use objectives::{FlowObjective, ObjectiveSettings};
 pub use totals::{FlowTotals, StepTotals};
@@ -117,22 +118,71 @@ pub struct Metrics {
     store: store::StoreMetrics,
 }
 
+/// What the groups of limited families register with: the registry (families are
+/// written in the order they are registered), the series limit, and the settings.
+struct Registrar<'a> {
+    registry: Registry,
+    limit: SeriesLimit,
+    settings: &'a MetricsSettings,
+}
+
+impl Registrar<'_> {
+    /// A family under the series limit, registered as `name` (the sample name) less its
+    /// `_total`, or less its `_seconds` with the unit.
+    fn family<M, L>(
+        &mut self,
+        (name, help): (&'static str, &str),
+        layout: L::Layout,
+        make: impl Fn(Option<&str>) -> M + Send + Sync + 'static,
+    ) -> LimitedFamily<M, L>
+    where
+        M: family::Pinnable + Send + Sync + 'static,
+        L: family::SeriesLabelSet,
+    {
+        let family = self.limit.family(name, layout, make);
+        match name.strip_suffix("_seconds") {
+            Some(base) => {
+                let unit = prometheus_client::registry::Unit::Seconds;
+                self.registry
+                    .register_with_unit(base, help, unit, family.clone());
+            }
+            None => {
+                let base = name.strip_suffix("_total").unwrap_or(name);
+                self.registry.register(base, help, family.clone());
+            }
+        }
+        family
+    }
+
+    /// A flow family of counters, registered.
+    fn counters(
+        &mut self,
+        name_help: (&'static str, &str),
+        layout: family::Layout,
+    ) -> LimitedFamily<Counter> {
+        self.family(name_help, layout, |_| Counter::default())
+    }
+}
+
 impl Metrics {
     /// Registers every group of families, in exposition order.
     pub fn new(settings: MetricsSettings) -> Self {
         let mut registry = Registry::default();
-        let limit = SeriesLimit::register(&mut registry, settings.max_series_per_metric);
-        let flows = FlowFamilies::register(&mut registry, &limit, &settings);
-        let steps = steps::StepMetrics::register(&mut registry, &limit, &settings);
-        let events = events::EventMetrics::register(&mut registry);
+        let limit = SeriesLimit::registered(&mut registry, settings.max_series_per_metric);
+        let clock = limit.clock.clone();
+        let mut r = Registrar {
+            registry,
+            limit,
+            settings: &settings,
+        };
+        let flows = FlowFamilies::register(&mut r);
+        let steps = steps::StepMetrics::register(&mut r);
+        let events = events::EventMetrics::register(&mut r.registry);
         let in_flight_entries =
-            store::register_occupancy(&mut registry, settings.in_flight_capacity);
-        let network = network::NetworkMetrics::register(
-            &mut registry,
-            &limit,
-            settings.network_labels.as_deref(),
-            events.rejected("invalid_network_flow"),
-        );
+            store::register_occupancy(&mut r.registry, settings.in_flight_capacity);
+        let network =
+            network::NetworkMetrics::register(&mut r, events.rejected("invalid_network_flow"));
+        let mut registry = r.registry;
         let objectives = objectives::ObjectiveMetrics::register(
             &mut registry,
             settings.objectives.clone(),
@@ -145,7 +195,7 @@ impl Metrics {
             gate: ScrapeGate::default(),
             encoding: std::sync::Mutex::new(()),
             last_encoded_len: AtomicUsize::new(0),
-            clock: limit.clock,
+            clock,
             started_at: Instant::now(),
             idle_secs: settings
                 .series_idle_timeout

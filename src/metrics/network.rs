@@ -6,14 +6,11 @@
 use std::sync::Arc;
 
 use hashbrown::DefaultHashBuilder;
-use prometheus_client::encoding::{
-    EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder,
-};
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::registry::Registry;
 
-use super::family::{LimitedFamily, SeriesKey, SeriesLabelSet, SeriesLimit};
-use super::Metrics;
+use super::family::{LimitedFamily, SeriesKey, SeriesLabelSet};
+use super::{Metrics, Registrar};
 use crate::flows::event::DimValues;
 use crate::flows::network::{NetworkFlowRecord, NetworkSink};
 
@@ -115,37 +112,28 @@ pub struct NetworkMetrics {
 }
 
 impl NetworkMetrics {
-    /// `labels`: the network dimensions' label names; `None` when network flows are off.
-    /// `invalid`: where refused records are counted.
-    pub(super) fn register(
-        registry: &mut Registry,
-        limit: &SeriesLimit,
-        labels: Option<&[String]>,
-        invalid: Counter,
-    ) -> Option<Self> {
-        let names: Vec<Box<str>> = labels?.iter().map(|l| Box::from(l.as_str())).collect();
-        let mut family = |name: &'static str, help: &str| {
-            let family: LimitedFamily<Counter, NetworkLabels> =
-                limit.family(name, names.clone(), |_| Counter::default());
-            let base = name.strip_suffix("_total").unwrap_or(name);
-            registry.register(base, help, family.clone());
-            family
+    /// `None` when network flows are off. `invalid`: where refused records are counted.
+    pub(super) fn register(r: &mut Registrar<'_>, invalid: Counter) -> Option<Self> {
+        let labels = r.settings.network_labels.as_deref()?;
+        let names: Vec<Box<str>> = labels.iter().map(|l| Box::from(l.as_str())).collect();
+        let mut family = |name_help| -> LimitedFamily<Counter, NetworkLabels> {
+            r.family(name_help, names.clone(), |_| Counter::default())
         };
         Some(Self {
-            records: family(
+            records: family((
                 "flowmetrics_network_flow_records_total",
                 "Network flow records (Flow Spans) counted, retries excluded",
-            ),
-            bytes: family(
+            )),
+            bytes: family((
                 "flowmetrics_network_bytes_total",
                 "Bytes of network flow records, by direction: forward (flow.bytes.delta, \
                  source to destination) and reverse (flow.reverse.bytes.delta)",
-            ),
-            packets: family(
+            )),
+            packets: family((
                 "flowmetrics_network_packets_total",
                 "Packets of network flow records, by direction: forward (flow.packets.delta) \
                  and reverse (flow.reverse.packets.delta)",
-            ),
+            )),
             invalid,
         })
     }

@@ -53,7 +53,11 @@ pub(super) struct ObjectiveMetrics {
 }
 
 impl ObjectiveMetrics {
-    pub(super) fn register(registry: &mut Registry, settings: ObjectiveSettings, max: usize) -> Self {
+    pub(super) fn register(
+        registry: &mut Registry,
+        settings: ObjectiveSettings,
+        max: usize,
+    ) -> Self {
         let this = Self {
             settings,
             target: Family::default(),

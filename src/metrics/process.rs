@@ -158,7 +158,13 @@ impl Collector for ProcessCollector {
             ),
         ];
         for (name, help, unit, value) in gauges {
-            describe(&mut encoder, name, help, unit.as_ref(), &ConstGauge::new(value))?;
+            describe(
+                &mut encoder,
+                name,
+                help,
+                unit.as_ref(),
+                &ConstGauge::new(value),
+            )?;
         }
         describe(
             &mut encoder,

@@ -8,14 +8,18 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::{Registry, Unit};
 
 use super::duration::DurationSeries;
-use super::family::{Layout, LimitedFamily, SeriesLabels, SeriesLimit, SeriesRef};
+use super::family::{Layout, LimitedFamily, SeriesLabels, SeriesRef};
 use super::flow_families::label_names;
-use super::{MetricsSettings, TraceExemplar};
+use super::{Registrar, TraceExemplar};
 use crate::flows::event::{DimValues, TraceRef};
 use crate::flows::store::{StepTransit, StepUnmatchedReason};
+
+/// Kept out of [`StepMetrics::register`]: a brace inside a string split over lines.
+const STALLED_HELP: &str = "Timed-out instances by the latest step they reached by event \
+     timestamp (last_step=\"start\": none); per flow they sum to \
+     flowmetrics_flow_errors_total{error_reason=\"incomplete\"}";
 
 pub(super) struct StepMetrics {
     pub(super) steps: LimitedFamily<Counter>,
@@ -32,11 +36,8 @@ pub(super) struct StepMetrics {
 }
 
 impl StepMetrics {
-    pub(super) fn register(
-        registry: &mut Registry,
-        limit: &SeriesLimit,
-        settings: &MetricsSettings,
-    ) -> Self {
+    pub(super) fn register(r: &mut Registrar<'_>) -> Self {
+        let settings = r.settings;
         let start_dims = label_names(&settings.start_dim_labels);
         let by_step = |step| Layout {
             extra: None,
@@ -54,58 +55,47 @@ impl StepMetrics {
                 .unwrap_or(default)
                 .clone()
         };
-        let steps = limit.counters("flowmetrics_flow_steps_total", by_step("step"));
-        registry.register(
-            "flowmetrics_flow_steps",
-            "Flow instances that reached a step, by step (each instance and step once, \
-             when both the step and the instance's start are known)",
-            steps.clone(),
+        let steps = r.counters(
+            (
+                "flowmetrics_flow_steps_total",
+                "Flow instances that reached a step, by step (each instance and step once, \
+                 when both the step and the instance's start are known)",
+            ),
+            by_step("step"),
         );
         let of = buckets_of.clone();
-        let duration: LimitedFamily<DurationSeries> = limit.family(
-            "flowmetrics_flow_step_duration_seconds",
+        let duration = r.family(
+            (
+                "flowmetrics_flow_step_duration_seconds",
+                "Time from an instance's start to a step, from the two events' timestamps",
+            ),
             by_step("step"),
             move |flow| DurationSeries::classic(Arc::from(of(flow))),
         );
-        registry.register_with_unit(
-            "flowmetrics_flow_step_duration",
-            "Time from an instance's start to a step, from the two events' timestamps",
-            Unit::Seconds,
-            duration.clone(),
-        );
-        let transit: LimitedFamily<Histogram> = limit.family(
-            "flowmetrics_flow_step_transit_seconds",
+        let transit = r.family(
+            (
+                "flowmetrics_flow_step_transit_seconds",
+                "Time from the step before (by event timestamp; the start for the first step) \
+                 to a step, observed when the instance closes (end or time-out)",
+            ),
             by_step("step"),
             move |flow| Histogram::new(buckets_of(flow)),
         );
-        registry.register_with_unit(
-            "flowmetrics_flow_step_transit",
-            "Time from the step before (by event timestamp; the start for the first step) \
-             to a step, observed when the instance closes (end or time-out)",
-            Unit::Seconds,
-            transit.clone(),
+        let stalled = r.counters(
+            ("flowmetrics_flow_stalled_total", STALLED_HELP),
+            by_step("last_step"),
         );
-        let stalled = limit.counters("flowmetrics_flow_stalled_total", by_step("last_step"));
-        registry.register(
-            "flowmetrics_flow_stalled",
-            "Timed-out instances by the latest step they reached by event timestamp \
-             (last_step=\"start\": none); per flow they sum to \
-             flowmetrics_flow_errors_total{error_reason=\"incomplete\"}",
-            stalled.clone(),
-        );
-        let unmatched = limit.counters(
-            "flowmetrics_flow_steps_unmatched_total",
+        let unmatched = r.counters(
+            (
+                "flowmetrics_flow_steps_unmatched_total",
+                "Step events counted with no instance: reason=\"after_close\" (its instance \
+                 had ended or timed out), \"no_start\" (its start never came within the \
+                 timeout, or it was evicted from a full store while waiting)",
+            ),
             Layout {
                 extra: Some("reason"),
                 ..Layout::default()
             },
-        );
-        registry.register(
-            "flowmetrics_flow_steps_unmatched",
-            "Step events counted with no instance: reason=\"after_close\" (its instance \
-             had ended or timed out), \"no_start\" (its start never came within the \
-             timeout, or it was evicted from a full store while waiting)",
-            unmatched.clone(),
         );
         Self {
             steps,

@@ -157,7 +157,10 @@ impl StoreProbe for super::Metrics {
             return;
         };
         let store = &self.store;
-        store.latency.get_or_create(&OpLabel { op }).observe(seconds);
+        store
+            .latency
+            .get_or_create(&OpLabel { op })
+            .observe(seconds);
         if !ok {
             store.errors.get_or_create(&OpLabel { op }).inc();
         }

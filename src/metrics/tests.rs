@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use super::*;
 use crate::config::{Config, Dimension, DimensionSource, FlowOverride, HistogramKind, Objective};
+use crate::flows::event::Outcome;
 use crate::flows::event::TraceRef;
 use crate::flows::label_value::LabelBound;
-use crate::flows::event::Outcome;
 use crate::flows::store::{EndRecord, StepTransit, StepUnmatchedReason};
 
 const GOLDEN: &str = include_str!("testdata/exposition.txt");
@@ -785,4 +785,22 @@ fn every_reading_is_one_consistent_cut_while_reports_go_on() {
         w.join().unwrap();
     }
     assert!(checked > 0);
+}
+
+#[test]
+fn a_shared_store_shows_every_op_from_the_start() {
+    use crate::flows::store::StoreProbe;
+    let mut config = config();
+    config.correlation.store = crate::config::StoreKind::Redis;
+    let m = Metrics::new(crate::settings::metrics(&config));
+    let text = m.encode(0);
+    for op in ["apply", "sweep", "recover"] {
+        let zero = format!("flowmetrics_store_errors_total{{op=\"{op}\"}} 0\n");
+        assert!(text.contains(&zero), "{text}");
+    }
+    m.store_call("recover", 0.001, false);
+    let text = m.encode(0);
+    assert!(text.contains("flowmetrics_store_errors_total{op=\"recover\"} 1\n"));
+    assert!(text.contains("flowmetrics_store_latency_seconds_count{op=\"recover\"} 1\n"));
+    assert!(!text.contains("flowmetrics_state_write_errors"), "{text}");
 }

@@ -78,7 +78,8 @@ impl Metrics {
         ) -> &'a mut FlowTotals {
             flows.entry(labels.flow().clone()).or_default()
         }
-        self.flows.started
+        self.flows
+            .started
             .for_each_metric(|l, c| at(flows, l).started += c.get());
         self.flows.completed.for_each_metric(|l, c| {
             let totals = at(flows, l);
@@ -96,11 +97,14 @@ impl Metrics {
                 totals.incomplete += c.get();
             }
         });
-        self.flows.in_progress
+        self.flows
+            .in_progress
             .for_each_metric(|l, g| at(flows, l).in_progress += g.get());
-        self.flows.dropped
+        self.flows
+            .dropped
             .for_each_metric(|l, c| at(flows, l).dropped += c.get());
-        self.flows.unmatched_ends
+        self.flows
+            .unmatched_ends
             .for_each_metric(|l, c| at(flows, l).unmatched += c.get());
         self.flows.duration.for_each_metric(|l, h| {
             let totals = at(flows, l);
