@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -325,6 +325,21 @@ struct Inner<M, L: SeriesLabelSet> {
     make: Constructor<M>,
 }
 
+/// The locks, poisoned or not: a panic elsewhere leaves the series as they were.
+impl<M, L: SeriesLabelSet> Inner<M, L> {
+    fn read(&self) -> RwLockReadGuard<'_, HashTable<Series<M, L>>> {
+        self.series.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashTable<Series<M, L>>> {
+        self.series.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pinned(&self) -> MutexGuard<'_, Option<Pinned<M, L>>> {
+        self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl<M, L: SeriesLabelSet> std::fmt::Debug for LimitedFamily<M, L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LimitedFamily")
@@ -382,7 +397,7 @@ impl<M, L: SeriesLabelSet> LimitedFamily<M, L> {
         let (max, clock) = (this.limit.max_series, &this.limit.clock);
         let hash = labels.hash_with(&this.hasher);
         {
-            let series = this.series.read().unwrap_or_else(|p| p.into_inner());
+            let series = this.read();
             if let Some(s) = series.find(hash, |s| labels.matches(&s.labels)) {
                 // Written only when the clock moved: the line stays clean between ticks.
                 let now = clock.load(Ordering::Relaxed);
@@ -397,7 +412,7 @@ impl<M, L: SeriesLabelSet> LimitedFamily<M, L> {
                 return self.fold(f);
             }
         }
-        let mut series = this.series.write().unwrap_or_else(|p| p.into_inner());
+        let mut series = this.write();
         if let Some(s) = series.find(hash, |s| labels.matches(&s.labels)) {
             return f(&s.metric);
         }
@@ -418,7 +433,7 @@ impl<M, L: SeriesLabelSet> LimitedFamily<M, L> {
 
     /// Calls `f` with every series' labels and the clock reading of its last recording.
     pub fn for_each(&self, mut f: impl FnMut(&L, u64)) {
-        let series = self.inner.series.read().unwrap_or_else(|p| p.into_inner());
+        let series = self.inner.read();
         for s in series.iter() {
             f(&s.labels, s.touched.load(Ordering::Relaxed));
         }
@@ -427,7 +442,7 @@ impl<M, L: SeriesLabelSet> LimitedFamily<M, L> {
     /// Calls `f` with every series' labels and metric (not the overflow series: it belongs
     /// to no label set).
     pub fn for_each_metric(&self, mut f: impl FnMut(&L, &M)) {
-        let series = self.inner.series.read().unwrap_or_else(|p| p.into_inner());
+        let series = self.inner.read();
         for s in series.iter() {
             f(&s.labels, &s.metric);
         }
@@ -436,7 +451,7 @@ impl<M, L: SeriesLabelSet> LimitedFamily<M, L> {
     /// Removes the series for which `keep` (labels, last recording, metric) is false,
     /// freeing their places under the limit; returns how many went.
     pub fn retain(&self, mut keep: impl FnMut(&L, u64, &M) -> bool) -> usize {
-        let mut series = self.inner.series.write().unwrap_or_else(|p| p.into_inner());
+        let mut series = self.inner.write();
         let before = series.len();
         series.retain(|s| keep(&s.labels, s.touched.load(Ordering::Relaxed), &s.metric));
         let removed = before - series.len();
@@ -454,13 +469,7 @@ impl<M, L: SeriesLabelSet> LimitedFamily<M, L> {
 
     /// Series held now (including the overflow series).
     pub fn len(&self) -> usize {
-        let regular = self
-            .inner
-            .series
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len();
-        regular + usize::from(self.inner.overflow_series.get().is_some())
+        self.inner.read().len() + usize::from(self.inner.overflow_series.get().is_some())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -475,6 +484,9 @@ pub enum Reading {
     Level(i64),
 }
 
+/// What an encoder answers.
+type Written = Result<(), std::fmt::Error>;
+
 /// No exemplar: the type prometheus-client's encoder needs to be told.
 type NoExemplar = Option<&'static Exemplar<Vec<(String, String)>, u64>>;
 
@@ -485,11 +497,7 @@ pub trait Pinnable: EncodeMetric + TypedMetric + Clone {
     fn read(&self) -> Option<Reading>;
 
     /// Writes `reading` (taken from `self` by [`Pinnable::read`]) as this metric's value.
-    fn encode_reading(
-        &self,
-        reading: Reading,
-        mut encoder: MetricEncoder,
-    ) -> Result<(), std::fmt::Error> {
+    fn encode_reading(&self, reading: Reading, mut encoder: MetricEncoder) -> Written {
         match reading {
             Reading::Count(v) => encoder.encode_counter(&v, NoExemplar::None),
             Reading::Level(v) => encoder.encode_gauge(&v),
@@ -517,11 +525,7 @@ impl<S: EncodeLabelSet + Send + Sync + std::fmt::Debug + 'static> Pinnable
     }
 
     /// The value as read; the exemplar as it is now (a sample trace, newer at most).
-    fn encode_reading(
-        &self,
-        reading: Reading,
-        mut encoder: MetricEncoder,
-    ) -> Result<(), std::fmt::Error> {
+    fn encode_reading(&self, reading: Reading, mut encoder: MetricEncoder) -> Written {
         match reading {
             Reading::Count(v) => {
                 let (_, exemplar) = self.get();
@@ -556,21 +560,17 @@ impl<M: Pinnable, L: SeriesLabelSet> LimitedFamily<M, L> {
     /// cost of a walk over the series, not of the whole encode.
     pub fn pin(&self) {
         let pinned = self.copy_series();
-        *self.inner.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(pinned);
+        *self.inner.pinned() = Some(pinned);
     }
 
     /// Drops a pinned copy the encode did not take (a family it skipped).
     pub fn unpin(&self) {
-        self.inner
-            .pinned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.inner.pinned().take();
     }
 
     fn copy_series(&self) -> Pinned<M, L> {
         let this = &*self.inner;
-        let series = this.series.read().unwrap_or_else(|p| p.into_inner());
+        let series = this.read();
         let mut out = Vec::with_capacity(series.len() + 1);
         out.extend(series.iter().map(|s| PinnedSeries {
             labels: Some(s.labels.clone()),
@@ -593,12 +593,7 @@ impl<M: Pinnable, L: SeriesLabelSet> EncodeMetric for LimitedFamily<M, L> {
     /// Every series, the overflow series last: the pinned copy when there is one, else a
     /// copy made now (so the family's lock is not held while the text is written).
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let pinned = self
-            .inner
-            .pinned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let pinned = self.inner.pinned().take();
         let series = pinned.unwrap_or_else(|| self.copy_series());
         for s in &series {
             let family = match &s.labels {
@@ -620,7 +615,7 @@ impl<M: Pinnable, L: SeriesLabelSet> EncodeMetric for LimitedFamily<M, L> {
     /// A family without series is left out of the exposition (no HELP/TYPE lines); with
     /// a pinned copy, that copy decides.
     fn is_empty(&self) -> bool {
-        match &*self.inner.pinned.lock().unwrap_or_else(|p| p.into_inner()) {
+        match &*self.inner.pinned() {
             Some(pinned) => pinned.is_empty(),
             None => LimitedFamily::is_empty(self),
         }

@@ -40,16 +40,36 @@ pub(super) fn register(registry: &mut Registry, label_cuts: &Arc<LabelCuts>) {
     registry.register_collector(Box::new(LogCollector));
 }
 
+/// A family's name (less its unit), help and unit.
+type Descriptor = (&'static str, &'static str, Option<Unit>);
+
 /// Writes one metric with its descriptor.
 fn describe(
     encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
+    (name, help, unit): Descriptor,
     metric: &impl EncodeMetric,
 ) -> Result<(), std::fmt::Error> {
-    metric.encode(encoder.encode_descriptor(name, help, unit, metric.metric_type())?)
+    metric.encode(encoder.encode_descriptor(name, help, unit.as_ref(), metric.metric_type())?)
 }
+
+/// `process_cpu_seconds_total`.
+const CPU: Descriptor = (
+    "process_cpu",
+    "Total user and system CPU time spent in seconds.",
+    Some(Unit::Seconds),
+);
+/// `process_start_time_seconds`: a gauge in seconds (a float), unlike the others.
+const START_TIME: Descriptor = (
+    "process_start_time",
+    "Start time of the process since unix epoch in seconds.",
+    Some(Unit::Seconds),
+);
+/// Written by [`LogCollector`].
+const LOG_LINES_DROPPED: Descriptor = (
+    "flowmetrics_log_lines_dropped",
+    "Log lines dropped rather than wait for stderr (its reader slow, stuck or gone)",
+    None,
+);
 
 #[derive(Debug, Default)]
 struct ProcessCollector;
@@ -118,13 +138,7 @@ impl Collector for ProcessCollector {
         let Some(s) = sample() else {
             return Ok(());
         };
-        describe(
-            &mut encoder,
-            "process_cpu",
-            "Total user and system CPU time spent in seconds.",
-            Some(&Unit::Seconds),
-            &ConstCounter::new(s.cpu_seconds),
-        )?;
+        describe(&mut encoder, CPU, &ConstCounter::new(s.cpu_seconds))?;
         let gauges: [(&str, &str, Option<Unit>, i64); 5] = [
             (
                 "process_resident_memory",
@@ -158,19 +172,11 @@ impl Collector for ProcessCollector {
             ),
         ];
         for (name, help, unit, value) in gauges {
-            describe(
-                &mut encoder,
-                name,
-                help,
-                unit.as_ref(),
-                &ConstGauge::new(value),
-            )?;
+            describe(&mut encoder, (name, help, unit), &ConstGauge::new(value))?;
         }
         describe(
             &mut encoder,
-            "process_start_time",
-            "Start time of the process since unix epoch in seconds.",
-            Some(&Unit::Seconds),
+            START_TIME,
             &ConstGauge::new(s.start_time_seconds),
         )
     }
@@ -183,13 +189,8 @@ struct LogCollector;
 
 impl Collector for LogCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        describe(
-            &mut encoder,
-            "flowmetrics_log_lines_dropped",
-            "Log lines dropped rather than wait for stderr (its reader slow, stuck or gone)",
-            None,
-            &ConstCounter::new(crate::logging::lines_dropped()),
-        )
+        let dropped = ConstCounter::new(crate::logging::lines_dropped());
+        describe(&mut encoder, LOG_LINES_DROPPED, &dropped)
     }
 }
 

@@ -142,23 +142,15 @@ fn record(m: &Metrics) {
     completed(&checkout, &odd, &end(Outcome::Success, &ok, trace(5)), 7.0);
     // The counter's exemplar is the last increment's: none here.
     completed(&checkout, &odd, &end(Outcome::Success, &ok, None), 0.0);
-    completed(
-        &checkout,
-        &eu,
-        &end(Outcome::Failure, &failed, trace(6)),
-        1.5,
-    );
+    let failure = end(Outcome::Failure, &failed, trace(6));
+    completed(&checkout, &eu, &failure, 1.5);
     completed(&checkout, &eu, &end(Outcome::Cancelled, &ok, trace(7)), 1.5);
     completed(&checkout, &eu, &end(Outcome::Success, &ok, trace(8)), -0.5);
     completed(&login, &eu, &end(Outcome::Success, &ok, trace(9)), 0.042);
     completed(&login, &eu, &end(Outcome::Success, &ok, None), 0.1);
     completed(&login, &eu, &end(Outcome::Success, &ok, None), 0.2);
-    completed(
-        &login,
-        &eu,
-        &end(Outcome::Success, &failed, trace(10)),
-        4000.0,
-    );
+    let slow = end(Outcome::Success, &failed, trace(10));
+    completed(&login, &eu, &slow, 4000.0);
     // Steps: reached (one before its start: not observed), transits on close, where a
     // timed-out instance stalled, steps that met no instance.
     let paid: Arc<str> = Arc::from("paid");
