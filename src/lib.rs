@@ -240,8 +240,8 @@ impl Listeners {
             tracing::info!("{name}: disabled ({key} is empty)");
             return Ok(None);
         }
-        let bound = server::bind(addr, key).await?;
-        let (bound, task) = server::spawn(bound, handler, self.limits, self.stop.clone())?;
+        let socket = server::bind(addr, key).await?;
+        let (bound, task) = server::spawn(socket, handler, self.limits, self.stop.clone())?;
         self.tasks.push(task);
         tracing::info!("{name}: {}", served(bound));
         Ok(Some(bound))

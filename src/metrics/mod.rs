@@ -118,8 +118,9 @@ pub struct Metrics {
     store: store::StoreMetrics,
 }
 
-/// What the groups of limited families register with: the registry (families are
-/// written in the order they are registered), the series limit, and the settings.
+/// What each group of families registers with: the registry (families are written in
+/// the order they are registered), the series limit of the limited families, and the
+/// settings.
 struct Registrar<'a> {
     registry: Registry,
     limit: SeriesLimit,
@@ -180,18 +181,16 @@ impl Metrics {
         let events = events::EventMetrics::register(&mut r.registry);
         let in_flight_entries =
             store::register_occupancy(&mut r.registry, settings.in_flight_capacity);
-        let network =
-            network::NetworkMetrics::register(&mut r, events.rejected("invalid_network_flow"));
-        let mut registry = r.registry;
+        let network = network::NetworkMetrics::register(&mut r, &events);
         let objectives = objectives::ObjectiveMetrics::register(
-            &mut registry,
+            &mut r.registry,
             settings.objectives.clone(),
             settings.max_series_per_metric,
         );
-        process::register(&mut registry, &settings.label_cuts);
-        let store = store::StoreMetrics::register(&mut registry, &settings);
+        process::register(&mut r.registry, &settings.label_cuts);
+        let store = store::StoreMetrics::register(&mut r.registry, &settings);
         Self {
-            registry,
+            registry: r.registry,
             gate: ScrapeGate::default(),
             encoding: std::sync::Mutex::new(()),
             last_encoded_len: AtomicUsize::new(0),

@@ -9,6 +9,7 @@ use hashbrown::DefaultHashBuilder;
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, EncodeLabelValue, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 
+use super::events::EventMetrics;
 use super::family::{LimitedFamily, SeriesKey, SeriesLabelSet};
 use super::{Metrics, Registrar};
 use crate::flows::event::DimValues;
@@ -112,8 +113,8 @@ pub struct NetworkMetrics {
 }
 
 impl NetworkMetrics {
-    /// `None` when network flows are off. `invalid`: where refused records are counted.
-    pub(super) fn register(r: &mut Registrar<'_>, invalid: Counter) -> Option<Self> {
+    /// `None` when network flows are off (and no `invalid_network_flow` series either).
+    pub(super) fn register(r: &mut Registrar<'_>, events: &EventMetrics) -> Option<Self> {
         let labels = r.settings.network_labels.as_deref()?;
         let names: Vec<Box<str>> = labels.iter().map(|l| Box::from(l.as_str())).collect();
         let mut family = |name_help| -> LimitedFamily<Counter, NetworkLabels> {
@@ -134,7 +135,7 @@ impl NetworkMetrics {
                 "Packets of network flow records, by direction: forward (flow.packets.delta) \
                  and reverse (flow.reverse.packets.delta)",
             )),
-            invalid,
+            invalid: events.rejected("invalid_network_flow"),
         })
     }
 

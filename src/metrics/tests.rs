@@ -796,3 +796,14 @@ fn a_shared_store_shows_every_op_from_the_start() {
     assert!(text.contains("flowmetrics_store_latency_seconds_count{op=\"recover\"} 1\n"));
     assert!(!text.contains("flowmetrics_state_write_errors"), "{text}");
 }
+
+#[test]
+fn network_flows_off_have_no_network_series_at_all() {
+    let mut config = config();
+    config.network_flows.enabled = false;
+    let m = Metrics::new(crate::settings::metrics(&config));
+    assert!(m.network().is_none());
+    let text = m.encode(0);
+    assert!(!text.contains("invalid_network_flow"), "{text}");
+    assert!(!text.contains("flowmetrics_network_"), "{text}");
+}
