@@ -43,7 +43,7 @@ pub fn check_config_file(path: &Path) -> Result<(), ConfigFileError> {
 }
 
 /// Why a log filter (`log.level`, `RUST_LOG`) is refused.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LogFilterError {
     #[error("is empty")]
     Empty,

@@ -3,20 +3,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
 use flowmetrics::config::{check_log_filter, Config};
 use flowmetrics::logging::{self, write_stderr};
 use flowmetrics::{signals, App};
 
-const USAGE: &str = "\
-flowmetrics: OpenTelemetry flow events in, Prometheus RED metrics per flow out.
-
-Usage:
-  flowmetrics [run] [--config PATH]        run the service
-  flowmetrics check-config [--config PATH] validate and print the effective config
-  flowmetrics probe [URL]                  GET URL (default http://127.0.0.1:9464/readyz):
-                                           exit 0 on 200, 1 otherwise (a healthcheck)
-  flowmetrics --help | --version
-
+/// What `--help` adds after the commands and options.
+const MORE_HELP: &str = "\
 With no config file the service runs on its built-in defaults. The file may also be
 named by FLOWMETRICS_CONFIG; FLOWMETRICS_<KEY> variables (`__` nests) override it,
 e.g. FLOWMETRICS_LISTEN__OTLP_HTTP=0.0.0.0:4318. RUST_LOG overrides log.level.
@@ -34,57 +28,54 @@ Exit status:
 const EXIT_START_FAILED: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 
-enum Command {
-    Run,
-    CheckConfig,
-    Probe(Option<String>),
+/// flowmetrics: OpenTelemetry flow events in, Prometheus RED metrics per flow out.
+#[derive(Parser)]
+#[command(
+    name = "flowmetrics",
+    version,
+    after_help = MORE_HELP,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    /// The config file (else FLOWMETRICS_CONFIG, else the built-in defaults).
+    #[arg(short, long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-fn parse_args() -> Result<(Command, Option<PathBuf>), String> {
-    let mut command = None;
-    let mut config = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                let _ = std::io::Write::write_all(&mut std::io::stdout(), USAGE.as_bytes());
-                std::process::exit(0);
-            }
-            "-V" | "--version" => {
-                let version = format!("flowmetrics {}\n", env!("CARGO_PKG_VERSION"));
-                let _ = std::io::Write::write_all(&mut std::io::stdout(), version.as_bytes());
-                std::process::exit(0);
-            }
-            "-c" | "--config" => {
-                config = Some(PathBuf::from(args.next().ok_or("--config needs a path")?));
-            }
-            s if s.starts_with("--config=") => {
-                config = Some(PathBuf::from(&s["--config=".len()..]))
-            }
-            "run" if command.is_none() => command = Some(Command::Run),
-            "check-config" if command.is_none() => command = Some(Command::CheckConfig),
-            "probe" if command.is_none() => command = Some(Command::Probe(None)),
-            url if matches!(command, Some(Command::Probe(None))) && !url.starts_with('-') => {
-                command = Some(Command::Probe(Some(url.to_string())))
-            }
-            other => return Err(format!("unexpected argument {other:?}")),
-        }
-    }
-    Ok((command.unwrap_or(Command::Run), config))
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Run,
+    /// Validate and print the effective config.
+    CheckConfig,
+    /// GET URL: exit 0 on 200, 1 otherwise (a healthcheck).
+    Probe {
+        #[arg(default_value = flowmetrics::probe::DEFAULT_URL)]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
-    let (command, config_path) = match parse_args() {
-        Ok(parsed) => parsed,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
-            write_stderr(&format!("flowmetrics: {e}\n\n{USAGE}"));
-            return ExitCode::from(EXIT_CONFIG);
+            // `--help` and `--version` go to stdout with status 0; usage errors to
+            // stderr with the configuration error's status.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
-    if let Command::Probe(url) = &command {
-        return probe(url.as_deref().unwrap_or(flowmetrics::probe::DEFAULT_URL));
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Probe { url } = &command {
+        return probe(url);
     }
-    let config = match Config::from_process_env(config_path.as_deref()) {
+    let config = match Config::from_process_env(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             write_stderr(&format!("flowmetrics: configuration error: {e}"));
@@ -108,7 +99,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
-        Command::Probe(_) => unreachable!("answered before the config is read"),
+        Command::Probe { .. } => unreachable!("answered before the config is read"),
     }
 }
 

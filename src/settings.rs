@@ -3,9 +3,13 @@
 //! reads `Config` itself.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use crate::config::{Config, DimensionSource, HistogramKind, MaxConnections, StoreKind};
+use crate::config::{
+    Config, Dimension, DimensionSource, HistogramKind, MaxConnections, Objective, RedisTarget,
+    StoreKind,
+};
 use crate::flows::event::DimensionLookup;
 use crate::flows::label_value::{LabelBound, LabelCuts};
 use crate::flows::network::{NetworkDimensionLookup, NetworkFlowsSettings};
@@ -22,12 +26,9 @@ use crate::model::sanitize_label_name;
 /// How flow events are recognised (`events`, `flows.allow_unknown`, `dimensions`).
 pub fn extractor(config: &Config) -> ExtractorSettings {
     let dims = |side| {
-        config
-            .dimensions
-            .iter()
-            .filter(|d| d.from == side)
-            .map(|d| DimensionLookup {
-                label: sanitize_label_name(&d.label),
+        dimensions(config, side)
+            .map(|(label, d)| DimensionLookup {
+                label,
                 attribute: d.attribute.clone(),
                 default: d.default.clone().unwrap_or_default(),
             })
@@ -41,7 +42,7 @@ pub fn extractor(config: &Config) -> ExtractorSettings {
         correlation_keys: events.correlation_keys.clone(),
         outcome_key: events.outcome_key.clone(),
         steps: steps(config),
-        max_correlation_id_bytes: events.max_correlation_id_bytes,
+        max_correlation_id_bytes: events.max_correlation_id_bytes.get(),
         known_flows: (!config.flows.allow_unknown)
             .then(|| config.flows.per_flow.keys().cloned().collect()),
         start_dims: dims(DimensionSource::Start),
@@ -51,6 +52,18 @@ pub fn extractor(config: &Config) -> ExtractorSettings {
         intern_capacity: config.limits.max_series_per_metric,
         label_values: label_bound(config, Arc::new(label_cuts(config))),
     }
+}
+
+/// The dimensions read from `side`'s event, each with its label as exposed.
+fn dimensions(
+    config: &Config,
+    side: DimensionSource,
+) -> impl Iterator<Item = (String, &Dimension)> {
+    config
+        .dimensions
+        .iter()
+        .filter(move |d| d.from == side)
+        .map(|d| (sanitize_label_name(&d.label), d))
 }
 
 /// Every label whose values come from client data, for counting cuts (the app exposes
@@ -67,7 +80,7 @@ pub fn label_cuts(config: &Config) -> LabelCuts {
 
 /// `limits.max_label_value_bytes`, counting cuts in `cuts`.
 pub fn label_bound(config: &Config, cuts: Arc<LabelCuts>) -> LabelBound {
-    LabelBound::new(config.limits.max_label_value_bytes, cuts)
+    LabelBound::new(config.limits.max_label_value_bytes.get(), cuts)
 }
 
 /// Step events and names (`events.step_*`, `flows.per_flow.*.steps`,
@@ -118,28 +131,25 @@ pub fn store(config: &Config) -> StoreSettings {
 /// Where the shared store is (`correlation.redis`).
 pub fn redis(config: &Config) -> RedisSettings {
     let redis = &config.correlation.redis;
+    let (url, cluster) = match redis.target() {
+        RedisTarget::Server(url) => (url, Vec::new()),
+        RedisTarget::Cluster { nodes, .. } => (String::new(), nodes),
+    };
     RedisSettings {
-        url: redis.url.clone(),
-        cluster: redis.cluster_nodes(),
+        url,
+        cluster,
         shards: redis.shard_count(),
         ca_file: (!redis.ca_file.is_empty()).then(|| redis.ca_file.clone().into()),
         key_prefix: redis.key_prefix.clone(),
         connect_timeout: redis.connect_timeout,
         command_timeout: redis.command_timeout,
-        pool_size: redis.pool_size,
+        pool_size: redis.pool_size.get(),
     }
 }
 
 /// Label names, buckets and the series limit of the metric families.
 pub fn metrics(config: &Config) -> MetricsSettings {
-    let labels = |side| {
-        config
-            .dimensions
-            .iter()
-            .filter(|d| d.from == side)
-            .map(|d| sanitize_label_name(&d.label))
-            .collect()
-    };
+    let labels = |side| dimensions(config, side).map(|(label, _)| label).collect();
     // Flows with their own buckets or their own objective's `within` (docs/behaviour.md
     // §10: `within` is always a bound of the flow's histogram).
     let per_flow_buckets: HashMap<String, Vec<f64>> = config
@@ -150,14 +160,14 @@ pub fn metrics(config: &Config) -> MetricsSettings {
         .map(|(name, _)| (name.clone(), config.duration_buckets_for(name)))
         .collect();
     let default = &config.flows.default;
-    let shape = |kind: HistogramKind, factor: f64, max_buckets: u32| HistogramShape {
+    let shape = |kind: HistogramKind, factor: f64, max_buckets: NonZeroU32| HistogramShape {
         mode: match kind {
             HistogramKind::Classic => HistogramMode::Classic,
             HistogramKind::Native => HistogramMode::Native,
             HistogramKind::Both => HistogramMode::Both,
         },
         native_bucket_factor: factor,
-        native_max_buckets: max_buckets,
+        native_max_buckets: max_buckets.get(),
     };
     let per_flow_histogram = config
         .flows
@@ -220,16 +230,8 @@ pub fn state(config: &Config) -> Option<StateSettings> {
 /// the flows tracked now and today's dimensions, by label.
 pub fn restore_rules(config: &Config) -> RestoreRules {
     let dims = |side| {
-        config
-            .dimensions
-            .iter()
-            .filter(|d| d.from == side)
-            .map(|d| {
-                (
-                    sanitize_label_name(&d.label),
-                    Arc::from(d.default.clone().unwrap_or_default()),
-                )
-            })
+        dimensions(config, side)
+            .map(|(label, d)| (label, Arc::from(d.default.clone().unwrap_or_default())))
             .collect()
     };
     RestoreRules {
@@ -315,7 +317,7 @@ pub fn limits(config: &Config) -> LimitSettings {
 
 /// Each flow's objective (`flows.*.objective`), for its gauges.
 pub fn objectives(config: &Config) -> ObjectiveSettings {
-    let as_metric = |o: crate::config::Objective| FlowObjective {
+    let as_metric = |o: Objective| FlowObjective {
         target: o.target,
         within_secs: o.within_secs(),
     };

@@ -203,12 +203,15 @@ async fn the_format_follows_accept_and_gzip_follows_accept_encoding() {
     );
     assert!(!text.contains(r#"le="0.25",flow="native""#), "{text}");
     assert!(text.contains(r#"flowmetrics_flow_duration_seconds_bucket{le="0.25",flow="both"} 1"#));
-    let (ok, out) = run_with_input("promtool", &["check", "metrics"], text.as_bytes())
-        .expect("promtool runs (apt-get install prometheus)");
-    assert!(
-        ok,
-        "promtool check metrics:\n{out}\n--- exposition ---\n{text}"
-    );
+    // promtool comes with Debian's `prometheus` (.ci/run and scripts/e2e.sh install it);
+    // without it this one check is skipped and the test reported as skipped.
+    match run_with_input("promtool", &["check", "metrics"], text.as_bytes()) {
+        Some((ok, out)) => assert!(
+            ok,
+            "promtool check metrics:\n{out}\n--- exposition ---\n{text}"
+        ),
+        None => common::skip("promtool not found (apt-get install prometheus)"),
+    }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check_text004.py");
     let (ok, out) = run_with_input("python3", &[script], text.as_bytes()).expect("python3 runs");
     assert!(

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Config, MAX_DURATION};
+use super::error::{Invalid, Key, Problem};
+use super::validate::check_positive_duration;
+use super::Config;
 
 /// "`target` of the instances succeed (within `within`, when set)".
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -17,7 +19,7 @@ pub struct Objective {
     /// A success counts as good only if it took at most this long; unset: any success.
     #[serde(
         default,
-        with = "super::opt_duration",
+        with = "super::values::opt_duration",
         skip_serializing_if = "Option::is_none"
     )]
     pub within: Option<Duration>,
@@ -30,68 +32,34 @@ impl Objective {
     }
 }
 
-/// `key.objective` and `key.overdue_after`, as (key, problem).
+/// `key.objective` and `key.overdue_after`.
 pub(super) fn check(
-    key: &str,
+    key: &Key,
     objective: Option<&Objective>,
     overdue_after: Option<Duration>,
-) -> Result<(), (String, String)> {
+) -> Result<(), Invalid> {
     if let Some(objective) = objective {
+        let key = key.field("objective");
         let target = objective.target;
         if !(target > 0.0 && target < 1.0) {
-            return Err((
-                format!("{key}.objective.target"),
-                format!("{target} is not a ratio strictly between 0 and 1 (e.g. 0.99)"),
-            ));
+            return Err(Problem::ObjectiveTarget(target).at(key.field("target")));
         }
-        match objective.within {
-            Some(w) if w.is_zero() => {
-                return Err((
-                    format!("{key}.objective.within"),
-                    "must be longer than 0s".into(),
-                ))
-            }
-            Some(w) if w > MAX_DURATION => {
-                return Err((
-                    format!("{key}.objective.within"),
-                    "must be at most 365d".into(),
-                ))
-            }
-            _ => {}
-        }
+        check_positive_duration(&key.field("within"), objective.within)?;
     }
-    match overdue_after {
-        Some(d) if d.is_zero() => Err((
-            format!("{key}.overdue_after"),
-            "must be longer than 0s".into(),
-        )),
-        Some(d) if d > MAX_DURATION => Err((
-            format!("{key}.overdue_after"),
-            "must be at most 365d".into(),
-        )),
-        _ => Ok(()),
-    }
+    check_positive_duration(&key.field("overdue_after"), overdue_after)
 }
 
 impl Config {
     /// The objective `flow` is measured against: its own, else `flows.default`'s.
     pub fn objective_for(&self, flow: &str) -> Option<Objective> {
-        self.flows
-            .per_flow
-            .get(flow)
-            .and_then(|o| o.objective)
-            .or(self.flows.default.objective)
+        self.per_flow_or(flow, |o| o.objective, self.flows.default.objective)
     }
 
     /// How old (now − start timestamp) an open instance of `flow` may get before it is
     /// overdue: its `overdue_after` (own, else default), else its objective's `within`.
     /// `None`: the flow has neither, and no overdue series.
     pub fn overdue_threshold_for(&self, flow: &str) -> Option<Duration> {
-        self.flows
-            .per_flow
-            .get(flow)
-            .and_then(|o| o.overdue_after)
-            .or(self.flows.default.overdue_after)
+        self.per_flow_or(flow, |o| o.overdue_after, self.flows.default.overdue_after)
             .or_else(|| self.objective_for(flow).and_then(|o| o.within))
     }
 
