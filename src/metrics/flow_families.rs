@@ -39,7 +39,7 @@ impl ErrorReason {
 
 /// `reason` of `flowmetrics_flows_dropped_total`.
 #[derive(Clone, Copy, Debug)]
-pub(super) enum DropReason {
+enum DropReason {
     /// The correlation store was full.
     Capacity,
     /// Restored for a flow the configuration no longer tracks.
@@ -271,7 +271,7 @@ impl FlowFamilies {
         self.drop_one(flow, DropReason::ConfigChanged);
     }
 
-    pub(super) fn drop_one(&self, flow: &Arc<str>, reason: DropReason) {
+    fn drop_one(&self, flow: &Arc<str>, reason: DropReason) {
         let labels = SeriesRef {
             extra: Some(reason.label()),
             ..self.flow_only(flow)
