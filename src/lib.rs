@@ -32,7 +32,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -88,40 +87,15 @@ impl App {
         let store = correlation_store(&config, &metrics, &rules, &mut state)?;
         let labels = |dims: &[(String, Arc<str>)]| dims.iter().map(|(l, _)| l.clone()).collect();
         let state = state.map(|st| (st, (labels(&rules.start_dims), labels(&rules.end_dims))));
-        let checkpointer = match &state {
-            Some((st, labels)) => {
-                let metrics = metrics.clone();
-                Some(Checkpointer::start(
-                    store.clone(),
-                    st.clone(),
-                    labels.clone(),
-                    move || metrics.state_write_failed(false),
-                )?)
-            }
-            None => None,
-        };
+        let checkpointer = start_checkpointer(&store, state.as_ref(), &metrics)?;
         let maintenance = Maintenance::start(store.clone(), MAINTENANCE_INTERVAL);
-        // Both extraction stages count the label values they cut where /metrics shows them.
-        let label_values = settings::label_bound(&config, metrics.label_cuts());
-        let mut extractor = settings::extractor(&config);
-        extractor.label_values = label_values.clone();
-        let mut network = settings::network_flows(&config);
-        if let Some(network) = &mut network {
-            network.label_values = label_values;
-        }
-        let pipeline = Arc::new(
-            Pipeline::new(Extractor::new(extractor), store.clone(), metrics.clone())
-                .with_network_flows(flows::network::NetworkFlows::new(network)),
-        );
+        let pipeline = build_pipeline(&config, &metrics, &store);
         let limits = ingest::limits::Limits::new(settings::limits(&config));
         let ready = Arc::new(AtomicBool::new(false));
         let (shutdown, stop) = watch::channel(false);
         // The metrics listener outlives the OTLP ones (shutdown.final_scrape_wait).
         let (stop_admin, admin_stop) = watch::channel(false);
-        let mut tasks = Vec::new();
-
-        let metrics_listener = bind(&config.listen.metrics, "listen.metrics").await?;
-        let metrics_addr = metrics_listener.local_addr()?;
+        let metrics_listener = server::bind(&config.listen.metrics, "listen.metrics").await?;
         let overview = admin::Overview::start(
             metrics.clone(),
             admin::overview::SAMPLE_INTERVAL,
@@ -134,65 +108,34 @@ impl App {
             overview,
             bodies: Arc::new(admin::shared::SharedBodies::default()),
         };
-        let admin_task = tokio::spawn(server::serve(
+        let (metrics_addr, admin_task) = server::spawn(
             metrics_listener,
             move |req| admin.clone().handle(req),
             limits.settings.admin_conn_limits(),
             admin_stop,
-        ));
+        )?;
         tracing::info!(
             "metrics: http://{metrics_addr}/metrics (also /healthz, /readyz; overview at /)"
         );
-
-        let mut otlp_http = None;
-        if !config.listen.otlp_http.is_empty() {
-            let listener = bind(&config.listen.otlp_http, "listen.otlp_http").await?;
-            let addr = listener.local_addr()?;
-            let handler = ingest::http::OtlpHttp::new(pipeline.clone(), limits.clone());
-            tasks.push(tokio::spawn(server::serve(
-                listener,
-                move |req| handler.clone().handle(req),
-                limits.settings.conn_limits(),
-                stop.clone(),
-            )));
-            tracing::info!("OTLP/HTTP: http://{addr}/v1/traces, /v1/logs, /v1/metrics");
-            otlp_http = Some(addr);
-        } else {
-            tracing::info!("OTLP/HTTP: disabled (listen.otlp_http is empty)");
-        }
-
-        let mut otlp_grpc = None;
-        if !config.listen.otlp_grpc.is_empty() {
-            let listener = bind(&config.listen.otlp_grpc, "listen.otlp_grpc").await?;
-            let addr = listener.local_addr()?;
-            let handler = ingest::grpc::OtlpGrpc::new(pipeline.clone(), limits.clone());
-            tasks.push(tokio::spawn(server::serve(
-                listener,
-                move |req| handler.clone().handle(req),
-                limits.settings.conn_limits(),
-                stop.clone(),
-            )));
-            tracing::info!("OTLP/gRPC: {addr} (TraceService, LogsService, MetricsService)");
-            otlp_grpc = Some(addr);
-        } else {
-            tracing::info!("OTLP/gRPC: disabled (listen.otlp_grpc is empty)");
-        }
-
-        // The metrics' clock and idle-series removal (limits.series_idle_timeout).
-        {
-            let metrics = metrics.clone();
-            let mut stop = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => metrics.housekeeping(),
-                        _ = server::stopped(&mut stop) => break,
-                    }
-                }
-            }));
-        }
+        let mut otlp = Listeners {
+            limits: limits.settings.conn_limits(),
+            stop: stop.clone(),
+            tasks: Vec::new(),
+        };
+        let http = ingest::http::OtlpHttp::new(pipeline.clone(), limits.clone());
+        let grpc = ingest::grpc::OtlpGrpc::new(pipeline.clone(), limits.clone());
+        let otlp_http = otlp
+            .serve(&OTLP_HTTP, &config.listen.otlp_http, move |req| {
+                http.clone().handle(req)
+            })
+            .await?;
+        let otlp_grpc = otlp
+            .serve(&OTLP_GRPC, &config.listen.otlp_grpc, move |req| {
+                grpc.clone().handle(req)
+            })
+            .await?;
+        let mut tasks = otlp.tasks;
+        tasks.push(spawn_housekeeping(metrics.clone(), stop));
 
         ready.store(true, Ordering::Release);
         Ok(RunningApp {
@@ -213,6 +156,114 @@ impl App {
             registry: metrics,
         })
     }
+}
+
+/// Writes the state file every `state.checkpoint_interval`, when there is one.
+fn start_checkpointer(
+    store: &Arc<dyn CorrelationStore>,
+    state: Option<&(StateSettings, DimLabels)>,
+    metrics: &Arc<Metrics>,
+) -> std::io::Result<Option<Checkpointer>> {
+    let Some((st, labels)) = state else {
+        return Ok(None);
+    };
+    let metrics = metrics.clone();
+    Checkpointer::start(store.clone(), st.clone(), labels.clone(), move || {
+        metrics.state_write_failed(false)
+    })
+    .map(Some)
+}
+
+/// The stages after the transports: extraction, the store, the metrics.
+fn build_pipeline(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    store: &Arc<dyn CorrelationStore>,
+) -> Arc<Pipeline> {
+    // Both extraction stages count the label values they cut where /metrics shows them.
+    let label_values = settings::label_bound(config, metrics.label_cuts());
+    let mut extractor = settings::extractor(config);
+    extractor.label_values = label_values.clone();
+    let mut network = settings::network_flows(config);
+    if let Some(network) = &mut network {
+        network.label_values = label_values;
+    }
+    Arc::new(
+        Pipeline::new(Extractor::new(extractor), store.clone(), metrics.clone())
+            .with_network_flows(flows::network::NetworkFlows::new(network)),
+    )
+}
+
+/// An OTLP listener as the log names it.
+struct Listener {
+    name: &'static str,
+    /// Its config key.
+    key: &'static str,
+    /// What is served at the bound address.
+    served: fn(SocketAddr) -> String,
+}
+
+const OTLP_HTTP: Listener = Listener {
+    name: "OTLP/HTTP",
+    key: "listen.otlp_http",
+    served: |addr| format!("http://{addr}/v1/traces, /v1/logs, /v1/metrics"),
+};
+
+const OTLP_GRPC: Listener = Listener {
+    name: "OTLP/gRPC",
+    key: "listen.otlp_grpc",
+    served: |addr| format!("{addr} (TraceService, LogsService, MetricsService)"),
+};
+
+/// The OTLP listeners: their connection limits, the signal that stops them, and the
+/// tasks serving them.
+struct Listeners {
+    limits: server::ConnLimits,
+    stop: watch::Receiver<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Listeners {
+    /// Serves `handler` on `addr`; `None` when `addr` is empty (the listener is off).
+    async fn serve<H, F, B>(
+        &mut self,
+        listener: &Listener,
+        addr: &str,
+        handler: H,
+    ) -> std::io::Result<Option<SocketAddr>>
+    where
+        H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+        B: hyper::body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Listener { name, key, served } = listener;
+        if addr.is_empty() {
+            tracing::info!("{name}: disabled ({key} is empty)");
+            return Ok(None);
+        }
+        let socket = server::bind(addr, key).await?;
+        let (bound, task) = server::spawn(socket, handler, self.limits, self.stop.clone())?;
+        self.tasks.push(task);
+        tracing::info!("{name}: {}", served(bound));
+        Ok(Some(bound))
+    }
+}
+
+/// The metrics' clock and idle-series removal (limits.series_idle_timeout), once a
+/// second until `stop`.
+fn spawn_housekeeping(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => metrics.housekeeping(),
+                _ = server::stopped(&mut stop) => break,
+            }
+        }
+    })
 }
 
 /// The correlation store the config asks for: moka in process (with what the state
@@ -271,12 +322,6 @@ fn correlation_store(
             Ok(Arc::new(redis))
         }
     }
-}
-
-async fn bind(addr: &str, key: &str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}")))
 }
 
 impl RunningApp {

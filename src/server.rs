@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,8 +27,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::logging::RateLimited;
@@ -72,6 +73,33 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// Binds `addr`; the error names it and its config key.
+pub async fn bind(addr: &str, key: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}")))
+}
+
+/// Serves `handler` on `listener` on a task of its own; returns the bound address and
+/// the task.
+pub fn spawn<H, F, B>(
+    listener: TcpListener,
+    handler: H,
+    limits: ConnLimits,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<(SocketAddr, JoinHandle<()>)>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(serve(listener, handler, limits, shutdown));
+    Ok((addr, task))
+}
+
 /// Serves `handler` on `listener` until `shutdown` turns true.
 pub async fn serve<H, F, B>(
     listener: TcpListener,
@@ -85,6 +113,45 @@ pub async fn serve<H, F, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let builder = connection_builder(&limits);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let open = Arc::new(Open::default());
+    let mut connections = JoinSet::new();
+    let mut next_id = 0u64;
+    let accept_warning = RateLimited::new(ACCEPT_WARN_EVERY);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let Some(stream) = accept(&listener, &accept_warning, &mut shutdown).await else {
+            break;
+        };
+        let Some(permit) = take_slot(&slots, &open, &mut shutdown).await else {
+            break;
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
+        next_id += 1;
+        let id = next_id;
+        open.insert(id, activity.clone());
+        let io = TokioIo::new(Tracked {
+            inner: stream,
+            activity: activity.clone(),
+        });
+        let service = tracked_service(handler.clone(), activity.clone(), limits.write_timeout);
+        let conn = builder.serve_connection(io, service).into_owned();
+        let stop = shutdown.clone();
+        let open = open.clone();
+        connections.spawn(async move {
+            drive(conn, &activity, limits.idle_timeout, stop).await;
+            open.remove(id);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    drain(connections).await;
+}
+
+/// HTTP/1.1 and h2c, with the header and stream limits.
+fn connection_builder(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A slowloris trickling its headers keeps the connection busy, not idle: this
     // bounds it.
@@ -96,78 +163,88 @@ pub async fn serve<H, F, B>(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let open = Arc::new(Open::default());
-    let mut connections = JoinSet::new();
-    let mut next_id = 0u64;
-    let accept_warning = RateLimited::new(ACCEPT_WARN_EVERY);
+    builder
+}
+
+/// The next connection; `None` once `shutdown` turns true.
+async fn accept(
+    listener: &TcpListener,
+    warning: &RateLimited,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<TcpStream> {
     loop {
-        while connections.try_join_next().is_some() {}
-        let stream = tokio::select! {
+        tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok((stream, _peer)) => return Some(stream),
                 Err(e) => {
                     // Out of fds and the like: back off instead of spinning.
-                    accept_warning.warn(format_args!(
+                    warning.warn(format_args!(
                         "accept failed on {}: {e}",
                         listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string())
                     ));
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-            _ = stopped(&mut shutdown) => break,
-        };
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                // At the cap: make room by closing the idlest connection, if any. Until a
-                // slot frees nothing more is accepted: the descriptors stay with the
-                // kernel's backlog, so other listeners (and /metrics) keep working.
-                open.evict_idlest();
-                tokio::select! {
-                    permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-                    _ = stopped(&mut shutdown) => break,
-                }
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new());
-        next_id += 1;
-        let id = next_id;
-        open.insert(id, activity.clone());
-        let io = TokioIo::new(Tracked {
-            inner: stream,
-            activity: activity.clone(),
-        });
-        let handler = handler.clone();
-        let service_activity = activity.clone();
-        let write_timeout = limits.write_timeout;
-        let service = service_fn(move |req| {
-            let handler = handler.clone();
-            let guard = InFlight::new(service_activity.clone());
-            let activity = service_activity.clone();
-            async move {
-                let response = handler(req).await;
-                drop(guard);
-                let deadline = write_timeout.map(|t| WriteDeadline::start(activity, t));
-                Ok::<_, Infallible>(response.map(|body| DeadlineBody {
-                    inner: body,
-                    deadline,
-                }))
-            }
-        });
-        let conn = builder.serve_connection(io, service).into_owned();
-        let stop = shutdown.clone();
-        let open = open.clone();
-        connections.spawn(async move {
-            drive(conn, &activity, limits.idle_timeout, stop).await;
-            open.remove(id);
-            drop(permit);
-        });
+            _ = stopped(shutdown) => return None,
+        }
     }
-    drop(listener);
-    // Connections see the same signal and close gracefully; wait for them (bounded).
+}
+
+/// A place under `limits.max_connections`; `None` once `shutdown` turns true.
+async fn take_slot(
+    slots: &Arc<Semaphore>,
+    open: &Open,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    // At the cap: make room by closing the idlest connection, if any. Until a slot
+    // frees nothing more is accepted: the descriptors stay with the kernel's backlog,
+    // so other listeners (and /metrics) keep working.
+    open.evict_idlest();
+    tokio::select! {
+        permit = slots.clone().acquire_owned() => Some(permit.expect("never closed")),
+        _ = stopped(shutdown) => None,
+    }
+}
+
+/// `handler`, counting its requests in flight on the connection and, with a write
+/// timeout, bounding how long each response may take to be handed over.
+fn tracked_service<H, F, B>(
+    handler: H,
+    activity: Arc<Activity>,
+    write_timeout: Option<Duration>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<DeadlineBody<B>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<DeadlineBody<B>>, Infallible>> + Send,
+> + Clone
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
+{
+    service_fn(move |req| {
+        let handler = handler.clone();
+        let guard = InFlight::new(activity.clone());
+        let activity = activity.clone();
+        async move {
+            let response = handler(req).await;
+            drop(guard);
+            let deadline = write_timeout.map(|t| WriteDeadline::start(activity, t));
+            Ok::<_, Infallible>(response.map(|body| DeadlineBody {
+                inner: body,
+                deadline,
+            }))
+        }
+    })
+}
+
+/// Connections see the same signal as the accept loop and close gracefully; waits for
+/// them (bounded by [`DRAIN_TIMEOUT`]).
+async fn drain(mut connections: JoinSet<()>) {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while connections.join_next().await.is_some() {}
     })

@@ -1,28 +1,31 @@
-//! A metric family with a series limit, for the flow families.
+//! A metric family with a series limit, for the flow and network families.
 //!
 //! prometheus-client's `Family` neither counts its series nor lets its constructor see
-//! the labels (per-flow buckets need the flow name), so flow families use this type: it
+//! the labels (per-flow buckets need the flow name), so those families use this type: it
 //! holds prometheus-client's own metrics (`Counter`, `Gauge`, `HistogramWithExemplars`,
 //! …) per label set, at most `max_series` of them plus one overflow series labelled
 //! `otel_metric_overflow="true"` (the OpenTelemetry SDK convention), and it is written by
 //! prometheus-client's encoder through [`EncodeMetric`], as `Family` is.
 //!
-//! Recording is on the hot path: a series is found from borrowed label values
-//! ([`SeriesRef`]) with one hash-table probe and no allocation; the owned labels are
-//! built only when a series is created.
+//! Recording is on the hot path: a series is found from borrowed label values (a
+//! [`SeriesKey`]: [`SeriesRef`] for the flow families) with one hash-table probe and no
+//! allocation; the owned labels (a [`SeriesLabelSet`]) are built only when a series is
+//! created.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::{CounterWithExemplar, Exemplar};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
 
 use crate::flows::event::DimValues;
 use crate::logging::RateLimited;
@@ -104,13 +107,35 @@ impl EncodeLabelSet for SeriesLabels {
     }
 }
 
+/// A series' labels as a limited family keeps and writes them.
+pub trait SeriesLabelSet: EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static {
+    /// What every series of one family shares (its label names).
+    type Layout: std::fmt::Debug + Send + Sync + 'static;
+}
+
+impl SeriesLabelSet for SeriesLabels {
+    type Layout = Layout;
+}
+
+/// Borrowed label values that find a series of a family with labels `L`.
+pub trait SeriesKey<L: SeriesLabelSet>: Copy {
+    /// By content, so equal values held in different `Arc`s find the same series.
+    fn hash_with(&self, hasher: &DefaultHashBuilder) -> u64;
+    fn matches(&self, labels: &L) -> bool;
+    /// The owned labels, made once, when the series is created.
+    fn to_labels(self, layout: &Arc<L::Layout>) -> L;
+    /// The flow the series belongs to: the family's constructor sees it (per-flow
+    /// buckets).
+    fn flow(&self) -> Option<&str>;
+}
+
 /// The overflow series' one label.
 const OVERFLOW_LABELS: [(&str, &str); 1] = [(OVERFLOW_LABEL, "true")];
 
-impl SeriesRef<'_> {
-    /// By content, so equal values held in different `Arc`s find the same series. Only
-    /// the bytes are written (no length prefixes or separators): the layout is fixed per
-    /// family, and a rare collision costs one more comparison, not a wrong match.
+impl SeriesKey<SeriesLabels> for SeriesRef<'_> {
+    /// Only the bytes are written (no length prefixes or separators): the layout is
+    /// fixed per family, and a rare collision costs one more comparison, not a wrong
+    /// match.
     #[inline]
     fn hash_with(&self, hasher: &DefaultHashBuilder) -> u64 {
         let mut h = hasher.build_hasher();
@@ -159,6 +184,10 @@ impl SeriesRef<'_> {
             start: self.start.clone(),
             end: self.end.clone(),
         }
+    }
+
+    fn flow(&self) -> Option<&str> {
+        Some(self.flow)
     }
 }
 
@@ -209,12 +238,62 @@ impl OverflowReporter {
     }
 }
 
-/// Cheap to clone: clones share the series (as prometheus-client's `Family` does).
-pub struct LimitedFamily<M> {
-    inner: Arc<Inner<M>>,
+/// What every limited family of one registry shares: `limits.max_series_per_metric`,
+/// where folds are counted, and the clock that stamps each recording (for idle series).
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct SeriesLimit {
+    pub max_series: usize,
+    pub overflow: Arc<OverflowReporter>,
+    /// Seconds since start, shared by the families.
+    pub clock: Arc<AtomicU64>,
 }
 
-impl<M> Clone for LimitedFamily<M> {
+/// The `metric` label of `flowmetrics_series_overflow_total`: the folding family's
+/// sample name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MetricLabel {
+    metric: &'static str,
+}
+
+impl SeriesLimit {
+    /// Registers `flowmetrics_series_overflow`, where every family under this limit
+    /// counts the recordings it folds.
+    pub fn registered(registry: &mut Registry, max_series: usize) -> Self {
+        let folds = Family::<MetricLabel, Counter>::default();
+        registry.register(
+            "flowmetrics_series_overflow",
+            "Recordings folded into a family's otel_metric_overflow=\"true\" series because \
+             the family reached limits.max_series_per_metric",
+            folds.clone(),
+        );
+        Self {
+            max_series,
+            overflow: Arc::new(OverflowReporter::new(move |metric| {
+                folds.get_or_create(&MetricLabel { metric }).clone()
+            })),
+            clock: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// A family under this limit. `name`: the sample name as exposed (`…_total` for
+    /// counters, `…_seconds` for durations), the `metric` label of its folds.
+    pub fn family<M, L: SeriesLabelSet>(
+        &self,
+        name: &'static str,
+        layout: L::Layout,
+        make: impl Fn(Option<&str>) -> M + Send + Sync + 'static,
+    ) -> LimitedFamily<M, L> {
+        LimitedFamily::new(name, self.clone(), layout, make)
+    }
+}
+
+/// Cheap to clone: clones share the series (as prometheus-client's `Family` does).
+pub struct LimitedFamily<M, L: SeriesLabelSet = SeriesLabels> {
+    inner: Arc<Inner<M, L>>,
+}
+
+impl<M, L: SeriesLabelSet> Clone for LimitedFamily<M, L> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -222,34 +301,46 @@ impl<M> Clone for LimitedFamily<M> {
     }
 }
 
-struct Series<M> {
+struct Series<M, L> {
     hash: u64,
     /// Shared with the pinned copies a scrape encodes from.
-    labels: Arc<SeriesLabels>,
+    labels: Arc<L>,
     metric: M,
     /// The family clock's reading at the last recording (or creation).
     touched: AtomicU64,
 }
 
-struct Inner<M> {
+struct Inner<M, L: SeriesLabelSet> {
     /// The sample name as exposed (`…_total` for counters): the overflow counter's
     /// `metric` label.
     name: &'static str,
-    max_series: usize,
-    layout: Arc<Layout>,
+    limit: SeriesLimit,
+    layout: Arc<L::Layout>,
     hasher: DefaultHashBuilder,
-    series: RwLock<HashTable<Series<M>>>,
+    series: RwLock<HashTable<Series<M, L>>>,
     /// What the next encode writes instead of the live series (see [`Self::pin`]).
-    pinned: Mutex<Option<Pinned<M>>>,
+    pinned: Mutex<Option<Pinned<M, L>>>,
     /// Kept apart from `series`, so a full family folds under the read lock.
     overflow_series: OnceLock<M>,
     make: Constructor<M>,
-    overflow: Arc<OverflowReporter>,
-    /// A coarse clock shared by the families (seconds), for idle series.
-    clock: Arc<AtomicU64>,
 }
 
-impl<M> std::fmt::Debug for LimitedFamily<M> {
+/// The locks, poisoned or not: a panic elsewhere leaves the series as they were.
+impl<M, L: SeriesLabelSet> Inner<M, L> {
+    fn read(&self) -> RwLockReadGuard<'_, HashTable<Series<M, L>>> {
+        self.series.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashTable<Series<M, L>>> {
+        self.series.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pinned(&self) -> MutexGuard<'_, Option<Pinned<M, L>>> {
+        self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<M, L: SeriesLabelSet> std::fmt::Debug for LimitedFamily<M, L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LimitedFamily")
             .field("name", &self.inner.name)
@@ -257,76 +348,83 @@ impl<M> std::fmt::Debug for LimitedFamily<M> {
     }
 }
 
-impl<M> LimitedFamily<M> {
+impl<M, L: SeriesLabelSet> LimitedFamily<M, L> {
     pub fn new(
         name: &'static str,
-        max_series: usize,
-        layout: Layout,
-        overflow: Arc<OverflowReporter>,
-        clock: Arc<AtomicU64>,
+        limit: SeriesLimit,
+        layout: L::Layout,
         make: impl Fn(Option<&str>) -> M + Send + Sync + 'static,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 name,
-                max_series,
+                limit,
                 layout: Arc::new(layout),
                 hasher: DefaultHashBuilder::default(),
                 series: RwLock::new(HashTable::new()),
                 pinned: Mutex::new(None),
                 overflow_series: OnceLock::new(),
                 make: Box::new(make),
-                overflow,
-                clock,
             }),
         }
     }
 
+    /// The sample name as exposed.
+    pub fn name(&self) -> &'static str {
+        self.inner.name
+    }
+
     /// Runs `f` on the series for `labels`, creating it (or folding into the overflow
     /// series when the family is full). Allocates only when it creates a series.
-    pub fn with<R>(&self, labels: SeriesRef<'_>, f: impl FnOnce(&M) -> R) -> R {
+    pub fn with<R>(&self, labels: impl SeriesKey<L>, f: impl FnOnce(&M) -> R) -> R {
         self.lookup(labels, &mut false, f)
     }
 
     /// As [`Self::with`], and says whether this call created the series.
-    pub fn with_created(&self, labels: SeriesRef<'_>, f: impl FnOnce(&M)) -> bool {
+    pub fn with_created(&self, labels: impl SeriesKey<L>, f: impl FnOnce(&M)) -> bool {
         let mut created = false;
         self.lookup(labels, &mut created, f);
         created
     }
 
-    fn lookup<R>(&self, labels: SeriesRef<'_>, created: &mut bool, f: impl FnOnce(&M) -> R) -> R {
+    fn lookup<R>(
+        &self,
+        labels: impl SeriesKey<L>,
+        created: &mut bool,
+        f: impl FnOnce(&M) -> R,
+    ) -> R {
         let this = &*self.inner;
+        let (max, clock) = (this.limit.max_series, &this.limit.clock);
         let hash = labels.hash_with(&this.hasher);
         {
-            let series = this.series.read().unwrap_or_else(|p| p.into_inner());
+            let series = this.read();
             if let Some(s) = series.find(hash, |s| labels.matches(&s.labels)) {
                 // Written only when the clock moved: the line stays clean between ticks.
-                let now = this.clock.load(Ordering::Relaxed);
+                let now = clock.load(Ordering::Relaxed);
                 if s.touched.load(Ordering::Relaxed) != now {
                     s.touched.store(now, Ordering::Relaxed);
                 }
                 return f(&s.metric);
             }
             // The family never shrinks: full now means full for good.
-            if series.len() >= this.max_series {
+            if series.len() >= max {
                 drop(series);
                 return self.fold(f);
             }
         }
-        let mut series = this.series.write().unwrap_or_else(|p| p.into_inner());
+        let mut series = this.write();
         if let Some(s) = series.find(hash, |s| labels.matches(&s.labels)) {
             return f(&s.metric);
         }
-        if series.len() >= this.max_series {
+        if series.len() >= max {
             drop(series);
             return self.fold(f);
         }
         let new = Series {
             hash,
             labels: Arc::new(labels.to_labels(&this.layout)),
-            metric: (this.make)(Some(&**labels.flow)),
-            touched: AtomicU64::new(this.clock.load(Ordering::Relaxed)),
+            metric: (this.make)(labels.flow()),
+            touched: AtomicU64::new(clock.load(Ordering::Relaxed)),
         };
         let entry = series.insert_unique(hash, new, |s| s.hash);
         *created = true;
@@ -334,8 +432,8 @@ impl<M> LimitedFamily<M> {
     }
 
     /// Calls `f` with every series' labels and the clock reading of its last recording.
-    pub fn for_each(&self, mut f: impl FnMut(&SeriesLabels, u64)) {
-        let series = self.inner.series.read().unwrap_or_else(|p| p.into_inner());
+    pub fn for_each(&self, mut f: impl FnMut(&L, u64)) {
+        let series = self.inner.read();
         for s in series.iter() {
             f(&s.labels, s.touched.load(Ordering::Relaxed));
         }
@@ -343,8 +441,8 @@ impl<M> LimitedFamily<M> {
 
     /// Calls `f` with every series' labels and metric (not the overflow series: it belongs
     /// to no label set).
-    pub fn for_each_metric(&self, mut f: impl FnMut(&SeriesLabels, &M)) {
-        let series = self.inner.series.read().unwrap_or_else(|p| p.into_inner());
+    pub fn for_each_metric(&self, mut f: impl FnMut(&L, &M)) {
+        let series = self.inner.read();
         for s in series.iter() {
             f(&s.labels, &s.metric);
         }
@@ -352,8 +450,8 @@ impl<M> LimitedFamily<M> {
 
     /// Removes the series for which `keep` (labels, last recording, metric) is false,
     /// freeing their places under the limit; returns how many went.
-    pub fn retain(&self, mut keep: impl FnMut(&SeriesLabels, u64, &M) -> bool) -> usize {
-        let mut series = self.inner.series.write().unwrap_or_else(|p| p.into_inner());
+    pub fn retain(&self, mut keep: impl FnMut(&L, u64, &M) -> bool) -> usize {
+        let mut series = self.inner.write();
         let before = series.len();
         series.retain(|s| keep(&s.labels, s.touched.load(Ordering::Relaxed), &s.metric));
         let removed = before - series.len();
@@ -365,19 +463,13 @@ impl<M> LimitedFamily<M> {
 
     fn fold<R>(&self, f: impl FnOnce(&M) -> R) -> R {
         let this = &*self.inner;
-        this.overflow.folded(this.name, this.max_series);
+        this.limit.overflow.folded(this.name, this.limit.max_series);
         f(this.overflow_series.get_or_init(|| (this.make)(None)))
     }
 
     /// Series held now (including the overflow series).
     pub fn len(&self) -> usize {
-        let regular = self
-            .inner
-            .series
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .len();
-        regular + usize::from(self.inner.overflow_series.get().is_some())
+        self.inner.read().len() + usize::from(self.inner.overflow_series.get().is_some())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -392,6 +484,12 @@ pub enum Reading {
     Level(i64),
 }
 
+/// What an encoder answers.
+type Written = Result<(), std::fmt::Error>;
+
+/// No exemplar: the type prometheus-client's encoder needs to be told.
+type NoExemplar = Option<&'static Exemplar<Vec<(String, String)>, u64>>;
+
 /// A metric whose value can be read now and written later as read. Histograms answer
 /// `None` (prometheus-client has no reader for their buckets; they take no part in the
 /// invariant of docs/behaviour.md §3) and are written as they are when encoded.
@@ -399,47 +497,23 @@ pub trait Pinnable: EncodeMetric + TypedMetric + Clone {
     fn read(&self) -> Option<Reading>;
 
     /// Writes `reading` (taken from `self` by [`Pinnable::read`]) as this metric's value.
-    fn encode_reading(
-        &self,
-        reading: Reading,
-        encoder: MetricEncoder,
-    ) -> Result<(), std::fmt::Error>;
+    fn encode_reading(&self, reading: Reading, mut encoder: MetricEncoder) -> Written {
+        match reading {
+            Reading::Count(v) => encoder.encode_counter(&v, NoExemplar::None),
+            Reading::Level(v) => encoder.encode_gauge(&v),
+        }
+    }
 }
-
-/// No exemplar: the type prometheus-client's encoder needs to be told.
-type NoExemplar = Option<&'static Exemplar<Vec<(String, String)>, u64>>;
 
 impl Pinnable for Counter {
     fn read(&self) -> Option<Reading> {
         Some(Reading::Count(self.get()))
-    }
-
-    fn encode_reading(
-        &self,
-        reading: Reading,
-        mut encoder: MetricEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        match reading {
-            Reading::Count(v) => encoder.encode_counter(&v, NoExemplar::None),
-            Reading::Level(_) => self.encode(encoder),
-        }
     }
 }
 
 impl Pinnable for Gauge {
     fn read(&self) -> Option<Reading> {
         Some(Reading::Level(self.get()))
-    }
-
-    fn encode_reading(
-        &self,
-        reading: Reading,
-        mut encoder: MetricEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        match reading {
-            Reading::Level(v) => encoder.encode_gauge(&v),
-            Reading::Count(_) => self.encode(encoder),
-        }
     }
 }
 
@@ -451,11 +525,7 @@ impl<S: EncodeLabelSet + Send + Sync + std::fmt::Debug + 'static> Pinnable
     }
 
     /// The value as read; the exemplar as it is now (a sample trace, newer at most).
-    fn encode_reading(
-        &self,
-        reading: Reading,
-        mut encoder: MetricEncoder,
-    ) -> Result<(), std::fmt::Error> {
+    fn encode_reading(&self, reading: Reading, mut encoder: MetricEncoder) -> Written {
         match reading {
             Reading::Count(v) => {
                 let (_, exemplar) = self.get();
@@ -466,37 +536,23 @@ impl<S: EncodeLabelSet + Send + Sync + std::fmt::Debug + 'static> Pinnable
     }
 }
 
-macro_rules! unpinned {
-    ($($t:ty),*) => {$(
-        impl Pinnable for $t {
-            fn read(&self) -> Option<Reading> {
-                None
-            }
-
-            fn encode_reading(
-                &self,
-                _: Reading,
-                encoder: MetricEncoder,
-            ) -> Result<(), std::fmt::Error> {
-                self.encode(encoder)
-            }
-        }
-    )*};
+impl Pinnable for prometheus_client::metrics::histogram::Histogram {
+    fn read(&self) -> Option<Reading> {
+        None
+    }
 }
-
-unpinned!(prometheus_client::metrics::histogram::Histogram);
 
 /// One series as an encode writes it: its labels (`None`: the overflow series), its
 /// metric, and the reading taken when pinned (`None`: written as it is then).
-struct PinnedSeries<M> {
-    labels: Option<Arc<SeriesLabels>>,
+struct PinnedSeries<M, L> {
+    labels: Option<Arc<L>>,
     metric: M,
     reading: Option<Reading>,
 }
 
-type Pinned<M> = Vec<PinnedSeries<M>>;
+type Pinned<M, L> = Vec<PinnedSeries<M, L>>;
 
-impl<M: Pinnable> LimitedFamily<M> {
+impl<M: Pinnable, L: SeriesLabelSet> LimitedFamily<M, L> {
     /// Copies the family's series (labels and metric handles, shared, and each value as
     /// read now) for the next encode, which then writes this copy and holds no lock of
     /// the family while it writes. Taken for every invariant family while reports are
@@ -504,21 +560,17 @@ impl<M: Pinnable> LimitedFamily<M> {
     /// cost of a walk over the series, not of the whole encode.
     pub fn pin(&self) {
         let pinned = self.copy_series();
-        *self.inner.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Some(pinned);
+        *self.inner.pinned() = Some(pinned);
     }
 
     /// Drops a pinned copy the encode did not take (a family it skipped).
     pub fn unpin(&self) {
-        self.inner
-            .pinned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.inner.pinned().take();
     }
 
-    fn copy_series(&self) -> Pinned<M> {
+    fn copy_series(&self) -> Pinned<M, L> {
         let this = &*self.inner;
-        let series = this.series.read().unwrap_or_else(|p| p.into_inner());
+        let series = this.read();
         let mut out = Vec::with_capacity(series.len() + 1);
         out.extend(series.iter().map(|s| PinnedSeries {
             labels: Some(s.labels.clone()),
@@ -537,16 +589,11 @@ impl<M: Pinnable> LimitedFamily<M> {
     }
 }
 
-impl<M: Pinnable> EncodeMetric for LimitedFamily<M> {
+impl<M: Pinnable, L: SeriesLabelSet> EncodeMetric for LimitedFamily<M, L> {
     /// Every series, the overflow series last: the pinned copy when there is one, else a
     /// copy made now (so the family's lock is not held while the text is written).
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let pinned = self
-            .inner
-            .pinned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let pinned = self.inner.pinned().take();
         let series = pinned.unwrap_or_else(|| self.copy_series());
         for s in &series {
             let family = match &s.labels {
@@ -568,7 +615,7 @@ impl<M: Pinnable> EncodeMetric for LimitedFamily<M> {
     /// A family without series is left out of the exposition (no HELP/TYPE lines); with
     /// a pinned copy, that copy decides.
     fn is_empty(&self) -> bool {
-        match &*self.inner.pinned.lock().unwrap_or_else(|p| p.into_inner()) {
+        match &*self.inner.pinned() {
             Some(pinned) => pinned.is_empty(),
             None => LimitedFamily::is_empty(self),
         }
@@ -593,12 +640,15 @@ mod tests {
     fn counters(max: usize, layout: Layout) -> (LimitedFamily<Counter>, Counter) {
         let folds = Counter::default();
         let f2 = folds.clone();
-        let reporter = Arc::new(OverflowReporter::new(move |_| f2.clone()));
-        let clock = Arc::new(AtomicU64::new(0));
-        let fam = LimitedFamily::new("x_total", max, layout, reporter, clock, |_| {
-            Counter::default()
-        });
-        (fam, folds)
+        let limit = SeriesLimit {
+            max_series: max,
+            overflow: Arc::new(OverflowReporter::new(move |_| f2.clone())),
+            clock: Arc::new(AtomicU64::new(0)),
+        };
+        (
+            limit.family("x_total", layout, |_| Counter::default()),
+            folds,
+        )
     }
 
     fn flow_only<'a>(flow: &'a Arc<str>, none: &'a DimValues) -> SeriesRef<'a> {
@@ -701,29 +751,26 @@ mod tests {
 
     #[test]
     fn the_constructor_sees_the_flow_and_labels_are_escaped() {
-        let reporter = Arc::new(OverflowReporter::new(|_| Counter::default()));
+        let limit = SeriesLimit {
+            max_series: 10,
+            overflow: Arc::new(OverflowReporter::new(|_| Counter::default())),
+            clock: Arc::new(AtomicU64::new(0)),
+        };
         let layout = Layout {
             extra: None,
             step: None,
             start_dims: names(&["region", "tier"]),
             end_dims: names(&["code"]),
         };
-        let clock = Arc::new(AtomicU64::new(0));
-        let fam = LimitedFamily::new(
-            "d_seconds",
-            10,
-            layout,
-            reporter,
-            clock,
-            |flow: Option<&str>| {
+        let fam: LimitedFamily<Histogram> =
+            limit.family("d_seconds", layout, |flow: Option<&str>| {
                 let buckets: &[f64] = if flow == Some("checkout") {
                     &[0.5]
                 } else {
                     &[1.0, 2.0]
                 };
                 Histogram::new(buckets.iter().copied())
-            },
-        );
+            });
         let flow: Arc<str> = Arc::from("checkout");
         let (start, end) = (dims(&["eu", "a\"b\\c\nd"]), dims(&["200"]));
         let key = SeriesRef {

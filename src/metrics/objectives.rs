@@ -6,11 +6,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
-type FlowLabel = [(&'static str, String); 1];
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabel {
+    flow: String,
+}
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// One flow's objective: `target` of its counted instances are good (succeed, within
@@ -49,7 +53,11 @@ pub(super) struct ObjectiveMetrics {
 }
 
 impl ObjectiveMetrics {
-    pub(super) fn new(registry: &mut Registry, settings: ObjectiveSettings, max: usize) -> Self {
+    pub(super) fn register(
+        registry: &mut Registry,
+        settings: ObjectiveSettings,
+        max: usize,
+    ) -> Self {
         let this = Self {
             settings,
             target: Family::default(),
@@ -103,7 +111,9 @@ impl ObjectiveMetrics {
             return;
         }
         shown.insert(flow.clone());
-        let label = [("flow", flow.to_string())];
+        let label = FlowLabel {
+            flow: flow.to_string(),
+        };
         self.target.get_or_create(&label).set(objective.target);
         if let Some(within) = objective.within_secs {
             self.seconds.get_or_create(&label).set(within);
@@ -112,7 +122,9 @@ impl ObjectiveMetrics {
 
     /// The store's latest count for a flow with an overdue threshold.
     pub(super) fn overdue(&self, flow: &Arc<str>, overdue: u64, oldest_open_secs: f64) {
-        let label = [("flow", flow.to_string())];
+        let label = FlowLabel {
+            flow: flow.to_string(),
+        };
         self.overdue
             .get_or_create(&label)
             .set(i64::try_from(overdue).unwrap_or(i64::MAX));

@@ -1,14 +1,78 @@
-//! Standard `process_*` metrics, read from /proc at scrape time (Linux; elsewhere the
-//! family set is simply empty).
+//! The service's own families (docs/behaviour.md §4): its build, the label values it cut,
+//! the log lines it dropped, and the standard `process_*` metrics, read from /proc at
+//! scrape time (Linux; elsewhere the process family set is simply empty).
+
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Unit;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::{Registry, Unit};
+
+use super::label_cuts::LabelCutsFamily;
+use crate::flows::label_value::LabelCuts;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+/// `flowmetrics_build_info`, `flowmetrics_label_values_truncated_total`, and the
+/// collectors read at scrape time.
+pub(super) fn register(registry: &mut Registry, label_cuts: &Arc<LabelCuts>) {
+    let build_info = Family::<VersionLabel, Gauge>::default();
+    let version = env!("CARGO_PKG_VERSION");
+    build_info.get_or_create(&VersionLabel { version }).set(1);
+    registry.register(
+        "flowmetrics_build_info",
+        "Build identity of this flowmetrics (always 1)",
+        build_info,
+    );
+    registry.register(
+        "flowmetrics_label_values_truncated",
+        "Label values from client data (dimensions, network dimensions) cut to \
+         limits.max_label_value_bytes, by the label whose value was cut",
+        LabelCutsFamily(label_cuts.clone()),
+    );
+    registry.register_collector(Box::new(ProcessCollector));
+    registry.register_collector(Box::new(LogCollector));
+}
+
+/// A family's name (less its unit), help and unit.
+type Descriptor = (&'static str, &'static str, Option<Unit>);
+
+/// Writes one metric with its descriptor.
+fn describe(
+    encoder: &mut DescriptorEncoder,
+    (name, help, unit): Descriptor,
+    metric: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, unit.as_ref(), metric.metric_type())?)
+}
+
+/// `process_cpu_seconds_total`.
+const CPU: Descriptor = (
+    "process_cpu",
+    "Total user and system CPU time spent in seconds.",
+    Some(Unit::Seconds),
+);
+/// `process_start_time_seconds`: a gauge in seconds (a float), unlike the others.
+const START_TIME: Descriptor = (
+    "process_start_time",
+    "Start time of the process since unix epoch in seconds.",
+    Some(Unit::Seconds),
+);
+/// Written by [`LogCollector`].
+const LOG_LINES_DROPPED: Descriptor = (
+    "flowmetrics_log_lines_dropped",
+    "Log lines dropped rather than wait for stderr (its reader slow, stuck or gone)",
+    None,
+);
 
 #[derive(Debug, Default)]
-pub struct ProcessCollector;
+struct ProcessCollector;
 
 struct Sample {
     cpu_seconds: f64,
@@ -74,13 +138,7 @@ impl Collector for ProcessCollector {
         let Some(s) = sample() else {
             return Ok(());
         };
-        let cpu = ConstCounter::new(s.cpu_seconds);
-        cpu.encode(encoder.encode_descriptor(
-            "process_cpu",
-            "Total user and system CPU time spent in seconds.",
-            Some(&Unit::Seconds),
-            cpu.metric_type(),
-        )?)?;
+        describe(&mut encoder, CPU, &ConstCounter::new(s.cpu_seconds))?;
         let gauges: [(&str, &str, Option<Unit>, i64); 5] = [
             (
                 "process_resident_memory",
@@ -114,35 +172,25 @@ impl Collector for ProcessCollector {
             ),
         ];
         for (name, help, unit, value) in gauges {
-            let g = ConstGauge::new(value);
-            g.encode(encoder.encode_descriptor(name, help, unit.as_ref(), g.metric_type())?)?;
+            describe(&mut encoder, (name, help, unit), &ConstGauge::new(value))?;
         }
-        let start = ConstGauge::new(s.start_time_seconds);
-        start.encode(encoder.encode_descriptor(
-            "process_start_time",
-            "Start time of the process since unix epoch in seconds.",
-            Some(&Unit::Seconds),
-            start.metric_type(),
-        )?)?;
-        Ok(())
+        describe(
+            &mut encoder,
+            START_TIME,
+            &ConstGauge::new(s.start_time_seconds),
+        )
     }
 }
 
 /// `flowmetrics_log_lines_dropped_total`: log lines the lossy log writer dropped (its
 /// queue full behind a slow stderr reader, or stderr refusing them), read at scrape time.
 #[derive(Debug, Default)]
-pub struct LogCollector;
+struct LogCollector;
 
 impl Collector for LogCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let dropped = ConstCounter::new(crate::logging::lines_dropped());
-        dropped.encode(encoder.encode_descriptor(
-            "flowmetrics_log_lines_dropped",
-            "Log lines dropped rather than wait for stderr (its reader slow, stuck or gone)",
-            None,
-            dropped.metric_type(),
-        )?)?;
-        Ok(())
+        describe(&mut encoder, LOG_LINES_DROPPED, &dropped)
     }
 }
 

@@ -4,30 +4,22 @@
 //! is counted.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::{Registry, Unit};
 
 use super::duration::DurationSeries;
-use super::family::{Layout, LimitedFamily, OverflowReporter, SeriesLabels, SeriesRef};
-use super::TraceExemplar;
+use super::family::{Layout, LimitedFamily, SeriesLabels, SeriesRef};
+use super::flow_families::label_names;
+use super::{Registrar, TraceExemplar};
 use crate::flows::event::{DimValues, TraceRef};
 use crate::flows::store::{StepTransit, StepUnmatchedReason};
 
-/// What the step families are built from.
-pub(super) struct StepFamiliesSettings<'a> {
-    pub max_series: usize,
-    pub start_dims: Arc<[Box<str>]>,
-    pub default_buckets: Vec<f64>,
-    pub per_flow_buckets: HashMap<String, Vec<f64>>,
-    /// Flows with declared steps, in order: their series exist from the first event.
-    pub declared: &'a HashMap<String, Vec<String>>,
-    pub overflow: &'a Arc<OverflowReporter>,
-    pub clock: &'a Arc<AtomicU64>,
-}
+/// Kept out of [`StepMetrics::register`]: a brace inside a string split over lines.
+const STALLED_HELP: &str = "Timed-out instances by the latest step they reached by event \
+     timestamp (last_step=\"start\": none); per flow they sum to \
+     flowmetrics_flow_errors_total{error_reason=\"incomplete\"}";
 
 pub(super) struct StepMetrics {
     pub(super) steps: LimitedFamily<Counter>,
@@ -36,6 +28,7 @@ pub(super) struct StepMetrics {
     transit: LimitedFamily<Histogram>,
     pub(super) stalled: LimitedFamily<Counter>,
     unmatched: LimitedFamily<Counter>,
+    /// Flows with declared steps, in order: their series exist from the first event.
     pub(super) declared: HashMap<Box<str>, Box<[Arc<str>]>>,
     /// `last_step` of an instance that reached no step.
     start: Arc<str>,
@@ -43,92 +36,66 @@ pub(super) struct StepMetrics {
 }
 
 impl StepMetrics {
-    pub fn new(settings: StepFamiliesSettings<'_>, registry: &mut Registry) -> Self {
-        let StepFamiliesSettings {
-            max_series: max,
-            start_dims,
-            default_buckets,
-            per_flow_buckets,
-            declared,
-            overflow,
-            clock,
-        } = settings;
+    pub(super) fn register(r: &mut Registrar<'_>) -> Self {
+        let settings = r.settings;
+        let start_dims = label_names(&settings.start_dim_labels);
         let by_step = |step| Layout {
             extra: None,
             step: Some(step),
             start_dims: start_dims.clone(),
             end_dims: Arc::from([]),
         };
-        let counter = |name, layout| {
-            LimitedFamily::new(name, max, layout, overflow.clone(), clock.clone(), |_| {
-                Counter::default()
-            })
-        };
-        let buckets = Arc::new((default_buckets, per_flow_buckets));
+        let buckets = Arc::new((
+            settings.default_buckets.clone(),
+            settings.per_flow_buckets.clone(),
+        ));
         let buckets_of = move |flow: Option<&str>| {
             let (default, per_flow) = &*buckets;
             flow.and_then(|f| per_flow.get(f))
                 .unwrap_or(default)
                 .clone()
         };
-        let steps = counter("flowmetrics_flow_steps_total", by_step("step"));
-        registry.register(
-            "flowmetrics_flow_steps",
-            "Flow instances that reached a step, by step (each instance and step once, \
-             when both the step and the instance's start are known)",
-            steps.clone(),
+        let steps = r.counters(
+            (
+                "flowmetrics_flow_steps_total",
+                "Flow instances that reached a step, by step (each instance and step once, \
+                 when both the step and the instance's start are known)",
+            ),
+            by_step("step"),
         );
         let of = buckets_of.clone();
-        let duration = LimitedFamily::new(
-            "flowmetrics_flow_step_duration_seconds",
-            max,
+        let duration = r.family(
+            (
+                "flowmetrics_flow_step_duration_seconds",
+                "Time from an instance's start to a step, from the two events' timestamps",
+            ),
             by_step("step"),
-            overflow.clone(),
-            clock.clone(),
             move |flow| DurationSeries::classic(Arc::from(of(flow))),
         );
-        registry.register_with_unit(
-            "flowmetrics_flow_step_duration",
-            "Time from an instance's start to a step, from the two events' timestamps",
-            Unit::Seconds,
-            duration.clone(),
-        );
-        let transit = LimitedFamily::new(
-            "flowmetrics_flow_step_transit_seconds",
-            max,
+        let transit = r.family(
+            (
+                "flowmetrics_flow_step_transit_seconds",
+                "Time from the step before (by event timestamp; the start for the first step) \
+                 to a step, observed when the instance closes (end or time-out)",
+            ),
             by_step("step"),
-            overflow.clone(),
-            clock.clone(),
             move |flow| Histogram::new(buckets_of(flow)),
         );
-        registry.register_with_unit(
-            "flowmetrics_flow_step_transit",
-            "Time from the step before (by event timestamp; the start for the first step) \
-             to a step, observed when the instance closes (end or time-out)",
-            Unit::Seconds,
-            transit.clone(),
+        let stalled = r.counters(
+            ("flowmetrics_flow_stalled_total", STALLED_HELP),
+            by_step("last_step"),
         );
-        let stalled = counter("flowmetrics_flow_stalled_total", by_step("last_step"));
-        registry.register(
-            "flowmetrics_flow_stalled",
-            "Timed-out instances by the latest step they reached by event timestamp \
-             (last_step=\"start\": none); per flow they sum to \
-             flowmetrics_flow_errors_total{error_reason=\"incomplete\"}",
-            stalled.clone(),
-        );
-        let unmatched = counter(
-            "flowmetrics_flow_steps_unmatched_total",
+        let unmatched = r.counters(
+            (
+                "flowmetrics_flow_steps_unmatched_total",
+                "Step events counted with no instance: reason=\"after_close\" (its instance \
+                 had ended or timed out), \"no_start\" (its start never came within the \
+                 timeout, or it was evicted from a full store while waiting)",
+            ),
             Layout {
                 extra: Some("reason"),
                 ..Layout::default()
             },
-        );
-        registry.register(
-            "flowmetrics_flow_steps_unmatched",
-            "Step events counted with no instance: reason=\"after_close\" (its instance \
-             had ended or timed out), \"no_start\" (its start never came within the \
-             timeout, or it was evicted from a full store while waiting)",
-            unmatched.clone(),
         );
         Self {
             steps,
@@ -136,13 +103,7 @@ impl StepMetrics {
             transit,
             stalled,
             unmatched,
-            declared: declared
-                .iter()
-                .map(|(flow, steps)| {
-                    let steps = steps.iter().map(|s| Arc::from(s.as_str())).collect();
-                    (Box::from(flow.as_str()), steps)
-                })
-                .collect(),
+            declared: declared_steps(&settings.declared_steps),
             start: Arc::from("start"),
             no_dims: Arc::from([]),
         }
@@ -259,4 +220,15 @@ impl StepMetrics {
             + self.stalled.retain(|l, _, _| keep(l))
             + self.unmatched.retain(|l, t, _| keep_flow(l, t))
     }
+}
+
+/// The declared steps, interned once.
+fn declared_steps(declared: &HashMap<String, Vec<String>>) -> HashMap<Box<str>, Box<[Arc<str>]>> {
+    declared
+        .iter()
+        .map(|(flow, steps)| {
+            let steps = steps.iter().map(|s| Arc::from(s.as_str())).collect();
+            (Box::from(flow.as_str()), steps)
+        })
+        .collect()
 }

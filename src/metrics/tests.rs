@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use super::*;
 use crate::config::{Config, Dimension, DimensionSource, FlowOverride, HistogramKind, Objective};
+use crate::flows::event::Outcome;
 use crate::flows::event::TraceRef;
 use crate::flows::label_value::LabelBound;
-use crate::flows::store::{StepTransit, StepUnmatchedReason};
+use crate::flows::store::{EndRecord, StepTransit, StepUnmatchedReason};
 
 const GOLDEN: &str = include_str!("testdata/exposition.txt");
 
@@ -108,6 +109,15 @@ fn record(m: &Metrics) {
         })
     };
 
+    let timed_out = |flow: &Arc<str>, transits: &[StepTransit], last_step: Option<&Arc<str>>| {
+        m.report(Report::TimedOut {
+            flow,
+            start_dims: &eu,
+            transits,
+            last_step,
+        })
+    };
+
     for _ in 0..1234 {
         m.report(Report::Opened {
             flow: &checkout,
@@ -132,23 +142,15 @@ fn record(m: &Metrics) {
     completed(&checkout, &odd, &end(Outcome::Success, &ok, trace(5)), 7.0);
     // The counter's exemplar is the last increment's: none here.
     completed(&checkout, &odd, &end(Outcome::Success, &ok, None), 0.0);
-    completed(
-        &checkout,
-        &eu,
-        &end(Outcome::Failure, &failed, trace(6)),
-        1.5,
-    );
+    let failure = end(Outcome::Failure, &failed, trace(6));
+    completed(&checkout, &eu, &failure, 1.5);
     completed(&checkout, &eu, &end(Outcome::Cancelled, &ok, trace(7)), 1.5);
     completed(&checkout, &eu, &end(Outcome::Success, &ok, trace(8)), -0.5);
     completed(&login, &eu, &end(Outcome::Success, &ok, trace(9)), 0.042);
     completed(&login, &eu, &end(Outcome::Success, &ok, None), 0.1);
     completed(&login, &eu, &end(Outcome::Success, &ok, None), 0.2);
-    completed(
-        &login,
-        &eu,
-        &end(Outcome::Success, &failed, trace(10)),
-        4000.0,
-    );
+    let slow = end(Outcome::Success, &failed, trace(10));
+    completed(&login, &eu, &slow, 4000.0);
     // Steps: reached (one before its start: not observed), transits on close, where a
     // timed-out instance stalled, steps that met no instance.
     let paid: Arc<str> = Arc::from("paid");
@@ -184,18 +186,8 @@ fn record(m: &Metrics) {
         duration_secs: 3.0,
         transits: &transits,
     });
-    m.report(Report::TimedOut {
-        flow: &login,
-        start_dims: &eu,
-        transits: &transits[..1],
-        last_step: Some(&paid),
-    });
-    m.report(Report::TimedOut {
-        flow: &login,
-        start_dims: &eu,
-        transits: &[],
-        last_step: None,
-    });
+    timed_out(&login, &transits[..1], Some(&paid));
+    timed_out(&login, &[], None);
     m.report(Report::StepUnmatched {
         flow: &login,
         reason: StepUnmatchedReason::AfterClose,
@@ -234,12 +226,7 @@ fn record(m: &Metrics) {
         });
         let e = end(Outcome::Success, &ok, trace(20 + i));
         completed(&flow, &eu, &e, f64::from(i) * 0.75);
-        m.report(Report::TimedOut {
-            flow: &flow,
-            start_dims: &eu,
-            transits: &[],
-            last_step: None,
-        });
+        timed_out(&flow, &[], None);
         m.report(Report::Unmatched {
             flow: &flow,
             evicted: true,
@@ -790,4 +777,33 @@ fn every_reading_is_one_consistent_cut_while_reports_go_on() {
         w.join().unwrap();
     }
     assert!(checked > 0);
+}
+
+#[test]
+fn a_shared_store_shows_every_op_from_the_start() {
+    use crate::flows::store::StoreProbe;
+    let mut config = config();
+    config.correlation.store = crate::config::StoreKind::Redis;
+    let m = Metrics::new(crate::settings::metrics(&config));
+    let text = m.encode(0);
+    for op in ["apply", "sweep", "recover"] {
+        let zero = format!("flowmetrics_store_errors_total{{op=\"{op}\"}} 0\n");
+        assert!(text.contains(&zero), "{text}");
+    }
+    m.store_call("recover", 0.001, false);
+    let text = m.encode(0);
+    assert!(text.contains("flowmetrics_store_errors_total{op=\"recover\"} 1\n"));
+    assert!(text.contains("flowmetrics_store_latency_seconds_count{op=\"recover\"} 1\n"));
+    assert!(!text.contains("flowmetrics_state_write_errors"), "{text}");
+}
+
+#[test]
+fn network_flows_off_have_no_network_series_at_all() {
+    let mut config = config();
+    config.network_flows.enabled = false;
+    let m = Metrics::new(crate::settings::metrics(&config));
+    assert!(m.network().is_none());
+    let text = m.encode(0);
+    assert!(!text.contains("invalid_network_flow"), "{text}");
+    assert!(!text.contains("flowmetrics_network_"), "{text}");
 }

@@ -78,9 +78,10 @@ impl Metrics {
         ) -> &'a mut FlowTotals {
             flows.entry(labels.flow().clone()).or_default()
         }
-        self.flows_started
+        self.flows
+            .started
             .for_each_metric(|l, c| at(flows, l).started += c.get());
-        self.flows_completed.for_each_metric(|l, c| {
+        self.flows.completed.for_each_metric(|l, c| {
             let totals = at(flows, l);
             let n = c.get().0;
             match l.extra() {
@@ -90,29 +91,32 @@ impl Metrics {
                 _ => {}
             }
         });
-        self.flow_errors.for_each_metric(|l, c| {
+        self.flows.errors.for_each_metric(|l, c| {
             let totals = at(flows, l);
             if l.extra() == Some("incomplete") {
                 totals.incomplete += c.get();
             }
         });
-        self.flows_in_progress
+        self.flows
+            .in_progress
             .for_each_metric(|l, g| at(flows, l).in_progress += g.get());
-        self.flows_dropped
+        self.flows
+            .dropped
             .for_each_metric(|l, c| at(flows, l).dropped += c.get());
-        self.unmatched_ends
+        self.flows
+            .unmatched_ends
             .for_each_metric(|l, c| at(flows, l).unmatched += c.get());
-        self.flow_duration.for_each_metric(|l, h| {
+        self.flows.duration.for_each_metric(|l, h| {
             let totals = at(flows, l);
             let (count, sum) = h.add_to(&mut totals.duration_buckets);
             totals.duration_count += count;
             totals.duration_sum += sum;
         });
         // A flow seen only here still gets its row (at zero), as in the exposition.
-        self.flows_restored.for_each_metric(|l, _| {
+        self.flows.restored.for_each_metric(|l, _| {
             at(flows, l);
         });
-        self.negative_durations.for_each_metric(|l, _| {
+        self.flows.negative_durations.for_each_metric(|l, _| {
             at(flows, l);
         });
         self.steps.add_totals(flows);
