@@ -27,8 +27,10 @@
 mod saved;
 #[cfg(test)]
 mod step_tests;
+mod step_words;
 mod steps;
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -47,6 +49,7 @@ use crate::flows::dedup::{RecentEvents, Seen};
 use crate::flows::event::{DimValues, EventKind, FlowEvent};
 use crate::flows::state::{unix_nanos_now, SavedEntry, SavedShard, StoreSnapshot};
 use crate::logging::RateLimited;
+use step_words::{Numbering, Words};
 use steps::{ClosedMarks, Pending, Stepped, WaitingStep};
 
 /// An instance's identity, (flow, correlation id), as a 128-bit digest: a moka key
@@ -71,54 +74,77 @@ enum SlotState {
         dims: DimValues,
     },
     /// Open with steps reached, or an end and/or steps waiting for the start (see
-    /// [`steps`]). One shared pointer: the enum keeps its tag in the niche of `dims`,
-    /// so `Open` entries are exactly as small as without steps.
+    /// [`steps`]). At most 16 bytes beside the niche of `dims`: `Open` entries are
+    /// exactly as small as without steps.
+    More(More),
+}
+
+#[derive(Clone, Debug)]
+enum More {
+    /// Open with steps, by number ([`step_words`]): one allocation.
+    Steps(Words),
     Shared(Arc<Shared>),
 }
 
 #[derive(Debug)]
 enum Shared {
+    /// Open with steps by name, when they cannot be numbered.
     Stepped(Stepped),
     Waiting(Pending),
 }
 
-/// A slot's state, borrowed, with the shared cases unwrapped.
-#[derive(Clone, Copy)]
+/// A slot's state, borrowed, with the shared cases unwrapped (steps held by number
+/// read back by name).
 enum View<'a> {
     Open {
         start_nanos: u64,
         dims: &'a DimValues,
     },
-    Stepped(&'a Stepped),
+    Stepped(Cow<'a, Stepped>),
     Waiting(&'a Pending),
 }
 
 impl SlotState {
-    fn stepped(open: Stepped) -> Self {
-        SlotState::Shared(Arc::new(Shared::Stepped(open)))
+    /// An open instance with steps: by number where it can be.
+    fn stepped(numbering: &Numbering, flow: &Arc<str>, open: Stepped) -> Self {
+        SlotState::More(match numbering.encode(flow, &open) {
+            Some(words) => More::Steps(words),
+            None => More::Shared(Arc::new(Shared::Stepped(open))),
+        })
     }
 
     fn waiting(pending: Pending) -> Self {
-        SlotState::Shared(Arc::new(Shared::Waiting(pending)))
+        SlotState::More(More::Shared(Arc::new(Shared::Waiting(pending))))
     }
 
     /// The start time of an open instance (with or without steps).
     fn open_start(&self) -> Option<u64> {
-        match self.view() {
-            View::Open { start_nanos, .. } => Some(start_nanos),
-            View::Stepped(open) => Some(open.start_nanos),
-            View::Waiting(_) => None,
+        match self {
+            SlotState::Open { start_nanos, .. } => Some(*start_nanos),
+            SlotState::More(More::Steps(words)) => Some(words.start_nanos()),
+            SlotState::More(More::Shared(shared)) => match &**shared {
+                Shared::Stepped(open) => Some(open.start_nanos),
+                Shared::Waiting(_) => None,
+            },
         }
     }
 
-    fn view(&self) -> View<'_> {
+    fn is_waiting(&self) -> bool {
+        matches!(self, SlotState::More(More::Shared(shared)) if matches!(**shared, Shared::Waiting(_)))
+    }
+
+    /// `flow`: the entry's flow (step numbers are per flow).
+    fn view<'a>(&'a self, numbering: &Numbering, flow: &str) -> View<'a> {
         match self {
             SlotState::Open { start_nanos, dims } => View::Open {
                 start_nanos: *start_nanos,
                 dims,
             },
-            SlotState::Shared(shared) => match &**shared {
-                Shared::Stepped(open) => View::Stepped(open),
+            SlotState::More(More::Steps(words)) => {
+                View::Stepped(Cow::Owned(numbering.decode(flow, words)))
+            }
+            SlotState::More(More::Shared(shared)) => match &**shared {
+                Shared::Stepped(open) => View::Stepped(Cow::Borrowed(open)),
                 Shared::Waiting(pending) => View::Waiting(pending),
             },
         }
@@ -223,6 +249,8 @@ pub struct MemoryStore {
     final_snapshot: Arc<FinalSnapshot>,
     /// Recent closes of instances of flows that use steps.
     closed: Arc<ClosedMarks>,
+    /// Numbers of step names and start-dimension lists (instances with steps).
+    numbering: Arc<Numbering>,
     /// Open-instance ages of flows with an overdue threshold (docs/behaviour.md §10);
     /// unset: no flow has one, and nothing is kept.
     ages: Arc<OnceLock<OpenAges>>,
@@ -230,6 +258,14 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(settings: StoreSettings, sink: Arc<dyn FlowSink>) -> Self {
+        Self::with_numbering(settings, sink, Numbering::default())
+    }
+
+    fn with_numbering(
+        settings: StoreSettings,
+        sink: Arc<dyn FlowSink>,
+        numbering: Numbering,
+    ) -> Self {
         // The epoch lies two dedup windows back (where the monotonic clock allows), so
         // that retry fingerprints restored from a state file keep their exact age.
         let now = Instant::now();
@@ -250,12 +286,14 @@ impl MemoryStore {
             per_shard,
         ));
         let ages = Arc::new(OnceLock::new());
+        let numbering = Arc::new(numbering);
         let cache = build_cache(
             &settings,
             clock,
             sink.clone(),
             final_snapshot.clone(),
             closed.clone(),
+            numbering.clone(),
             ages.clone(),
         );
         let window_nanos = u64::try_from(settings.dedup_window.as_nanos()).unwrap_or(u64::MAX);
@@ -275,6 +313,7 @@ impl MemoryStore {
             capacity: settings.capacity,
             final_snapshot,
             closed,
+            numbering,
             ages,
         }
     }
@@ -358,6 +397,7 @@ impl MemoryStore {
             let state = saved::slot_state(
                 state,
                 strings,
+                (&self.numbering, &flow),
                 &|saved| dims(&start_map, saved, &rules.start_dims),
                 &|saved| dims(&end_map, saved, &rules.end_dims),
             );
@@ -366,8 +406,9 @@ impl MemoryStore {
                 deadline,
                 state,
             };
-            let open_dims = match slot.state.view() {
-                View::Open { dims, .. } => Some(dims),
+            let view = slot.state.view(&self.numbering, &slot.flow);
+            let open_dims = match &view {
+                View::Open { dims, .. } => Some(*dims),
                 View::Stepped(open) => Some(&open.dims),
                 View::Waiting(_) => None,
             };
@@ -386,7 +427,7 @@ impl MemoryStore {
                 }),
                 None if !known => {
                     summary.discarded += 1;
-                    report_gone(sink, &slot, Gone::TimedOut);
+                    report_gone(sink, &self.numbering, &slot, Gone::TimedOut);
                     continue;
                 }
                 None => {}
@@ -397,10 +438,12 @@ impl MemoryStore {
                 } else {
                     summary.expired_ends += 1;
                 }
-                report_gone(sink, &slot, Gone::TimedOut);
+                report_gone(sink, &self.numbering, &slot, Gone::TimedOut);
                 continue;
             }
-            if open_dims.is_some() {
+            let open = open_dims.is_some();
+            drop(view);
+            if open {
                 summary.open += 1;
             } else {
                 summary.waiting += 1;
@@ -453,7 +496,7 @@ impl MemoryStore {
         let mut entries =
             Vec::with_capacity(usize::try_from(self.cache.entry_count()).unwrap_or(0));
         for (key, slot) in self.cache.iter() {
-            let state = saved::saved_state(&slot.state, &mut intern);
+            let state = saved::saved_state(&slot.state, &self.numbering, &slot.flow, &mut intern);
             entries.push(SavedEntry {
                 key: key.to_be_bytes(),
                 flow: intern(&slot.flow),
@@ -554,7 +597,7 @@ impl MemoryStore {
             }
             EventKind::Start => match self.cache.get(&key).map(|slot| slot.state) {
                 None => self.open(key, flow, timestamp_nanos, dims, now),
-                Some(state) => match state.view() {
+                Some(state) => match state.view(&self.numbering, &flow) {
                     View::Open { start_nanos, .. } => {
                         self.earlier_start(key, flow, start_nanos, timestamp_nanos, dims, now)
                     }
@@ -562,7 +605,7 @@ impl MemoryStore {
                         self.earlier_start(key, flow, open.start_nanos, timestamp_nanos, dims, now)
                     }
                     View::Waiting(_) => match self.take(key, now) {
-                        Some(slot) => match slot.state.view() {
+                        Some(slot) => match slot.state.view(&self.numbering, &flow) {
                             View::Waiting(pending) => self.start_over_pending(
                                 key,
                                 flow,
@@ -605,17 +648,25 @@ impl MemoryStore {
         if timestamp_nanos < known_nanos {
             match self.take(key, now) {
                 Some(mut slot) => {
-                    let state = match slot.state.view() {
-                        View::Open { dims, .. } => SlotState::Open {
-                            start_nanos: timestamp_nanos,
-                            dims: dims.clone(),
+                    let state = match &slot.state {
+                        SlotState::More(More::Steps(words)) => {
+                            SlotState::More(More::Steps(words.with_start(timestamp_nanos)))
+                        }
+                        state => match state.view(&self.numbering, &slot.flow) {
+                            View::Open { dims, .. } => SlotState::Open {
+                                start_nanos: timestamp_nanos,
+                                dims: dims.clone(),
+                            },
+                            View::Stepped(open) => SlotState::stepped(
+                                &self.numbering,
+                                &slot.flow,
+                                Stepped {
+                                    start_nanos: timestamp_nanos,
+                                    ..open.into_owned()
+                                },
+                            ),
+                            View::Waiting(_) => state.clone(),
                         },
-                        View::Stepped(open) => SlotState::stepped(Stepped {
-                            start_nanos: timestamp_nanos,
-                            dims: open.dims.clone(),
-                            steps: open.steps.clone(),
-                        }),
-                        View::Waiting(_) => slot.state.clone(),
                     };
                     slot.state = state;
                     self.put(key, slot);
@@ -648,7 +699,7 @@ impl MemoryStore {
                 },
             );
         };
-        match state.view() {
+        match state.view(&self.numbering, &flow) {
             View::Open { start_nanos, dims } => {
                 steps::complete(sink, &flow, dims, start_nanos, &[], &end);
                 self.closed.mark(&flow, key, now);
@@ -724,7 +775,16 @@ impl MemoryStore {
         // Removed by this thread (cause `Explicit`): the listener left its age here.
         forget_age(&self.ages, &slot);
         if slot.deadline <= now {
-            steps::gone(&*self.sink, &self.closed, key, &slot, Gone::TimedOut, now);
+            let sink = &*self.sink;
+            steps::gone(
+                sink,
+                &self.closed,
+                &self.numbering,
+                key,
+                &slot,
+                Gone::TimedOut,
+                now,
+            );
             return None;
         }
         Some(slot)
@@ -747,6 +807,7 @@ fn build_cache(
     sink: Arc<dyn FlowSink>,
     final_snapshot: Arc<FinalSnapshot>,
     closed: Arc<ClosedMarks>,
+    numbering: Arc<Numbering>,
     ages: Arc<OnceLock<OpenAges>>,
 ) -> Cache<Key, Slot, RandomState> {
     let ttl = settings
@@ -766,19 +827,41 @@ fn build_cache(
                     }
                 }
             });
-            steps::gone(&*sink, &closed, *key, &slot, Gone::TimedOut, clock.now());
+            steps::gone(
+                &*sink,
+                &closed,
+                &numbering,
+                *key,
+                &slot,
+                Gone::TimedOut,
+                clock.now(),
+            );
         }
         // Only an entry past its per-entry deadline is ever replaced (see above).
-        RemovalCause::Replaced => {
-            steps::gone(&*sink, &closed, *key, &slot, Gone::TimedOut, clock.now())
-        }
+        RemovalCause::Replaced => steps::gone(
+            &*sink,
+            &closed,
+            &numbering,
+            *key,
+            &slot,
+            Gone::TimedOut,
+            clock.now(),
+        ),
         RemovalCause::Size => {
             eviction_warning.warn(format_args!(
                 "correlation store full (limits.max_in_flight): evicting the oldest entries \
                  (flow {}); raise the limit or shorten flow timeouts",
                 slot.flow
             ));
-            steps::gone(&*sink, &closed, *key, &slot, Gone::Evicted, clock.now());
+            steps::gone(
+                &*sink,
+                &closed,
+                &numbering,
+                *key,
+                &slot,
+                Gone::Evicted,
+                clock.now(),
+            );
         }
     };
     let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| {
@@ -823,6 +906,7 @@ impl CacheBaseline {
                 sink,
                 Arc::default(),
                 Arc::new(ClosedMarks::new(&[], 0, 1)),
+                Arc::default(),
                 Arc::default(),
             ),
             clock,
@@ -937,9 +1021,9 @@ fn key_hashers(seed: u64) -> [FixedState; 2] {
 
 /// An entry that left without its counterpart: an open instance timed out or was
 /// dropped, a waiting end never met its start.
-fn report_gone(sink: &dyn FlowSink, slot: &Slot, why: Gone) {
+fn report_gone(sink: &dyn FlowSink, numbering: &Numbering, slot: &Slot, why: Gone) {
     let flow = &slot.flow;
-    match (slot.state.view(), why) {
+    match (slot.state.view(numbering, flow), why) {
         (View::Open { dims, .. }, Gone::Evicted) => sink.report(Report::Dropped {
             flow,
             start_dims: dims,
@@ -954,7 +1038,7 @@ fn report_gone(sink: &dyn FlowSink, slot: &Slot, why: Gone) {
             flow,
             start_dims: &open.dims,
         }),
-        (View::Stepped(open), Gone::TimedOut) => steps::timed_out(sink, flow, open),
+        (View::Stepped(open), Gone::TimedOut) => steps::timed_out(sink, flow, &open),
         (View::Waiting(pending), _) => {
             if pending.end.is_some() {
                 sink.report(Report::Unmatched {

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::step_words::Numbering;
 use super::steps::{Pending, StepAt, Stepped, WaitingStep};
 use super::{SlotState, View};
 use crate::flows::event::{DimValues, Outcome, TraceRef};
@@ -37,10 +38,12 @@ fn trace_of(saved: Trace) -> Option<TraceRef> {
 /// An entry as the file keeps it; strings go through `intern` (their index).
 pub(super) fn saved_state(
     state: &SlotState,
+    numbering: &Numbering,
+    flow: &str,
     intern: &mut impl FnMut(&Arc<str>) -> u32,
 ) -> SavedState {
     let mut dims = |d: &DimValues| d.iter().map(&mut *intern).collect::<Vec<u32>>();
-    match state.view() {
+    match state.view(numbering, flow) {
         View::Open {
             start_nanos,
             dims: d,
@@ -101,6 +104,7 @@ pub(super) fn saved_state(
 pub(super) fn slot_state(
     saved: SavedState,
     strings: &[Arc<str>],
+    (numbering, flow): (&Numbering, &Arc<str>),
     start_dims: &dyn Fn(&[u32]) -> DimValues,
     end_dims: &dyn Fn(&[u32]) -> DimValues,
 ) -> SlotState {
@@ -131,17 +135,21 @@ pub(super) fn slot_state(
             start_nanos,
             dims,
             steps,
-        } => SlotState::stepped(Stepped {
-            start_nanos,
-            dims: start_dims(&dims),
-            steps: steps
-                .into_iter()
-                .map(|s| StepAt {
-                    step: string(s.step),
-                    timestamp_nanos: s.timestamp_nanos,
-                })
-                .collect(),
-        }),
+        } => SlotState::stepped(
+            numbering,
+            flow,
+            Stepped {
+                start_nanos,
+                dims: start_dims(&dims),
+                steps: steps
+                    .into_iter()
+                    .map(|s| StepAt {
+                        step: string(s.step),
+                        timestamp_nanos: s.timestamp_nanos,
+                    })
+                    .collect(),
+            },
+        ),
         SavedState::Pending {
             end: saved_end,
             steps,

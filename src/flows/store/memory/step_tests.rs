@@ -76,8 +76,16 @@ impl FlowSink for Log {
 }
 
 fn store_with(timeout: Duration, declared: &[&str]) -> (Arc<MemoryStore>, Arc<Log>) {
+    numbered_store(timeout, declared, Numbering::default())
+}
+
+fn numbered_store(
+    timeout: Duration,
+    declared: &[&str],
+    numbering: Numbering,
+) -> (Arc<MemoryStore>, Arc<Log>) {
     let log = Arc::new(Log::default());
-    let store = MemoryStore::new(
+    let store = MemoryStore::with_numbering(
         StoreSettings {
             capacity: 10_000,
             dedup_window: Duration::from_secs(300),
@@ -86,6 +94,7 @@ fn store_with(timeout: Duration, declared: &[&str]) -> (Arc<MemoryStore>, Arc<Lo
             step_flows: declared.iter().map(|f| Arc::from(*f)).collect(),
         },
         log.clone(),
+        numbering,
     );
     (Arc::new(store), log)
 }
@@ -296,6 +305,48 @@ fn last_step_is_the_latest_by_timestamp_not_by_arrival() {
 }
 
 #[test]
+fn steps_past_the_numbering_limits_are_kept_by_name_with_the_same_counts() {
+    use super::step_words::NumberingLimits;
+    let limits = NumberingLimits {
+        flows: 1,
+        steps_per_flow: 2,
+        dim_lists: 1,
+    };
+    let (t, log) = numbered_store(
+        Duration::from_millis(200),
+        &[],
+        Numbering::with_limits(limits),
+    );
+    t.apply(start("1", 100));
+    t.apply(step("1", "shipped", 109));
+    t.apply(step("1", "paid", 102));
+    let slot = t.cache.get(&t.key("order", "1")).unwrap();
+    assert!(matches!(slot.state, SlotState::More(More::Steps(_))));
+    // A third name has no number: the instance goes on by name.
+    t.apply(step("1", "packed", 105));
+    t.apply(step("1", "packed", 104));
+    let slot = t.cache.get(&t.key("order", "1")).unwrap();
+    assert!(matches!(slot.state, SlotState::More(More::Shared(_))));
+    t.apply(start("2", 100));
+    t.apply(step("2", "paid", 101));
+    t.apply(end("2", 103));
+    wait_for(&t, || log.get("incomplete") == 1);
+    assert_eq!(log.get("dup_step"), 1);
+    assert_eq!(log.get("reached"), 4);
+    let lines = log.lines();
+    assert_eq!(
+        lines[4..],
+        [
+            "transit paid@1",
+            "transit paid@2",
+            "transit packed@2",
+            "transit shipped@5",
+            "stalled shipped"
+        ]
+    );
+}
+
+#[test]
 fn stalled_instances_sum_to_the_incomplete_ones() {
     let (t, log) = store_with(Duration::from_millis(200), &[]);
     let names = ["a", "b", "c"];
@@ -336,7 +387,14 @@ fn a_pairs_only_instance_stays_a_plain_open_entry() {
     assert!(!t.closed.any.load(std::sync::atomic::Ordering::Relaxed));
     t.apply(step("1", "paid", 101));
     let slot = t.cache.get(&t.key("order", "1")).unwrap();
-    assert!(matches!(slot.state.view(), View::Stepped(_)));
+    assert!(matches!(
+        slot.state.view(&t.numbering, &slot.flow),
+        View::Stepped(_)
+    ));
+    assert!(
+        matches!(slot.state, SlotState::More(super::More::Steps(_))),
+        "held by number"
+    );
 }
 
 fn through_the_file(t: &MemoryStore, timeout: Duration) -> (Arc<MemoryStore>, Arc<Log>) {

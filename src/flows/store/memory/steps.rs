@@ -16,7 +16,8 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::{report_gone, Gone, Key, MemoryStore, Slot, SlotState, View, SHARDS};
+use super::step_words::Numbering;
+use super::{report_gone, Gone, Key, MemoryStore, More, Slot, SlotState, View, SHARDS};
 use crate::flows::dedup::RecentEvents;
 use crate::flows::event::{DimValues, TraceRef};
 use crate::flows::store::{
@@ -38,8 +39,8 @@ pub(crate) struct WaitingStep {
     pub trace: Option<TraceRef>,
 }
 
-/// An open instance that has reached at least one step.
-#[derive(Debug)]
+/// An open instance that has reached at least one step, by name.
+#[derive(Debug, Clone)]
 pub(crate) struct Stepped {
     pub start_nanos: u64,
     pub dims: DimValues,
@@ -216,30 +217,72 @@ impl MemoryStore {
             deadline,
             state,
         } = slot;
-        let state = match state.view() {
+        let state = match self.step_by_number(&flow, &state, &step) {
+            Some(state) => state,
+            None => self.step_by_name(&flow, &state, step),
+        };
+        self.put(
+            key,
+            Slot {
+                flow,
+                deadline,
+                state,
+            },
+        );
+    }
+
+    /// A step of an instance held by number: no name or dimension list is looked up
+    /// unless it is reached. `None`: not held so, or no number for the step.
+    fn step_by_number(
+        &self,
+        flow: &Arc<str>,
+        state: &SlotState,
+        step: &WaitingStep,
+    ) -> Option<SlotState> {
+        let SlotState::More(More::Steps(words)) = state else {
+            return None;
+        };
+        let number = self.numbering.step_number(flow, &step.step)?;
+        let (words, new) = words.with_step(number, step.timestamp_nanos)?;
+        if new {
+            let dims = self.numbering.dims(&words);
+            reached(&*self.sink, flow, &dims, words.start_nanos(), step);
+        } else {
+            self.sink.report(Report::Duplicate {
+                kind: crate::flows::EventKind::Step,
+            });
+        }
+        Some(SlotState::More(More::Steps(words)))
+    }
+
+    /// A step of any entry, by name.
+    fn step_by_name(&self, flow: &Arc<str>, state: &SlotState, step: WaitingStep) -> SlotState {
+        let sink = &*self.sink;
+        match state.view(&self.numbering, flow) {
             View::Open { start_nanos, dims } => {
-                reached(sink, &flow, dims, start_nanos, &step);
+                reached(sink, flow, dims, start_nanos, &step);
                 let (steps, _) = with_step(&[], &step.step, step.timestamp_nanos);
-                SlotState::stepped(Stepped {
+                let open = Stepped {
                     start_nanos,
                     dims: dims.clone(),
                     steps,
-                })
+                };
+                SlotState::stepped(&self.numbering, flow, open)
             }
             View::Stepped(open) => {
                 let (steps, new) = with_step(&open.steps, &step.step, step.timestamp_nanos);
                 if new {
-                    reached(sink, &flow, &open.dims, open.start_nanos, &step);
+                    reached(sink, flow, &open.dims, open.start_nanos, &step);
                 } else {
                     sink.report(Report::Duplicate {
                         kind: crate::flows::EventKind::Step,
                     });
                 }
-                SlotState::stepped(Stepped {
-                    start_nanos: open.start_nanos,
-                    dims: open.dims.clone(),
+                let open = Stepped {
                     steps,
-                })
+                    ..open.into_owned()
+                };
+                SlotState::stepped(&self.numbering, flow, open)
             }
             View::Waiting(pending) => {
                 let mut steps = pending.steps.to_vec();
@@ -259,15 +302,7 @@ impl MemoryStore {
                     steps: steps.into(),
                 })
             }
-        };
-        self.put(
-            key,
-            Slot {
-                flow,
-                deadline,
-                state,
-            },
-        );
+        }
     }
 
     /// A start meets what waited for it: steps are reached, and a waiting end closes
@@ -307,13 +342,17 @@ impl MemoryStore {
                 self.put(
                     key,
                     Slot {
+                        state: SlotState::stepped(
+                            &self.numbering,
+                            &flow,
+                            Stepped {
+                                start_nanos,
+                                dims,
+                                steps,
+                            },
+                        ),
                         flow,
                         deadline,
-                        state: SlotState::stepped(Stepped {
-                            start_nanos,
-                            dims,
-                            steps,
-                        }),
                     },
                 );
             }
@@ -344,15 +383,16 @@ pub(super) fn complete(
 pub(super) fn gone(
     sink: &dyn FlowSink,
     closed: &ClosedMarks,
+    numbering: &Numbering,
     key: Key,
     slot: &Slot,
     why: Gone,
     now: u64,
 ) {
-    if !matches!(slot.state.view(), View::Waiting(_)) {
+    if !slot.state.is_waiting() {
         closed.mark(&slot.flow, key, now);
     }
-    report_gone(sink, slot, why);
+    report_gone(sink, numbering, slot, why);
 }
 
 /// Each waiting step of an entry that left: its start never came.
