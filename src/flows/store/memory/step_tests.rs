@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::flows::event::{Outcome, Source};
+use crate::flows::store::RestoreRules;
 use crate::flows::store::StepUnmatchedReason;
 
 const SEC: u64 = 1_000_000_000;

@@ -16,8 +16,9 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::cache::{report_gone, Gone, Key, More, Slot, SlotState, View};
 use super::step_words::Numbering;
-use super::{report_gone, Gone, Key, MemoryStore, More, Slot, SlotState, View, SHARDS};
+use super::{MemoryStore, SHARDS};
 use crate::flows::dedup::RecentEvents;
 use crate::flows::event::{DimValues, TraceRef};
 use crate::flows::store::{
