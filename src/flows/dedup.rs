@@ -210,6 +210,13 @@ mod tests {
     const SEC: u64 = 1_000_000_000;
 
     /// A fingerprint, the same for the same inputs within the test.
+    /// Starts of ids `ids`, all at time 0.
+    fn remember_ids(r: &mut RecentEvents, ids: std::ops::Range<u32>) {
+        for i in ids {
+            r.check_and_remember(fp(&i.to_string(), true, 1), 0);
+        }
+    }
+
     fn fp(id: &str, start: bool, ts: u64) -> u64 {
         std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
             .hash_one((id, start, ts))
@@ -252,16 +259,12 @@ mod tests {
     #[test]
     fn a_full_generation_rotates_early_and_memory_stays_put() {
         let mut r = RecentEvents::new(3600 * SEC, 1000, 0);
-        for i in 0..1000 {
-            r.check_and_remember(fp(&i.to_string(), true, 1), 0);
-        }
+        remember_ids(&mut r, 0..1000);
         let slots = r.slots.len();
         // The 1001st rotates: the first 1000 are now the previous generation.
         assert_eq!(r.check_and_remember(fp("new", true, 1), 0), Seen::New);
         assert_eq!(r.check_and_remember(fp("0", true, 1), 0), Seen::Again);
-        for i in 1000..2000 {
-            r.check_and_remember(fp(&i.to_string(), true, 1), 0);
-        }
+        remember_ids(&mut r, 1000..2000);
         // Second rotation: the first 1000 are gone; the array grew at most once (to
         // hold two generations).
         assert_eq!(r.check_and_remember(fp("0", true, 1), 0), Seen::New);
@@ -292,9 +295,7 @@ mod tests {
     #[test]
     fn memory_stays_bounded_under_a_flood() {
         let mut r = RecentEvents::new(3600 * SEC, 1600, 0);
-        for i in 0..100_000 {
-            r.check_and_remember(fp(&i.to_string(), true, 1), 0);
-        }
+        remember_ids(&mut r, 0..100_000);
         let (entries, _) = r.footprint();
         assert!(entries <= 2 * 1600, "{entries}");
     }

@@ -300,53 +300,35 @@ impl MemoryStore {
     /// An end event: closes its open instance, or waits for the start.
     fn apply_end(&self, key: Key, flow: Arc<str>, end: EndRecord, now: u64) {
         let sink = &*self.sink;
-        let Some(Slot {
-            flow,
-            deadline,
-            state,
-        }) = self.take(key, now)
-        else {
-            let deadline = now.saturating_add(self.timeout_nanos(&flow));
-            return self.put(
-                key,
-                Slot {
-                    flow,
-                    deadline,
-                    state: SlotState::waiting(Pending::end(end)),
-                },
-            );
+        let Some(slot) = self.take(key, now) else {
+            let state = SlotState::waiting(Pending::end(end));
+            return self.put_new(key, flow, state, now);
         };
-        match state.view(&self.numbering, &flow) {
+        let flow = &slot.flow;
+        let waiting = match slot.state.view(&self.numbering, flow) {
             View::Open { start_nanos, dims } => {
-                steps::complete(sink, &flow, dims, start_nanos, &[], &end);
-                self.closed.mark(&flow, key, now);
+                steps::complete(sink, flow, dims, start_nanos, &[], &end);
+                None
             }
             View::Stepped(open) => {
-                steps::complete(sink, &flow, &open.dims, open.start_nanos, &open.steps, &end);
-                self.closed.mark(&flow, key, now);
+                steps::complete(sink, flow, &open.dims, open.start_nanos, &open.steps, &end);
+                None
             }
-            View::Waiting(pending) => {
-                let state = if pending.end.is_some() {
-                    // A second end while the first waits: the first stays.
-                    sink.report(Report::Duplicate {
-                        kind: EventKind::End(end.outcome),
-                    });
-                    state.clone()
-                } else {
-                    SlotState::waiting(Pending {
-                        end: Some(end),
-                        steps: pending.steps.clone(),
-                    })
-                };
-                self.put(
-                    key,
-                    Slot {
-                        flow,
-                        deadline,
-                        state,
-                    },
-                );
+            View::Waiting(pending) if pending.end.is_some() => {
+                // A second end while the first waits: the first stays.
+                sink.report(Report::Duplicate {
+                    kind: EventKind::End(end.outcome),
+                });
+                Some(slot.state.clone())
             }
+            View::Waiting(pending) => Some(SlotState::waiting(Pending {
+                end: Some(end),
+                steps: pending.steps.clone(),
+            })),
+        };
+        match waiting {
+            Some(state) => self.put(key, Slot { state, ..slot }),
+            None => self.closed.mark(flow, key, now),
         }
     }
 
@@ -359,13 +341,18 @@ impl MemoryStore {
             flow: &flow,
             start_dims: &dims,
         });
+        self.put_new(key, flow, SlotState::Open { start_nanos, dims }, now);
+    }
+
+    /// A new entry, due after the flow's timeout.
+    fn put_new(&self, key: Key, flow: Arc<str>, state: SlotState, now: u64) {
         let deadline = now.saturating_add(self.timeout_nanos(&flow));
         self.put(
             key,
             Slot {
                 flow,
                 deadline,
-                state: SlotState::Open { start_nanos, dims },
+                state,
             },
         );
     }

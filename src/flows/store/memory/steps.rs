@@ -199,37 +199,17 @@ impl MemoryStore {
                     reason: StepUnmatchedReason::AfterClose,
                 });
             }
-            let deadline = now.saturating_add(self.timeout_nanos(&flow));
             let pending = Pending {
                 end: None,
                 steps: Box::new([step]),
             };
-            return self.put(
-                key,
-                Slot {
-                    flow,
-                    deadline,
-                    state: SlotState::waiting(pending),
-                },
-            );
+            return self.put_new(key, flow, SlotState::waiting(pending), now);
         };
-        let Slot {
-            flow,
-            deadline,
-            state,
-        } = slot;
-        let state = match self.step_by_number(&flow, &state, &step) {
+        let state = match self.step_by_number(&slot.flow, &slot.state, &step) {
             Some(state) => state,
-            None => self.step_by_name(&flow, &state, step),
+            None => self.step_by_name(&slot.flow, &slot.state, step),
         };
-        self.put(
-            key,
-            Slot {
-                flow,
-                deadline,
-                state,
-            },
-        );
+        self.put(key, Slot { state, ..slot });
     }
 
     /// A step of an instance held by number: no name or dimension list is looked up
@@ -339,23 +319,13 @@ impl MemoryStore {
                 self.closed.mark(&flow, key, now);
             }
             None => {
-                let deadline = now.saturating_add(self.timeout_nanos(&flow));
-                self.put(
-                    key,
-                    Slot {
-                        state: SlotState::stepped(
-                            &self.numbering,
-                            &flow,
-                            Stepped {
-                                start_nanos,
-                                dims,
-                                steps,
-                            },
-                        ),
-                        flow,
-                        deadline,
-                    },
-                );
+                let open = Stepped {
+                    start_nanos,
+                    dims,
+                    steps,
+                };
+                let state = SlotState::stepped(&self.numbering, &flow, open);
+                self.put_new(key, flow, state, now);
             }
         }
     }

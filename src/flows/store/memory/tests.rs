@@ -32,6 +32,23 @@ impl Recorder {
     }
     /// started = Σ completed + incomplete + dropped + in_progress, with
     /// in_progress = opened − closed.
+    /// Asserts counts of `flow`, written `what=n` separated by spaces.
+    fn expect(&self, flow: &str, counts: &str) {
+        for pair in counts.split(' ') {
+            let (what, n) = pair.split_once('=').expect("what=n");
+            let n: i64 = n.parse().expect("a count");
+            let got = match what {
+                "in_progress" => self.in_progress(flow),
+                what => self.get(flow, what),
+            };
+            assert_eq!(got, n, "{flow}: {what}");
+        }
+    }
+
+    fn counts<const N: usize>(&self, flow: &str, what: [&str; N]) -> [i64; N] {
+        what.map(|w| self.get(flow, w))
+    }
+
     fn in_progress(&self, flow: &str) -> i64 {
         self.get(flow, "started")
             - self.get(flow, "success")
@@ -121,8 +138,30 @@ fn table_with_short_flow(capacity: u64, short: Duration) -> (Arc<MemoryStore>, A
     (Arc::new(table), rec)
 }
 
+/// Runs the housekeeping `rounds` times, 20 ms apart.
+fn keep_house(t: &MemoryStore, rounds: u32) {
+    for _ in 0..rounds {
+        t.run_pending_tasks();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn table(timeout: Duration) -> (Arc<MemoryStore>, Arc<Recorder>) {
     table_with(timeout, 1000, Duration::from_secs(300))
+}
+
+/// A store holding instance "1" of `flow` 50 ms past its deadline, with no
+/// housekeeping run since: "short" expires by its per-entry deadline (the timer wheel),
+/// any other flow by the store's time-to-live.
+fn past_its_deadline(flow: &str) -> (Arc<MemoryStore>, Arc<Recorder>) {
+    let (t, rec) = if flow == "short" {
+        table_with_short_flow(1000, Duration::from_millis(100))
+    } else {
+        table(Duration::from_millis(100))
+    };
+    t.apply(ev(flow, "1", START, SEC));
+    std::thread::sleep(Duration::from_millis(150));
+    (t, rec)
 }
 
 fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
@@ -204,13 +243,11 @@ fn a_restored_store_carries_on_as_if_nothing_happened() {
     for e in done {
         t2.apply(e);
     }
-    assert_eq!(rec.get("*", "dup_start"), 2);
-    assert_eq!(rec.get("*", "dup_end"), 1);
+    assert_eq!(rec.counts("*", ["dup_start", "dup_end"]), [2, 1]);
     t2.apply(ev("o", "1", OK, 12 * SEC));
     t2.apply(ev("o", "2", FAIL, 21 * SEC));
     t2.apply(ev("o", "w", START, 27 * SEC));
-    assert_eq!(rec.get("o", "success"), 2);
-    assert_eq!(rec.get("o", "failure"), 1);
+    assert_eq!(rec.counts("o", ["success", "failure"]), [2, 1]);
     assert_eq!(*rec.durations.lock().unwrap(), vec![2.0, 3.0]);
     assert_eq!(rec.get("o", "unmatched"), 0);
     assert_eq!(rec.in_progress("o"), 0);
@@ -229,8 +266,7 @@ fn the_final_snapshot_counts_what_is_overdue_and_leaves_the_rest_to_the_next_run
     t.apply(ev("short", "waiting", OK, SEC));
     std::thread::sleep(Duration::from_millis(250));
     let snap = t.final_snapshot().expect("a snapshot");
-    assert_eq!(rec.get("short", "incomplete"), 200);
-    assert_eq!(rec.get("short", "unmatched"), 1);
+    assert_eq!(rec.counts("short", ["incomplete", "unmatched"]), [200, 1]);
     assert_eq!(snap.entries.len(), 200, "only the long flow's instances");
     assert_eq!(rec.get("long", "incomplete"), 0);
     // Entries of the file that expire now are the next run's: not counted here.
@@ -267,8 +303,7 @@ fn deadlines_that_passed_while_down_are_counted_at_once() {
         (summary.open, summary.expired, summary.expired_ends),
         (1, 1, 1)
     );
-    assert_eq!(rec.get("o", "incomplete"), 1);
-    assert_eq!(rec.get("o", "unmatched"), 1);
+    assert_eq!(rec.counts("o", ["incomplete", "unmatched"]), [1, 1]);
     assert_eq!(rec.in_progress("o"), 1);
     t2.run_pending_tasks();
     assert_eq!(t2.entries(), 1);
@@ -305,8 +340,7 @@ fn changed_config_drops_untracked_flows_and_matches_dims_by_label() {
     };
     let (t2, rec, summary) = restarted(snap, Duration::from_secs(60), &rules);
     assert_eq!((summary.open, summary.discarded), (1, 2));
-    assert_eq!(rec.get("gone", "discarded"), 1);
-    assert_eq!(rec.get("gone", "unmatched"), 1);
+    assert_eq!(rec.counts("gone", ["discarded", "unmatched"]), [1, 1]);
     assert_eq!(rec.in_progress("gone"), 0);
     let slot = t2.cache.get(&t2.key("kept", "1")).unwrap();
     match slot.state {
@@ -326,8 +360,7 @@ fn start_then_end_completes_with_duration() {
     t.apply(ev("order", "1", START, 10 * SEC));
     assert_eq!(rec.in_progress("order"), 1);
     t.apply(ev("order", "1", OK, 12 * SEC + SEC / 2));
-    assert_eq!(rec.get("order", "started"), 1);
-    assert_eq!(rec.get("order", "success"), 1);
+    assert_eq!(rec.counts("order", ["started", "success"]), [1, 1]);
     assert_eq!(rec.in_progress("order"), 0);
     assert_eq!(*rec.durations.lock().unwrap(), vec![2.5]);
     t.run_pending_tasks();
@@ -341,8 +374,7 @@ fn failure_and_cancelled_outcomes() {
     t.apply(ev("o", "f", FAIL, 2 * SEC));
     t.apply(ev("o", "c", START, SEC));
     t.apply(ev("o", "c", CANCEL, 2 * SEC));
-    assert_eq!(rec.get("o", "failure"), 1);
-    assert_eq!(rec.get("o", "cancelled"), 1);
+    assert_eq!(rec.counts("o", ["failure", "cancelled"]), [1, 1]);
     assert_eq!(rec.in_progress("o"), 0);
 }
 
@@ -350,11 +382,9 @@ fn failure_and_cancelled_outcomes() {
 fn end_before_start_pairs_when_the_start_arrives() {
     let (t, rec) = table(Duration::from_secs(60));
     t.apply(ev("order", "1", OK, 15 * SEC));
-    assert_eq!(rec.get("order", "started"), 0);
-    assert_eq!(rec.get("order", "success"), 0);
+    assert_eq!(rec.counts("order", ["started", "success"]), [0, 0]);
     t.apply(ev("order", "1", START, 10 * SEC));
-    assert_eq!(rec.get("order", "started"), 1);
-    assert_eq!(rec.get("order", "success"), 1);
+    assert_eq!(rec.counts("order", ["started", "success"]), [1, 1]);
     assert_eq!(*rec.durations.lock().unwrap(), vec![5.0]);
     assert_eq!(rec.in_progress("order"), 0);
     assert_eq!(rec.get("order", "unmatched"), 0);
@@ -365,10 +395,10 @@ fn end_whose_start_never_comes_is_unmatched_only() {
     let (t, rec) = table(Duration::from_millis(200));
     t.apply(ev("order", "1", OK, SEC));
     settle_expiries(&t, &rec, |r| r.get("order", "unmatched") > 0);
-    assert_eq!(rec.get("order", "unmatched"), 1);
-    assert_eq!(rec.get("order", "started"), 0);
-    assert_eq!(rec.get("order", "success"), 0);
-    assert_eq!(rec.get("order", "incomplete"), 0);
+    assert_eq!(
+        rec.counts("order", ["unmatched", "started", "success", "incomplete"]),
+        [1, 0, 0, 0]
+    );
 }
 
 #[test]
@@ -383,10 +413,10 @@ fn timeout_counts_incomplete_once_and_a_late_end_is_unmatched() {
     assert_eq!(rec.in_progress("order"), 0);
     t.apply(ev("order", "1", OK, 2 * SEC));
     settle_expiries(&t, &rec, |r| r.get("order", "unmatched") > 0);
-    assert_eq!(rec.get("order", "incomplete"), 1);
-    assert_eq!(rec.get("order", "success"), 0);
-    assert_eq!(rec.get("order", "unmatched"), 1);
-    assert_eq!(rec.get("order", "started"), 1);
+    assert_eq!(
+        rec.counts("order", ["incomplete", "success", "unmatched", "started"]),
+        [1, 0, 1, 1]
+    );
 }
 
 #[test]
@@ -409,8 +439,7 @@ fn second_end_while_waiting_is_a_duplicate() {
     t.apply(ev("o", "1", FAIL, 11 * SEC));
     assert_eq!(rec.get("*", "dup_end"), 1);
     t.apply(ev("o", "1", START, 9 * SEC));
-    assert_eq!(rec.get("o", "success"), 1);
-    assert_eq!(rec.get("o", "failure"), 0);
+    assert_eq!(rec.counts("o", ["success", "failure"]), [1, 0]);
 }
 
 #[test]
@@ -459,15 +488,12 @@ fn retried_events_are_duplicates_even_after_the_instance_closed() {
     for e in batch {
         t.apply(e);
     }
-    assert_eq!(rec.get("o", "started"), 1);
-    assert_eq!(rec.get("o", "success"), 1);
-    assert_eq!(rec.get("*", "dup_start"), 1);
-    assert_eq!(rec.get("*", "dup_end"), 1);
+    assert_eq!(rec.counts("o", ["started", "success"]), [1, 1]);
+    assert_eq!(rec.counts("*", ["dup_start", "dup_end"]), [1, 1]);
     // A new instance reusing the id (new timestamps) counts.
     t.apply(ev("o", "1", START, 20 * SEC));
     t.apply(ev("o", "1", OK, 21 * SEC));
-    assert_eq!(rec.get("o", "started"), 2);
-    assert_eq!(rec.get("o", "success"), 2);
+    assert_eq!(rec.counts("o", ["started", "success"]), [2, 2]);
 }
 
 #[test]
@@ -585,8 +611,7 @@ fn an_overdue_entry_is_timed_out_not_dropped_when_room_is_needed() {
     std::thread::sleep(Duration::from_millis(80));
     t.apply(ev("o", "3", START, SEC));
     t.run_pending_tasks();
-    assert_eq!(rec.get("o", "incomplete"), 2);
-    assert_eq!(rec.get("o", "dropped"), 0);
+    assert_eq!(rec.counts("o", ["incomplete", "dropped"]), [2, 0]);
     assert_eq!(rec.in_progress("o"), 1);
 }
 
@@ -599,25 +624,12 @@ fn a_late_end_racing_an_unevicted_expiry_counts_once() {
     // cause `Explicit`. Either way the end must not complete it, and housekeeping
     // must not count it a second time later.
     for flow in ["long", "short"] {
-        let (t, rec) = if flow == "short" {
-            table_with_short_flow(1000, Duration::from_millis(100))
-        } else {
-            table(Duration::from_millis(100))
-        };
-        t.apply(ev(flow, "1", START, SEC));
-        std::thread::sleep(Duration::from_millis(150));
+        let (t, rec) = past_its_deadline(flow);
         t.apply(ev(flow, "1", OK, 2 * SEC));
-        assert_eq!(rec.get(flow, "incomplete"), 1, "{flow}");
-        assert_eq!(rec.get(flow, "success"), 0, "{flow}");
+        rec.expect(flow, "incomplete=1 success=0");
         settle_expiries(&t, &rec, |r| r.get(flow, "unmatched") > 0);
-        for _ in 0..10 {
-            t.run_pending_tasks();
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(rec.get(flow, "incomplete"), 1, "{flow}");
-        assert_eq!(rec.get(flow, "success"), 0, "{flow}");
-        assert_eq!(rec.get(flow, "unmatched"), 1, "{flow}");
-        assert_eq!(rec.in_progress(flow), 0, "{flow}");
+        keep_house(&t, 10);
+        rec.expect(flow, "incomplete=1 success=0 unmatched=1 in_progress=0");
     }
 }
 
@@ -626,23 +638,13 @@ fn a_start_over_an_unevicted_expired_entry_counts_both_once() {
     for flow in ["short", "long"] {
         // "short": per-entry expiry (insert reports the old entry as Replaced);
         // "long" with a store whose TTL is short: time-to-live (reported Expired).
-        let (t, rec) = if flow == "short" {
-            table_with_short_flow(1000, Duration::from_millis(100))
-        } else {
-            table_with(Duration::from_millis(100), 1000, Duration::from_secs(300))
-        };
-        t.apply(ev(flow, "1", START, SEC));
-        std::thread::sleep(Duration::from_millis(150));
+        let (t, rec) = past_its_deadline(flow);
         t.apply(ev(flow, "1", START, 5 * SEC));
-        assert_eq!(rec.get(flow, "incomplete"), 1, "{flow}");
-        assert_eq!(rec.get(flow, "started"), 2, "{flow}");
+        rec.expect(flow, "incomplete=1 started=2");
         t.apply(ev(flow, "1", OK, 6 * SEC));
-        assert_eq!(rec.get(flow, "success"), 1, "{flow}");
+        rec.expect(flow, "success=1");
         assert_eq!(*rec.durations.lock().unwrap(), vec![1.0], "{flow}");
-        for _ in 0..5 {
-            t.run_pending_tasks();
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        keep_house(&t, 5);
         assert_eq!(rec.get(flow, "incomplete"), 1, "{flow}");
         assert_eq!(rec.in_progress(flow), 0, "{flow}");
     }
