@@ -532,6 +532,14 @@ mod tests {
     use super::*;
     use crate::flows::store::snapshot::{SavedEnd, SavedEntry, SavedShard, SavedState};
 
+    /// A new directory for one test, and the state file's path in it.
+    fn fresh_dir(test: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("fm-state-{test}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        (dir, path)
+    }
+
     fn sample() -> StoreSnapshot {
         StoreSnapshot {
             saved_at_unix_nanos: 1_700_000_000_000_000_000,
@@ -639,9 +647,7 @@ mod tests {
             decode(&out)
         );
         // From a file: set aside, nothing restored.
-        let dir = std::env::temp_dir().join(format!("fm-state-dup-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("dup");
         fs::write(&path, &out).unwrap();
         assert!(load_or_set_aside(&path, 1 << 20).is_none());
         assert!(!path.exists());
@@ -681,9 +687,7 @@ mod tests {
         let declared = u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
         b[at..at + 8].copy_from_slice(&(declared + 1).to_le_bytes());
         assert!(matches!(decode(&b), Err(StateError::Length)));
-        let dir = std::env::temp_dir().join(format!("fm-state-len-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("len");
         fs::write(&path, &b).unwrap();
         assert!(matches!(read(&path, 1 << 20), Err(StateError::Length)));
         let _ = fs::remove_dir_all(dir);
@@ -699,9 +703,7 @@ mod tests {
         v1.extend_from_slice(&body);
         v1.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         assert_eq!(decode(&v1).unwrap(), sample());
-        let dir = std::env::temp_dir().join(format!("fm-state-v1-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("v1");
         fs::write(&path, &v1).unwrap();
         assert_eq!(read(&path, 1 << 20).unwrap(), Some(sample()));
         let _ = fs::remove_dir_all(dir);
@@ -711,9 +713,7 @@ mod tests {
     fn a_full_disk_is_reported_as_such() {
         // The temporary file is /dev/full: every write fails with ENOSPC. Large enough
         // that postcard itself meets the error (past the 1 MiB write buffer).
-        let dir = std::env::temp_dir().join(format!("fm-state-full-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("full");
         std::os::unix::fs::symlink("/dev/full", dir.join("state.tmp")).unwrap();
         let mut big = sample();
         big.entries = (0..100_000u32)
@@ -735,9 +735,7 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_a_fresh_start_and_a_bad_one_is_set_aside() {
-        let dir = std::env::temp_dir().join(format!("fm-state-aside-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("aside");
         assert!(load_or_set_aside(&path, 1 << 20).is_none());
         fs::write(&path, &bytes()[..20]).unwrap();
         assert!(load_or_set_aside(&path, 1 << 20).is_none());

@@ -29,6 +29,16 @@ pub struct StoreSnapshot {
     pub shards: Vec<SavedShard>,
 }
 
+/// The retry fingerprints of one shard of the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedShard {
+    /// Generation tag (1 or 2) of the newer fingerprints.
+    pub current_tag: u8,
+    pub rotated_at_unix_nanos: u64,
+    /// Fingerprints with their generation tag in the low two bits.
+    pub fingerprints: Vec<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedEntry {
     pub key: [u8; 16],
@@ -78,15 +88,6 @@ pub struct SavedEnd {
     pub timestamp_nanos: u64,
     pub dims: Vec<u32>,
     pub trace: Option<([u8; 16], [u8; 8])>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SavedShard {
-    /// Generation tag (1 or 2) of the newer fingerprints.
-    pub current_tag: u8,
-    pub rotated_at_unix_nanos: u64,
-    /// Fingerprints with their generation tag in the low two bits.
-    pub fingerprints: Vec<u64>,
 }
 
 /// Why a snapshot read back cannot be applied: a reference or a value out of range.
