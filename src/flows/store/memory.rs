@@ -9,11 +9,10 @@
 //! shorter timeout, an entry put back after a duplicate) also gets a per-entry expiry,
 //! which moka's timer wheel applies up to ~1 s late.
 //!
-//!
-//! The files: [`cache`] (the moka cache, its entries and its listener, and why every
-//! instance is counted exactly once), [`steps`] and [`step_words`] (flow steps),
-//! [`saved`] (snapshot and restore), [`housekeeping`] (the thread that runs moka's
-//! pending tasks); here, how each event changes its entry.
+//! The files: `cache` (the moka cache, its entries and its listener, and why every
+//! instance is counted exactly once), `steps` and `step_words` (flow steps), `saved`
+//! (snapshot and restore), `housekeeping` (the thread that runs moka's pending tasks);
+//! here, how each event changes its entry.
 
 mod cache;
 mod housekeeping;

@@ -1,9 +1,12 @@
 //! Flow steps in the moka store (docs/behaviour.md §9).
 //!
 //! Cost: a pairs-only instance stays a `SlotState::Open` (no field for steps). The first
-//! step turns it into a shared `Stepped` (one pointer in the slot), one allocation holding the start and
-//! the steps reached (24 bytes a step). Steps that come before their start wait in the
-//! same entry as a waiting end does (`Pending`).
+//! step turns it into one boxed run of words beside the slot's niche ([`Words`]: the
+//! start, the number of its start dimensions, each step's time and number; 10 bytes a
+//! step), read back by name ([`Stepped`]) only to report. Steps that come before their
+//! start wait in the same entry as a waiting end does (`Pending`).
+//!
+//! [`Words`]: super::step_words::Words
 //!
 //! "Already closed": when an instance of a flow that uses steps (declared, or one step
 //! event seen) closes, a fingerprint of its key is remembered for the longest flow
