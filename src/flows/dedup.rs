@@ -209,7 +209,6 @@ mod tests {
 
     const SEC: u64 = 1_000_000_000;
 
-    /// A fingerprint, the same for the same inputs within the test.
     /// Starts of ids `ids`, all at time 0.
     fn remember_ids(r: &mut RecentEvents, ids: std::ops::Range<u32>) {
         for i in ids {
@@ -217,6 +216,7 @@ mod tests {
         }
     }
 
+    /// A fingerprint, the same for the same inputs within the test.
     fn fp(id: &str, start: bool, ts: u64) -> u64 {
         std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
             .hash_one((id, start, ts))
