@@ -138,6 +138,24 @@ fn table_with_short_flow(capacity: u64, short: Duration) -> (Arc<MemoryStore>, A
     (Arc::new(table), rec)
 }
 
+/// Applies `event(thread, i)` for i in 0..n from each of `threads` threads at once;
+/// returns when all are done.
+fn on_threads(t: &Arc<MemoryStore>, threads: u64, n: u64, event: fn(u64, u64) -> FlowEvent) {
+    let handles: Vec<_> = (0..threads)
+        .map(|thread| {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                for i in 0..n {
+                    t.apply(event(thread, i));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
 /// Runs the housekeeping `rounds` times, 20 ms apart.
 fn keep_house(t: &MemoryStore, rounds: u32) {
     for _ in 0..rounds {
@@ -151,9 +169,13 @@ fn table(timeout: Duration) -> (Arc<MemoryStore>, Arc<Recorder>) {
 }
 
 /// A store holding instance "1" of `flow` 50 ms past its deadline, with no
-/// housekeeping run since: "short" expires by its per-entry deadline (the timer wheel),
-/// any other flow by the store's time-to-live.
-fn past_its_deadline(flow: &str) -> (Arc<MemoryStore>, Arc<Recorder>) {
+/// housekeeping run since, when an event of `kind` at `secs` comes: "short" expires by
+/// its per-entry deadline (the timer wheel), any other flow by the store's time-to-live.
+fn past_its_deadline_then(
+    flow: &str,
+    kind: EventKind,
+    secs: u64,
+) -> (Arc<MemoryStore>, Arc<Recorder>) {
     let (t, rec) = if flow == "short" {
         table_with_short_flow(1000, Duration::from_millis(100))
     } else {
@@ -161,6 +183,7 @@ fn past_its_deadline(flow: &str) -> (Arc<MemoryStore>, Arc<Recorder>) {
     };
     t.apply(ev(flow, "1", START, SEC));
     std::thread::sleep(Duration::from_millis(150));
+    t.apply(ev(flow, "1", kind, secs * SEC));
     (t, rec)
 }
 
@@ -502,20 +525,10 @@ fn concurrent_load_on_a_small_table_keeps_the_invariant() {
     // many instances are dropped, but every one is accounted for exactly once.
     const N: usize = 3000;
     let (t, rec) = table_with(Duration::from_secs(60), 1000, Duration::from_secs(300));
-    let threads: Vec<_> = (0..2)
-        .map(|n| {
-            let t = t.clone();
-            std::thread::spawn(move || {
-                for i in 0..N {
-                    let kind = if n == 0 { START } else { OK };
-                    t.apply(ev("c", &i.to_string(), kind, (10 + n) * SEC));
-                }
-            })
-        })
-        .collect();
-    for th in threads {
-        th.join().unwrap();
-    }
+    on_threads(&t, 2, N as u64, |n, i| {
+        let kind = if n == 0 { START } else { OK };
+        ev("c", &i.to_string(), kind, (10 + n) * SEC)
+    });
     t.run_pending_tasks();
     assert_eq!(rec.get("c", "started"), N as i64);
     assert_eq!(
@@ -533,22 +546,11 @@ fn concurrent_starts_and_ends_count_each_instance_once() {
     // each instance must complete exactly once, whatever the interleaving.
     const N: usize = 3000;
     let (t, rec) = table_with(Duration::from_secs(60), 100_000, Duration::from_secs(300));
-    let threads: Vec<_> = (0..4)
-        .map(|n| {
-            let t = t.clone();
-            std::thread::spawn(move || {
-                for i in 0..N {
-                    let id = i.to_string();
-                    let kind = if n % 2 == 0 { START } else { OK };
-                    let ts = if n % 2 == 0 { 10 * SEC } else { 11 * SEC };
-                    t.apply(ev("c", &id, kind, ts));
-                }
-            })
-        })
-        .collect();
-    for th in threads {
-        th.join().unwrap();
-    }
+    on_threads(&t, 4, N as u64, |n, i| {
+        let kind = if n % 2 == 0 { START } else { OK };
+        let ts = if n % 2 == 0 { 10 * SEC } else { 11 * SEC };
+        ev("c", &i.to_string(), kind, ts)
+    });
     assert_eq!(rec.get("c", "started"), N as i64);
     assert_eq!(rec.get("c", "success"), N as i64);
     assert_eq!(rec.in_progress("c"), 0);
@@ -624,8 +626,7 @@ fn a_late_end_racing_an_unevicted_expiry_counts_once() {
     // cause `Explicit`. Either way the end must not complete it, and housekeeping
     // must not count it a second time later.
     for flow in ["long", "short"] {
-        let (t, rec) = past_its_deadline(flow);
-        t.apply(ev(flow, "1", OK, 2 * SEC));
+        let (t, rec) = past_its_deadline_then(flow, OK, 2);
         rec.expect(flow, "incomplete=1 success=0");
         settle_expiries(&t, &rec, |r| r.get(flow, "unmatched") > 0);
         keep_house(&t, 10);
@@ -638,15 +639,13 @@ fn a_start_over_an_unevicted_expired_entry_counts_both_once() {
     for flow in ["short", "long"] {
         // "short": per-entry expiry (insert reports the old entry as Replaced);
         // "long" with a store whose TTL is short: time-to-live (reported Expired).
-        let (t, rec) = past_its_deadline(flow);
-        t.apply(ev(flow, "1", START, 5 * SEC));
+        let (t, rec) = past_its_deadline_then(flow, START, 5);
         rec.expect(flow, "incomplete=1 started=2");
         t.apply(ev(flow, "1", OK, 6 * SEC));
         rec.expect(flow, "success=1");
         assert_eq!(*rec.durations.lock().unwrap(), vec![1.0], "{flow}");
         keep_house(&t, 5);
-        assert_eq!(rec.get(flow, "incomplete"), 1, "{flow}");
-        assert_eq!(rec.in_progress(flow), 0, "{flow}");
+        rec.expect(flow, "incomplete=1 in_progress=0");
     }
 }
 
@@ -656,20 +655,10 @@ fn threads_hammering_one_key_keep_the_invariant() {
     // pair a new instance: each instance is opened and closed exactly once.
     const N: u64 = 2000;
     let (t, rec) = table_with(Duration::from_secs(60), 1000, Duration::from_secs(300));
-    let threads: Vec<_> = (0..4u64)
-        .map(|n| {
-            let t = t.clone();
-            std::thread::spawn(move || {
-                for i in 0..N {
-                    let kind = if n % 2 == 0 { START } else { OK };
-                    t.apply(ev("one", "same-id", kind, (i * 4 + n) * SEC));
-                }
-            })
-        })
-        .collect();
-    for th in threads {
-        th.join().unwrap();
-    }
+    on_threads(&t, 4, N, |n, i| {
+        let kind = if n % 2 == 0 { START } else { OK };
+        ev("one", "same-id", kind, (i * 4 + n) * SEC)
+    });
     t.run_pending_tasks();
     let waiting = t.entries() as i64 - rec.in_progress("one");
     assert!((0..=1).contains(&rec.in_progress("one")));
@@ -699,20 +688,10 @@ fn capacity_evictions_racing_ends_count_each_instance_once() {
             }
         })
     };
-    let threads: Vec<_> = (0..2)
-        .map(|n| {
-            let t = t.clone();
-            std::thread::spawn(move || {
-                for i in 0..N {
-                    let kind = if n == 0 { START } else { OK };
-                    t.apply(ev("c", &i.to_string(), kind, (10 + n as u64) * SEC));
-                }
-            })
-        })
-        .collect();
-    for th in threads {
-        th.join().unwrap();
-    }
+    on_threads(&t, 2, N as u64, |n, i| {
+        let kind = if n == 0 { START } else { OK };
+        ev("c", &i.to_string(), kind, (10 + n) * SEC)
+    });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     keeper.join().unwrap();
     t.run_pending_tasks();
