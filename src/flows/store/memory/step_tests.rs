@@ -304,6 +304,7 @@ fn steps_past_the_numbering_limits_are_kept_by_name_with_the_same_counts() {
     let limits = NumberingLimits {
         flows: 1,
         steps_per_flow: 2,
+        steps: 2,
         dim_lists: 1,
     };
     let (t, log) = numbered_store(

@@ -25,6 +25,9 @@ const PER_WORD: usize = 4;
 pub(crate) struct NumberingLimits {
     pub flows: usize,
     pub steps_per_flow: usize,
+    /// Step names of all flows together: names of flows whose steps the extractor does
+    /// not bound (past its flow limit) cannot grow the table without end.
+    pub steps: usize,
     pub dim_lists: usize,
 }
 
@@ -35,6 +38,7 @@ impl Default for NumberingLimits {
             // `limits.max_steps_per_flow` is at most 1024; a flow whose names are not
             // kept by the extractor can bring more.
             steps_per_flow: usize::from(u16::MAX),
+            steps: 1 << 18,
             dim_lists: 1 << 16,
         }
     }
@@ -44,9 +48,15 @@ impl Default for NumberingLimits {
 /// reused: the tables only grow, up to their limits.
 #[derive(Default)]
 pub(crate) struct Numbering {
-    steps: RwLock<HashMap<Arc<str>, Vec<Arc<str>>, RandomState>>,
+    steps: RwLock<StepNames>,
     dims: RwLock<DimLists>,
     limits: NumberingLimits,
+}
+
+#[derive(Default)]
+struct StepNames {
+    per_flow: HashMap<Arc<str>, Vec<Arc<str>>, RandomState>,
+    count: usize,
 }
 
 #[derive(Default)]
@@ -80,29 +90,36 @@ impl Numbering {
                 .position(|n| Arc::ptr_eq(n, step) || **n == **step)
                 .and_then(|i| u16::try_from(i).ok())
         };
-        if let Some(number) = read(&self.steps).get(&**flow).and_then(|n| find(n)) {
-            return Some(number);
+        let known = read(&self.steps)
+            .per_flow
+            .get(&**flow)
+            .and_then(|n| find(n));
+        if known.is_some() {
+            return known;
         }
         let mut steps = write(&self.steps);
-        let room_for_flow = steps.len() < self.limits.flows;
-        let names = match steps.get_mut(&**flow) {
+        let StepNames { per_flow, count } = &mut *steps;
+        let room_for_flow = per_flow.len() < self.limits.flows;
+        let names = match per_flow.get_mut(&**flow) {
             Some(names) => names,
-            None if room_for_flow => steps.entry(flow.clone()).or_default(),
+            None if room_for_flow => per_flow.entry(flow.clone()).or_default(),
             None => return None,
         };
         if let Some(number) = find(names) {
             return Some(number);
         }
         let number = u16::try_from(names.len()).ok()?;
-        if names.len() >= self.limits.steps_per_flow {
+        if names.len() >= self.limits.steps_per_flow || *count >= self.limits.steps {
             return None;
         }
         names.push(step.clone());
+        *count += 1;
         Some(number)
     }
 
     fn step_name(&self, flow: &str, number: u16) -> Arc<str> {
         read(&self.steps)
+            .per_flow
             .get(flow)
             .and_then(|names| names.get(usize::from(number)))
             .cloned()
@@ -292,8 +309,9 @@ mod tests {
     #[test]
     fn numbers_are_per_flow_and_run_out_at_the_limits() {
         let n = Numbering::with_limits(NumberingLimits {
-            flows: 1,
+            flows: 2,
             steps_per_flow: 2,
+            steps: 3,
             dim_lists: 1,
         });
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
@@ -301,7 +319,13 @@ mod tests {
         assert_eq!(n.step_number(&a, &Arc::from("y")), Some(1));
         assert_eq!(n.step_number(&a, &Arc::from("z")), None, "per flow");
         assert_eq!(n.step_number(&a, &Arc::from("x")), Some(0));
-        assert_eq!(n.step_number(&b, &Arc::from("x")), None, "flows");
+        assert_eq!(n.step_number(&b, &Arc::from("x")), Some(0));
+        assert_eq!(n.step_number(&b, &Arc::from("y")), None, "all flows");
+        assert_eq!(
+            n.step_number(&Arc::from("c"), &Arc::from("x")),
+            None,
+            "flows"
+        );
         assert!(n.encode(&a, &stepped(&[("x", 1)])).is_some());
         let mut other = stepped(&[("x", 1)]);
         other.dims = Arc::from([Arc::from("us")]);
