@@ -353,13 +353,7 @@ impl RunningApp {
             // counted now (final_snapshot), so each instance is counted once.
             drop(maintenance);
             match state::save_final(&*store, &st.path, &labels) {
-                Ok(Some(s)) => tracing::info!(
-                    entries = s.entries,
-                    bytes = s.bytes,
-                    "state written to {} in {:?}",
-                    st.path.display(),
-                    s.took
-                ),
+                Ok(Some(saved)) => saved.log(&st.path, true),
                 Ok(None) => {}
                 Err(e) => {
                     metrics.state_write_failed(true);
