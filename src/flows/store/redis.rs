@@ -40,7 +40,8 @@
 //! their instances leave a mark). The scripts live in `redis/*.lua`.
 //!
 //! Overdue instances (docs/behaviour.md §10, [`ages`]): `sages:<flow>` a flow's open
-//! instances by start second (a hash), for flows with a threshold only.
+//! instances by start second (a hash), for flows with a threshold only, and `sagelog`
+//! the changes not yet folded into them.
 //!
 //! The client is redis-rs' synchronous connection (or its cluster connection, which
 //! routes each call by its first key) with socket timeouts, in a small pool: the store
@@ -83,9 +84,16 @@ const MAX_ACKS: usize = 256;
 /// Longest timeout in ms the script is handed: Lua prints numbers with 14 digits.
 const MAX_TIMEOUT_MS: u64 = 1_000_000_000_000;
 
-const APPLY: &str = include_str!("redis/apply.lua");
+/// The overdue log's functions (`ages_log.lua`) come first in each script that uses them.
+const APPLY: &str = concat!(
+    include_str!("redis/ages_log.lua"),
+    include_str!("redis/apply.lua")
+);
 const CLAIM: &str = include_str!("redis/claim.lua");
-const SWEEP: &str = include_str!("redis/sweep.lua");
+const SWEEP: &str = concat!(
+    include_str!("redis/ages_log.lua"),
+    include_str!("redis/sweep.lua")
+);
 
 /// Where the shared store is and how long to wait for it (`correlation.redis`).
 #[derive(Clone, Debug)]
