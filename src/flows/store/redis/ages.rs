@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, FromRedisValue, Script};
 
-use super::{RedisStore, Target};
+use super::pool::Target;
+use super::RedisStore;
 use crate::flows::store::{OverdueSettings, Report};
 
 /// How often the counts are read (docs/behaviour.md §10: at most 5 s old).
