@@ -228,8 +228,9 @@ fn overdue_counts_are_exact_and_global_across_replicas() {
 /// without and with thresholds, each filled with `FM_OPEN` (default 1,000,000) open
 /// instances of 10 flows (start seconds over 20 minutes); fill rate, Redis memory per
 /// open instance, the flow path at that many open (exports of 50 starts + 50 ends of
-/// new instances), and one refresh (every shard's counts of every flow).
-/// `cargo test --release --test redis_objectives measure -- --ignored --nocapture`
+/// new instances, `FM_CHURN_SECS` seconds, default 5) with Redis' own time in the apply
+/// script and its CPU per event there, and one refresh (every shard's counts of every
+/// flow). `cargo test --release --test redis_objectives measure -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn measure_overdue_cost_on_redis() {
@@ -240,6 +241,10 @@ fn measure_overdue_cost_on_redis() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
+    let churn_secs: u64 = std::env::var("FM_CHURN_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let flows: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
     let now = now_nanos();
     let batch = |from: u64, to: u64, kind: EventKind, age: &dyn Fn(u64) -> u64| -> Vec<FlowEvent> {
@@ -268,9 +273,17 @@ fn measure_overdue_cost_on_redis() {
         }
         let fill = n as f64 / t.elapsed().as_secs_f64();
         let per_instance = (server.used_memory() - base) as f64 / n as f64;
+        // Redis' own time in the scripts and its CPU, over the flow path only: less
+        // disturbed than the rate by other work on a shared machine.
+        let mut con = server.connection().unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut con)
+            .unwrap();
+        let cpu_before = redis_cpu_secs(&server);
         let t = Instant::now();
         let mut next = n;
-        while t.elapsed() < Duration::from_secs(5) {
+        while t.elapsed() < Duration::from_secs(churn_secs) {
             apply(&store, batch(next, next + 50, EventKind::Start, &|_| 0));
             apply(
                 &store,
@@ -279,6 +292,19 @@ fn measure_overdue_cost_on_redis() {
             next += 50;
         }
         let churn = (next - n) as f64 * 2.0 / t.elapsed().as_secs_f64();
+        let churn_events = (next - n) as f64 * 2.0;
+        let cpu_us = (redis_cpu_secs(&server) - cpu_before) * 1e6 / churn_events;
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut con)
+            .unwrap();
+        let script_us = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+            .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("usec=")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / churn_events;
         // A maintenance run with the refresh due, then one right after (sweep only).
         let mut refresh_ms = Vec::new();
         for _ in 0..3 {
@@ -293,11 +319,26 @@ fn measure_overdue_cost_on_redis() {
         let overdue: u64 = sink.overdue.lock().unwrap().values().map(|(c, _)| c).sum();
         println!(
             "redis, {n} open, overdue thresholds {}: fill {fill:.0} events/s, {per_instance:.1} B \
-             per open instance in Redis, flow path {churn:.0} events/s, refresh {refresh_ms:.1?} ms \
+             per open instance in Redis, flow path {churn:.0} events/s ({script_us:.2} µs in the \
+             script, {cpu_us:.2} µs Redis CPU per event), refresh {refresh_ms:.1?} ms \
              ({overdue} overdue reported)",
             if track { "on " } else { "off" }
         );
     }
+}
+
+/// The server's CPU time so far (user + system), from `/proc`.
+fn redis_cpu_secs(server: &RedisServer) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid().unwrap())).unwrap();
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
 }
 
 fn step(flow: &str, id: &str, name: &str, ts: u64) -> FlowEvent {
