@@ -64,11 +64,7 @@ pub(super) fn encode(state: u8, event: &FlowEvent) -> Vec<u8> {
         put_str(&mut out, dim);
     }
     if let EventKind::End(outcome) = event.kind {
-        out.push(match outcome {
-            Outcome::Success => b's',
-            Outcome::Failure => b'f',
-            Outcome::Cancelled => b'c',
-        });
+        out.push(OUTCOME_LETTERS[usize::from(outcome.code())]);
         if let Some(trace) = event.trace {
             out.extend_from_slice(&trace.trace_id);
             out.extend_from_slice(&trace.span_id);
@@ -76,6 +72,11 @@ pub(super) fn encode(state: u8, event: &FlowEvent) -> Vec<u8> {
     }
     out
 }
+
+/// An outcome in a stored value: its [`Outcome::code`] as a letter, so that values
+/// written by earlier versions (and replicas of them sharing the Redis during a rolling
+/// upgrade) still read.
+const OUTCOME_LETTERS: &[u8; 3] = b"sfc";
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
@@ -99,12 +100,9 @@ pub(super) fn decode(raw: &[u8]) -> Option<Entry> {
     let end = match state {
         b'o' | b'p' => None,
         b'w' => {
-            let outcome = match r.take(1)?[0] {
-                b's' => Outcome::Success,
-                b'f' => Outcome::Failure,
-                b'c' => Outcome::Cancelled,
-                _ => return None,
-            };
+            let letter = r.take(1)?[0];
+            let code = OUTCOME_LETTERS.iter().position(|&l| l == letter)?;
+            let outcome = Outcome::from_code(u8::try_from(code).ok()?)?;
             let trace = match r.0.len() {
                 0 => None,
                 24 => TraceRef::from_ids(&r.0[..16], &r.0[16..]),
