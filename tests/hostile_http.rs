@@ -10,37 +10,17 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::StatusCode;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const PB: &str = "application/x-protobuf";
+const PB: &str = PROTOBUF;
 /// Upper bound of every wait in these tests: generous, never reached when things work.
 const PATIENCE: Duration = Duration::from_secs(30);
 
 fn export(flow: &str, id: &str) -> Vec<u8> {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: vec![Span {
-                    trace_id: vec![1; 16],
-                    span_id: vec![2; 8],
-                    events: vec![span::Event {
-                        time_unix_nano: 1_700_000_000_000_000_000,
-                        name: format!("flow.{flow}.start"),
-                        attributes: vec![attr("correlation-id", id)],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    let event = otlp::flow_event(format!("flow.{flow}.start"), id, None, 1_700_000_000_000_000_000);
+    otlp::traces(None, vec![otlp::span(&[1; 16], &[2; 8], vec![event])]).encode_to_vec()
 }
 
 fn head(path: &str, content_type: &str, length: usize) -> Vec<u8> {

@@ -4,58 +4,24 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::attr as s;
 use common::*;
 use flowmetrics::config::{FlowOverride, Objective};
-use hyper::StatusCode;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
+use common::otlp::{self, now_nanos, SEC};
 use prost::Message;
-
-const SEC: u64 = 1_000_000_000;
-
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 /// (event name, correlation id, timestamp).
 async fn send(app: &flowmetrics::RunningApp, events: &[(String, String, u64)]) {
     let spans = events
         .iter()
-        .map(|(name, id, ts)| Span {
-            trace_id: vec![3; 16],
-            span_id: vec![4; 8],
-            events: vec![span::Event {
-                name: name.clone(),
-                time_unix_nano: *ts,
-                attributes: vec![s("correlation-id", id)],
-                ..Default::default()
-            }],
-            ..Default::default()
+        .map(|(name, id, ts)| {
+            let event = otlp::flow_event(name.clone(), id, None, *ts);
+            otlp::span(&[3; 16], &[4; 8], vec![event])
         })
         .collect();
-    let body = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec();
-    let r = post(
-        &format!("http://{}/v1/traces", app.otlp_http.unwrap()),
-        "application/x-protobuf",
-        body,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    export_ok(app, PROTOBUF, otlp::traces(None, spans).encode_to_vec()).await;
 }
 
 fn starts(flow: &str, prefix: &str, ages_secs: &[u64], now: u64) -> Vec<(String, String, u64)> {

@@ -8,16 +8,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::otlp::now_nanos;
 use common::redis::RedisServer;
-use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome, Source};
-use flowmetrics::flows::store::{
-    OverdueSettings, RedisSettings, RedisStore, Report, StoreProbe, StoreSettings,
-};
+use common::store::{apply, ev, redis_settings, step, NoProbe, SEC};
+use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome};
+use flowmetrics::flows::store::{OverdueSettings, RedisStore, Report, StoreSettings};
 use flowmetrics::flows::{CorrelationStore, FlowSink};
-
-const SEC: u64 = 1_000_000_000;
 
 /// The latest overdue report per flow, and the time-outs.
 #[derive(Default)]
@@ -43,12 +41,6 @@ impl FlowSink for Latest {
             _ => {}
         }
     }
-}
-
-struct NoProbe;
-
-impl StoreProbe for NoProbe {
-    fn store_call(&self, _op: &'static str, _seconds: f64, _ok: bool) {}
 }
 
 fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
@@ -77,16 +69,7 @@ fn replica_with(
             longest_timeout: Duration::from_secs(600),
             step_flows: Vec::new(),
         },
-        RedisSettings {
-            url: server.url(),
-            cluster: Vec::new(),
-            shards: 4,
-            ca_file: None,
-            key_prefix: "o:".into(),
-            connect_timeout: Duration::from_millis(500),
-            command_timeout: Duration::from_secs(2),
-            pool_size: 2,
-        },
+        redis_settings(server, 4, "o:", 2),
         sink.clone(),
         Arc::new(NoProbe),
     )
@@ -101,37 +84,11 @@ fn replica_with(
     })
 }
 
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
 /// Whether `oldest` is the age now of an instance that started `age` seconds before
 /// `then`, to the second the store counts in (reports are fresh: taken just now).
 fn is_age(oldest: f64, then: u64, age: u64) -> bool {
     let expected = (now_nanos() - (then - age * SEC)) as f64 / 1e9;
     (expected - 0.5..=expected + 1.5).contains(&oldest)
-}
-
-fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
-    FlowEvent {
-        flow: Arc::from(flow),
-        correlation_id: id.into(),
-        kind,
-        timestamp_nanos: ts,
-        dims: Arc::from([]),
-        trace: None,
-        source: Source::SpanEvent,
-        step: None,
-    }
-}
-
-fn apply(store: &RedisStore, events: Vec<FlowEvent>) {
-    store
-        .apply_batch(&mut events.into_iter())
-        .expect("store reachable");
 }
 
 /// Runs the replica's maintenance until a new report for `flow` has `overdue` (bounded:
@@ -297,13 +254,6 @@ fn measure_overdue_cost_on_redis() {
              ({overdue} overdue reported)",
             if track { "on " } else { "off" }
         );
-    }
-}
-
-fn step(flow: &str, id: &str, name: &str, ts: u64) -> FlowEvent {
-    FlowEvent {
-        step: Some(Arc::from(name)),
-        ..ev(flow, id, EventKind::Step, ts)
     }
 }
 

@@ -14,9 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::attr;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
+use common::{attr, otlp};
+use opentelemetry_proto::tonic::trace::v1::span;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -149,33 +148,15 @@ fn event(id: &str, key: &str, end: bool) -> span::Event {
         attributes.push(attr("key", key));
         ("flow.checkout.start", 1_700_000_000_000_000_000)
     };
-    span::Event {
-        time_unix_nano: ts,
-        name: name.into(),
-        attributes,
-        ..Default::default()
-    }
+    otlp::event(name, ts, attributes)
 }
 
 fn export_body(events: Vec<span::Event>) -> Vec<u8> {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: events
-                    .into_iter()
-                    .map(|e| Span {
-                        trace_id: vec![1; 16],
-                        span_id: vec![2; 8],
-                        events: vec![e],
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    let spans = events
+        .into_iter()
+        .map(|e| otlp::span(&[1; 16], &[2; 8], vec![e]))
+        .collect();
+    otlp::traces(None, spans).encode_to_vec()
 }
 
 fn status_of(reply: &[u8]) -> Option<u16> {
