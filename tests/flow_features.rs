@@ -5,9 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::attr as s;
-use common::*;
-use hyper::StatusCode;
 use common::otlp::{self, SEC};
+use common::*;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
@@ -94,17 +93,34 @@ async fn dimensions_lookup_order_defaults_and_end_first_instances() {
     .await;
 
     let m = scrape(&app).await;
-    let get = |k: &str| value(&m, k);
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="from-span"}"#, 1.0),
-            (r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="gold"}"#, 1.0),
-            (r#"flowmetrics_flows_started_total{flow="buy",service="unknown",tier="none"}"#, 1.0),
-            (r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="from-resource"}"#, 1.0),
+            (
+                r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="from-span"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="gold"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_started_total{flow="buy",service="unknown",tier="none"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="from-resource"}"#,
+                1.0,
+            ),
             // The end-first instance carries its start's dimensions, and the end's region.
-            (r#"flowmetrics_flows_completed_total{flow="buy",outcome="success",service="order-service",tier="from-resource",region="eu-west-1"}"#, 1.0),
-            (r#"flowmetrics_flow_duration_seconds_count{flow="buy",service="order-service",tier="from-resource",region="eu-west-1"}"#, 1.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="buy",outcome="success",service="order-service",tier="from-resource",region="eu-west-1"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_duration_seconds_count{flow="buy",service="order-service",tier="from-resource",region="eu-west-1"}"#,
+                1.0,
+            ),
             // in_progress is per flow only.
             (r#"flowmetrics_flows_in_progress{flow="buy"}"#, 3.0),
         ],
@@ -144,30 +160,32 @@ async fn per_flow_settings_and_unknown_flows() {
         ),
     )
     .await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(
-            m,
-            r#"flowmetrics_flow_errors_total{flow="quick",error_reason="incomplete"}"#,
-        ) == 1.0
-    })
-    .await;
-    let get = |k: &str| value(&m, k);
+    let series = r#"flowmetrics_flow_errors_total{flow="quick",error_reason="incomplete"}"#;
+    let m = scrape_until_value(&app, Duration::from_secs(5), series, 1.0).await;
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flow_errors_total{flow="quick",error_reason="incomplete"}"#, 1.0),
             (r#"flowmetrics_flows_in_progress{flow="slow"}"#, 0.0),
-            (r#"flowmetrics_flow_events_rejected_total{reason="unknown_flow"}"#, 1.0),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="unknown_flow"}"#,
+                1.0,
+            ),
             (r#"flowmetrics_flows_started_total{flow="other"}"#, 0.0),
             // Per-flow buckets for quick, the defaults for slow: one valid family.
-            (r#"flowmetrics_flow_duration_seconds_bucket{le="2.0",flow="quick"}"#, 1.0),
+            (
+                r#"flowmetrics_flow_duration_seconds_bucket{le="2.0",flow="quick"}"#,
+                1.0,
+            ),
         ],
     );
     assert!(
         !m.contains_key(r#"flowmetrics_flow_duration_seconds_bucket{le="3600.0",flow="quick"}"#)
     );
     assert_eq!(
-        get(r#"flowmetrics_flow_duration_seconds_bucket{le="3600.0",flow="slow"}"#),
+        value(
+            &m,
+            r#"flowmetrics_flow_duration_seconds_bucket{le="3600.0",flow="slow"}"#
+        ),
         1.0
     );
     app.shutdown().await;
@@ -244,8 +262,14 @@ async fn a_flood_of_flow_names_is_bounded() {
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flows_started_total{otel_metric_overflow="true"}"#, (NAMES - LIMIT) as f64),
-            (r#"flowmetrics_series_overflow_total{metric="flowmetrics_flows_started_total"}"#, (NAMES - LIMIT) as f64),
+            (
+                r#"flowmetrics_flows_started_total{otel_metric_overflow="true"}"#,
+                (NAMES - LIMIT) as f64,
+            ),
+            (
+                r#"flowmetrics_series_overflow_total{metric="flowmetrics_flows_started_total"}"#,
+                (NAMES - LIMIT) as f64,
+            ),
         ],
     );
     // The second half of the flood (50,000 more names) must not grow memory materially.
@@ -278,10 +302,19 @@ async fn retried_exports_count_once_and_reused_ids_count_again() {
         &m,
         &[
             (r#"flowmetrics_flows_started_total{flow="pay"}"#, 2.0),
-            (r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#, 1.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#,
+                1.0,
+            ),
             (r#"flowmetrics_flows_in_progress{flow="pay"}"#, 1.0),
-            (r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#, 4.0),
-            (r#"flowmetrics_flow_events_duplicate_total{kind="end"}"#, 1.0),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#,
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="end"}"#,
+                1.0,
+            ),
         ],
     );
     // p1 reused for a new order, with new timestamps: a second instance.
@@ -300,7 +333,10 @@ async fn retried_exports_count_once_and_reused_ids_count_again() {
         &m,
         &[
             (r#"flowmetrics_flows_started_total{flow="pay"}"#, 3.0),
-            (r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#, 2.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#,
+                2.0,
+            ),
             (r#"flowmetrics_flow_duration_seconds_sum{flow="pay"}"#, 6.0),
         ],
     );

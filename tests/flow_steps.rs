@@ -8,11 +8,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use common::sdk::Transport::Grpc;
+use common::sdk::{self, flush_logs, flush_traces, logger_provider, shutdown_all, tracer_provider};
 use common::*;
 use flowmetrics::config::{Config, FlowOverride};
-use flowmetrics::RunningApp;
-use common::sdk::{self, flush_logs, flush_traces, logger_provider, shutdown_all, tracer_provider};
-use common::sdk::Transport::Grpc;
 use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -133,17 +132,8 @@ async fn a_journey_across_three_services_counts_every_step_exactly() {
         }
         flush_traces([[&web, &pay, &warehouse][exporter]]).await;
     }
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(m, r#"flowmetrics_flows_completed_total{flow="order",outcome="success",service="order-service"}"#) >= 10.0
-    })
-    .await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_completed_total{flow="order",outcome="success",service="order-service"}"#
-        ),
-        10.0
-    );
+    let done = r#"flowmetrics_flows_completed_total{flow="order",outcome="success",service="order-service"}"#;
+    scrape_until_value(&app, Duration::from_secs(5), done, 10.0).await;
     // Instance 2 has ended: a late step counts after_close only.
     emit(
         &pay,
@@ -173,12 +163,16 @@ async fn a_journey_across_three_services_counts_every_step_exactly() {
     assert_values(
         &m,
         &[
-            (&format!(
-            r#"flowmetrics_flows_started_total{{flow="order",{dims}}}"#
-        ), 20.0),
-            (&format!(
-            r#"flowmetrics_flow_errors_total{{flow="order",error_reason="incomplete",{dims}}}"#
-        ), 10.0),
+            (
+                &format!(r#"flowmetrics_flows_started_total{{flow="order",{dims}}}"#),
+                20.0,
+            ),
+            (
+                &format!(
+                    r#"flowmetrics_flow_errors_total{{flow="order",error_reason="incomplete",{dims}}}"#
+                ),
+                10.0,
+            ),
         ],
     );
     // Per step: 10 complete instances plus the stalled ones that got that far.
@@ -219,14 +213,35 @@ async fn a_journey_across_three_services_counts_every_step_exactly() {
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="after_close"}"#, 1.0),
-            (r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="no_start"}"#, 1.0),
-            (r#"flowmetrics_flow_events_duplicate_total{kind="step"}"#, 1.0),
-            (r#"flowmetrics_flow_events_rejected_total{reason="unknown_step"}"#, 1.0),
-            (r#"flowmetrics_flow_events_total{kind="step",source="span_event"}"#, 62.0),
-            (r#"flowmetrics_flow_events_total{kind="step",source="log"}"#, 1.0),
+            (
+                r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="after_close"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="no_start"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="step"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="unknown_step"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="step",source="span_event"}"#,
+                62.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="step",source="log"}"#,
+                1.0,
+            ),
             (r#"flowmetrics_flows_in_progress{flow="order"}"#, 0.0),
-            (r#"flowmetrics_flow_unmatched_ends_total{flow="order"}"#, 0.0),
+            (
+                r#"flowmetrics_flow_unmatched_ends_total{flow="order"}"#,
+                0.0,
+            ),
         ],
     );
 
@@ -267,20 +282,9 @@ async fn steps_hold_across_a_restart() {
         step_attrs(3, "paid"),
     );
     flush_traces([&web]).await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(
-            m,
-            r#"flowmetrics_flow_steps_total{flow="order",step="placed",service="order-service"}"#,
-        ) >= 3.0
-    })
-    .await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_steps_total{flow="order",step="placed",service="order-service"}"#
-        ),
-        3.0
-    );
+    let series =
+        r#"flowmetrics_flow_steps_total{flow="order",step="placed",service="order-service"}"#;
+    scrape_until_value(&app, Duration::from_secs(5), series, 3.0).await;
     shutdown_all(vec![web], vec![]).await;
     app.shutdown().await;
 
@@ -335,62 +339,51 @@ async fn steps_hold_across_a_restart() {
     assert_values(
         &m,
         &[
-            (&format!(
-            r#"flowmetrics_flows_restored_total{{flow="order",{dims}}}"#
-        ), 3.0),
-            (&format!(
-            r#"flowmetrics_flows_started_total{{flow="order",{dims}}}"#
-        ), 1.0),
-            (&format!(
-            r#"flowmetrics_flows_completed_total{{flow="order",outcome="success",{dims}}}"#
-        ), 4.0),
-            (r#"flowmetrics_flow_events_duplicate_total{kind="step"}"#, 1.0),
+            (
+                &format!(r#"flowmetrics_flows_restored_total{{flow="order",{dims}}}"#),
+                3.0,
+            ),
+            (
+                &format!(r#"flowmetrics_flows_started_total{{flow="order",{dims}}}"#),
+                1.0,
+            ),
+            (
+                &format!(
+                    r#"flowmetrics_flows_completed_total{{flow="order",outcome="success",{dims}}}"#
+                ),
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="step"}"#,
+                1.0,
+            ),
         ],
     );
     // This run counts the steps it saw reach an instance: paid ×4 (one waited across the
     // restart), packed ×1; placed was counted by the first run.
     let series = |name: &str, step: &str| format!(r#"{name}{{flow="order",step="{step}",{dims}}}"#);
-    assert_eq!(get(&series("flowmetrics_flow_steps_total", "placed")), 0.0);
-    assert_eq!(get(&series("flowmetrics_flow_steps_total", "paid")), 4.0);
-    assert_eq!(get(&series("flowmetrics_flow_steps_total", "packed")), 1.0);
-    // Transits at close include the steps recorded before the restart.
-    assert_eq!(
-        get(&series(
-            "flowmetrics_flow_step_transit_seconds_count",
-            "placed"
-        )),
-        3.0
-    );
-    assert_eq!(
-        get(&series(
-            "flowmetrics_flow_step_transit_seconds_sum",
-            "placed"
-        )),
-        3.0
-    );
-    assert_eq!(
-        get(&series(
-            "flowmetrics_flow_step_transit_seconds_count",
-            "paid"
-        )),
-        4.0
-    );
-    // 0–2: placed at 1 s, paid at 3 s (2 s); 3: paid at 2 s, the first step (2 s).
-    assert_eq!(
-        get(&series("flowmetrics_flow_step_transit_seconds_sum", "paid")),
-        8.0
-    );
-    assert_eq!(
-        get(&series(
-            "flowmetrics_flow_step_transit_seconds_sum",
-            "packed"
-        )),
-        1.0
-    );
+    for (family, step, want) in [
+        ("steps_total", "placed", 0.0),
+        ("steps_total", "paid", 4.0),
+        ("steps_total", "packed", 1.0),
+        // Transits at close include the steps recorded before the restart.
+        ("step_transit_seconds_count", "placed", 3.0),
+        ("step_transit_seconds_sum", "placed", 3.0),
+        ("step_transit_seconds_count", "paid", 4.0),
+        // 0–2: placed at 1 s, paid at 3 s (2 s); 3: paid at 2 s, the first step (2 s).
+        ("step_transit_seconds_sum", "paid", 8.0),
+        ("step_transit_seconds_sum", "packed", 1.0),
+    ] {
+        let name = format!("flowmetrics_flow_{family}");
+        assert_eq!(get(&series(&name, step)), want, "{name} {step}");
+    }
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="no_start"}"#, 0.0),
+            (
+                r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="no_start"}"#,
+                0.0,
+            ),
             (r#"flowmetrics_flows_in_progress{flow="order"}"#, 0.0),
         ],
     );

@@ -5,8 +5,8 @@ mod common;
 
 use bytes::Bytes;
 use common::attr as s;
-use common::*;
 use common::otlp::{self, flow_spans, SEC};
+use common::*;
 use http_body_util::{BodyExt, Full};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
@@ -39,10 +39,13 @@ async fn traces_and_logs_over_grpc_with_compression() {
         .unwrap()
         .send_compressed(CompressionEncoding::Gzip);
     let reply = traces
-        .export(otlp::traces(None, flow_spans(&[
-            ("flow.ship.start", "a", None, 10 * SEC),
-            ("flow.ship.start", "b", None, 10 * SEC),
-        ])))
+        .export(otlp::traces(
+            None,
+            flow_spans(&[
+                ("flow.ship.start", "a", None, 10 * SEC),
+                ("flow.ship.start", "b", None, 10 * SEC),
+            ]),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -102,12 +105,27 @@ async fn traces_and_logs_over_grpc_with_compression() {
         &m,
         &[
             (r#"flowmetrics_flows_started_total{flow="ship"}"#, 2.0),
-            (r#"flowmetrics_flows_completed_total{flow="ship",outcome="success"}"#, 1.0),
-            (r#"flowmetrics_flows_completed_total{flow="ship",outcome="failure"}"#, 1.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="ship",outcome="success"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_completed_total{flow="ship",outcome="failure"}"#,
+                1.0,
+            ),
             (r#"flowmetrics_flow_duration_seconds_sum{flow="ship"}"#, 2.0),
-            (r#"flowmetrics_flow_events_total{kind="end",source="log"}"#, 2.0),
-            (r#"flowmetrics_flow_events_rejected_total{reason="missing_correlation_id"}"#, 1.0),
-            (r#"flowmetrics_otlp_log_records_total{transport="grpc"}"#, 4.0),
+            (
+                r#"flowmetrics_flow_events_total{kind="end",source="log"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="missing_correlation_id"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_otlp_log_records_total{transport="grpc"}"#,
+                4.0,
+            ),
             (r#"flowmetrics_otlp_spans_total{transport="grpc"}"#, 2.0),
         ],
     );
@@ -163,8 +181,13 @@ async fn bad_grpc_input_gets_spec_codes_and_changes_nothing() {
     let app = start(config).await;
 
     // Malformed protobuf → INVALID_ARGUMENT (3).
-    let (code, message) =
-        raw_call(&app, TRACE_EXPORT, None, grpc_frame(false, b"\xff\xff\xff\xff")).await;
+    let (code, message) = raw_call(
+        &app,
+        TRACE_EXPORT,
+        None,
+        grpc_frame(false, b"\xff\xff\xff\xff"),
+    )
+    .await;
     assert_eq!(code, "3", "{message}");
     // Oversized message → RESOURCE_EXHAUSTED (8).
     let (code, _) = raw_call(
@@ -211,8 +234,14 @@ async fn bad_grpc_input_gets_spec_codes_and_changes_nothing() {
         &m,
         &[
             (r#"flowmetrics_flows_started_total{flow="g"}"#, 1.0),
-            (r#"flowmetrics_otlp_requests_total{transport="grpc",signal="traces",code="INVALID_ARGUMENT"}"#, 2.0),
-            (r#"flowmetrics_otlp_requests_total{transport="grpc",signal="traces",code="RESOURCE_EXHAUSTED"}"#, 2.0),
+            (
+                r#"flowmetrics_otlp_requests_total{transport="grpc",signal="traces",code="INVALID_ARGUMENT"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_otlp_requests_total{transport="grpc",signal="traces",code="RESOURCE_EXHAUSTED"}"#,
+                2.0,
+            ),
         ],
     );
     app.shutdown().await;

@@ -19,7 +19,12 @@ const PB: &str = PROTOBUF;
 const PATIENCE: Duration = Duration::from_secs(30);
 
 fn export(flow: &str, id: &str) -> Vec<u8> {
-    let event = otlp::flow_event(format!("flow.{flow}.start"), id, None, 1_700_000_000_000_000_000);
+    let event = otlp::flow_event(
+        format!("flow.{flow}.start"),
+        id,
+        None,
+        1_700_000_000_000_000_000,
+    );
     otlp::traces(None, vec![otlp::span(&[1; 16], &[2; 8], vec![event])]).encode_to_vec()
 }
 

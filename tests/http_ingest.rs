@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +57,10 @@ fn seed_body(event: &str, id: &str, outcome: Option<&str>, ts_secs: u64, service
 /// One span per event under a resource of service `test`: (event name, correlation id,
 /// outcome, timestamp ns).
 fn request(events: &[(&str, &str, Option<&str>, u64)]) -> ExportTraceServiceRequest {
-    otlp::traces(Some(vec![s("service.name", "test")]), otlp::flow_spans(events))
+    otlp::traces(
+        Some(vec![s("service.name", "test")]),
+        otlp::flow_spans(events),
+    )
 }
 
 const PB: &str = "application/x-protobuf";
@@ -115,14 +117,38 @@ async fn seed_curl_examples_work_unchanged() {
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flows_started_total{flow="order_processing"}"#, 2.0),
-            (r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="success"}"#, 1.0),
-            (r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="cancelled"}"#, 1.0),
-            (r#"flowmetrics_flow_duration_seconds_count{flow="order_processing"}"#, 1.0),
-            (r#"flowmetrics_flow_duration_seconds_sum{flow="order_processing"}"#, 2.0),
-            (r#"flowmetrics_flows_in_progress{flow="order_processing"}"#, 0.0),
-            (r#"flowmetrics_otlp_requests_total{transport="http",signal="traces",code="200"}"#, 4.0),
-            (r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#, 2.0),
+            (
+                r#"flowmetrics_flows_started_total{flow="order_processing"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="success"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="cancelled"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_duration_seconds_count{flow="order_processing"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_duration_seconds_sum{flow="order_processing"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flows_in_progress{flow="order_processing"}"#,
+                0.0,
+            ),
+            (
+                r#"flowmetrics_otlp_requests_total{transport="http",signal="traces",code="200"}"#,
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#,
+                2.0,
+            ),
         ],
     );
     app.shutdown().await;
@@ -156,9 +182,18 @@ async fn protobuf_in_every_encoding() {
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flows_completed_total{flow="pay",outcome="failure"}"#, 4.0),
-            (r#"flowmetrics_flow_errors_total{flow="pay",error_reason="failure"}"#, 4.0),
-            (r#"flowmetrics_flow_duration_seconds_count{flow="pay"}"#, 0.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="pay",outcome="failure"}"#,
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_errors_total{flow="pay",error_reason="failure"}"#,
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_duration_seconds_count{flow="pay"}"#,
+                0.0,
+            ),
         ],
     );
     app.shutdown().await;
@@ -221,9 +256,18 @@ async fn rejected_events_get_partial_success_and_counters() {
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flow_events_rejected_total{reason="invalid_outcome"}"#, 2.0),
-            (r#"flowmetrics_flow_events_rejected_total{reason="missing_correlation_id"}"#, 1.0),
-            (r#"flowmetrics_flow_events_rejected_total{reason="invalid_flow_name"}"#, 1.0),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="invalid_outcome"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="missing_correlation_id"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="invalid_flow_name"}"#,
+                1.0,
+            ),
         ],
     );
     // The valid start in the same request was kept.
@@ -295,15 +339,13 @@ async fn error_statuses() {
     )
     .await;
     assert_eq!(ok.status, StatusCode::OK);
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(m, "flowmetrics_in_flight_entries") == 1.0
-    })
-    .await;
+    let series = "flowmetrics_in_flight_entries";
+    let m = scrape_until_value(&app, Duration::from_secs(5), series, 1.0).await;
     assert_values(
         &m,
         &[
             (r#"flowmetrics_flows_started_total{flow="f"}"#, 1.0),
-            ("flowmetrics_in_flight_entries", 1.0),
+            (r#"flowmetrics_in_flight_entries"#, 1.0),
         ],
     );
     // (404s name no signal, so they are not in this family.)
@@ -394,10 +436,13 @@ async fn timeouts_count_incomplete_through_the_service() {
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flow_errors_total{flow="slow",error_reason="incomplete"}"#, 1.0),
+            (
+                r#"flowmetrics_flow_errors_total{flow="slow",error_reason="incomplete"}"#,
+                1.0,
+            ),
             (r#"flowmetrics_flow_unmatched_ends_total{flow="slow"}"#, 1.0),
             (r#"flowmetrics_flows_in_progress{flow="slow"}"#, 0.0),
-            ("flowmetrics_in_flight_entries", 0.0),
+            (r#"flowmetrics_in_flight_entries"#, 0.0),
         ],
     );
     app.shutdown().await;
@@ -585,8 +630,14 @@ async fn a_retried_export_of_events_without_a_time_is_one_instance() {
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#, 2.0),
-            (r#"flowmetrics_flow_events_duplicate_total{kind="end"}"#, 2.0),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="end"}"#,
+                2.0,
+            ),
         ],
     );
     app.shutdown().await;

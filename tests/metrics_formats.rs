@@ -28,7 +28,11 @@ const PROTOBUF: &str =
 /// attributes on the resource.
 fn flow_request(flow: &str, id: &str, resource: Vec<KeyValue>) -> ExportTraceServiceRequest {
     let event = |i: u8, kind: &str, ts: u64| {
-        let event = otlp::event(format!("flow.{flow}.{kind}"), ts, vec![s("correlation-id", id)]);
+        let event = otlp::event(
+            format!("flow.{flow}.{kind}"),
+            ts,
+            vec![s("correlation-id", id)],
+        );
         otlp::span(&[0xab; 16], &[i; 8], vec![event])
     };
     let base = 1_700_000_000_000_000_000u64;
@@ -287,7 +291,6 @@ async fn the_format_follows_accept_and_gzip_follows_accept_encoding() {
     app.shutdown().await;
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_megabyte_label_value_is_cut_to_the_bound_and_counted() {
     let mut config = test_config();
@@ -298,11 +301,7 @@ async fn a_megabyte_label_value_is_cut_to_the_bound_and_counted() {
     let huge = "x".repeat(1 << 20);
     export(
         &app,
-        flow_request(
-            "checkout",
-            "big",
-            vec![s("service.name", &huge)],
-        ),
+        flow_request("checkout", "big", vec![s("service.name", &huge)]),
     )
     .await;
     // A Flow Span whose source workload (a default network dimension) is as long.
@@ -340,8 +339,14 @@ async fn a_megabyte_label_value_is_cut_to_the_bound_and_counted() {
     assert_values(
         &samples,
         &[
-            (r#"flowmetrics_label_values_truncated_total{label="service"}"#, 1.0),
-            (r#"flowmetrics_label_values_truncated_total{label="source_workload"}"#, 1.0),
+            (
+                r#"flowmetrics_label_values_truncated_total{label="service"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_label_values_truncated_total{label="source_workload"}"#,
+                1.0,
+            ),
         ],
     );
     let records = samples

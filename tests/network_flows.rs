@@ -70,7 +70,10 @@ fn flow_span(id: u8, src: &str, dst: &str, bytes: [i64; 2], packets: [i64; 2]) -
 /// `spans` under a resource of namespace `shop`.
 fn request(spans: Vec<Span>) -> ExportTraceServiceRequest {
     let namespace = |side: &str| s(&format!("{side}.k8s.namespace.name"), "shop");
-    otlp::traces(Some(vec![namespace("source"), namespace("destination")]), spans)
+    otlp::traces(
+        Some(vec![namespace("source"), namespace("destination")]),
+        spans,
+    )
 }
 
 async fn post_protobuf(app: &flowmetrics::RunningApp, req: &ExportTraceServiceRequest) {
@@ -254,8 +257,14 @@ async fn the_series_limit_folds_new_label_sets_into_the_overflow_series() {
     assert_values(
         &m,
         &[
-            ("flowmetrics_network_flow_records_total{otel_metric_overflow=\"true\"}", 3.0),
-            ("flowmetrics_series_overflow_total{metric=\"flowmetrics_network_flow_records_total\"}", 3.0),
+            (
+                r#"flowmetrics_network_flow_records_total{otel_metric_overflow="true"}"#,
+                3.0,
+            ),
+            (
+                r#"flowmetrics_series_overflow_total{metric="flowmetrics_network_flow_records_total"}"#,
+                3.0,
+            ),
         ],
     );
     // bytes: w0 forward + reverse fill it; everything else is folded (4 × 2 + 0).

@@ -9,8 +9,9 @@ use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::process::Service;
 use common::process::{command, entries_in, get, http, json_export, json_flow_event};
-use common::process::{sum_series, Service};
+use common::sum_series;
 use flowmetrics::flows::state;
 
 const SEC: u64 = 1_000_000_000;
@@ -25,7 +26,6 @@ impl Service {
         self.post_traces(&export(events));
     }
 }
-
 
 fn sum(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
     sum_series(samples, name, &[])
@@ -44,7 +44,6 @@ fn events(kind: &'static str, ids: std::ops::Range<u64>) -> Vec<(&'static str, S
     ids.map(|i| (kind, format!("id-{i}"), T0 + i * SEC))
         .collect()
 }
-
 
 /// The files beside `path` whose names start with its name and `suffix`.
 fn set_aside(path: &Path, suffix: &str) -> Vec<String> {

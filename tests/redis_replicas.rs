@@ -11,7 +11,6 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::attr as s;
 use common::redis::RedisServer;
 use common::replicas::*;
 use common::*;
@@ -19,7 +18,6 @@ use flowmetrics::RunningApp;
 use hyper::StatusCode;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
 #[derive(Clone, Copy, PartialEq)]

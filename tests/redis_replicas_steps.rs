@@ -205,10 +205,7 @@ async fn run(store: impl Fn(&mut flowmetrics::config::Config)) {
         apps.push(replica_with(&store).await);
     }
     wait_ready(&apps, StatusCode::OK, "replica never ready").await;
-    let urls: Vec<String> = apps
-        .iter()
-        .map(traces_url)
-        .collect();
+    let urls: Vec<String> = apps.iter().map(traces_url).collect();
     let (rounds, late) = traffic(0x5eed_57e9);
     for round in rounds {
         let senders: Vec<_> = round
@@ -229,8 +226,11 @@ async fn run(store: impl Fn(&mut flowmetrics::config::Config)) {
     let settle = Duration::from_millis(300);
     let scrapes = settled_scrapes(&apps, &[], within, settle, |scrapes| {
         total(scrapes, "flowmetrics_flow_errors_total", "incomplete") >= incomplete
-            && total(scrapes, "flowmetrics_flow_steps_unmatched_total", "no_start")
-                >= want.no_start
+            && total(
+                scrapes,
+                "flowmetrics_flow_steps_unmatched_total",
+                "no_start",
+            ) >= want.no_start
     })
     .await;
     let get = |family: &str, also: &str| total(&scrapes, family, also);

@@ -14,8 +14,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use common::redis::RedisServer;
 use common::replicas::{wait_ready, Rng};
@@ -116,7 +115,13 @@ fn plan(seed: u64, base: SystemTime) -> Vec<Instance> {
 }
 
 /// One span carrying one flow event at its explicit timestamp; `error` sets its status.
-fn emit(provider: &SdkTracerProvider, event: String, at: SystemTime, attrs: Vec<KeyValue>, error: bool) {
+fn emit(
+    provider: &SdkTracerProvider,
+    event: String,
+    at: SystemTime,
+    attrs: Vec<KeyValue>,
+    error: bool,
+) {
     sdk::emit(provider, "redis-sdk-test", "work", event, at, attrs, error);
 }
 

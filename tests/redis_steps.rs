@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::store::{apply, ev, redis_settings, store_settings, Counts, NoProbe, END, SEC};
+use common::store::{apply, ev, redis_settings, run_pending_tasks, store_settings};
+use common::store::{Counts, NoProbe, END, SEC};
 use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome, TraceRef};
 use flowmetrics::flows::store::{RedisStore, Report, StepTransit};
 use flowmetrics::flows::{CorrelationStore, FlowSink};
@@ -128,9 +129,7 @@ fn step(flow: &str, id: &str, name: &str, ts: u64) -> FlowEvent {
 /// Sweeps on every replica until `until` holds (bounded), then once more.
 fn sweep_until(rs: &[RedisStore], rec: &Recorder, until: impl Fn(&Recorder) -> bool) {
     common::store::sweep_until(rs.iter(), || until(rec));
-    for r in rs {
-        r.run_pending_tasks();
-    }
+    run_pending_tasks(rs);
 }
 
 /// Every key on the server.
@@ -140,7 +139,6 @@ fn keys(server: &RedisServer) -> Vec<String> {
     keys.sort();
     keys
 }
-
 
 /// A step to one replica, the start to another, the end to a third, in every order of
 /// arrival: the step counts once, with its time since the start, and its transit is
@@ -169,18 +167,20 @@ fn step_start_end_over_three_replicas(shards: u32) {
             apply(&rs[which], vec![events[which].clone()]);
         }
     }
-    assert_eq!(rec.get("f", "started"), 6);
-    assert_eq!(rec.get("f", "success"), 6);
+    rec.assert_counts("f", &[("started", 6), ("success", 6)]);
     // A step that came after both the start and the end found its instance closed.
     let late = orders.iter().filter(|o| o[2] == 0).count() as i64;
-    assert_eq!(rec.get("f", "step_paid"), 6 - late);
-    assert_eq!(rec.get("f", "step_unmatched_after_close"), late);
+    rec.assert_counts(
+        "f",
+        &[
+            ("step_paid", 6 - late),
+            ("step_unmatched_after_close", late),
+        ],
+    );
     assert!(rec.reached().iter().all(|(s, d)| s == "paid" && *d == 2.0));
     assert!(rec.transits().iter().all(|(s, d)| s == "paid" && *d == 2.0));
     assert_eq!(rec.transits().len() as i64, 6 - late);
-    for r in &rs {
-        r.run_pending_tasks();
-    }
+    run_pending_tasks(&rs);
     assert_eq!(rs[0].entries(), 0);
     // What is left: fingerprints, closed marks, the set of flows with steps.
     assert!(
@@ -215,8 +215,7 @@ fn each_step_counts_once_and_the_earliest_timestamp_wins() {
     apply(&rs[0], vec![step("f", "1", "a", 4 * SEC)]);
     apply(&rs[1], vec![step("f", "1", "a", 4 * SEC)]);
     apply(&rs[1], vec![step("f", "1", "b", 5 * SEC)]);
-    assert_eq!(rec.get("f", "step_a"), 1);
-    assert_eq!(rec.get("f", "step_b"), 1);
+    rec.assert_counts("f", &[("step_a", 1), ("step_b", 1)]);
     assert_eq!(rec.get("*", "dup_step"), 3);
     apply(&rs[0], vec![ev("f", "1", END, 9 * SEC)]);
     // Transits by event timestamp: a at 2 s (the earliest), b 3 s after it.
@@ -254,8 +253,7 @@ fn steps_before_their_start_wait_and_are_reached_when_it_comes() {
     rs[1].run_pending_tasks();
     assert_eq!(rs[1].entries(), 2);
     apply(&rs[2], vec![ev("f", "2", EventKind::Start, SEC)]);
-    assert_eq!(rec.get("f", "failure"), 1);
-    assert_eq!(rec.get("f", "step_a"), 2);
+    rec.assert_counts("f", &[("failure", 1), ("step_a", 2)]);
     assert_eq!(rec.transits(), vec![("a".to_string(), 1.0)]);
 }
 
@@ -281,25 +279,32 @@ fn a_timed_out_instance_stalls_at_its_latest_step_by_event_time() {
     sweep_until(&rs, &rec, |r| {
         r.get("f", "incomplete") >= 2 && r.get("f", "step_unmatched_no_start") >= 3
     });
-    assert_eq!(rec.get("f", "incomplete"), 2);
-    assert_eq!(rec.get("f", "stalled_a"), 1);
-    assert_eq!(rec.get("f", "stalled_start"), 1);
-    assert_eq!(rec.get("f", "stalled_b"), 0);
+    rec.assert_counts(
+        "f",
+        &[
+            ("incomplete", 2),
+            ("stalled_a", 1),
+            ("stalled_start", 1),
+            ("stalled_b", 0),
+        ],
+    );
     assert_eq!(
         rec.transits(),
         vec![("b".to_string(), 1.0), ("a".to_string(), 3.0)]
     );
-    assert_eq!(rec.get("f", "step_unmatched_no_start"), 3);
-    assert_eq!(rec.get("f", "unmatched"), 1);
-    assert_eq!(rec.get("f", "started"), 2);
+    rec.assert_counts(
+        "f",
+        &[
+            ("step_unmatched_no_start", 3),
+            ("unmatched", 1),
+            ("started", 2),
+        ],
+    );
     // Late steps of a timed-out instance count as after_close, once.
     apply(&rs[1], vec![step("f", "1", "c", 6 * SEC)]);
     apply(&rs[2], vec![step("f", "2", "a", 6 * SEC)]);
-    assert_eq!(rec.get("f", "step_unmatched_after_close"), 2);
-    assert_eq!(rec.get("f", "step_c"), 0);
-    for r in &rs {
-        r.run_pending_tasks();
-    }
+    rec.assert_counts("f", &[("step_unmatched_after_close", 2), ("step_c", 0)]);
+    run_pending_tasks(&rs);
     assert_eq!(rs[0].entries(), 0);
 }
 
@@ -318,12 +323,15 @@ fn an_instance_met_past_its_deadline_by_a_step_times_out_with_its_steps() {
     std::thread::sleep(Duration::from_millis(200));
     // No sweep yet: the step finds the instance past its deadline.
     apply(&rs[1], vec![step("f", "1", "b", 3 * SEC)]);
-    assert_eq!(rec.get("f", "incomplete"), 1);
-    assert_eq!(rec.get("f", "stalled_a"), 1);
-    assert_eq!(rec.get("f", "step_unmatched_after_close"), 1);
-    for r in &rs {
-        r.run_pending_tasks();
-    }
+    rec.assert_counts(
+        "f",
+        &[
+            ("incomplete", 1),
+            ("stalled_a", 1),
+            ("step_unmatched_after_close", 1),
+        ],
+    );
+    run_pending_tasks(&rs);
     assert_eq!(rec.get("f", "incomplete"), 1);
     assert_eq!(rs[0].entries(), 0);
 }
@@ -345,9 +353,14 @@ fn a_new_start_after_the_close_is_a_new_instance_with_its_own_steps() {
     assert_eq!(rec.get("f", "step_unmatched_after_close"), 1);
     apply(&rs[0], vec![ev("f", "1", EventKind::Start, 10 * SEC)]);
     apply(&rs[1], vec![step("f", "1", "b", 12 * SEC)]);
-    assert_eq!(rec.get("f", "started"), 2);
-    assert_eq!(rec.get("f", "step_b"), 1);
-    assert_eq!(rec.get("f", "step_unmatched_after_close"), 1);
+    rec.assert_counts(
+        "f",
+        &[
+            ("started", 2),
+            ("step_b", 1),
+            ("step_unmatched_after_close", 1),
+        ],
+    );
 }
 
 #[test]
@@ -364,12 +377,10 @@ fn evicted_waiting_steps_are_unmatched_once() {
     apply(&rs[1], vec![ev("f", "1", EventKind::Start, SEC)]);
     gap();
     apply(&rs[0], vec![ev("f", "2", EventKind::Start, SEC)]);
-    assert_eq!(rec.get("f", "step_unmatched_no_start"), 2);
-    assert_eq!(rec.get("f", "dropped"), 0);
+    rec.assert_counts("f", &[("step_unmatched_no_start", 2), ("dropped", 0)]);
     // Its start comes too late: a new instance, the evicted steps are not counted again.
     apply(&rs[1], vec![ev("f", "w", EventKind::Start, SEC)]);
-    assert_eq!(rec.get("f", "step_a"), 0);
-    assert_eq!(rec.get("f", "dropped"), 1);
+    rec.assert_counts("f", &[("step_a", 0), ("dropped", 1)]);
 }
 
 #[test]
@@ -386,8 +397,7 @@ fn a_flow_without_steps_keeps_no_key_for_them() {
         .collect();
     apply(&rs[1], ends);
     sweep_until(&rs, &rec, |r| r.get("plain", "incomplete") >= 10);
-    assert_eq!(rec.get("plain", "incomplete"), 10);
-    assert_eq!(rec.get("plain", "stalled_start"), 10);
+    rec.assert_counts("plain", &[("incomplete", 10), ("stalled_start", 10)]);
     assert!(rec.transits().is_empty());
     // Only the retry fingerprints stay (30 events), beside the replies each replica
     // has yet to acknowledge: no steps, closed marks or step flows.
@@ -424,8 +434,10 @@ fn a_declared_flow_marks_its_closed_instances_before_any_step_came() {
     apply(&rs[0], vec![step("other", "1", "paid", 3 * SEC)]);
     assert_eq!(rec.get("order", "step_unmatched_after_close"), 1);
     // Undeclared and closed before its flow's first step: it waits for a start.
-    assert_eq!(rec.get("other", "step_unmatched_after_close"), 0);
-    assert_eq!(rec.get("other", "step_paid"), 0);
+    rec.assert_counts(
+        "other",
+        &[("step_unmatched_after_close", 0), ("step_paid", 0)],
+    );
     rs[0].run_pending_tasks();
     assert_eq!(rs[0].entries(), 1);
 }

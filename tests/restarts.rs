@@ -8,8 +8,10 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::process::{command, entries_in, get, json_export, json_flow_event, sum_series as sum};
+use common::assert_sums;
 use common::process::Service;
+use common::process::{command, entries_in, get, json_export, json_flow_event};
+use common::sum_series as sum;
 
 const SEC: u64 = 1_000_000_000;
 /// Event timestamps: a fixed past instant, so durations are exact.
@@ -91,7 +93,6 @@ fn assert_invariant(s: &BTreeMap<String, f64>) {
     assert_eq!(left, right, "invariant broken");
 }
 
-
 const F: &str = "flow=\"checkout\"";
 
 #[test]
@@ -112,22 +113,29 @@ fn sigterm_and_restart_keep_ten_thousand_open_flows() {
 
     let b = Service::on(&path, &[]);
     let s = b.samples();
-    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), N as f64);
-    assert_eq!(sum(&s, "flowmetrics_flows_started_total", &[F]), 0.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), N as f64);
+    assert_sums(
+        &s,
+        &[
+            ("flowmetrics_flows_restored_total", &[F], N as f64),
+            ("flowmetrics_flows_started_total", &[F], 0.0),
+            ("flowmetrics_flows_in_progress", &[F], N as f64),
+        ],
+    );
     assert_invariant(&s);
     b.send(&ends(0..N));
     let s = b.samples();
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flows_completed_total",
-            &[F, "outcome=\"success\""]
-        ),
-        N as f64
+    assert_sums(
+        &s,
+        &[
+            (
+                "flowmetrics_flows_completed_total",
+                &[F, "outcome=\"success\""],
+                N as f64,
+            ),
+            ("flowmetrics_flow_unmatched_ends_total", &[F], 0.0),
+            ("flowmetrics_flows_in_progress", &[F], 0.0),
+        ],
     );
-    assert_eq!(sum(&s, "flowmetrics_flow_unmatched_ends_total", &[F]), 0.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 0.0);
     // Exact durations: from the two event timestamps, across the restart.
     let count = sum(&s, "flowmetrics_flow_duration_seconds_count", &[F]);
     let total = sum(&s, "flowmetrics_flow_duration_seconds_sum", &[F]);
@@ -164,25 +172,24 @@ fn a_start_retried_across_the_restart_counts_once() {
     b.send(&starts(0..100));
     b.send(&ends(0..10));
     let s = b.samples();
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flow_events_duplicate_total",
-            &["kind=\"start\""]
-        ),
-        100.0
+    assert_sums(
+        &s,
+        &[
+            (
+                "flowmetrics_flow_events_duplicate_total",
+                &["kind=\"start\""],
+                100.0,
+            ),
+            (
+                "flowmetrics_flow_events_duplicate_total",
+                &["kind=\"end\""],
+                10.0,
+            ),
+            ("flowmetrics_flows_started_total", &[F], 0.0),
+            ("flowmetrics_flows_restored_total", &[F], 90.0),
+            ("flowmetrics_flows_in_progress", &[F], 90.0),
+        ],
     );
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flow_events_duplicate_total",
-            &["kind=\"end\""]
-        ),
-        10.0
-    );
-    assert_eq!(sum(&s, "flowmetrics_flows_started_total", &[F]), 0.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), 90.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 90.0);
     assert_invariant(&s);
     b.stopped();
     let _ = std::fs::remove_dir_all(dir);
@@ -212,15 +219,17 @@ fn kill_9_loses_only_what_came_after_the_last_checkpoint() {
     assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), N as f64);
     b.send(&ends(0..N + LATE));
     let s = b.samples();
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flows_completed_total",
-            &[F, "outcome=\"success\""]
-        ),
-        N as f64
+    assert_sums(
+        &s,
+        &[
+            (
+                "flowmetrics_flows_completed_total",
+                &[F, "outcome=\"success\""],
+                N as f64,
+            ),
+            ("flowmetrics_flows_in_progress", &[F], 0.0),
+        ],
     );
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 0.0);
     // The lost instances' ends wait for starts that this run never saw (moka's entry
     // count settles with its housekeeping).
     let give_up = Instant::now() + Duration::from_secs(5);
@@ -305,16 +314,18 @@ fn deadlines_that_passed_while_down_are_incomplete_at_start() {
     );
     let b = Service::on(&path, &env);
     let s = b.samples();
-    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), 100.0);
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flow_errors_total",
-            &[F, "error_reason=\"incomplete\""]
-        ),
-        100.0
+    assert_sums(
+        &s,
+        &[
+            ("flowmetrics_flows_restored_total", &[F], 100.0),
+            (
+                "flowmetrics_flow_errors_total",
+                &[F, "error_reason=\"incomplete\""],
+                100.0,
+            ),
+            ("flowmetrics_flows_in_progress", &[F], 0.0),
+        ],
     );
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 0.0);
     assert_invariant(&s);
     b.stopped();
     let _ = std::fs::remove_dir_all(dir);
@@ -399,17 +410,19 @@ fn a_changed_config_drops_untracked_flows_and_keeps_dims_by_label() {
         "{s:#?}"
     );
     let legacy = "flow=\"legacy\"";
-    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[legacy]), 5.0);
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flows_dropped_total",
-            &[legacy, "reason=\"config_changed\""]
-        ),
-        5.0
+    assert_sums(
+        &s,
+        &[
+            ("flowmetrics_flows_restored_total", &[legacy], 5.0),
+            (
+                "flowmetrics_flows_dropped_total",
+                &[legacy, "reason=\"config_changed\""],
+                5.0,
+            ),
+            ("flowmetrics_flows_in_progress", &[legacy], 0.0),
+            ("flowmetrics_flows_in_progress", &[F], 10.0),
+        ],
     );
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[legacy]), 0.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 10.0);
     assert_invariant(&s);
     b.send(&ends(0..10));
     let s = b.samples();

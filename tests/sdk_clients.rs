@@ -25,7 +25,15 @@ fn span_with_event(
     attributes: Vec<KeyValue>,
     error: bool,
 ) {
-    emit(provider, "sdk-clients-test", op, event, at, attributes, error);
+    emit(
+        provider,
+        "sdk-clients-test",
+        op,
+        event,
+        at,
+        attributes,
+        error,
+    );
 }
 
 fn id(v: String) -> KeyValue {
@@ -145,12 +153,16 @@ async fn shop_over(transport: Transport) {
     assert_values(
         &m,
         &[
-            (&format!(
-            r#"flowmetrics_flow_errors_total{{flow="checkout",error_reason="failure",{dims}}}"#
-        ), 2.0),
-            (&format!(
-            r#"flowmetrics_flow_duration_seconds_count{{flow="checkout",{dims}}}"#
-        ), 6.0),
+            (
+                &format!(
+                    r#"flowmetrics_flow_errors_total{{flow="checkout",error_reason="failure",{dims}}}"#
+                ),
+                2.0,
+            ),
+            (
+                &format!(r#"flowmetrics_flow_duration_seconds_count{{flow="checkout",{dims}}}"#),
+                6.0,
+            ),
         ],
     );
     // Durations come from the SDK's event timestamps: 0.1 + 0.2 + 0.4 + 0.6 + 0.7 + 0.9.
@@ -162,13 +174,20 @@ async fn shop_over(transport: Transport) {
         &m,
         &[
             (r#"flowmetrics_flows_in_progress{flow="checkout"}"#, 1.0),
-            (r#"flowmetrics_flows_started_total{flow="refund",service="order-service"}"#, 3.0),
-            (&format!(
-            r#"flowmetrics_flows_completed_total{{flow="refund",outcome="success",{dims}}}"#
-        ), 3.0),
-            (&format!(
-            r#"flowmetrics_flow_duration_seconds_count{{flow="refund",{dims}}}"#
-        ), 3.0),
+            (
+                r#"flowmetrics_flows_started_total{flow="refund",service="order-service"}"#,
+                3.0,
+            ),
+            (
+                &format!(
+                    r#"flowmetrics_flows_completed_total{{flow="refund",outcome="success",{dims}}}"#
+                ),
+                3.0,
+            ),
+            (
+                &format!(r#"flowmetrics_flow_duration_seconds_count{{flow="refund",{dims}}}"#),
+                3.0,
+            ),
         ],
     );
     let sum = get(&format!(
@@ -179,8 +198,14 @@ async fn shop_over(transport: Transport) {
         &m,
         &[
             (r#"flowmetrics_flows_in_progress{flow="refund"}"#, 0.0),
-            (r#"flowmetrics_flow_unmatched_ends_total{flow="refund"}"#, 0.0),
-            (r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#, 13.0),
+            (
+                r#"flowmetrics_flow_unmatched_ends_total{flow="refund"}"#,
+                0.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#,
+                13.0,
+            ),
         ],
     );
     assert_eq!(get(end_events), 12.0);
@@ -299,10 +324,22 @@ async fn log_events_over(transport: Transport) {
         &m,
         &[
             (r#"flowmetrics_flows_started_total{flow="x"}"#, 3.0),
-            (r#"flowmetrics_flows_completed_total{flow="x",outcome="success"}"#, 1.0),
-            (r#"flowmetrics_flows_completed_total{flow="x",outcome="failure"}"#, 1.0),
-            (r#"flowmetrics_flows_completed_total{flow="x",outcome="cancelled"}"#, 1.0),
-            (r#"flowmetrics_flow_errors_total{flow="x",error_reason="failure"}"#, 1.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="x",outcome="success"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_completed_total{flow="x",outcome="failure"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_completed_total{flow="x",outcome="cancelled"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_errors_total{flow="x",error_reason="failure"}"#,
+                1.0,
+            ),
             (r#"flowmetrics_flow_duration_seconds_count{flow="x"}"#, 1.0),
         ],
     );
@@ -313,7 +350,10 @@ async fn log_events_over(transport: Transport) {
         &[
             (r#"flowmetrics_flows_in_progress{flow="x"}"#, 0.0),
             (r#"flowmetrics_flows_started_total{flow="y"}"#, 1.0),
-            (r#"flowmetrics_flows_completed_total{flow="y",outcome="success"}"#, 1.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="y",outcome="success"}"#,
+                1.0,
+            ),
             (r#"flowmetrics_flow_duration_seconds_count{flow="y"}"#, 1.0),
         ],
     );
@@ -323,10 +363,22 @@ async fn log_events_over(transport: Transport) {
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#, 3.0),
-            (r#"flowmetrics_flow_events_total{kind="end",source="span_event"}"#, 1.0),
-            (r#"flowmetrics_flow_events_total{kind="start",source="log"}"#, 1.0),
-            (r#"flowmetrics_flow_events_total{kind="end",source="log"}"#, 3.0),
+            (
+                r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#,
+                3.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="end",source="span_event"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="start",source="log"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="end",source="log"}"#,
+                3.0,
+            ),
         ],
     );
     assert_eq!(rejected_total(&m), 0.0);

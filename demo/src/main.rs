@@ -868,7 +868,10 @@ async fn flush_and_shut_down(providers: Vec<SdkTracerProvider>, endpoint: String
     .await
     .unwrap_or_else(|e| vec![format!("flush task: {e}")]);
     let mut seen = std::collections::BTreeSet::new();
-    errors.into_iter().filter(|e| seen.insert(e.clone())).collect()
+    errors
+        .into_iter()
+        .filter(|e| seen.insert(e.clone()))
+        .collect()
 }
 
 /// Writes the summary file and the table of what was sent; failure when an export (or

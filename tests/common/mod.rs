@@ -95,7 +95,10 @@ pub const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceSer
 
 /// `app`'s OTLP/HTTP trace endpoint.
 pub fn traces_url(app: &RunningApp) -> String {
-    format!("http://{}/v1/traces", app.otlp_http.expect("OTLP/HTTP listener"))
+    format!(
+        "http://{}/v1/traces",
+        app.otlp_http.expect("OTLP/HTTP listener")
+    )
 }
 
 /// POSTs a trace export to `app` and asserts it is taken whole (200).
@@ -107,8 +110,7 @@ pub async fn export_ok(app: &RunningApp, content_type: &str, body: impl Into<Byt
 
 /// The status of `app`'s `/readyz`.
 pub async fn readyz(app: &RunningApp) -> StatusCode {
-    let url = format!("http://{}/readyz", app.metrics);
-    request(Method::GET, &url, &[], Bytes::new()).await.status
+    get(app, "/readyz").await.status
 }
 
 /// One gRPC message frame: the compressed flag, the length, the message.
@@ -168,15 +170,27 @@ pub async fn post(url: &str, content_type: &str, body: impl Into<Bytes>) -> Repl
     request(Method::POST, url, &[("content-type", content_type)], body).await
 }
 
+/// GET `path` from `app`'s metrics listener.
+pub async fn get(app: &RunningApp, path: &str) -> Reply {
+    let url = format!("http://{}{path}", app.metrics);
+    request(Method::GET, &url, &[], Bytes::new()).await
+}
+
+/// Sum of the series of `name` whose labels contain every one of `labels`.
+pub fn sum_series(samples: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(s, _)| {
+            let (n, l) = s.split_once('{').unwrap_or((s, ""));
+            n == name && labels.iter().all(|want| l.contains(want))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// The raw exposition from `/metrics`.
 pub async fn scrape_text(app: &RunningApp) -> String {
-    let r = request(
-        Method::GET,
-        &format!("http://{}/metrics", app.metrics),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let r = get(app, "/metrics").await;
     assert_eq!(r.status, StatusCode::OK);
     r.text()
 }
@@ -210,6 +224,35 @@ pub fn assert_values(samples: &BTreeMap<String, f64>, want: &[(&str, f64)]) {
     for (series, v) in want {
         assert_eq!(value(samples, series), *v, "{series}");
     }
+}
+
+/// Asserts each series is in `samples`, with this value.
+#[track_caller]
+pub fn assert_present(samples: &BTreeMap<String, f64>, want: &[(&str, f64)]) {
+    for (series, v) in want {
+        assert_eq!(samples.get(*series), Some(v), "{series}");
+    }
+}
+
+/// Asserts each (family, what its labels must contain, sum of its series) in `samples`.
+#[track_caller]
+pub fn assert_sums(samples: &BTreeMap<String, f64>, want: &[(&str, &[&str], f64)]) {
+    for (name, labels, v) in want {
+        assert_eq!(sum_series(samples, name, labels), *v, "{name} {labels:?}");
+    }
+}
+
+/// Scrapes until `series` has the value `want` (or `timeout` passes), asserts that it
+/// has, and returns the last scrape.
+pub async fn scrape_until_value(
+    app: &RunningApp,
+    timeout: Duration,
+    series: &str,
+    want: f64,
+) -> BTreeMap<String, f64> {
+    let m = scrape_until(app, timeout, |m| value(m, series) == want).await;
+    assert_eq!(value(&m, series), want, "{series}");
+    m
 }
 
 /// Scrapes until `ok` holds or `timeout` passes; returns the last scrape.

@@ -31,7 +31,12 @@ pub fn event(name: impl Into<String>, ts: u64, attributes: Vec<KeyValue>) -> spa
 }
 
 /// A flow event with its correlation id and, when given, its `outcome` attribute.
-pub fn flow_event(name: impl Into<String>, id: &str, outcome: Option<&str>, ts: u64) -> span::Event {
+pub fn flow_event(
+    name: impl Into<String>,
+    id: &str,
+    outcome: Option<&str>,
+    ts: u64,
+) -> span::Event {
     let mut attributes = vec![attr("correlation-id", id)];
     attributes.extend(outcome.map(|o| attr("outcome", o)));
     event(name, ts, attributes)
@@ -56,7 +61,11 @@ pub fn flow_spans(events: &[(&str, &str, Option<&str>, u64)]) -> Vec<Span> {
         .enumerate()
         .map(|(i, (name, id, outcome, ts))| {
             let span_id = (i as u64 + 1).to_be_bytes();
-            span(&[0xab; 16], &span_id, vec![flow_event(*name, id, *outcome, *ts)])
+            span(
+                &[0xab; 16],
+                &span_id,
+                vec![flow_event(*name, id, *outcome, *ts)],
+            )
         })
         .collect()
 }

@@ -91,18 +91,6 @@ pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     http(addr, "GET", path, "")
 }
 
-/// Sum of the series of `name` whose labels contain every one of `labels`.
-pub fn sum_series(samples: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
-    samples
-        .iter()
-        .filter(|(s, _)| {
-            let (n, l) = s.split_once('{').unwrap_or((s, ""));
-            n == name && labels.iter().all(|want| l.contains(want))
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
-
 /// An OTLP/JSON trace export of one span (at `t0`) with these span events, under a
 /// resource of `service` when given.
 pub fn json_export(service: Option<&str>, t0: u64, events: Vec<serde_json::Value>) -> String {
@@ -261,7 +249,6 @@ impl Service {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-
 }
 
 impl Drop for Service {

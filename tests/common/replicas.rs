@@ -97,10 +97,11 @@ pub async fn post_once(url: &str, body: Vec<u8>) -> Option<StatusCode> {
         .header("content-type", PROTOBUF)
         .body(Full::new(Bytes::from(body)))
         .ok()?;
-    let response = tokio::time::timeout(Duration::from_secs(10), http_client(false).request(request))
-        .await
-        .ok()?
-        .ok()?;
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), http_client(false).request(request))
+            .await
+            .ok()?
+            .ok()?;
     let status = response.status();
     let _ = response.into_body().collect().await;
     Some(status)
@@ -227,10 +228,16 @@ pub async fn final_scrapes(
 ) -> Vec<BTreeMap<String, f64>> {
     let earlier: Vec<_> = stopped.into_iter().collect();
     let within = TIMEOUT + Duration::from_secs(20);
-    settled_scrapes(apps, &earlier, within, Duration::from_millis(300), |scrapes| {
-        total(scrapes, "flowmetrics_flow_errors_total", "incomplete") >= 90.0
-            && total(scrapes, "flowmetrics_flow_unmatched_ends_total", "") >= 90.0
-    })
+    settled_scrapes(
+        apps,
+        &earlier,
+        within,
+        Duration::from_millis(300),
+        |scrapes| {
+            total(scrapes, "flowmetrics_flow_errors_total", "incomplete") >= 90.0
+                && total(scrapes, "flowmetrics_flow_unmatched_ends_total", "") >= 90.0
+        },
+    )
     .await
 }
 

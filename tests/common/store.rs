@@ -43,6 +43,14 @@ impl Counts {
             .or_default() += 1;
     }
 
+    /// Asserts each (what, count) of `flow`.
+    #[track_caller]
+    pub fn assert_counts(&self, flow: &str, want: &[(&str, i64)]) {
+        for (what, n) in want {
+            assert_eq!(self.get(flow, what), *n, "{flow}: {what}");
+        }
+    }
+
     /// Open instances of `flow`: started less every way of closing.
     pub fn in_progress(&self, flow: &str) -> i64 {
         let closed = ["success", "failure", "cancelled", "incomplete", "dropped"];
@@ -120,7 +128,12 @@ pub fn store_settings(capacity: u64, timeout: Duration, step_flows: &[&str]) -> 
 }
 
 /// `server` with its keys under `key_prefix` in `shards` shards.
-pub fn redis_settings(server: &RedisServer, shards: u32, key_prefix: &str, pool_size: usize) -> RedisSettings {
+pub fn redis_settings(
+    server: &RedisServer,
+    shards: u32,
+    key_prefix: &str,
+    pool_size: usize,
+) -> RedisSettings {
     RedisSettings {
         url: server.url(),
         cluster: Vec::new(),
@@ -133,6 +146,13 @@ pub fn redis_settings(server: &RedisServer, shards: u32, key_prefix: &str, pool_
     }
 }
 
+/// Runs every store's housekeeping once.
+pub fn run_pending_tasks<'a>(stores: impl IntoIterator<Item = &'a RedisStore>) {
+    for s in stores {
+        s.run_pending_tasks();
+    }
+}
+
 /// Runs every store's housekeeping until `until` holds (bounded: 10 s).
 pub fn sweep_until<'a>(
     stores: impl Iterator<Item = &'a RedisStore> + Clone,
@@ -140,9 +160,7 @@ pub fn sweep_until<'a>(
 ) {
     let give_up = Instant::now() + Duration::from_secs(10);
     while !until() && Instant::now() < give_up {
-        for s in stores.clone() {
-            s.run_pending_tasks();
-        }
+        run_pending_tasks(stores.clone());
         std::thread::sleep(Duration::from_millis(10));
     }
 }
