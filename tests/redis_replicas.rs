@@ -41,15 +41,9 @@ async fn run(fault: Fault, seed: u64) {
     }) else {
         return;
     };
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        apps.push(replica(&redis.url()).await);
-    }
-    wait_ready(&apps, StatusCode::OK, "replica never ready").await;
-    let urls: Vec<String> = apps
-        .iter()
-        .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
-        .collect();
+    let url = redis.url();
+    let mut apps = three_replicas(|c| c.correlation.redis.url = url.clone()).await;
+    let urls = trace_urls(&apps);
     let traffic = Traffic::start(urls, seed).await;
     let mut stopped_scrape = None;
     traffic.a_third_sent().await;
@@ -89,13 +83,10 @@ async fn run(fault: Fault, seed: u64) {
     let scrapes = final_scrapes(&apps, stopped_scrape).await;
     assert_exact(&scrapes);
     if fault == Fault::StopRedis {
-        let errors: f64 = scrapes
-            .iter()
-            .flat_map(|m| m.iter())
-            .filter(|(k, _)| k.starts_with("flowmetrics_store_errors_total"))
-            .map(|(_, v)| v)
-            .sum();
-        assert!(errors > 0.0, "store errors were not counted");
+        assert!(
+            store_errors(&scrapes) > 0.0,
+            "store errors were not counted"
+        );
     }
     for app in apps {
         app.shutdown().await;
@@ -260,10 +251,7 @@ async fn measure_throughput_latency_cpu_and_memory() {
         for _ in 0..replicas {
             apps.push(replica(&redis.url()).await);
         }
-        let urls: Vec<String> = apps
-            .iter()
-            .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
-            .collect();
+        let urls = trace_urls(&apps);
         let pid = redis.pid().unwrap();
         let run = throughput(&urls, || proc_cpu_ticks(pid)).await;
         println!(

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::attr as s;
 use common::redis::{RedisCluster, RedisServer};
-use common::replicas::{now_nanos, post_once, replica_with, total, wait_ready, Rng, FLOW, TIMEOUT};
-use common::{otlp, settled_scrapes, traces_url};
+use common::replicas::{now_nanos, post_once, three_replicas, total, trace_urls, Rng};
+use common::replicas::{FLOW, TIMEOUT};
+use common::{otlp, settled_scrapes};
 use hyper::StatusCode;
 use prost::Message;
 
@@ -200,12 +201,8 @@ async fn steps_over_three_replicas_on_a_redis_cluster_sum_exactly() {
 }
 
 async fn run(store: impl Fn(&mut flowmetrics::config::Config)) {
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        apps.push(replica_with(&store).await);
-    }
-    wait_ready(&apps, StatusCode::OK, "replica never ready").await;
-    let urls: Vec<String> = apps.iter().map(traces_url).collect();
+    let apps = three_replicas(store).await;
+    let urls = trace_urls(&apps);
     let (rounds, late) = traffic(0x5eed_57e9);
     for round in rounds {
         let senders: Vec<_> = round

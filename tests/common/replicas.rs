@@ -120,6 +120,31 @@ pub async fn replica_with(store: impl FnOnce(&mut Config)) -> RunningApp {
 
 pub use super::readyz;
 
+/// Three replicas on the shared store (`store` says where it is), ready.
+pub async fn three_replicas(store: impl Fn(&mut Config)) -> Vec<RunningApp> {
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        apps.push(replica_with(&store).await);
+    }
+    wait_ready(&apps, StatusCode::OK, "replica never ready").await;
+    apps
+}
+
+/// The replicas' OTLP/HTTP trace endpoints.
+pub fn trace_urls(apps: &[RunningApp]) -> Vec<String> {
+    apps.iter().map(super::traces_url).collect()
+}
+
+/// `flowmetrics_store_errors_total` summed over the scrapes.
+pub fn store_errors(scrapes: &[BTreeMap<String, f64>]) -> f64 {
+    scrapes
+        .iter()
+        .flat_map(|m| m.iter())
+        .filter(|(k, _)| k.starts_with("flowmetrics_store_errors_total"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// Waits until every replica answers `/readyz` with `status`.
 pub async fn wait_ready(apps: &[RunningApp], status: StatusCode, what: &str) {
     let give_up = Instant::now() + Duration::from_secs(5);
