@@ -18,6 +18,13 @@ const PB: &str = PROTOBUF;
 /// Upper bound of every wait in these tests: generous, never reached when things work.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// A connection with the head of a trace export of `len` bytes sent, its body not yet.
+async fn headed(addr: SocketAddr, len: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&head("/v1/traces", PB, len)).await.unwrap();
+    s
+}
+
 fn export(flow: &str, id: &str) -> Vec<u8> {
     let event = otlp::flow_event(
         format!("flow.{flow}.start"),
@@ -164,8 +171,7 @@ async fn at_the_cap_with_every_connection_busy_new_clients_wait() {
     let mut busy = Vec::new();
     for _ in 0..CAP {
         // A request in flight: headers sent, body not yet.
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&head("/v1/traces", PB, 100)).await.unwrap();
+        let s = headed(addr, 100).await;
         busy.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -207,8 +213,7 @@ async fn slow_bodies_do_not_shut_out_good_clients() {
     let addr = app.otlp_http.unwrap();
     let mut slow = Vec::new();
     for _ in 0..SLOW {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&head("/v1/traces", PB, 1000)).await.unwrap();
+        let mut s = headed(addr, 1000).await;
         slow.push(tokio::spawn(async move {
             // One byte every 200 ms: never done within the deadline.
             for _ in 0..100 {
@@ -257,10 +262,7 @@ async fn a_spent_byte_budget_answers_503_then_recovers() {
     let addr = app.otlp_http.unwrap();
     let mut stalled = Vec::new();
     for _ in 0..3 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&head("/v1/traces", PB, 400 * KIB))
-            .await
-            .unwrap();
+        let mut s = headed(addr, 400 * KIB).await;
         s.write_all(&vec![0u8; 300 * KIB]).await.unwrap();
         stalled.push(s);
     }

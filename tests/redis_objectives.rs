@@ -43,8 +43,10 @@ impl FlowSink for Latest {
     }
 }
 
-fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
-    replica_with(server, sink, 10_000, true)
+/// A replica on `server` with a sink of its own.
+fn replica(server: &RedisServer) -> (RedisStore, Arc<Latest>) {
+    let sink = Arc::new(Latest::default());
+    (replica_with(server, &sink, 10_000, true), sink)
 }
 
 fn replica_with(
@@ -108,11 +110,8 @@ fn report_until(store: &RedisStore, sink: &Latest, flow: &str, overdue: u64) -> 
 
 #[test]
 fn overdue_counts_are_exact_and_global_across_replicas() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let (a_sink, b_sink) = (Arc::new(Latest::default()), Arc::new(Latest::default()));
-    let (a, b) = (replica(&server, &a_sink), replica(&server, &b_sink));
+    let server = redis_server!();
+    let ((a, a_sink), (b, b_sink)) = (replica(&server), replica(&server));
     // A named flow is reported (at 0) before its first event.
     assert_eq!(report_until(&b, &b_sink, "f", 0), (0, 0.0));
 
@@ -190,9 +189,7 @@ fn overdue_counts_are_exact_and_global_across_replicas() {
 #[test]
 #[ignore]
 fn measure_overdue_cost_on_redis() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
+    let server = redis_server!();
     let n: u64 = std::env::var("FM_OPEN")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -277,11 +274,8 @@ fn ages_keys(server: &RedisServer) -> Vec<String> {
 
 #[test]
 fn steps_and_ends_before_their_start_count_only_open_instances() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let (a_sink, b_sink) = (Arc::new(Latest::default()), Arc::new(Latest::default()));
-    let (a, b) = (replica(&server, &a_sink), replica(&server, &b_sink));
+    let server = redis_server!();
+    let ((a, a_sink), (b, b_sink)) = (replica(&server), replica(&server));
     let now = now_nanos();
     let ago = |age: u64| now - age * SEC;
     let success = EventKind::End(Outcome::Success);
@@ -323,9 +317,7 @@ fn steps_and_ends_before_their_start_count_only_open_instances() {
 
 #[test]
 fn evicted_instances_leave_the_count() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
+    let server = redis_server!();
     let sink = Arc::new(Latest::default());
     // 8 entries: 2 per shard.
     let store = replica_with(&server, &sink, 8, true);

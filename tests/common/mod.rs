@@ -51,6 +51,21 @@ pub fn skip(reason: &str) {
     }
 }
 
+/// A loopback port free when asked.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Kills a child process the test started, waits for it, and removes its directory.
+pub fn reap(child: &mut std::process::Child, dir: &std::path::Path) {
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A string attribute, as OTLP carries it.
 pub fn attr(key: &str, value: &str) -> opentelemetry_proto::tonic::common::v1::KeyValue {
     use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};

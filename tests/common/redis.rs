@@ -58,10 +58,7 @@ impl RedisServer {
         if !available() {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = super::free_port();
         let dir =
             std::env::temp_dir().join(format!("flowmetrics-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -368,10 +365,7 @@ impl TlsRedisServer {
         if !openssl_available() {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = super::free_port();
         let dir = std::env::temp_dir().join(format!(
             "flowmetrics-redis-tls-{}-{port}",
             std::process::id()
@@ -421,9 +415,7 @@ impl TlsRedisServer {
 
 impl Drop for TlsRedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        super::reap(&mut self.child, &self.dir);
     }
 }
 
