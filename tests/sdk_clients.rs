@@ -14,6 +14,7 @@ use common::sdk::*;
 use common::*;
 use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::KeyValue;
+use opentelemetry_sdk::logs::SdkLogger;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
 /// One span named `op` carrying one event.
@@ -34,6 +35,29 @@ fn span_with_event(
         attributes,
         error,
     );
+}
+
+/// A flow event as a log record, named by its event name or, `by_attribute`, by an
+/// `event.name` attribute.
+fn log_event(
+    logger: &SdkLogger,
+    name: &'static str,
+    by_attribute: bool,
+    at: SystemTime,
+    attributes: &[(&'static str, &'static str)],
+) {
+    let mut record = logger.create_log_record();
+    if by_attribute {
+        record.set_timestamp(at);
+        record.add_attribute("event.name", name);
+    } else {
+        record.set_event_name(name);
+        record.set_timestamp(at);
+    }
+    for (k, v) in attributes {
+        record.add_attribute(*k, *v);
+    }
+    logger.emit(record);
 }
 
 fn id(v: String) -> KeyValue {
@@ -138,66 +162,58 @@ async fn shop_over(transport: Transport) {
     })
     .await;
     let get = |k: &str| value(&m, k);
-    let dims = r#"service="order-service",end_service="fulfillment-service""#;
-
-    assert_eq!(
-        get(r#"flowmetrics_flows_started_total{flow="checkout",service="order-service"}"#),
-        10.0
-    );
-    for (outcome, n) in [("success", 6.0), ("failure", 2.0), ("cancelled", 1.0)] {
-        let series = format!(
-            r#"flowmetrics_flows_completed_total{{flow="checkout",outcome="{outcome}",{dims}}}"#
-        );
-        assert_eq!(get(&series), n, "{series}");
+    // The instances that ended: with the start's and the end's service.
+    let ended = |family: &str, labels: &str| {
+        let dims = r#"service="order-service",end_service="fulfillment-service""#;
+        get(&format!("flowmetrics_{family}{{{labels},{dims}}}"))
+    };
+    for (family, labels, want) in [
+        (
+            "flows_completed_total",
+            r#"flow="checkout",outcome="success""#,
+            6.0,
+        ),
+        (
+            "flows_completed_total",
+            r#"flow="checkout",outcome="failure""#,
+            2.0,
+        ),
+        (
+            "flows_completed_total",
+            r#"flow="checkout",outcome="cancelled""#,
+            1.0,
+        ),
+        (
+            "flow_errors_total",
+            r#"flow="checkout",error_reason="failure""#,
+            2.0,
+        ),
+        ("flow_duration_seconds_count", r#"flow="checkout""#, 6.0),
+        (
+            "flows_completed_total",
+            r#"flow="refund",outcome="success""#,
+            3.0,
+        ),
+        ("flow_duration_seconds_count", r#"flow="refund""#, 3.0),
+    ] {
+        assert_eq!(ended(family, labels), want, "{family}{{{labels}}}");
     }
-    assert_values(
-        &m,
-        &[
-            (
-                &format!(
-                    r#"flowmetrics_flow_errors_total{{flow="checkout",error_reason="failure",{dims}}}"#
-                ),
-                2.0,
-            ),
-            (
-                &format!(r#"flowmetrics_flow_duration_seconds_count{{flow="checkout",{dims}}}"#),
-                6.0,
-            ),
-        ],
-    );
     // Durations come from the SDK's event timestamps: 0.1 + 0.2 + 0.4 + 0.6 + 0.7 + 0.9.
-    let sum = get(&format!(
-        r#"flowmetrics_flow_duration_seconds_sum{{flow="checkout",{dims}}}"#
-    ));
+    let sum = ended("flow_duration_seconds_sum", r#"flow="checkout""#);
     assert!((sum - 2.9).abs() < 1e-6, "checkout duration sum {sum}");
-    assert_values(
-        &m,
-        &[
-            (r#"flowmetrics_flows_in_progress{flow="checkout"}"#, 1.0),
-            (
-                r#"flowmetrics_flows_started_total{flow="refund",service="order-service"}"#,
-                3.0,
-            ),
-            (
-                &format!(
-                    r#"flowmetrics_flows_completed_total{{flow="refund",outcome="success",{dims}}}"#
-                ),
-                3.0,
-            ),
-            (
-                &format!(r#"flowmetrics_flow_duration_seconds_count{{flow="refund",{dims}}}"#),
-                3.0,
-            ),
-        ],
-    );
-    let sum = get(&format!(
-        r#"flowmetrics_flow_duration_seconds_sum{{flow="refund",{dims}}}"#
-    ));
+    let sum = ended("flow_duration_seconds_sum", r#"flow="refund""#);
     assert!((sum - 3.0).abs() < 1e-6, "refund duration sum {sum}");
+    let started = |flow: &str| {
+        format!(r#"flowmetrics_flows_started_total{{flow="{flow}",service="order-service"}}"#)
+    };
+    let open = |flow: &str| format!(r#"flowmetrics_flows_in_progress{{flow="{flow}"}}"#);
     assert_values(
         &m,
         &[
-            (r#"flowmetrics_flows_in_progress{flow="refund"}"#, 0.0),
+            (&started("checkout"), 10.0),
+            (&open("checkout"), 1.0),
+            (&started("refund"), 3.0),
+            (&open("refund"), 0.0),
             (
                 r#"flowmetrics_flow_unmatched_ends_total{flow="refund"}"#,
                 0.0,
@@ -206,9 +222,9 @@ async fn shop_over(transport: Transport) {
                 r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#,
                 13.0,
             ),
+            (end_events, 12.0),
         ],
     );
-    assert_eq!(get(end_events), 12.0);
     assert_eq!(rejected_total(&m), 0.0);
     let t = transport.label();
     assert_eq!(
@@ -261,32 +277,35 @@ async fn log_events_over(transport: Transport) {
     }
     flush_traces([&orders]).await;
 
-    let mut record = logger.create_log_record();
-    record.set_event_name("flow.x.end");
-    record.set_timestamp(base + Duration::from_millis(500));
-    record.add_attribute("correlation-id", "x-1");
-    record.add_attribute("outcome", "success");
-    logger.emit(record);
-
-    let mut record = logger.create_log_record();
-    record.set_timestamp(base + Duration::from_millis(700));
-    record.add_attribute("event.name", "flow.x.end");
-    record.add_attribute("correlation-id", "x-2");
-    record.add_attribute("outcome", "failure");
-    logger.emit(record);
-
-    let mut record = logger.create_log_record();
-    record.set_event_name("flow.x.end");
-    record.set_timestamp(base + Duration::from_secs(2));
-    record.add_attribute("correlation-id", "x-3");
-    record.add_attribute("outcome", "cancelled");
-    logger.emit(record);
-
-    let mut record = logger.create_log_record();
-    record.set_event_name("flow.y.start");
-    record.set_timestamp(base);
-    record.add_attribute("correlation-id", "y-1");
-    logger.emit(record);
+    let at = |ms: u64| base + Duration::from_millis(ms);
+    log_event(
+        &logger,
+        "flow.x.end",
+        false,
+        at(500),
+        &[("correlation-id", "x-1"), ("outcome", "success")],
+    );
+    log_event(
+        &logger,
+        "flow.x.end",
+        true,
+        at(700),
+        &[("correlation-id", "x-2"), ("outcome", "failure")],
+    );
+    log_event(
+        &logger,
+        "flow.x.end",
+        false,
+        at(2000),
+        &[("correlation-id", "x-3"), ("outcome", "cancelled")],
+    );
+    log_event(
+        &logger,
+        "flow.y.start",
+        false,
+        base,
+        &[("correlation-id", "y-1")],
+    );
     flush_logs(&fulfillment).await;
 
     span_with_event(
@@ -319,78 +338,41 @@ async fn log_events_over(transport: Transport) {
             ) >= 1.0
     })
     .await;
-    let get = |k: &str| value(&m, k);
-    assert_values(
-        &m,
-        &[
-            (r#"flowmetrics_flows_started_total{flow="x"}"#, 3.0),
-            (
-                r#"flowmetrics_flows_completed_total{flow="x",outcome="success"}"#,
-                1.0,
-            ),
-            (
-                r#"flowmetrics_flows_completed_total{flow="x",outcome="failure"}"#,
-                1.0,
-            ),
-            (
-                r#"flowmetrics_flows_completed_total{flow="x",outcome="cancelled"}"#,
-                1.0,
-            ),
-            (
-                r#"flowmetrics_flow_errors_total{flow="x",error_reason="failure"}"#,
-                1.0,
-            ),
-            (r#"flowmetrics_flow_duration_seconds_count{flow="x"}"#, 1.0),
-        ],
-    );
-    let sum = get(r#"flowmetrics_flow_duration_seconds_sum{flow="x"}"#);
+    let get = |series: &str| value(&m, &format!("flowmetrics_{series}"));
+    for (series, want) in [
+        (r#"flows_started_total{flow="x"}"#, 3.0),
+        (r#"flows_completed_total{flow="x",outcome="success"}"#, 1.0),
+        (r#"flows_completed_total{flow="x",outcome="failure"}"#, 1.0),
+        (
+            r#"flows_completed_total{flow="x",outcome="cancelled"}"#,
+            1.0,
+        ),
+        (r#"flow_errors_total{flow="x",error_reason="failure"}"#, 1.0),
+        (r#"flow_duration_seconds_count{flow="x"}"#, 1.0),
+        (r#"flows_in_progress{flow="x"}"#, 0.0),
+        (r#"flows_started_total{flow="y"}"#, 1.0),
+        (r#"flows_completed_total{flow="y",outcome="success"}"#, 1.0),
+        (r#"flow_duration_seconds_count{flow="y"}"#, 1.0),
+        (
+            r#"flow_events_total{kind="start",source="span_event"}"#,
+            3.0,
+        ),
+        (r#"flow_events_total{kind="end",source="span_event"}"#, 1.0),
+        (r#"flow_events_total{kind="start",source="log"}"#, 1.0),
+        (r#"flow_events_total{kind="end",source="log"}"#, 3.0),
+    ] {
+        assert_eq!(get(series), want, "{series}");
+    }
+    let sum = get(r#"flow_duration_seconds_sum{flow="x"}"#);
     assert!((sum - 0.5).abs() < 1e-6, "x duration sum {sum}");
-    assert_values(
-        &m,
-        &[
-            (r#"flowmetrics_flows_in_progress{flow="x"}"#, 0.0),
-            (r#"flowmetrics_flows_started_total{flow="y"}"#, 1.0),
-            (
-                r#"flowmetrics_flows_completed_total{flow="y",outcome="success"}"#,
-                1.0,
-            ),
-            (r#"flowmetrics_flow_duration_seconds_count{flow="y"}"#, 1.0),
-        ],
-    );
-    let sum = get(r#"flowmetrics_flow_duration_seconds_sum{flow="y"}"#);
+    let sum = get(r#"flow_duration_seconds_sum{flow="y"}"#);
     assert!((sum - 3.0).abs() < 1e-6, "y duration sum {sum}");
-
-    assert_values(
-        &m,
-        &[
-            (
-                r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#,
-                3.0,
-            ),
-            (
-                r#"flowmetrics_flow_events_total{kind="end",source="span_event"}"#,
-                1.0,
-            ),
-            (
-                r#"flowmetrics_flow_events_total{kind="start",source="log"}"#,
-                1.0,
-            ),
-            (
-                r#"flowmetrics_flow_events_total{kind="end",source="log"}"#,
-                3.0,
-            ),
-        ],
-    );
     assert_eq!(rejected_total(&m), 0.0);
     let t = transport.label();
-    assert_eq!(
-        get(&format!(
-            r#"flowmetrics_otlp_log_records_total{{transport="{t}"}}"#
-        )),
-        4.0
-    );
+    let records = format!(r#"otlp_log_records_total{{transport="{t}"}}"#);
+    assert_eq!(get(&records), 4.0);
     let ok = format!(
-        r#"flowmetrics_otlp_requests_total{{transport="{t}",signal="logs",code="{}"}}"#,
+        r#"otlp_requests_total{{transport="{t}",signal="logs",code="{}"}}"#,
         transport.ok_code()
     );
     assert!(get(&ok) >= 1.0, "{ok}");
