@@ -18,6 +18,13 @@ const PB: &str = PROTOBUF;
 /// Upper bound of every wait in these tests: generous, never reached when things work.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The status of the answer on `s`, within [`PATIENCE`].
+async fn status_within_patience(s: &mut TcpStream) -> Option<u16> {
+    tokio::time::timeout(PATIENCE, read_status(s))
+        .await
+        .unwrap()
+}
+
 /// A connection with the head of a trace export of `len` bytes sent, its body not yet.
 async fn headed(addr: SocketAddr, len: usize) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -277,12 +284,7 @@ async fn a_spent_byte_budget_answers_503_then_recovers() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
     assert_eq!(r.headers["retry-after"], "1");
     for mut s in stalled {
-        assert_eq!(
-            tokio::time::timeout(PATIENCE, read_status(&mut s))
-                .await
-                .unwrap(),
-            Some(408)
-        );
+        assert_eq!(status_within_patience(&mut s).await, Some(408));
     }
     let r = post(&url, PB, body).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -312,9 +314,7 @@ async fn an_over_long_body_written_whole_still_gets_its_413() {
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("{path} {content_type}: writing the body: {e}"));
-        let status = tokio::time::timeout(PATIENCE, read_status(&mut s))
-            .await
-            .unwrap();
+        let status = status_within_patience(&mut s).await;
         assert_eq!(status, Some(want), "{path} {content_type}");
     }
     // Chunked: the limit is found while reading.
@@ -333,9 +333,7 @@ async fn an_over_long_body_written_whole_still_gets_its_413() {
         .await
         .unwrap()
         .expect("writing a chunked body");
-    let status = tokio::time::timeout(PATIENCE, read_status(&mut s))
-        .await
-        .unwrap();
+    let status = status_within_patience(&mut s).await;
     assert_eq!(status, Some(413));
     app.shutdown().await;
 }
@@ -485,9 +483,7 @@ async fn a_body_three_times_the_limit_written_whole_gets_its_413() {
         .await
         .expect("written within the deadline")
         .expect("the whole body is taken, not reset");
-    let status = tokio::time::timeout(PATIENCE, read_status(&mut s))
-        .await
-        .unwrap();
+    let status = status_within_patience(&mut s).await;
     assert_eq!(status, Some(413));
     app.shutdown().await;
 }

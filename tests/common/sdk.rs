@@ -87,6 +87,26 @@ fn grpc_endpoint(app: &RunningApp) -> String {
     format!("http://{addr}")
 }
 
+/// An exporter (`SpanExporter` or `LogExporter`) to `app` over `transport`; `signal` is
+/// the OTLP/HTTP path's last part.
+macro_rules! exporter {
+    ($exporter:ty, $app:expr, $transport:expr, $signal:literal) => {
+        match $transport {
+            Transport::Http => <$exporter>::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_endpoint(http_endpoint($app, $signal))
+                .with_http_client(RuntimeHyperClient::new())
+                .build(),
+            Transport::Grpc => <$exporter>::builder()
+                .with_tonic()
+                .with_protocol(Protocol::Grpc)
+                .with_endpoint(grpc_endpoint($app))
+                .build(),
+        }
+    };
+}
+
 /// A tracer provider for `service` exporting to `app` (batch processor, default settings:
 /// nothing leaves before a flush unless five seconds pass).
 pub fn tracer_provider(
@@ -94,23 +114,10 @@ pub fn tracer_provider(
     transport: Transport,
     service: impl Into<String>,
 ) -> SdkTracerProvider {
-    let exporter = match transport {
-        Transport::Http => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(http_endpoint(app, "traces"))
-            .with_http_client(RuntimeHyperClient::new())
-            .build(),
-        Transport::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_protocol(Protocol::Grpc)
-            .with_endpoint(grpc_endpoint(app))
-            .build(),
-    }
-    .expect("span exporter");
+    let exporter = exporter!(opentelemetry_otlp::SpanExporter, app, transport, "traces");
     SdkTracerProvider::builder()
         .with_resource(resource(service))
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(exporter.expect("span exporter"))
         .build()
 }
 
@@ -120,22 +127,10 @@ pub fn logger_provider(
     transport: Transport,
     service: impl Into<String>,
 ) -> SdkLoggerProvider {
-    let exporter = match transport {
-        Transport::Http => opentelemetry_otlp::LogExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(http_endpoint(app, "logs"))
-            .with_http_client(RuntimeHyperClient::new())
-            .build(),
-        Transport::Grpc => opentelemetry_otlp::LogExporter::builder()
-            .with_tonic()
-            .with_endpoint(grpc_endpoint(app))
-            .build(),
-    }
-    .expect("log exporter");
+    let exporter = exporter!(opentelemetry_otlp::LogExporter, app, transport, "logs");
     SdkLoggerProvider::builder()
         .with_resource(resource(service))
-        .with_batch_exporter(exporter)
+        .with_batch_exporter(exporter.expect("log exporter"))
         .build()
 }
 
