@@ -610,20 +610,29 @@ fn encode_rows(sizes: &Sizes) -> Vec<Row> {
         ),
     ] {
         let e = inproc::encode(flows, sizes.encode_reps);
-        let mut row = Row::new(6, id, format!("/metrics encode, {what}"), e.p50_ms, "ms");
-        row.p50_ms = Some(e.p50_ms);
-        row.notes = format!(
-            "{} series, {} KiB body, max {:.1} ms over {} runs",
-            e.series,
-            e.bytes / 1024,
-            e.max_ms,
-            sizes.encode_reps
-        );
-        row.extra =
-            json!({"flows": e.flows, "series": e.series, "bytes": e.bytes, "max_ms": e.max_ms});
-        rows.push(row);
+        rows.push(encode_row(
+            id,
+            format!("/metrics encode, {what}"),
+            &e,
+            sizes,
+        ));
     }
     rows
+}
+
+/// A row of section 6: the time to encode `/metrics` (p50), the body's size.
+fn encode_row(id: &'static str, name: String, e: &inproc::Encode, sizes: &Sizes) -> Row {
+    let mut row = Row::new(6, id, name, e.p50_ms, "ms");
+    row.p50_ms = Some(e.p50_ms);
+    row.notes = format!(
+        "{} series, {} KiB body, max {:.1} ms over {} runs",
+        e.series,
+        e.bytes / 1024,
+        e.max_ms,
+        sizes.encode_reps
+    );
+    row.extra = json!({"flows": e.flows, "series": e.series, "bytes": e.bytes, "max_ms": e.max_ms});
+    row
 }
 
 /// One load run on the seeded server, from batch `first_batch` (so runs never reuse
@@ -1283,23 +1292,8 @@ fn exposition_rows(sizes: &Sizes) -> Vec<Row> {
         ] {
             let e = inproc::encode_exposition(flows, sizes.encode_reps, how);
             let id: &'static str = Box::leak(format!("exposition_{size}_{id}").into_boxed_str());
-            let mut row = Row::new(
-                6,
-                id,
-                format!("/metrics body, {size} series, {what}"),
-                e.p50_ms,
-                "ms",
-            );
-            row.p50_ms = Some(e.p50_ms);
-            row.notes = format!(
-                "{} series, {} KiB body, max {:.1} ms over {} runs",
-                e.series,
-                e.bytes / 1024,
-                e.max_ms,
-                sizes.encode_reps
-            );
-            row.extra =
-                json!({"flows": e.flows, "series": e.series, "bytes": e.bytes, "max_ms": e.max_ms});
+            let name = format!("/metrics body, {size} series, {what}");
+            let row = encode_row(id, name, &e, sizes);
             rows.push(row);
         }
     }

@@ -882,13 +882,7 @@ fn report_sent(
     stats: &ExportStats,
     began: Instant,
 ) -> ExitCode {
-    let mut code = ExitCode::SUCCESS;
-    if let Some(path) = &args.summary {
-        if let Err(e) = std::fs::write(path, summary_json(tally)) {
-            eprintln!("flowmetrics-demo: cannot write {}: {e}", path.display());
-            code = ExitCode::FAILURE;
-        }
-    }
+    let summary_written = write_summary(args, &summary_json(tally));
     let exports = stats.totals();
     eprint!(
         "flowmetrics-demo: done in {:.1}s, sent to {}:\n{}",
@@ -900,10 +894,30 @@ fn report_sent(
     if let Some(first) = stats.first_error.lock().unwrap().as_ref() {
         eprintln!("flowmetrics-demo: {failed} exports failed; the first: {first}");
     }
-    if failed > 0 {
-        code = ExitCode::FAILURE;
+    exit_code(summary_written, failed)
+}
+
+/// Writes `json` to `--summary`, when given; whether that went well (or was not asked).
+fn write_summary(args: &Args, json: &str) -> bool {
+    let Some(path) = &args.summary else {
+        return true;
+    };
+    match std::fs::write(path, json) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("flowmetrics-demo: cannot write {}: {e}", path.display());
+            false
+        }
     }
-    code
+}
+
+/// Success when the summary was written and no export failed.
+fn exit_code(summary_written: bool, failed: u64) -> ExitCode {
+    if summary_written && failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use opentelemetry::trace::{Span as _, SpanKind, Tracer as _, TracerProvider as _
 use opentelemetry::KeyValue;
 use tokio::time::Instant;
 
-use super::{build_provider, watch_signals, Args, ExportStats, Rng};
+use super::{build_provider, exit_code, watch_signals, write_summary, Args, ExportStats, Rng};
 
 /// A workload: (namespace, kind, name, pod address).
 type Workload = (&'static str, &'static str, &'static str, &'static str);
@@ -156,17 +156,11 @@ impl Sent {
 /// Writes the summary file and the line of what was sent; failure when an export (or
 /// the summary) failed.
 fn report_sent(args: &Args, sent: &Sent, stats: &ExportStats, began: Instant) -> ExitCode {
-    let mut code = ExitCode::SUCCESS;
     let json = format!(
         "{{\"network\":{{\"records\":{},\"bytes\":{{\"forward\":{},\"reverse\":{}}},\"packets\":{{\"forward\":{},\"reverse\":{}}}}}}}\n",
         sent.records, sent.bytes[0], sent.bytes[1], sent.packets[0], sent.packets[1]
     );
-    if let Some(path) = &args.summary {
-        if let Err(e) = std::fs::write(path, &json) {
-            eprintln!("flowmetrics-demo: cannot write {}: {e}", path.display());
-            code = ExitCode::FAILURE;
-        }
-    }
+    let summary_written = write_summary(args, &json);
     let failed = stats.spans_failed.load(Ordering::Relaxed);
     eprintln!(
         "flowmetrics-demo: sent {} Flow Span records ({} + {} bytes) in {:.1}s; {} spans exported, {failed} failed",
@@ -176,10 +170,7 @@ fn report_sent(args: &Args, sent: &Sent, stats: &ExportStats, began: Instant) ->
         began.elapsed().as_secs_f64(),
         stats.spans_ok.load(Ordering::Relaxed),
     );
-    if failed > 0 {
-        code = ExitCode::FAILURE;
-    }
-    code
+    exit_code(summary_written, failed)
 }
 
 #[cfg(test)]
