@@ -364,20 +364,23 @@ fn baseline_rows(
         .iter()
         .zip([&flow, &sparse, &rare])
         .zip(ids)
-        .map(|((t, b), id)| {
-            let mut row = Row::new(
-                2,
-                id,
-                format!("baseline: prost decode, 1 thread [{}]", t.shape.label()),
-                b.spans_per_sec,
-                "spans/s",
-            );
-            row.ratio = Some(1.0);
-            row.notes = format!("{} batches in {:.2} s", b.batches, b.secs);
-            row
-        })
+        .map(|((t, b), id)| baseline_row(2, id, t, b))
         .collect();
     (baselines, rows)
+}
+
+/// A baseline row: prost decode of the workload `t`, one thread.
+fn baseline_row(section: u8, id: &'static str, t: &Template, b: &inproc::Throughput) -> Row {
+    let mut row = Row::new(
+        section,
+        id,
+        format!("baseline: prost decode, 1 thread [{}]", t.shape.label()),
+        b.spans_per_sec,
+        "spans/s",
+    );
+    row.ratio = Some(1.0);
+    row.notes = format!("{} batches in {:.2} s", b.batches, b.secs);
+    row
 }
 
 /// (2b) moka alone: the store's exact cache, one insert per start, one remove per end.
@@ -870,20 +873,8 @@ fn network_rows(bin: &Path, sizes: &Sizes, inproc_cpu: usize, rows: &mut Vec<Row
         (&all, &b_all, "baseline_network_all"),
         (&sparse, &b_sparse, "baseline_network_10"),
     ] {
-        let mut row = Row::new(
-            8,
-            id,
-            format!("baseline: prost decode, 1 thread [{}]", t.shape.label()),
-            b.spans_per_sec,
-            "spans/s",
-        );
-        row.ratio = Some(1.0);
-        row.notes = format!(
-            "{} batches in {:.2} s; {} KiB bodies",
-            b.batches,
-            b.secs,
-            t.bytes.len() / 1024
-        );
+        let mut row = baseline_row(8, id, t, b);
+        row.notes = format!("{}; {} KiB bodies", row.notes, t.bytes.len() / 1024);
         rows.push(row);
     }
     for (t, id) in [
