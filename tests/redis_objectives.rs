@@ -8,16 +8,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::otlp::now_nanos;
 use common::redis::RedisServer;
-use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome, Source};
-use flowmetrics::flows::store::{
-    OverdueSettings, RedisSettings, RedisStore, Report, StoreProbe, StoreSettings,
-};
+use common::store::{apply, ev, redis_settings, step, NoProbe, SEC};
+use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome};
+use flowmetrics::flows::store::{OverdueSettings, RedisStore, Report, StoreSettings};
 use flowmetrics::flows::{CorrelationStore, FlowSink};
-
-const SEC: u64 = 1_000_000_000;
 
 /// The latest overdue report per flow, and the time-outs.
 #[derive(Default)]
@@ -45,14 +43,10 @@ impl FlowSink for Latest {
     }
 }
 
-struct NoProbe;
-
-impl StoreProbe for NoProbe {
-    fn store_call(&self, _op: &'static str, _seconds: f64, _ok: bool) {}
-}
-
-fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
-    replica_with(server, sink, 10_000, true)
+/// A replica on `server` with a sink of its own.
+fn replica(server: &RedisServer) -> (RedisStore, Arc<Latest>) {
+    let sink = Arc::new(Latest::default());
+    (replica_with(server, &sink, 10_000, true), sink)
 }
 
 fn replica_with(
@@ -77,16 +71,7 @@ fn replica_with(
             longest_timeout: Duration::from_secs(600),
             step_flows: Vec::new(),
         },
-        RedisSettings {
-            url: server.url(),
-            cluster: Vec::new(),
-            shards: 4,
-            ca_file: None,
-            key_prefix: "o:".into(),
-            connect_timeout: Duration::from_millis(500),
-            command_timeout: Duration::from_secs(2),
-            pool_size: 2,
-        },
+        redis_settings(server, 4, "o:", 2),
         sink.clone(),
         Arc::new(NoProbe),
     )
@@ -101,37 +86,11 @@ fn replica_with(
     })
 }
 
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
 /// Whether `oldest` is the age now of an instance that started `age` seconds before
 /// `then`, to the second the store counts in (reports are fresh: taken just now).
 fn is_age(oldest: f64, then: u64, age: u64) -> bool {
     let expected = (now_nanos() - (then - age * SEC)) as f64 / 1e9;
     (expected - 0.5..=expected + 1.5).contains(&oldest)
-}
-
-fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
-    FlowEvent {
-        flow: Arc::from(flow),
-        correlation_id: id.into(),
-        kind,
-        timestamp_nanos: ts,
-        dims: Arc::from([]),
-        trace: None,
-        source: Source::SpanEvent,
-        step: None,
-    }
-}
-
-fn apply(store: &RedisStore, events: Vec<FlowEvent>) {
-    store
-        .apply_batch(&mut events.into_iter())
-        .expect("store reachable");
 }
 
 /// Runs the replica's maintenance until a new report for `flow` has `overdue` (bounded:
@@ -151,11 +110,8 @@ fn report_until(store: &RedisStore, sink: &Latest, flow: &str, overdue: u64) -> 
 
 #[test]
 fn overdue_counts_are_exact_and_global_across_replicas() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let (a_sink, b_sink) = (Arc::new(Latest::default()), Arc::new(Latest::default()));
-    let (a, b) = (replica(&server, &a_sink), replica(&server, &b_sink));
+    let server = redis_server!();
+    let ((a, a_sink), (b, b_sink)) = (replica(&server), replica(&server));
     // A named flow is reported (at 0) before its first event.
     assert_eq!(report_until(&b, &b_sink, "f", 0), (0, 0.0));
 
@@ -234,9 +190,7 @@ fn overdue_counts_are_exact_and_global_across_replicas() {
 #[test]
 #[ignore]
 fn measure_overdue_cost_on_redis() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
+    let server = redis_server!();
     let n: u64 = std::env::var("FM_OPEN")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -341,13 +295,6 @@ fn redis_cpu_secs(server: &RedisServer) -> f64 {
     ticks / 100.0
 }
 
-fn step(flow: &str, id: &str, name: &str, ts: u64) -> FlowEvent {
-    FlowEvent {
-        step: Some(Arc::from(name)),
-        ..ev(flow, id, EventKind::Step, ts)
-    }
-}
-
 /// Open instances in the shard's deadlines set (`o:{n}deadlines`), over the four shards.
 fn held(server: &RedisServer) -> u64 {
     let mut con = server.connection().unwrap();
@@ -368,11 +315,8 @@ fn ages_keys(server: &RedisServer) -> Vec<String> {
 
 #[test]
 fn steps_and_ends_before_their_start_count_only_open_instances() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let (a_sink, b_sink) = (Arc::new(Latest::default()), Arc::new(Latest::default()));
-    let (a, b) = (replica(&server, &a_sink), replica(&server, &b_sink));
+    let server = redis_server!();
+    let ((a, a_sink), (b, b_sink)) = (replica(&server), replica(&server));
     let now = now_nanos();
     let ago = |age: u64| now - age * SEC;
     let success = EventKind::End(Outcome::Success);
@@ -414,9 +358,7 @@ fn steps_and_ends_before_their_start_count_only_open_instances() {
 
 #[test]
 fn evicted_instances_leave_the_count() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
+    let server = redis_server!();
     let sink = Arc::new(Latest::default());
     // 8 entries: 2 per shard.
     let store = replica_with(&server, &sink, 8, true);
