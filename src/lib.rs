@@ -4,9 +4,10 @@
 //! [`pipeline`] (the one entry both transports call) → [`flows`] (walk the request once,
 //! extract flow events, correlate them in the store) → [`metrics`] (prometheus-client
 //! families, limits, exemplars) → [`admin`] (`/metrics`). [`flows`] imports only
-//! [`model`], the shared vocabulary; [`metrics`] implements the sinks [`flows`] reports
-//! to; [`pipeline`] joins the two; [`ingest`] calls [`pipeline`] and maps every stage's
-//! error to its answer ([`ingest::reply::Refusal`]); [`config`] imports only [`model`].
+//! [`model`], the shared vocabulary (and [`logging`]'s rate-limited warning); [`metrics`]
+//! implements the sinks [`flows`] reports to; [`pipeline`] joins the two; [`ingest`]
+//! calls [`pipeline`] and maps every stage's error to its answer
+//! ([`ingest::reply::Refusal`]); [`config`] imports only [`model`].
 //! [`App`] wires it together (with [`settings`], which turns the config into each
 //! stage's settings); `main` and the integration tests both start it. Around the
 //! process: [`logging`] (a log writer that never blocks, and the one rate-limited
@@ -356,13 +357,7 @@ impl RunningApp {
             // counted now (final_snapshot), so each instance is counted once.
             drop(maintenance);
             match state::save_final(&*store, &st.path, &labels) {
-                Ok(Some(s)) => tracing::info!(
-                    entries = s.entries,
-                    bytes = s.bytes,
-                    "state written to {} in {:?}",
-                    st.path.display(),
-                    s.took
-                ),
+                Ok(Some(saved)) => saved.log(&st.path, true),
                 Ok(None) => {}
                 Err(e) => {
                     metrics.state_write_failed(true);

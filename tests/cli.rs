@@ -22,21 +22,26 @@ fn flowmetrics(args: &[&str], env: &[(&str, &str)]) -> Command {
     c
 }
 
+/// Runs the binary to its end and asserts it exited 0 (`what` prefixes the message).
+fn succeeds(args: &[&str], env: &[(&str, &str)], what: &str) -> std::process::Output {
+    let out = flowmetrics(args, env).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 #[test]
 fn check_config_prints_the_effective_config() {
-    let out = flowmetrics(
+    let out = succeeds(
         &["check-config"],
         &[
             ("FLOWMETRICS_LISTEN__METRICS", "9999"),
             ("FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT", "10s"),
         ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "",
     );
     let yaml = String::from_utf8(out.stdout).unwrap();
     assert!(yaml.contains("metrics: 127.0.0.1:9999"), "{yaml}");
@@ -185,13 +190,10 @@ fn a_log_level_that_is_no_level_is_a_config_error() {
         "info,hyper=off",
         "flowmetrics[run]=trace",
     ] {
-        let out = flowmetrics(&["check-config"], &[("FLOWMETRICS_LOG__LEVEL", ok)])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{ok}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        succeeds(
+            &["check-config"],
+            &[("FLOWMETRICS_LOG__LEVEL", ok)],
+            &format!("{ok}: "),
         );
     }
 }

@@ -99,82 +99,47 @@ async fn full_exposition_parses_with_the_reference_parser() {
         .await;
     }
     // failure, cancelled, negative duration, incomplete, unmatched, rejected, duplicate.
-    post(
-        &url,
-        "application/json",
-        json_event("flow.a.start", "f", None, 10 * s, "1111111111111111", ""),
-    )
-    .await;
-    post(
-        &url,
-        "application/json",
-        json_event(
+    for (name, id, outcome, ts, span) in [
+        ("flow.a.start", "f", None, 10 * s, "1111111111111111"),
+        (
             "flow.a.end",
             "f",
             Some("failed"),
             11 * s,
             "1111111111111112",
-            "",
         ),
-    )
-    .await;
-    post(
-        &url,
-        "application/json",
-        json_event("flow.a.start", "n", None, 10 * s, "1111111111111111", ""),
-    )
-    .await;
-    post(
-        &url,
-        "application/json",
-        json_event(
+        ("flow.a.start", "n", None, 10 * s, "1111111111111111"),
+        (
             "flow.a.end",
             "n",
             Some("success"),
             9 * s,
             "1111111111111112",
-            "",
         ),
-    )
-    .await;
-    post(
-        &url,
-        "application/json",
-        json_event("flow.a.start", "late", None, 10 * s, "1111111111111111", ""),
-    )
-    .await;
-    post(
-        &url,
-        "application/json",
-        json_event("flow.a.end", "lonely", None, 10 * s, "1111111111111111", ""),
-    )
-    .await;
-    post(
-        &url,
-        "application/json",
-        json_event(
+        ("flow.a.start", "late", None, 10 * s, "1111111111111111"),
+        ("flow.a.end", "lonely", None, 10 * s, "1111111111111111"),
+        (
             "flow.a.end",
             "bad",
             Some("nope"),
             10 * s,
             "1111111111111111",
-            "",
         ),
-    )
-    .await;
-    post(
-        &url,
-        "application/json",
-        json_event(
+        (
             "flow.a.end",
             "f",
             Some("failed"),
             11 * s,
             "1111111111111112",
-            "",
         ),
-    )
-    .await;
+    ] {
+        post(
+            &url,
+            "application/json",
+            json_event(name, id, outcome, ts, span, ""),
+        )
+        .await;
+    }
     let _ = scrape_until(&app, Duration::from_secs(5), |m| {
         value(m, r#"flowmetrics_flow_unmatched_ends_total{flow="a"}"#) >= 1.0
             && m.contains_key(r#"flowmetrics_flows_overdue{flow="a"}"#)

@@ -5,16 +5,13 @@ mod common;
 use std::time::Duration;
 
 use common::attr as s;
+use common::otlp::{self, SEC};
 use common::*;
-use hyper::StatusCode;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
+use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
-const SEC: u64 = 1_000_000_000;
-const PB: &str = "application/x-protobuf";
+const PB: &str = PROTOBUF;
 
 struct Ev<'a> {
     name: &'a str,
@@ -40,44 +37,18 @@ fn export(resource: Vec<KeyValue>, events: Vec<Ev<'_>>) -> Vec<u8> {
         .map(|e| {
             let mut attributes = vec![s("correlation-id", e.id)];
             attributes.extend(e.event_attrs);
+            let event = otlp::event(e.name, e.ts, attributes);
             Span {
-                trace_id: vec![3; 16],
-                span_id: vec![4; 8],
                 attributes: e.span_attrs,
-                events: vec![span::Event {
-                    name: e.name.into(),
-                    time_unix_nano: e.ts,
-                    attributes,
-                    ..Default::default()
-                }],
-                ..Default::default()
+                ..otlp::span(&[3; 16], &[4; 8], vec![event])
             }
         })
         .collect();
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: resource,
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    otlp::traces(Some(resource), spans).encode_to_vec()
 }
 
 async fn send(app: &flowmetrics::RunningApp, body: Vec<u8>) {
-    let r = post(
-        &format!("http://{}/v1/traces", app.otlp_http.unwrap()),
-        PB,
-        body,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    export_ok(app, PB, body).await;
 }
 
 #[tokio::test]
@@ -122,42 +93,38 @@ async fn dimensions_lookup_order_defaults_and_end_first_instances() {
     .await;
 
     let m = scrape(&app).await;
-    let get = |k: &str| value(&m, k);
-    assert_eq!(
-        get(
-            r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="from-span"}"#
-        ),
-        1.0
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="from-span"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="gold"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_started_total{flow="buy",service="unknown",tier="none"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="from-resource"}"#,
+                1.0,
+            ),
+            // The end-first instance carries its start's dimensions, and the end's region.
+            (
+                r#"flowmetrics_flows_completed_total{flow="buy",outcome="success",service="order-service",tier="from-resource",region="eu-west-1"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_duration_seconds_count{flow="buy",service="order-service",tier="from-resource",region="eu-west-1"}"#,
+                1.0,
+            ),
+            // in_progress is per flow only.
+            (r#"flowmetrics_flows_in_progress{flow="buy"}"#, 3.0),
+        ],
     );
-    assert_eq!(
-        get(r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="gold"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flows_started_total{flow="buy",service="unknown",tier="none"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(
-            r#"flowmetrics_flows_started_total{flow="buy",service="order-service",tier="from-resource"}"#
-        ),
-        1.0
-    );
-    // The end-first instance carries its start's dimensions, and the end's region.
-    assert_eq!(
-        get(
-            r#"flowmetrics_flows_completed_total{flow="buy",outcome="success",service="order-service",tier="from-resource",region="eu-west-1"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        get(
-            r#"flowmetrics_flow_duration_seconds_count{flow="buy",service="order-service",tier="from-resource",region="eu-west-1"}"#
-        ),
-        1.0
-    );
-    // in_progress is per flow only.
-    assert_eq!(get(r#"flowmetrics_flows_in_progress{flow="buy"}"#), 3.0);
     app.shutdown().await;
 }
 
@@ -193,34 +160,32 @@ async fn per_flow_settings_and_unknown_flows() {
         ),
     )
     .await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(
-            m,
-            r#"flowmetrics_flow_errors_total{flow="quick",error_reason="incomplete"}"#,
-        ) == 1.0
-    })
-    .await;
-    let get = |k: &str| value(&m, k);
-    assert_eq!(
-        get(r#"flowmetrics_flow_errors_total{flow="quick",error_reason="incomplete"}"#),
-        1.0
-    );
-    assert_eq!(get(r#"flowmetrics_flows_in_progress{flow="slow"}"#), 0.0);
-    assert_eq!(
-        get(r#"flowmetrics_flow_events_rejected_total{reason="unknown_flow"}"#),
-        1.0
-    );
-    assert_eq!(get(r#"flowmetrics_flows_started_total{flow="other"}"#), 0.0);
-    // Per-flow buckets for quick, the defaults for slow: one valid family.
-    assert_eq!(
-        get(r#"flowmetrics_flow_duration_seconds_bucket{le="2.0",flow="quick"}"#),
-        1.0
+    let series = r#"flowmetrics_flow_errors_total{flow="quick",error_reason="incomplete"}"#;
+    let m = scrape_until_value(&app, Duration::from_secs(5), series, 1.0).await;
+    assert_values(
+        &m,
+        &[
+            (r#"flowmetrics_flows_in_progress{flow="slow"}"#, 0.0),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="unknown_flow"}"#,
+                1.0,
+            ),
+            (r#"flowmetrics_flows_started_total{flow="other"}"#, 0.0),
+            // Per-flow buckets for quick, the defaults for slow: one valid family.
+            (
+                r#"flowmetrics_flow_duration_seconds_bucket{le="2.0",flow="quick"}"#,
+                1.0,
+            ),
+        ],
     );
     assert!(
         !m.contains_key(r#"flowmetrics_flow_duration_seconds_bucket{le="3600.0",flow="quick"}"#)
     );
     assert_eq!(
-        get(r#"flowmetrics_flow_duration_seconds_bucket{le="3600.0",flow="slow"}"#),
+        value(
+            &m,
+            r#"flowmetrics_flow_duration_seconds_bucket{le="3600.0",flow="slow"}"#
+        ),
         1.0
     );
     app.shutdown().await;
@@ -294,19 +259,18 @@ async fn a_flood_of_flow_names_is_bounded() {
         .count();
     assert_eq!(started_series, LIMIT + 1);
     let m = parse_samples(&text);
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_started_total{otel_metric_overflow="true"}"#
-        ),
-        (NAMES - LIMIT) as f64
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_series_overflow_total{metric="flowmetrics_flows_started_total"}"#
-        ),
-        (NAMES - LIMIT) as f64
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flows_started_total{otel_metric_overflow="true"}"#,
+                (NAMES - LIMIT) as f64,
+            ),
+            (
+                r#"flowmetrics_series_overflow_total{metric="flowmetrics_flows_started_total"}"#,
+                (NAMES - LIMIT) as f64,
+            ),
+        ],
     );
     // The second half of the flood (50,000 more names) must not grow memory materially.
     let growth = rss_end.saturating_sub(rss_half);
@@ -334,31 +298,24 @@ async fn retried_exports_count_once_and_reused_ids_count_again() {
     send(&app, end_batch.clone()).await; // retried after completion
     send(&app, start_batch.clone()).await; // the start batch again, after p1 closed
     let m = scrape(&app).await;
-    assert_eq!(
-        value(&m, r#"flowmetrics_flows_started_total{flow="pay"}"#),
-        2.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        value(&m, r#"flowmetrics_flows_in_progress{flow="pay"}"#),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#
-        ),
-        4.0
-    );
-    assert_eq!(
-        value(&m, r#"flowmetrics_flow_events_duplicate_total{kind="end"}"#),
-        1.0
+    assert_values(
+        &m,
+        &[
+            (r#"flowmetrics_flows_started_total{flow="pay"}"#, 2.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#,
+                1.0,
+            ),
+            (r#"flowmetrics_flows_in_progress{flow="pay"}"#, 1.0),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#,
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="end"}"#,
+                1.0,
+            ),
+        ],
     );
     // p1 reused for a new order, with new timestamps: a second instance.
     send(
@@ -372,20 +329,16 @@ async fn retried_exports_count_once_and_reused_ids_count_again() {
     )
     .await;
     let m = scrape(&app).await;
-    assert_eq!(
-        value(&m, r#"flowmetrics_flows_started_total{flow="pay"}"#),
-        3.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#
-        ),
-        2.0
-    );
-    assert_eq!(
-        value(&m, r#"flowmetrics_flow_duration_seconds_sum{flow="pay"}"#),
-        6.0
+    assert_values(
+        &m,
+        &[
+            (r#"flowmetrics_flows_started_total{flow="pay"}"#, 3.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#,
+                2.0,
+            ),
+            (r#"flowmetrics_flow_duration_seconds_sum{flow="pay"}"#, 6.0),
+        ],
     );
     app.shutdown().await;
 }

@@ -8,69 +8,15 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use common::sdk::Transport::Grpc;
+use common::sdk::{self, flush_logs, flush_traces, logger_provider, shutdown_all, tracer_provider};
 use common::*;
 use flowmetrics::config::{Config, FlowOverride};
-use flowmetrics::RunningApp;
 use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
-use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{Protocol, WithExportConfig as _};
-use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use opentelemetry_sdk::Resource;
 
 const STEPS: [&str; 4] = ["placed", "paid", "packed", "shipped"];
-
-fn resource(service: &'static str) -> Resource {
-    Resource::builder_empty().with_service_name(service).build()
-}
-
-/// gRPC exporters: the SDK's tonic client needs no help outside a runtime.
-fn tracer_provider(app: &RunningApp, service: &'static str) -> SdkTracerProvider {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_protocol(Protocol::Grpc)
-        .with_endpoint(format!("http://{}", app.otlp_grpc.expect("gRPC listener")))
-        .build()
-        .expect("span exporter");
-    SdkTracerProvider::builder()
-        .with_resource(resource(service))
-        .with_batch_exporter(exporter)
-        .build()
-}
-
-fn logger_provider(app: &RunningApp, service: &'static str) -> SdkLoggerProvider {
-    let exporter = opentelemetry_otlp::LogExporter::builder()
-        .with_tonic()
-        .with_endpoint(format!("http://{}", app.otlp_grpc.expect("gRPC listener")))
-        .build()
-        .expect("log exporter");
-    SdkLoggerProvider::builder()
-        .with_resource(resource(service))
-        .with_batch_exporter(exporter)
-        .build()
-}
-
-async fn flush(provider: &SdkTracerProvider) {
-    let p = provider.clone();
-    tokio::task::spawn_blocking(move || p.force_flush())
-        .await
-        .unwrap()
-        .expect("spans exported");
-}
-
-async fn shutdown(tracers: Vec<SdkTracerProvider>, loggers: Vec<SdkLoggerProvider>) {
-    tokio::task::spawn_blocking(move || {
-        for p in tracers {
-            p.shutdown().expect("tracer provider shuts down");
-        }
-        for p in loggers {
-            p.shutdown().expect("logger provider shuts down");
-        }
-    })
-    .await
-    .unwrap();
-}
 
 /// One root span (a trace of its own) named `op` with one flow event.
 fn emit(
@@ -80,10 +26,7 @@ fn emit(
     at: SystemTime,
     attrs: Vec<KeyValue>,
 ) {
-    let tracer = provider.tracer("flow-steps-test");
-    let mut span = tracer.start(op);
-    span.add_event_with_timestamp(event, at, attrs);
-    span.end();
+    sdk::emit(provider, "flow-steps-test", op, event, at, attrs, false);
 }
 
 fn id(i: usize) -> KeyValue {
@@ -142,10 +85,10 @@ fn sum_of(m: &BTreeMap<String, f64>, prefix: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journey_across_three_services_counts_every_step_exactly() {
     let app = start(config(Duration::from_secs(3))).await;
-    let web = tracer_provider(&app, "order-service");
-    let pay = tracer_provider(&app, "payment-service");
-    let warehouse = tracer_provider(&app, "warehouse-service");
-    let logs = logger_provider(&app, "payment-service");
+    let web = tracer_provider(&app, Grpc, "order-service");
+    let pay = tracer_provider(&app, Grpc, "payment-service");
+    let warehouse = tracer_provider(&app, Grpc, "warehouse-service");
+    let logs = logger_provider(&app, Grpc, "payment-service");
     let base = SystemTime::now() - Duration::from_secs(60);
     let at = |secs: u64| base + Duration::from_secs(secs);
     let reach = |i: usize| if i < 10 { 4 } else { (i - 10) % 5 };
@@ -187,19 +130,10 @@ async fn a_journey_across_three_services_counts_every_step_exactly() {
                 step_attrs(1, "teleported"),
             );
         }
-        flush([&web, &pay, &warehouse][exporter]).await;
+        flush_traces([[&web, &pay, &warehouse][exporter]]).await;
     }
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(m, r#"flowmetrics_flows_completed_total{flow="order",outcome="success",service="order-service"}"#) >= 10.0
-    })
-    .await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_completed_total{flow="order",outcome="success",service="order-service"}"#
-        ),
-        10.0
-    );
+    let done = r#"flowmetrics_flows_completed_total{flow="order",outcome="success",service="order-service"}"#;
+    scrape_until_value(&app, Duration::from_secs(5), done, 10.0).await;
     // Instance 2 has ended: a late step counts after_close only.
     emit(
         &pay,
@@ -208,7 +142,7 @@ async fn a_journey_across_three_services_counts_every_step_exactly() {
         at(30),
         step_attrs(2, "paid"),
     );
-    flush(&pay).await;
+    flush_traces([&pay]).await;
     let logger = logs.logger("flow-steps-test");
     let mut record = logger.create_log_record();
     record.set_event_name("flow.order.step");
@@ -216,11 +150,7 @@ async fn a_journey_across_three_services_counts_every_step_exactly() {
     record.add_attribute("correlation-id", "order-never-started");
     record.add_attribute("step", "paid");
     logger.emit(record);
-    let l = logs.clone();
-    tokio::task::spawn_blocking(move || l.force_flush())
-        .await
-        .unwrap()
-        .expect("logs exported");
+    flush_logs(&logs).await;
 
     // The stalled ones time out (3 s), the lone step is no_start.
     let m = scrape_until(&app, Duration::from_secs(10), |m| {
@@ -230,17 +160,20 @@ async fn a_journey_across_three_services_counts_every_step_exactly() {
     .await;
     let get = |k: &str| value(&m, k);
     let dims = r#"service="order-service""#;
-    assert_eq!(
-        get(&format!(
-            r#"flowmetrics_flows_started_total{{flow="order",{dims}}}"#
-        )),
-        20.0
-    );
-    assert_eq!(
-        get(&format!(
-            r#"flowmetrics_flow_errors_total{{flow="order",error_reason="incomplete",{dims}}}"#
-        )),
-        10.0
+    assert_values(
+        &m,
+        &[
+            (
+                &format!(r#"flowmetrics_flows_started_total{{flow="order",{dims}}}"#),
+                20.0,
+            ),
+            (
+                &format!(
+                    r#"flowmetrics_flow_errors_total{{flow="order",error_reason="incomplete",{dims}}}"#
+                ),
+                10.0,
+            ),
+        ],
     );
     // Per step: 10 complete instances plus the stalled ones that got that far.
     let reached = [18.0, 16.0, 14.0, 12.0];
@@ -277,37 +210,42 @@ async fn a_journey_across_three_services_counts_every_step_exactly() {
     }
     assert_eq!(stalled, sum_of(&m, "flowmetrics_flow_stalled_total{"));
     assert_eq!(stalled, 10.0, "Σ stalled = incomplete");
-    assert_eq!(
-        get(r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="after_close"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="no_start"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_events_duplicate_total{kind="step"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_events_rejected_total{reason="unknown_step"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_events_total{kind="step",source="span_event"}"#),
-        62.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_events_total{kind="step",source="log"}"#),
-        1.0
-    );
-    assert_eq!(get(r#"flowmetrics_flows_in_progress{flow="order"}"#), 0.0);
-    assert_eq!(
-        get(r#"flowmetrics_flow_unmatched_ends_total{flow="order"}"#),
-        0.0
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="after_close"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="no_start"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="step"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="unknown_step"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="step",source="span_event"}"#,
+                62.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="step",source="log"}"#,
+                1.0,
+            ),
+            (r#"flowmetrics_flows_in_progress{flow="order"}"#, 0.0),
+            (
+                r#"flowmetrics_flow_unmatched_ends_total{flow="order"}"#,
+                0.0,
+            ),
+        ],
     );
 
-    shutdown(vec![web, pay, warehouse], vec![logs]).await;
+    shutdown_all(vec![web, pay, warehouse], vec![logs]).await;
     app.shutdown().await;
 }
 
@@ -324,7 +262,7 @@ async fn steps_hold_across_a_restart() {
     let at = |secs: u64| base + Duration::from_secs(secs);
 
     let app = start(c.clone()).await;
-    let web = tracer_provider(&app, "order-service");
+    let web = tracer_provider(&app, Grpc, "order-service");
     for i in 0..3 {
         emit(&web, "POST /orders", "flow.order.start", at(0), vec![id(i)]);
         emit(
@@ -343,26 +281,15 @@ async fn steps_hold_across_a_restart() {
         at(2),
         step_attrs(3, "paid"),
     );
-    flush(&web).await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(
-            m,
-            r#"flowmetrics_flow_steps_total{flow="order",step="placed",service="order-service"}"#,
-        ) >= 3.0
-    })
-    .await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_steps_total{flow="order",step="placed",service="order-service"}"#
-        ),
-        3.0
-    );
-    shutdown(vec![web], vec![]).await;
+    flush_traces([&web]).await;
+    let series =
+        r#"flowmetrics_flow_steps_total{flow="order",step="placed",service="order-service"}"#;
+    scrape_until_value(&app, Duration::from_secs(5), series, 3.0).await;
+    shutdown_all(vec![web], vec![]).await;
     app.shutdown().await;
 
     let app = start(c).await;
-    let web = tracer_provider(&app, "order-service");
+    let web = tracer_provider(&app, Grpc, "order-service");
     // A retried export of a step handled before the restart is a duplicate.
     emit(
         &web,
@@ -397,7 +324,7 @@ async fn steps_hold_across_a_restart() {
         at(4),
         vec![id(3), KeyValue::new("outcome", "success")],
     );
-    flush(&web).await;
+    flush_traces([&web]).await;
     let dims = r#"service="order-service""#;
     let m = scrape_until(&app, Duration::from_secs(5), |m| {
         value(
@@ -409,74 +336,58 @@ async fn steps_hold_across_a_restart() {
     })
     .await;
     let get = |k: &str| value(&m, k);
-    assert_eq!(
-        get(&format!(
-            r#"flowmetrics_flows_restored_total{{flow="order",{dims}}}"#
-        )),
-        3.0
-    );
-    assert_eq!(
-        get(&format!(
-            r#"flowmetrics_flows_started_total{{flow="order",{dims}}}"#
-        )),
-        1.0
-    );
-    assert_eq!(
-        get(&format!(
-            r#"flowmetrics_flows_completed_total{{flow="order",outcome="success",{dims}}}"#
-        )),
-        4.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_events_duplicate_total{kind="step"}"#),
-        1.0
+    assert_values(
+        &m,
+        &[
+            (
+                &format!(r#"flowmetrics_flows_restored_total{{flow="order",{dims}}}"#),
+                3.0,
+            ),
+            (
+                &format!(r#"flowmetrics_flows_started_total{{flow="order",{dims}}}"#),
+                1.0,
+            ),
+            (
+                &format!(
+                    r#"flowmetrics_flows_completed_total{{flow="order",outcome="success",{dims}}}"#
+                ),
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="step"}"#,
+                1.0,
+            ),
+        ],
     );
     // This run counts the steps it saw reach an instance: paid ×4 (one waited across the
     // restart), packed ×1; placed was counted by the first run.
     let series = |name: &str, step: &str| format!(r#"{name}{{flow="order",step="{step}",{dims}}}"#);
-    assert_eq!(get(&series("flowmetrics_flow_steps_total", "placed")), 0.0);
-    assert_eq!(get(&series("flowmetrics_flow_steps_total", "paid")), 4.0);
-    assert_eq!(get(&series("flowmetrics_flow_steps_total", "packed")), 1.0);
-    // Transits at close include the steps recorded before the restart.
-    assert_eq!(
-        get(&series(
-            "flowmetrics_flow_step_transit_seconds_count",
-            "placed"
-        )),
-        3.0
+    for (family, step, want) in [
+        ("steps_total", "placed", 0.0),
+        ("steps_total", "paid", 4.0),
+        ("steps_total", "packed", 1.0),
+        // Transits at close include the steps recorded before the restart.
+        ("step_transit_seconds_count", "placed", 3.0),
+        ("step_transit_seconds_sum", "placed", 3.0),
+        ("step_transit_seconds_count", "paid", 4.0),
+        // 0–2: placed at 1 s, paid at 3 s (2 s); 3: paid at 2 s, the first step (2 s).
+        ("step_transit_seconds_sum", "paid", 8.0),
+        ("step_transit_seconds_sum", "packed", 1.0),
+    ] {
+        let name = format!("flowmetrics_flow_{family}");
+        assert_eq!(get(&series(&name, step)), want, "{name} {step}");
+    }
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="no_start"}"#,
+                0.0,
+            ),
+            (r#"flowmetrics_flows_in_progress{flow="order"}"#, 0.0),
+        ],
     );
-    assert_eq!(
-        get(&series(
-            "flowmetrics_flow_step_transit_seconds_sum",
-            "placed"
-        )),
-        3.0
-    );
-    assert_eq!(
-        get(&series(
-            "flowmetrics_flow_step_transit_seconds_count",
-            "paid"
-        )),
-        4.0
-    );
-    // 0–2: placed at 1 s, paid at 3 s (2 s); 3: paid at 2 s, the first step (2 s).
-    assert_eq!(
-        get(&series("flowmetrics_flow_step_transit_seconds_sum", "paid")),
-        8.0
-    );
-    assert_eq!(
-        get(&series(
-            "flowmetrics_flow_step_transit_seconds_sum",
-            "packed"
-        )),
-        1.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_steps_unmatched_total{flow="order",reason="no_start"}"#),
-        0.0
-    );
-    assert_eq!(get(r#"flowmetrics_flows_in_progress{flow="order"}"#), 0.0);
-    shutdown(vec![web], vec![]).await;
+    shutdown_all(vec![web], vec![]).await;
     app.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,53 +5,18 @@ mod common;
 
 use bytes::Bytes;
 use common::attr as s;
+use common::otlp::{self, flow_spans, SEC};
 use common::*;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use tonic::codec::CompressionEncoding;
-
-const SEC: u64 = 1_000_000_000;
-
-fn span_events(events: &[(&str, &str, Option<&str>, u64)]) -> ExportTraceServiceRequest {
-    let spans = events
-        .iter()
-        .map(|(name, id, outcome, ts)| {
-            let mut attributes = vec![s("correlation-id", id)];
-            attributes.extend(outcome.map(|o| s("outcome", o)));
-            Span {
-                trace_id: vec![7; 16],
-                span_id: vec![8; 8],
-                events: vec![span::Event {
-                    name: name.to_string(),
-                    time_unix_nano: *ts,
-                    attributes,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }
-        })
-        .collect();
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-}
 
 fn log_events(records: Vec<LogRecord>) -> ExportLogsServiceRequest {
     ExportLogsServiceRequest {
@@ -74,10 +39,13 @@ async fn traces_and_logs_over_grpc_with_compression() {
         .unwrap()
         .send_compressed(CompressionEncoding::Gzip);
     let reply = traces
-        .export(span_events(&[
-            ("flow.ship.start", "a", None, 10 * SEC),
-            ("flow.ship.start", "b", None, 10 * SEC),
-        ]))
+        .export(otlp::traces(
+            None,
+            flow_spans(&[
+                ("flow.ship.start", "a", None, 10 * SEC),
+                ("flow.ship.start", "b", None, 10 * SEC),
+            ]),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -133,34 +101,33 @@ async fn traces_and_logs_over_grpc_with_compression() {
 
     let m = scrape(&app).await;
     let get = |k: &str| value(&m, k);
-    assert_eq!(get(r#"flowmetrics_flows_started_total{flow="ship"}"#), 2.0);
-    assert_eq!(
-        get(r#"flowmetrics_flows_completed_total{flow="ship",outcome="success"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flows_completed_total{flow="ship",outcome="failure"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_duration_seconds_sum{flow="ship"}"#),
-        2.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_events_total{kind="end",source="log"}"#),
-        2.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_flow_events_rejected_total{reason="missing_correlation_id"}"#),
-        1.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_otlp_log_records_total{transport="grpc"}"#),
-        4.0
-    );
-    assert_eq!(
-        get(r#"flowmetrics_otlp_spans_total{transport="grpc"}"#),
-        2.0
+    assert_values(
+        &m,
+        &[
+            (r#"flowmetrics_flows_started_total{flow="ship"}"#, 2.0),
+            (
+                r#"flowmetrics_flows_completed_total{flow="ship",outcome="success"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_completed_total{flow="ship",outcome="failure"}"#,
+                1.0,
+            ),
+            (r#"flowmetrics_flow_duration_seconds_sum{flow="ship"}"#, 2.0),
+            (
+                r#"flowmetrics_flow_events_total{kind="end",source="log"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="missing_correlation_id"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_otlp_log_records_total{transport="grpc"}"#,
+                4.0,
+            ),
+            (r#"flowmetrics_otlp_spans_total{transport="grpc"}"#, 2.0),
+        ],
     );
     for signal in ["traces", "logs", "metrics"] {
         let key = format!(
@@ -183,9 +150,7 @@ async fn raw_call(
     encoding: Option<&str>,
     frame: Vec<u8>,
 ) -> (String, String) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
+    let client = http_client(true);
     let mut req = hyper::Request::post(format!("http://{}{path}", app.otlp_grpc.unwrap()))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
@@ -209,15 +174,6 @@ async fn raw_call(
     (pick("grpc-status"), pick("grpc-message"))
 }
 
-fn frame(compressed: bool, message: &[u8]) -> Vec<u8> {
-    let mut f = vec![u8::from(compressed)];
-    f.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    f.extend_from_slice(message);
-    f
-}
-
-const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_grpc_input_gets_spec_codes_and_changes_nothing() {
     let mut config = test_config();
@@ -225,15 +181,20 @@ async fn bad_grpc_input_gets_spec_codes_and_changes_nothing() {
     let app = start(config).await;
 
     // Malformed protobuf → INVALID_ARGUMENT (3).
-    let (code, message) =
-        raw_call(&app, TRACE_EXPORT, None, frame(false, b"\xff\xff\xff\xff")).await;
+    let (code, message) = raw_call(
+        &app,
+        TRACE_EXPORT,
+        None,
+        grpc_frame(false, b"\xff\xff\xff\xff"),
+    )
+    .await;
     assert_eq!(code, "3", "{message}");
     // Oversized message → RESOURCE_EXHAUSTED (8).
     let (code, _) = raw_call(
         &app,
         TRACE_EXPORT,
         None,
-        frame(false, &vec![0u8; 70 * 1024]),
+        grpc_frame(false, &vec![0u8; 70 * 1024]),
     )
     .await;
     assert_eq!(code, "8");
@@ -244,7 +205,7 @@ async fn bad_grpc_input_gets_spec_codes_and_changes_nothing() {
         &app,
         TRACE_EXPORT,
         Some("gzip"),
-        frame(true, &gz.finish().unwrap()),
+        grpc_frame(true, &gz.finish().unwrap()),
     )
     .await;
     assert_eq!(code, "8");
@@ -253,39 +214,35 @@ async fn bad_grpc_input_gets_spec_codes_and_changes_nothing() {
         &app,
         TRACE_EXPORT,
         Some("gzip"),
-        frame(true, b"\x1f\x8bjunk"),
+        grpc_frame(true, b"\x1f\x8bjunk"),
     )
     .await;
     assert_eq!(code, "3");
     // Unknown compression → UNIMPLEMENTED (12), as gRPC specifies.
-    let (code, _) = raw_call(&app, TRACE_EXPORT, Some("br"), frame(true, b"xx")).await;
+    let (code, _) = raw_call(&app, TRACE_EXPORT, Some("br"), grpc_frame(true, b"xx")).await;
     assert_eq!(code, "12");
     // Unknown method → UNIMPLEMENTED.
-    let (code, _) = raw_call(&app, "/foo.Bar/Baz", None, frame(false, b"")).await;
+    let (code, _) = raw_call(&app, "/foo.Bar/Baz", None, grpc_frame(false, b"")).await;
     assert_eq!(code, "12");
     // A valid message still works afterwards.
-    let ok = span_events(&[("flow.g.start", "1", None, SEC)]).encode_to_vec();
-    let (code, _) = raw_call(&app, TRACE_EXPORT, None, frame(false, &ok)).await;
+    let ok = otlp::traces(None, flow_spans(&[("flow.g.start", "1", None, SEC)])).encode_to_vec();
+    let (code, _) = raw_call(&app, TRACE_EXPORT, None, grpc_frame(false, &ok)).await;
     assert_eq!(code, "0");
 
     let m = scrape(&app).await;
-    assert_eq!(
-        value(&m, r#"flowmetrics_flows_started_total{flow="g"}"#),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_otlp_requests_total{transport="grpc",signal="traces",code="INVALID_ARGUMENT"}"#
-        ),
-        2.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_otlp_requests_total{transport="grpc",signal="traces",code="RESOURCE_EXHAUSTED"}"#
-        ),
-        2.0
+    assert_values(
+        &m,
+        &[
+            (r#"flowmetrics_flows_started_total{flow="g"}"#, 1.0),
+            (
+                r#"flowmetrics_otlp_requests_total{transport="grpc",signal="traces",code="INVALID_ARGUMENT"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_otlp_requests_total{transport="grpc",signal="traces",code="RESOURCE_EXHAUSTED"}"#,
+                2.0,
+            ),
+        ],
     );
     app.shutdown().await;
 }

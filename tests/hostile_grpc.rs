@@ -10,12 +10,9 @@ use bytes::Bytes;
 use common::*;
 use h2::client::SendRequest;
 use h2::Reason;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use tokio::net::TcpStream;
 
-const TRACE_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 const PATIENCE: Duration = Duration::from_secs(60);
 const MIB: usize = 1024 * 1024;
 
@@ -163,27 +160,9 @@ async fn many_large_grpc_streams_stay_within_the_byte_budget() {
     // Over budget: UNAVAILABLE (14), retryable.
     assert!(codes.get("14").is_some_and(|n| *n > 0), "{codes:?}");
     // A good export afterwards.
-    let good = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: vec![Span {
-                    events: vec![span::Event {
-                        time_unix_nano: 1,
-                        name: "flow.after.start".into(),
-                        attributes: vec![attr("correlation-id", "1")],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec();
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(good.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&good);
+    let event = otlp::flow_event("flow.after.start", "1", None, 1);
+    let good = otlp::traces(None, vec![otlp::span(&[], &[], vec![event])]).encode_to_vec();
+    let framed = grpc_frame(false, &good);
     let mut client = h2_client(addr).await.ready().await.unwrap();
     let (response, mut stream) = client
         .send_request(grpc_request(addr, TRACE_EXPORT), false)

@@ -10,37 +10,36 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hyper::StatusCode;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const PB: &str = "application/x-protobuf";
+const PB: &str = PROTOBUF;
 /// Upper bound of every wait in these tests: generous, never reached when things work.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The status of the answer on `s`, within [`PATIENCE`].
+async fn status_within_patience(s: &mut TcpStream) -> Option<u16> {
+    tokio::time::timeout(PATIENCE, read_status(s))
+        .await
+        .unwrap()
+}
+
+/// A connection with the head of a trace export of `len` bytes sent, its body not yet.
+async fn headed(addr: SocketAddr, len: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&head("/v1/traces", PB, len)).await.unwrap();
+    s
+}
+
 fn export(flow: &str, id: &str) -> Vec<u8> {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: vec![Span {
-                    trace_id: vec![1; 16],
-                    span_id: vec![2; 8],
-                    events: vec![span::Event {
-                        time_unix_nano: 1_700_000_000_000_000_000,
-                        name: format!("flow.{flow}.start"),
-                        attributes: vec![attr("correlation-id", id)],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    let event = otlp::flow_event(
+        format!("flow.{flow}.start"),
+        id,
+        None,
+        1_700_000_000_000_000_000,
+    );
+    otlp::traces(None, vec![otlp::span(&[1; 16], &[2; 8], vec![event])]).encode_to_vec()
 }
 
 fn head(path: &str, content_type: &str, length: usize) -> Vec<u8> {
@@ -179,8 +178,7 @@ async fn at_the_cap_with_every_connection_busy_new_clients_wait() {
     let mut busy = Vec::new();
     for _ in 0..CAP {
         // A request in flight: headers sent, body not yet.
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&head("/v1/traces", PB, 100)).await.unwrap();
+        let s = headed(addr, 100).await;
         busy.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -222,8 +220,7 @@ async fn slow_bodies_do_not_shut_out_good_clients() {
     let addr = app.otlp_http.unwrap();
     let mut slow = Vec::new();
     for _ in 0..SLOW {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&head("/v1/traces", PB, 1000)).await.unwrap();
+        let mut s = headed(addr, 1000).await;
         slow.push(tokio::spawn(async move {
             // One byte every 200 ms: never done within the deadline.
             for _ in 0..100 {
@@ -272,10 +269,7 @@ async fn a_spent_byte_budget_answers_503_then_recovers() {
     let addr = app.otlp_http.unwrap();
     let mut stalled = Vec::new();
     for _ in 0..3 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&head("/v1/traces", PB, 400 * KIB))
-            .await
-            .unwrap();
+        let mut s = headed(addr, 400 * KIB).await;
         s.write_all(&vec![0u8; 300 * KIB]).await.unwrap();
         stalled.push(s);
     }
@@ -290,12 +284,7 @@ async fn a_spent_byte_budget_answers_503_then_recovers() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
     assert_eq!(r.headers["retry-after"], "1");
     for mut s in stalled {
-        assert_eq!(
-            tokio::time::timeout(PATIENCE, read_status(&mut s))
-                .await
-                .unwrap(),
-            Some(408)
-        );
+        assert_eq!(status_within_patience(&mut s).await, Some(408));
     }
     let r = post(&url, PB, body).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -325,9 +314,7 @@ async fn an_over_long_body_written_whole_still_gets_its_413() {
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("{path} {content_type}: writing the body: {e}"));
-        let status = tokio::time::timeout(PATIENCE, read_status(&mut s))
-            .await
-            .unwrap();
+        let status = status_within_patience(&mut s).await;
         assert_eq!(status, Some(want), "{path} {content_type}");
     }
     // Chunked: the limit is found while reading.
@@ -346,9 +333,7 @@ async fn an_over_long_body_written_whole_still_gets_its_413() {
         .await
         .unwrap()
         .expect("writing a chunked body");
-    let status = tokio::time::timeout(PATIENCE, read_status(&mut s))
-        .await
-        .unwrap();
+    let status = status_within_patience(&mut s).await;
     assert_eq!(status, Some(413));
     app.shutdown().await;
 }
@@ -498,9 +483,7 @@ async fn a_body_three_times_the_limit_written_whole_gets_its_413() {
         .await
         .expect("written within the deadline")
         .expect("the whole body is taken, not reset");
-    let status = tokio::time::timeout(PATIENCE, read_status(&mut s))
-        .await
-        .unwrap();
+    let status = status_within_patience(&mut s).await;
     assert_eq!(status, Some(413));
     app.shutdown().await;
 }

@@ -4,19 +4,17 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::attr as s;
+use common::otlp::{self, deflate, gzip};
 use common::*;
 use hyper::{Method, StatusCode};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
 fn seed_body(event: &str, id: &str, outcome: Option<&str>, ts_secs: u64, service: &str) -> String {
@@ -56,47 +54,13 @@ fn seed_body(event: &str, id: &str, outcome: Option<&str>, ts_secs: u64, service
     )
 }
 
-/// One span per event: (event name, correlation id, outcome, timestamp ns).
+/// One span per event under a resource of service `test`: (event name, correlation id,
+/// outcome, timestamp ns).
 fn request(events: &[(&str, &str, Option<&str>, u64)]) -> ExportTraceServiceRequest {
-    let spans = events
-        .iter()
-        .enumerate()
-        .map(|(i, (name, id, outcome, ts))| {
-            let mut attributes = vec![s("correlation-id", id)];
-            if let Some(o) = outcome {
-                attributes.push(s("outcome", o));
-            }
-            Span {
-                trace_id: vec![0xab; 16],
-                span_id: ((i as u64) + 1).to_be_bytes().to_vec(),
-                name: "work".into(),
-                events: vec![span::Event {
-                    time_unix_nano: *ts,
-                    name: name.to_string(),
-                    attributes,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }
-        })
-        .collect();
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![s("service.name", "test")],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-}
-
-fn traces_url(app: &flowmetrics::RunningApp) -> String {
-    format!("http://{}/v1/traces", app.otlp_http.unwrap())
+    otlp::traces(
+        Some(vec![s("service.name", "test")]),
+        otlp::flow_spans(events),
+    )
 }
 
 const PB: &str = "application/x-protobuf";
@@ -150,75 +114,44 @@ async fn seed_curl_examples_work_unchanged() {
     )
     .await;
     let m = scrape(&app).await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_started_total{flow="order_processing"}"#
-        ),
-        2.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="success"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="cancelled"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_duration_seconds_count{flow="order_processing"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_duration_seconds_sum{flow="order_processing"}"#
-        ),
-        2.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_in_progress{flow="order_processing"}"#
-        ),
-        0.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_otlp_requests_total{transport="http",signal="traces",code="200"}"#
-        ),
-        4.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#
-        ),
-        2.0
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flows_started_total{flow="order_processing"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="success"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flows_completed_total{flow="order_processing",outcome="cancelled"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_duration_seconds_count{flow="order_processing"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_duration_seconds_sum{flow="order_processing"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flows_in_progress{flow="order_processing"}"#,
+                0.0,
+            ),
+            (
+                r#"flowmetrics_otlp_requests_total{transport="http",signal="traces",code="200"}"#,
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_total{kind="start",source="span_event"}"#,
+                2.0,
+            ),
+        ],
     );
     app.shutdown().await;
-}
-
-fn gzip(b: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(b).unwrap();
-    e.finish().unwrap()
-}
-
-fn deflate(b: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(b).unwrap();
-    e.finish().unwrap()
 }
 
 #[tokio::test]
@@ -246,23 +179,22 @@ async fn protobuf_in_every_encoding() {
         assert!(reply.partial_success.is_none());
     }
     let m = scrape(&app).await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_completed_total{flow="pay",outcome="failure"}"#
-        ),
-        4.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_errors_total{flow="pay",error_reason="failure"}"#
-        ),
-        4.0
-    );
-    assert_eq!(
-        value(&m, r#"flowmetrics_flow_duration_seconds_count{flow="pay"}"#),
-        0.0
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flows_completed_total{flow="pay",outcome="failure"}"#,
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_errors_total{flow="pay",error_reason="failure"}"#,
+                4.0,
+            ),
+            (
+                r#"flowmetrics_flow_duration_seconds_count{flow="pay"}"#,
+                0.0,
+            ),
+        ],
     );
     app.shutdown().await;
 }
@@ -321,26 +253,22 @@ async fn rejected_events_get_partial_success_and_counters() {
         json.text()
     );
     let m = scrape(&app).await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_events_rejected_total{reason="invalid_outcome"}"#
-        ),
-        2.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_events_rejected_total{reason="missing_correlation_id"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_events_rejected_total{reason="invalid_flow_name"}"#
-        ),
-        1.0
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="invalid_outcome"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="missing_correlation_id"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_rejected_total{reason="invalid_flow_name"}"#,
+                1.0,
+            ),
+        ],
     );
     // The valid start in the same request was kept.
     assert_eq!(
@@ -411,15 +339,15 @@ async fn error_statuses() {
     )
     .await;
     assert_eq!(ok.status, StatusCode::OK);
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(m, "flowmetrics_in_flight_entries") == 1.0
-    })
-    .await;
-    assert_eq!(
-        value(&m, r#"flowmetrics_flows_started_total{flow="f"}"#),
-        1.0
+    let series = "flowmetrics_in_flight_entries";
+    let m = scrape_until_value(&app, Duration::from_secs(5), series, 1.0).await;
+    assert_values(
+        &m,
+        &[
+            (r#"flowmetrics_flows_started_total{flow="f"}"#, 1.0),
+            (r#"flowmetrics_in_flight_entries"#, 1.0),
+        ],
     );
-    assert_eq!(value(&m, "flowmetrics_in_flight_entries"), 1.0);
     // (404s name no signal, so they are not in this family.)
     for code in ["400", "405", "413", "415"] {
         let series = format!(
@@ -505,22 +433,18 @@ async fn timeouts_count_incomplete_through_the_service() {
             && value(m, r#"flowmetrics_flow_unmatched_ends_total{flow="slow"}"#) == 1.0
     })
     .await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_errors_total{flow="slow",error_reason="incomplete"}"#
-        ),
-        1.0
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flow_errors_total{flow="slow",error_reason="incomplete"}"#,
+                1.0,
+            ),
+            (r#"flowmetrics_flow_unmatched_ends_total{flow="slow"}"#, 1.0),
+            (r#"flowmetrics_flows_in_progress{flow="slow"}"#, 0.0),
+            (r#"flowmetrics_in_flight_entries"#, 0.0),
+        ],
     );
-    assert_eq!(
-        value(&m, r#"flowmetrics_flow_unmatched_ends_total{flow="slow"}"#),
-        1.0
-    );
-    assert_eq!(
-        value(&m, r#"flowmetrics_flows_in_progress{flow="slow"}"#),
-        0.0
-    );
-    assert_eq!(value(&m, "flowmetrics_in_flight_entries"), 0.0);
     app.shutdown().await;
 }
 
@@ -703,16 +627,18 @@ async fn a_retried_export_of_events_without_a_time_is_one_instance() {
         );
     }
     let m = scrape(&app).await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#
-        ),
-        2.0
-    );
-    assert_eq!(
-        value(&m, r#"flowmetrics_flow_events_duplicate_total{kind="end"}"#),
-        2.0
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="start"}"#,
+                2.0,
+            ),
+            (
+                r#"flowmetrics_flow_events_duplicate_total{kind="end"}"#,
+                2.0,
+            ),
+        ],
     );
     app.shutdown().await;
 }

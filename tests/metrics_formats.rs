@@ -9,13 +9,13 @@ use std::io::{Read as _, Write as _};
 use std::process::{Command, Stdio};
 
 use common::attr as s;
+use common::otlp::{self, gzip};
 use common::*;
 use flowmetrics::config::{FlowOverride, HistogramKind};
 use hyper::{Method, StatusCode};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
 use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model::{
     Metric, MetricFamily, MetricType,
 };
@@ -27,45 +27,19 @@ const PROTOBUF: &str =
 /// A start and a success end of `flow`, 0.25 s apart, one span each; `resource` extra
 /// attributes on the resource.
 fn flow_request(flow: &str, id: &str, resource: Vec<KeyValue>) -> ExportTraceServiceRequest {
-    let event = |i: u8, kind: &str, ts: u64| Span {
-        trace_id: vec![0xab; 16],
-        span_id: vec![i; 8],
-        name: "work".into(),
-        events: vec![span::Event {
-            time_unix_nano: ts,
-            name: format!("flow.{flow}.{kind}"),
-            attributes: vec![s("correlation-id", id)],
-            ..Default::default()
-        }],
-        ..Default::default()
+    let event = |i: u8, kind: &str, ts: u64| {
+        let event = otlp::event(
+            format!("flow.{flow}.{kind}"),
+            ts,
+            vec![s("correlation-id", id)],
+        );
+        otlp::span(&[0xab; 16], &[i; 8], vec![event])
     };
     let base = 1_700_000_000_000_000_000u64;
-    request(
-        resource,
+    otlp::traces(
+        Some(resource),
         vec![event(1, "start", base), event(2, "end", base + 250_000_000)],
     )
-}
-
-fn request(resource: Vec<KeyValue>, spans: Vec<Span>) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: resource,
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-}
-
-fn gzip(b: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(b).unwrap();
-    e.finish().unwrap()
 }
 
 fn gunzip(b: &[u8]) -> Vec<u8> {
@@ -77,9 +51,8 @@ fn gunzip(b: &[u8]) -> Vec<u8> {
 }
 
 async fn export(app: &flowmetrics::RunningApp, body: ExportTraceServiceRequest) {
-    let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
     let r = request_raw(
-        &url,
+        &traces_url(app),
         Method::POST,
         &[
             ("content-type", "application/x-protobuf"),
@@ -321,16 +294,6 @@ async fn the_format_follows_accept_and_gzip_follows_accept_encoding() {
     app.shutdown().await;
 }
 
-fn string_attr(key: &str, value: String) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value)),
-        }),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_megabyte_label_value_is_cut_to_the_bound_and_counted() {
     let mut config = test_config();
@@ -341,11 +304,7 @@ async fn a_megabyte_label_value_is_cut_to_the_bound_and_counted() {
     let huge = "x".repeat(1 << 20);
     export(
         &app,
-        flow_request(
-            "checkout",
-            "big",
-            vec![string_attr("service.name", huge.clone())],
-        ),
+        flow_request("checkout", "big", vec![s("service.name", &huge)]),
     )
     .await;
     // A Flow Span whose source workload (a default network dimension) is as long.
@@ -356,18 +315,12 @@ async fn a_megabyte_label_value_is_cut_to_the_bound_and_counted() {
         start_time_unix_nano: 1_000,
         end_time_unix_nano: 2_000,
         attributes: vec![
-            KeyValue {
-                key: "flow.bytes.delta".into(),
-                value: Some(AnyValue {
-                    value: Some(any_value::Value::IntValue(10)),
-                }),
-                ..Default::default()
-            },
-            string_attr("source.k8s.deployment.name", huge.clone()),
+            int_attr("flow.bytes.delta", 10),
+            s("source.k8s.deployment.name", &huge),
         ],
         ..Default::default()
     };
-    export(&app, request(vec![], vec![flow_span])).await;
+    export(&app, otlp::traces(Some(vec![]), vec![flow_span])).await;
 
     let r = scrape_with(&app, &[]).await;
     let text = r.text();
@@ -386,19 +339,18 @@ async fn a_megabyte_label_value_is_cut_to_the_bound_and_counted() {
         1.0,
         "{text}"
     );
-    assert_eq!(
-        value(
-            &samples,
-            r#"flowmetrics_label_values_truncated_total{label="service"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &samples,
-            r#"flowmetrics_label_values_truncated_total{label="source_workload"}"#
-        ),
-        1.0
+    assert_values(
+        &samples,
+        &[
+            (
+                r#"flowmetrics_label_values_truncated_total{label="service"}"#,
+                1.0,
+            ),
+            (
+                r#"flowmetrics_label_values_truncated_total{label="source_workload"}"#,
+                1.0,
+            ),
+        ],
     );
     let records = samples
         .iter()

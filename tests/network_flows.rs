@@ -10,9 +10,7 @@ use flowmetrics::config::{Config, NetworkDimension};
 use hyper::StatusCode;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
+use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
 /// The Flow Span example of the convention's primer, verbatim.
@@ -46,16 +44,6 @@ fn default_labels(direction: Option<&str>, transport: &str, src: &str, dst: &str
     )
 }
 
-fn int(key: &str, v: i64) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(v)),
-        }),
-        ..Default::default()
-    }
-}
-
 /// A Flow Span between two deployments of namespace `shop` (namespace on the resource).
 fn flow_span(id: u8, src: &str, dst: &str, bytes: [i64; 2], packets: [i64; 2]) -> Span {
     Span {
@@ -66,10 +54,10 @@ fn flow_span(id: u8, src: &str, dst: &str, bytes: [i64; 2], packets: [i64; 2]) -
         end_time_unix_nano: 2_000,
         attributes: vec![
             s("flow.community_id", "1:abc"),
-            int("flow.bytes.delta", bytes[0]),
-            int("flow.reverse.bytes.delta", bytes[1]),
-            int("flow.packets.delta", packets[0]),
-            int("flow.reverse.packets.delta", packets[1]),
+            int_attr("flow.bytes.delta", bytes[0]),
+            int_attr("flow.reverse.bytes.delta", bytes[1]),
+            int_attr("flow.packets.delta", packets[0]),
+            int_attr("flow.reverse.packets.delta", packets[1]),
             s("network.transport", "tcp"),
             s("source.address", "10.0.0.1"),
             s("source.k8s.deployment.name", src),
@@ -79,29 +67,17 @@ fn flow_span(id: u8, src: &str, dst: &str, bytes: [i64; 2], packets: [i64; 2]) -
     }
 }
 
+/// `spans` under a resource of namespace `shop`.
 fn request(spans: Vec<Span>) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![
-                    s("source.k8s.namespace.name", "shop"),
-                    s("destination.k8s.namespace.name", "shop"),
-                ],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
+    let namespace = |side: &str| s(&format!("{side}.k8s.namespace.name"), "shop");
+    otlp::traces(
+        Some(vec![namespace("source"), namespace("destination")]),
+        spans,
+    )
 }
 
 async fn post_protobuf(app: &flowmetrics::RunningApp, req: &ExportTraceServiceRequest) {
-    let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
-    let r = post(&url, "application/x-protobuf", req.encode_to_vec()).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    export_ok(app, PROTOBUF, req.encode_to_vec()).await;
 }
 
 async fn post_json(app: &flowmetrics::RunningApp, signal: &str, body: String) {
@@ -180,12 +156,8 @@ async fn protobuf_and_grpc_flow_spans_are_counted_with_resource_dimensions() {
 async fn a_flow_span_with_flow_events_counts_as_both() {
     let app = start(test_config()).await;
     let mut span = flow_span(3, "web", "api", [10, 20], [1, 1]);
-    span.events.push(span::Event {
-        name: "flow.checkout.start".into(),
-        time_unix_nano: 5,
-        attributes: vec![s("correlation-id", "c1")],
-        ..Default::default()
-    });
+    span.events
+        .push(otlp::flow_event("flow.checkout.start", "c1", None, 5));
     post_protobuf(&app, &request(vec![span.clone()])).await;
     let mut json_span = span;
     json_span.trace_id = vec![4; 16];
@@ -282,19 +254,18 @@ async fn the_series_limit_folds_new_label_sets_into_the_overflow_series() {
         .filter(|k| k.starts_with("flowmetrics_network_flow_records_total"))
         .collect();
     assert_eq!(records.len(), 3, "{records:?}");
-    assert_eq!(
-        value(
-            &m,
-            "flowmetrics_network_flow_records_total{otel_metric_overflow=\"true\"}"
-        ),
-        3.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            "flowmetrics_series_overflow_total{metric=\"flowmetrics_network_flow_records_total\"}"
-        ),
-        3.0
+    assert_values(
+        &m,
+        &[
+            (
+                r#"flowmetrics_network_flow_records_total{otel_metric_overflow="true"}"#,
+                3.0,
+            ),
+            (
+                r#"flowmetrics_series_overflow_total{metric="flowmetrics_network_flow_records_total"}"#,
+                3.0,
+            ),
+        ],
     );
     // bytes: w0 forward + reverse fill it; everything else is folded (4 × 2 + 0).
     assert_eq!(
@@ -314,12 +285,12 @@ async fn unusable_deltas_are_rejected_as_invalid_network_flow() {
     bad.attributes = vec![
         s("flow.community_id", "1:x"),
         s("flow.bytes.delta", "lots"),
-        int("flow.packets.delta", -4),
+        int_attr("flow.packets.delta", -4),
     ];
     let mut partial = flow_span(21, "web", "api", [0, 0], [0, 0]);
     partial.attributes = vec![
         s("flow.bytes.delta", "12"),
-        int("flow.reverse.bytes.delta", 30),
+        int_attr("flow.reverse.bytes.delta", 30),
     ];
     post_protobuf(&app, &request(vec![bad, partial])).await;
     let m = scrape(&app).await;

@@ -4,58 +4,23 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::attr as s;
+use common::otlp::{self, now_nanos, SEC};
 use common::*;
 use flowmetrics::config::{FlowOverride, Objective};
-use hyper::StatusCode;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
-
-const SEC: u64 = 1_000_000_000;
-
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 /// (event name, correlation id, timestamp).
 async fn send(app: &flowmetrics::RunningApp, events: &[(String, String, u64)]) {
     let spans = events
         .iter()
-        .map(|(name, id, ts)| Span {
-            trace_id: vec![3; 16],
-            span_id: vec![4; 8],
-            events: vec![span::Event {
-                name: name.clone(),
-                time_unix_nano: *ts,
-                attributes: vec![s("correlation-id", id)],
-                ..Default::default()
-            }],
-            ..Default::default()
+        .map(|(name, id, ts)| {
+            let event = otlp::flow_event(name.clone(), id, None, *ts);
+            otlp::span(&[3; 16], &[4; 8], vec![event])
         })
         .collect();
-    let body = ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec();
-    let r = post(
-        &format!("http://{}/v1/traces", app.otlp_http.unwrap()),
-        "application/x-protobuf",
-        body,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    export_ok(app, PROTOBUF, otlp::traces(None, spans).encode_to_vec()).await;
 }
 
 fn starts(flow: &str, prefix: &str, ages_secs: &[u64], now: u64) -> Vec<(String, String, u64)> {
@@ -116,30 +81,34 @@ async fn objective_gauges_and_exact_overdue_counts() {
         m.contains_key(r#"flowmetrics_flows_overdue{flow="checkout"}"#)
     })
     .await;
-    assert_eq!(
-        m.get(r#"flowmetrics_flow_objective_target{flow="checkout"}"#),
-        Some(&0.99)
-    );
-    assert_eq!(
-        m.get(r#"flowmetrics_flow_objective_seconds{flow="checkout"}"#),
-        Some(&45.0)
-    );
-    assert_eq!(
-        m.get(r#"flowmetrics_flow_objective_target{flow="refund"}"#),
-        Some(&0.95)
+    assert_present(
+        &m,
+        &[
+            (
+                r#"flowmetrics_flow_objective_target{flow="checkout"}"#,
+                0.99,
+            ),
+            (
+                r#"flowmetrics_flow_objective_seconds{flow="checkout"}"#,
+                45.0,
+            ),
+            (r#"flowmetrics_flow_objective_target{flow="refund"}"#, 0.95),
+        ],
     );
     // No `within`: no seconds gauge, and (no overdue_after either) no overdue series.
     assert!(!m.contains_key(r#"flowmetrics_flow_objective_seconds{flow="refund"}"#));
     assert!(!m.contains_key(r#"flowmetrics_flows_overdue{flow="refund"}"#));
     // overdue_after without an objective: overdue series, no objective gauges.
     assert!(!m.contains_key(r#"flowmetrics_flow_objective_target{flow="orders"}"#));
-    assert_eq!(
-        m.get(r#"flowmetrics_flows_overdue{flow="orders"}"#),
-        Some(&0.0)
-    );
-    assert_eq!(
-        m.get(r#"flowmetrics_flow_oldest_open_seconds{flow="orders"}"#),
-        Some(&0.0)
+    assert_present(
+        &m,
+        &[
+            (r#"flowmetrics_flows_overdue{flow="orders"}"#, 0.0),
+            (
+                r#"flowmetrics_flow_oldest_open_seconds{flow="orders"}"#,
+                0.0,
+            ),
+        ],
     );
 
     let now = now_nanos();
@@ -177,12 +146,11 @@ async fn objective_gauges_and_exact_overdue_counts() {
         ],
     )
     .await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| value(m, checkout) == 2.0).await;
+    let m = scrape_until_value(&app, Duration::from_secs(5), checkout, 2.0).await;
     assert_eq!(value(&m, checkout), 2.0, "one at 120 s and one at 60 s");
     assert!(value(&m, oldest) >= 120.0);
     send(&app, &[end("checkout", "c-2", later)]).await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| value(m, checkout) == 1.0).await;
-    assert_eq!(value(&m, checkout), 1.0);
+    let m = scrape_until_value(&app, Duration::from_secs(5), checkout, 1.0).await;
     let age = value(&m, oldest);
     assert!(
         (60.0..=66.0).contains(&age),
@@ -216,18 +184,20 @@ async fn a_default_objective_applies_to_every_flow_from_its_first_event() {
         value(m, r#"flowmetrics_flows_overdue{flow="anything"}"#) == 1.0
     })
     .await;
-    assert_eq!(
-        m.get(r#"flowmetrics_flow_objective_target{flow="anything"}"#),
-        Some(&0.9)
-    );
-    assert_eq!(
-        m.get(r#"flowmetrics_flow_objective_seconds{flow="anything"}"#),
-        Some(&2.0)
-    );
-    // `within` (2 s) is a bucket bound although the default buckets skip from 1 to 2.5.
-    assert_eq!(
-        m.get(r#"flowmetrics_flow_duration_seconds_bucket{le="2.0",flow="anything"}"#),
-        Some(&1.0)
+    assert_present(
+        &m,
+        &[
+            (r#"flowmetrics_flow_objective_target{flow="anything"}"#, 0.9),
+            (
+                r#"flowmetrics_flow_objective_seconds{flow="anything"}"#,
+                2.0,
+            ),
+            // `within` (2 s) is a bucket bound although the default buckets skip from 1 to 2.5.
+            (
+                r#"flowmetrics_flow_duration_seconds_bucket{le="2.0",flow="anything"}"#,
+                1.0,
+            ),
+        ],
     );
     assert_eq!(
         value(&m, r#"flowmetrics_flows_overdue{flow="anything"}"#),
@@ -263,11 +233,7 @@ async fn time_outs_evictions_and_restarts_keep_the_count_exact() {
 
     // Time-outs: three overdue instances, gone once their 1 s timeout passes.
     send(&app, &starts("t", "t", &[60, 60, 60], now)).await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(m, &overdue("t")) == 3.0
-    })
-    .await;
-    assert_eq!(value(&m, &overdue("t")), 3.0);
+    scrape_until_value(&app, Duration::from_secs(5), &overdue("t"), 3.0).await;
     let m = scrape_until(&app, Duration::from_secs(8), |m| {
         value(m, &overdue("t")) == 0.0
             && value(
@@ -280,11 +246,7 @@ async fn time_outs_evictions_and_restarts_keep_the_count_exact() {
 
     // Evictions: a full store (10 entries) drops the oldest for new ones.
     send(&app, &starts("e", "e", &[60; 6], now)).await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(m, &overdue("e")) == 6.0
-    })
-    .await;
-    assert_eq!(value(&m, &overdue("e")), 6.0);
+    scrape_until_value(&app, Duration::from_secs(5), &overdue("e"), 6.0).await;
     send(&app, &starts("other", "x", &[0; 10], now_nanos())).await;
     let m = scrape_until(&app, Duration::from_secs(8), |m| {
         value(
@@ -305,17 +267,10 @@ async fn time_outs_evictions_and_restarts_keep_the_count_exact() {
 
     // Restarts: open instances written at shutdown count again once read back.
     send(&app, &starts("r", "r", &[60, 60, 1], now_nanos())).await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(m, &overdue("r")) == 2.0
-    })
-    .await;
-    assert_eq!(value(&m, &overdue("r")), 2.0);
+    scrape_until_value(&app, Duration::from_secs(5), &overdue("r"), 2.0).await;
     app.shutdown().await;
     let app = start(config()).await;
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(m, &overdue("r")) == 2.0
-    })
-    .await;
+    let m = scrape_until_value(&app, Duration::from_secs(5), &overdue("r"), 2.0).await;
     assert_eq!(
         value(&m, r#"flowmetrics_flows_restored_total{flow="r"}"#),
         3.0

@@ -3,19 +3,13 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
-use common::{post, request, start, test_config};
+use common::otlp::now_nanos;
+use common::{export_ok, get, parse_samples, request, scrape_text, start, sum_series, test_config};
 use hyper::{Method, StatusCode};
 use serde_json::Value;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 /// One OTLP/JSON trace export with one span per event: (event name, correlation id,
 /// outcome — for a `.step` event the step — or "", timestamp ns).
@@ -45,16 +39,14 @@ fn export(events: &[(&str, &str, &str, u64)]) -> String {
 }
 
 async fn send(app: &flowmetrics::RunningApp, body: String) {
-    let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
-    let r = post(&url, "application/json", body).await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = export_ok(app, "application/json", body).await;
     assert!(!r.text().contains("rejected"), "{}", r.text());
 }
 
 /// checkout: 4 started; 2 success (0.2 s and 3 s), 1 failure, 1 still open.
 /// payment: 1 started, 1 cancelled.
 async fn feed(app: &flowmetrics::RunningApp) {
-    let t = now_ns() - 10_000_000_000;
+    let t = now_nanos() - 10_000_000_000;
     let s = 1_000_000_000u64;
     send(
         app,
@@ -92,16 +84,45 @@ fn close(v: &Value, want: f64) -> bool {
     v.as_f64().is_some_and(|x| (x - want).abs() < 1e-9)
 }
 
+/// `/api/flows`, parsed.
+async fn api_flows(app: &flowmetrics::RunningApp) -> Value {
+    serde_json::from_slice(&get(app, "/api/flows").await.body).unwrap()
+}
+
+/// The data the page carries for its first paint.
+fn initial_data(page: &str) -> Value {
+    let data = page
+        .split_once(r#"<script type="application/json" id="initial-data">"#)
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map(|(json, _)| json)
+        .expect("initial data block");
+    serde_json::from_str(data).unwrap()
+}
+
+/// The names of a flow's steps, in the order given.
+fn step_names(flow: &Value) -> Vec<&str> {
+    flow["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect()
+}
+
 fn check_counts(report: &Value) {
     assert_eq!(report["flow_count"], 2, "{report}");
     let c = row(report, "checkout");
-    assert_eq!(c["started"], 4, "{c}");
-    assert_eq!(c["success"], 2, "{c}");
-    assert_eq!(c["failure"], 1, "{c}");
-    assert_eq!(c["cancelled"], 0, "{c}");
-    assert_eq!(c["incomplete"], 0, "{c}");
-    assert_eq!(c["in_progress"], 1, "{c}");
-    assert_eq!(c["dropped"], 0, "{c}");
+    for (field, want) in [
+        ("started", 4),
+        ("success", 2),
+        ("failure", 1),
+        ("cancelled", 0),
+        ("incomplete", 0),
+        ("in_progress", 1),
+        ("dropped", 0),
+    ] {
+        assert_eq!(c[field], want, "{field}: {c}");
+    }
     assert!(close(&c["error_ratio"], 1.0 / 3.0), "{c}");
     // Default buckets: 0.2 s in (0.1, 0.25], 3 s in (2.5, 5]. p50: rank 1 of 2 is the
     // end of the first; p99: rank 1.98, 98% into (2.5, 5].
@@ -123,9 +144,8 @@ fn check_counts(report: &Value) {
 #[tokio::test]
 async fn api_flows_reports_each_flow_with_its_counts_and_percentiles() {
     let app = start(test_config()).await;
-    let url = format!("http://{}/api/flows", app.metrics);
 
-    let r = request(Method::GET, &url, &[], Bytes::new()).await;
+    let r = get(&app, "/api/flows").await;
     assert_eq!(r.status, StatusCode::OK);
     let empty: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(empty["flow_count"], 0, "{empty}");
@@ -133,7 +153,7 @@ async fn api_flows_reports_each_flow_with_its_counts_and_percentiles() {
     feed(&app).await;
     // The last sparkline point runs from the first sample to now; give it some width.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let r = request(Method::GET, &url, &[], Bytes::new()).await;
+    let r = get(&app, "/api/flows").await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.headers["content-type"]
         .to_str()
@@ -154,13 +174,7 @@ async fn api_flows_reports_each_flow_with_its_counts_and_percentiles() {
 async fn the_page_is_self_contained_and_carries_the_current_numbers() {
     let app = start(test_config()).await;
     feed(&app).await;
-    let r = request(
-        Method::GET,
-        &format!("http://{}/", app.metrics),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let r = get(&app, "/").await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.headers["content-type"]
         .to_str()
@@ -187,13 +201,7 @@ async fn the_page_is_self_contained_and_carries_the_current_numbers() {
     }
     // Flow names only ever reach the DOM as text.
     assert!(!page.contains("innerHTML") && !page.contains("insertAdjacentHTML"));
-    let data = page
-        .split_once(r#"<script type="application/json" id="initial-data">"#)
-        .and_then(|(_, rest)| rest.split_once("</script>"))
-        .map(|(json, _)| json)
-        .expect("initial data block");
-    let report: Value = serde_json::from_str(data).unwrap();
-    check_counts(&report);
+    check_counts(&initial_data(&page));
 
     let head = request(
         Method::HEAD,
@@ -211,26 +219,11 @@ async fn the_page_is_self_contained_and_carries_the_current_numbers() {
 async fn api_flows_totals_equal_the_exposition_sums() {
     let app = start(test_config()).await;
     feed(&app).await;
-    let text = common::scrape_text(&app).await;
-    let r = request(
-        Method::GET,
-        &format!("http://{}/api/flows", app.metrics),
-        &[],
-        Bytes::new(),
-    )
-    .await;
-    let report: Value = serde_json::from_slice(&r.body).unwrap();
-    let samples = common::parse_samples(&text);
+    let text = scrape_text(&app).await;
+    let report = api_flows(&app).await;
+    let samples = parse_samples(&text);
     let sum = |name: &str, flow: &str, filter: &str| -> f64 {
-        samples
-            .iter()
-            .filter(|(series, _)| {
-                series.starts_with(&format!("{name}{{"))
-                    && series.contains(&format!("flow=\"{flow}\""))
-                    && series.contains(filter)
-            })
-            .map(|(_, v)| v)
-            .sum()
+        sum_series(&samples, name, &[&format!("flow=\"{flow}\""), filter])
     };
     for flow in ["checkout", "payment"] {
         let row = row(&report, flow);
@@ -282,7 +275,7 @@ async fn api_flows_totals_equal_the_exposition_sums() {
 /// Both time out after 1 s: order's o1 stalls at paid, o2 at placed, o3 at start; o4
 /// reaches every step and ends. ship's s1 reaches a and b and ends, s2 stalls at a.
 async fn feed_journeys(app: &flowmetrics::RunningApp) {
-    let t = now_ns() - 10_000_000_000;
+    let t = now_nanos() - 10_000_000_000;
     let ms = 1_000_000u64;
     send(
         app,
@@ -331,12 +324,10 @@ async fn api_flows_shows_each_journey_reached_conversion_median_and_stalls() {
     );
     let app = start(config).await;
     feed_journeys(&app).await;
-    let url = format!("http://{}/api/flows", app.metrics);
     // Until the time-outs are counted (within 2 s after the 1 s timeout).
     let give_up = std::time::Instant::now() + Duration::from_secs(10);
     let report = loop {
-        let r = request(Method::GET, &url, &[], Bytes::new()).await;
-        let report: Value = serde_json::from_slice(&r.body).unwrap();
+        let report = api_flows(&app).await;
         let done =
             row(&report, "order")["incomplete"] == 3 && row(&report, "ship")["incomplete"] == 1;
         if done || std::time::Instant::now() > give_up {
@@ -347,14 +338,8 @@ async fn api_flows_shows_each_journey_reached_conversion_median_and_stalls() {
     let order = row(&report, "order");
     assert_eq!(order["started"], 4, "{order}");
     assert_eq!(order["incomplete"], 3, "{order}");
-    let names: Vec<&str> = order["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        names,
+        step_names(order),
         ["placed", "paid", "shipped"],
         "declared order: {order}"
     );
@@ -375,30 +360,15 @@ async fn api_flows_shows_each_journey_reached_conversion_median_and_stalls() {
 
     // Undeclared: by instances reached, most first.
     let ship = row(&report, "ship");
-    let names: Vec<&str> = ship["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["a", "b"], "{ship}");
+    assert_eq!(step_names(ship), ["a", "b"], "{ship}");
     assert!(close(&step_row(ship, "a")["conversion"], 1.0), "{ship}");
     assert_eq!(step_row(ship, "a")["stalled"], 1, "{ship}");
     assert!(close(&step_row(ship, "b")["conversion"], 0.5), "{ship}");
     assert_eq!(ship["stalled_at_start"], 0, "{ship}");
 
     // The same numbers as the exposition's step families.
-    let samples = common::parse_samples(&common::scrape_text(&app).await);
-    let sum = |name: &str, labels: &[&str]| -> f64 {
-        samples
-            .iter()
-            .filter(|(series, _)| {
-                series.starts_with(&format!("{name}{{"))
-                    && labels.iter().all(|l| series.contains(l))
-            })
-            .map(|(_, v)| v)
-            .sum()
-    };
+    let samples = parse_samples(&scrape_text(&app).await);
+    let sum = |name: &str, labels: &[&str]| sum_series(&samples, name, labels);
     for (flow, step) in [
         ("order", "placed"),
         ("order", "paid"),
@@ -421,21 +391,9 @@ async fn api_flows_shows_each_journey_reached_conversion_median_and_stalls() {
     }
 
     // The page carries the journeys for its first paint and renders them as tables.
-    let page = request(
-        Method::GET,
-        &format!("http://{}/", app.metrics),
-        &[],
-        Bytes::new(),
-    )
-    .await
-    .text();
+    let page = get(&app, "/").await.text();
     assert!(page.contains(r#"id="journeys""#) && page.contains("renderJourneys"));
-    let data = page
-        .split_once(r#"<script type="application/json" id="initial-data">"#)
-        .and_then(|(_, rest)| rest.split_once("</script>"))
-        .map(|(json, _)| json)
-        .expect("initial data block");
-    let initial: Value = serde_json::from_str(data).unwrap();
+    let initial = initial_data(&page);
     assert_eq!(step_row(row(&initial, "order"), "placed")["reached"], 3);
     app.shutdown().await;
 }
@@ -460,7 +418,7 @@ async fn api_flows_says_whether_each_objective_is_met() {
     }
     let app = start(config).await;
     feed(&app).await;
-    let t = now_ns();
+    let t = now_nanos();
     send(
         &app,
         export(&[
@@ -469,14 +427,7 @@ async fn api_flows_says_whether_each_objective_is_met() {
         ]),
     )
     .await;
-    let r = request(
-        Method::GET,
-        &format!("http://{}/api/flows", app.metrics),
-        &[],
-        Bytes::new(),
-    )
-    .await;
-    let report: Value = serde_json::from_slice(&r.body).unwrap();
+    let report = api_flows(&app).await;
     let c = &row(&report, "checkout")["objective"];
     assert_eq!(c["state"], "burning", "{c}");
     assert!(close(&c["target"], 0.99), "{c}");
@@ -494,14 +445,7 @@ async fn api_flows_says_whether_each_objective_is_met() {
     assert_eq!(s["state"], "none", "{s}");
     assert!(s["target"].is_null(), "{s}");
     // The page renders the column.
-    let page = request(
-        Method::GET,
-        &format!("http://{}/", app.metrics),
-        &[],
-        Bytes::new(),
-    )
-    .await
-    .text();
+    let page = get(&app, "/").await.text();
     assert!(page.contains("<th rowspan=\"2\">objective</th>"));
     app.shutdown().await;
 }

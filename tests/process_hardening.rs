@@ -1,263 +1,48 @@
 //! The process around the service, through the real binary on loopback: what its state
 //! file may be, signals, a stderr nobody reads, and a low open-file limit.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::process::Service;
+use common::process::{command, entries_in, get, http, json_export, json_flow_event};
+use common::sum_series;
 use flowmetrics::flows::state;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flowmetrics");
 const SEC: u64 = 1_000_000_000;
 const T0: u64 = 1_700_000_000 * SEC;
 
-/// A temporary directory of its own per test.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fm-process-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The binary with only the variables a test sets (JSON logs, loopback listeners).
-fn command(state: Option<&Path>, env: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FLOWMETRICS_") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c.envs([
-        ("FLOWMETRICS_LISTEN__METRICS", "127.0.0.1:0"),
-        ("FLOWMETRICS_LISTEN__OTLP_HTTP", "127.0.0.1:0"),
-        ("FLOWMETRICS_LISTEN__OTLP_GRPC", ""),
-        ("FLOWMETRICS_LOG__FORMAT", "json"),
-    ]);
-    if let Some(path) = state {
-        c.env("FLOWMETRICS_STATE__PATH", path);
-    }
-    c.envs(env.iter().copied());
-    c.stderr(Stdio::piped());
-    c
-}
-
-/// A running binary: its addresses; its stderr read by a thread into `log`, or left to
-/// the test (`stderr`).
-struct Service {
-    child: Child,
-    metrics: SocketAddr,
-    otlp: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    stderr: Option<BufReader<ChildStderr>>,
-}
-
-fn message(line: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-    let msg = v["fields"]["message"].as_str().unwrap_or(line);
-    format!("{} {msg}", v["level"].as_str().unwrap_or("?"))
-}
-
-fn port(msg: &str, prefix: &str) -> Option<SocketAddr> {
-    let rest = &msg[msg.find(prefix)? + prefix.len()..];
-    rest[..rest.find('/')?].parse().ok()
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    common::process::temp_dir("process", name)
 }
 
 impl Service {
-    /// Starts it and reads stderr until both addresses are known (within `within`).
-    fn start_with(mut c: Command, within: Duration, keep_reading: bool) -> Service {
-        let mut child = c.spawn().unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads on a thread for the start-up lines (a blocked start must time out).
-        let reader = std::thread::spawn({
-            let log = log.clone();
-            move || {
-                let (mut metrics, mut otlp) = (None, None);
-                let mut line = String::new();
-                while metrics.is_none() || otlp.is_none() {
-                    line.clear();
-                    if stderr.read_line(&mut line).unwrap_or(0) == 0 {
-                        break;
-                    }
-                    let msg = message(line.trim_end());
-                    metrics = metrics.or_else(|| port(&msg, "metrics: http://"));
-                    otlp = otlp.or_else(|| port(&msg, "OTLP/HTTP: http://"));
-                    log.lock().unwrap().push(msg);
-                }
-                let _ = tx.send((metrics, otlp));
-                stderr
-            }
-        });
-        let Ok((Some(metrics), Some(otlp))) = rx.recv_timeout(within) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("not started within {within:?}: {:?}", log.lock().unwrap());
-        };
-        let stderr = reader.join().unwrap();
-        let mut s = Service {
-            child,
-            metrics,
-            otlp,
-            log,
-            stderr: Some(stderr),
-        };
-        if keep_reading {
-            let stderr = s.stderr.take().unwrap();
-            let log = s.log.clone();
-            std::thread::spawn(move || {
-                for line in stderr.lines().map_while(Result::ok) {
-                    log.lock().unwrap().push(message(&line));
-                }
-            });
-        }
-        s
-    }
-
-    fn start(state: Option<&Path>, env: &[(&str, &str)]) -> Service {
-        Self::start_with(command(state, env), Duration::from_secs(30), true)
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    /// SIGTERM; the exit code (within 30 s).
-    fn stop(&mut self) -> Option<i32> {
-        self.signal(libc::SIGTERM);
-        let give_up = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader take the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                return status.code();
-            }
-            assert!(Instant::now() < give_up, "no exit: {:?}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn wait_for_log(&self, needle: &str) {
-        let give_up = Instant::now() + Duration::from_secs(20);
-        while !self.log().iter().any(|l| l.contains(needle)) {
-            assert!(
-                Instant::now() < give_up,
-                "no line with {needle:?}: {:#?}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn samples(&self) -> BTreeMap<String, f64> {
-        let (status, body) = get(self.metrics, "/metrics");
-        assert_eq!(status, 200, "{body}");
-        parse(&body)
-    }
-
     fn send(&self, events: &[(&str, String, u64)]) {
-        let (status, body) = http(self.otlp, "POST", "/v1/traces", &export(events));
-        assert_eq!(status, 200, "{body}");
+        self.post_traces(&export(events));
     }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP/1.1 request on a connection of its own: (status, body); (0, error) when no
-/// answer came within 10 s.
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let attempt = || -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    };
-    match attempt() {
-        Ok(out) => {
-            let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-            let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-            (status, body.to_string())
-        }
-        Err(e) => (0, e.to_string()),
-    }
-}
-
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http(addr, "GET", path, "")
-}
-
-fn parse(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let l = l.split(" # ").next()?;
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
 }
 
 fn sum(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
-    samples
-        .iter()
-        .filter(|(s, _)| s.split('{').next() == Some(name))
-        .map(|(_, v)| v)
-        .sum()
+    sum_series(samples, name, &[])
 }
 
 /// An OTLP/JSON trace export with one `checkout` flow event per (kind, id, timestamp).
 fn export(events: &[(&str, String, u64)]) -> String {
-    let events: Vec<serde_json::Value> = events
+    let events = events
         .iter()
-        .map(|(kind, id, ts)| {
-            serde_json::json!({
-                "name": format!("flow.checkout.{kind}"),
-                "timeUnixNano": ts.to_string(),
-                "attributes": [{"key": "correlation-id", "value": {"stringValue": id}}],
-            })
-        })
+        .map(|(kind, id, ts)| json_flow_event("checkout", kind, id, *ts))
         .collect();
-    serde_json::json!({"resourceSpans": [{"scopeSpans": [{"spans": [{
-        "traceId": "0af7651916cd43dd8448eb211c80319c",
-        "spanId": "b7ad6b7169203331",
-        "name": "work",
-        "startTimeUnixNano": T0.to_string(),
-        "endTimeUnixNano": T0.to_string(),
-        "events": events,
-    }]}]}]})
-    .to_string()
+    json_export(None, T0, events)
 }
 
 fn events(kind: &'static str, ids: std::ops::Range<u64>) -> Vec<(&'static str, String, u64)> {
     ids.map(|i| (kind, format!("id-{i}"), T0 + i * SEC))
         .collect()
-}
-
-fn entries_in(path: &Path) -> Option<usize> {
-    Some(state::read(path, 1 << 30).ok()??.entries.len())
 }
 
 /// The files beside `path` whose names start with its name and `suffix`.
@@ -414,15 +199,7 @@ fn noisy_export(n: usize) -> String {
     let events: Vec<serde_json::Value> = (0..n)
         .map(|_| serde_json::json!({"name": "flow.checkout.start", "timeUnixNano": T0.to_string()}))
         .collect();
-    serde_json::json!({"resourceSpans": [{"scopeSpans": [{"spans": [{
-        "traceId": "0af7651916cd43dd8448eb211c80319c",
-        "spanId": "b7ad6b7169203331",
-        "name": "work",
-        "startTimeUnixNano": T0.to_string(),
-        "endTimeUnixNano": T0.to_string(),
-        "events": events,
-    }]}]}]})
-    .to_string()
+    json_export(None, T0, events)
 }
 
 #[test]

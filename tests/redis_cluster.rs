@@ -33,25 +33,15 @@ async fn three_replicas_on_a_tls_redis_cluster_count_every_outcome_exactly() {
 }
 
 async fn exactly(cluster: &RedisCluster, seed: u64) {
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        let nodes = cluster.urls();
-        let ca = cluster.ca_file();
-        apps.push(
-            replica_with(|c| {
-                if nodes[0].starts_with("rediss://") {
-                    c.correlation.redis.ca_file = ca.display().to_string();
-                }
-                c.correlation.redis.cluster = nodes;
-            })
-            .await,
-        );
-    }
-    wait_ready(&apps, StatusCode::OK, "replica never ready").await;
-    let urls: Vec<String> = apps
-        .iter()
-        .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
-        .collect();
+    let (nodes, ca) = (cluster.urls(), cluster.ca_file());
+    let apps = three_replicas(|c| {
+        if nodes[0].starts_with("rediss://") {
+            c.correlation.redis.ca_file = ca.display().to_string();
+        }
+        c.correlation.redis.cluster = nodes.clone();
+    })
+    .await;
+    let urls = trace_urls(&apps);
     let traffic = Traffic::start(urls, seed).await;
     traffic.a_third_sent().await;
     // Mid-run: instances, fingerprints and deadlines are on every primary, not one.
@@ -65,13 +55,11 @@ async fn exactly(cluster: &RedisCluster, seed: u64) {
         mid_run.iter().all(|&n| n > 0) && after.iter().all(|&n| n > 0),
         "keys per primary mid-run {mid_run:?}, after {after:?}"
     );
-    let errors: f64 = scrapes
-        .iter()
-        .flat_map(|m| m.iter())
-        .filter(|(k, _)| k.starts_with("flowmetrics_store_errors_total"))
-        .map(|(_, v)| v)
-        .sum();
-    assert_eq!(errors, 0.0, "store errors on a healthy cluster");
+    assert_eq!(
+        store_errors(&scrapes),
+        0.0,
+        "store errors on a healthy cluster"
+    );
     for app in apps {
         app.shutdown().await;
     }
@@ -131,10 +119,7 @@ async fn measure_throughput_on_a_cluster() {
             apps.push(replica_with(|c| c.correlation.redis.cluster = nodes).await);
         }
         wait_ready(&apps, StatusCode::OK, "replica never ready").await;
-        let urls: Vec<String> = apps
-            .iter()
-            .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
-            .collect();
+        let urls = trace_urls(&apps);
         let pids = cluster.pids();
         let run = throughput(&urls, || pids.iter().map(|&p| proc_cpu_ticks(p)).sum()).await;
         println!(

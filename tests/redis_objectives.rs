@@ -8,16 +8,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::otlp::now_nanos;
 use common::redis::RedisServer;
-use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome, Source};
-use flowmetrics::flows::store::{
-    OverdueSettings, RedisSettings, RedisStore, Report, StoreProbe, StoreSettings,
-};
+use common::store::{apply, ev, redis_settings, step, NoProbe, SEC};
+use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome};
+use flowmetrics::flows::store::{OverdueSettings, RedisStore, Report, StoreSettings};
 use flowmetrics::flows::{CorrelationStore, FlowSink};
-
-const SEC: u64 = 1_000_000_000;
 
 /// The latest overdue report per flow, and the time-outs.
 #[derive(Default)]
@@ -45,14 +43,10 @@ impl FlowSink for Latest {
     }
 }
 
-struct NoProbe;
-
-impl StoreProbe for NoProbe {
-    fn store_call(&self, _op: &'static str, _seconds: f64, _ok: bool) {}
-}
-
-fn replica(server: &RedisServer, sink: &Arc<Latest>) -> RedisStore {
-    replica_with(server, sink, 10_000, true)
+/// A replica on `server` with a sink of its own.
+fn replica(server: &RedisServer) -> (RedisStore, Arc<Latest>) {
+    let sink = Arc::new(Latest::default());
+    (replica_with(server, &sink, 10_000, true), sink)
 }
 
 fn replica_with(
@@ -77,16 +71,7 @@ fn replica_with(
             longest_timeout: Duration::from_secs(600),
             step_flows: Vec::new(),
         },
-        RedisSettings {
-            url: server.url(),
-            cluster: Vec::new(),
-            shards: 4,
-            ca_file: None,
-            key_prefix: "o:".into(),
-            connect_timeout: Duration::from_millis(500),
-            command_timeout: Duration::from_secs(2),
-            pool_size: 2,
-        },
+        redis_settings(server, 4, "o:", 2),
         sink.clone(),
         Arc::new(NoProbe),
     )
@@ -101,37 +86,11 @@ fn replica_with(
     })
 }
 
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
 /// Whether `oldest` is the age now of an instance that started `age` seconds before
 /// `then`, to the second the store counts in (reports are fresh: taken just now).
 fn is_age(oldest: f64, then: u64, age: u64) -> bool {
     let expected = (now_nanos() - (then - age * SEC)) as f64 / 1e9;
     (expected - 0.5..=expected + 1.5).contains(&oldest)
-}
-
-fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
-    FlowEvent {
-        flow: Arc::from(flow),
-        correlation_id: id.into(),
-        kind,
-        timestamp_nanos: ts,
-        dims: Arc::from([]),
-        trace: None,
-        source: Source::SpanEvent,
-        step: None,
-    }
-}
-
-fn apply(store: &RedisStore, events: Vec<FlowEvent>) {
-    store
-        .apply_batch(&mut events.into_iter())
-        .expect("store reachable");
 }
 
 /// Runs the replica's maintenance until a new report for `flow` has `overdue` (bounded:
@@ -151,11 +110,8 @@ fn report_until(store: &RedisStore, sink: &Latest, flow: &str, overdue: u64) -> 
 
 #[test]
 fn overdue_counts_are_exact_and_global_across_replicas() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let (a_sink, b_sink) = (Arc::new(Latest::default()), Arc::new(Latest::default()));
-    let (a, b) = (replica(&server, &a_sink), replica(&server, &b_sink));
+    let server = redis_server!();
+    let ((a, a_sink), (b, b_sink)) = (replica(&server), replica(&server));
     // A named flow is reported (at 0) before its first event.
     assert_eq!(report_until(&b, &b_sink, "f", 0), (0, 0.0));
 
@@ -228,18 +184,21 @@ fn overdue_counts_are_exact_and_global_across_replicas() {
 /// without and with thresholds, each filled with `FM_OPEN` (default 1,000,000) open
 /// instances of 10 flows (start seconds over 20 minutes); fill rate, Redis memory per
 /// open instance, the flow path at that many open (exports of 50 starts + 50 ends of
-/// new instances), and one refresh (every shard's counts of every flow).
-/// `cargo test --release --test redis_objectives measure -- --ignored --nocapture`
+/// new instances, `FM_CHURN_SECS` seconds, default 5) with Redis' own time in the apply
+/// script and its CPU per event there, and one refresh (every shard's counts of every
+/// flow). `cargo test --release --test redis_objectives measure -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn measure_overdue_cost_on_redis() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
+    let server = redis_server!();
     let n: u64 = std::env::var("FM_OPEN")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
+    let churn_secs: u64 = std::env::var("FM_CHURN_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let flows: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
     let now = now_nanos();
     let batch = |from: u64, to: u64, kind: EventKind, age: &dyn Fn(u64) -> u64| -> Vec<FlowEvent> {
@@ -268,9 +227,17 @@ fn measure_overdue_cost_on_redis() {
         }
         let fill = n as f64 / t.elapsed().as_secs_f64();
         let per_instance = (server.used_memory() - base) as f64 / n as f64;
+        // Redis' own time in the scripts and its CPU, over the flow path only: less
+        // disturbed than the rate by other work on a shared machine.
+        let mut con = server.connection().unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut con)
+            .unwrap();
+        let cpu_before = redis_cpu_secs(&server);
         let t = Instant::now();
         let mut next = n;
-        while t.elapsed() < Duration::from_secs(5) {
+        while t.elapsed() < Duration::from_secs(churn_secs) {
             apply(&store, batch(next, next + 50, EventKind::Start, &|_| 0));
             apply(
                 &store,
@@ -279,6 +246,19 @@ fn measure_overdue_cost_on_redis() {
             next += 50;
         }
         let churn = (next - n) as f64 * 2.0 / t.elapsed().as_secs_f64();
+        let churn_events = (next - n) as f64 * 2.0;
+        let cpu_us = (redis_cpu_secs(&server) - cpu_before) * 1e6 / churn_events;
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut con)
+            .unwrap();
+        let script_us = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+            .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("usec=")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / churn_events;
         // A maintenance run with the refresh due, then one right after (sweep only).
         let mut refresh_ms = Vec::new();
         for _ in 0..3 {
@@ -293,18 +273,26 @@ fn measure_overdue_cost_on_redis() {
         let overdue: u64 = sink.overdue.lock().unwrap().values().map(|(c, _)| c).sum();
         println!(
             "redis, {n} open, overdue thresholds {}: fill {fill:.0} events/s, {per_instance:.1} B \
-             per open instance in Redis, flow path {churn:.0} events/s, refresh {refresh_ms:.1?} ms \
+             per open instance in Redis, flow path {churn:.0} events/s ({script_us:.2} µs in the \
+             script, {cpu_us:.2} µs Redis CPU per event), refresh {refresh_ms:.1?} ms \
              ({overdue} overdue reported)",
             if track { "on " } else { "off" }
         );
     }
 }
 
-fn step(flow: &str, id: &str, name: &str, ts: u64) -> FlowEvent {
-    FlowEvent {
-        step: Some(Arc::from(name)),
-        ..ev(flow, id, EventKind::Step, ts)
-    }
+/// The server's CPU time so far (user + system), from `/proc`.
+fn redis_cpu_secs(server: &RedisServer) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.pid().unwrap())).unwrap();
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
 }
 
 /// Open instances in the shard's deadlines set (`o:{n}deadlines`), over the four shards.
@@ -327,11 +315,8 @@ fn ages_keys(server: &RedisServer) -> Vec<String> {
 
 #[test]
 fn steps_and_ends_before_their_start_count_only_open_instances() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let (a_sink, b_sink) = (Arc::new(Latest::default()), Arc::new(Latest::default()));
-    let (a, b) = (replica(&server, &a_sink), replica(&server, &b_sink));
+    let server = redis_server!();
+    let ((a, a_sink), (b, b_sink)) = (replica(&server), replica(&server));
     let now = now_nanos();
     let ago = |age: u64| now - age * SEC;
     let success = EventKind::End(Outcome::Success);
@@ -373,9 +358,7 @@ fn steps_and_ends_before_their_start_count_only_open_instances() {
 
 #[test]
 fn evicted_instances_leave_the_count() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
+    let server = redis_server!();
     let sink = Arc::new(Latest::default());
     // 8 entries: 2 per shard.
     let store = replica_with(&server, &sink, 8, true);

@@ -11,7 +11,6 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::attr as s;
 use common::redis::RedisServer;
 use common::replicas::*;
 use common::*;
@@ -19,7 +18,6 @@ use flowmetrics::RunningApp;
 use hyper::StatusCode;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
 #[derive(Clone, Copy, PartialEq)]
@@ -43,15 +41,9 @@ async fn run(fault: Fault, seed: u64) {
     }) else {
         return;
     };
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        apps.push(replica(&redis.url()).await);
-    }
-    wait_ready(&apps, StatusCode::OK, "replica never ready").await;
-    let urls: Vec<String> = apps
-        .iter()
-        .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
-        .collect();
+    let url = redis.url();
+    let mut apps = three_replicas(|c| c.correlation.redis.url = url.clone()).await;
+    let urls = trace_urls(&apps);
     let traffic = Traffic::start(urls, seed).await;
     let mut stopped_scrape = None;
     traffic.a_third_sent().await;
@@ -91,13 +83,10 @@ async fn run(fault: Fault, seed: u64) {
     let scrapes = final_scrapes(&apps, stopped_scrape).await;
     assert_exact(&scrapes);
     if fault == Fault::StopRedis {
-        let errors: f64 = scrapes
-            .iter()
-            .flat_map(|m| m.iter())
-            .filter(|(k, _)| k.starts_with("flowmetrics_store_errors_total"))
-            .map(|(_, v)| v)
-            .sum();
-        assert!(errors > 0.0, "store errors were not counted");
+        assert!(
+            store_errors(&scrapes) > 0.0,
+            "store errors were not counted"
+        );
     }
     for app in apps {
         app.shutdown().await;
@@ -125,7 +114,7 @@ async fn an_export_while_redis_is_down_is_refused_for_a_retry() {
         return;
     };
     let app = replica(&redis.url()).await;
-    let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+    let url = traces_url(&app);
     let body = batches(7).swap_remove(0);
     assert_eq!(post_once(&url, body.clone()).await, Some(StatusCode::OK));
     redis.stop();
@@ -173,7 +162,7 @@ async fn while_redis_refuses_writes_exports_are_refused_and_it_is_not_ready() {
     };
     let app = replica(&redis.url()).await;
     wait_ready(std::slice::from_ref(&app), StatusCode::OK, "never ready").await;
-    let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+    let url = traces_url(&app);
     let body = batches(11).swap_remove(0);
     let mut con = redis.connection().unwrap();
     let config_set = |con: &mut ::redis::Connection, key: &str, value: &str| {
@@ -233,37 +222,19 @@ async fn measure_throughput_latency_cpu_and_memory() {
     // Memory per open instance: 100k starts, each with its retry fingerprint.
     {
         let app = replica(&redis.url()).await;
-        let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+        let url = traces_url(&app);
         let before = redis.used_memory();
         let base = now_nanos();
         for chunk in 0..200u64 {
             let spans = (0..500u64)
                 .map(|i| {
                     let id = chunk * 500 + i;
-                    Span {
-                        trace_id: vec![0xab; 16],
-                        span_id: (id + 1).to_be_bytes().to_vec(),
-                        name: "work".into(),
-                        events: vec![span::Event {
-                            time_unix_nano: base + id,
-                            name: "flow.mem.start".into(),
-                            attributes: vec![s("correlation-id", &format!("order-{id:08}"))],
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }
+                    let name = "flow.mem.start";
+                    let event = otlp::flow_event(name, &format!("order-{id:08}"), None, base + id);
+                    otlp::span(&[0xab; 16], &(id + 1).to_be_bytes(), vec![event])
                 })
                 .collect();
-            let body = ExportTraceServiceRequest {
-                resource_spans: vec![ResourceSpans {
-                    scope_spans: vec![ScopeSpans {
-                        spans,
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-            }
-            .encode_to_vec();
+            let body = otlp::traces(None, spans).encode_to_vec();
             assert_eq!(post_once(&url, body).await, Some(StatusCode::OK));
         }
         let after = redis.used_memory();
@@ -280,10 +251,7 @@ async fn measure_throughput_latency_cpu_and_memory() {
         for _ in 0..replicas {
             apps.push(replica(&redis.url()).await);
         }
-        let urls: Vec<String> = apps
-            .iter()
-            .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
-            .collect();
+        let urls = trace_urls(&apps);
         let pid = redis.pid().unwrap();
         let run = throughput(&urls, || proc_cpu_ticks(pid)).await;
         println!(

@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use common::attr as s;
 use common::redis::{RedisCluster, RedisServer};
-use common::replicas::{now_nanos, post_once, replica_with, total, wait_ready, Rng, FLOW, TIMEOUT};
-use common::scrape;
+use common::replicas::{now_nanos, post_once, three_replicas, total, trace_urls, Rng};
+use common::replicas::{FLOW, TIMEOUT};
+use common::{otlp, settled_scrapes};
 use hyper::StatusCode;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
 const IDS: u64 = 300;
@@ -63,30 +62,11 @@ fn body(events: &[Event]) -> Vec<u8> {
         .map(|(name, id, extra, ts)| {
             let mut attributes = vec![s("correlation-id", &format!("o-{id}"))];
             attributes.extend(extra.iter().map(|(k, v)| s(k, v)));
-            Span {
-                trace_id: vec![0xab; 16],
-                span_id: (id + 1).to_be_bytes().to_vec(),
-                name: "work".into(),
-                events: vec![span::Event {
-                    time_unix_nano: *ts,
-                    name: name.clone(),
-                    attributes,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }
+            let event = otlp::event(name.clone(), *ts, attributes);
+            otlp::span(&[0xab; 16], &(id + 1).to_be_bytes(), vec![event])
         })
         .collect();
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    otlp::traces(None, spans).encode_to_vec()
 }
 
 fn step_ts(start: u64, p: &Plan, j: usize) -> u64 {
@@ -141,9 +121,7 @@ fn traffic(seed: u64) -> (Rounds, Vec<Vec<u8>>) {
     let mut rng = Rng(seed);
     let rounds = rounds.map(|replicas| {
         replicas.map(|mut events| {
-            for i in (1..events.len()).rev() {
-                events.swap(i, rng.below(i as u64 + 1) as usize);
-            }
+            rng.shuffle(&mut events);
             events.chunks(10).map(body).collect()
         })
     });
@@ -223,15 +201,8 @@ async fn steps_over_three_replicas_on_a_redis_cluster_sum_exactly() {
 }
 
 async fn run(store: impl Fn(&mut flowmetrics::config::Config)) {
-    let mut apps = Vec::new();
-    for _ in 0..3 {
-        apps.push(replica_with(&store).await);
-    }
-    wait_ready(&apps, StatusCode::OK, "replica never ready").await;
-    let urls: Vec<String> = apps
-        .iter()
-        .map(|a| format!("http://{}/v1/traces", a.otlp_http.unwrap()))
-        .collect();
+    let apps = three_replicas(store).await;
+    let urls = trace_urls(&apps);
     let (rounds, late) = traffic(0x5eed_57e9);
     for round in rounds {
         let senders: Vec<_> = round
@@ -248,53 +219,29 @@ async fn run(store: impl Fn(&mut flowmetrics::config::Config)) {
 
     let want = expected();
     let incomplete: f64 = want.stalled.values().sum();
-    let give_up = Instant::now() + TIMEOUT + Duration::from_secs(20);
-    let scrapes = loop {
-        let mut scrapes = Vec::new();
-        for app in &apps {
-            scrapes.push(scrape(app).await);
-        }
-        let done = total(&scrapes, "flowmetrics_flow_errors_total", "incomplete") >= incomplete
+    let within = TIMEOUT + Duration::from_secs(20);
+    let settle = Duration::from_millis(300);
+    let scrapes = settled_scrapes(&apps, &[], within, settle, |scrapes| {
+        total(scrapes, "flowmetrics_flow_errors_total", "incomplete") >= incomplete
             && total(
-                &scrapes,
+                scrapes,
                 "flowmetrics_flow_steps_unmatched_total",
                 "no_start",
-            ) >= want.no_start;
-        if done || Instant::now() > give_up {
-            // A moment more: nothing may be counted twice late.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let mut last = Vec::new();
-            for app in &apps {
-                last.push(scrape(app).await);
-            }
-            break last;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+            ) >= want.no_start
+    })
+    .await;
     let get = |family: &str, also: &str| total(&scrapes, family, also);
     for (step, (reached, to_step, transit)) in &want.reached {
         let l = format!("step=\"{step}\"");
-        assert_eq!(get("flowmetrics_flow_steps_total", &l), *reached, "{step}");
-        assert_eq!(
-            get("flowmetrics_flow_step_duration_seconds_count", &l),
-            *reached,
-            "{step}"
-        );
-        assert_eq!(
-            get("flowmetrics_flow_step_duration_seconds_sum", &l),
-            *to_step,
-            "{step}"
-        );
-        assert_eq!(
-            get("flowmetrics_flow_step_transit_seconds_count", &l),
-            *reached,
-            "{step}"
-        );
-        assert_eq!(
-            get("flowmetrics_flow_step_transit_seconds_sum", &l),
-            *transit,
-            "{step}"
-        );
+        for (family, want) in [
+            ("flowmetrics_flow_steps_total", reached),
+            ("flowmetrics_flow_step_duration_seconds_count", reached),
+            ("flowmetrics_flow_step_duration_seconds_sum", to_step),
+            ("flowmetrics_flow_step_transit_seconds_count", reached),
+            ("flowmetrics_flow_step_transit_seconds_sum", transit),
+        ] {
+            assert_eq!(get(family, &l), *want, "{family} {step}");
+        }
     }
     for (last, n) in &want.stalled {
         let l = format!("last_step=\"{last}\"");

@@ -14,22 +14,17 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use common::redis::RedisServer;
+use common::replicas::{wait_ready, Rng};
+use common::sdk::{self, flush_traces, shutdown_all, tracer_provider, Transport};
 use common::*;
 use flowmetrics::config::StoreKind;
 use flowmetrics::RunningApp;
-use hyper::{Method, StatusCode};
-use opentelemetry::trace::{Span as _, Status, Tracer as _, TracerProvider as _};
+use hyper::StatusCode;
 use opentelemetry::KeyValue;
-use opentelemetry_http::hyper::HyperClient;
-use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
-use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use opentelemetry_sdk::Resource;
 
 /// The same correlation ids are used in both flows: (flow, id) is the instance.
 const FLOWS: [&str; 2] = ["checkout", "checkout.payment"];
@@ -41,22 +36,6 @@ const ROUND: usize = 40;
 /// The flows' timeout: far longer than a round takes (an end sent first always meets
 /// its start), short enough that the start-only instances time out soon.
 const TIMEOUT: Duration = Duration::from_secs(6);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
-    Http,
-    Grpc,
-}
-
-impl Transport {
-    /// The `transport` label of `flowmetrics_otlp_requests_total`, and how it spells OK.
-    fn label_and_ok(self) -> (&'static str, &'static str) {
-        match self {
-            Transport::Http => ("http", "200"),
-            Transport::Grpc => ("grpc", "OK"),
-        }
-    }
-}
 
 /// (replica, transport) of each tracer provider.
 const PROVIDERS: [(usize, Transport); 4] = [
@@ -92,17 +71,6 @@ struct Instance {
     end_at: SystemTime,
     /// Quarter seconds: every sum of them is exact in f64, in any order.
     quarters: u64,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// What every instance is and which providers carry it, shuffled.
@@ -142,82 +110,25 @@ fn plan(seed: u64, base: SystemTime) -> Vec<Instance> {
             });
         }
     }
-    for i in (1..instances.len()).rev() {
-        instances.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    rng.shuffle(&mut instances);
     instances
 }
 
-/// The batch processor exports from a thread of its own, outside any Tokio runtime; the
-/// SDK's Hyper client needs one, so each request runs as a task on the test's runtime
-/// (as in tests/sdk_clients.rs).
-#[derive(Debug)]
-struct RuntimeHyperClient {
-    inner: HyperClient,
-    runtime: tokio::runtime::Handle,
-}
-
-#[async_trait]
-impl HttpClient for RuntimeHyperClient {
-    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
-        let inner = self.inner.clone();
-        self.runtime
-            .spawn(async move { inner.send_bytes(request).await })
-            .await?
-    }
-}
-
-fn tracer_provider(app: &RunningApp, transport: Transport, service: String) -> SdkTracerProvider {
-    let exporter = match transport {
-        Transport::Http => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(format!("http://{}/v1/traces", addr(app.otlp_http)))
-            .with_http_client(RuntimeHyperClient {
-                inner: HyperClient::with_default_connector(Duration::from_secs(10), None),
-                runtime: tokio::runtime::Handle::current(),
-            })
-            .build(),
-        Transport::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(format!("http://{}", addr(app.otlp_grpc)))
-            .build(),
-    }
-    .expect("span exporter");
-    SdkTracerProvider::builder()
-        .with_resource(Resource::builder_empty().with_service_name(service).build())
-        .with_batch_exporter(exporter)
-        .build()
-}
-
-fn addr(listener: Option<SocketAddr>) -> SocketAddr {
-    listener.expect("OTLP listener enabled")
-}
-
-/// One span carrying one flow event at its explicit timestamp.
-fn emit(provider: &SdkTracerProvider, event: String, at: SystemTime, attrs: Vec<KeyValue>) {
-    emit_with(provider, event, at, attrs, false);
-}
-
-fn emit_with(
+/// One span carrying one flow event at its explicit timestamp; `error` sets its status.
+fn emit(
     provider: &SdkTracerProvider,
     event: String,
     at: SystemTime,
-    attributes: Vec<KeyValue>,
+    attrs: Vec<KeyValue>,
     error: bool,
 ) {
-    let mut span = provider.tracer("redis-sdk-test").start("work");
-    span.add_event_with_timestamp(event, at, attributes);
-    if error {
-        span.set_status(Status::error("flow failed"));
-    }
-    span.end();
+    sdk::emit(provider, "redis-sdk-test", "work", event, at, attrs, error);
 }
 
 fn emit_start(providers: &[SdkTracerProvider], i: &Instance) {
     let attrs = vec![KeyValue::new("correlation-id", i.id.clone())];
     let event = format!("flow.{}.start", i.flow);
-    emit(&providers[i.start_via], event, i.start_at, attrs);
+    emit(&providers[i.start_via], event, i.start_at, attrs, false);
 }
 
 fn emit_end(providers: &[SdkTracerProvider], i: &Instance) {
@@ -230,19 +141,7 @@ fn emit_end(providers: &[SdkTracerProvider], i: &Instance) {
         attrs.push(KeyValue::new("outcome", outcome));
     }
     let event = format!("flow.{}.end", i.flow);
-    emit_with(&providers[i.end_via], event, i.end_at, attrs, i.by_status);
-}
-
-/// Flushes every provider at once; each flush blocks until its export is answered.
-async fn flush_all(providers: &[SdkTracerProvider]) {
-    let flushes: Vec<_> = providers
-        .iter()
-        .cloned()
-        .map(|p| tokio::task::spawn_blocking(move || p.force_flush()))
-        .collect();
-    for f in flushes {
-        f.await.unwrap().expect("spans exported");
-    }
+    emit(&providers[i.end_via], event, i.end_at, attrs, i.by_status);
 }
 
 async fn replica(url: &str) -> RunningApp {
@@ -251,13 +150,6 @@ async fn replica(url: &str) -> RunningApp {
     c.correlation.redis.url = url.into();
     c.flows.default.timeout = TIMEOUT;
     start(c).await
-}
-
-async fn readyz(app: &RunningApp) -> StatusCode {
-    let url = format!("http://{}/readyz", app.metrics);
-    request(Method::GET, &url, &[], bytes::Bytes::new())
-        .await
-        .status
 }
 
 /// Sums, over the scrapes, every series of `family` whose labels contain each of `also`.
@@ -309,14 +201,6 @@ fn expected(instances: &[Instance], flow: &str) -> Expected {
     e
 }
 
-async fn scrape_all(apps: &[RunningApp]) -> Vec<BTreeMap<String, f64>> {
-    let mut scrapes = Vec::new();
-    for app in apps {
-        scrapes.push(scrape(app).await);
-    }
-    scrapes
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_exporters_to_three_replicas_on_one_redis_count_every_outcome_exactly() {
     let Some(redis) = RedisServer::start() else {
@@ -326,16 +210,10 @@ async fn sdk_exporters_to_three_replicas_on_one_redis_count_every_outcome_exactl
     for _ in 0..3 {
         apps.push(replica(&redis.url()).await);
     }
-    for app in &apps {
-        let give_up = Instant::now() + Duration::from_secs(5);
-        while readyz(app).await != StatusCode::OK {
-            assert!(Instant::now() < give_up, "replica never ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    wait_ready(&apps, StatusCode::OK, "replica never ready").await;
     let providers: Vec<SdkTracerProvider> = PROVIDERS
         .iter()
-        .map(|&(r, t)| tracer_provider(&apps[r], t, format!("replica-{r}-{}", t.label_and_ok().0)))
+        .map(|&(r, t)| tracer_provider(&apps[r], t, format!("replica-{r}-{}", t.label())))
         .collect();
 
     let instances = plan(0x2545_f491_4f6c_dd1d, SystemTime::now());
@@ -357,39 +235,31 @@ async fn sdk_exporters_to_three_replicas_on_one_redis_count_every_outcome_exactl
         for i in round.iter().filter(|i| i.fate == Fate::EndOnly) {
             emit_end(&providers, i);
         }
-        flush_all(&providers).await;
+        flush_traces(&providers).await;
         for i in round.iter().filter(|i| i.fate != Fate::EndOnly) {
             emit_start(&providers, i);
         }
-        flush_all(&providers).await;
+        flush_traces(&providers).await;
         for i in round.iter().filter(pairs).filter(|i| !i.end_first) {
             emit_end(&providers, i);
         }
-        flush_all(&providers).await;
+        flush_traces(&providers).await;
     }
 
     let expect: Vec<Expected> = FLOWS.iter().map(|f| expected(&instances, f)).collect();
-    // Wait for the time-outs (start-only instances, ends that never met a start).
-    let give_up = Instant::now() + TIMEOUT + Duration::from_secs(20);
-    loop {
-        let scrapes = scrape_all(&apps).await;
-        let done = FLOWS.iter().zip(&expect).all(|(flow, e)| {
+    // Wait for the time-outs (start-only instances, ends that never met a start), and a
+    // moment more: nothing may be counted twice late.
+    let within = TIMEOUT + Duration::from_secs(20);
+    let settle = Duration::from_millis(500);
+    let scrapes = settled_scrapes(&apps, &[], within, settle, |scrapes| {
+        FLOWS.iter().zip(&expect).all(|(flow, e)| {
             let flow = format!("flow=\"{flow}\"");
-            total(
-                &scrapes,
-                "flowmetrics_flow_errors_total",
-                &[&flow, "incomplete"],
-            ) >= e.incomplete
-                && total(&scrapes, "flowmetrics_flow_unmatched_ends_total", &[&flow]) >= e.unmatched
-        });
-        if done || Instant::now() > give_up {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // A moment more: nothing may be counted twice late.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let scrapes = scrape_all(&apps).await;
+            let incomplete = [flow.as_str(), "incomplete"];
+            total(scrapes, "flowmetrics_flow_errors_total", &incomplete) >= e.incomplete
+                && total(scrapes, "flowmetrics_flow_unmatched_ends_total", &[&flow]) >= e.unmatched
+        })
+    })
+    .await;
 
     for (flow, e) in FLOWS.iter().zip(&expect) {
         let f = format!("flow=\"{flow}\"");
@@ -471,7 +341,7 @@ async fn sdk_exporters_to_three_replicas_on_one_redis_count_every_outcome_exactl
     for (r, scrape) in scrapes.iter().enumerate() {
         let one = std::slice::from_ref(scrape);
         for transport in [Transport::Http, Transport::Grpc] {
-            let (label, ok) = transport.label_and_ok();
+            let (label, ok) = (transport.label(), transport.ok_code());
             let t = format!("transport=\"{label}\"");
             let fed = PROVIDERS.contains(&(r, transport));
             let all = total(one, "flowmetrics_otlp_requests_total", &[&t]);
@@ -482,13 +352,7 @@ async fn sdk_exporters_to_three_replicas_on_one_redis_count_every_outcome_exactl
         }
     }
 
-    tokio::task::spawn_blocking(move || {
-        for p in providers {
-            p.shutdown().expect("tracer provider shuts down");
-        }
-    })
-    .await
-    .unwrap();
+    shutdown_all(providers, vec![]).await;
     for app in apps {
         app.shutdown().await;
     }

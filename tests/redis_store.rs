@@ -4,84 +4,40 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
-use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome, Source};
+use common::store::{ev, redis_settings, run_pending_tasks, store_settings, Counts, END};
+use flowmetrics::flows::event::{EventKind, FlowEvent, Outcome};
 use flowmetrics::flows::store::{
     RedisSettings, RedisStore, Report, StoreError, StoreProbe, StoreSettings,
 };
 use flowmetrics::flows::{CorrelationStore, FlowSink};
 
-/// Counts what the stores report, per flow (as the memory store's tests do).
+/// Counts what the stores report, per flow (as the memory store's tests do), and the
+/// durations of the instances completed.
 #[derive(Default)]
 struct Recorder {
-    counts: Mutex<BTreeMap<(String, String), i64>>,
+    counts: Counts,
     durations: Mutex<Vec<f64>>,
 }
 
-impl Recorder {
-    fn get(&self, flow: &str, what: &str) -> i64 {
-        *self
-            .counts
-            .lock()
-            .unwrap()
-            .get(&(flow.to_string(), what.to_string()))
-            .unwrap_or(&0)
-    }
+impl Deref for Recorder {
+    type Target = Counts;
 
-    fn add(&self, flow: &str, what: &str) {
-        *self
-            .counts
-            .lock()
-            .unwrap()
-            .entry((flow.to_string(), what.to_string()))
-            .or_default() += 1;
-    }
-
-    fn in_progress(&self, flow: &str) -> i64 {
-        self.get(flow, "started")
-            - self.get(flow, "success")
-            - self.get(flow, "failure")
-            - self.get(flow, "cancelled")
-            - self.get(flow, "incomplete")
-            - self.get(flow, "dropped")
+    fn deref(&self) -> &Counts {
+        &self.counts
     }
 }
 
 impl FlowSink for Recorder {
     fn report(&self, report: Report<'_>) {
-        match report {
-            Report::Opened { flow, .. } => self.add(flow, "started"),
-            Report::Completed {
-                flow,
-                end,
-                duration_secs,
-                ..
-            } => {
-                self.add(flow, end.outcome.as_str());
-                self.durations.lock().unwrap().push(duration_secs);
-            }
-            Report::TimedOut { flow, .. } => self.add(flow, "incomplete"),
-            Report::Dropped { flow, .. } => self.add(flow, "dropped"),
-            Report::Unmatched { flow, evicted } => {
-                self.add(flow, "unmatched");
-                if evicted {
-                    self.add(flow, "unmatched_evicted");
-                }
-            }
-            Report::Duplicate { kind } => self.add("*", &format!("dup_{}", kind.label())),
-            // A shared store keeps its instances itself: nothing is restored from a file.
-            Report::Restored { flow, .. } => self.add(flow, "restored"),
-            Report::Discarded { flow, .. } => self.add(flow, "discarded"),
-            Report::StepReached { flow, step, .. } => self.add(flow, &format!("step_{step}")),
-            Report::StepUnmatched { flow, reason } => {
-                self.add(flow, &format!("step_unmatched_{}", reason.label()))
-            }
-            Report::Overdue { .. } => {}
+        self.counts.count(&report);
+        if let Report::Completed { duration_secs, .. } = report {
+            self.durations.lock().unwrap().push(duration_secs);
         }
     }
 }
@@ -143,16 +99,7 @@ fn sharded(
                     longest_timeout: timeout,
                     step_flows: Vec::new(),
                 },
-                RedisSettings {
-                    url: server.url(),
-                    cluster: Vec::new(),
-                    shards,
-                    ca_file: None,
-                    key_prefix: "t:".into(),
-                    connect_timeout: Duration::from_millis(500),
-                    command_timeout: Duration::from_secs(2),
-                    pool_size: 4,
-                },
+                redis_settings(server, shards, "t:", 4),
                 rec.clone(),
                 probe.clone(),
             )
@@ -162,56 +109,23 @@ fn sharded(
         .collect()
 }
 
-fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
-    FlowEvent {
-        flow: Arc::from(flow),
-        correlation_id: id.into(),
-        kind,
-        timestamp_nanos: ts,
-        dims: Arc::from([]),
-        trace: None,
-        source: Source::SpanEvent,
-        step: None,
-    }
-}
-
-const END: EventKind = EventKind::End(Outcome::Success);
-
 fn apply(r: &Replica, events: Vec<FlowEvent>) {
-    r.store
-        .apply_batch(&mut events.into_iter())
-        .expect("store reachable");
+    common::store::apply(&r.store, events);
 }
 
 /// Sweeps on every replica until `until` holds (bounded).
 fn sweep_until(rs: &[Replica], rec: &Recorder, until: impl Fn(&Recorder) -> bool) {
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while !until(rec) && Instant::now() < give_up {
-        for r in rs {
-            r.store.run_pending_tasks();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-macro_rules! server {
-    () => {
-        match RedisServer::start() {
-            Some(s) => s,
-            None => return,
-        }
-    };
+    common::store::sweep_until(rs.iter().map(|r| &r.store), || until(rec));
 }
 
 #[test]
 fn opened_on_one_replica_closed_on_another_with_the_duration() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 2, 1000, Duration::from_secs(60), &rec);
     apply(&rs[0], vec![ev("f", "1", EventKind::Start, 1_000_000_000)]);
     apply(&rs[1], vec![ev("f", "1", END, 3_500_000_000)]);
-    assert_eq!(rec.get("f", "started"), 1);
-    assert_eq!(rec.get("f", "success"), 1);
+    rec.assert_counts("f", &[("started", 1), ("success", 1)]);
     assert_eq!(*rec.durations.lock().unwrap(), vec![2.5]);
     let failure = EventKind::End(Outcome::Failure);
     apply(&rs[1], vec![ev("f", "2", EventKind::Start, 1)]);
@@ -224,7 +138,7 @@ fn opened_on_one_replica_closed_on_another_with_the_duration() {
 
 #[test]
 fn an_end_first_waits_for_its_start_on_another_replica() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 2, 1000, Duration::from_secs(60), &rec);
     apply(&rs[0], vec![ev("f", "1", END, 5_000_000_000)]);
@@ -232,31 +146,25 @@ fn an_end_first_waits_for_its_start_on_another_replica() {
     rs[0].store.run_pending_tasks();
     assert_eq!(rs[0].store.entries(), 1);
     apply(&rs[1], vec![ev("f", "1", EventKind::Start, 4_000_000_000)]);
-    assert_eq!(rec.get("f", "started"), 1);
-    assert_eq!(rec.get("f", "success"), 1);
-    assert_eq!(rec.get("f", "unmatched"), 0);
+    rec.assert_counts("f", &[("started", 1), ("success", 1), ("unmatched", 0)]);
     assert_eq!(*rec.durations.lock().unwrap(), vec![1.0]);
 }
 
 #[test]
 fn an_end_whose_start_never_comes_is_unmatched_once() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 3, 1000, Duration::from_millis(200), &rec);
     apply(&rs[0], vec![ev("f", "1", END, 5)]);
     sweep_until(&rs, &rec, |r| r.get("f", "unmatched") > 0);
     std::thread::sleep(Duration::from_millis(100));
-    for r in &rs {
-        r.store.run_pending_tasks();
-    }
-    assert_eq!(rec.get("f", "unmatched"), 1);
-    assert_eq!(rec.get("f", "started"), 0);
-    assert_eq!(rec.get("f", "incomplete"), 0);
+    run_pending_tasks(rs.iter().map(|r| &r.store));
+    rec.assert_counts("f", &[("unmatched", 1), ("started", 0), ("incomplete", 0)]);
 }
 
 #[test]
 fn a_timeout_is_counted_once_and_a_late_end_waits_anew() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 3, 1000, Duration::from_millis(200), &rec);
     let starts = (0..50)
@@ -277,25 +185,21 @@ fn a_timeout_is_counted_once_and_a_late_end_waits_anew() {
     apply(&rs[1], vec![ev("f", "0", END, 2)]);
     assert_eq!(rec.get("f", "success"), 0);
     sweep_until(&rs, &rec, |r| r.get("f", "unmatched") > 0);
-    assert_eq!(rec.get("f", "unmatched"), 1);
-    assert_eq!(rec.get("f", "incomplete"), 50);
+    rec.assert_counts("f", &[("unmatched", 1), ("incomplete", 50)]);
     assert_eq!(rec.in_progress("f"), 0);
 }
 
 #[test]
 fn an_overdue_instance_met_before_the_sweep_is_timed_out_once() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 2, 1000, Duration::from_millis(100), &rec);
     apply(&rs[0], vec![ev("f", "1", EventKind::Start, 1)]);
     std::thread::sleep(Duration::from_millis(200));
     // No sweep yet: the end finds the instance past its deadline.
     apply(&rs[1], vec![ev("f", "1", END, 2)]);
-    assert_eq!(rec.get("f", "incomplete"), 1);
-    assert_eq!(rec.get("f", "success"), 0);
-    for r in &rs {
-        r.store.run_pending_tasks();
-    }
+    rec.assert_counts("f", &[("incomplete", 1), ("success", 0)]);
+    run_pending_tasks(rs.iter().map(|r| &r.store));
     assert_eq!(rec.get("f", "incomplete"), 1);
     sweep_until(&rs, &rec, |r| r.get("f", "unmatched") > 0);
     assert_eq!(rec.get("f", "unmatched"), 1);
@@ -303,7 +207,7 @@ fn an_overdue_instance_met_before_the_sweep_is_timed_out_once() {
 
 #[test]
 fn a_duplicate_start_keeps_the_earliest_timestamp() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 2, 1000, Duration::from_secs(60), &rec);
     apply(&rs[0], vec![ev("f", "1", EventKind::Start, 3_000_000_000)]);
@@ -317,7 +221,7 @@ fn a_duplicate_start_keeps_the_earliest_timestamp() {
 
 #[test]
 fn a_second_end_while_the_first_waits_is_a_duplicate() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 2, 1000, Duration::from_secs(60), &rec);
     apply(&rs[0], vec![ev("f", "1", END, 10)]);
@@ -327,13 +231,12 @@ fn a_second_end_while_the_first_waits_is_a_duplicate() {
     );
     assert_eq!(rec.get("*", "dup_end"), 1);
     apply(&rs[1], vec![ev("f", "1", EventKind::Start, 5)]);
-    assert_eq!(rec.get("f", "success"), 1);
-    assert_eq!(rec.get("f", "failure"), 0);
+    rec.assert_counts("f", &[("success", 1), ("failure", 0)]);
 }
 
 #[test]
 fn the_same_id_in_two_flows_is_two_instances() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 1, 1000, Duration::from_secs(60), &rec);
     apply(
@@ -350,7 +253,7 @@ fn the_same_id_in_two_flows_is_two_instances() {
 
 #[test]
 fn per_flow_timeouts_fire_independently() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 1, 1000, Duration::from_millis(600), &rec);
     apply(
@@ -369,7 +272,7 @@ fn per_flow_timeouts_fire_independently() {
 
 #[test]
 fn a_retried_batch_is_recognised_by_every_replica_also_after_the_instance_closed() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 3, 1000, Duration::from_secs(60), &rec);
     let batch = || {
@@ -382,10 +285,8 @@ fn a_retried_batch_is_recognised_by_every_replica_also_after_the_instance_closed
     apply(&rs[0], batch());
     apply(&rs[1], batch());
     apply(&rs[2], batch());
-    assert_eq!(rec.get("f", "started"), 1);
-    assert_eq!(rec.get("f", "success"), 1);
-    assert_eq!(rec.get("*", "dup_start"), 2);
-    assert_eq!(rec.get("*", "dup_end"), 4);
+    rec.assert_counts("f", &[("started", 1), ("success", 1)]);
+    rec.assert_counts("*", &[("dup_start", 2), ("dup_end", 4)]);
     // A new start timestamp after the close is a new instance.
     apply(&rs[1], vec![ev("f", "1", EventKind::Start, 7)]);
     assert_eq!(rec.get("f", "started"), 2);
@@ -393,7 +294,7 @@ fn a_retried_batch_is_recognised_by_every_replica_also_after_the_instance_closed
 
 #[test]
 fn a_full_store_evicts_the_entries_due_soonest() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 2, 3, Duration::from_secs(60), &rec);
     // Deadlines are in ms: entries a few ms apart have an order.
@@ -419,7 +320,7 @@ fn a_full_store_evicts_the_entries_due_soonest() {
 
 #[test]
 fn an_unreachable_store_refuses_and_a_restarted_one_is_used_again() {
-    let mut server = server!();
+    let mut server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = replicas(&server, 1, 1000, Duration::from_secs(60), &rec);
     apply(&rs[0], vec![ev("f", "1", EventKind::Start, 1)]);
@@ -462,7 +363,7 @@ fn replicas_hammering_the_same_keys_count_each_instance_once_over_shards() {
 
 #[test]
 fn a_sharded_store_counts_entries_over_every_shard() {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = sharded(&server, 2, 1000, Duration::from_secs(60), &rec, 16);
     let starts = (0..100).map(|i| ev("f", &i.to_string(), EventKind::Start, 1));
@@ -492,7 +393,7 @@ fn a_sharded_store_counts_entries_over_every_shard() {
 }
 
 fn hammer(shards: u32) {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let rs = sharded(
         &server,
@@ -543,9 +444,7 @@ fn hammer(shards: u32) {
     });
     sweep_until(&rs, &rec, |r| r.in_progress("f") == 0);
     std::thread::sleep(Duration::from_millis(500));
-    for r in &rs {
-        r.store.run_pending_tasks();
-    }
+    run_pending_tasks(rs.iter().map(|r| &r.store));
     let completed = ids - ids.div_ceil(3);
     assert_eq!(rec.get("f", "started") as u64, ids);
     // An end that came first and waited out its timeout before its start arrived would
@@ -575,27 +474,15 @@ fn a_batch_whose_replies_were_lost_over_shards_is_reported_once() {
 }
 
 fn lost_reply(shards: u32) {
-    let server = server!();
+    let server = redis_server!();
     let rec = Arc::new(Recorder::default());
     let mut rs = sharded(&server, 2, 1000, Duration::from_secs(60), &rec, shards);
     // A store that gives up on a reply after 100 ms.
     rs[0].store = RedisStore::new(
-        StoreSettings {
-            capacity: 1000,
-            dedup_window: Duration::from_secs(300),
-            timeout_for: Arc::new(|_| Duration::from_secs(60)),
-            longest_timeout: Duration::from_secs(60),
-            step_flows: Vec::new(),
-        },
+        store_settings(1000, Duration::from_secs(60), &[]),
         RedisSettings {
-            url: server.url(),
-            cluster: Vec::new(),
-            shards,
-            ca_file: None,
-            key_prefix: "t:".into(),
-            connect_timeout: Duration::from_millis(500),
             command_timeout: Duration::from_millis(100),
-            pool_size: 4,
+            ..redis_settings(&server, shards, "t:", 4)
         },
         rec.clone(),
         rs[0].probe.clone(),
@@ -642,8 +529,7 @@ fn lost_reply(shards: u32) {
     // The exporter's retry, to the other replica: the events were applied, so it finds
     // duplicates only.
     apply(&rs[1], batch());
-    assert_eq!(rec.get("*", "dup_end"), 1);
-    assert_eq!(rec.get("*", "dup_start"), 1);
+    rec.assert_counts("*", &[("dup_end", 1), ("dup_start", 1)]);
     assert_eq!(rec.get("f", "success"), 1);
     assert_eq!(*rec.durations.lock().unwrap(), vec![2.0]);
     assert_eq!(rec.get("f", "started"), 2);

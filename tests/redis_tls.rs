@@ -7,46 +7,20 @@ use std::time::Duration;
 
 use common::redis::TlsRedisServer;
 use common::replicas::*;
-use common::{attr, scrape_until, value};
+use common::{assert_values, otlp, scrape_until_value, traces_url};
 use hyper::StatusCode;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use prost::Message;
 
 /// One export: the flow's start and end (1.5 s apart) for `id`.
 fn pair(id: &str) -> Vec<u8> {
     let base = now_nanos();
-    let event = |name: &str, ts: u64, outcome: Option<&str>| {
-        let mut attributes = vec![attr("correlation-id", id)];
-        if let Some(o) = outcome {
-            attributes.push(attr("outcome", o));
-        }
-        Span {
-            trace_id: vec![0xab; 16],
-            span_id: vec![1; 8],
-            name: "work".into(),
-            events: vec![span::Event {
-                time_unix_nano: ts,
-                name: name.into(),
-                attributes,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }
-    };
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: vec![
-                    event("flow.pay.start", base, None),
-                    event("flow.pay.end", base + 1_500_000_000, Some("success")),
-                ],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    let end = base + 1_500_000_000;
+    let spans = [
+        otlp::flow_event("flow.pay.start", id, None, base),
+        otlp::flow_event("flow.pay.end", id, Some("success"), end),
+    ]
+    .map(|event| otlp::span(&[0xab; 16], &[1; 8], vec![event]));
+    otlp::traces(None, spans.to_vec()).encode_to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,25 +40,13 @@ async fn a_flow_completes_through_a_tls_redis_trusted_by_its_ca_file() {
         "never ready over TLS",
     )
     .await;
-    let otlp = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+    let otlp = traces_url(&app);
     assert_eq!(post_once(&otlp, pair("o-1")).await, Some(StatusCode::OK));
-    let m = scrape_until(&app, Duration::from_secs(5), |m| {
-        value(
-            m,
-            r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#,
-        ) == 1.0
-    })
-    .await;
-    assert_eq!(
-        value(
-            &m,
-            r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#
-        ),
-        1.0
-    );
-    assert_eq!(
-        value(&m, r#"flowmetrics_flow_duration_seconds_sum{flow="pay"}"#),
-        1.5
+    let series = r#"flowmetrics_flows_completed_total{flow="pay",outcome="success"}"#;
+    let m = scrape_until_value(&app, Duration::from_secs(5), series, 1.0).await;
+    assert_values(
+        &m,
+        &[(r#"flowmetrics_flow_duration_seconds_sum{flow="pay"}"#, 1.5)],
     );
     assert_eq!(readyz(&app).await, StatusCode::OK);
     app.shutdown().await;
@@ -98,7 +60,7 @@ async fn a_tls_redis_whose_certificate_is_not_trusted_is_not_used() {
     // The system's roots do not know the test's CA: the handshake fails.
     let url = server.url();
     let app = replica_with(|c| c.correlation.redis.url = url).await;
-    let otlp = format!("http://{}/v1/traces", app.otlp_http.unwrap());
+    let otlp = traces_url(&app);
     assert_eq!(
         post_once(&otlp, pair("o-2")).await,
         Some(StatusCode::SERVICE_UNAVAILABLE)

@@ -1,214 +1,62 @@
 //! Restarts (docs/behaviour.md §3 "restarts", §7): the real binary over loopback, stopped with
 //! SIGTERM or `kill -9` and started again on the same state file.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flowmetrics::flows::state;
+use common::assert_sums;
+use common::process::Service;
+use common::process::{command, entries_in, get, json_export, json_flow_event};
+use common::sum_series as sum;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flowmetrics");
 const SEC: u64 = 1_000_000_000;
 /// Event timestamps: a fixed past instant, so durations are exact.
 const T0: u64 = 1_700_000_000 * SEC;
 
-struct Service {
-    child: Child,
-    metrics: SocketAddr,
-    otlp: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
 /// A temporary directory of its own per test.
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fm-restarts-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::process::temp_dir("restarts", name)
 }
 
 impl Service {
-    fn start(state: &Path, env: &[(&str, &str)]) -> Service {
-        let mut c = Command::new(BIN);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("FLOWMETRICS_") || k == "RUST_LOG" {
-                c.env_remove(k);
-            }
-        }
-        c.envs([
-            ("FLOWMETRICS_LISTEN__METRICS", "127.0.0.1:0"),
-            ("FLOWMETRICS_LISTEN__OTLP_HTTP", "127.0.0.1:0"),
-            ("FLOWMETRICS_LISTEN__OTLP_GRPC", ""),
-            ("FLOWMETRICS_LOG__FORMAT", "json"),
-            ("FLOWMETRICS_STATE__PATH", state.to_str().unwrap()),
-        ]);
-        c.envs(env.iter().copied());
-        let mut child = c.stderr(Stdio::piped()).spawn().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let log = log.clone();
-            let stderr = child.stderr.take().unwrap();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                    let msg = v["fields"]["message"].as_str().unwrap_or(&line).to_string();
-                    let level = v["level"].as_str().unwrap_or("?").to_string();
-                    let _ = tx.send(msg.clone());
-                    log.lock().unwrap().push(format!("{level} {msg}"));
-                }
-            });
-        }
-        let (mut metrics, mut otlp) = (None, None);
-        let port = |msg: &str, prefix: &str| -> Option<SocketAddr> {
-            let rest = msg.strip_prefix(prefix)?;
-            let end = rest.find('/')?;
-            rest[..end].parse().ok()
-        };
-        let give_up = Instant::now() + Duration::from_secs(60);
-        while metrics.is_none() || otlp.is_none() {
-            let left = give_up.saturating_duration_since(Instant::now());
-            let msg = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no start-up lines: {:?}", log.lock().unwrap()));
-            metrics = metrics.or_else(|| port(&msg, "metrics: http://"));
-            otlp = otlp.or_else(|| port(&msg, "OTLP/HTTP: http://"));
-        }
-        let s = Service {
-            child,
-            metrics: metrics.unwrap(),
-            otlp: otlp.unwrap(),
-            log,
-        };
-        // Ready once every listener is bound.
-        let give_up = Instant::now() + Duration::from_secs(20);
-        while get(s.metrics, "/readyz").0 != 200 {
-            assert!(Instant::now() < give_up, "never ready");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// The binary on the state file at `state`, ready.
+    fn on(state: &Path, env: &[(&str, &str)]) -> Service {
+        let s = Service::start_with(command(Some(state), env), Duration::from_secs(60), true);
+        s.wait_ready();
         s
     }
 
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    /// SIGTERM, and the exit status.
-    fn stop(mut self) -> Vec<String> {
-        self.signal("-TERM");
-        let status = self.child.wait().unwrap();
-        let log = self.log.lock().unwrap().clone();
-        assert_eq!(status.code(), Some(0), "{log:#?}");
+    /// SIGTERM: it exits 0; its log.
+    fn stopped(mut self) -> Vec<String> {
+        let code = self.stop();
+        let log = self.log();
+        assert_eq!(code, Some(0), "{log:#?}");
         log
     }
 
     fn kill9(mut self) {
-        self.signal("-KILL");
+        self.signal(libc::SIGKILL);
         let _ = self.child.wait();
-    }
-
-    fn samples(&self) -> BTreeMap<String, f64> {
-        let (status, body) = get(self.metrics, "/metrics");
-        assert_eq!(status, 200);
-        parse(&body)
     }
 
     fn send(&self, events: &[(&str, &str, String, u64)]) {
         for chunk in events.chunks(2000) {
-            let (status, body) = http(self.otlp, "POST", "/v1/traces", &export(chunk));
-            assert_eq!(status, 200, "{body}");
+            self.post_traces(&export(chunk));
         }
     }
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP/1.1 request on a connection of its own: (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
-
-fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http(addr, "GET", path, "")
-}
-
-/// `name{labels}` → value (exemplars cut off).
-fn parse(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let l = l.split(" # ").next()?;
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Sum of the series of `name` whose labels contain every one of `labels`.
-fn sum(samples: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
-    samples
-        .iter()
-        .filter(|(s, _)| {
-            let (n, l) = s.split_once('{').unwrap_or((s, ""));
-            n == name && labels.iter().all(|want| l.contains(want))
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
-
 /// An OTLP/JSON trace export with one flow event per (flow, kind, id, timestamp).
 fn export(events: &[(&str, &str, String, u64)]) -> String {
-    let events: Vec<serde_json::Value> = events
+    let events = events
         .iter()
-        .map(|(flow, kind, id, ts)| {
-            serde_json::json!({
-                "name": format!("flow.{flow}.{kind}"),
-                "timeUnixNano": ts.to_string(),
-                "attributes": [{"key": "correlation-id", "value": {"stringValue": id}}],
-            })
-        })
+        .map(|(flow, kind, id, ts)| json_flow_event(flow, kind, id, *ts))
         .collect();
-    let service = serde_json::json!({"key": "service.name", "value": {"stringValue": "web"}});
-    serde_json::json!({"resourceSpans": [{"resource": {"attributes": [service]}, "scopeSpans": [{
-        "spans": [{
-            "traceId": "0af7651916cd43dd8448eb211c80319c",
-            "spanId": "b7ad6b7169203331",
-            "name": "work",
-            "startTimeUnixNano": T0.to_string(),
-            "endTimeUnixNano": T0.to_string(),
-            "events": events,
-        }]
-    }]}]})
-    .to_string()
+    json_export(Some("web"), T0, events)
 }
 
 fn starts(ids: std::ops::Range<u64>) -> Vec<(&'static str, &'static str, String, u64)> {
@@ -245,10 +93,6 @@ fn assert_invariant(s: &BTreeMap<String, f64>) {
     assert_eq!(left, right, "invariant broken");
 }
 
-fn entries_in(path: &Path) -> Option<usize> {
-    Some(state::read(path, 1 << 30).ok()??.entries.len())
-}
-
 const F: &str = "flow=\"checkout\"";
 
 #[test]
@@ -256,35 +100,42 @@ fn sigterm_and_restart_keep_ten_thousand_open_flows() {
     const N: u64 = 10_000;
     let dir = temp_dir("sigterm");
     let path = dir.join("state");
-    let a = Service::start(&path, &[]);
+    let a = Service::on(&path, &[]);
     a.send(&starts(0..N));
     let before = a.samples();
     assert_eq!(
         sum(&before, "flowmetrics_flows_in_progress", &[F]),
         N as f64
     );
-    let log = a.stop();
+    let log = a.stopped();
     assert!(log.iter().any(|l| l.contains("state written")), "{log:#?}");
     assert_eq!(entries_in(&path), Some(N as usize));
 
-    let b = Service::start(&path, &[]);
+    let b = Service::on(&path, &[]);
     let s = b.samples();
-    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), N as f64);
-    assert_eq!(sum(&s, "flowmetrics_flows_started_total", &[F]), 0.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), N as f64);
+    assert_sums(
+        &s,
+        &[
+            ("flowmetrics_flows_restored_total", &[F], N as f64),
+            ("flowmetrics_flows_started_total", &[F], 0.0),
+            ("flowmetrics_flows_in_progress", &[F], N as f64),
+        ],
+    );
     assert_invariant(&s);
     b.send(&ends(0..N));
     let s = b.samples();
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flows_completed_total",
-            &[F, "outcome=\"success\""]
-        ),
-        N as f64
+    assert_sums(
+        &s,
+        &[
+            (
+                "flowmetrics_flows_completed_total",
+                &[F, "outcome=\"success\""],
+                N as f64,
+            ),
+            ("flowmetrics_flow_unmatched_ends_total", &[F], 0.0),
+            ("flowmetrics_flows_in_progress", &[F], 0.0),
+        ],
     );
-    assert_eq!(sum(&s, "flowmetrics_flow_unmatched_ends_total", &[F]), 0.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 0.0);
     // Exact durations: from the two event timestamps, across the restart.
     let count = sum(&s, "flowmetrics_flow_duration_seconds_count", &[F]);
     let total = sum(&s, "flowmetrics_flow_duration_seconds_sum", &[F]);
@@ -304,7 +155,7 @@ fn sigterm_and_restart_keep_ten_thousand_open_flows() {
         up_to_5s
     );
     assert_invariant(&s);
-    b.stop();
+    b.stopped();
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -312,36 +163,35 @@ fn sigterm_and_restart_keep_ten_thousand_open_flows() {
 fn a_start_retried_across_the_restart_counts_once() {
     let dir = temp_dir("retry");
     let path = dir.join("state");
-    let a = Service::start(&path, &[]);
+    let a = Service::on(&path, &[]);
     a.send(&starts(0..100));
     // Completed before the restart: its retry must not open a new instance either.
     a.send(&ends(0..10));
-    a.stop();
-    let b = Service::start(&path, &[]);
+    a.stopped();
+    let b = Service::on(&path, &[]);
     b.send(&starts(0..100));
     b.send(&ends(0..10));
     let s = b.samples();
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flow_events_duplicate_total",
-            &["kind=\"start\""]
-        ),
-        100.0
+    assert_sums(
+        &s,
+        &[
+            (
+                "flowmetrics_flow_events_duplicate_total",
+                &["kind=\"start\""],
+                100.0,
+            ),
+            (
+                "flowmetrics_flow_events_duplicate_total",
+                &["kind=\"end\""],
+                10.0,
+            ),
+            ("flowmetrics_flows_started_total", &[F], 0.0),
+            ("flowmetrics_flows_restored_total", &[F], 90.0),
+            ("flowmetrics_flows_in_progress", &[F], 90.0),
+        ],
     );
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flow_events_duplicate_total",
-            &["kind=\"end\""]
-        ),
-        10.0
-    );
-    assert_eq!(sum(&s, "flowmetrics_flows_started_total", &[F]), 0.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), 90.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 90.0);
     assert_invariant(&s);
-    b.stop();
+    b.stopped();
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -352,7 +202,7 @@ fn kill_9_loses_only_what_came_after_the_last_checkpoint() {
     let dir = temp_dir("kill9");
     let path = dir.join("state");
     let env = [("FLOWMETRICS_STATE__CHECKPOINT_INTERVAL", "2s")];
-    let a = Service::start(&path, &env);
+    let a = Service::on(&path, &env);
     a.send(&starts(0..N));
     // Wait for a checkpoint that holds all N (the file is replaced atomically).
     let give_up = Instant::now() + Duration::from_secs(20);
@@ -364,20 +214,22 @@ fn kill_9_loses_only_what_came_after_the_last_checkpoint() {
     a.send(&starts(N..N + LATE));
     a.kill9();
 
-    let b = Service::start(&path, &env);
+    let b = Service::on(&path, &env);
     let s = b.samples();
     assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), N as f64);
     b.send(&ends(0..N + LATE));
     let s = b.samples();
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flows_completed_total",
-            &[F, "outcome=\"success\""]
-        ),
-        N as f64
+    assert_sums(
+        &s,
+        &[
+            (
+                "flowmetrics_flows_completed_total",
+                &[F, "outcome=\"success\""],
+                N as f64,
+            ),
+            ("flowmetrics_flows_in_progress", &[F], 0.0),
+        ],
     );
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 0.0);
     // The lost instances' ends wait for starts that this run never saw (moka's entry
     // count settles with its housekeeping).
     let give_up = Instant::now() + Duration::from_secs(5);
@@ -390,7 +242,7 @@ fn kill_9_loses_only_what_came_after_the_last_checkpoint() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_invariant(&s);
-    b.stop();
+    b.stopped();
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -399,9 +251,9 @@ fn corrupt_truncated_and_foreign_state_files_are_set_aside() {
     let dir = temp_dir("corrupt");
     let path = dir.join("state");
     // A real state file to damage: one open instance.
-    let a = Service::start(&path, &[]);
+    let a = Service::on(&path, &[]);
     a.send(&starts(0..1));
-    a.stop();
+    a.stopped();
     let good = std::fs::read(&path).unwrap();
     let mut corrupt = good.clone();
     let mid = corrupt.len() / 2;
@@ -416,7 +268,7 @@ fn corrupt_truncated_and_foreign_state_files_are_set_aside() {
             std::fs::remove_file(old.unwrap().path()).unwrap();
         }
         std::fs::write(&path, &bytes).unwrap();
-        let b = Service::start(&path, &[]);
+        let b = Service::on(&path, &[]);
         let s = b.samples();
         assert_eq!(
             sum(&s, "flowmetrics_flows_restored_total", &[]),
@@ -441,7 +293,7 @@ fn corrupt_truncated_and_foreign_state_files_are_set_aside() {
         assert_eq!(std::fs::read(dir.join(aside[0])).unwrap(), bytes, "{what}");
         // It runs, and writes a good file at the next stop.
         b.send(&starts(0..3));
-        b.stop();
+        b.stopped();
         assert_eq!(entries_in(&path), Some(3), "{what}");
     }
     let _ = std::fs::remove_dir_all(dir);
@@ -452,28 +304,30 @@ fn deadlines_that_passed_while_down_are_incomplete_at_start() {
     let dir = temp_dir("expired");
     let path = dir.join("state");
     let env = [("FLOWMETRICS_FLOWS__DEFAULT__TIMEOUT", "3s")];
-    let a = Service::start(&path, &env);
+    let a = Service::on(&path, &env);
     let sent = Instant::now();
     a.send(&starts(0..100));
-    a.stop();
+    a.stopped();
     assert_eq!(entries_in(&path), Some(100), "stopped before the deadline");
     std::thread::sleep(
         (sent + Duration::from_millis(3500)).saturating_duration_since(Instant::now()),
     );
-    let b = Service::start(&path, &env);
+    let b = Service::on(&path, &env);
     let s = b.samples();
-    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), 100.0);
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flow_errors_total",
-            &[F, "error_reason=\"incomplete\""]
-        ),
-        100.0
+    assert_sums(
+        &s,
+        &[
+            ("flowmetrics_flows_restored_total", &[F], 100.0),
+            (
+                "flowmetrics_flow_errors_total",
+                &[F, "error_reason=\"incomplete\""],
+                100.0,
+            ),
+            ("flowmetrics_flows_in_progress", &[F], 0.0),
+        ],
     );
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 0.0);
     assert_invariant(&s);
-    b.stop();
+    b.stopped();
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -481,7 +335,7 @@ fn deadlines_that_passed_while_down_are_incomplete_at_start() {
 fn a_scrape_during_final_scrape_wait_sees_the_last_counts() {
     let dir = temp_dir("final");
     let path = dir.join("state");
-    let mut svc = Service::start(&path, &[("FLOWMETRICS_SHUTDOWN__FINAL_SCRAPE_WAIT", "3s")]);
+    let mut svc = Service::on(&path, &[("FLOWMETRICS_SHUTDOWN__FINAL_SCRAPE_WAIT", "3s")]);
     svc.send(&starts(0..100));
     let before = svc.samples();
     // Answered 200 after the last regular scrape.
@@ -491,7 +345,7 @@ fn a_scrape_during_final_scrape_wait_sees_the_last_counts() {
         sum(&before, "flowmetrics_flows_completed_total", &[F, ok]),
         0.0
     );
-    svc.signal("-TERM");
+    svc.signal(libc::SIGTERM);
     let give_up = Instant::now() + Duration::from_secs(2);
     while get(svc.metrics, "/readyz").0 != 503 {
         assert!(Instant::now() < give_up, "/readyz still 200 after SIGTERM");
@@ -537,14 +391,14 @@ fn a_changed_config_drops_untracked_flows_and_keeps_dims_by_label() {
          \x20 - { label: service, attribute: service.name, default: unknown }\n",
     )
     .unwrap();
-    let a = Service::start(&path, &[("FLOWMETRICS_CONFIG", a_cfg.to_str().unwrap())]);
+    let a = Service::on(&path, &[("FLOWMETRICS_CONFIG", a_cfg.to_str().unwrap())]);
     a.send(&starts(0..10));
     let legacy: Vec<_> = (0..5)
         .map(|i| ("legacy", "start", format!("l-{i}"), T0))
         .collect();
     a.send(&legacy);
-    a.stop();
-    let b = Service::start(&path, &[("FLOWMETRICS_CONFIG", b_cfg.to_str().unwrap())]);
+    a.stopped();
+    let b = Service::on(&path, &[("FLOWMETRICS_CONFIG", b_cfg.to_str().unwrap())]);
     let s = b.samples();
     assert_eq!(
         sum(
@@ -556,17 +410,19 @@ fn a_changed_config_drops_untracked_flows_and_keeps_dims_by_label() {
         "{s:#?}"
     );
     let legacy = "flow=\"legacy\"";
-    assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[legacy]), 5.0);
-    assert_eq!(
-        sum(
-            &s,
-            "flowmetrics_flows_dropped_total",
-            &[legacy, "reason=\"config_changed\""]
-        ),
-        5.0
+    assert_sums(
+        &s,
+        &[
+            ("flowmetrics_flows_restored_total", &[legacy], 5.0),
+            (
+                "flowmetrics_flows_dropped_total",
+                &[legacy, "reason=\"config_changed\""],
+                5.0,
+            ),
+            ("flowmetrics_flows_in_progress", &[legacy], 0.0),
+            ("flowmetrics_flows_in_progress", &[F], 10.0),
+        ],
     );
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[legacy]), 0.0);
-    assert_eq!(sum(&s, "flowmetrics_flows_in_progress", &[F]), 10.0);
     assert_invariant(&s);
     b.send(&ends(0..10));
     let s = b.samples();
@@ -578,7 +434,7 @@ fn a_changed_config_drops_untracked_flows_and_keeps_dims_by_label() {
         ),
         10.0
     );
-    b.stop();
+    b.stopped();
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -595,10 +451,10 @@ fn instances_overdue_at_shutdown_are_counted_by_exactly_one_run() {
         ("FLOWMETRICS_FLOWS__PER_FLOW__CHECKOUT__TIMEOUT", "1s"),
         ("FLOWMETRICS_SHUTDOWN__FINAL_SCRAPE_WAIT", "3s"),
     ];
-    let mut a = Service::start(&path, &env);
+    let mut a = Service::on(&path, &env);
     a.send(&starts(0..100));
     std::thread::sleep(Duration::from_millis(1200));
-    a.signal("-TERM");
+    a.signal(libc::SIGTERM);
     // The final scrape (after the state is written) has this run's last counts.
     let give_up = Instant::now() + Duration::from_secs(3);
     while TcpStream::connect(a.otlp).is_ok() {
@@ -623,7 +479,7 @@ fn instances_overdue_at_shutdown_are_counted_by_exactly_one_run() {
     };
     let in_file = entries_in(&path).expect("a state file") as f64;
     assert_eq!(incomplete(&last) + in_file, 100.0, "counted now or saved");
-    let b = Service::start(&path, &env);
+    let b = Service::on(&path, &env);
     let s = b.samples();
     assert_eq!(sum(&s, "flowmetrics_flows_restored_total", &[F]), in_file);
     assert_eq!(
@@ -632,6 +488,6 @@ fn instances_overdue_at_shutdown_are_counted_by_exactly_one_run() {
         "each instance counted once over both runs"
     );
     assert_invariant(&s);
-    b.stop();
+    b.stopped();
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -7,16 +7,15 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::attr;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
+use common::{attr, otlp};
+use opentelemetry_proto::tonic::trace::v1::span;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,17 +34,12 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        common::reap(&mut self.child, &self.dir);
     }
 }
 
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    SocketAddr::from(([127, 0, 0, 1], common::free_port()))
 }
 
 impl Server {
@@ -149,33 +143,15 @@ fn event(id: &str, key: &str, end: bool) -> span::Event {
         attributes.push(attr("key", key));
         ("flow.checkout.start", 1_700_000_000_000_000_000)
     };
-    span::Event {
-        time_unix_nano: ts,
-        name: name.into(),
-        attributes,
-        ..Default::default()
-    }
+    otlp::event(name, ts, attributes)
 }
 
 fn export_body(events: Vec<span::Event>) -> Vec<u8> {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: events
-                    .into_iter()
-                    .map(|e| Span {
-                        trace_id: vec![1; 16],
-                        span_id: vec![2; 8],
-                        events: vec![e],
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
+    let spans = events
+        .into_iter()
+        .map(|e| otlp::span(&[1; 16], &[2; 8], vec![e]))
+        .collect();
+    otlp::traces(None, spans).encode_to_vec()
 }
 
 fn status_of(reply: &[u8]) -> Option<u16> {

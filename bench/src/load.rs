@@ -105,108 +105,36 @@ async fn drive(
     let errors = Arc::new(std::sync::Mutex::new(None::<String>));
     let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
-    let mut workers = Vec::new();
-    for _ in 0..load.connections {
-        let next = next.clone();
-        let template = load.template.clone();
-        let wire = load.wire.clone();
-        let errors = errors.clone();
-        workers.push(tokio::spawn(async move {
-            let mut samples = Vec::new();
-            let mut conn = match Conn::open(&wire, http, grpc).await {
-                Ok(c) => c,
-                Err(e) => {
-                    errors.lock().unwrap().get_or_insert(e);
-                    return samples;
+    let workers: Vec<_> = (0..load.connections)
+        .map(|_| {
+            tokio::spawn(
+                Worker {
+                    next: next.clone(),
+                    limit,
+                    until,
+                    template: load.template.clone(),
+                    wire: load.wire.clone(),
+                    errors: errors.clone(),
+                    http,
+                    grpc,
                 }
-            };
-            while Instant::now() < until {
-                let batch = next.fetch_add(1, Ordering::Relaxed);
-                if batch >= limit {
-                    break;
-                }
-                let begun = Instant::now();
-                let result = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    conn.send(&wire, &template, batch, http),
-                )
-                .await
-                .unwrap_or_else(|_| Err("request timed out after 10 s".into()));
-                let done = Instant::now();
-                let ok = result.is_ok();
-                if let Err(e) = result {
-                    errors.lock().unwrap().get_or_insert(e);
-                }
-                samples.push(Sample { begun, done, ok });
-                if !ok {
-                    // A broken connection: open a new one (bounded by the loop's time).
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    if let Ok(c) = Conn::open(&wire, http, grpc).await {
-                        conn = c;
-                    }
-                }
-            }
-            samples
-        }));
-    }
-
-    // Server CPU and generator CPU over the measured window, RSS and scrapes on the side.
-    let sampler = {
-        let scrape_every = load.scrape_every;
-        let rss_every = load.rss_every;
-        let finished = finished.clone();
-        tokio::spawn(async move {
-            let mut scrape_ms = Vec::new();
-            let mut rss = Vec::new();
-            let tick = Duration::from_millis(100);
-            let mut next_scrape = scrape_every.map(|_| from);
-            let mut next_rss = rss_every.map(|_| start);
-            let mut cpu_from = None;
-            let mut measured_from = from;
-            while Instant::now() < until && !finished.load(Ordering::Acquire) {
-                let now = Instant::now();
-                if cpu_from.is_none() && now >= from {
-                    cpu_from = Some((server::cpu_secs(pid), server::thread_cpu_secs()));
-                    measured_from = now;
-                }
-                if let (Some(at), Some(every)) = (next_scrape, scrape_every) {
-                    if now >= at {
-                        let t = Instant::now();
-                        if let Ok(Ok((200, _))) = tokio::time::timeout(
-                            Duration::from_secs(10),
-                            server::get_async(metrics, "/metrics"),
-                        )
-                        .await
-                        {
-                            scrape_ms.push(t.elapsed().as_secs_f64() * 1e3);
-                        }
-                        next_scrape = Some(at + every);
-                    }
-                }
-                if let (Some(at), Some(every)) = (next_rss, rss_every) {
-                    if now >= at {
-                        rss.push((
-                            now.duration_since(start).as_secs_f64(),
-                            server::rss_bytes(pid),
-                        ));
-                        next_rss = Some(at + every);
-                    }
-                }
-                tokio::time::sleep(tick.min(until.saturating_duration_since(Instant::now()))).await;
-            }
-            let (server_cpu, load_cpu) = match cpu_from {
-                Some((s0, l0)) => {
-                    let secs = measured_from.elapsed().as_secs_f64().max(1e-9);
-                    (
-                        (server::cpu_secs(pid) - s0) / secs,
-                        (server::thread_cpu_secs() - l0) / secs,
-                    )
-                }
-                None => (0.0, 0.0),
-            };
-            (scrape_ms, rss, server_cpu, load_cpu)
+                .run(),
+            )
         })
-    };
+        .collect();
+    let sampler = tokio::spawn(
+        Sampler {
+            scrape_every: load.scrape_every,
+            rss_every: load.rss_every,
+            finished: finished.clone(),
+            start,
+            from,
+            until,
+            pid,
+            metrics,
+        }
+        .run(),
+    );
 
     let mut samples = Vec::new();
     for w in workers {
@@ -216,8 +144,146 @@ async fn drive(
     }
     // Workers may stop early (out of requests): the sampler stops with them.
     finished.store(true, Ordering::Release);
-    let (scrape_ms, rss, server_cpu, load_cpu) = sampler.await.unwrap_or_default();
+    let side = sampler.await.unwrap_or_default();
+    let first_error = errors.lock().unwrap().take();
+    let mut result = summarize(&samples, from, until, &load.template);
+    result.server_cpu = side.server_cpu;
+    result.load_cpu = side.load_cpu;
+    result.scrape_ms = side.scrape_ms;
+    result.rss = side.rss;
+    result.first_error = first_error;
+    result.batches_used = next.load(Ordering::Relaxed).min(limit) - load.first_batch;
+    result
+}
 
+/// One connection sending batches one after the other until the window closes or the
+/// batch numbers run out.
+struct Worker {
+    next: Arc<AtomicU64>,
+    limit: u64,
+    until: Instant,
+    template: Arc<Template>,
+    wire: Wire,
+    errors: Arc<std::sync::Mutex<Option<String>>>,
+    http: SocketAddr,
+    grpc: SocketAddr,
+}
+
+impl Worker {
+    async fn run(self) -> Vec<Sample> {
+        let mut samples = Vec::new();
+        let mut conn = match Conn::open(&self.wire, self.http, self.grpc).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.errors.lock().unwrap().get_or_insert(e);
+                return samples;
+            }
+        };
+        while Instant::now() < self.until {
+            let batch = self.next.fetch_add(1, Ordering::Relaxed);
+            if batch >= self.limit {
+                break;
+            }
+            let begun = Instant::now();
+            let result = tokio::time::timeout(
+                Duration::from_secs(10),
+                conn.send(&self.wire, &self.template, batch, self.http),
+            )
+            .await
+            .unwrap_or_else(|_| Err("request timed out after 10 s".into()));
+            let done = Instant::now();
+            let ok = result.is_ok();
+            if let Err(e) = result {
+                self.errors.lock().unwrap().get_or_insert(e);
+            }
+            samples.push(Sample { begun, done, ok });
+            if !ok {
+                // A broken connection: open a new one (bounded by the loop's time).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Ok(c) = Conn::open(&self.wire, self.http, self.grpc).await {
+                    conn = c;
+                }
+            }
+        }
+        samples
+    }
+}
+
+/// What is read beside the load: server and generator CPU over the measured window,
+/// scrape times, RSS.
+#[derive(Default)]
+struct SideReadings {
+    scrape_ms: Vec<f64>,
+    rss: Vec<(f64, u64)>,
+    server_cpu: f64,
+    load_cpu: f64,
+}
+
+struct Sampler {
+    scrape_every: Option<Duration>,
+    rss_every: Option<Duration>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+    start: Instant,
+    from: Instant,
+    until: Instant,
+    pid: u32,
+    metrics: SocketAddr,
+}
+
+impl Sampler {
+    async fn run(self) -> SideReadings {
+        let mut side = SideReadings::default();
+        let tick = Duration::from_millis(100);
+        let mut next_scrape = self.scrape_every.map(|_| self.from);
+        let mut next_rss = self.rss_every.map(|_| self.start);
+        let mut cpu_from = None;
+        let mut measured_from = self.from;
+        while Instant::now() < self.until && !self.finished.load(Ordering::Acquire) {
+            let now = Instant::now();
+            if cpu_from.is_none() && now >= self.from {
+                cpu_from = Some((server::cpu_secs(self.pid), server::thread_cpu_secs()));
+                measured_from = now;
+            }
+            if let (Some(at), Some(every)) = (next_scrape, self.scrape_every) {
+                if now >= at {
+                    if let Some(ms) = self.timed_scrape().await {
+                        side.scrape_ms.push(ms);
+                    }
+                    next_scrape = Some(at + every);
+                }
+            }
+            if let (Some(at), Some(every)) = (next_rss, self.rss_every) {
+                if now >= at {
+                    let since = now.duration_since(self.start).as_secs_f64();
+                    side.rss.push((since, server::rss_bytes(self.pid)));
+                    next_rss = Some(at + every);
+                }
+            }
+            let left = self.until.saturating_duration_since(Instant::now());
+            tokio::time::sleep(tick.min(left)).await;
+        }
+        if let Some((s0, l0)) = cpu_from {
+            let secs = measured_from.elapsed().as_secs_f64().max(1e-9);
+            side.server_cpu = (server::cpu_secs(self.pid) - s0) / secs;
+            side.load_cpu = (server::thread_cpu_secs() - l0) / secs;
+        }
+        side
+    }
+
+    /// One GET /metrics: its time in ms, if answered 200 within 10 s.
+    async fn timed_scrape(&self) -> Option<f64> {
+        let t = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            server::get_async(self.metrics, "/metrics"),
+        )
+        .await;
+        matches!(answer, Ok(Ok((200, _)))).then(|| t.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+/// Throughput and latency of the requests answered within the measured window.
+fn summarize(samples: &[Sample], from: Instant, until: Instant, template: &Template) -> LoadResult {
     let end = samples
         .iter()
         .map(|s| s.done)
@@ -243,21 +309,15 @@ async fn drive(
             0.0
         }
     };
-    let first_error = errors.lock().unwrap().take();
     LoadResult {
         ok: samples.len() as u64 - failed,
         failed,
         window_secs: window,
-        spans_per_sec: per_sec(load.template.spans),
-        events_per_sec: per_sec(load.template.events),
+        spans_per_sec: per_sec(template.spans),
+        events_per_sec: per_sec(template.events),
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
-        server_cpu,
-        load_cpu,
-        scrape_ms,
-        rss,
-        first_error,
-        batches_used: next.load(Ordering::Relaxed).min(limit) - load.first_batch,
+        ..LoadResult::default()
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release -p flowmetrics-bench -- [--quick] [--json PATH] [--only LIST]
-//!     [--server PATH] [--profile-pipeline BATCHES] [--profile-sparse BATCHES]
+//!     [--server PATH] [--steady SECS] [--profile-pipeline BATCHES]
+//!     [--profile-sparse BATCHES] [--profile-network BATCHES] [--profile-moka BATCHES]
 //! ```
 //!
 //! Prints one table and writes it as JSON. Every throughput is also given as a ratio to
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clap::Parser;
 use serde_json::{json, Value};
 
 use inproc::Budget;
@@ -33,93 +35,65 @@ use load::{Load, LoadResult, Wire};
 use server::{metric_sum, metric_sum_where, Server};
 use workload::{Shape, Template, LAG, SPANS_PER_BATCH};
 
-const USAGE: &str = "\
-flowmetrics-bench: throughput, latency, memory, scrape and timeliness of flowmetrics.
-
-Usage: flowmetrics-bench [--quick] [--json PATH] [--only LIST] [--server PATH]
-                         [--steady SECS]
-       flowmetrics-bench --profile-pipeline BATCHES
-       flowmetrics-bench --profile-sparse BATCHES
-       flowmetrics-bench --profile-network BATCHES
-
-  --quick        small sizes, seconds (CI)
-  --json PATH    where to write the results (default target/flowmetrics-bench.json)
-  --only LIST    comma-separated sections: pipeline,e2e,memory,scrape,timeliness,
-                 network (the baseline always runs); `state` (the state file, on
-                 its own: only when named) runs alone, as does `objectives` (the
-                 cost of counting overdue instances at 1M open)
-  --server PATH  the flowmetrics binary to start (default: built next to this one)
-  --steady SECS  length of the steady-load RSS run (full: 600, quick: 2)
-  --profile-pipeline N   run only N batches through the in-process pipeline (for
-                 valgrind --tool=callgrind --toggle-collect='*measured_batch*')
-  --profile-sparse N     the same with the sparse workload (1 span in 10 with an event)
-  --profile-network N    the same with every span a network Flow Span
-  --profile-moka N       only the moka-alone baseline for N batches (valgrind
-                 --toggle-collect='*moka_alone*')
-";
-
+/// flowmetrics-bench: throughput, latency, memory, scrape and timeliness of flowmetrics.
+#[derive(Parser)]
+#[command(name = "flowmetrics-bench")]
 struct Args {
+    /// Small sizes, seconds (CI)
+    #[arg(long)]
     quick: bool,
+    /// Where to write the results [default: target/flowmetrics-bench.json]
+    #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Comma-separated sections: pipeline,e2e,memory,scrape,timeliness,network (the
+    /// baseline always runs); `state` (the state file, on its own: only when named) runs
+    /// alone, as does `objectives` (the cost of counting overdue instances at 1M open)
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
     only: Option<Vec<String>>,
+    /// The flowmetrics binary to start [default: built next to this one]
+    #[arg(long, value_name = "PATH")]
     server: Option<PathBuf>,
-    profile: Option<(Shape, u64)>,
+    /// Length of the steady-load RSS run in seconds (full: 600, quick: 2)
+    #[arg(long, value_name = "SECS")]
+    steady: Option<u64>,
+    /// Run only N batches through the in-process pipeline (for valgrind
+    /// --tool=callgrind --toggle-collect='*measured_batch*')
+    #[arg(long, value_name = "N")]
+    profile_pipeline: Option<u64>,
+    /// The same with the sparse workload (1 span in 10 with an event)
+    #[arg(long, value_name = "N")]
+    profile_sparse: Option<u64>,
+    /// The same with every span a network Flow Span
+    #[arg(long, value_name = "N")]
+    profile_network: Option<u64>,
+    /// Only the moka-alone baseline for N batches (valgrind --toggle-collect='*moka_alone*')
+    #[arg(long, value_name = "N")]
     profile_moka: Option<u64>,
-    steady: Option<Duration>,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        quick: false,
-        json: None,
-        only: None,
-        server: None,
-        profile: None,
-        profile_moka: None,
-        steady: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
-        match arg.as_str() {
-            "--quick" => args.quick = true,
-            "--json" => args.json = Some(value("--json")?.into()),
-            "--only" => {
-                args.only = Some(
-                    value("--only")?
-                        .split(',')
-                        .map(|s| s.trim().to_owned())
-                        .collect(),
-                )
-            }
-            "--server" => args.server = Some(value("--server")?.into()),
-            "--steady" => {
-                let secs: u64 = value("--steady")?
-                    .parse()
-                    .map_err(|e| format!("--steady: {e}"))?;
-                args.steady = Some(Duration::from_secs(secs));
-            }
-            "--profile-pipeline" | "--profile-sparse" | "--profile-network" => {
-                let shape = match arg.as_str() {
-                    "--profile-sparse" => Shape::Sparse,
-                    "--profile-network" => Shape::NetworkAll,
-                    _ => Shape::Flow,
-                };
-                let batches = value(&arg)?.parse().map_err(|e| format!("{arg}: {e}"))?;
-                args.profile = Some((shape, batches))
-            }
-            "--profile-moka" => {
-                let batches = value(&arg)?.parse().map_err(|e| format!("{arg}: {e}"))?;
-                args.profile_moka = Some(batches);
-            }
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unexpected argument {other:?}")),
-        }
+impl Args {
+    /// Whether `--only` names `section`.
+    fn names(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|s| s.trim() == section))
     }
-    Ok(args)
+
+    /// Whether `section` runs: named by `--only`, or no `--only` at all.
+    fn wants(&self, section: &str) -> bool {
+        self.only.is_none() || self.names(section)
+    }
+
+    /// The `--profile-*` run asked for: the workload and its batches.
+    fn profile(&self) -> Option<(Shape, u64)> {
+        [
+            (self.profile_pipeline, Shape::Flow),
+            (self.profile_sparse, Shape::Sparse),
+            (self.profile_network, Shape::NetworkAll),
+        ]
+        .into_iter()
+        .find_map(|(batches, shape)| Some((shape, batches?)))
+    }
 }
 
 /// Sizes and durations of one mode.
@@ -242,492 +216,612 @@ impl Baselines {
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("flowmetrics-bench: {e}\n\n{USAGE}");
-            std::process::exit(2);
-        }
-    };
-    if let Some((shape, batches)) = args.profile {
-        profile(shape, batches);
-        return;
-    }
-    if let Some(batches) = args.profile_moka {
-        let t = Template::new(Shape::Flow);
-        let budget = inproc::Budget {
-            max_batches: batches,
-            max_time: Duration::from_secs(3600),
-        };
-        let r = inproc::moka_alone(&t, budget);
-        eprintln!("profiled moka alone: {} batches", r.batches);
-        return;
-    }
-    let mut sizes = Sizes::new(args.quick);
-    if let Some(steady) = args.steady {
-        sizes.steady = steady;
-    }
-    let wants = |section: &str| {
-        args.only
-            .as_ref()
-            .is_none_or(|only| only.iter().any(|s| s == section))
-    };
-    if args
-        .only
-        .as_ref()
-        .is_some_and(|o| o.iter().any(|s| s == "state"))
-    {
-        progress("state file");
-        let rows = state::run(args.quick);
-        println!("{}", serde_json::Value::Array(rows));
-        return;
-    }
-    if args
-        .only
-        .as_ref()
-        .is_some_and(|o| o.iter().any(|s| s == "objectives"))
-    {
-        progress("objectives: overdue instances");
-        let rows = objectives::run(args.quick);
-        println!("{}", serde_json::Value::Array(rows));
+    let args = Args::parse();
+    if run_profile(&args) || run_alone(&args) {
         return;
     }
     let started = Instant::now();
-    let flow = Arc::new(Template::new(Shape::Flow));
-    let sparse = Arc::new(Template::new(Shape::Sparse));
-    let rare = Arc::new(Template::new(Shape::Rare));
-    let starts = Arc::new(Template::new(Shape::StartsOnly));
-    let steps = Arc::new(Template::new(Shape::Steps));
-    let starts_with_steps = Arc::new(Template::new(Shape::StartsWithSteps));
     let machine = machine();
-    eprintln!(
-        "flowmetrics-bench ({} mode) on {} CPUs, {}",
-        if args.quick { "quick" } else { "full" },
-        machine["cpus"],
-        machine["cpu_model"].as_str().unwrap_or("?")
-    );
-    let mut rows = Vec::new();
+    let (run, mut rows) = Run::new(&args, &machine);
+    if args.wants("pipeline") {
+        rows.extend(pipeline_rows(&run));
+    }
+    let binary = binary_if_needed(&args);
+    let mut e2e_protobuf = None;
+    if let (true, Some(bin)) = (args.wants("e2e"), &binary) {
+        let (e2e, protobuf) = e2e_rows(&run, bin);
+        rows.extend(e2e);
+        e2e_protobuf = protobuf;
+    }
+    if let (true, Some(bin)) = (args.wants("memory"), &binary) {
+        rows.extend(memory_rows(&run, bin));
+    }
+    if args.wants("scrape") {
+        rows.extend(scrape_rows(&run, binary.as_deref(), e2e_protobuf));
+    }
+    if let (true, Some(bin)) = (args.wants("network"), &binary) {
+        network_rows(bin, &run.sizes, run.inproc_cpu, &mut rows);
+    }
+    if args.wants("timeliness") {
+        rows.extend(timeliness_rows(&run.sizes));
+    }
+    println!("{}", render(&rows));
+    write_results(&args, &run, machine, &rows, started);
+}
 
-    // (2) Baseline, same process and run.
-    progress("baseline: prost decode");
-    let inproc_cpu = std::env::var("BENCH_INPROC_CPU")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(server::LOAD_CPU);
-    let b_flow = on_worker(inproc_cpu, || inproc::baseline(&flow, sizes.inproc));
-    let b_sparse = on_worker(inproc_cpu, || inproc::baseline(&sparse, sizes.inproc));
-    let b_rare = on_worker(inproc_cpu, || inproc::baseline(&rare, sizes.inproc));
-    let baselines = Baselines {
-        flow: b_flow.spans_per_sec,
-        sparse: b_sparse.spans_per_sec,
-        rare: b_rare.spans_per_sec,
+/// `--profile-*`: one in-process workload for a profiler, and nothing else. Whether one
+/// ran.
+fn run_profile(args: &Args) -> bool {
+    if let Some((shape, batches)) = args.profile() {
+        profile(shape, batches);
+        return true;
+    }
+    let Some(batches) = args.profile_moka else {
+        return false;
     };
-    for (t, b, id) in [
-        (&flow, &b_flow, "baseline_flow"),
-        (&sparse, &b_sparse, "baseline_sparse"),
-        (&rare, &b_rare, "baseline_rare"),
-    ] {
-        let mut row = Row::new(
-            2,
-            id,
-            format!("baseline: prost decode, 1 thread [{}]", t.shape.label()),
-            b.spans_per_sec,
-            "spans/s",
-        );
-        row.ratio = Some(1.0);
-        row.notes = format!("{} batches in {:.2} s", b.batches, b.secs);
-        rows.push(row);
-    }
+    let t = Template::new(Shape::Flow);
+    let budget = inproc::Budget {
+        max_batches: batches,
+        max_time: Duration::from_secs(3600),
+    };
+    let r = inproc::moka_alone(&t, budget);
+    eprintln!("profiled moka alone: {} batches", r.batches);
+    true
+}
 
-    // (2b) moka alone: the store's exact cache, one insert per start, one remove per
-    // end. The flow workload's correlation cost can be no lower than this.
-    progress("baseline: moka alone");
-    let moka = on_worker(inproc_cpu, || inproc::moka_alone(&flow, sizes.inproc));
-    {
-        let mut row = Row::new(
-            2,
-            "baseline_moka_alone",
-            "baseline: moka alone (the store's cache, 1 insert/start, 1 remove/end), 1 thread"
-                .to_string(),
-            moka.events_per_sec,
-            "events/s",
-        );
-        row.ratio = Some(1.0);
-        row.notes = format!("{} batches in {:.2} s", moka.batches, moka.secs);
-        rows.push(row);
-    }
+/// The sections that run alone, only when named: `state`, `objectives`. Whether one ran.
+fn run_alone(args: &Args) -> bool {
+    let rows = if args.names("state") {
+        progress("state file");
+        state::run(args.quick)
+    } else if args.names("objectives") {
+        progress("objectives: overdue instances");
+        objectives::run(args.quick)
+    } else {
+        return false;
+    };
+    println!("{}", serde_json::Value::Array(rows));
+    true
+}
 
-    // (3) Pipeline in process.
-    if wants("pipeline") {
-        progress("pipeline in process");
-        let mut flow_events_per_sec = None;
-        for (t, id) in [
-            (&flow, "pipeline_flow"),
-            (&sparse, "pipeline_sparse"),
-            (&rare, "pipeline_rare"),
-            (&steps, "pipeline_steps"),
-        ] {
-            let p = on_worker(inproc_cpu, || inproc::pipeline(t, sizes.inproc));
-            let (value, unit) = rate_for(t, p.events_per_sec, p.spans_per_sec);
-            let mut row = Row::new(
-                3,
-                id,
-                format!("pipeline in process, 1 thread [{}]", t.shape.label()),
-                value,
-                unit,
-            );
-            row.ratio = Some(p.spans_per_sec / baselines.for_shape(t.shape));
-            let vs_moka = match (t.shape, flow_events_per_sec) {
-                (Shape::Flow, _) => {
-                    flow_events_per_sec = Some(p.events_per_sec);
-                    format!(
-                        "; {:.2}x moka alone",
-                        p.events_per_sec / moka.events_per_sec
-                    )
-                }
-                // The steps workload against the pairs workload of this run.
-                (Shape::Steps, Some(pairs)) => {
-                    format!("; {:.2}x the flow workload", p.events_per_sec / pairs)
-                }
-                _ => String::new(),
-            };
-            row.notes = format!(
-                "{:.0} spans/s{vs_moka}; store housekeeping {:.0}% of time; {} batches",
-                p.spans_per_sec,
-                p.housekeeping_share * 100.0,
-                p.batches
-            );
-            row.extra = json!({"spans_per_sec": p.spans_per_sec, "events_per_sec": p.events_per_sec,
-                "housekeeping_share": p.housekeeping_share, "batches": p.batches, "secs": p.secs});
-            rows.push(row);
+/// What every section of a run shares: its sizes, its workloads, and the baselines
+/// measured first.
+struct Run {
+    quick: bool,
+    sizes: Sizes,
+    flow: Arc<Template>,
+    sparse: Arc<Template>,
+    rare: Arc<Template>,
+    starts: Arc<Template>,
+    steps: Arc<Template>,
+    starts_with_steps: Arc<Template>,
+    /// The core the in-process measurements run on.
+    inproc_cpu: usize,
+    baselines: Baselines,
+    moka_events_per_sec: f64,
+}
+
+impl Run {
+    /// The workloads, and the baselines (section 2) measured: their rows.
+    fn new(args: &Args, machine: &Value) -> (Run, Vec<Row>) {
+        let mut sizes = Sizes::new(args.quick);
+        if let Some(secs) = args.steady {
+            sizes.steady = Duration::from_secs(secs);
         }
+        let template = |shape| Arc::new(Template::new(shape));
+        let (flow, sparse, rare) = (
+            template(Shape::Flow),
+            template(Shape::Sparse),
+            template(Shape::Rare),
+        );
+        eprintln!(
+            "flowmetrics-bench ({} mode) on {} CPUs, {}",
+            if args.quick { "quick" } else { "full" },
+            machine["cpus"],
+            machine["cpu_model"].as_str().unwrap_or("?")
+        );
+        let inproc_cpu = std::env::var("BENCH_INPROC_CPU")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(server::LOAD_CPU);
+        let (baselines, mut rows) = baseline_rows([&flow, &sparse, &rare], &sizes, inproc_cpu);
+        let (moka_events_per_sec, moka) = moka_row(&flow, &sizes, inproc_cpu);
+        rows.push(moka);
+        let run = Run {
+            quick: args.quick,
+            sizes,
+            flow,
+            sparse,
+            rare,
+            starts: template(Shape::StartsOnly),
+            steps: template(Shape::Steps),
+            starts_with_steps: template(Shape::StartsWithSteps),
+            inproc_cpu,
+            baselines,
+            moka_events_per_sec,
+        };
+        (run, rows)
     }
+}
 
+/// (2) Baseline: prost decode of the flow, sparse and rare workloads, same process and
+/// run.
+fn baseline_rows(
+    templates: [&Arc<Template>; 3],
+    sizes: &Sizes,
+    inproc_cpu: usize,
+) -> (Baselines, Vec<Row>) {
+    progress("baseline: prost decode");
+    let [flow, sparse, rare] =
+        templates.map(|t| on_worker(inproc_cpu, || inproc::baseline(t, sizes.inproc)));
+    let baselines = Baselines {
+        flow: flow.spans_per_sec,
+        sparse: sparse.spans_per_sec,
+        rare: rare.spans_per_sec,
+    };
+    let ids = ["baseline_flow", "baseline_sparse", "baseline_rare"];
+    let rows = templates
+        .iter()
+        .zip([&flow, &sparse, &rare])
+        .zip(ids)
+        .map(|((t, b), id)| baseline_row(2, id, t, b))
+        .collect();
+    (baselines, rows)
+}
+
+/// A baseline row: prost decode of the workload `t`, one thread.
+fn baseline_row(section: u8, id: &'static str, t: &Template, b: &inproc::Throughput) -> Row {
+    let mut row = Row::new(
+        section,
+        id,
+        format!("baseline: prost decode, 1 thread [{}]", t.shape.label()),
+        b.spans_per_sec,
+        "spans/s",
+    );
+    row.ratio = Some(1.0);
+    row.notes = format!("{} batches in {:.2} s", b.batches, b.secs);
+    row
+}
+
+/// (2b) moka alone: the store's exact cache, one insert per start, one remove per end.
+/// The flow workload's correlation cost can be no lower than this.
+fn moka_row(flow: &Template, sizes: &Sizes, inproc_cpu: usize) -> (f64, Row) {
+    progress("baseline: moka alone");
+    let moka = on_worker(inproc_cpu, || inproc::moka_alone(flow, sizes.inproc));
+    let mut row = Row::new(
+        2,
+        "baseline_moka_alone",
+        "baseline: moka alone (the store's cache, 1 insert/start, 1 remove/end), 1 thread",
+        moka.events_per_sec,
+        "events/s",
+    );
+    row.ratio = Some(1.0);
+    row.notes = format!("{} batches in {:.2} s", moka.batches, moka.secs);
+    (moka.events_per_sec, row)
+}
+
+/// (3) Pipeline in process.
+fn pipeline_rows(run: &Run) -> Vec<Row> {
+    progress("pipeline in process");
+    let mut rows = Vec::new();
+    let mut flow_events_per_sec = None;
+    for (t, id) in [
+        (&run.flow, "pipeline_flow"),
+        (&run.sparse, "pipeline_sparse"),
+        (&run.rare, "pipeline_rare"),
+        (&run.steps, "pipeline_steps"),
+    ] {
+        let p = on_worker(run.inproc_cpu, || inproc::pipeline(t, run.sizes.inproc));
+        let (value, unit) = rate_for(t, p.events_per_sec, p.spans_per_sec);
+        let mut row = Row::new(
+            3,
+            id,
+            format!("pipeline in process, 1 thread [{}]", t.shape.label()),
+            value,
+            unit,
+        );
+        row.ratio = Some(p.spans_per_sec / run.baselines.for_shape(t.shape));
+        let vs_moka = match (t.shape, flow_events_per_sec) {
+            (Shape::Flow, _) => {
+                flow_events_per_sec = Some(p.events_per_sec);
+                format!(
+                    "; {:.2}x moka alone",
+                    p.events_per_sec / run.moka_events_per_sec
+                )
+            }
+            // The steps workload against the pairs workload of this run.
+            (Shape::Steps, Some(pairs)) => {
+                format!("; {:.2}x the flow workload", p.events_per_sec / pairs)
+            }
+            _ => String::new(),
+        };
+        row.notes = format!(
+            "{:.0} spans/s{vs_moka}; store housekeeping {:.0}% of time; {} batches",
+            p.spans_per_sec,
+            p.housekeeping_share * 100.0,
+            p.batches
+        );
+        row.extra = json!({"spans_per_sec": p.spans_per_sec, "events_per_sec": p.events_per_sec,
+            "housekeeping_share": p.housekeeping_share, "batches": p.batches, "secs": p.secs});
+        rows.push(row);
+    }
+    rows
+}
+
+/// The binary to start, when a section that starts one is wanted; exits when there is
+/// none.
+fn binary_if_needed(args: &Args) -> Option<PathBuf> {
     let needs_server = ["e2e", "memory", "scrape", "network"]
         .iter()
-        .any(|s| wants(s));
-    let binary = if needs_server {
-        match server_binary(&args) {
-            Ok(b) => Some(b),
-            Err(e) => {
-                eprintln!("flowmetrics-bench: {e}");
-                std::process::exit(1);
-            }
+        .any(|s| args.wants(s));
+    if !needs_server {
+        return None;
+    }
+    match server_binary(args) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("flowmetrics-bench: {e}");
+            std::process::exit(1);
         }
-    } else {
-        None
-    };
+    }
+}
 
-    // (4) End to end.
+/// The load of an end-to-end row: 4 connections over the run's warm-up and measured
+/// window, no scrapes.
+fn e2e_load(sizes: &Sizes, wire: Wire, template: Arc<Template>) -> Load {
+    Load {
+        wire,
+        template,
+        connections: 4,
+        warmup: sizes.warmup,
+        measure: sizes.measure,
+        max_requests: 10_000_000,
+        scrape_every: None,
+        rss_every: None,
+        first_batch: 0,
+    }
+}
+
+/// (4) End to end, on every wire; also the HTTP/protobuf flow rate (for later rows).
+fn e2e_rows(run: &Run, bin: &Path) -> (Vec<Row>, Option<f64>) {
+    let default_config = base_config("", "");
+    let runs: [(&'static str, &str, Wire, &Arc<Template>); 5] = [
+        (
+            "e2e_http_protobuf",
+            "HTTP/protobuf",
+            Wire::Protobuf,
+            &run.flow,
+        ),
+        (
+            "e2e_http_protobuf_sparse",
+            "HTTP/protobuf",
+            Wire::Protobuf,
+            &run.sparse,
+        ),
+        (
+            "e2e_http_protobuf_rare",
+            "HTTP/protobuf",
+            Wire::Protobuf,
+            &run.rare,
+        ),
+        (
+            "e2e_http_gzip",
+            "HTTP/protobuf+gzip",
+            Wire::Protobuf,
+            &run.flow,
+        ),
+        ("e2e_grpc", "gRPC", Wire::Grpc, &run.flow),
+    ];
+    let mut rows = Vec::new();
     let mut e2e_protobuf = None;
-    if let (true, Some(bin)) = (wants("e2e"), &binary) {
-        let default_config = base_config("", "");
-        let runs: [(&'static str, &str, Wire, &Arc<Template>); 5] = [
-            ("e2e_http_protobuf", "HTTP/protobuf", Wire::Protobuf, &flow),
-            (
-                "e2e_http_protobuf_sparse",
-                "HTTP/protobuf",
-                Wire::Protobuf,
-                &sparse,
-            ),
-            (
-                "e2e_http_protobuf_rare",
-                "HTTP/protobuf",
-                Wire::Protobuf,
-                &rare,
-            ),
-            ("e2e_http_gzip", "HTTP/protobuf+gzip", Wire::Protobuf, &flow),
-            ("e2e_grpc", "gRPC", Wire::Grpc, &flow),
-        ];
-        for (id, label, wire, t) in runs {
-            let mut body_note = format!("{} KiB bodies", t.bytes.len() / 1024);
-            let wire = if id == "e2e_http_gzip" {
-                progress("gzip: compressing request bodies ahead of the run");
-                let pool = gzip_pool(t, sizes.gzip_bodies);
-                let avg = pool.iter().map(|b| b.len()).sum::<usize>() / pool.len().max(1);
-                body_note = format!(
-                    "{} KiB bodies, {} KiB gzipped",
-                    t.bytes.len() / 1024,
-                    avg / 1024
-                );
-                Wire::Gzip(pool)
-            } else {
-                wire
-            };
-            let max_requests = match &wire {
-                Wire::Gzip(pool) => pool.len() as u64,
-                _ => 10_000_000,
-            };
-            progress(&format!("end to end: {label} [{}]", t.shape.label()));
-            let server = start(bin, &default_config);
-            let r = load::run(
-                &server,
-                Load {
-                    wire,
-                    template: (*t).clone(),
-                    connections: 4,
-                    warmup: sizes.warmup,
-                    measure: sizes.measure,
-                    max_requests,
-                    scrape_every: None,
-                    rss_every: None,
-                    first_batch: 0,
-                },
-            );
-            let counted = server.scrape();
-            let mut row = e2e_row(
-                4,
-                id,
-                &format!("end to end {label}, 4 conns, server 1 core"),
-                t,
-                &r,
-                &baselines,
-                &counted,
-            );
-            row.notes = format!("{}; {body_note}", row.notes);
-            if id == "e2e_http_protobuf" {
-                e2e_protobuf = Some(r.events_per_sec);
-                row.notes = format!(
-                    "{}; {:.2}x moka alone",
-                    row.notes,
-                    r.events_per_sec / moka.events_per_sec
-                );
-            }
-            rows.push(row);
-        }
-    }
-
-    // (5) Memory per open instance; flat RSS under steady load.
-    if let (true, Some(bin)) = (wants("memory"), &binary) {
-        for dims in [false, true] {
-            for n in sizes.memory {
-                progress(&format!(
-                    "memory: {n} open instances, {} dimensions",
-                    if dims { 3 } else { 0 }
-                ));
-                rows.push(memory(bin, &starts, n, dims));
-            }
-        }
-        for n in sizes.memory {
-            progress(&format!("memory: {n} open instances with 4 steps each"));
-            rows.push(memory(bin, &starts_with_steps, n, false));
-        }
-        progress("memory: RSS under steady load");
-        rows.push(steady(bin, &flow, &sizes, &baselines));
-    }
-
-    // (6) Scrape.
-    if wants("scrape") {
-        progress("scrape: encoding /metrics");
-        for (flows, id, what) in [
-            // 8 series per flow: started, in_progress, duration, and completed x 3 and
-            // errors x 2 (created at 0 with the flow).
-            (
-                1_250,
-                "encode_10k_series",
-                "10k series (1,250 flows x 8 series)",
-            ),
-            (
-                10_000,
-                "encode_10k_flows",
-                "10k flows (up to 10,001 series per family)",
-            ),
-        ] {
-            let e = inproc::encode(flows, sizes.encode_reps);
-            let mut row = Row::new(6, id, format!("/metrics encode, {what}"), e.p50_ms, "ms");
-            row.p50_ms = Some(e.p50_ms);
+    for (id, label, wire, t) in runs {
+        let (wire, body_note) = if id == "e2e_http_gzip" {
+            gzip_wire(t, &run.sizes)
+        } else {
+            (wire, format!("{} KiB bodies", t.bytes.len() / 1024))
+        };
+        let max_requests = match &wire {
+            Wire::Gzip(pool) => pool.len() as u64,
+            _ => 10_000_000,
+        };
+        progress(&format!("end to end: {label} [{}]", t.shape.label()));
+        let server = start(bin, &default_config);
+        let load = Load {
+            max_requests,
+            ..e2e_load(&run.sizes, wire, (*t).clone())
+        };
+        let r = load::run(&server, load);
+        let counted = server.scrape();
+        let name = format!("end to end {label}, 4 conns, server 1 core");
+        let mut row = e2e_row(4, id, &name, t, &r, &run.baselines, &counted);
+        row.notes = format!("{}; {body_note}", row.notes);
+        if id == "e2e_http_protobuf" {
+            e2e_protobuf = Some(r.events_per_sec);
             row.notes = format!(
-                "{} series, {} KiB body, max {:.1} ms over {} runs",
-                e.series,
-                e.bytes / 1024,
-                e.max_ms,
-                sizes.encode_reps
-            );
-            row.extra =
-                json!({"flows": e.flows, "series": e.series, "bytes": e.bytes, "max_ms": e.max_ms});
-            rows.push(row);
-        }
-        progress("scrape: /metrics bodies by format");
-        rows.extend(exposition_rows(&sizes));
-        if let Some(bin) = &binary {
-            progress("scrape: ingest with 10k series, not scraped, then scraped every second");
-            let server = start(bin, &base_config("", ""));
-            let seed = workload::seed_request(1_250);
-            seed_server(&server, seed);
-            // The same seeded server with and without scrapes: the difference is the
-            // scrapes' cost, not that of recording into a registry of 10k series.
-            let run = |scrape_every, first_batch| {
-                load::run(
-                    &server,
-                    Load {
-                        wire: Wire::Protobuf,
-                        template: flow.clone(),
-                        connections: 4,
-                        warmup: sizes.warmup,
-                        measure: sizes.measure,
-                        max_requests: 10_000_000,
-                        scrape_every,
-                        rss_every: None,
-                        first_batch,
-                    },
-                )
-            };
-            let quiet = run(None, 0);
-            let counted = server.scrape();
-            rows.push(e2e_row(
-                6,
-                "e2e_http_protobuf_seeded",
-                "end to end HTTP/protobuf, 10k series held, not scraped",
-                &flow,
-                &quiet,
-                &baselines,
-                &counted,
-            ));
-            // New batch numbers: ids that do not repeat the first run's.
-            let r = run(Some(Duration::from_secs(1)), 100_000_000);
-            let counted = server.scrape();
-            let mut row = e2e_row(
-                6,
-                "e2e_http_protobuf_scraped",
-                "end to end HTTP/protobuf, 10k series held, /metrics scraped every 1 s",
-                &flow,
-                &r,
-                &baselines,
-                &counted,
-            );
-            // Unscraped once more: the scraped run is compared with the mean of the runs
-            // before and after it, so that what the server accumulates from run to run
-            // (retry fingerprints, cache state) is not charged to the scrapes.
-            let after = run(None, 200_000_000);
-            let quiet_mean = (quiet.events_per_sec + after.events_per_sec) / 2.0;
-            let mut scrapes = r.scrape_ms.clone();
-            scrapes.sort_by(f64::total_cmp);
-            let vs = r.events_per_sec / quiet_mean;
-            row.notes = format!(
-                "{}; {} scrapes, p50 {:.1} ms, max {:.1} ms; {:.2}x the same server unscraped \
-                 (mean of the runs before and after: {:.0} and {:.0} events/s){}",
+                "{}; {:.2}x moka alone",
                 row.notes,
-                scrapes.len(),
-                load::percentile(&scrapes, 0.5),
-                scrapes.last().copied().unwrap_or(0.0),
-                vs,
-                quiet.events_per_sec,
-                after.events_per_sec,
-                e2e_protobuf
-                    .map(|base| format!(", {:.2}x the fresh server", r.events_per_sec / base))
-                    .unwrap_or_default()
+                r.events_per_sec / run.moka_events_per_sec
             );
-            row.extra["scrape_ms"] = json!(scrapes);
-            row.extra["vs_unscraped"] = json!(vs);
-            rows.push(row);
+        }
+        rows.push(row);
+    }
+    (rows, e2e_protobuf)
+}
 
-            progress("scrape: ingest while 4 clients scrape /metrics in a loop");
-            let looping = scrape_load::LoopScrapers::start(server.metrics, 4);
-            let r = run(None, 300_000_000);
-            let loop_scrapes = looping.scrapes.load(std::sync::atomic::Ordering::Relaxed);
-            drop(looping);
-            let after2 = run(None, 400_000_000);
-            let quiet_mean = (after.events_per_sec + after2.events_per_sec) / 2.0;
-            let vs = r.events_per_sec / quiet_mean;
-            let counted = server.scrape();
-            let mut row = e2e_row(
-                6,
-                "e2e_http_protobuf_scrape_loop",
-                "end to end HTTP/protobuf, 10k series held, 4 clients scraping /metrics in a loop",
-                &flow,
-                &r,
-                &baselines,
-                &counted,
-            );
-            row.notes = format!(
-                "{}; {loop_scrapes} scrapes answered; {vs:.2}x the same server unscraped (runs \
-                 before and after: {:.0} and {:.0} events/s)",
-                row.notes, after.events_per_sec, after2.events_per_sec
-            );
-            row.extra["vs_unscraped"] = json!(vs);
-            row.extra["loop_scrapes"] = json!(loop_scrapes);
-            rows.push(row);
-            drop(server);
+/// Gzip'd bodies compressed ahead of the run, and a note on their sizes.
+fn gzip_wire(t: &Template, sizes: &Sizes) -> (Wire, String) {
+    progress("gzip: compressing request bodies ahead of the run");
+    let pool = gzip_pool(t, sizes.gzip_bodies);
+    let avg = pool.iter().map(|b| b.len()).sum::<usize>() / pool.len().max(1);
+    let note = format!(
+        "{} KiB bodies, {} KiB gzipped",
+        t.bytes.len() / 1024,
+        avg / 1024
+    );
+    (Wire::Gzip(pool), note)
+}
 
-            progress("scrape: 500 concurrent and 200 slow scrapers, 10k series held");
-            let server = start(bin, &base_config("  response_write_timeout: 10s\n", ""));
-            seed_server(&server, workload::seed_request(1_250));
-            let body = server.scrape().len();
-            let before = server.rss_bytes();
-            let s = scrape_load::storm(server.metrics, server.pid, 500, 200);
-            let mib = |b: u64| b as f64 / (1 << 20) as f64;
-            let mut row = Row::new(
-                6,
-                "scrape_storm_peak_rss",
-                "peak RSS, 500 concurrent + 200 slow (1 B/s) scrapers, 10k series held",
-                mib(s.peak_rss),
-                "MiB",
-            );
-            row.notes = format!(
-                "body {} KiB; RSS {:.0} MiB before; {} of 500 scrapes complete, {} of 200 slow \
-                 readers cut off (limits.response_write_timeout 10s), {:.1} s",
-                body / 1024,
-                mib(before),
-                s.complete,
-                s.slow_cut,
-                s.secs
-            );
-            row.extra = json!({"peak_rss_bytes": s.peak_rss, "rss_before": before,
-                "complete": s.complete, "slow_cut": s.slow_cut, "body_bytes": body});
-            rows.push(row);
+/// (5) Memory per open instance; flat RSS under steady load.
+fn memory_rows(run: &Run, bin: &Path) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for dims in [false, true] {
+        for n in run.sizes.memory {
+            progress(&format!(
+                "memory: {n} open instances, {} dimensions",
+                if dims { 3 } else { 0 }
+            ));
+            rows.push(memory(bin, &run.starts, n, dims));
         }
     }
-
-    // (8) Network Flow Spans.
-    if let (true, Some(bin)) = (wants("network"), &binary) {
-        network_rows(bin, &sizes, inproc_cpu, &mut rows);
+    for n in run.sizes.memory {
+        progress(&format!("memory: {n} open instances with 4 steps each"));
+        rows.push(memory(bin, &run.starts_with_steps, n, false));
     }
+    progress("memory: RSS under steady load");
+    rows.push(steady(bin, &run.flow, &run.sizes, &run.baselines));
+    rows
+}
 
-    // (7) Timeliness of time-outs.
-    if wants("timeliness") {
-        progress("timeliness: how late incomplete flows are counted");
-        // Every flow with the longest timeout (moka's exact time-to-live), and a flow
-        // whose timeout is shorter than another's (moka's per-entry timer wheel).
-        for (id, name, longest, how) in [
-            ("timeout_lateness", "1 s timeout", 1, "time-to-live"),
-            (
-                "timeout_lateness_per_entry",
-                "1 s timeout, another flow 10 s",
-                10,
-                "per-entry expiry",
+/// (6) Scrape: encoding, bodies by format, and with a server, ingest while scraped and
+/// many scrapers at once.
+fn scrape_rows(run: &Run, binary: Option<&Path>, e2e_protobuf: Option<f64>) -> Vec<Row> {
+    progress("scrape: encoding /metrics");
+    let mut rows = encode_rows(&run.sizes);
+    progress("scrape: /metrics bodies by format");
+    rows.extend(exposition_rows(&run.sizes));
+    if let Some(bin) = binary {
+        rows.extend(scraped_ingest_rows(run, bin, e2e_protobuf));
+        rows.push(scrape_storm_row(bin));
+    }
+    rows
+}
+
+fn encode_rows(sizes: &Sizes) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (flows, id, what) in [
+        // 8 series per flow: started, in_progress, duration, and completed x 3 and
+        // errors x 2 (created at 0 with the flow).
+        (
+            1_250,
+            "encode_10k_series",
+            "10k series (1,250 flows x 8 series)",
+        ),
+        (
+            10_000,
+            "encode_10k_flows",
+            "10k flows (up to 10,001 series per family)",
+        ),
+    ] {
+        let e = inproc::encode(flows, sizes.encode_reps);
+        rows.push(encode_row(
+            id,
+            format!("/metrics encode, {what}"),
+            &e,
+            sizes,
+        ));
+    }
+    rows
+}
+
+/// A row of section 6: the time to encode `/metrics` (p50), the body's size.
+fn encode_row(id: &'static str, name: String, e: &inproc::Encode, sizes: &Sizes) -> Row {
+    let mut row = Row::new(6, id, name, e.p50_ms, "ms");
+    row.p50_ms = Some(e.p50_ms);
+    row.notes = format!(
+        "{} series, {} KiB body, max {:.1} ms over {} runs",
+        e.series,
+        e.bytes / 1024,
+        e.max_ms,
+        sizes.encode_reps
+    );
+    row.extra = json!({"flows": e.flows, "series": e.series, "bytes": e.bytes, "max_ms": e.max_ms});
+    row
+}
+
+/// One load run on the seeded server, from batch `first_batch` (so runs never reuse
+/// ids), scraped every `scrape_every` when given.
+fn seeded_load(
+    server: &Server,
+    run: &Run,
+    scrape_every: Option<Duration>,
+    first_batch: u64,
+) -> LoadResult {
+    let load = Load {
+        scrape_every,
+        first_batch,
+        ..e2e_load(&run.sizes, Wire::Protobuf, run.flow.clone())
+    };
+    load::run(server, load)
+}
+
+/// Ingest on one server holding 10k series: not scraped, scraped every second, and
+/// while 4 clients scrape in a loop. The same seeded server with and without scrapes:
+/// the difference is the scrapes' cost, not that of recording into a registry of 10k
+/// series.
+fn scraped_ingest_rows(run: &Run, bin: &Path, e2e_protobuf: Option<f64>) -> Vec<Row> {
+    progress("scrape: ingest with 10k series, not scraped, then scraped every second");
+    let server = start(bin, &base_config("", ""));
+    seed_server(&server, workload::seed_request(1_250));
+    let quiet = seeded_load(&server, run, None, 0);
+    let counted = server.scrape();
+    let quiet_row = e2e_row(
+        6,
+        "e2e_http_protobuf_seeded",
+        "end to end HTTP/protobuf, 10k series held, not scraped",
+        &run.flow,
+        &quiet,
+        &run.baselines,
+        &counted,
+    );
+    // New batch numbers: ids that do not repeat the first run's.
+    let r = seeded_load(&server, run, Some(Duration::from_secs(1)), 100_000_000);
+    let counted = server.scrape();
+    let mut row = e2e_row(
+        6,
+        "e2e_http_protobuf_scraped",
+        "end to end HTTP/protobuf, 10k series held, /metrics scraped every 1 s",
+        &run.flow,
+        &r,
+        &run.baselines,
+        &counted,
+    );
+    // Unscraped once more: the scraped run is compared with the mean of the runs before
+    // and after it, so that what the server accumulates from run to run (retry
+    // fingerprints, cache state) is not charged to the scrapes.
+    let after = seeded_load(&server, run, None, 200_000_000);
+    let quiet_mean = (quiet.events_per_sec + after.events_per_sec) / 2.0;
+    let mut scrapes = r.scrape_ms.clone();
+    scrapes.sort_by(f64::total_cmp);
+    let vs = r.events_per_sec / quiet_mean;
+    row.notes = format!(
+        "{}; {} scrapes, p50 {:.1} ms, max {:.1} ms; {:.2}x the same server unscraped \
+         (mean of the runs before and after: {:.0} and {:.0} events/s){}",
+        row.notes,
+        scrapes.len(),
+        load::percentile(&scrapes, 0.5),
+        scrapes.last().copied().unwrap_or(0.0),
+        vs,
+        quiet.events_per_sec,
+        after.events_per_sec,
+        e2e_protobuf
+            .map(|base| format!(", {:.2}x the fresh server", r.events_per_sec / base))
+            .unwrap_or_default()
+    );
+    row.extra["scrape_ms"] = json!(scrapes);
+    row.extra["vs_unscraped"] = json!(vs);
+    let looped = scrape_loop_row(run, &server, after.events_per_sec);
+    vec![quiet_row, row, looped]
+}
+
+/// Ingest while 4 clients scrape /metrics in a loop, against the unscraped runs before
+/// (`before` events/s) and after it.
+fn scrape_loop_row(run: &Run, server: &Server, before: f64) -> Row {
+    progress("scrape: ingest while 4 clients scrape /metrics in a loop");
+    let looping = scrape_load::LoopScrapers::start(server.metrics, 4);
+    let r = seeded_load(server, run, None, 300_000_000);
+    let loop_scrapes = looping.scrapes.load(std::sync::atomic::Ordering::Relaxed);
+    drop(looping);
+    let after = seeded_load(server, run, None, 400_000_000);
+    let quiet_mean = (before + after.events_per_sec) / 2.0;
+    let vs = r.events_per_sec / quiet_mean;
+    let counted = server.scrape();
+    let mut row = e2e_row(
+        6,
+        "e2e_http_protobuf_scrape_loop",
+        "end to end HTTP/protobuf, 10k series held, 4 clients scraping /metrics in a loop",
+        &run.flow,
+        &r,
+        &run.baselines,
+        &counted,
+    );
+    row.notes = format!(
+        "{}; {loop_scrapes} scrapes answered; {vs:.2}x the same server unscraped (runs \
+         before and after: {:.0} and {:.0} events/s)",
+        row.notes, before, after.events_per_sec
+    );
+    row.extra["vs_unscraped"] = json!(vs);
+    row.extra["loop_scrapes"] = json!(loop_scrapes);
+    row
+}
+
+/// Peak RSS with 500 concurrent and 200 slow scrapers, 10k series held.
+fn scrape_storm_row(bin: &Path) -> Row {
+    progress("scrape: 500 concurrent and 200 slow scrapers, 10k series held");
+    let server = start(bin, &base_config("  response_write_timeout: 10s\n", ""));
+    seed_server(&server, workload::seed_request(1_250));
+    let body = server.scrape().len();
+    let before = server.rss_bytes();
+    let s = scrape_load::storm(server.metrics, server.pid, 500, 200);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let mut row = Row::new(
+        6,
+        "scrape_storm_peak_rss",
+        "peak RSS, 500 concurrent + 200 slow (1 B/s) scrapers, 10k series held",
+        mib(s.peak_rss),
+        "MiB",
+    );
+    row.notes = format!(
+        "body {} KiB; RSS {:.0} MiB before; {} of 500 scrapes complete, {} of 200 slow \
+         readers cut off (limits.response_write_timeout 10s), {:.1} s",
+        body / 1024,
+        mib(before),
+        s.complete,
+        s.slow_cut,
+        s.secs
+    );
+    row.extra = json!({"peak_rss_bytes": s.peak_rss, "rss_before": before,
+        "complete": s.complete, "slow_cut": s.slow_cut, "body_bytes": body});
+    row
+}
+
+/// (7) Timeliness of time-outs: every flow with the longest timeout (moka's exact
+/// time-to-live), and a flow whose timeout is shorter than another's (moka's per-entry
+/// timer wheel).
+fn timeliness_rows(sizes: &Sizes) -> Vec<Row> {
+    progress("timeliness: how late incomplete flows are counted");
+    let mut rows = Vec::new();
+    for (id, name, longest, how) in [
+        ("timeout_lateness", "1 s timeout", 1, "time-to-live"),
+        (
+            "timeout_lateness_per_entry",
+            "1 s timeout, another flow 10 s",
+            10,
+            "per-entry expiry",
+        ),
+    ] {
+        let l = inproc::timeliness(
+            sizes.timeliness,
+            sizes.timeliness_spread,
+            Duration::from_secs(1),
+            Duration::from_secs(longest),
+        );
+        let mut row = Row::new(
+            7,
+            id,
+            format!(
+                "incomplete counted after deadline ({} instances, {name})",
+                l.instances
             ),
-        ] {
-            let l = inproc::timeliness(
-                sizes.timeliness,
-                sizes.timeliness_spread,
-                Duration::from_secs(1),
-                Duration::from_secs(longest),
-            );
-            let mut row = Row::new(
-                7,
-                id,
-                format!(
-                    "incomplete counted after deadline ({} instances, {name})",
-                    l.instances
-                ),
-                l.p99_ms,
-                "ms p99",
-            );
-            row.p50_ms = Some(l.p50_ms);
-            row.p99_ms = Some(l.p99_ms);
-            row.notes = format!(
-                "moka {how} + 20 ms maintenance thread; max {:.0} ms; {}/{} counted",
-                l.max_ms, l.counted, l.instances
-            );
-            row.extra = json!({"instances": l.instances, "counted": l.counted, "max_ms": l.max_ms});
-            rows.push(row);
-        }
+            l.p99_ms,
+            "ms p99",
+        );
+        row.p50_ms = Some(l.p50_ms);
+        row.p99_ms = Some(l.p99_ms);
+        row.notes = format!(
+            "moka {how} + 20 ms maintenance thread; max {:.0} ms; {}/{} counted",
+            l.max_ms, l.counted, l.instances
+        );
+        row.extra = json!({"instances": l.instances, "counted": l.counted, "max_ms": l.max_ms});
+        rows.push(row);
     }
+    rows
+}
 
-    let table = render(&rows);
-    println!("{table}");
+/// The results as JSON, at `--json` or under target/.
+fn write_results(args: &Args, run: &Run, machine: Value, rows: &[Row], started: Instant) {
+    let (flow, sparse) = (&run.flow, &run.sparse);
     let result = json!({
-        "mode": if args.quick { "quick" } else { "full" },
+        "mode": if run.quick { "quick" } else { "full" },
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "machine": machine,
         "workload": {
@@ -739,7 +833,7 @@ fn main() {
             "steady_state_open_instances": LAG * flow.events / 2,
             "resource_attributes": 6, "span_attributes": 6, "event_attributes": 2,
         },
-        "baseline_spans_per_sec": {"flow": baselines.flow, "sparse": baselines.sparse},
+        "baseline_spans_per_sec": {"flow": run.baselines.flow, "sparse": run.baselines.sparse},
         "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "elapsed_secs": started.elapsed().as_secs_f64(),
     });
@@ -779,20 +873,8 @@ fn network_rows(bin: &Path, sizes: &Sizes, inproc_cpu: usize, rows: &mut Vec<Row
         (&all, &b_all, "baseline_network_all"),
         (&sparse, &b_sparse, "baseline_network_10"),
     ] {
-        let mut row = Row::new(
-            8,
-            id,
-            format!("baseline: prost decode, 1 thread [{}]", t.shape.label()),
-            b.spans_per_sec,
-            "spans/s",
-        );
-        row.ratio = Some(1.0);
-        row.notes = format!(
-            "{} batches in {:.2} s; {} KiB bodies",
-            b.batches,
-            b.secs,
-            t.bytes.len() / 1024
-        );
+        let mut row = baseline_row(8, id, t, b);
+        row.notes = format!("{}; {} KiB bodies", row.notes, t.bytes.len() / 1024);
         rows.push(row);
     }
     for (t, id) in [
@@ -821,20 +903,7 @@ fn network_rows(bin: &Path, sizes: &Sizes, inproc_cpu: usize, rows: &mut Vec<Row
             t.shape.label()
         ));
         let server = start(bin, &base_config("", ""));
-        let r = load::run(
-            &server,
-            Load {
-                wire: Wire::Protobuf,
-                template: t.clone(),
-                connections: 4,
-                warmup: sizes.warmup,
-                measure: sizes.measure,
-                max_requests: 10_000_000,
-                scrape_every: None,
-                rss_every: None,
-                first_batch: 0,
-            },
-        );
+        let r = load::run(&server, e2e_load(sizes, Wire::Protobuf, t.clone()));
         let counted = server.scrape();
         let mut row = e2e_row(
             8,
@@ -1214,23 +1283,8 @@ fn exposition_rows(sizes: &Sizes) -> Vec<Row> {
         ] {
             let e = inproc::encode_exposition(flows, sizes.encode_reps, how);
             let id: &'static str = Box::leak(format!("exposition_{size}_{id}").into_boxed_str());
-            let mut row = Row::new(
-                6,
-                id,
-                format!("/metrics body, {size} series, {what}"),
-                e.p50_ms,
-                "ms",
-            );
-            row.p50_ms = Some(e.p50_ms);
-            row.notes = format!(
-                "{} series, {} KiB body, max {:.1} ms over {} runs",
-                e.series,
-                e.bytes / 1024,
-                e.max_ms,
-                sizes.encode_reps
-            );
-            row.extra =
-                json!({"flows": e.flows, "series": e.series, "bytes": e.bytes, "max_ms": e.max_ms});
+            let name = format!("/metrics body, {size} series, {what}");
+            let row = encode_row(id, name, &e, sizes);
             rows.push(row);
         }
     }

@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,89 +39,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+mod cli;
 mod journey;
 mod network;
 
-const HELP: &str = "\
-flowmetrics-demo - simulated shop traffic for flowmetrics, sent with the OpenTelemetry SDK
-
-USAGE:
-    flowmetrics-demo [OPTIONS]
-
-Simulates three services (order-service, payment-service, fulfillment-service), each with
-its own OpenTelemetry tracer provider and service.name, running three business flows:
-
-    checkout  start: order-service
-              steps: cart (order-service), payment_authorized (payment-service),
-                     packed, shipped (fulfillment-service)
-              end:   fulfillment-service
-    payment   start: payment-service   end: payment-service (callback, another trace)
-    refund    start: order-service     end: payment-service
-
-Each flow instance is a span carrying the event `flow.<flow>.start` with attribute
-`correlation-id`, and later, in another service and trace, a span carrying
-`flow.<flow>.end` with attributes `correlation-id` and `outcome`. Outcomes are mostly
-`success`, some `failure` (span status ERROR), some `cancelled`; 1-5% of instances
-never end (flowmetrics counts them as `incomplete` once the flow timeout passes).
-
-Checkout instances also pass through steps, each a span event `flow.checkout.step`
-with attributes `correlation-id` and `step`, at 10%, 40%, 70% and 90% of the latency.
-Successful checkouts send all four; failed ones stop after `cart` (payment declined)
-or `packed` (out of stock); cancelled ones after `cart` or `payment_authorized`.
-Unfinished checkouts stall after any number of steps, from none (`start`) to
-`shipped`, and never send the later steps or the end. Configure flowmetrics with
-`flows.per_flow.checkout.steps: [cart, payment_authorized, packed, shipped]`.
-
-About 10% of instances export their start after everything else they send (steps and
-end): the start's span stays open until after those have been exported. Latencies follow a log-normal spread per flow, from
-milliseconds to tens of seconds, capped at --max-latency. Spans are exported in batches
-every 500ms.
-
-OPTIONS:
-    --endpoint URL         OTLP endpoint. HTTP: base URL, `/v1/traces` is appended
-                           unless present. gRPC: the server URL.
-                           [default: http://127.0.0.1:4318 for http,
-                                     http://127.0.0.1:4317 for grpc]
-    --protocol PROTO       `http` (OTLP/HTTP protobuf) or `grpc` (OTLP/gRPC)
-                           [default: http]
-    --rate N               flow instances started per second, on average (Poisson
-                           arrivals); fractions allowed [default: 20]
-    --duration D           how long to start new flows, e.g. 30s, 5m, 1h30m;
-                           0 runs until SIGINT/SIGTERM [default: 60s]
-    --seed N               seed (u64) for every random choice; the same seed replays
-                           the same flows [default: derived from the clock, printed]
-    --max-latency D        cap on a flow's start-to-end latency; also bounds how long
-                           the exit waits for in-flight flows [default: 30s]
-    --progress D           print a progress line this often (flows started and
-                           ended per flow, exports OK/failed, rate); 0 turns it
-                           off [default: 5s]
-    --summary PATH         write what was sent as JSON:
-                           {\"flows\":{\"checkout\":{\"started\":N,\"success\":N,
-                           \"failure\":N,\"cancelled\":N,\"unfinished\":N,
-                           \"steps\":{\"cart\":N,...},\"stalled\":{\"start\":N,
-                           \"cart\":N,...}},...}}
-                           unfinished = started without an end sent; steps =
-                           step events sent; stalled = unfinished instances by
-                           the last step sent (flows with steps only)
-    --network-flows        instead of flows, export Flow Spans (network flow records
-                           between the shop's workloads, --rate records/s)
-    -h, --help             print this help
-
-EXIT:
-    When --duration is over, or on SIGINT/SIGTERM, no new flows start; flows in flight
-    still get their end (the wait is bounded by --max-latency plus 3s), then the
-    providers are flushed and shut down, the summary is written and a summary table
-    goes to stderr. A second SIGINT/SIGTERM stops waiting: flows still in flight count as
-    unfinished. A failed export is reported at once with the endpoint and the cause
-    (e.g. `connection refused at http://127.0.0.1:4318`), later ones in the progress
-    lines.
-    Exit status: 0 on success, 1 when an export failed, 2 on bad arguments.
-
-EXAMPLES:
-    flowmetrics-demo --duration 10s --summary /tmp/sent.json
-    flowmetrics-demo --protocol grpc --rate 100 --duration 0
-    flowmetrics-demo --endpoint http://flowmetrics:4318 --seed 7 --max-latency 5s
-";
+use cli::{parse_args, Args, Parsed, Transport};
 
 /// How long a start span stays open after the instance's last event was emitted, for
 /// instances whose start is exported last: longer than the batch delay, so the other
@@ -130,144 +51,6 @@ EXAMPLES:
 const END_FIRST_HOLD: Duration = Duration::from_millis(2000);
 const BATCH_DELAY: Duration = Duration::from_millis(500);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
-
-// ---------------------------------------------------------------------------------------
-// Arguments
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
-    Http,
-    Grpc,
-}
-
-#[derive(Debug)]
-struct Args {
-    endpoint: String,
-    transport: Transport,
-    rate: f64,
-    /// `None`: forever.
-    duration: Option<Duration>,
-    seed: u64,
-    summary: Option<PathBuf>,
-    max_latency: Duration,
-    /// `None`: no progress lines.
-    progress: Option<Duration>,
-}
-
-enum Parsed {
-    Run(Args),
-    Help,
-}
-
-fn parse_duration(flag: &str, value: &str) -> Result<Duration, String> {
-    if value.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(value.trim())
-        .map_err(|e| format!("{flag}: invalid duration {value:?} ({e}); use e.g. 30s, 5m, 1h"))
-}
-
-fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Parsed, String> {
-    let mut endpoint = None;
-    let mut transport = Transport::Http;
-    let mut rate = 20.0;
-    let mut duration = Some(Duration::from_secs(60));
-    let mut seed = None;
-    let mut summary = None;
-    let mut max_latency = Duration::from_secs(30);
-    let mut progress = Some(Duration::from_secs(5));
-
-    while let Some(arg) = argv.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(Parsed::Help);
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let known = [
-            "--endpoint",
-            "--protocol",
-            "--rate",
-            "--duration",
-            "--seed",
-            "--summary",
-            "--max-latency",
-            "--progress",
-        ];
-        if !known.contains(&flag.as_str()) {
-            return Err(format!("unknown argument {arg:?}"));
-        }
-        let value = match inline {
-            Some(v) => v,
-            None => argv.next().ok_or_else(|| format!("{flag} needs a value"))?,
-        };
-        match flag.as_str() {
-            "--endpoint" => {
-                if !(value.starts_with("http://") || value.starts_with("https://")) {
-                    return Err(format!("--endpoint: {value:?} is not an http:// URL"));
-                }
-                endpoint = Some(value);
-            }
-            "--protocol" => {
-                transport = match value.to_ascii_lowercase().as_str() {
-                    "http" | "http/protobuf" => Transport::Http,
-                    "grpc" => Transport::Grpc,
-                    _ => return Err(format!("--protocol: {value:?} is neither http nor grpc")),
-                }
-            }
-            "--rate" => {
-                rate = value
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|r| r.is_finite() && *r > 0.0 && *r <= 1_000_000.0)
-                    .ok_or_else(|| format!("--rate: {value:?} is not a number in (0, 1000000]"))?
-            }
-            "--duration" => {
-                let d = parse_duration("--duration", &value)?;
-                duration = (!d.is_zero()).then_some(d);
-            }
-            "--seed" => {
-                seed =
-                    Some(value.parse::<u64>().map_err(|_| {
-                        format!("--seed: {value:?} is not an unsigned 64-bit integer")
-                    })?)
-            }
-            "--summary" => summary = Some(PathBuf::from(value)),
-            "--max-latency" => {
-                max_latency = parse_duration("--max-latency", &value)?;
-                if max_latency < Duration::from_millis(1) {
-                    return Err("--max-latency must be at least 1ms".into());
-                }
-            }
-            "--progress" => {
-                let d = parse_duration("--progress", &value)?;
-                progress = (!d.is_zero()).then_some(d.max(Duration::from_millis(100)));
-            }
-            _ => unreachable!(),
-        }
-    }
-    let endpoint = endpoint.unwrap_or_else(|| match transport {
-        Transport::Http => "http://127.0.0.1:4318".into(),
-        Transport::Grpc => "http://127.0.0.1:4317".into(),
-    });
-    let seed = seed.unwrap_or_else(|| {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
-    });
-    Ok(Parsed::Run(Args {
-        endpoint,
-        transport,
-        rate,
-        duration,
-        seed,
-        summary,
-        max_latency,
-        progress,
-    }))
-}
 
 // ---------------------------------------------------------------------------------------
 // Randomness
@@ -876,15 +659,14 @@ fn watch_signals() -> watch::Receiver<u32> {
 }
 
 fn main() -> ExitCode {
-    let (network_flows, argv) = network::take_flag(std::env::args().skip(1));
-    let args = match parse_args(argv.into_iter()) {
+    let args = match parse_args(std::env::args().skip(1)) {
         Ok(Parsed::Run(args)) => args,
         Ok(Parsed::Help) => {
-            print!("{HELP}");
+            print!("{}", cli::help());
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("flowmetrics-demo: {e}\nTry `flowmetrics-demo --help`.");
+            let _ = e.print();
             return ExitCode::from(2);
         }
     };
@@ -893,7 +675,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if network_flows {
+    if args.network_flows {
         return runtime.block_on(network::run(args));
     }
     runtime.block_on(run(args))
@@ -901,29 +683,62 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> ExitCode {
     let stats = Arc::new(ExportStats::default());
+    let (providers, shop) = match start_shop(&args, &stats) {
+        Ok(started) => started,
+        Err(e) => {
+            eprintln!("flowmetrics-demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    announce(&args);
+    let tally: Tally = Arc::default();
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let mut signals = watch_signals();
+    let began = Instant::now();
+    let (done_tx, done_rx) = watch::channel(false);
+    let progress = args.progress.map(|every| {
+        tokio::spawn(report_progress(
+            every,
+            began,
+            tally.clone(),
+            stats.clone(),
+            done_rx,
+        ))
+    });
+    let instances = Instances {
+        shop,
+        tally: tally.clone(),
+        abort: abort_rx,
+    };
+    let tasks = generate(&args, &instances, began, &mut signals).await;
+    drain(tasks, &args, &mut signals, &abort_tx).await;
+    for e in flush_and_shut_down(providers, args.endpoint.clone()).await {
+        eprintln!("flowmetrics-demo: warning: {e}");
+    }
+    let _ = done_tx.send(true);
+    if let Some(progress) = progress {
+        let _ = progress.await;
+    }
+    let tally = tally.lock().unwrap().clone();
+    report_sent(&args, &tally, &stats, began)
+}
+
+/// One tracer provider per service, and the shop's tracers.
+fn start_shop(
+    args: &Args,
+    stats: &Arc<ExportStats>,
+) -> Result<(Vec<SdkTracerProvider>, Arc<Shop>), String> {
     let mut providers = Vec::new();
     let mut tracers = Vec::new();
     for (service, name) in SERVICES {
-        let provider = match build_provider(&args, name, &stats) {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("flowmetrics-demo: {e}");
-                return ExitCode::from(2);
-            }
-        };
+        let provider = build_provider(args, name, stats)?;
         tracers.push((service, provider.tracer("flowmetrics-demo")));
         providers.push(provider);
     }
-    let shop = Arc::new(Shop { tracers });
+    Ok((providers, Arc::new(Shop { tracers })))
+}
 
-    let run_id = format!(
-        "{:x}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis()
-            & 0xff_ffff_ffff
-    );
+fn announce(args: &Args) {
     eprintln!(
         "flowmetrics-demo: {} flows/s to {} ({}), {}, seed {}, max latency {}",
         args.rate,
@@ -939,78 +754,98 @@ async fn run(args: Args) -> ExitCode {
         args.seed,
         humantime::format_duration(args.max_latency),
     );
+}
 
-    let tally: Tally = Arc::default();
-    let (abort_tx, abort_rx) = watch::channel(false);
-    let mut signals = watch_signals();
+/// What every flow instance's task needs.
+struct Instances {
+    shop: Arc<Shop>,
+    tally: Tally,
+    abort: watch::Receiver<bool>,
+}
+
+/// Starts flow instances (Poisson arrivals) until the duration is over or a signal
+/// comes; the instances still in flight.
+async fn generate(
+    args: &Args,
+    instances: &Instances,
+    began: Instant,
+    signals: &mut watch::Receiver<u32>,
+) -> JoinSet<()> {
+    let run_id = format!(
+        "{:x}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+            & 0xff_ffff_ffff
+    );
     let mut rng = Rng(args.seed);
     let mut tasks = JoinSet::new();
-    let began = Instant::now();
     let stop_at = args.duration.map(|d| began + d);
     let mut next = began;
     let mut n = 0u64;
-    let (done_tx, done_rx) = watch::channel(false);
-    let progress = args.progress.map(|every| {
-        tokio::spawn(report_progress(
-            every,
-            began,
-            tally.clone(),
-            stats.clone(),
-            done_rx,
-        ))
-    });
-
-    // Generate until the duration is over or a signal comes.
     loop {
         // Poisson arrivals: exponential gaps.
         let gap = -(1.0 - rng.unit()).ln() / args.rate;
         next += Duration::from_secs_f64(gap);
-        if stop_at.is_some_and(|s| next >= s) {
+        if let Some(stop_at) = stop_at.filter(|s| next >= *s) {
             tokio::select! {
-                _ = tokio::time::sleep_until(stop_at.unwrap()) => {}
+                _ = tokio::time::sleep_until(stop_at) => {}
                 _ = signals.changed() => {}
             }
-            break;
+            return tasks;
         }
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
-            _ = signals.changed() => break,
+            _ = signals.changed() => return tasks,
         }
         let p = plan(&mut rng, &run_id, n, args.max_latency);
         n += 1;
         tasks.spawn(journey::run_instance(
-            shop.clone(),
+            instances.shop.clone(),
             p,
-            tally.clone(),
-            abort_rx.clone(),
+            instances.tally.clone(),
+            instances.abort.clone(),
         ));
         while tasks.try_join_next().is_some() {}
     }
+}
 
-    // Let flows in flight end, bounded.
-    if !tasks.is_empty() {
-        eprintln!(
-            "flowmetrics-demo: stopped starting flows; waiting for {} in flight (at most {}, signal again to stop now)",
-            tasks.len(),
-            humantime::format_duration(args.max_latency + END_FIRST_HOLD + Duration::from_secs(1))
-        );
-        let deadline = Instant::now() + args.max_latency + END_FIRST_HOLD + Duration::from_secs(1);
-        let drained = async { while tasks.join_next().await.is_some() {} };
-        tokio::pin!(drained);
-        let finished = tokio::select! {
-            _ = &mut drained => true,
-            _ = tokio::time::sleep_until(deadline) => false,
-            _ = signals.changed() => false,
-        };
-        if !finished {
-            let _ = abort_tx.send(true);
-            drained.await;
-        }
+/// Lets the flows in flight end, bounded by the longest latency; a signal (or the
+/// bound) aborts the rest.
+async fn drain(
+    mut tasks: JoinSet<()>,
+    args: &Args,
+    signals: &mut watch::Receiver<u32>,
+    abort: &watch::Sender<bool>,
+) {
+    if tasks.is_empty() {
+        return;
     }
+    let bound = args.max_latency + END_FIRST_HOLD + Duration::from_secs(1);
+    eprintln!(
+        "flowmetrics-demo: stopped starting flows; waiting for {} in flight (at most {}, signal again to stop now)",
+        tasks.len(),
+        humantime::format_duration(bound)
+    );
+    let deadline = Instant::now() + bound;
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    tokio::pin!(drained);
+    let finished = tokio::select! {
+        _ = &mut drained => true,
+        _ = tokio::time::sleep_until(deadline) => false,
+        _ = signals.changed() => false,
+    };
+    if !finished {
+        let _ = abort.send(true);
+        drained.await;
+    }
+}
 
-    // Flush and shut down the providers; both block, so off the async workers.
-    let endpoint = args.endpoint.clone();
-    let flushed = tokio::task::spawn_blocking(move || {
+/// Flushes and shuts down the providers (both block, so off the async workers); the
+/// distinct failures.
+async fn flush_and_shut_down(providers: Vec<SdkTracerProvider>, endpoint: String) -> Vec<String> {
+    let errors = tokio::task::spawn_blocking(move || {
         let mut errors = Vec::new();
         for p in &providers {
             if let Err(e) = p.force_flush() {
@@ -1033,96 +868,61 @@ async fn run(args: Args) -> ExitCode {
     .await
     .unwrap_or_else(|e| vec![format!("flush task: {e}")]);
     let mut seen = std::collections::BTreeSet::new();
-    for e in flushed {
-        if seen.insert(e.clone()) {
-            eprintln!("flowmetrics-demo: warning: {e}");
-        }
-    }
+    errors
+        .into_iter()
+        .filter(|e| seen.insert(e.clone()))
+        .collect()
+}
 
-    let _ = done_tx.send(true);
-    if let Some(progress) = progress {
-        let _ = progress.await;
-    }
-    let tally = tally.lock().unwrap().clone();
-    let mut code = ExitCode::SUCCESS;
-    if let Some(path) = &args.summary {
-        if let Err(e) = std::fs::write(path, summary_json(&tally)) {
-            eprintln!("flowmetrics-demo: cannot write {}: {e}", path.display());
-            code = ExitCode::FAILURE;
-        }
-    }
+/// Writes the summary file and the table of what was sent; failure when an export (or
+/// the summary) failed.
+fn report_sent(
+    args: &Args,
+    tally: &BTreeMap<&'static str, Counts>,
+    stats: &ExportStats,
+    began: Instant,
+) -> ExitCode {
+    let summary_written = write_summary(args, &summary_json(tally));
     let exports = stats.totals();
     eprint!(
         "flowmetrics-demo: done in {:.1}s, sent to {}:\n{}",
         began.elapsed().as_secs_f64(),
         args.endpoint,
-        summary_table(&tally, &exports)
+        summary_table(tally, &exports)
     );
     let failed = exports.failed;
     if let Some(first) = stats.first_error.lock().unwrap().as_ref() {
         eprintln!("flowmetrics-demo: {failed} exports failed; the first: {first}");
     }
-    if failed > 0 {
-        code = ExitCode::FAILURE;
+    exit_code(summary_written, failed)
+}
+
+/// Writes `json` to `--summary`, when given; whether that went well (or was not asked).
+fn write_summary(args: &Args, json: &str) -> bool {
+    let Some(path) = &args.summary else {
+        return true;
+    };
+    match std::fs::write(path, json) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("flowmetrics-demo: cannot write {}: {e}", path.display());
+            false
+        }
     }
-    code
+}
+
+/// Success when the summary was written and no export failed.
+fn exit_code(summary_written: bool, failed: u64) -> ExitCode {
+    if summary_written && failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(list: &[&str]) -> Result<Parsed, String> {
-        parse_args(list.iter().map(|s| s.to_string()))
-    }
-
-    #[test]
-    fn defaults_and_flags() {
-        let Parsed::Run(a) = args(&["--seed", "7"]).unwrap() else {
-            panic!()
-        };
-        assert_eq!(a.endpoint, "http://127.0.0.1:4318");
-        assert_eq!(a.transport, Transport::Http);
-        assert_eq!(a.rate, 20.0);
-        assert_eq!(a.duration, Some(Duration::from_secs(60)));
-        assert_eq!(a.seed, 7);
-        assert_eq!(a.max_latency, Duration::from_secs(30));
-        assert_eq!(a.progress, Some(Duration::from_secs(5)));
-        let Parsed::Run(a) = args(&["--progress", "0"]).unwrap() else {
-            panic!()
-        };
-        assert_eq!(a.progress, None);
-
-        let Parsed::Run(a) = args(&[
-            "--protocol=grpc",
-            "--duration",
-            "0",
-            "--rate",
-            "2.5",
-            "--max-latency",
-            "5s",
-        ])
-        .unwrap() else {
-            panic!()
-        };
-        assert_eq!(a.endpoint, "http://127.0.0.1:4317");
-        assert_eq!(a.transport, Transport::Grpc);
-        assert_eq!(a.duration, None);
-        assert_eq!(a.rate, 2.5);
-        assert_eq!(a.max_latency, Duration::from_secs(5));
-
-        assert!(matches!(args(&["--help"]), Ok(Parsed::Help)));
-        for bad in [
-            &["--rate", "0"][..],
-            &["--rate"],
-            &["--protocol", "udp"],
-            &["--duration", "soon"],
-            &["--endpoint", "localhost:4318"],
-            &["--frobnicate"],
-        ] {
-            assert!(args(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn same_seed_same_plans() {

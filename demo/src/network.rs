@@ -12,15 +12,7 @@ use opentelemetry::trace::{Span as _, SpanKind, Tracer as _, TracerProvider as _
 use opentelemetry::KeyValue;
 use tokio::time::Instant;
 
-use super::{build_provider, watch_signals, Args, ExportStats, Rng};
-
-pub const FLAG: &str = "--network-flows";
-
-/// Removes `--network-flows` from the arguments; true if it was there.
-pub fn take_flag(argv: impl Iterator<Item = String>) -> (bool, Vec<String>) {
-    let (flag, rest): (Vec<String>, Vec<String>) = argv.partition(|a| a == FLAG);
-    (!flag.is_empty(), rest)
-}
+use super::{build_provider, exit_code, watch_signals, write_summary, Args, ExportStats, Rng};
 
 /// A workload: (namespace, kind, name, pod address).
 type Workload = (&'static str, &'static str, &'static str, &'static str);
@@ -87,37 +79,8 @@ pub async fn run(args: Args) -> ExitCode {
             _ = tokio::time::sleep_until(next) => {}
             _ = signals.changed() => break,
         }
-        let (src, dst, transport, port, _, median, reply) = CONVERSATIONS[rng.pick(&weights)];
-        let (s, d) = (WORKLOADS[src], WORKLOADS[dst]);
-        // Log-normal sizes around the conversation's median; ~1400-byte segments.
-        let forward = (median * (0.6 * rng.normal()).exp()).round().max(1.0) as i64;
-        let reverse = (forward as f64 * reply * (0.4 * rng.normal()).exp()).round() as i64;
-        let packets = |b: i64| (b + 1399) / 1400 + 1;
+        let (attributes, forward, reverse) = record(&mut rng, &weights);
         let end = SystemTime::now();
-        let source_port = 32768 + (rng.next_u64() % 28000) as i64;
-        let mut attributes = vec![
-            KeyValue::new("flow.community_id", format!("1:{:016x}", rng.next_u64())),
-            KeyValue::new("flow.direction", "initiator"),
-            KeyValue::new("flow.bytes.delta", forward),
-            KeyValue::new("flow.reverse.bytes.delta", reverse),
-            KeyValue::new("flow.packets.delta", packets(forward)),
-            KeyValue::new("flow.reverse.packets.delta", packets(reverse)),
-            KeyValue::new("network.transport", transport),
-            KeyValue::new("network.type", "ipv4"),
-        ];
-        for (side, w, p) in [("source", s, source_port), ("destination", d, port)] {
-            let (namespace, kind, name, address) = w;
-            attributes.extend([
-                KeyValue::new(format!("{side}.address"), address),
-                KeyValue::new(format!("{side}.port"), p),
-                KeyValue::new(format!("{side}.k8s.namespace.name"), namespace),
-                KeyValue::new(format!("{side}.k8s.{kind}.name"), name),
-                KeyValue::new(
-                    format!("{side}.k8s.pod.name"),
-                    format!("{name}-{:05x}", rng.next_u64() & 0xfffff),
-                ),
-            ]);
-        }
         let mut span = tracer
             .span_builder("flow")
             .with_kind(SpanKind::Internal)
@@ -125,11 +88,7 @@ pub async fn run(args: Args) -> ExitCode {
             .with_attributes(attributes)
             .start(&tracer);
         span.end_with_timestamp(end);
-        sent.records += 1;
-        sent.bytes[0] += forward as u64;
-        sent.bytes[1] += reverse as u64;
-        sent.packets[0] += packets(forward) as u64;
-        sent.packets[1] += packets(reverse) as u64;
+        sent.add(forward, reverse);
     }
 
     let flushed = tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -141,17 +100,67 @@ pub async fn run(args: Args) -> ExitCode {
     if let Err(e) = flushed {
         eprintln!("flowmetrics-demo: warning: flush: {e}");
     }
-    let mut code = ExitCode::SUCCESS;
+    report_sent(&args, &sent, &stats, began)
+}
+
+/// One flow record between two workloads of a conversation drawn by weight: the span's
+/// attributes, the bytes forward and in reply.
+fn record(rng: &mut Rng, weights: &[f64]) -> (Vec<KeyValue>, i64, i64) {
+    let (src, dst, transport, port, _, median, reply) = CONVERSATIONS[rng.pick(weights)];
+    let (s, d) = (WORKLOADS[src], WORKLOADS[dst]);
+    // Log-normal sizes around the conversation's median; ~1400-byte segments.
+    let forward = (median * (0.6 * rng.normal()).exp()).round().max(1.0) as i64;
+    let reverse = (forward as f64 * reply * (0.4 * rng.normal()).exp()).round() as i64;
+    let source_port = 32768 + (rng.next_u64() % 28000) as i64;
+    let mut attributes = vec![
+        KeyValue::new("flow.community_id", format!("1:{:016x}", rng.next_u64())),
+        KeyValue::new("flow.direction", "initiator"),
+        KeyValue::new("flow.bytes.delta", forward),
+        KeyValue::new("flow.reverse.bytes.delta", reverse),
+        KeyValue::new("flow.packets.delta", packets(forward)),
+        KeyValue::new("flow.reverse.packets.delta", packets(reverse)),
+        KeyValue::new("network.transport", transport),
+        KeyValue::new("network.type", "ipv4"),
+    ];
+    for (side, w, p) in [("source", s, source_port), ("destination", d, port)] {
+        let (namespace, kind, name, address) = w;
+        attributes.extend([
+            KeyValue::new(format!("{side}.address"), address),
+            KeyValue::new(format!("{side}.port"), p),
+            KeyValue::new(format!("{side}.k8s.namespace.name"), namespace),
+            KeyValue::new(format!("{side}.k8s.{kind}.name"), name),
+            KeyValue::new(
+                format!("{side}.k8s.pod.name"),
+                format!("{name}-{:05x}", rng.next_u64() & 0xfffff),
+            ),
+        ]);
+    }
+    (attributes, forward, reverse)
+}
+
+/// Packets for `bytes`: ~1400-byte segments, and one more.
+fn packets(bytes: i64) -> i64 {
+    (bytes + 1399) / 1400 + 1
+}
+
+impl Sent {
+    fn add(&mut self, forward: i64, reverse: i64) {
+        self.records += 1;
+        self.bytes[0] += forward as u64;
+        self.bytes[1] += reverse as u64;
+        self.packets[0] += packets(forward) as u64;
+        self.packets[1] += packets(reverse) as u64;
+    }
+}
+
+/// Writes the summary file and the line of what was sent; failure when an export (or
+/// the summary) failed.
+fn report_sent(args: &Args, sent: &Sent, stats: &ExportStats, began: Instant) -> ExitCode {
     let json = format!(
         "{{\"network\":{{\"records\":{},\"bytes\":{{\"forward\":{},\"reverse\":{}}},\"packets\":{{\"forward\":{},\"reverse\":{}}}}}}}\n",
         sent.records, sent.bytes[0], sent.bytes[1], sent.packets[0], sent.packets[1]
     );
-    if let Some(path) = &args.summary {
-        if let Err(e) = std::fs::write(path, &json) {
-            eprintln!("flowmetrics-demo: cannot write {}: {e}", path.display());
-            code = ExitCode::FAILURE;
-        }
-    }
+    let summary_written = write_summary(args, &json);
     let failed = stats.spans_failed.load(Ordering::Relaxed);
     eprintln!(
         "flowmetrics-demo: sent {} Flow Span records ({} + {} bytes) in {:.1}s; {} spans exported, {failed} failed",
@@ -161,10 +170,7 @@ pub async fn run(args: Args) -> ExitCode {
         began.elapsed().as_secs_f64(),
         stats.spans_ok.load(Ordering::Relaxed),
     );
-    if failed > 0 {
-        code = ExitCode::FAILURE;
-    }
-    code
+    exit_code(summary_written, failed)
 }
 
 #[cfg(test)]
@@ -172,12 +178,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_flag_is_taken_out() {
-        let argv = ["--rate", "5", FLAG, "--seed", "1"].map(String::from);
-        let (on, rest) = take_flag(argv.into_iter());
-        assert!(on);
-        assert_eq!(rest, ["--rate", "5", "--seed", "1"]);
-        assert!(!take_flag(rest.into_iter()).0);
+    fn the_flag_is_taken_among_the_others() {
+        use crate::cli::{parse_args, Parsed};
+        let parse = |argv: &[&str]| match parse_args(argv.iter().map(|a| a.to_string())) {
+            Ok(Parsed::Run(args)) => args,
+            _ => panic!("{argv:?}"),
+        };
+        let on = parse(&["--rate", "5", "--network-flows", "--seed", "1"]);
+        assert!(on.network_flows);
+        assert_eq!((on.rate, on.seed), (5.0, 1));
+        assert!(!parse(&["--rate", "5", "--seed", "1"]).network_flows);
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! At high rates these sets are tens of megabytes and every event probes them at a random
 //! place, so the cost is cache misses. Hence a flat open-addressing array of `u64` with
 //! linear probing: the fingerprint is its own key and hash, and one check reads (and an
-//! insert writes) a single cache line, where a general hash table touches two.
+//! insert writes) a single cache line, where a general hash table touches two. The array
+//! doubles as it fills, but never past what two full generations need (its length is then
+//! no power of two: a fingerprint's place is its high bits scaled to the length).
 //!
 //! Every correlation-table shard owns one of these and uses it under the shard's lock:
 //! an event's fingerprint lives in the same shard as its instance.
@@ -70,13 +72,16 @@ impl RecentEvents {
             self.rotate(now);
         }
         if (self.len + 1) * 10 > self.slots.len() * MAX_FILL_TENTHS {
-            let grown = (self.slots.len() * 2).max(INITIAL_SLOTS);
+            let grown = (self.slots.len() * 2)
+                .max(INITIAL_SLOTS)
+                .min(slots_for(self.capacity.saturating_mul(2)))
+                .max(slots_for(self.len + 1));
             self.rebuild(grown, |_| true);
         }
         // A fingerprint of zero (in its kept bits) would read as an empty slot.
         let key = (fingerprint & !TAG_BITS).max(TAG_BITS + 1);
-        let mask = self.slots.len() - 1;
-        let mut at = home(key, mask);
+        let size = self.slots.len();
+        let mut at = home(key, size);
         loop {
             let slot = self.slots[at];
             if slot == 0 {
@@ -88,7 +93,7 @@ impl RecentEvents {
             if slot & !TAG_BITS == key {
                 return Seen::Again;
             }
-            at = (at + 1) & mask;
+            at = next(at, size);
         }
     }
 
@@ -101,13 +106,13 @@ impl RecentEvents {
             return false;
         }
         let key = (fingerprint & !TAG_BITS).max(TAG_BITS + 1);
-        let mask = self.slots.len() - 1;
-        let mut at = home(key, mask);
+        let size = self.slots.len();
+        let mut at = home(key, size);
         loop {
             match self.slots[at] {
                 0 => return false,
                 slot if slot & !TAG_BITS == key => return true,
-                _ => at = (at + 1) & mask,
+                _ => at = next(at, size),
             }
         }
     }
@@ -127,12 +132,11 @@ impl RecentEvents {
     /// the new one are nearly sequential.
     fn rebuild(&mut self, size: usize, keep: impl Fn(u64) -> bool) {
         let old = std::mem::replace(&mut self.slots, vec![0; size]);
-        let mask = size.wrapping_sub(1); // unused when size is 0: nothing to place
         self.len = 0;
         for slot in old.into_iter().filter(|&s| s != 0 && keep(s)) {
-            let mut at = home(slot & !TAG_BITS, mask);
+            let mut at = home(slot & !TAG_BITS, size);
             while self.slots[at] != 0 {
-                at = (at + 1) & mask;
+                at = next(at, size);
             }
             self.slots[at] = slot;
             self.len += 1;
@@ -162,15 +166,12 @@ impl RecentEvents {
             .take(self.capacity.saturating_mul(2))
             .copied()
             .collect();
-        let size = (kept.len() * 10 / MAX_FILL_TENTHS + 1)
-            .next_power_of_two()
-            .max(INITIAL_SLOTS);
+        let size = slots_for(kept.len()).max(INITIAL_SLOTS);
         self.slots = vec![0; size];
         self.len = 0;
         self.in_current = 0;
-        let mask = size - 1;
         for slot in kept {
-            let mut at = home(slot & !TAG_BITS, mask);
+            let mut at = home(slot & !TAG_BITS, size);
             loop {
                 let here = self.slots[at];
                 if here == 0 {
@@ -183,7 +184,7 @@ impl RecentEvents {
                 if here & !TAG_BITS == slot & !TAG_BITS {
                     break;
                 }
-                at = (at + 1) & mask;
+                at = next(at, size);
             }
         }
         self.current_tag = current_tag;
@@ -197,9 +198,25 @@ impl RecentEvents {
     }
 }
 
-/// Where a key's probe starts: bits above the tag (fingerprints are uniform).
-fn home(key: u64, mask: usize) -> usize {
-    (key >> 2) as usize & mask
+/// Where a key's probe starts in an array of `size` slots: the bits above the tag
+/// (fingerprints are uniform) scaled to the size. In key order, so a rebuild that walks
+/// the old array in order writes the new one nearly in order.
+fn home(key: u64, size: usize) -> usize {
+    ((u128::from(key >> 2) * size as u128) >> 62) as usize
+}
+
+/// The slot after `at`, wrapping around.
+fn next(at: usize, size: usize) -> usize {
+    if at + 1 == size {
+        0
+    } else {
+        at + 1
+    }
+}
+
+/// Slots that hold `n` fingerprints within the fill limit.
+fn slots_for(n: usize) -> usize {
+    n.saturating_mul(10) / MAX_FILL_TENTHS + 1
 }
 
 #[cfg(test)]
@@ -208,6 +225,13 @@ mod tests {
     use std::hash::BuildHasher;
 
     const SEC: u64 = 1_000_000_000;
+
+    /// Starts of ids `ids`, all at time 0.
+    fn remember_ids(r: &mut RecentEvents, ids: std::ops::Range<u32>) {
+        for i in ids {
+            r.check_and_remember(fp(&i.to_string(), true, 1), 0);
+        }
+    }
 
     /// A fingerprint, the same for the same inputs within the test.
     fn fp(id: &str, start: bool, ts: u64) -> u64 {
@@ -252,20 +276,28 @@ mod tests {
     #[test]
     fn a_full_generation_rotates_early_and_memory_stays_put() {
         let mut r = RecentEvents::new(3600 * SEC, 1000, 0);
-        for i in 0..1000 {
-            r.check_and_remember(fp(&i.to_string(), true, 1), 0);
-        }
+        remember_ids(&mut r, 0..1000);
         let slots = r.slots.len();
         // The 1001st rotates: the first 1000 are now the previous generation.
         assert_eq!(r.check_and_remember(fp("new", true, 1), 0), Seen::New);
         assert_eq!(r.check_and_remember(fp("0", true, 1), 0), Seen::Again);
-        for i in 1000..2000 {
-            r.check_and_remember(fp(&i.to_string(), true, 1), 0);
-        }
+        remember_ids(&mut r, 1000..2000);
         // Second rotation: the first 1000 are gone; the array grew at most once (to
         // hold two generations).
         assert_eq!(r.check_and_remember(fp("0", true, 1), 0), Seen::New);
         assert!(r.slots.len() <= 2 * slots);
+    }
+
+    #[test]
+    fn the_array_never_grows_past_two_full_generations() {
+        let mut r = RecentEvents::new(3600 * SEC, 1000, 0);
+        remember_ids(&mut r, 0..10_000);
+        // 2,000 fingerprints at 70% fill: 2,858 slots, not the 4,096 of a doubling.
+        assert_eq!(r.slots.len(), slots_for(2000));
+        // The last two generations: 8,000 to 9,999.
+        assert!(r.contains(fp("9999", true, 1), 0));
+        assert!(r.contains(fp("8000", true, 1), 0));
+        assert!(!r.contains(fp("7999", true, 1), 0));
     }
 
     #[test]
@@ -292,9 +324,7 @@ mod tests {
     #[test]
     fn memory_stays_bounded_under_a_flood() {
         let mut r = RecentEvents::new(3600 * SEC, 1600, 0);
-        for i in 0..100_000 {
-            r.check_and_remember(fp(&i.to_string(), true, 1), 0);
-        }
+        remember_ids(&mut r, 0..100_000);
         let (entries, _) = r.footprint();
         assert!(entries <= 2 * 1600, "{entries}");
     }

@@ -19,13 +19,11 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
+use super::store::snapshot::{unix_nanos_now, Inconsistent, StoreSnapshot};
 use super::store::CorrelationStore;
 use crate::logging::RateLimited;
-use crate::model::{is_valid_flow_name, is_valid_step_name};
 
 pub const MAGIC: [u8; 8] = *b"FLOWMST\x01";
 /// Bumped whenever [`StoreSnapshot`] or the layout changes; another version is set
@@ -49,177 +47,37 @@ pub struct StateSettings {
     pub max_file_bytes: u64,
 }
 
-/// Everything a store needs to carry on after a restart.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoreSnapshot {
-    pub saved_at_unix_nanos: u64,
-    /// Seed of the hashers that turn (flow, correlation id) into a key: the file holds
-    /// keys, not ids, so the new process must hash new events the same way.
-    pub key_seed: u64,
-    /// Dimension labels of the run that wrote the file: values are matched to the new
-    /// run's labels by name.
-    pub start_dim_labels: Vec<String>,
-    pub end_dim_labels: Vec<String>,
-    /// Flow names and dimension values, each once; entries refer to them by index.
-    pub strings: Vec<Arc<str>>,
-    pub entries: Vec<SavedEntry>,
-    /// Retry fingerprints, one item per store shard.
-    pub shards: Vec<SavedShard>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SavedEntry {
-    pub key: [u8; 16],
-    /// Index into [`StoreSnapshot::strings`].
-    pub flow: u32,
-    pub deadline_unix_nanos: u64,
-    pub state: SavedState,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum SavedState {
-    Open {
-        start_nanos: u64,
-        dims: Vec<u32>,
-    },
-    Waiting {
-        /// 0 success, 1 failure, 2 cancelled.
-        outcome: u8,
-        timestamp_nanos: u64,
-        dims: Vec<u32>,
-        trace: Option<([u8; 16], [u8; 8])>,
-    },
-    /// An open instance with the steps it reached (version 2).
-    Stepped {
-        start_nanos: u64,
-        dims: Vec<u32>,
-        steps: Vec<SavedStep>,
-    },
-    /// Steps waiting for their start, with or without a waiting end (version 2).
-    Pending {
-        end: Option<SavedEnd>,
-        steps: Vec<SavedStep>,
-    },
-}
-
-/// A step of an entry (version 2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SavedStep {
-    /// Index into [`StoreSnapshot::strings`].
-    pub step: u32,
-    pub timestamp_nanos: u64,
-    /// Kept for waiting steps only (the exemplar when their start comes).
-    pub trace: Option<([u8; 16], [u8; 8])>,
-}
-
-/// A waiting end beside waiting steps (version 2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SavedEnd {
-    /// 0 success, 1 failure, 2 cancelled.
-    pub outcome: u8,
-    pub timestamp_nanos: u64,
-    pub dims: Vec<u32>,
-    pub trace: Option<([u8; 16], [u8; 8])>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SavedShard {
-    /// Generation tag (1 or 2) of the newer fingerprints.
-    pub current_tag: u8,
-    pub rotated_at_unix_nanos: u64,
-    /// Fingerprints with their generation tag in the low two bits.
-    pub fingerprints: Vec<u64>,
-}
-
 /// Why a state file was not used.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    #[error("cannot read it: {0}")]
     Io(io::Error),
+    #[error("it is larger than the limit ({0} bytes)")]
     TooLarge(u64),
+    #[error("it is truncated")]
     Truncated,
+    #[error("it is not a flowmetrics state file")]
     Foreign,
+    #[error("it has format version {0}, this build reads {VERSION}")]
     Version(u32),
+    #[error("its checksum does not match (corrupt)")]
     Checksum,
+    #[error("it does not decode: {0}")]
     Decode(postcard::Error),
+    #[error("it is inconsistent: {0}")]
     Invalid(&'static str),
     /// A FIFO, device, socket or directory.
+    #[error("it is not a regular file (a FIFO, device, socket or directory)")]
     NotRegular,
     /// The declared body length does not match the file's size.
+    #[error("its declared length does not match its size")]
     Length,
 }
 
-impl std::fmt::Display for StateError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StateError::Io(e) => write!(f, "cannot read it: {e}"),
-            StateError::TooLarge(n) => write!(f, "it is larger than the limit ({n} bytes)"),
-            StateError::Truncated => f.write_str("it is truncated"),
-            StateError::Foreign => f.write_str("it is not a flowmetrics state file"),
-            StateError::Version(v) => {
-                write!(f, "it has format version {v}, this build reads {VERSION}")
-            }
-            StateError::Checksum => f.write_str("its checksum does not match (corrupt)"),
-            StateError::Decode(e) => write!(f, "it does not decode: {e}"),
-            StateError::Invalid(why) => write!(f, "it is inconsistent: {why}"),
-            StateError::NotRegular => {
-                f.write_str("it is not a regular file (a FIFO, device, socket or directory)")
-            }
-            StateError::Length => f.write_str("its declared length does not match its size"),
-        }
+impl From<Inconsistent> for StateError {
+    fn from(Inconsistent(why): Inconsistent) -> Self {
+        StateError::Invalid(why)
     }
-}
-
-impl StoreSnapshot {
-    /// Checks every reference before anything is applied (never half-applied).
-    pub fn validate(&self) -> Result<(), StateError> {
-        let n = self.strings.len();
-        let in_range = |i: &u32| (*i as usize) < n;
-        for e in &self.entries {
-            if !in_range(&e.flow) {
-                return Err(StateError::Invalid("flow index out of range"));
-            }
-            if !is_valid_flow_name(&self.strings[e.flow as usize]) {
-                return Err(StateError::Invalid("invalid flow name"));
-            }
-            let (outcome, dims, steps): (Option<u8>, &[u32], &[SavedStep]) = match &e.state {
-                SavedState::Open { dims, .. } => (None, dims, &[]),
-                SavedState::Waiting { outcome, dims, .. } => (Some(*outcome), dims, &[]),
-                SavedState::Stepped { dims, steps, .. } => (None, dims, steps),
-                SavedState::Pending { end, steps } => match end {
-                    Some(end) => (Some(end.outcome), &end.dims, steps),
-                    None => (None, &[], steps),
-                },
-            };
-            if outcome.is_some_and(|o| o > 2) {
-                return Err(StateError::Invalid("unknown outcome"));
-            }
-            if !dims.iter().all(in_range) {
-                return Err(StateError::Invalid("dimension index out of range"));
-            }
-            for step in steps {
-                if !in_range(&step.step) || !is_valid_step_name(&self.strings[step.step as usize]) {
-                    return Err(StateError::Invalid("invalid step"));
-                }
-            }
-        }
-        if self.shards.iter().any(|s| !matches!(s.current_tag, 1 | 2)) {
-            return Err(StateError::Invalid("unknown fingerprint generation"));
-        }
-        // Restoring a key twice would count its instance twice.
-        let mut keys: Vec<[u8; 16]> = self.entries.iter().map(|e| e.key).collect();
-        keys.sort_unstable();
-        if keys.windows(2).any(|w| w[0] == w[1]) {
-            return Err(StateError::Invalid("an entry appears twice"));
-        }
-        Ok(())
-    }
-}
-
-/// Wall-clock now, in unix nanoseconds.
-pub fn unix_nanos_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Encodes a snapshot into the file format.
@@ -504,6 +362,27 @@ pub struct Saved {
     pub took: Duration,
 }
 
+impl Saved {
+    /// Logs the write: the final one at INFO, a checkpoint at DEBUG.
+    pub fn log(&self, path: &Path, final_write: bool) {
+        let Saved {
+            entries,
+            bytes,
+            took,
+        } = *self;
+        let path = path.display();
+        if final_write {
+            tracing::info!(entries, bytes, "state written to {path} in {took:?}");
+        } else {
+            tracing::debug!(
+                entries,
+                bytes,
+                "checkpoint: state written to {path} in {took:?}"
+            );
+        }
+    }
+}
+
 /// Moves the file of the last checkpoint out of the way after the final write failed:
 /// it predates this run's last changes (instances completed since would be restored and
 /// counted a second time), so the next run must not take it as current. Kept beside as
@@ -578,13 +457,7 @@ impl Checkpointer {
                     return;
                 }
                 match save(&*store, &settings.path, &labels) {
-                    Ok(Some(s)) => tracing::debug!(
-                        entries = s.entries,
-                        bytes = s.bytes,
-                        "checkpoint: state written to {} in {:?}",
-                        settings.path.display(),
-                        s.took
-                    ),
+                    Ok(Some(saved)) => saved.log(&settings.path, false),
                     Ok(None) => return,
                     Err(e) => {
                         on_failure();
@@ -657,6 +530,15 @@ impl<W: Write> Write for CrcWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flows::store::snapshot::{SavedEnd, SavedEntry, SavedShard, SavedState};
+
+    /// A new directory for one test, and the state file's path in it.
+    fn fresh_dir(test: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("fm-state-{test}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        (dir, path)
+    }
 
     fn sample() -> StoreSnapshot {
         StoreSnapshot {
@@ -679,12 +561,12 @@ mod tests {
                     key: [9; 16],
                     flow: 0,
                     deadline_unix_nanos: 1_700_000_300_000_000_000,
-                    state: SavedState::Waiting {
+                    state: SavedState::Waiting(SavedEnd {
                         outcome: 1,
                         timestamp_nanos: 6,
                         dims: vec![],
                         trace: Some(([1; 16], [2; 8])),
-                    },
+                    }),
                 },
             ],
             shards: vec![SavedShard {
@@ -765,9 +647,7 @@ mod tests {
             decode(&out)
         );
         // From a file: set aside, nothing restored.
-        let dir = std::env::temp_dir().join(format!("fm-state-dup-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("dup");
         fs::write(&path, &out).unwrap();
         assert!(load_or_set_aside(&path, 1 << 20).is_none());
         assert!(!path.exists());
@@ -807,9 +687,7 @@ mod tests {
         let declared = u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
         b[at..at + 8].copy_from_slice(&(declared + 1).to_le_bytes());
         assert!(matches!(decode(&b), Err(StateError::Length)));
-        let dir = std::env::temp_dir().join(format!("fm-state-len-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("len");
         fs::write(&path, &b).unwrap();
         assert!(matches!(read(&path, 1 << 20), Err(StateError::Length)));
         let _ = fs::remove_dir_all(dir);
@@ -825,9 +703,7 @@ mod tests {
         v1.extend_from_slice(&body);
         v1.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         assert_eq!(decode(&v1).unwrap(), sample());
-        let dir = std::env::temp_dir().join(format!("fm-state-v1-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("v1");
         fs::write(&path, &v1).unwrap();
         assert_eq!(read(&path, 1 << 20).unwrap(), Some(sample()));
         let _ = fs::remove_dir_all(dir);
@@ -837,9 +713,7 @@ mod tests {
     fn a_full_disk_is_reported_as_such() {
         // The temporary file is /dev/full: every write fails with ENOSPC. Large enough
         // that postcard itself meets the error (past the 1 MiB write buffer).
-        let dir = std::env::temp_dir().join(format!("fm-state-full-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("full");
         std::os::unix::fs::symlink("/dev/full", dir.join("state.tmp")).unwrap();
         let mut big = sample();
         big.entries = (0..100_000u32)
@@ -861,9 +735,7 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_a_fresh_start_and_a_bad_one_is_set_aside() {
-        let dir = std::env::temp_dir().join(format!("fm-state-aside-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state");
+        let (dir, path) = fresh_dir("aside");
         assert!(load_or_set_aside(&path, 1 << 20).is_none());
         fs::write(&path, &bytes()[..20]).unwrap();
         assert!(load_or_set_aside(&path, 1 << 20).is_none());

@@ -58,10 +58,7 @@ impl RedisServer {
         if !available() {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = super::free_port();
         let dir =
             std::env::temp_dir().join(format!("flowmetrics-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -82,7 +79,8 @@ impl RedisServer {
     /// Starts it again on the same port (after [`RedisServer::stop`]).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        let child = command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(if self.persistent {
@@ -98,11 +96,8 @@ impl RedisServer {
                 ["--save", "", "--appendonly", "no", "--appendfsync", "no"]
             })
             .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
+            .arg(&self.dir);
+        let child = quiet_spawn(child);
         self.child = Some(child);
         let give_up = Instant::now() + Duration::from_secs(10);
         while self.ping().is_err() {
@@ -234,11 +229,8 @@ impl RedisCluster {
                 .arg(cluster.dir.join(format!("nodes-{port}.conf")))
                 .args(["--save", "", "--appendonly", "no"])
                 .arg("--dir")
-                .arg(&cluster.dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server starts");
+                .arg(&cluster.dir);
+            let child = quiet_spawn(child);
             cluster.children.push(child);
         }
         let give_up = Instant::now() + Duration::from_secs(10);
@@ -368,10 +360,7 @@ impl TlsRedisServer {
         if !openssl_available() {
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = super::free_port();
         let dir = std::env::temp_dir().join(format!(
             "flowmetrics-redis-tls-{}-{port}",
             std::process::id()
@@ -421,10 +410,17 @@ impl TlsRedisServer {
 
 impl Drop for TlsRedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        super::reap(&mut self.child, &self.dir);
     }
+}
+
+/// Starts a redis-server command line, its output discarded.
+fn quiet_spawn(command: &mut Command) -> Child {
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts")
 }
 
 /// Whether the `openssl` CLI can be run here; prints why not.

@@ -8,23 +8,18 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flowmetrics::config::{Config, StoreKind};
 use flowmetrics::RunningApp;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
+use hyper::{Request, StatusCode};
 use prost::Message;
 use tokio::sync::Mutex;
 
-use super::attr as s;
-use super::{request, scrape, start, test_config};
+use super::otlp::{flow_event, span, traces};
+use super::{http_client, settled_scrapes, start, test_config, PROTOBUF};
 
 pub const FLOW: &str = "pay";
 pub const IDS: u64 = 900;
@@ -45,12 +40,7 @@ pub fn plan(id: u64) -> (bool, Option<&'static str>, f64) {
     }
 }
 
-pub fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
+pub use super::otlp::now_nanos;
 
 /// Every event of the run, shuffled (so ends often come first), in batches.
 pub fn batches(seed: u64) -> Vec<Vec<u8>> {
@@ -67,45 +57,18 @@ pub fn batches(seed: u64) -> Vec<Vec<u8>> {
             events.push((format!("flow.{FLOW}.end"), id, Some(outcome), end_ts));
         }
     }
-    let mut rng = Rng(seed);
-    for i in (1..events.len()).rev() {
-        events.swap(i, rng.below(i as u64 + 1) as usize);
-    }
+    Rng(seed).shuffle(&mut events);
     events
         .chunks(BATCH)
         .map(|chunk| {
             let spans = chunk
                 .iter()
                 .map(|(name, id, outcome, ts)| {
-                    let mut attributes = vec![s("correlation-id", &format!("o-{id}"))];
-                    if let Some(o) = outcome {
-                        attributes.push(s("outcome", o));
-                    }
-                    Span {
-                        trace_id: vec![0xab; 16],
-                        span_id: (id + 1).to_be_bytes().to_vec(),
-                        name: "work".into(),
-                        events: vec![span::Event {
-                            time_unix_nano: *ts,
-                            name: name.clone(),
-                            attributes,
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }
+                    let event = flow_event(name.clone(), &format!("o-{id}"), *outcome, *ts);
+                    span(&[0xab; 16], &(id + 1).to_be_bytes(), vec![event])
                 })
                 .collect();
-            ExportTraceServiceRequest {
-                resource_spans: vec![ResourceSpans {
-                    resource: Some(Resource::default()),
-                    scope_spans: vec![ScopeSpans {
-                        spans,
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-            }
-            .encode_to_vec()
+            traces(Some(vec![]), spans).encode_to_vec()
         })
         .collect()
 }
@@ -119,21 +82,26 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0 % n
     }
+
+    /// Fisher-Yates over `items`.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
 }
 
 /// One POST; `None` when the replica cannot be reached at all.
 pub async fn post_once(url: &str, body: Vec<u8>) -> Option<StatusCode> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(url)
-        .header("content-type", "application/x-protobuf")
+    let request = Request::post(url)
+        .header("content-type", PROTOBUF)
         .body(Full::new(Bytes::from(body)))
         .ok()?;
-    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
-        .await
-        .ok()?
-        .ok()?;
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), http_client(false).request(request))
+            .await
+            .ok()?
+            .ok()?;
     let status = response.status();
     let _ = response.into_body().collect().await;
     Some(status)
@@ -150,9 +118,31 @@ pub async fn replica_with(store: impl FnOnce(&mut Config)) -> RunningApp {
     start(c).await
 }
 
-pub async fn readyz(app: &RunningApp) -> StatusCode {
-    let url = format!("http://{}/readyz", app.metrics);
-    request(Method::GET, &url, &[], Bytes::new()).await.status
+pub use super::readyz;
+
+/// Three replicas on the shared store (`store` says where it is), ready.
+pub async fn three_replicas(store: impl Fn(&mut Config)) -> Vec<RunningApp> {
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        apps.push(replica_with(&store).await);
+    }
+    wait_ready(&apps, StatusCode::OK, "replica never ready").await;
+    apps
+}
+
+/// The replicas' OTLP/HTTP trace endpoints.
+pub fn trace_urls(apps: &[RunningApp]) -> Vec<String> {
+    apps.iter().map(super::traces_url).collect()
+}
+
+/// `flowmetrics_store_errors_total` summed over the scrapes.
+pub fn store_errors(scrapes: &[BTreeMap<String, f64>]) -> f64 {
+    scrapes
+        .iter()
+        .flat_map(|m| m.iter())
+        .filter(|(k, _)| k.starts_with("flowmetrics_store_errors_total"))
+        .map(|(_, v)| v)
+        .sum()
 }
 
 /// Waits until every replica answers `/readyz` with `status`.
@@ -261,25 +251,19 @@ pub async fn final_scrapes(
     apps: &[RunningApp],
     stopped: Option<BTreeMap<String, f64>>,
 ) -> Vec<BTreeMap<String, f64>> {
-    let give_up = Instant::now() + TIMEOUT + Duration::from_secs(20);
-    loop {
-        let mut scrapes: Vec<_> = stopped.iter().cloned().collect();
-        for app in apps {
-            scrapes.push(scrape(app).await);
-        }
-        let done = total(&scrapes, "flowmetrics_flow_errors_total", "incomplete") >= 90.0
-            && total(&scrapes, "flowmetrics_flow_unmatched_ends_total", "") >= 90.0;
-        if done || Instant::now() > give_up {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut scrapes: Vec<_> = stopped.into_iter().collect();
-    for app in apps {
-        scrapes.push(scrape(app).await);
-    }
-    scrapes
+    let earlier: Vec<_> = stopped.into_iter().collect();
+    let within = TIMEOUT + Duration::from_secs(20);
+    settled_scrapes(
+        apps,
+        &earlier,
+        within,
+        Duration::from_millis(300),
+        |scrapes| {
+            total(scrapes, "flowmetrics_flow_errors_total", "incomplete") >= 90.0
+                && total(scrapes, "flowmetrics_flow_unmatched_ends_total", "") >= 90.0
+        },
+    )
+    .await
 }
 
 /// Every outcome of [`plan`], summed over the replicas' scrapes, exactly.
@@ -343,34 +327,12 @@ pub async fn throughput(urls: &[String], cpu_ticks: impl Fn() -> u64) -> Through
                     } else {
                         ("flow.pay.end", Some("success"))
                     };
-                    let mut attributes = vec![s("correlation-id", &format!("o-{id:08}"))];
-                    if let Some(o) = outcome {
-                        attributes.push(s("outcome", o));
-                    }
-                    Span {
-                        trace_id: vec![0xab; 16],
-                        span_id: (i + 1).to_be_bytes().to_vec(),
-                        name: "work".into(),
-                        events: vec![span::Event {
-                            time_unix_nano: base + id * 1000 + i % 2,
-                            name: name.into(),
-                            attributes,
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }
+                    let ts = base + id * 1000 + i % 2;
+                    let event = flow_event(name, &format!("o-{id:08}"), outcome, ts);
+                    span(&[0xab; 16], &(i + 1).to_be_bytes(), vec![event])
                 })
                 .collect();
-            ExportTraceServiceRequest {
-                resource_spans: vec![ResourceSpans {
-                    scope_spans: vec![ScopeSpans {
-                        spans,
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-            }
-            .encode_to_vec()
+            traces(None, spans).encode_to_vec()
         })
         .collect();
     let queue = Arc::new(Mutex::new(bodies));

@@ -8,16 +8,17 @@
 pub mod memory;
 pub mod open_ages;
 pub mod redis;
+pub mod snapshot;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
-use super::state::StoreSnapshot;
 
 pub use memory::{CacheBaseline, Maintenance, MemoryStore};
 pub use open_ages::{OpenAges, OverdueSettings};
 pub use redis::{RedisSettings, RedisStore, StoreProbe};
+pub use snapshot::{unix_nanos_now, StoreSnapshot};
 
 /// What a store tells its sink. `flow` is the flow name; `start_dims` the dimension
 /// values captured from the start event.
@@ -249,4 +250,24 @@ pub enum StoreError {
 /// end − start in seconds, exact for any two u64 timestamps.
 pub(crate) fn duration_secs(start_nanos: u64, end_nanos: u64) -> f64 {
     (i128::from(end_nanos) - i128::from(start_nanos)) as f64 / 1e9
+}
+
+impl Outcome {
+    /// The outcomes by [`Outcome::code`].
+    const BY_CODE: [Outcome; 3] = [Outcome::Success, Outcome::Failure, Outcome::Cancelled];
+
+    /// The one byte an outcome is stored as, wherever a store keeps an end (the state
+    /// file's `SavedEnd::outcome`): 0 success, 1 failure, 2 cancelled.
+    pub const fn code(self) -> u8 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Failure => 1,
+            Outcome::Cancelled => 2,
+        }
+    }
+
+    /// What [`Outcome::code`] wrote; `None` for any other byte.
+    pub fn from_code(code: u8) -> Option<Outcome> {
+        Self::BY_CODE.get(usize::from(code)).copied()
+    }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::flows::event::{Outcome, Source};
+use crate::flows::store::RestoreRules;
 use crate::flows::store::StepUnmatchedReason;
 
 const SEC: u64 = 1_000_000_000;
@@ -76,8 +77,16 @@ impl FlowSink for Log {
 }
 
 fn store_with(timeout: Duration, declared: &[&str]) -> (Arc<MemoryStore>, Arc<Log>) {
+    numbered_store(timeout, declared, Numbering::default())
+}
+
+fn numbered_store(
+    timeout: Duration,
+    declared: &[&str],
+    numbering: Numbering,
+) -> (Arc<MemoryStore>, Arc<Log>) {
     let log = Arc::new(Log::default());
-    let store = MemoryStore::new(
+    let store = MemoryStore::with_numbering(
         StoreSettings {
             capacity: 10_000,
             dedup_window: Duration::from_secs(300),
@@ -86,6 +95,7 @@ fn store_with(timeout: Duration, declared: &[&str]) -> (Arc<MemoryStore>, Arc<Lo
             step_flows: declared.iter().map(|f| Arc::from(*f)).collect(),
         },
         log.clone(),
+        numbering,
     );
     (Arc::new(store), log)
 }
@@ -117,6 +127,21 @@ fn step(id: &str, name: &str, secs: u64) -> FlowEvent {
     event(id, EventKind::Step, secs, Some(name))
 }
 
+/// Applies events in order, written `start <id> @<secs>`, `step <id> <name> @<secs>`,
+/// `end <id> @<secs>` (a success), separated by commas.
+fn apply_all(t: &MemoryStore, script: &str) {
+    for event in script.split(", ") {
+        let words: Vec<&str> = event.split(' ').collect();
+        let secs = |w: &str| w.trim_start_matches('@').parse::<u64>().unwrap();
+        t.apply(match words[..] {
+            ["start", id, at] => start(id, secs(at)),
+            ["end", id, at] => end(id, secs(at)),
+            ["step", id, name, at] => step(id, name, secs(at)),
+            _ => panic!("not an event: {event}"),
+        });
+    }
+}
+
 /// Entries now (moka counts after its housekeeping).
 fn entries(t: &MemoryStore) -> u64 {
     t.run_pending_tasks();
@@ -134,10 +159,8 @@ fn wait_for(t: &MemoryStore, until: impl Fn() -> bool) {
 #[test]
 fn a_step_after_its_start_is_reached_and_its_transit_observed_at_the_end() {
     let (t, log) = store();
-    t.apply(start("1", 100));
-    t.apply(step("1", "paid", 102));
-    t.apply(step("1", "packed", 107));
-    t.apply(end("1", 110));
+    let events = "start 1 @100, step 1 paid @102, step 1 packed @107, end 1 @110";
+    apply_all(&t, events);
     assert_eq!(
         log.lines(),
         [
@@ -153,9 +176,7 @@ fn a_step_after_its_start_is_reached_and_its_transit_observed_at_the_end() {
 #[test]
 fn steps_and_an_end_before_their_start_wait_and_count_when_it_comes() {
     let (t, log) = store();
-    t.apply(step("1", "packed", 107));
-    t.apply(end("1", 110));
-    t.apply(step("1", "paid", 102));
+    apply_all(&t, "step 1 packed @107, end 1 @110, step 1 paid @102");
     assert_eq!(log.get("reached"), 0);
     assert_eq!(entries(&t), 1, "one entry waits for the start");
     t.apply(start("1", 100));
@@ -170,9 +191,7 @@ fn steps_and_an_end_before_their_start_wait_and_count_when_it_comes() {
     );
     assert_eq!((log.get("started"), log.get("success")), (1, 1));
     // A step before its start, with no end: the instance stays open with it.
-    t.apply(step("2", "paid", 203));
-    t.apply(start("2", 200));
-    t.apply(end("2", 210));
+    apply_all(&t, "step 2 paid @203, start 2 @200, end 2 @210");
     assert_eq!(log.lines(), ["reached paid@3", "transit paid@3"]);
     assert_eq!(entries(&t), 0);
 }
@@ -180,32 +199,24 @@ fn steps_and_an_end_before_their_start_wait_and_count_when_it_comes() {
 #[test]
 fn a_step_after_the_end_is_after_close_and_nowhere_else() {
     let (t, log) = store();
-    t.apply(start("1", 100));
-    t.apply(step("1", "paid", 101));
-    t.apply(end("1", 110));
-    t.apply(step("1", "packed", 111));
+    let events = "start 1 @100, step 1 paid @101, end 1 @110, step 1 packed @111";
+    apply_all(&t, events);
     assert_eq!(log.get("after_close"), 1);
     assert_eq!(log.get("reached"), 1);
     assert_eq!(entries(&t), 0, "nothing waits");
     // Another instance of the same flow (it uses steps now): closed without a step.
-    t.apply(start("2", 100));
-    t.apply(end("2", 110));
-    t.apply(step("2", "paid", 111));
+    apply_all(&t, "start 2 @100, end 2 @110, step 2 paid @111");
     assert_eq!(log.get("after_close"), 2);
 }
 
 #[test]
 fn a_declared_flow_knows_closes_from_its_first_instance() {
     let (t, log) = store_with(Duration::from_secs(60), &["order"]);
-    t.apply(start("1", 100));
-    t.apply(end("1", 110));
-    t.apply(step("1", "paid", 105));
+    apply_all(&t, "start 1 @100, end 1 @110, step 1 paid @105");
     assert_eq!(log.get("after_close"), 1);
     // An undeclared flow learns it uses steps from its first step event.
     let (t, log) = store();
-    t.apply(start("1", 100));
-    t.apply(end("1", 110));
-    t.apply(step("1", "paid", 105));
+    apply_all(&t, "start 1 @100, end 1 @110, step 1 paid @105");
     assert_eq!(
         log.get("after_close"),
         0,
@@ -229,10 +240,8 @@ fn a_step_after_the_time_out_is_after_close() {
 #[test]
 fn a_step_whose_start_never_comes_is_no_start() {
     let (t, log) = store_with(Duration::from_millis(200), &[]);
-    t.apply(step("1", "paid", 101));
-    t.apply(step("1", "packed", 102));
-    t.apply(step("2", "paid", 101));
-    t.apply(end("2", 105));
+    let events = "step 1 paid @101, step 1 packed @102, step 2 paid @101, end 2 @105";
+    apply_all(&t, events);
     wait_for(&t, || log.get("no_start") == 3);
     assert_eq!(log.get("no_start"), 3);
     assert_eq!(log.get("unmatched_end"), 1);
@@ -242,16 +251,12 @@ fn a_step_whose_start_never_comes_is_no_start() {
 #[test]
 fn a_second_event_of_a_step_is_a_duplicate_and_the_earliest_wins() {
     let (t, log) = store();
-    t.apply(start("1", 100));
-    t.apply(step("1", "paid", 105));
-    t.apply(step("1", "paid", 103));
-    t.apply(end("1", 110));
+    let events = "start 1 @100, step 1 paid @105, step 1 paid @103, end 1 @110";
+    apply_all(&t, events);
     assert_eq!(log.get("dup_step"), 1);
     assert_eq!(log.lines(), ["reached paid@5", "transit paid@3"]);
     // While waiting for the start too.
-    t.apply(step("2", "paid", 205));
-    t.apply(step("2", "paid", 202));
-    t.apply(start("2", 200));
+    apply_all(&t, "step 2 paid @205, step 2 paid @202, start 2 @200");
     assert_eq!(log.get("dup_step"), 2);
     assert_eq!(log.lines(), ["reached paid@2"]);
 }
@@ -278,10 +283,8 @@ fn a_retried_step_is_a_duplicate_also_after_its_instance_closed() {
 #[test]
 fn last_step_is_the_latest_by_timestamp_not_by_arrival() {
     let (t, log) = store_with(Duration::from_millis(200), &[]);
-    t.apply(start("1", 100));
-    t.apply(step("1", "shipped", 109));
-    t.apply(step("1", "paid", 102));
-    t.apply(step("1", "packed", 105));
+    let events = "start 1 @100, step 1 shipped @109, step 1 paid @102, step 1 packed @105";
+    apply_all(&t, events);
     wait_for(&t, || log.get("incomplete") == 1);
     let lines = log.lines();
     assert_eq!(
@@ -290,6 +293,45 @@ fn last_step_is_the_latest_by_timestamp_not_by_arrival() {
             "transit paid@2",
             "transit packed@3",
             "transit shipped@4",
+            "stalled shipped"
+        ]
+    );
+}
+
+#[test]
+fn steps_past_the_numbering_limits_are_kept_by_name_with_the_same_counts() {
+    use super::step_words::NumberingLimits;
+    let limits = NumberingLimits {
+        flows: 1,
+        steps_per_flow: 2,
+        steps: 2,
+        dim_lists: 1,
+    };
+    let (t, log) = numbered_store(
+        Duration::from_millis(200),
+        &[],
+        Numbering::with_limits(limits),
+    );
+    apply_all(&t, "start 1 @100, step 1 shipped @109, step 1 paid @102");
+    let slot = t.cache.get(&t.key("order", "1")).unwrap();
+    assert!(matches!(slot.state, SlotState::More(More::Steps(_))));
+    // A third name has no number: the instance goes on by name.
+    t.apply(step("1", "packed", 105));
+    t.apply(step("1", "packed", 104));
+    let slot = t.cache.get(&t.key("order", "1")).unwrap();
+    assert!(matches!(slot.state, SlotState::More(More::Shared(_))));
+    apply_all(&t, "start 2 @100, step 2 paid @101, end 2 @103");
+    wait_for(&t, || log.get("incomplete") == 1);
+    assert_eq!(log.get("dup_step"), 1);
+    assert_eq!(log.get("reached"), 4);
+    let lines = log.lines();
+    assert_eq!(
+        lines[4..],
+        [
+            "transit paid@1",
+            "transit paid@2",
+            "transit packed@2",
+            "transit shipped@5",
             "stalled shipped"
         ]
     );
@@ -336,7 +378,14 @@ fn a_pairs_only_instance_stays_a_plain_open_entry() {
     assert!(!t.closed.any.load(std::sync::atomic::Ordering::Relaxed));
     t.apply(step("1", "paid", 101));
     let slot = t.cache.get(&t.key("order", "1")).unwrap();
-    assert!(matches!(slot.state.view(), View::Stepped(_)));
+    assert!(matches!(
+        slot.state.view(&t.numbering, &slot.flow),
+        View::Stepped(_)
+    ));
+    assert!(
+        matches!(slot.state, SlotState::More(super::More::Steps(_))),
+        "held by number"
+    );
 }
 
 fn through_the_file(t: &MemoryStore, timeout: Duration) -> (Arc<MemoryStore>, Arc<Log>) {
@@ -352,11 +401,8 @@ fn through_the_file(t: &MemoryStore, timeout: Duration) -> (Arc<MemoryStore>, Ar
 #[test]
 fn recorded_and_waiting_steps_hold_across_a_restart() {
     let (t, log) = store();
-    t.apply(start("1", 100));
-    t.apply(step("1", "paid", 102));
-    t.apply(step("2", "paid", 203));
-    t.apply(step("3", "paid", 303));
-    t.apply(end("3", 310));
+    let events = "start 1 @100, step 1 paid @102, step 2 paid @203, step 3 paid @303, end 3 @310";
+    apply_all(&t, events);
     assert_eq!(log.get("reached"), 1);
     let (t2, log) = through_the_file(&t, Duration::from_secs(60));
     assert_eq!(log.get("restored"), 1);

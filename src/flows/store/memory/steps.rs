@@ -1,9 +1,12 @@
 //! Flow steps in the moka store (docs/behaviour.md §9).
 //!
 //! Cost: a pairs-only instance stays a `SlotState::Open` (no field for steps). The first
-//! step turns it into a shared `Stepped` (one pointer in the slot), one allocation holding the start and
-//! the steps reached (24 bytes a step). Steps that come before their start wait in the
-//! same entry as a waiting end does (`Pending`).
+//! step turns it into one boxed run of words beside the slot's niche ([`Words`]: the
+//! start, the number of its start dimensions, each step's time and number; 10 bytes a
+//! step), read back by name ([`Stepped`]) only to report. Steps that come before their
+//! start wait in the same entry as a waiting end does (`Pending`).
+//!
+//! [`Words`]: super::step_words::Words
 //!
 //! "Already closed": when an instance of a flow that uses steps (declared, or one step
 //! event seen) closes, a fingerprint of its key is remembered for the longest flow
@@ -16,7 +19,9 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::{report_gone, Gone, Key, MemoryStore, Slot, SlotState, View, SHARDS};
+use super::cache::{report_gone, Gone, Key, More, Slot, SlotState, View};
+use super::step_words::Numbering;
+use super::{MemoryStore, SHARDS};
 use crate::flows::dedup::RecentEvents;
 use crate::flows::event::{DimValues, TraceRef};
 use crate::flows::store::{
@@ -38,8 +43,8 @@ pub(crate) struct WaitingStep {
     pub trace: Option<TraceRef>,
 }
 
-/// An open instance that has reached at least one step.
-#[derive(Debug)]
+/// An open instance that has reached at least one step, by name.
+#[derive(Debug, Clone)]
 pub(crate) struct Stepped {
     pub start_nanos: u64,
     pub dims: DimValues,
@@ -197,49 +202,71 @@ impl MemoryStore {
                     reason: StepUnmatchedReason::AfterClose,
                 });
             }
-            let deadline = now.saturating_add(self.timeout_nanos(&flow));
             let pending = Pending {
                 end: None,
                 steps: Box::new([step]),
             };
-            return self.put(
-                key,
-                Slot {
-                    flow,
-                    deadline,
-                    state: SlotState::waiting(pending),
-                },
-            );
+            return self.put_new(key, flow, SlotState::waiting(pending), now);
         };
-        let Slot {
-            flow,
-            deadline,
-            state,
-        } = slot;
-        let state = match state.view() {
+        let state = match self.step_by_number(&slot.flow, &slot.state, &step) {
+            Some(state) => state,
+            None => self.step_by_name(&slot.flow, &slot.state, step),
+        };
+        self.put(key, Slot { state, ..slot });
+    }
+
+    /// A step of an instance held by number: no name or dimension list is looked up
+    /// unless it is reached. `None`: not held so, or no number for the step.
+    fn step_by_number(
+        &self,
+        flow: &Arc<str>,
+        state: &SlotState,
+        step: &WaitingStep,
+    ) -> Option<SlotState> {
+        let SlotState::More(More::Steps(words)) = state else {
+            return None;
+        };
+        let number = self.numbering.step_number(flow, &step.step)?;
+        let (words, new) = words.with_step(number, step.timestamp_nanos)?;
+        if new {
+            let dims = self.numbering.dims(&words);
+            reached(&*self.sink, flow, &dims, words.start_nanos(), step);
+        } else {
+            self.sink.report(Report::Duplicate {
+                kind: crate::flows::EventKind::Step,
+            });
+        }
+        Some(SlotState::More(More::Steps(words)))
+    }
+
+    /// A step of any entry, by name.
+    fn step_by_name(&self, flow: &Arc<str>, state: &SlotState, step: WaitingStep) -> SlotState {
+        let sink = &*self.sink;
+        match state.view(&self.numbering, flow) {
             View::Open { start_nanos, dims } => {
-                reached(sink, &flow, dims, start_nanos, &step);
+                reached(sink, flow, dims, start_nanos, &step);
                 let (steps, _) = with_step(&[], &step.step, step.timestamp_nanos);
-                SlotState::stepped(Stepped {
+                let open = Stepped {
                     start_nanos,
                     dims: dims.clone(),
                     steps,
-                })
+                };
+                SlotState::stepped(&self.numbering, flow, open)
             }
             View::Stepped(open) => {
                 let (steps, new) = with_step(&open.steps, &step.step, step.timestamp_nanos);
                 if new {
-                    reached(sink, &flow, &open.dims, open.start_nanos, &step);
+                    reached(sink, flow, &open.dims, open.start_nanos, &step);
                 } else {
                     sink.report(Report::Duplicate {
                         kind: crate::flows::EventKind::Step,
                     });
                 }
-                SlotState::stepped(Stepped {
-                    start_nanos: open.start_nanos,
-                    dims: open.dims.clone(),
+                let open = Stepped {
                     steps,
-                })
+                    ..open.into_owned()
+                };
+                SlotState::stepped(&self.numbering, flow, open)
             }
             View::Waiting(pending) => {
                 let mut steps = pending.steps.to_vec();
@@ -259,15 +286,7 @@ impl MemoryStore {
                     steps: steps.into(),
                 })
             }
-        };
-        self.put(
-            key,
-            Slot {
-                flow,
-                deadline,
-                state,
-            },
-        );
+        }
     }
 
     /// A start meets what waited for it: steps are reached, and a waiting end closes
@@ -303,19 +322,13 @@ impl MemoryStore {
                 self.closed.mark(&flow, key, now);
             }
             None => {
-                let deadline = now.saturating_add(self.timeout_nanos(&flow));
-                self.put(
-                    key,
-                    Slot {
-                        flow,
-                        deadline,
-                        state: SlotState::stepped(Stepped {
-                            start_nanos,
-                            dims,
-                            steps,
-                        }),
-                    },
-                );
+                let open = Stepped {
+                    start_nanos,
+                    dims,
+                    steps,
+                };
+                let state = SlotState::stepped(&self.numbering, &flow, open);
+                self.put_new(key, flow, state, now);
             }
         }
     }
@@ -344,15 +357,16 @@ pub(super) fn complete(
 pub(super) fn gone(
     sink: &dyn FlowSink,
     closed: &ClosedMarks,
+    numbering: &Numbering,
     key: Key,
     slot: &Slot,
     why: Gone,
     now: u64,
 ) {
-    if !matches!(slot.state.view(), View::Waiting(_)) {
+    if !slot.state.is_waiting() {
         closed.mark(&slot.flow, key, now);
     }
-    report_gone(sink, slot, why);
+    report_gone(sink, numbering, slot, why);
 }
 
 /// Each waiting step of an entry that left: its start never came.

@@ -1,12 +1,14 @@
-//! Overdue instances on the shared store (docs/behaviour.md §10): the apply and sweep
-//! scripts keep, per shard and flow, a hash of open instances by start second
-//! (`<shard prefix>ages:<flow>`, field = Unix second, value = count), changed in the
-//! same script call that opens or closes the instance. Only flows with a threshold are
-//! counted: their events carry the flow's name to the script (so that it parses no
-//! key), the others nothing more than before. About every two seconds each
-//! replica asks every shard for its counts of the flows it knows with a threshold: the
-//! values are global (the same on every replica), so Prometheus aggregates them with
-//! `max by (flow)`, not `sum`.
+//! Overdue instances on the shared store (docs/behaviour.md §10): per shard and flow, a
+//! hash of open instances by start second (`<shard prefix>ages:<flow>`, field = Unix
+//! second, value = count). The apply and sweep scripts do not write it: each call that
+//! opens or closes instances appends its changes, summed per (flow, second), to the
+//! shard's log (`<shard prefix>agelog`, one APPEND per call), folded into the hashes
+//! before the counts are read (and whenever it grows past 64 KiB): see `ages_log.lua`.
+//! Only flows with a threshold are counted: their events carry the flow's name to the
+//! script (so that it parses no key), the others nothing more than before. About every
+//! two seconds each replica asks every shard for its counts of the flows it knows with a
+//! threshold: the values are global (the same on every replica), so Prometheus
+//! aggregates them with `max by (flow)`, not `sum`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,37 +16,16 @@ use std::time::{Duration, Instant};
 
 use redis::{Cmd, FromRedisValue, Script};
 
-use super::{RedisStore, Target};
+use super::pool::Target;
+use super::RedisStore;
 use crate::flows::store::{OverdueSettings, Report};
 
 /// How often the counts are read (docs/behaviour.md §10: at most 5 s old).
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
-/// Per flow (ARGV: flow, threshold in seconds, ...): overdue count and the oldest start
-/// second (-1: none open); last, the server's time. Reads only.
-const AGES: &str = r#"
-local prefix = string.sub(KEYS[1], 1, -10)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local out = {}
-for i = 1, #ARGV, 2 do
-  local threshold = tonumber(ARGV[i + 1])
-  local all = redis.call('HGETALL', prefix .. 'ages:' .. ARGV[i])
-  local overdue, oldest = 0, -1
-  for j = 1, #all, 2 do
-    local second, count = tonumber(all[j]), tonumber(all[j + 1])
-    if count > 0 then
-      if oldest < 0 or second < oldest then oldest = second end
-      -- Every instance of the second is past the threshold.
-      if second + 1 <= now - threshold then overdue = overdue + count end
-    end
-  end
-  out[#out + 1] = tostring(overdue)
-  out[#out + 1] = tostring(oldest)
-end
-out[#out + 1] = string.format('%.3f', now)
-return out
-"#;
+/// Per flow, the overdue count and the oldest start second, after folding the shard's
+/// log of changes; last, the server's time.
+const AGES: &str = concat!(include_str!("ages_log.lua"), include_str!("ages.lua"));
 
 pub(super) struct RedisAges {
     settings: OverdueSettings,

@@ -31,12 +31,10 @@ local function flow_of(key)
   local stop = string.find(key, '\0', from, true)
   return string.sub(key, from, (stop or 0) - 1)
 end
--- Open instances of a flow with an overdue threshold (docs/behaviour.md §10), counted by
--- start second in `<shard prefix>ages:<flow>`: `flow` is the event's flow when counted,
--- else nil (nothing to do, and no key parsed). The changes are summed here per (flow,
--- second) and written once at the end of the call: one HINCRBY per second the call
--- touched, none for an instance opened and closed within the call.
-local ages_prefix = string.sub(zset, 1, plen) .. 'ages:'
+-- Open instances of a flow with an overdue threshold (docs/behaviour.md §10, ages_log.lua):
+-- `flow` is the event's flow when counted, else nil (nothing to do, and no key parsed).
+-- The changes are summed here per (flow, second) and logged once at the end of the call.
+local prefix = string.sub(zset, 1, plen)
 local deltas = {}
 local function age(flow, v, d)
   if not flow or string.sub(v, 1, 1) ~= 'o' then return end
@@ -48,13 +46,8 @@ local function age(flow, v, d)
   local second = string.sub(v, 2, 12)
   per[second] = (per[second] or 0) + d
 end
--- Whether an open instance of `flow` that started in `second` is counted (its flow has a
--- threshold): for an instance known by its key only.
-local function is_counted(flow, second)
-  local per = deltas[flow]
-  return (per and per[second] ~= nil) or
-      redis.call('HEXISTS', ages_prefix .. flow, second) == 1
-end
+-- Open instances known by their key only (evicted): -1 if their flow is counted.
+local evicted_ages = {}
 -- The instance's steps as netstrings (name, value, ...); '' when it has none.
 local function steps_of(key)
   local all = redis.call('HGETALL', companion(key, 'k'))
@@ -189,24 +182,22 @@ while over > 0 do
   if #popped == 0 then break end
   local v = redis.call('GET', popped[1])
   if v then
-    -- Known by its key only: counted if its flow's hash has its second.
     if track and string.sub(v, 1, 1) == 'o' then
-      local flow = flow_of(popped[1])
-      if is_counted(flow, string.sub(v, 2, 12)) then age(flow, v, -1) end
+      evicted_ages[#evicted_ages + 1] = ages_entry(flow_of(popped[1]), string.sub(v, 2, 12), '?')
     end
     local steps = take(popped[1], v)
     if tonumber(popped[2]) <= now then emit(0, 'T', v, steps) else emit(0, 'E', v, steps) end
   end
   over = over - 1
 end
+local entries = {}
 for flow, per in pairs(deltas) do
-  local ages = ages_prefix .. flow
   for second, d in pairs(per) do
-    if d ~= 0 and redis.call('HINCRBY', ages, second, d) <= 0 then
-      redis.call('HDEL', ages, second)
-    end
+    if d ~= 0 then entries[#entries + 1] = ages_entry(flow, second, d) end
   end
 end
+for _, entry in ipairs(evicted_ages) do entries[#entries + 1] = entry end
+log_ages(prefix, entries)
 -- Kept until this replica has read the reply: if the reply is lost, the replica reads
 -- the outcomes from here and reports them (the exporter's retry finds only duplicates).
 local parts = {}

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use super::super::{duration_secs, FlowSink, Report, StepTransit, StepUnmatchedReason};
-use super::parse_netstrings;
+use super::codec::parse_netstrings;
 use crate::flows::event::{DimValues, FlowEvent, TraceRef};
 
 /// Flows whose use of steps this replica has announced to every shard, so that their
