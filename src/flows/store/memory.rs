@@ -35,6 +35,7 @@ use super::snapshot::{unix_nanos_now, StoreSnapshot};
 use super::{CorrelationStore, EndRecord, FlowSink, Report, StoreSettings};
 use crate::flows::dedup::{RecentEvents, Seen};
 use crate::flows::event::{DimValues, EventKind, FlowEvent};
+#[cfg(feature = "test-hooks")]
 pub use cache::CacheBaseline;
 use cache::{
     build_cache, forget_age, Clock, Gone, Key, More, Slot, SlotState, View, EXPIRED_IN_REMOVE,

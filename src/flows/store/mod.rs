@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use super::event::{DimValues, EventKind, FlowEvent, Outcome, TraceRef};
 
-pub use memory::{CacheBaseline, Maintenance, MemoryStore};
+#[cfg(feature = "test-hooks")]
+pub use memory::CacheBaseline;
+pub use memory::{Maintenance, MemoryStore};
 pub use open_ages::{OpenAges, OverdueSettings};
 pub use redis::{RedisSettings, RedisStore, StoreProbe};
 pub use snapshot::{unix_nanos_now, StoreSnapshot};

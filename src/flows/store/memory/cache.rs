@@ -288,7 +288,7 @@ pub(super) fn report_gone(sink: &dyn FlowSink, numbering: &Numbering, slot: &Slo
 /// The store's moka cache alone, built exactly as the store builds it (capacity,
 /// policy, expiry, listener, key and value types): the benchmark's baseline, one insert
 /// per start and one remove per end.
-#[doc(hidden)]
+#[cfg(feature = "test-hooks")]
 pub struct CacheBaseline {
     cache: Cache<Key, Slot, RandomState>,
     clock: Clock,
@@ -297,6 +297,7 @@ pub struct CacheBaseline {
     timeout_nanos: u64,
 }
 
+#[cfg(feature = "test-hooks")]
 impl CacheBaseline {
     pub fn new(settings: StoreSettings, sink: Arc<dyn FlowSink>) -> Self {
         let clock = Clock {
