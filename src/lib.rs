@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, StoreKind};
 use crate::flows::state::{self, Checkpointer, DimLabels, StateSettings};
+use crate::flows::store::redis::RedisSetupError;
 use crate::flows::store::{Maintenance, RedisStore};
 use crate::flows::{CorrelationStore, Extractor, MemoryStore, RestoreRules};
 use crate::metrics::Metrics;
@@ -74,13 +75,34 @@ pub struct RunningApp {
     registry: Arc<Metrics>,
 }
 
+/// Why [`App::start`] could not start the service (the binary exits 1 with its message).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener's address could not be bound (in use, not local, no permission).
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Listen {
+        addr: String,
+        key: &'static str,
+        source: std::io::Error,
+    },
+    /// A bound listener's own address could not be read.
+    #[error("cannot read a bound listener's address: {0}")]
+    ListenerAddress(std::io::Error),
+    /// The shared correlation store could not be set up from its configuration.
+    #[error(transparent)]
+    Store(#[from] RedisSetupError),
+    /// The thread that writes state-file checkpoints could not be started.
+    #[error("cannot start the state checkpoint thread: {0}")]
+    Checkpointer(std::io::Error),
+}
+
 impl App {
     pub fn new(config: Config) -> Self {
         Self { config }
     }
 
     /// Binds every listener, then serves until [`RunningApp::shutdown`].
-    pub async fn start(self) -> std::io::Result<RunningApp> {
+    pub async fn start(self) -> Result<RunningApp, StartError> {
         let config = self.config;
         let metrics = Arc::new(Metrics::new(settings::metrics(&config)));
         let rules = settings::restore_rules(&config);
@@ -164,7 +186,7 @@ fn start_checkpointer(
     store: &Arc<dyn CorrelationStore>,
     state: Option<&(StateSettings, DimLabels)>,
     metrics: &Arc<Metrics>,
-) -> std::io::Result<Option<Checkpointer>> {
+) -> Result<Option<Checkpointer>, StartError> {
     let Some((st, labels)) = state else {
         return Ok(None);
     };
@@ -173,6 +195,7 @@ fn start_checkpointer(
         metrics.state_write_failed(false)
     })
     .map(Some)
+    .map_err(StartError::Checkpointer)
 }
 
 /// The stages after the transports: extraction, the store, the metrics.
@@ -231,7 +254,7 @@ impl Listeners {
         listener: &Listener,
         addr: &str,
         handler: H,
-    ) -> std::io::Result<Option<SocketAddr>>
+    ) -> Result<Option<SocketAddr>, StartError>
     where
         H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
         F: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
@@ -275,7 +298,7 @@ fn correlation_store(
     metrics: &Arc<Metrics>,
     rules: &RestoreRules,
     state: &mut Option<StateSettings>,
-) -> std::io::Result<Arc<dyn CorrelationStore>> {
+) -> Result<Arc<dyn CorrelationStore>, StartError> {
     match config.correlation.store {
         StoreKind::Memory => {
             let mut memory = MemoryStore::new(settings::store(config), metrics.clone());
@@ -315,8 +338,7 @@ fn correlation_store(
                 settings::redis(config),
                 metrics.clone(),
                 metrics.clone(),
-            )
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            )?;
             if let Some(overdue) = settings::overdue(config) {
                 redis = redis.track_open_ages(overdue);
             }

@@ -74,10 +74,14 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Binds `addr`; the error names it and its config key.
-pub async fn bind(addr: &str, key: &str) -> io::Result<TcpListener> {
+pub async fn bind(addr: &str, key: &'static str) -> Result<TcpListener, crate::StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({key}): {e}")))
+        .map_err(|source| crate::StartError::Listen {
+            addr: addr.to_owned(),
+            key,
+            source,
+        })
 }
 
 /// Serves `handler` on `listener` on a task of its own; returns the bound address and
@@ -87,7 +91,7 @@ pub fn spawn<H, F, B>(
     handler: H,
     limits: ConnLimits,
     shutdown: watch::Receiver<bool>,
-) -> io::Result<(SocketAddr, JoinHandle<()>)>
+) -> Result<(SocketAddr, JoinHandle<()>), crate::StartError>
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
@@ -95,7 +99,9 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let addr = listener.local_addr()?;
+    let addr = listener
+        .local_addr()
+        .map_err(crate::StartError::ListenerAddress)?;
     let task = tokio::spawn(serve(listener, handler, limits, shutdown));
     Ok((addr, task))
 }
