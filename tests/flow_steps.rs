@@ -391,3 +391,54 @@ async fn steps_hold_across_a_restart() {
     app.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A flow that uses steps without declaring them: its unmatched series exist at 0 from
+/// its first step, so dashboards and `rate()` see them before anything goes wrong (a
+/// declared flow has them from its first event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeclared_flow_has_its_unmatched_step_series_at_zero_from_its_first_step() {
+    use common::otlp::{event, flow_event, span, traces};
+    use prost::Message;
+    let app = start(test_config()).await;
+    let now = common::otlp::now_nanos();
+    let before = scrape(&app).await;
+    let unmatched = |reason: &str| {
+        format!(r#"flowmetrics_flow_steps_unmatched_total{{flow="signup",reason="{reason}"}}"#)
+    };
+    assert!(!before.contains_key(&unmatched("no_start")));
+    let step = event(
+        "flow.signup.step",
+        now,
+        vec![attr("correlation-id", "s1"), attr("step", "verified")],
+    );
+    let spans = vec![
+        span(
+            &[1; 16],
+            &[1; 8],
+            vec![flow_event(
+                "flow.signup.start",
+                "s1",
+                None,
+                now - common::otlp::SEC,
+            )],
+        ),
+        span(&[1; 16], &[2; 8], vec![step]),
+    ];
+    export_ok(&app, PROTOBUF, traces(None, spans).encode_to_vec()).await;
+    let m = scrape_until(&app, Duration::from_secs(10), |m| {
+        m.contains_key(&unmatched("after_close"))
+    })
+    .await;
+    assert_present(
+        &m,
+        &[
+            (&unmatched("after_close"), 0.0),
+            (&unmatched("no_start"), 0.0),
+            (
+                r#"flowmetrics_flow_steps_total{flow="signup",step="verified"}"#,
+                1.0,
+            ),
+        ],
+    );
+    app.shutdown().await;
+}

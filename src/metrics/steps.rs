@@ -139,6 +139,10 @@ impl StepMetrics {
         }
         self.stalled
             .with(self.labels(flow, &self.start, start_dims), |_| ());
+        self.unmatched_at_zero(flow);
+    }
+
+    fn unmatched_at_zero(&self, flow: &Arc<str>) {
         for reason in StepUnmatchedReason::LABELS {
             self.unmatched
                 .with(self.unmatched_labels(flow, reason), |_| ());
@@ -164,9 +168,14 @@ impl StepMetrics {
         trace: Option<TraceRef>,
     ) {
         let labels = self.labels(flow, step, start_dims);
-        self.steps.with(labels, |c| {
+        let first = self.steps.with_created(labels, |c| {
             c.inc();
         });
+        // A flow that uses steps without declaring them: its unmatched series at 0 from
+        // its first step, as a declared flow's are from its first event.
+        if first {
+            self.unmatched_at_zero(flow);
+        }
         // Negative (clock skew): counted above, not observed.
         if since_start_secs >= 0.0 {
             self.duration.with(labels, |h| {
