@@ -192,7 +192,7 @@ fn start_checkpointer(
     };
     let metrics = metrics.clone();
     Checkpointer::start(store.clone(), st.clone(), labels.clone(), move || {
-        metrics.state_write_failed(false)
+        metrics.state_write_failed(false);
     })
     .map(Some)
     .map_err(StartError::Checkpointer)

@@ -313,18 +313,24 @@ impl Open {
     fn insert(&self, id: u64, activity: Arc<Activity>) {
         self.0
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id, activity);
     }
 
     fn remove(&self, id: u64) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
     }
 
     /// Tells the connection idle longest (no request in flight, not already told) to
     /// close.
     fn evict_idlest(&self) {
-        let open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let idlest = open
             .values()
             .filter(|a| {

@@ -103,7 +103,10 @@ impl SharedBodies {
         F: FnOnce() -> Vec<u8> + Send + 'static,
     {
         let mut outcome = {
-            let mut making = self.making.lock().unwrap_or_else(|p| p.into_inner());
+            let mut making = self
+                .making
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             match making.get(&key) {
                 Some(rx) => rx.clone(),
                 None => {
@@ -147,7 +150,9 @@ async fn make_body<F>(
 ) where
     F: FnOnce() -> Vec<u8> + Send + 'static,
 {
-    let turn = *next_start.lock().unwrap_or_else(|p| p.into_inner());
+    let turn = *next_start
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let now = tokio::time::Instant::now();
     tokio::time::sleep_until(turn.min(now + MAX_PACE_WAIT)).await;
     let outcome = match tokio::time::timeout(wait, places.acquire_owned()).await {
@@ -159,7 +164,9 @@ async fn make_body<F>(
             });
             let ended = tokio::time::Instant::now();
             let turn = ended + (ended - started) * ENCODE_PACE;
-            let mut next = next_start.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = next_start
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             *next = (*next).max(turn);
             bytes
         })
@@ -180,7 +187,7 @@ async fn make_body<F>(
     // Gone from the map first: a request arriving after this makes a fresh body.
     making
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(&key);
     let _ = tx.send(Some(outcome));
 }

@@ -299,7 +299,9 @@ pub fn write(path: &Path, snapshot: &StoreSnapshot) -> io::Result<u64> {
         let file = File::create(&tmp)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let n = encode(snapshot, &mut out)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
+        let file = out
+            .into_inner()
+            .map_err(std::io::IntoInnerError::into_error)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
         // The rename itself must survive a power loss.

@@ -82,7 +82,10 @@ impl StepNames {
         }
         let find = |names: &[Arc<str>]| names.iter().find(|s| ***s == *step).cloned();
         {
-            let seen = self.seen.read().unwrap_or_else(|p| p.into_inner());
+            let seen = self
+                .seen
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(names) = seen.get(flow) {
                 if let Some(name) = find(names) {
                     return Ok(name);
@@ -92,7 +95,10 @@ impl StepNames {
                 }
             }
         }
-        let mut seen = self.seen.write().unwrap_or_else(|p| p.into_inner());
+        let mut seen = self
+            .seen
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let room_for_flow = seen.len() < self.max_flows;
         let names = match seen.get_mut(flow) {
             Some(names) => names,

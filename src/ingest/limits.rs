@@ -182,7 +182,9 @@ impl Held {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.permit.as_ref().map_or(0, |p| p.num_permits())
+        self.permit
+            .as_ref()
+            .map_or(0, tokio::sync::OwnedSemaphorePermit::num_permits)
     }
 }
 
@@ -338,7 +340,7 @@ impl Limits {
             while discarded <= max {
                 match tokio::time::timeout_at(deadline, body.frame()).await {
                     Ok(Some(Ok(frame))) => {
-                        discarded += frame.data_ref().map_or(0, |d| d.len());
+                        discarded += frame.data_ref().map_or(0, bytes::Bytes::len);
                     }
                     _ => break,
                 }

@@ -86,7 +86,10 @@ impl Metrics {
             ExpositionFormat::Protobuf => {
                 self.set_store_entries(store_entries);
                 let _writing = Writing::start(ExpositionFormat::Protobuf);
-                let _one = self.encoding.lock().unwrap_or_else(|p| p.into_inner());
+                let _one = self
+                    .encoding
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 self.pin_for_encode();
                 let body = prometheus_protobuf::encode_to_vec(&self.registry);
                 self.pin_invariant_families(false);
@@ -103,7 +106,10 @@ impl Metrics {
         let last = self.last_encoded_len.load(Ordering::Relaxed);
         let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
         let _writing = Writing::start(ExpositionFormat::OpenMetrics);
-        let _one = self.encoding.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = self
+            .encoding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.pin_for_encode();
         let written = text::encode(&mut out, &self.registry);
         // A family the encoder skipped (no series) left its copy: drop it.

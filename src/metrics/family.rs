@@ -219,17 +219,20 @@ impl OverflowReporter {
             limit.warn(format_args!(
                 "series limit reached (limits.max_series_per_metric = {max}) in {metric}: new \
                  label sets are recorded in the otel_metric_overflow=\"true\" series"
-            ))
+            ));
         };
         if let Some(limit) = self
             .warnings
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(metric)
         {
             return warn(limit);
         }
-        let mut warnings = self.warnings.write().unwrap_or_else(|p| p.into_inner());
+        let mut warnings = self
+            .warnings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         warn(
             warnings
                 .entry(metric)
@@ -328,15 +331,21 @@ struct Inner<M, L: SeriesLabelSet> {
 /// The locks, poisoned or not: a panic elsewhere leaves the series as they were.
 impl<M, L: SeriesLabelSet> Inner<M, L> {
     fn read(&self) -> RwLockReadGuard<'_, HashTable<Series<M, L>>> {
-        self.series.read().unwrap_or_else(|p| p.into_inner())
+        self.series
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, HashTable<Series<M, L>>> {
-        self.series.write().unwrap_or_else(|p| p.into_inner())
+        self.series
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn pinned(&self) -> MutexGuard<'_, Option<Pinned<M, L>>> {
-        self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+        self.pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

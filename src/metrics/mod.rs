@@ -398,13 +398,18 @@ thread_local! {
 impl ScrapeGate {
     fn enter(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         let stripe = &self.stripes[STRIPE.with(|s| *s)].0;
-        stripe.read().unwrap_or_else(|p| p.into_inner())
+        stripe
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn close(&self) -> Vec<std::sync::RwLockWriteGuard<'_, ()>> {
         self.stripes
             .iter()
-            .map(|s| s.0.write().unwrap_or_else(|p| p.into_inner()))
+            .map(|s| {
+                s.0.write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            })
             .collect()
     }
 }

@@ -141,8 +141,10 @@ impl NetworkMetrics {
 
     pub fn record(&self, record: &NetworkFlowRecord) {
         let digest = std::hash::BuildHasher::hash_one(&LABELS_DIGEST, &*record.dims);
-        self.records
-            .with(NetworkKey::new(None, &record.dims, digest), |c| c.inc());
+        self.records.with(
+            NetworkKey::new(None, &record.dims, digest),
+            prometheus_client::metrics::counter::Counter::inc,
+        );
         for (i, direction) in [Direction::forward, Direction::reverse]
             .into_iter()
             .enumerate()

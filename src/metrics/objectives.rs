@@ -106,7 +106,10 @@ impl ObjectiveMetrics {
         let Some(objective) = self.settings.objective_for(flow) else {
             return;
         };
-        let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shown = self
+            .shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if shown.contains(flow) || shown.len() >= self.max_flows {
             return;
         }

@@ -71,7 +71,10 @@ impl OpenAges {
     pub fn opened(&self, flow: &Arc<str>, start_nanos: u64) {
         {
             // The common case: a flow seen before, under the read lock (no clone).
-            let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
+            let flows = self
+                .flows
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(known) = flows.get(&**flow) {
                 if let Some(ages) = known {
                     lock(&ages.seconds).add(start_nanos / NANOS);
@@ -87,7 +90,10 @@ impl OpenAges {
     /// An instance opened with [`OpenAges::opened`] left the store (end, time-out,
     /// eviction).
     pub fn closed(&self, flow: &str, start_nanos: u64) {
-        let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
+        let flows = self
+            .flows
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(Some(ages)) = flows.get(flow) {
             lock(&ages.seconds).remove(start_nanos / NANOS);
         }
@@ -96,7 +102,10 @@ impl OpenAges {
     /// (overdue, age of the oldest in seconds) of `flow` at `now_nanos` (Unix); `None`
     /// when the flow is not tracked.
     pub fn counts(&self, flow: &str, now_nanos: u64) -> Option<(u64, f64)> {
-        let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
+        let flows = self
+            .flows
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let ages = flows.get(flow)?.as_ref()?;
         let seconds = lock(&ages.seconds);
         Some(seconds.counts(now_nanos, ages.threshold_nanos))
@@ -114,7 +123,7 @@ impl OpenAges {
         let tracked: Vec<(Arc<str>, Arc<FlowAges>)> = self
             .flows
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .filter_map(|(flow, ages)| Some((flow.clone(), ages.clone()?)))
             .collect();
@@ -135,12 +144,15 @@ impl OpenAges {
         if let Some(known) = self
             .flows
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&**flow)
         {
             return known.clone();
         }
-        let mut flows = self.flows.write().unwrap_or_else(|p| p.into_inner());
+        let mut flows = self
+            .flows
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(known) = flows.get(&**flow) {
             return known.clone();
         }
@@ -159,7 +171,7 @@ impl OpenAges {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Open instances by start second.

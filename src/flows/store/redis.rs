@@ -484,7 +484,7 @@ impl RedisStore {
                     let mut acks = self.shards[shard]
                         .acks
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner());
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let keep = acks.len().saturating_sub(MAX_ACKS);
                     acks.split_off(keep)
                 };
@@ -533,7 +533,7 @@ impl CorrelationStore for RedisStore {
                     self.shards[call.shard]
                         .acks
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner())
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .push(call.result_key);
                 }
                 Err(e) => {
@@ -550,7 +550,7 @@ impl CorrelationStore for RedisStore {
         let lost = !self
             .pending
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .is_empty();
         if lost {
             self.recover();

@@ -242,7 +242,7 @@ pub(super) fn build_cache(
         if cause != RemovalCause::Explicit {
             forget_age(&ages, &slot);
         }
-        on_removal(key, slot, cause)
+        on_removal(key, slot, cause);
     };
     Cache::builder()
         .max_capacity(settings.capacity)

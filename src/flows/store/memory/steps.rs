@@ -96,7 +96,7 @@ impl ClosedMarks {
         }
         self.flows
             .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(flow.clone());
         self.any.store(true, Ordering::Release);
     }
@@ -106,14 +106,14 @@ impl ClosedMarks {
             && self
                 .flows
                 .read()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .contains(flow)
     }
 
     fn shard(&self, key: Key) -> std::sync::MutexGuard<'_, RecentEvents> {
         self.marks[(key >> 64) as usize % SHARDS]
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// An instance closed (ended, timed out or was dropped) at `now`.

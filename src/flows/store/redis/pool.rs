@@ -296,20 +296,27 @@ impl Pool {
     }
 
     pub(super) fn with<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> RedisResult<T> {
-        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
         let mut con = match pooled {
             Some(con) => con,
             None => self.connect()?,
         };
         let result = f(&mut con);
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match &result {
             Ok(_) if idle.len() < self.size => idle.push(con),
             Ok(_) => {}
             // The others were opened to the same servers: after a restart they are all
             // dead, and each would cost a failed export.
             Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
-                idle.clear()
+                idle.clear();
             }
             Err(_) => {}
         }

@@ -42,9 +42,12 @@ impl KnownStepFlows {
         let mut new: Vec<Arc<str>> = self
             .declared
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if known.len() >= Self::MAX {
             return new;
         }
@@ -59,9 +62,12 @@ impl KnownStepFlows {
     pub fn learned(&self, flows: Vec<Arc<str>>) {
         self.declared
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .retain(|d| !flows.contains(d));
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for flow in flows {
             if known.len() < Self::MAX {
                 known.insert(flow);
