@@ -18,30 +18,50 @@ use crate::flows::store::StoreError;
 /// The store cannot be set up from its settings (the service does not start).
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
+    /// `correlation.redis.ca_file` cannot be used.
     #[error(transparent)]
     CaFile(#[from] CaFileError),
+    /// The cluster client cannot be made from the node URLs.
     #[error("correlation.redis.cluster {nodes:?}: {source}")]
     Cluster {
+        /// The nodes as configured.
         nodes: Vec<String>,
+        /// What the client said.
         source: RedisError,
     },
+    /// The client cannot be made from the URL.
     #[error("correlation.redis.url {url:?}: {source}")]
-    Url { url: String, source: RedisError },
+    Url {
+        /// The URL as configured.
+        url: String,
+        /// What the client said.
+        source: RedisError,
+    },
 }
 
 /// `correlation.redis.ca_file` is not a usable CA certificate file.
 #[derive(Debug, thiserror::Error)]
 pub enum CaFileError {
+    /// The file cannot be read.
     #[error("correlation.redis.ca_file {:?}: {source}", path.display())]
     Unreadable {
+        /// The file as configured.
         path: PathBuf,
+        /// What reading it said.
         source: std::io::Error,
     },
+    /// The file holds no PEM certificate.
     #[error("correlation.redis.ca_file {:?}: no PEM certificate in it", path.display())]
-    NoCertificate { path: PathBuf },
+    NoCertificate {
+        /// The file as configured.
+        path: PathBuf,
+    },
+    /// The file is not PEM.
     #[error("correlation.redis.ca_file {:?}: not PEM certificates: {source}", path.display())]
     NotPem {
+        /// The file as configured.
         path: PathBuf,
+        /// What the PEM parser said.
         source: rustls::pki_types::pem::Error,
     },
 }
