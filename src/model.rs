@@ -63,12 +63,12 @@ impl Signal {
 /// checked by every decoder, since neither prost nor serde checks them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdField {
-    TraceId,
     /// A span's (or log record's) trace id: 16 bytes.
-    SpanId,
+    TraceId,
     /// A span's (or log record's) span id: 8 bytes.
+    SpanId,
+    /// A span's parent span id: 8 bytes.
     ParentSpanId,
-/// A span's parent span id: 8 bytes.
 }
 
 impl IdField {
