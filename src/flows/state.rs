@@ -25,6 +25,7 @@ use super::store::snapshot::{unix_nanos_now, Inconsistent, StoreSnapshot};
 use super::store::CorrelationStore;
 use crate::logging::RateLimited;
 
+/// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"FLOWMST\x01";
 /// Bumped whenever [`StoreSnapshot`] or the layout changes; another version is set
 /// aside. 2: the trailer declares the body's length. 3: steps (`SavedState::Stepped`,
@@ -41,7 +42,9 @@ const LEGACY_TRAILER: usize = 4;
 /// Where the state lives and how often it is checkpointed (`state.*`).
 #[derive(Debug, Clone)]
 pub struct StateSettings {
+    /// `state.path`: the state file.
     pub path: PathBuf,
+    /// `state.checkpoint_interval`: how often it is rewritten while running.
     pub checkpoint_interval: Duration,
     /// A larger file is not read (it is input too).
     pub max_file_bytes: u64,
@@ -50,20 +53,28 @@ pub struct StateSettings {
 /// Why a state file was not used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// The file cannot be read.
     #[error("cannot read it: {0}")]
     Io(io::Error),
+    /// The file is larger than the limit (its size given).
     #[error("it is larger than the limit ({0} bytes)")]
     TooLarge(u64),
+    /// The file ends before its header or trailer.
     #[error("it is truncated")]
     Truncated,
+    /// The file does not start with [`MAGIC`].
     #[error("it is not a flowmetrics state file")]
     Foreign,
+    /// The file has a format version this build does not read.
     #[error("it has format version {0}, this build reads {VERSION}")]
     Version(u32),
+    /// The body's CRC-32 does not match the trailer.
     #[error("its checksum does not match (corrupt)")]
     Checksum,
+    /// The body does not decode as a snapshot.
     #[error("it does not decode: {0}")]
     Decode(postcard::Error),
+    /// The snapshot refers to strings or values that are not there.
     #[error("it is inconsistent: {0}")]
     Invalid(&'static str),
     /// A FIFO, device, socket or directory.
@@ -359,8 +370,11 @@ fn write_snapshot(
 /// What one write of the state file did.
 #[derive(Debug, Clone, Copy)]
 pub struct Saved {
+    /// Entries written.
     pub entries: usize,
+    /// Size of the file, bytes.
     pub bytes: u64,
+    /// How long writing it took.
     pub took: Duration,
 }
 
