@@ -39,8 +39,11 @@ const MAX_PACE_WAIT: Duration = Duration::from_secs(2);
 /// What a body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BodyKey {
+    /// `/metrics`, in one format, gzip-compressed or not.
     Exposition {
+        /// The exposition format asked for.
         format: ExpositionFormat,
+        /// Compressed with gzip.
         gzip: bool,
     },
     /// `/api/flows`.
@@ -52,14 +55,18 @@ pub enum BodyKey {
 /// Why no body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
+    /// Every place for a body is held by responses still being written.
     #[error("every place for a response body is held by responses still being written")]
     Busy,
+    /// Making the body failed.
     #[error("making the response failed")]
     Failed,
 }
 
 type Outcome = Option<Result<Bytes, BodyError>>;
 
+/// The bodies of `/metrics`, `/` and `/api/flows`: one made for every request that
+/// asks while it is being made, and a bound on how many are held at once.
 pub struct SharedBodies {
     making: Arc<Mutex<HashMap<BodyKey, watch::Receiver<Outcome>>>>,
     places: Arc<Semaphore>,
@@ -87,6 +94,7 @@ impl AsRef<[u8]> for Owned {
 }
 
 impl SharedBodies {
+    /// At most `max_bodies` bodies held at once; a request waits at most `wait` for a place.
     pub fn new(max_bodies: usize, wait: Duration) -> Self {
         Self {
             making: Arc::default(),
