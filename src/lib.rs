@@ -56,9 +56,13 @@ pub struct App {
 
 /// A running service: its bound addresses, and the handle to stop it.
 pub struct RunningApp {
+    /// Where OTLP/HTTP is served; `None` when `listen.otlp_http` is empty.
     pub otlp_http: Option<SocketAddr>,
+    /// Where OTLP/gRPC is served; `None` when `listen.otlp_grpc` is empty.
     pub otlp_grpc: Option<SocketAddr>,
+    /// Where `/metrics` (and `/healthz`, `/readyz`, the overview) is served.
     pub metrics: SocketAddr,
+    /// The stages after the transports: its metrics and its correlation store.
     pub pipeline: Arc<Pipeline>,
     /// Stops the OTLP listeners.
     shutdown: watch::Sender<bool>,
@@ -97,6 +101,7 @@ pub enum StartError {
 }
 
 impl App {
+    /// A service that will run with `config`.
     pub fn new(config: Config) -> Self {
         Self { config }
     }

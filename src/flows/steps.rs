@@ -16,10 +16,13 @@ use crate::model::{is_valid_step_name, Rejection};
 /// `events.step_key`, `flows.per_flow.*.steps`, `limits.max_steps_per_flow`).
 #[derive(Debug, Clone)]
 pub struct StepSettings {
+    /// `events.step_suffix`: end of step event names.
     pub suffix: String,
+    /// `events.step_key`: the attribute naming a step event's step.
     pub key: String,
     /// Flows with a declared step list, in order.
     pub declared: HashMap<String, Vec<String>>,
+    /// `limits.max_steps_per_flow`: distinct step names a flow without a declared list may use.
     pub max_per_flow: usize,
     /// Flows whose names are remembered (the intern capacity).
     pub max_flows: usize,
@@ -46,6 +49,7 @@ pub struct StepNames {
 }
 
 impl StepNames {
+    /// Takes the declared lists; other flows' names are learnt as they come.
     pub fn new(settings: &StepSettings) -> Self {
         let declared = settings
             .declared

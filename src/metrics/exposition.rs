@@ -14,8 +14,11 @@ use super::{text004, Metrics};
 /// One exposition format; with a gzip flag, what a `/metrics` body is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExpositionFormat {
+    /// OpenMetrics text 1.0.0.
     OpenMetrics,
+    /// Prometheus text format 0.0.4.
     Text004,
+    /// Prometheus protobuf (delimited `MetricFamily` messages); the only one with native histograms.
     Protobuf,
 }
 
@@ -38,8 +41,10 @@ impl ExpositionFormat {
 /// An exposition that could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ExpositionError {
+    /// The text encoder failed.
     #[error("the text encoder failed")]
     Text(#[from] std::fmt::Error),
+    /// The protobuf encoder failed.
     #[error("the protobuf encoder failed: {0}")]
     Protobuf(#[from] prometheus_protobuf::EncodeError),
 }
