@@ -48,6 +48,7 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Streams one HTTP/2 (gRPC) connection may have open at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
+/// An answer whose body is whole in memory.
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// Per-listener connection limits.

@@ -139,6 +139,7 @@ impl NetworkMetrics {
         })
     }
 
+    /// Counts one network flow record into the network families.
     pub fn record(&self, record: &NetworkFlowRecord) {
         let digest = std::hash::BuildHasher::hash_one(&LABELS_DIGEST, &*record.dims);
         self.records.with(

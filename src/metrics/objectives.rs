@@ -21,7 +21,9 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 /// `within_secs` when set).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FlowObjective {
+    /// The share of counted instances that must be good (strictly between 0 and 1).
     pub target: f64,
+    /// Seconds within which a success must complete to be good; `None`: every success is.
     pub within_secs: Option<f64>,
 }
 

@@ -48,6 +48,7 @@ use steps::{ClosedMarks, Pending, Stepped, WaitingStep};
 /// Fingerprint shards: the lock of one serialises the events of its keys.
 const SHARDS: usize = 64;
 
+/// The correlation store in process: open instances in a moka cache, one replica.
 pub struct MemoryStore {
     cache: Cache<Key, Slot, RandomState>,
     /// Retry fingerprints per shard; the lock also serialises each key's events.
@@ -71,6 +72,7 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// An empty store reporting to `sink`.
     pub fn new(settings: StoreSettings, sink: Arc<dyn FlowSink>) -> Self {
         Self::with_numbering(settings, sink, Numbering::default())
     }

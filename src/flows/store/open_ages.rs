@@ -54,6 +54,7 @@ struct FlowAges {
 }
 
 impl OpenAges {
+    /// Tracks the flows with a threshold in `settings`.
     pub fn new(settings: OverdueSettings) -> Self {
         let this = Self {
             settings,
