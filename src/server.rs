@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -314,24 +314,21 @@ impl Open {
     fn insert(&self, id: u64, activity: Arc<Activity>) {
         self.0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(id, activity);
     }
 
     fn remove(&self, id: u64) {
         self.0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
     }
 
     /// Tells the connection idle longest (no request in flight, not already told) to
     /// close.
     fn evict_idlest(&self) {
-        let open = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let idlest = open
             .values()
             .filter(|a| {

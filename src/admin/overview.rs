@@ -7,7 +7,7 @@
 //! snapshots.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -136,10 +136,7 @@ impl Overview {
     /// reports for a walk over the flow families, so a page polled by many clients
     /// does so a few times a second at most.
     fn current(&self) -> Arc<Vec<FlowTotals>> {
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((at, totals)) = &*last {
             if at.elapsed() <= TOTALS_REUSE {
                 return totals.clone();
@@ -165,10 +162,7 @@ impl Overview {
             at: Instant::now(),
             flows: totals.into_iter().map(|t| (t.flow.clone(), t)).collect(),
         };
-        let mut samples = self
-            .samples
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         if samples.len() == MAX_SAMPLES {
             samples.pop_front();
         }
@@ -178,10 +172,7 @@ impl Overview {
     /// The `/api/flows` answer, as JSON.
     pub fn json(&self) -> String {
         let current = self.current();
-        let samples = self
-            .samples
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         let objective_for = |flow: &str| self.metrics.objective_for(flow);
         let report = build_report(
             &current,

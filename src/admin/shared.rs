@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -111,10 +111,7 @@ impl SharedBodies {
         F: FnOnce() -> Vec<u8> + Send + 'static,
     {
         let mut outcome = {
-            let mut making = self
-                .making
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut making = self.making.lock().unwrap_or_else(PoisonError::into_inner);
             match making.get(&key) {
                 Some(rx) => rx.clone(),
                 None => {
@@ -158,9 +155,7 @@ async fn make_body<F>(
 ) where
     F: FnOnce() -> Vec<u8> + Send + 'static,
 {
-    let turn = *next_start
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let turn = *next_start.lock().unwrap_or_else(PoisonError::into_inner);
     let now = tokio::time::Instant::now();
     tokio::time::sleep_until(turn.min(now + MAX_PACE_WAIT)).await;
     let outcome = match tokio::time::timeout(wait, places.acquire_owned()).await {
@@ -172,9 +167,7 @@ async fn make_body<F>(
             });
             let ended = tokio::time::Instant::now();
             let turn = ended + (ended - started) * ENCODE_PACE;
-            let mut next = next_start
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut next = next_start.lock().unwrap_or_else(PoisonError::into_inner);
             *next = (*next).max(turn);
             bytes
         })
@@ -195,7 +188,7 @@ async fn make_body<F>(
     // Gone from the map first: a request arriving after this makes a fresh body.
     making
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(PoisonError::into_inner)
         .remove(&key);
     let _ = tx.send(Some(outcome));
 }

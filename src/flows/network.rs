@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashSet;
@@ -315,10 +315,7 @@ impl Fingerprints {
         let window = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
         // A poisoned lock only means another thread panicked mid-update: the set is
         // still a valid set.
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let FingerprintsInner { set, order } = &mut *inner;
         while let Some(&(old, at)) = order.front() {
             if at.saturating_add(window) > now {
@@ -343,7 +340,7 @@ impl Fingerprints {
     fn len(&self) -> usize {
         self.inner
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .set
             .len()
     }

@@ -8,6 +8,8 @@
 //! reads are only skipped, so bytes a full decode would refuse there (say, invalid
 //! UTF-8 in an unrelated attribute) pass.
 
+use std::cell::Cell;
+
 use super::attributes::{AttrValue, AttributeLayers, Attributes, Keys, SharedLayer};
 use super::event::{Source, TraceRef};
 use super::extract::{EventContext, Extractor, Origin, TraceEvents};
@@ -590,7 +592,7 @@ impl<'a> Scan<'_, 'a> {
             self.x
                 .extract_into(&event, self.received, &mut self.found.events);
         }
-        if MALFORMED_READ.with(std::cell::Cell::get) {
+        if MALFORMED_READ.with(Cell::get) {
             return Err(ScanError::MalformedAttribute);
         }
         Ok(())

@@ -14,7 +14,7 @@
 //! the old file or the new one, never a mix.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, IntoInnerError, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -310,9 +310,7 @@ pub fn write(path: &Path, snapshot: &StoreSnapshot) -> io::Result<u64> {
         let file = File::create(&tmp)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let n = encode(snapshot, &mut out)?;
-        let file = out
-            .into_inner()
-            .map_err(std::io::IntoInnerError::into_error)?;
+        let file = out.into_inner().map_err(IntoInnerError::into_error)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
         // The rename itself must survive a power loss.

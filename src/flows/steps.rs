@@ -8,7 +8,7 @@
 //! metric families' series limit bounds what they can cost downstream.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::model::{is_valid_step_name, Rejection};
 
@@ -86,10 +86,7 @@ impl StepNames {
         }
         let find = |names: &[Arc<str>]| names.iter().find(|s| ***s == *step).cloned();
         {
-            let seen = self
-                .seen
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let seen = self.seen.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(names) = seen.get(flow) {
                 if let Some(name) = find(names) {
                     return Ok(name);
@@ -99,10 +96,7 @@ impl StepNames {
                 }
             }
         }
-        let mut seen = self
-            .seen
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = self.seen.write().unwrap_or_else(PoisonError::into_inner);
         let room_for_flow = seen.len() < self.max_flows;
         let names = match seen.get_mut(flow) {
             Some(names) => names,
@@ -129,7 +123,7 @@ mod tests {
         StepNames::new(&StepSettings {
             declared: declared
                 .iter()
-                .map(|(f, s)| (f.to_string(), s.iter().map(|s| s.to_string()).collect()))
+                .map(|(f, s)| (f.to_string(), s.iter().map(ToString::to_string).collect()))
                 .collect(),
             max_per_flow: max,
             ..StepSettings::default()

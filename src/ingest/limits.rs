@@ -186,7 +186,7 @@ impl Held {
     pub fn bytes(&self) -> usize {
         self.permit
             .as_ref()
-            .map_or(0, tokio::sync::OwnedSemaphorePermit::num_permits)
+            .map_or(0, OwnedSemaphorePermit::num_permits)
     }
 }
 

@@ -6,6 +6,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 
 use prometheus_client::encoding::{prometheus_protobuf, text};
 
@@ -91,10 +92,7 @@ impl Metrics {
             ExpositionFormat::Protobuf => {
                 self.set_store_entries(store_entries);
                 let _writing = Writing::start(ExpositionFormat::Protobuf);
-                let _one = self
-                    .encoding
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let _one = self.encoding.lock().unwrap_or_else(PoisonError::into_inner);
                 self.pin_for_encode();
                 let body = prometheus_protobuf::encode_to_vec(&self.registry);
                 self.pin_invariant_families(false);
@@ -111,10 +109,7 @@ impl Metrics {
         let last = self.last_encoded_len.load(Ordering::Relaxed);
         let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
         let _writing = Writing::start(ExpositionFormat::OpenMetrics);
-        let _one = self
-            .encoding
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = self.encoding.lock().unwrap_or_else(PoisonError::into_inner);
         self.pin_for_encode();
         let written = text::encode(&mut out, &self.registry);
         // A family the encoder skipped (no series) left its copy: drop it.

@@ -32,7 +32,7 @@ mod totals;
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -407,18 +407,13 @@ thread_local! {
 impl ScrapeGate {
     fn enter(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         let stripe = &self.stripes[STRIPE.with(|s| *s)].0;
-        stripe
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        stripe.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn close(&self) -> Vec<std::sync::RwLockWriteGuard<'_, ()>> {
         self.stripes
             .iter()
-            .map(|s| {
-                s.0.write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-            })
+            .map(|s| s.0.write().unwrap_or_else(PoisonError::into_inner))
             .collect()
     }
 }

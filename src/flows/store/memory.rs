@@ -24,7 +24,8 @@ mod steps;
 #[cfg(test)]
 mod tests;
 
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::{FixedState, RandomState};
@@ -158,7 +159,7 @@ impl MemoryStore {
         // A panic while holding a shard (a sink bug) leaves the fingerprints valid.
         self.shards[(key >> 64) as usize % SHARDS]
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Applies one flow event (docs/behaviour.md §3).
@@ -373,7 +374,7 @@ impl MemoryStore {
     fn take(&self, key: Key, now: u64) -> Option<Slot> {
         EXPIRED_IN_REMOVE.with(|cell| cell.set(Some((key, false))));
         let removed = self.cache.remove(&key);
-        let counted = EXPIRED_IN_REMOVE.with(std::cell::Cell::take) == Some((key, true));
+        let counted = EXPIRED_IN_REMOVE.with(Cell::take) == Some((key, true));
         let slot = removed?;
         if counted {
             return None;

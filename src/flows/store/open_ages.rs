@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use foldhash::fast::RandomState;
@@ -72,10 +72,7 @@ impl OpenAges {
     pub fn opened(&self, flow: &Arc<str>, start_nanos: u64) {
         {
             // The common case: a flow seen before, under the read lock (no clone).
-            let flows = self
-                .flows
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let flows = self.flows.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(known) = flows.get(&**flow) {
                 if let Some(ages) = known {
                     lock(&ages.seconds).add(start_nanos / NANOS);
@@ -91,10 +88,7 @@ impl OpenAges {
     /// An instance opened with [`OpenAges::opened`] left the store (end, time-out,
     /// eviction).
     pub fn closed(&self, flow: &str, start_nanos: u64) {
-        let flows = self
-            .flows
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let flows = self.flows.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(Some(ages)) = flows.get(flow) {
             lock(&ages.seconds).remove(start_nanos / NANOS);
         }
@@ -103,10 +97,7 @@ impl OpenAges {
     /// (overdue, age of the oldest in seconds) of `flow` at `now_nanos` (Unix); `None`
     /// when the flow is not tracked.
     pub fn counts(&self, flow: &str, now_nanos: u64) -> Option<(u64, f64)> {
-        let flows = self
-            .flows
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let flows = self.flows.read().unwrap_or_else(PoisonError::into_inner);
         let ages = flows.get(flow)?.as_ref()?;
         let seconds = lock(&ages.seconds);
         Some(seconds.counts(now_nanos, ages.threshold_nanos))
@@ -124,7 +115,7 @@ impl OpenAges {
         let tracked: Vec<(Arc<str>, Arc<FlowAges>)> = self
             .flows
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter_map(|(flow, ages)| Some((flow.clone(), ages.clone()?)))
             .collect();
@@ -145,15 +136,12 @@ impl OpenAges {
         if let Some(known) = self
             .flows
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&**flow)
         {
             return known.clone();
         }
-        let mut flows = self
-            .flows
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut flows = self.flows.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(known) = flows.get(&**flow) {
             return known.clone();
         }
@@ -172,7 +160,7 @@ impl OpenAges {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Open instances by start second.

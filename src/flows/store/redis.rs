@@ -54,7 +54,7 @@
 //! replies read back), [`steps`], [`ages`], and the scripts (`redis/*.lua`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::{Cmd, FromRedisValue, RedisResult, Script, Value};
@@ -490,7 +490,7 @@ impl RedisStore {
                     let mut acks = self.shards[shard]
                         .acks
                         .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        .unwrap_or_else(PoisonError::into_inner);
                     let keep = acks.len().saturating_sub(MAX_ACKS);
                     acks.split_off(keep)
                 };
@@ -539,7 +539,7 @@ impl CorrelationStore for RedisStore {
                     self.shards[call.shard]
                         .acks
                         .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .unwrap_or_else(PoisonError::into_inner)
                         .push(call.result_key);
                 }
                 Err(e) => {
@@ -556,7 +556,7 @@ impl CorrelationStore for RedisStore {
         let lost = !self
             .pending
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .is_empty();
         if lost {
             self.recover();

@@ -3,7 +3,7 @@
 //! cache emptied by a restart; and what a failed call means for the exporter.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterConnection};
@@ -319,17 +319,14 @@ impl Pool {
         let pooled = self
             .idle
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
             .pop();
         let mut con = match pooled {
             Some(con) => con,
             None => self.connect()?,
         };
         let result = f(&mut con);
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         match &result {
             Ok(_) if idle.len() < self.size => idle.push(con),
             Ok(_) => {}
