@@ -85,8 +85,11 @@ pub enum StartError {
     /// A listener's address could not be bound (in use, not local, no permission).
     #[error("cannot listen on {addr} ({key}): {source}")]
     Listen {
+        /// The address as configured.
         addr: String,
+        /// Its config key (`listen.otlp_http`, `listen.otlp_grpc`, `listen.metrics`).
         key: &'static str,
+        /// What binding said.
         source: std::io::Error,
     },
     /// A bound listener's own address could not be read.
