@@ -100,7 +100,7 @@ impl IdField {
 pub enum Rejection {
     /// The flow name breaks the flow-name rules.
     InvalidFlowName,
-    /// No correlation key is present, or its value is empty.
+    /// None of `events.correlation_keys` gives a correlation id.
     MissingCorrelationId,
     /// The correlation id is longer than `events.max_correlation_id_bytes`.
     CorrelationIdTooLong,

@@ -59,7 +59,7 @@ pub struct SavedEntry {
 /// What an entry holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SavedState {
-    /// An open instance (version 1, and version 2 without steps).
+    /// An open instance without steps.
     Open {
         /// Unix nanoseconds of its start event.
         start_nanos: u64,
