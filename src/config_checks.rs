@@ -9,12 +9,16 @@ pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 /// Why a config file is not read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
+    /// No file at the path.
     #[error("does not exist")]
     Missing,
+    /// The file exists but cannot be opened or examined.
     #[error("cannot open it: {0}")]
     Open(std::io::Error),
+    /// A FIFO, device, socket or directory.
     #[error("is not a regular file (a FIFO, device, socket or directory)")]
     NotRegular,
+    /// Larger than [`MAX_CONFIG_FILE_BYTES`].
     #[error("is larger than {MAX_CONFIG_FILE_BYTES} bytes")]
     TooLarge,
 }
@@ -45,13 +49,16 @@ pub fn check_config_file(path: &Path) -> Result<(), ConfigFileError> {
 /// Why a log filter (`log.level`, `RUST_LOG`) is refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LogFilterError {
+    /// The filter is empty or only white space.
     #[error("is empty")]
     Empty,
+    /// A bare word that is not a level (`verbose`).
     #[error(
         "{0:?} is not a level (trace, debug, info, warn, error, off) nor a target=level \
          directive"
     )]
     NotALevel(String),
+    /// `EnvFilter` refuses the filter: the filter, and what it said.
     #[error("{0:?} is not a filter: {1}")]
     Syntax(String, String),
 }

@@ -56,9 +56,13 @@ pub struct App {
 
 /// A running service: its bound addresses, and the handle to stop it.
 pub struct RunningApp {
+    /// Where OTLP/HTTP is served; `None` when `listen.otlp_http` is empty.
     pub otlp_http: Option<SocketAddr>,
+    /// Where OTLP/gRPC is served; `None` when `listen.otlp_grpc` is empty.
     pub otlp_grpc: Option<SocketAddr>,
+    /// Where `/metrics` (and `/healthz`, `/readyz`, the overview) is served.
     pub metrics: SocketAddr,
+    /// The stages after the transports: its metrics and its correlation store.
     pub pipeline: Arc<Pipeline>,
     /// Stops the OTLP listeners.
     shutdown: watch::Sender<bool>,
@@ -81,8 +85,11 @@ pub enum StartError {
     /// A listener's address could not be bound (in use, not local, no permission).
     #[error("cannot listen on {addr} ({key}): {source}")]
     Listen {
+        /// The address as configured.
         addr: String,
+        /// Its config key (`listen.otlp_http`, `listen.otlp_grpc`, `listen.metrics`).
         key: &'static str,
+        /// What binding said.
         source: std::io::Error,
     },
     /// A bound listener's own address could not be read.
@@ -97,6 +104,7 @@ pub enum StartError {
 }
 
 impl App {
+    /// A service that will run with `config`.
     pub fn new(config: Config) -> Self {
         Self { config }
     }
@@ -192,7 +200,7 @@ fn start_checkpointer(
     };
     let metrics = metrics.clone();
     Checkpointer::start(store.clone(), st.clone(), labels.clone(), move || {
-        metrics.state_write_failed(false)
+        metrics.state_write_failed(false);
     })
     .map(Some)
     .map_err(StartError::Checkpointer)

@@ -127,6 +127,7 @@ pub struct RateLimited {
 }
 
 impl RateLimited {
+    /// Logs at most once per `every`.
     pub fn new(every: Duration) -> Self {
         Self {
             every,

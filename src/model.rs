@@ -21,11 +21,14 @@ pub const RESERVED_LABELS: [&str; 7] = [
 /// Which OTLP transport a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
+    /// OTLP/HTTP (protobuf or JSON).
     Http,
+    /// OTLP/gRPC.
     Grpc,
 }
 
 impl Transport {
+    /// The `transport` label value.
     pub fn label(self) -> &'static str {
         match self {
             Transport::Http => "http",
@@ -37,12 +40,16 @@ impl Transport {
 /// The OTLP signal of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
+    /// Spans, whose events may be flow events.
     Traces,
+    /// Log records, which may be flow events.
     Logs,
+    /// Metric data points.
     Metrics,
 }
 
 impl Signal {
+    /// The `signal` label value.
     pub fn label(self) -> &'static str {
         match self {
             Signal::Traces => "traces",
@@ -52,13 +59,15 @@ impl Signal {
     }
 }
 
-/// Why a flow event was refused. The label values are public (`reason`).
 /// The ids of a span (or log record), and the length each must have when it is set:
 /// checked by every decoder, since neither prost nor serde checks them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdField {
+    /// A span's (or log record's) trace id: 16 bytes.
     TraceId,
+    /// A span's (or log record's) span id: 8 bytes.
     SpanId,
+    /// A span's parent span id: 8 bytes.
     ParentSpanId,
 }
 
@@ -86,12 +95,18 @@ impl IdField {
     }
 }
 
+/// Why a flow event was refused. The label values are public (`reason`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
+    /// The flow name breaks the flow-name rules.
     InvalidFlowName,
+    /// None of `events.correlation_keys` gives a correlation id.
     MissingCorrelationId,
+    /// The correlation id is longer than `events.max_correlation_id_bytes`.
     CorrelationIdTooLong,
+    /// An end whose outcome is not one of the known values (the value, cut to 64 bytes).
     InvalidOutcome(String),
+    /// A flow not named in `flows.per_flow` while `flows.allow_unknown` is false.
     UnknownFlow,
     /// A step name that breaks the flow-name rules or is longer than 64 characters.
     InvalidStep,
@@ -118,6 +133,7 @@ impl Rejection {
         "too_many_steps",
     ];
 
+    /// The `reason` label value.
     pub fn reason(&self) -> &'static str {
         match self {
             Rejection::InvalidFlowName => "invalid_flow_name",
@@ -160,6 +176,7 @@ pub fn is_valid_flow_name(name: &str) -> bool {
 /// Step names: the flow-name characters, 1–64 of them (docs/behaviour.md §9).
 pub const MAX_STEP_NAME_CHARS: usize = 64;
 
+/// Whether `name` is a valid step name: the flow-name characters, 1–64 of them.
 pub fn is_valid_step_name(name: &str) -> bool {
     name.len() <= MAX_STEP_NAME_CHARS && is_valid_flow_name(name)
 }
@@ -173,6 +190,7 @@ pub struct RejectionSummary {
 }
 
 impl RejectionSummary {
+    /// Counts one more refused event.
     pub fn add(&mut self, rejection: Rejection) {
         self.total += 1;
         match self
@@ -185,10 +203,12 @@ impl RejectionSummary {
         }
     }
 
+    /// No event was refused.
     pub fn is_empty(&self) -> bool {
         self.total == 0
     }
 
+    /// How many events were refused.
     pub fn total(&self) -> usize {
         self.total
     }

@@ -16,6 +16,7 @@ use crate::flows::{CorrelationStore, Extractor, FlowEvent};
 use crate::metrics::Metrics;
 use crate::model::{Rejection, RejectionSummary, Transport};
 
+/// The stages after the transports: extraction, correlation, metrics. Both transports call it.
 pub struct Pipeline {
     extractor: Extractor,
     store: Arc<dyn CorrelationStore>,
@@ -35,6 +36,7 @@ pub enum PipelineError {
 }
 
 impl Pipeline {
+    /// Joins the extractor, the store and the metrics; network flows are off until [`Pipeline::with_network_flows`].
     pub fn new(
         extractor: Extractor,
         store: Arc<dyn CorrelationStore>,
@@ -54,10 +56,12 @@ impl Pipeline {
         self
     }
 
+    /// The metrics the pipeline records into.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
+    /// The correlation store the pipeline applies events to.
     pub fn store(&self) -> &dyn CorrelationStore {
         &*self.store
     }

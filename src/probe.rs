@@ -18,16 +18,39 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 /// Why a probe did not see a 200.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// The URL is not `http` with a host (and a port, or 80).
     #[error("{0:?} is not a URL this probe can ask: use http://HOST:PORT/PATH")]
     BadUrl(String),
+    /// The connection could not be made.
     #[error("{url}: {source}")]
-    Io { url: String, source: std::io::Error },
+    Io {
+        /// The URL asked.
+        url: String,
+        /// What connecting said.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
     #[error("{url}: {source}")]
-    Http { url: String, source: hyper::Error },
+    Http {
+        /// The URL asked.
+        url: String,
+        /// What hyper said.
+        source: hyper::Error,
+    },
+    /// No answer within the probe's time limit.
     #[error("{url}: no answer within {}s", TIMEOUT.as_secs())]
-    Timeout { url: String },
+    Timeout {
+        /// The URL asked.
+        url: String,
+    },
+    /// An answer other than 200.
     #[error("{url}: answered {status}")]
-    NotOk { url: String, status: StatusCode },
+    NotOk {
+        /// The URL asked.
+        url: String,
+        /// The status it answered.
+        status: StatusCode,
+    },
 }
 
 /// The URL, checked: `http` with a host and a port (or port 80).

@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,6 +48,7 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Streams one HTTP/2 (gRPC) connection may have open at once.
 pub const MAX_CONCURRENT_STREAMS: u32 = 100;
 
+/// An answer whose body is whole in memory.
 pub type HttpResponse = Response<Full<Bytes>>;
 
 /// Per-listener connection limits.
@@ -313,18 +314,21 @@ impl Open {
     fn insert(&self, id: u64, activity: Arc<Activity>) {
         self.0
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(id, activity);
     }
 
     fn remove(&self, id: u64) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
     }
 
     /// Tells the connection idle longest (no request in flight, not already told) to
     /// close.
     fn evict_idlest(&self) {
-        let open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let idlest = open
             .values()
             .filter(|a| {

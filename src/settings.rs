@@ -3,7 +3,7 @@
 //! reads `Config` itself.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
+use std::num::{NonZero, NonZeroU32};
 use std::sync::Arc;
 
 use crate::config::{
@@ -302,7 +302,7 @@ pub fn limits(config: &Config) -> LimitSettings {
         }
         MaxConnections::Auto => budget.per_otlp_listener,
     };
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let cpus = std::thread::available_parallelism().map_or(2, NonZero::get);
     LimitSettings {
         max_body_bytes: l.max_request_body_bytes,
         max_buffered_bytes: l.max_buffered_bytes,

@@ -43,6 +43,7 @@ async fn recv(signal: &mut Option<Signal>) {
 }
 
 impl Signals {
+    /// Starts listening for SIGTERM and SIGINT.
     pub fn listen() -> Self {
         Self {
             terminate: listen(SignalKind::terminate(), "SIGTERM"),

@@ -61,7 +61,7 @@ fn config(timeout: Duration) -> Config {
         "order".into(),
         FlowOverride {
             timeout: Some(timeout),
-            steps: Some(STEPS.iter().map(|s| s.to_string()).collect()),
+            steps: Some(STEPS.iter().map(ToString::to_string).collect()),
             ..Default::default()
         },
     );

@@ -12,6 +12,7 @@ use h2::client::SendRequest;
 use h2::Reason;
 use prost::Message;
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 const PATIENCE: Duration = Duration::from_secs(60);
 const MIB: usize = 1024 * 1024;
@@ -140,7 +141,7 @@ async fn many_large_grpc_streams_stay_within_the_byte_budget() {
     }
     let mut peak = 0;
     let started = Instant::now();
-    while !calls.iter().all(|c| c.is_finished()) {
+    while !calls.iter().all(JoinHandle::is_finished) {
         peak = peak.max(rss());
         assert!(started.elapsed() < PATIENCE, "calls still open");
         tokio::time::sleep(Duration::from_millis(20)).await;

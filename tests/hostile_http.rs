@@ -13,6 +13,7 @@ use hyper::StatusCode;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 const PB: &str = PROTOBUF;
 /// Upper bound of every wait in these tests: generous, never reached when things work.
@@ -405,7 +406,7 @@ async fn heavy_decodes_leave_healthz_responsive() {
     let healthz = format!("http://{}/healthz", app.metrics);
     let mut worst = Duration::ZERO;
     let mut probes = 0;
-    while !posts.iter().all(|p| p.is_finished()) {
+    while !posts.iter().all(JoinHandle::is_finished) {
         let t = Instant::now();
         let r = tokio::time::timeout(
             PATIENCE,

@@ -67,7 +67,7 @@ impl FlowSink for Recorder {
         self.counts.count(&report);
         match report {
             Report::Completed { transits, .. } | Report::TimedOut { transits, .. } => {
-                self.add_transits(transits)
+                self.add_transits(transits);
             }
             Report::StepReached {
                 step,

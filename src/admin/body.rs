@@ -20,11 +20,13 @@ const CHUNK: usize = 64 * 1024;
 /// buffers (h2: at most the stream's window), so 16 chunks cover it.
 const TAIL: usize = 16 * CHUNK;
 
+/// A response body over shared bytes: sent in chunks that borrow them, the tail as copies.
 pub struct SharedBody {
     rest: Bytes,
 }
 
 impl SharedBody {
+    /// A body that sends `bytes`.
     pub fn new(bytes: Bytes) -> Self {
         Self { rest: bytes }
     }

@@ -33,9 +33,12 @@ const PAGE_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
 style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
 form-action 'none'; frame-ancestors 'none'";
 
+/// The metrics listener: `/metrics`, `/healthz`, `/readyz`, the overview page and `/api/flows`.
 #[derive(Clone)]
 pub struct Admin {
+    /// What `/metrics` and the overview read.
     pub metrics: Arc<Metrics>,
+    /// The correlation store, whose availability `/readyz` reports.
     pub store: Arc<dyn CorrelationStore>,
     /// Set once every listener is bound.
     pub ready: Arc<AtomicBool>,
@@ -46,6 +49,7 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Answers one request to the metrics listener.
     pub async fn handle(self, req: Request<Incoming>) -> AdminResponse {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut r = plain(

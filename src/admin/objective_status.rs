@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::metrics::{FlowObjective, FlowTotals};
 
+/// Where a flow stands against its objective over the page's window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ObjectiveState {
@@ -17,9 +18,12 @@ pub enum ObjectiveState {
     Burning,
 }
 
+/// One flow's objective column on the overview page.
 #[derive(Debug, Clone, Serialize)]
 pub struct ObjectiveCell {
+    /// Met, burning, or no objective.
     pub state: ObjectiveState,
+    /// The objective's target ratio; `None` without one.
     pub target: Option<f64>,
     /// Good ÷ counted over the window; `None` when nothing was counted.
     pub sli: Option<f64>,

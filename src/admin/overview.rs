@@ -7,7 +7,7 @@
 //! snapshots.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -136,7 +136,7 @@ impl Overview {
     /// reports for a walk over the flow families, so a page polled by many clients
     /// does so a few times a second at most.
     fn current(&self) -> Arc<Vec<FlowTotals>> {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((at, totals)) = &*last {
             if at.elapsed() <= TOTALS_REUSE {
                 return totals.clone();
@@ -162,7 +162,7 @@ impl Overview {
             at: Instant::now(),
             flows: totals.into_iter().map(|t| (t.flow.clone(), t)).collect(),
         };
-        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         if samples.len() == MAX_SAMPLES {
             samples.pop_front();
         }
@@ -172,7 +172,7 @@ impl Overview {
     /// The `/api/flows` answer, as JSON.
     pub fn json(&self) -> String {
         let current = self.current();
-        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         let objective_for = |flow: &str| self.metrics.objective_for(flow);
         let report = build_report(
             &current,

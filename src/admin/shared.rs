@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,8 +39,11 @@ const MAX_PACE_WAIT: Duration = Duration::from_secs(2);
 /// What a body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BodyKey {
+    /// `/metrics`, in one format, gzip-compressed or not.
     Exposition {
+        /// The exposition format asked for.
         format: ExpositionFormat,
+        /// Compressed with gzip.
         gzip: bool,
     },
     /// `/api/flows`.
@@ -52,14 +55,18 @@ pub enum BodyKey {
 /// Why no body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
+    /// Every place for a body is held by responses still being written.
     #[error("every place for a response body is held by responses still being written")]
     Busy,
+    /// Making the body failed.
     #[error("making the response failed")]
     Failed,
 }
 
 type Outcome = Option<Result<Bytes, BodyError>>;
 
+/// The bodies of `/metrics`, `/` and `/api/flows`: one made for every request that
+/// asks while it is being made, and a bound on how many are held at once.
 pub struct SharedBodies {
     making: Arc<Mutex<HashMap<BodyKey, watch::Receiver<Outcome>>>>,
     places: Arc<Semaphore>,
@@ -87,6 +94,7 @@ impl AsRef<[u8]> for Owned {
 }
 
 impl SharedBodies {
+    /// At most `max_bodies` bodies held at once; a request waits at most `wait` for a place.
     pub fn new(max_bodies: usize, wait: Duration) -> Self {
         Self {
             making: Arc::default(),
@@ -103,7 +111,7 @@ impl SharedBodies {
         F: FnOnce() -> Vec<u8> + Send + 'static,
     {
         let mut outcome = {
-            let mut making = self.making.lock().unwrap_or_else(|p| p.into_inner());
+            let mut making = self.making.lock().unwrap_or_else(PoisonError::into_inner);
             match making.get(&key) {
                 Some(rx) => rx.clone(),
                 None => {
@@ -147,7 +155,7 @@ async fn make_body<F>(
 ) where
     F: FnOnce() -> Vec<u8> + Send + 'static,
 {
-    let turn = *next_start.lock().unwrap_or_else(|p| p.into_inner());
+    let turn = *next_start.lock().unwrap_or_else(PoisonError::into_inner);
     let now = tokio::time::Instant::now();
     tokio::time::sleep_until(turn.min(now + MAX_PACE_WAIT)).await;
     let outcome = match tokio::time::timeout(wait, places.acquire_owned()).await {
@@ -159,7 +167,7 @@ async fn make_body<F>(
             });
             let ended = tokio::time::Instant::now();
             let turn = ended + (ended - started) * ENCODE_PACE;
-            let mut next = next_start.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = next_start.lock().unwrap_or_else(PoisonError::into_inner);
             *next = (*next).max(turn);
             bytes
         })
@@ -180,7 +188,7 @@ async fn make_body<F>(
     // Gone from the map first: a request arriving after this makes a fresh body.
     making
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(PoisonError::into_inner)
         .remove(&key);
     let _ = tx.send(Some(outcome));
 }

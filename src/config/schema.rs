@@ -18,15 +18,25 @@ use super::values::{
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `listen`: the OTLP/HTTP, OTLP/gRPC and metrics listener addresses.
     pub listen: ListenSection,
+    /// `events`: how flow events are named and which attributes they carry.
     pub events: EventsSection,
+    /// `flows`: timeouts, buckets, objectives and steps, for every flow and per flow.
     pub flows: FlowsSection,
+    /// `dimensions`: extra labels read from attributes (default: none).
     pub dimensions: Vec<Dimension>,
+    /// `limits`: bounds on requests, connections, open instances and series.
     pub limits: LimitsSection,
+    /// `state`: the state file that keeps open flows across restarts (default: none).
     pub state: StateSection,
+    /// `shutdown`: what happens between a stop signal and exit.
     pub shutdown: ShutdownSection,
+    /// `network_flows`: counters from Flow Spans (on by default).
     pub network_flows: NetworkFlowsSection,
+    /// `correlation`: where open instances are kept (default: in process).
     pub correlation: CorrelationSection,
+    /// `log`: log level and format.
     pub log: LogSection,
 }
 
@@ -34,10 +44,13 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CorrelationSection {
+    /// `correlation.store`: `memory` (default) or `redis`.
     pub store: StoreKind,
+    /// `correlation.redis`: the shared store, used with `store: redis`.
     pub redis: RedisSection,
 }
 
+/// `correlation.store`: in process (`memory`, the default) or in Redis (`redis`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreKind {
@@ -68,6 +81,7 @@ pub struct RedisSection {
     /// of the system's roots; `""`: the system's.
     #[serde(deserialize_with = "string_like")]
     pub ca_file: String,
+    /// Start of every key (default `flowmetrics:`); replicas of one deployment share it.
     #[serde(deserialize_with = "string_like")]
     pub key_prefix: String,
     /// Opening a connection must succeed within this.
@@ -91,7 +105,9 @@ pub enum RedisTarget {
     Server(String),
     /// A Redis Cluster's seed nodes, and the key that listed them.
     Cluster {
+        /// Node URLs, any of them (the rest are discovered).
         nodes: Vec<String>,
+        /// The key that listed them, for error messages.
         listed_in: NodeList,
     },
 }
@@ -167,10 +183,13 @@ impl Default for RedisSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenSection {
+    /// OTLP/HTTP listener (default `127.0.0.1:4318`).
     #[serde(deserialize_with = "listen_addr")]
     pub otlp_http: String,
+    /// OTLP/gRPC listener (default `127.0.0.1:4317`).
     #[serde(deserialize_with = "listen_addr")]
     pub otlp_grpc: String,
+    /// `/metrics`, `/healthz`, `/readyz`, the overview and `/api/flows` (default `127.0.0.1:9464`); cannot be disabled.
     #[serde(deserialize_with = "listen_addr")]
     pub metrics: String,
 }
@@ -189,10 +208,13 @@ impl Default for ListenSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsSection {
+    /// Start of every flow event name (default `flow.`).
     #[serde(deserialize_with = "string_like")]
     pub prefix: String,
+    /// End of start event names (default `.start`).
     #[serde(deserialize_with = "string_like")]
     pub start_suffix: String,
+    /// End of end event names (default `.end`).
     #[serde(deserialize_with = "string_like")]
     pub end_suffix: String,
     /// Step events: `<prefix><flow><step_suffix>` (docs/behaviour.md §9).
@@ -201,10 +223,13 @@ pub struct EventsSection {
     /// The attribute of a step event that names its step.
     #[serde(deserialize_with = "string_like")]
     pub step_key: String,
+    /// Attribute keys tried in order for the correlation id, each on the event, then the span (or log record), then the resource.
     #[serde(deserialize_with = "string_list")]
     pub correlation_keys: Vec<String>,
+    /// Attribute holding an end's outcome (default `outcome`).
     #[serde(deserialize_with = "string_like")]
     pub outcome_key: String,
+    /// Longer correlation ids are rejected (`correlation_id_too_long`; default 256).
     #[serde(deserialize_with = "nonzero_usize")]
     pub max_correlation_id_bytes: NonZeroUsize,
 }
@@ -232,8 +257,11 @@ impl Default for EventsSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlowsSection {
+    /// `flows.default`: what every flow gets unless it has its own.
     pub default: FlowDefaults,
+    /// `flows.per_flow.<flow>`: overrides for one flow, by name.
     pub per_flow: BTreeMap<String, FlowOverride>,
+    /// `false`: only flows named in `per_flow` are tracked, others are rejected (`unknown_flow`; default `true`).
     pub allow_unknown: bool,
 }
 
@@ -251,8 +279,10 @@ impl Default for FlowsSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlowDefaults {
+    /// How long an instance stays open, and an end waits for its start (default 5m).
     #[serde(with = "duration")]
     pub timeout: Duration,
+    /// Classic duration histogram bounds, seconds (default [`DEFAULT_BUCKETS`]).
     pub buckets: Vec<f64>,
     /// Which buckets `flowmetrics_flow_duration_seconds` keeps (docs/behaviour.md §4).
     pub histogram: HistogramKind,
@@ -267,6 +297,7 @@ pub struct FlowDefaults {
     /// when an open instance is overdue.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub objective: Option<Objective>,
+    /// Open instances older than this are overdue (default: the objective's `within`).
     #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
     pub overdue_after: Option<Duration>,
 }
@@ -275,14 +306,18 @@ pub struct FlowDefaults {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HistogramKind {
+    /// Classic buckets only, from `buckets`.
     #[default]
     Classic,
+    /// Native (exponential) buckets only: protobuf exposition only.
     Native,
+    /// Classic and native buckets on the same series.
     Both,
 }
 
 /// client_golang's default: schema 3, each bucket 2^(1/8) ≈ 1.09 times the one before.
 pub const DEFAULT_NATIVE_BUCKET_FACTOR: f64 = 1.1;
+/// Native buckets per series at most, unless configured.
 pub const DEFAULT_NATIVE_MAX_BUCKETS: u32 = 160;
 
 /// Default duration buckets (seconds): flows run from milliseconds to an hour.
@@ -310,20 +345,27 @@ impl Default for FlowDefaults {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlowOverride {
+    /// Overrides `flows.default.timeout`.
     #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
+    /// Overrides `flows.default.buckets`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buckets: Option<Vec<f64>>,
+    /// Overrides `flows.default.histogram`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub histogram: Option<HistogramKind>,
+    /// Overrides `flows.default.native_bucket_factor`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub native_bucket_factor: Option<f64>,
+    /// Overrides `flows.default.native_max_buckets`.
     #[serde(
         deserialize_with = "opt_nonzero_u32",
         skip_serializing_if = "Option::is_none"
     )]
     pub native_max_buckets: Option<NonZeroU32>,
+    /// Overrides `flows.default.objective`.
     pub objective: Option<Objective>,
+    /// Overrides `flows.default.overdue_after`.
     #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
     pub overdue_after: Option<Duration>,
     /// The flow's steps, in order: other step names are refused (`unknown_step`), and
@@ -339,8 +381,10 @@ pub struct FlowOverride {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DimensionSource {
+    /// Captured when the instance opens; labels every series of the instance.
     #[default]
     Start,
+    /// Labels only what an end produces (`completed`, `errors`, `duration`).
     End,
 }
 
@@ -348,12 +392,16 @@ pub enum DimensionSource {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Dimension {
+    /// The label's name (sanitised to Prometheus rules); must not clash with flowmetrics' own labels.
     #[serde(deserialize_with = "string_like")]
     pub label: String,
+    /// The attribute read, on the event, then its span (or log record), then the resource.
     #[serde(deserialize_with = "string_like")]
     pub attribute: String,
+    /// Which event of the instance the value is read from (default: the start).
     #[serde(default)]
     pub from: DimensionSource,
+    /// The value when the attribute is missing (default: empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<String>,
 }
@@ -362,7 +410,9 @@ pub struct Dimension {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkFlowsSection {
+    /// `false`: Flow Spans are skipped at no cost (default `true`).
     pub enabled: bool,
+    /// The labels of the network families (default: transport, source/destination workload and namespace).
     pub dimensions: Vec<NetworkDimension>,
 }
 
@@ -371,10 +421,13 @@ pub struct NetworkFlowsSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkDimension {
+    /// The label's name; the flow and network families' own labels are reserved.
     #[serde(deserialize_with = "string_like")]
     pub label: String,
+    /// Attributes tried in order; the first one present gives the value.
     #[serde(deserialize_with = "string_list")]
     pub attribute: Vec<String>,
+    /// The value when none of the attributes is present (default: empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<String>,
 }
@@ -415,22 +468,30 @@ impl Default for NetworkFlowsSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsSection {
+    /// Open instances plus waiting ends; when full the oldest are evicted (default 1000000).
     pub max_in_flight: u64,
     /// Distinct step names an undeclared flow may use (`too_many_steps` beyond).
     pub max_steps_per_flow: usize,
+    /// Label sets per flow family; beyond it one overflow series (default 10000).
     pub max_series_per_metric: usize,
+    /// Request size limit, as sent and after decompression; also the gRPC message limit (default 64 MiB).
     pub max_request_body_bytes: usize,
+    /// A repeat of an event already handled within this window is a retry and ignored; `0s` disables (default 5m).
     #[serde(with = "duration")]
     pub dedup_window: Duration,
     /// `off` (None) or how long a label set may go without a recording before its
     /// series are removed.
     #[serde(with = "off_or_duration")]
     pub series_idle_timeout: Option<Duration>,
+    /// Connections per OTLP listener (default `auto`).
     pub max_connections: MaxConnections,
+    /// A connection with no request in flight and no byte moved this long is closed (default 60s).
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// Headers, then the whole body, must arrive within this (default 30s).
     #[serde(with = "duration")]
     pub request_read_timeout: Duration,
+    /// All request bodies being read or decoded, both transports together (default 512 MiB).
     #[serde(with = "byte_size")]
     pub max_buffered_bytes: u64,
     /// Label values taken from client data are cut to at most this many bytes.
@@ -445,8 +506,10 @@ pub struct LimitsSection {
 /// Connections per OTLP listener: `auto` (a share of the open-file limit) or a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MaxConnections {
+    /// A share of the open-file limit, so that the metrics listener, the state file and the store keep descriptors.
     #[default]
     Auto,
+    /// At most this many.
     Fixed(usize),
 }
 
@@ -498,6 +561,7 @@ pub struct StateSection {
     /// Empty: no state file.
     #[serde(deserialize_with = "string_like")]
     pub path: String,
+    /// How often the state file is rewritten while running (default 30s).
     #[serde(with = "duration")]
     pub checkpoint_interval: Duration,
 }
@@ -520,19 +584,25 @@ pub struct ShutdownSection {
     pub final_scrape_wait: Duration,
 }
 
+/// `log.format`: how log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
+    /// Human-readable lines, coloured only on a terminal (the default).
     #[default]
     Text,
+    /// One JSON object per line.
     Json,
 }
 
+/// `log`: the log level (or filter) and format.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
+    /// Level or filter (`info,flowmetrics=debug`; default `info`); `RUST_LOG` overrides.
     #[serde(deserialize_with = "string_like")]
     pub level: String,
+    /// `text` (default) or `json`.
     pub format: LogFormat,
 }
 

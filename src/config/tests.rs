@@ -2,6 +2,7 @@ use super::values::byte_size;
 use super::*;
 use crate::model::sanitize_label_name;
 use std::io::Write;
+use std::num::NonZero;
 use std::path::Path;
 use std::time::Duration;
 
@@ -195,7 +196,7 @@ fn histogram_kinds_and_label_value_bound_are_checked() {
     assert_eq!(c.flows.default.native_bucket_factor, 1.1);
     assert_eq!(c.flows.per_flow["pay"].histogram, Some(HistogramKind::Both));
     assert_eq!(
-        c.flows.per_flow["pay"].native_max_buckets.map(|n| n.get()),
+        c.flows.per_flow["pay"].native_max_buckets.map(NonZero::get),
         Some(40)
     );
     assert_eq!(c.limits.max_label_value_bytes.get(), 64);

@@ -9,9 +9,13 @@ use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 /// An attribute value as flowmetrics reads it (borrowed, never copied).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AttrValue<'a> {
+    /// A string value.
     Str(&'a str),
+    /// An integer value.
     Int(i64),
+    /// A boolean value.
     Bool(bool),
+    /// A double value.
     Double(f64),
     /// Arrays, maps, bytes, or an empty value: never a correlation id or a label.
     Other,
@@ -83,10 +87,12 @@ impl Keys {
         })
     }
 
+    /// How many keys are wanted.
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
+    /// No key is wanted.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
@@ -156,6 +162,7 @@ pub struct SharedLayer<'a, A> {
 }
 
 impl<'a, A: Attributes<'a>> SharedLayer<'a, A> {
+    /// Wraps `attributes`; nothing is looked up until first use.
     pub fn new(attributes: A) -> Self {
         Self {
             attributes,
@@ -179,8 +186,11 @@ impl<'a, 'r: 'a, A: Attributes<'r>> Attributes<'a> for &SharedLayer<'r, A> {
 /// Attribute lists searched in order: the event, its span (or log record), the resource.
 #[derive(Clone, Copy)]
 pub struct AttributeLayers<E, P, R> {
+    /// The event's own attributes.
     pub event: E,
+    /// Its span's (or log record's).
     pub parent: P,
+    /// The resource's.
     pub resource: R,
 }
 

@@ -20,7 +20,9 @@
 /// What the caller learns about one event.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Seen {
+    /// Not seen within the window: handle it.
     New,
+    /// Seen within the window: a retry, ignored.
     Again,
 }
 
@@ -30,6 +32,7 @@ const TAG_BITS: u64 = 0b11;
 const MAX_FILL_TENTHS: usize = 7;
 const INITIAL_SLOTS: usize = 1024;
 
+/// Fingerprints of the events handled within the dedup window (two generations), in an open-addressing table.
 pub struct RecentEvents {
     /// Fingerprints without their low two bits, or-ed with their generation's tag.
     slots: Vec<u64>,

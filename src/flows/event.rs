@@ -6,14 +6,19 @@ use std::sync::Arc;
 /// Values of the configured dimensions of one side (start or end), in config order.
 pub type DimValues = Arc<[Arc<str>]>;
 
+/// How an instance ended (`outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
+    /// It did what it was for.
     Success,
+    /// It failed (also an end without an outcome on an error span).
     Failure,
+    /// It was called off.
     Cancelled,
 }
 
 impl Outcome {
+    /// The `outcome` label value.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -52,13 +57,16 @@ impl Outcome {
 /// the event ([`FlowEvent::step`]), so pairs-only flows carry nothing for steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
+    /// An instance opened.
     Start,
+    /// An instance ended, with its outcome.
     End(Outcome),
     /// A step reached (docs/behaviour.md §9); [`FlowEvent::step`] names it.
     Step,
 }
 
 impl EventKind {
+    /// The `kind` label value.
     pub fn label(self) -> &'static str {
         match self {
             EventKind::Start => "start",
@@ -83,11 +91,14 @@ impl EventKind {
 /// Where a flow event was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
+    /// An event of a span.
     SpanEvent = 0,
+    /// A log record.
     Log = 1,
 }
 
 impl Source {
+    /// The `source` label value.
     pub fn label(self) -> &'static str {
         match self {
             Source::SpanEvent => "span_event",
@@ -99,7 +110,9 @@ impl Source {
 /// The trace and span an event was emitted in, for exemplars.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceRef {
+    /// The trace id, 16 bytes, not all zero.
     pub trace_id: [u8; 16],
+    /// The span id, 8 bytes, not all zero.
     pub span_id: [u8; 8],
 }
 
@@ -118,8 +131,11 @@ impl TraceRef {
 /// One recognised flow event, ready for the correlation store.
 #[derive(Debug, Clone)]
 pub struct FlowEvent {
+    /// The flow's name (from the event name).
     pub flow: Arc<str>,
+    /// The correlation id pairing the instance's events.
     pub correlation_id: Box<str>,
+    /// Start, end (with its outcome) or step.
     pub kind: EventKind,
     /// Unix nanoseconds: the event's own time, else its span's end time (a log
     /// record's observed time), else the time it was received.
@@ -127,7 +143,9 @@ pub struct FlowEvent {
     /// Values of the dimensions read from this side (start dims on a start, end dims on
     /// an end).
     pub dims: DimValues,
+    /// The span (or log record) it came from, for exemplars.
     pub trace: Option<TraceRef>,
+    /// A span event or a log record.
     pub source: Source,
     /// The step's name (shared by every event of that step of the flow), exactly when
     /// `kind` is [`EventKind::Step`].

@@ -23,7 +23,9 @@ pub struct EventContext<'n, E, P, R> {
     /// Unix nanoseconds: the event's own time (0 when unset), and what stands in for it
     /// when unset: its span's end time, a log record's observed time.
     pub time_nanos: u64,
+    /// Stands in for `time_nanos` when that is unset.
     pub fallback_nanos: u64,
+    /// What its span (or log record) says about it.
     pub origin: Origin,
 }
 
@@ -47,7 +49,9 @@ pub struct Origin {
     /// The span's status is ERROR (a log record's severity ERROR or worse): an end
     /// without an outcome attribute failed.
     pub is_error: bool,
+    /// The span (or log record) it came from, for exemplars.
     pub trace: Option<TraceRef>,
+    /// A span event or a log record.
     pub source: Source,
 }
 
@@ -119,19 +123,25 @@ pub struct Extractor {
 /// series limit by the app).
 #[derive(Debug, Clone)]
 pub struct ExtractorSettings {
+    /// `events.prefix`: start of every flow event name.
     pub prefix: String,
+    /// `events.start_suffix`: end of start event names.
     pub start_suffix: String,
+    /// `events.end_suffix`: end of end event names.
     pub end_suffix: String,
     /// Tried in order: the first present is the correlation id.
     pub correlation_keys: Vec<String>,
+    /// `events.outcome_key`: the attribute holding an end's outcome.
     pub outcome_key: String,
     /// Step events: suffix, step attribute, declared lists, limits.
     pub steps: StepSettings,
+    /// `events.max_correlation_id_bytes`: longer ids are refused.
     pub max_correlation_id_bytes: usize,
     /// `Some`: only these flows are tracked (`flows.allow_unknown: false`).
     pub known_flows: Option<HashSet<String>>,
     /// Dimensions read from the start event, then from the end event, in label order.
     pub start_dims: Vec<DimensionLookup>,
+    /// Dimensions read from the end event, in label order.
     pub end_dims: Vec<DimensionLookup>,
     /// Distinct flow names, values and value lists remembered for sharing; past the
     /// series limit new ones land in the overflow series anyway.
@@ -143,12 +153,16 @@ pub struct ExtractorSettings {
 /// One dimension: its label, which attribute to read, and the value when it is absent.
 #[derive(Debug, Clone)]
 pub struct DimensionLookup {
+    /// The label's name.
     pub label: String,
+    /// The attribute read, on the event, then its span (or log record), then the resource.
     pub attribute: String,
+    /// The value when the attribute is absent.
     pub default: String,
 }
 
 impl Extractor {
+    /// Builds the extractor: every attribute key it reads is registered once, here.
     pub fn new(settings: ExtractorSettings) -> Self {
         let mut keys = Keys::default();
         let correlation_slots = settings

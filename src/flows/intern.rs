@@ -33,16 +33,19 @@ impl<T: ?Sized + Hash + Eq> Interner<T> {
         value
     }
 
+    /// Values remembered now.
     pub fn len(&self) -> usize {
         self.strings.read().expect("interner lock").len()
     }
 
+    /// Nothing remembered yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
 impl<T: ?Sized> Interner<T> {
+    /// Remembers at most `capacity` values; beyond, values pass through unshared.
     pub fn new(capacity: usize) -> Self {
         Self {
             strings: RwLock::new(HashSet::new()),

@@ -47,6 +47,7 @@ impl LabelCuts {
         }
     }
 
+    /// No label has had a value cut.
     pub fn is_empty(&self) -> bool {
         self.counts.iter().all(|c| c.load(Ordering::Relaxed) == 0)
     }
@@ -65,6 +66,7 @@ pub struct LabelBound {
 pub struct CutSlot(Option<usize>);
 
 impl LabelBound {
+    /// Values cut to at most `max_bytes` (at least 1), cuts counted in `cuts`.
     pub fn new(max_bytes: usize, cuts: Arc<LabelCuts>) -> Self {
         Self {
             max_bytes: max_bytes.max(1),

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashSet;
@@ -18,10 +18,15 @@ use super::event::DimValues;
 use super::intern::Interner;
 use super::label_value::{CutSlot, LabelBound};
 
+/// Attribute of a Flow Span: bytes sent source → destination in its window.
 pub const BYTES: &str = "flow.bytes.delta";
+/// Attribute of a Flow Span: bytes sent destination → source in its window.
 pub const REVERSE_BYTES: &str = "flow.reverse.bytes.delta";
+/// Attribute of a Flow Span: packets sent source → destination in its window.
 pub const PACKETS: &str = "flow.packets.delta";
+/// Attribute of a Flow Span: packets sent destination → source in its window.
 pub const REVERSE_PACKETS: &str = "flow.reverse.packets.delta";
+/// Attribute of a Flow Span: the Community ID of its connection.
 pub const COMMUNITY_ID: &str = "flow.community_id";
 
 /// Does an attribute with this key make its span a Flow Span? Checked for every span
@@ -41,9 +46,13 @@ pub fn is_flow_span_key(key: &[u8]) -> bool {
 /// What identifies one record across retries: its span and observation window.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SpanIdentity<'a> {
+    /// The span's trace id.
     pub trace_id: &'a [u8],
+    /// The span's span id.
     pub span_id: &'a [u8],
+    /// Start of the observation window, unix nanoseconds.
     pub start_nanos: u64,
+    /// End of the observation window, unix nanoseconds.
     pub end_nanos: u64,
 }
 
@@ -72,6 +81,7 @@ pub struct NetworkFlowRecord {
     pub dims: DimValues,
     /// Forward (source → destination), reverse.
     pub bytes: [u64; 2],
+    /// Forward (source → destination), reverse.
     pub packets: [u64; 2],
     /// At least one delta was a non-negative integer.
     pub usable: bool,
@@ -80,6 +90,7 @@ pub struct NetworkFlowRecord {
 
 /// Where records go once they are known not to be retries.
 pub trait NetworkSink {
+    /// Counts one record into the network families.
     fn network_record(&self, record: &NetworkFlowRecord);
     /// A Flow Span with no usable delta (`invalid_network_flow`).
     fn network_invalid(&self);
@@ -102,6 +113,7 @@ pub struct NetworkFlowsSettings {
     pub intern_capacity: usize,
     /// Retry fingerprints remembered at most.
     pub dedup_capacity: usize,
+    /// How long a record's fingerprint is remembered (`limits.dedup_window`).
     pub dedup_window: std::time::Duration,
     /// `limits.max_label_value_bytes`, and where cuts are counted.
     pub label_values: LabelBound,
@@ -111,8 +123,11 @@ pub struct NetworkFlowsSettings {
 /// none is set.
 #[derive(Debug, Clone)]
 pub struct NetworkDimensionLookup {
+    /// The label's name.
     pub label: String,
+    /// Attributes tried in order, on the span, then its resource.
     pub attributes: Vec<String>,
+    /// The value when none of them is set.
     pub default: String,
 }
 
@@ -300,7 +315,7 @@ impl Fingerprints {
         let window = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
         // A poisoned lock only means another thread panicked mid-update: the set is
         // still a valid set.
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let FingerprintsInner { set, order } = &mut *inner;
         while let Some(&(old, at)) = order.front() {
             if at.saturating_add(window) > now {
@@ -325,7 +340,7 @@ impl Fingerprints {
     fn len(&self) -> usize {
         self.inner
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .set
             .len()
     }

@@ -8,6 +8,8 @@
 //! reads are only skipped, so bytes a full decode would refuse there (say, invalid
 //! UTF-8 in an unrelated attribute) pass.
 
+use std::cell::Cell;
+
 use super::attributes::{AttrValue, AttributeLayers, Attributes, Keys, SharedLayer};
 use super::event::{Source, TraceRef};
 use super::extract::{EventContext, Extractor, Origin, TraceEvents};
@@ -505,7 +507,7 @@ impl<'a> Scan<'_, 'a> {
             SPAN_PARENT_SPAN_ID => ids.parent_span_id = bytes,
             SPAN_EVENTS => self.event(bytes)?,
             SPAN_ATTRIBUTES if self.network.is_some() => {
-                ids.flow_span |= may_be_flow_span_kv(bytes) && is_flow_span_kv(bytes)
+                ids.flow_span |= may_be_flow_span_kv(bytes) && is_flow_span_kv(bytes);
             }
             SPAN_STATUS => {
                 if let Some(error) = status_is_error(bytes)? {
@@ -590,7 +592,7 @@ impl<'a> Scan<'_, 'a> {
             self.x
                 .extract_into(&event, self.received, &mut self.found.events);
         }
-        if MALFORMED_READ.with(|m| m.get()) {
+        if MALFORMED_READ.with(Cell::get) {
             return Err(ScanError::MalformedAttribute);
         }
         Ok(())

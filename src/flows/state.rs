@@ -14,7 +14,7 @@
 //! the old file or the new one, never a mix.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, IntoInnerError, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +25,7 @@ use super::store::snapshot::{unix_nanos_now, Inconsistent, StoreSnapshot};
 use super::store::CorrelationStore;
 use crate::logging::RateLimited;
 
+/// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"FLOWMST\x01";
 /// Bumped whenever [`StoreSnapshot`] or the layout changes; another version is set
 /// aside. 2: the trailer declares the body's length. 3: steps (`SavedState::Stepped`,
@@ -41,7 +42,9 @@ const LEGACY_TRAILER: usize = 4;
 /// Where the state lives and how often it is checkpointed (`state.*`).
 #[derive(Debug, Clone)]
 pub struct StateSettings {
+    /// `state.path`: the state file.
     pub path: PathBuf,
+    /// `state.checkpoint_interval`: how often it is rewritten while running.
     pub checkpoint_interval: Duration,
     /// A larger file is not read (it is input too).
     pub max_file_bytes: u64,
@@ -50,20 +53,28 @@ pub struct StateSettings {
 /// Why a state file was not used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// The file cannot be read.
     #[error("cannot read it: {0}")]
     Io(io::Error),
+    /// The file is larger than the limit (its size given).
     #[error("it is larger than the limit ({0} bytes)")]
     TooLarge(u64),
+    /// The file ends before its header or trailer.
     #[error("it is truncated")]
     Truncated,
+    /// The file does not start with [`MAGIC`].
     #[error("it is not a flowmetrics state file")]
     Foreign,
+    /// The file has a format version this build does not read.
     #[error("it has format version {0}, this build reads {VERSION}")]
     Version(u32),
+    /// The body's CRC-32 does not match the trailer.
     #[error("its checksum does not match (corrupt)")]
     Checksum,
+    /// The body does not decode as a snapshot.
     #[error("it does not decode: {0}")]
     Decode(postcard::Error),
+    /// The snapshot refers to strings or values that are not there.
     #[error("it is inconsistent: {0}")]
     Invalid(&'static str),
     /// A FIFO, device, socket or directory.
@@ -299,7 +310,7 @@ pub fn write(path: &Path, snapshot: &StoreSnapshot) -> io::Result<u64> {
         let file = File::create(&tmp)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let n = encode(snapshot, &mut out)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
+        let file = out.into_inner().map_err(IntoInnerError::into_error)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
         // The rename itself must survive a power loss.
@@ -357,8 +368,11 @@ fn write_snapshot(
 /// What one write of the state file did.
 #[derive(Debug, Clone, Copy)]
 pub struct Saved {
+    /// Entries written.
     pub entries: usize,
+    /// Size of the file, bytes.
     pub bytes: u64,
+    /// How long writing it took.
     pub took: Duration,
 }
 

@@ -8,7 +8,7 @@
 //! metric families' series limit bounds what they can cost downstream.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::model::{is_valid_step_name, Rejection};
 
@@ -16,10 +16,13 @@ use crate::model::{is_valid_step_name, Rejection};
 /// `events.step_key`, `flows.per_flow.*.steps`, `limits.max_steps_per_flow`).
 #[derive(Debug, Clone)]
 pub struct StepSettings {
+    /// `events.step_suffix`: end of step event names.
     pub suffix: String,
+    /// `events.step_key`: the attribute naming a step event's step.
     pub key: String,
     /// Flows with a declared step list, in order.
     pub declared: HashMap<String, Vec<String>>,
+    /// `limits.max_steps_per_flow`: distinct step names a flow without a declared list may use.
     pub max_per_flow: usize,
     /// Flows whose names are remembered (the intern capacity).
     pub max_flows: usize,
@@ -46,6 +49,7 @@ pub struct StepNames {
 }
 
 impl StepNames {
+    /// Takes the declared lists; other flows' names are learnt as they come.
     pub fn new(settings: &StepSettings) -> Self {
         let declared = settings
             .declared
@@ -82,7 +86,7 @@ impl StepNames {
         }
         let find = |names: &[Arc<str>]| names.iter().find(|s| ***s == *step).cloned();
         {
-            let seen = self.seen.read().unwrap_or_else(|p| p.into_inner());
+            let seen = self.seen.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(names) = seen.get(flow) {
                 if let Some(name) = find(names) {
                     return Ok(name);
@@ -92,7 +96,7 @@ impl StepNames {
                 }
             }
         }
-        let mut seen = self.seen.write().unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.seen.write().unwrap_or_else(PoisonError::into_inner);
         let room_for_flow = seen.len() < self.max_flows;
         let names = match seen.get_mut(flow) {
             Some(names) => names,
@@ -119,7 +123,7 @@ mod tests {
         StepNames::new(&StepSettings {
             declared: declared
                 .iter()
-                .map(|(f, s)| (f.to_string(), s.iter().map(|s| s.to_string()).collect()))
+                .map(|(f, s)| (f.to_string(), s.iter().map(ToString::to_string).collect()))
                 .collect(),
             max_per_flow: max,
             ..StepSettings::default()

@@ -8,9 +8,13 @@
 /// One field's value as it sits on the wire.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value<'a> {
+    /// Wire type 0: an integer, enum or bool.
     Varint(u64),
+    /// Wire type 1: eight little-endian bytes (`fixed64`, `double`, ...).
     Fixed64(u64),
+    /// Wire type 5: four little-endian bytes (`fixed32`, `float`, ...).
     Fixed32(u32),
+    /// Wire type 2: a string, bytes or a nested message, borrowed.
     Bytes(&'a [u8]),
     /// A group (deprecated, never written by OTLP): skipped whole, as prost skips it.
     Group,
@@ -46,27 +50,37 @@ pub fn check_wire(
 /// Why bytes are not a valid protobuf message (each one prost refuses too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// A length or fixed-size value runs past the end of its message.
     #[error("field runs past the end of its message")]
     PastTheEnd,
     /// A known field sent with another wire type than its own.
     #[error("field with the wrong wire type")]
     WrongWireType,
+    /// A field number above 2^29 - 1.
     #[error("field number out of range")]
     FieldNumberOutOfRange,
+    /// A field numbered 0.
     #[error("field number 0")]
     FieldNumberZero,
+    /// A wire type that does not exist (6 or 7).
     #[error("invalid wire type")]
     InvalidWireType,
+    /// An end-group tag with no group open.
     #[error("end of a group that was not started")]
     UnstartedGroupEnd,
+    /// A group still open at the end of its message.
     #[error("group without its end")]
     UnendedGroup,
+    /// Groups nested deeper than the reader follows.
     #[error("groups nested too deeply")]
     GroupsTooDeep,
+    /// A varint longer than 10 bytes, or over 64 bits.
     #[error("varint longer than 10 bytes or 64 bits")]
     VarintTooLong,
+    /// The message ends inside a varint.
     #[error("truncated varint")]
     TruncatedVarint,
+    /// A string field that is not valid UTF-8.
     #[error("string field is not valid UTF-8")]
     InvalidUtf8,
 }
@@ -85,6 +99,7 @@ pub struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    /// Reads the fields of the message `buf`.
     #[inline]
     pub fn new(buf: &'a [u8]) -> Self {
         Self { rest: buf }

@@ -13,7 +13,9 @@ use crate::model::IdField;
 /// Body formats of OTLP/HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MediaType {
+    /// `application/x-protobuf` (also `application/protobuf`).
     Protobuf,
+    /// `application/json` (OTLP/JSON).
     Json,
 }
 
@@ -32,6 +34,7 @@ impl MediaType {
         }
     }
 
+    /// The `Content-Type` of an answer in this format.
     pub fn content_type(self) -> &'static str {
         match self {
             MediaType::Protobuf => "application/x-protobuf",
@@ -40,15 +43,21 @@ impl MediaType {
     }
 }
 
+/// `Content-Encoding`s of OTLP/HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentEncoding {
+    /// Not compressed.
     Identity,
+    /// gzip (also `x-gzip`).
     Gzip,
+    /// deflate: zlib-wrapped or raw.
     Deflate,
+    /// Zstandard.
     Zstd,
 }
 
 impl ContentEncoding {
+    /// Parses a `Content-Encoding` header; none (or empty) is identity, an unknown one `None`.
     pub fn from_header(value: Option<&str>) -> Option<ContentEncoding> {
         match value.map(str::trim) {
             None | Some("") => Some(ContentEncoding::Identity),
@@ -68,7 +77,10 @@ impl ContentEncoding {
 pub enum DecodeError {
     /// Larger than the limit after decompression.
     #[error("body over {limit} bytes once decompressed")]
-    TooLarge { limit: usize },
+    TooLarge {
+        /// The limit, bytes.
+        limit: usize,
+    },
     /// Not valid for its encoding or media type.
     #[error(transparent)]
     Invalid(#[from] InvalidBody),
@@ -80,20 +92,29 @@ pub enum DecodeError {
 /// What is wrong with a body, and where: the text the client reads.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidBody {
+    /// The zstd decoder could not start on the body.
     #[error("zstd body: {0}")]
     Zstd(String),
     /// gzip, deflate or zstd data that does not decompress.
     #[error("compressed body: {0}")]
     Compressed(String),
+    /// Protobuf that does not decode as the request message.
     #[error("protobuf body: {0}")]
     Protobuf(#[from] prost::DecodeError),
+    /// JSON that does not decode as the request message.
     #[error("JSON body: {0}")]
     Json(String),
     /// Keys written as in the .proto files: they would decode as an empty request.
     #[error("JSON body uses the snake_case key {0}: OTLP/JSON keys are lowerCamelCase")]
     SnakeCaseJson(&'static str),
+    /// A trace or span id of the wrong length (set ids must have their full length).
     #[error("{} must be {} bytes, got {got}", .field.name(), .field.bytes())]
-    IdLength { field: IdField, got: usize },
+    IdLength {
+        /// Which id.
+        field: IdField,
+        /// Its length, bytes.
+        got: usize,
+    },
 }
 
 /// Decompresses `body`, refusing to produce more than `limit` bytes (a gzip bomb stops
@@ -178,6 +199,7 @@ fn looks_like_zlib(b: &[u8]) -> bool {
 pub trait OtlpRequest: Message + Default + DeserializeOwned {
     /// The top-level JSON key, to spot snake_case bodies that would decode as empty.
     const SNAKE_CASE_KEY: &'static str;
+    /// The request holds nothing (no resource spans or logs).
     fn is_empty(&self) -> bool;
     /// Checks what neither prost nor serde checks: trace and span id lengths.
     fn check_ids(&self) -> Result<(), InvalidBody>;

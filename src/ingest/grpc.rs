@@ -29,6 +29,7 @@ const METRICS_EXPORT: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsS
 /// The 5-byte prefix of a gRPC message: compressed flag, big-endian length.
 const FRAME_HEADER: usize = 5;
 
+/// The OTLP/gRPC service: the Trace, Logs and Metrics `Export` calls.
 #[derive(Clone)]
 pub struct OtlpGrpc {
     pipeline: Arc<Pipeline>,
@@ -38,8 +39,11 @@ pub struct OtlpGrpc {
 /// Message compression of a call (`grpc-encoding`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrpcEncoding {
+    /// Not compressed.
     Identity,
+    /// gzip.
     Gzip,
+    /// Zstandard.
     Zstd,
 }
 
@@ -56,10 +60,12 @@ impl GrpcEncoding {
 }
 
 impl OtlpGrpc {
+    /// Serves exports into `pipeline`, under `limits`.
     pub fn new(pipeline: Arc<Pipeline>, limits: Limits) -> Self {
         Self { pipeline, limits }
     }
 
+    /// Answers one gRPC call.
     pub async fn handle(self, req: Request<Incoming>) -> Response<tonic::body::Body> {
         let deadline = self.limits.deadline();
         let signal = match req.uri().path() {

@@ -20,6 +20,7 @@ use crate::model::{RejectionSummary, Signal, Transport};
 use crate::pipeline::Pipeline;
 use crate::server::HttpResponse;
 
+/// The OTLP/HTTP endpoints: `POST /v1/traces`, `/v1/logs` and `/v1/metrics`.
 #[derive(Clone)]
 pub struct OtlpHttp {
     pipeline: Arc<Pipeline>,
@@ -35,10 +36,12 @@ enum Answer {
 }
 
 impl OtlpHttp {
+    /// Serves exports into `pipeline`, under `limits`.
     pub fn new(pipeline: Arc<Pipeline>, limits: Limits) -> Self {
         Self { pipeline, limits }
     }
 
+    /// Answers one HTTP request.
     pub async fn handle(self, req: Request<Incoming>) -> HttpResponse {
         let deadline = self.limits.deadline();
         let media = MediaType::from_header(

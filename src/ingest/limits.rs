@@ -54,6 +54,7 @@ pub struct LimitSettings {
     pub max_connections: usize,
     /// The metrics listener.
     pub admin_max_connections: usize,
+    /// A connection with no request in flight and no byte moved this long is closed.
     pub idle_timeout: Duration,
     /// Headers and body of one request.
     pub request_read_timeout: Duration,
@@ -118,6 +119,7 @@ pub fn connection_budget(open_file_limit: u64, otlp_listeners: usize) -> Connect
     }
 }
 
+/// The process's soft limit on open files (`RLIMIT_NOFILE`); 1024 when it cannot be read.
 pub fn open_file_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -182,13 +184,16 @@ impl Held {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.permit.as_ref().map_or(0, |p| p.num_permits())
+        self.permit
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits)
     }
 }
 
 /// The shared limits of both transports.
 #[derive(Clone)]
 pub struct Limits {
+    /// What they were made from.
     pub settings: Arc<LimitSettings>,
     budget: Arc<Semaphore>,
     decode_slots: Arc<Semaphore>,
@@ -196,6 +201,7 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// Sets up the buffered-bytes budget and the decode slots.
     pub fn new(settings: LimitSettings) -> Self {
         let budget = usize::try_from(settings.max_buffered_bytes)
             .unwrap_or(usize::MAX)
@@ -338,7 +344,7 @@ impl Limits {
             while discarded <= max {
                 match tokio::time::timeout_at(deadline, body.frame()).await {
                     Ok(Some(Ok(frame))) => {
-                        discarded += frame.data_ref().map_or(0, |d| d.len());
+                        discarded += frame.data_ref().map_or(0, bytes::Bytes::len);
                     }
                     _ => break,
                 }

@@ -70,12 +70,15 @@ fn encode<M: Message + serde::Serialize>(media: MediaType, message: &M) -> Bytes
 /// `google.rpc.Status`, the body of every OTLP/HTTP error answer.
 #[derive(Clone, PartialEq, prost::Message, serde::Serialize)]
 pub struct RpcStatus {
+    /// The gRPC status code.
     #[prost(int32, tag = "1")]
     pub code: i32,
+    /// What went wrong, for the client to read.
     #[prost(string, tag = "2")]
     pub message: String,
 }
 
+/// An OTLP/HTTP error body: `google.rpc.Status` in the request's media type.
 pub fn status_body(media: MediaType, code: Code, message: &str) -> Bytes {
     encode(
         media,
@@ -97,20 +100,30 @@ pub enum Refusal {
     /// OTLP/gRPC: a service or method that is not served.
     #[error("no such method {0}: flowmetrics serves the OTLP Trace, Logs and Metrics services")]
     NoSuchMethod(String),
+    /// OTLP/HTTP: a method other than POST.
     #[error("method {0} not allowed: use POST")]
     MethodNotAllowed(String),
+    /// OTLP/HTTP: a `Content-Type` other than protobuf or JSON.
     #[error("unsupported content type {0:?}: use application/x-protobuf or application/json")]
     ContentType(String),
+    /// OTLP/HTTP: a `Content-Encoding` other than gzip, deflate, zstd or none.
     #[error("unsupported content encoding {0:?}: use gzip, deflate, zstd or none")]
     ContentEncoding(String),
     /// OTLP/gRPC: a `grpc-encoding` this server does not speak.
     #[error("message compression {0:?} not supported: use gzip, zstd or none")]
     MessageCompression(String),
+    /// A body over `limits.max_request_body_bytes`, as sent or once decompressed.
     #[error("{} over limits.max_request_body_bytes ({limit} bytes)", body(*.transport))]
-    TooLarge { transport: Transport, limit: usize },
+    TooLarge {
+        /// The transport it came in on.
+        transport: Transport,
+        /// The limit, bytes.
+        limit: usize,
+    },
     /// The buffered-bytes budget is spent (or no decode slot came in time): overload.
     #[error("overloaded: {} in memory are at limits.max_buffered_bytes; retry shortly", bodies(*.0))]
     Busy(Transport),
+    /// The body did not arrive within `limits.request_read_timeout`.
     #[error("{} not received within limits.request_read_timeout", body(*.0))]
     Timeout(Transport),
     /// The client went away: not bad input.
@@ -119,8 +132,10 @@ pub enum Refusal {
     /// Broken framing of the body (say, a bad HTTP/1 chunk).
     #[error("{0}")]
     MalformedBody(String),
+    /// A gRPC unary call's body is not one well-framed message.
     #[error(transparent)]
     Framing(#[from] FramingError),
+    /// A body that does not decode: its encoding, media type or ids are wrong.
     #[error(transparent)]
     Decode(#[from] InvalidBody),
     /// The protobuf trace export, read selectively, is malformed.
@@ -143,16 +158,22 @@ impl From<PipelineError> for Refusal {
 /// A gRPC unary call's body is not one well-framed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FramingError {
+    /// The body holds no message.
     #[error("missing request message")]
     Missing,
+    /// The body ends inside the 5-byte message header.
     #[error("truncated gRPC message header")]
     TruncatedHeader,
+    /// The compression flag is neither 0 nor 1.
     #[error("invalid gRPC compression flag")]
     CompressionFlag,
+    /// The body ends before the message's stated length.
     #[error("gRPC message shorter than its length")]
     Short,
+    /// Bytes follow the one message of a unary call.
     #[error("more than one message in a unary call")]
     Several,
+    /// The flag says compressed, but the call named no `grpc-encoding`.
     #[error("compressed message without grpc-encoding")]
     CompressedWithoutEncoding,
 }

@@ -24,15 +24,19 @@ use super::TraceExemplar;
 /// Which buckets a flow's duration histogram has (`flows.*.histogram`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HistogramMode {
+    /// Classic buckets only.
     #[default]
     Classic,
+    /// Native (exponential) buckets only.
     Native,
+    /// Classic and native buckets on the same series.
     Both,
 }
 
 /// How a flow's duration histogram is built.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HistogramShape {
+    /// Classic, native or both.
     pub mode: HistogramMode,
     /// `native_bucket_factor`: the schema is the finest whose factor is within it.
     pub native_bucket_factor: f64,

@@ -6,6 +6,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
 
 use prometheus_client::encoding::{prometheus_protobuf, text};
 
@@ -14,8 +15,11 @@ use super::{text004, Metrics};
 /// One exposition format; with a gzip flag, what a `/metrics` body is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExpositionFormat {
+    /// OpenMetrics text 1.0.0.
     OpenMetrics,
+    /// Prometheus text format 0.0.4.
     Text004,
+    /// Prometheus protobuf (delimited `MetricFamily` messages); the only one with native histograms.
     Protobuf,
 }
 
@@ -38,8 +42,10 @@ impl ExpositionFormat {
 /// An exposition that could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ExpositionError {
+    /// The text encoder failed.
     #[error("the text encoder failed")]
     Text(#[from] std::fmt::Error),
+    /// The protobuf encoder failed.
     #[error("the protobuf encoder failed: {0}")]
     Protobuf(#[from] prometheus_protobuf::EncodeError),
 }
@@ -86,7 +92,7 @@ impl Metrics {
             ExpositionFormat::Protobuf => {
                 self.set_store_entries(store_entries);
                 let _writing = Writing::start(ExpositionFormat::Protobuf);
-                let _one = self.encoding.lock().unwrap_or_else(|p| p.into_inner());
+                let _one = self.encoding.lock().unwrap_or_else(PoisonError::into_inner);
                 self.pin_for_encode();
                 let body = prometheus_protobuf::encode_to_vec(&self.registry);
                 self.pin_invariant_families(false);
@@ -103,7 +109,7 @@ impl Metrics {
         let last = self.last_encoded_len.load(Ordering::Relaxed);
         let mut out = String::with_capacity((last + last / 8).max(16 * 1024));
         let _writing = Writing::start(ExpositionFormat::OpenMetrics);
-        let _one = self.encoding.lock().unwrap_or_else(|p| p.into_inner());
+        let _one = self.encoding.lock().unwrap_or_else(PoisonError::into_inner);
         self.pin_for_encode();
         let written = text::encode(&mut out, &self.registry);
         // A family the encoder skipped (no series) left its copy: drop it.

@@ -15,7 +15,9 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
 use std::time::Duration;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -219,17 +221,20 @@ impl OverflowReporter {
             limit.warn(format_args!(
                 "series limit reached (limits.max_series_per_metric = {max}) in {metric}: new \
                  label sets are recorded in the otel_metric_overflow=\"true\" series"
-            ))
+            ));
         };
         if let Some(limit) = self
             .warnings
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .get(metric)
         {
             return warn(limit);
         }
-        let mut warnings = self.warnings.write().unwrap_or_else(|p| p.into_inner());
+        let mut warnings = self
+            .warnings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         warn(
             warnings
                 .entry(metric)
@@ -328,15 +333,15 @@ struct Inner<M, L: SeriesLabelSet> {
 /// The locks, poisoned or not: a panic elsewhere leaves the series as they were.
 impl<M, L: SeriesLabelSet> Inner<M, L> {
     fn read(&self) -> RwLockReadGuard<'_, HashTable<Series<M, L>>> {
-        self.series.read().unwrap_or_else(|p| p.into_inner())
+        self.series.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, HashTable<Series<M, L>>> {
-        self.series.write().unwrap_or_else(|p| p.into_inner())
+        self.series.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn pinned(&self) -> MutexGuard<'_, Option<Pinned<M, L>>> {
-        self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+        self.pinned.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -699,16 +704,19 @@ mod tests {
                 end,
             }
         }
-        fam.with(key(&flow_a, &start_a, &end_a, "success"), |c| c.inc());
-        fam.with(key(&flow_b, &start_b, &end_b, "success"), |c| c.inc());
+        fam.with(key(&flow_a, &start_a, &end_a, "success"), Counter::inc);
+        fam.with(key(&flow_b, &start_b, &end_b, "success"), Counter::inc);
         assert_eq!(fam.len(), 1);
         assert_eq!(
-            fam.with(key(&flow_b, &start_a, &end_b, "success"), |c| c.get()),
+            fam.with(key(&flow_b, &start_a, &end_b, "success"), Counter::get),
             2
         );
         // Any differing value is another series.
-        fam.with(key(&flow_a, &start_a, &end_a, "failure"), |c| c.inc());
-        fam.with(key(&flow_a, &dims(&["us"]), &end_a, "success"), |c| c.inc());
+        fam.with(key(&flow_a, &start_a, &end_a, "failure"), Counter::inc);
+        fam.with(
+            key(&flow_a, &dims(&["us"]), &end_a, "success"),
+            Counter::inc,
+        );
         fam.with(key(&flow_a, &start_a, &dims(&["500"]), "success"), |c| {
             c.inc()
         });
@@ -724,12 +732,12 @@ mod tests {
         let none = dims(&[]);
         let flows: Vec<Arc<str>> = (0..100).map(|i| Arc::from(i.to_string())).collect();
         for flow in &flows {
-            fam.with(flow_only(flow, &none), |c| c.inc());
+            fam.with(flow_only(flow, &none), Counter::inc);
         }
         // Existing series keep counting.
-        fam.with(flow_only(&flows[0], &none), |c| c.inc());
+        fam.with(flow_only(&flows[0], &none), Counter::inc);
         assert_eq!(fam.len(), 4);
-        assert_eq!(fam.with(flow_only(&flows[0], &none), |c| c.get()), 2);
+        assert_eq!(fam.with(flow_only(&flows[0], &none), Counter::get), 2);
         assert_eq!(folds.get(), 97);
 
         let out = text("x", fam);
@@ -744,8 +752,8 @@ mod tests {
     fn a_zero_limit_records_everything_in_the_overflow_series() {
         let (fam, folds) = counters(0, Layout::default());
         let (none, flow) = (dims(&[]), Arc::from("a"));
-        fam.with(flow_only(&flow, &none), |c| c.inc());
-        fam.with(flow_only(&flow, &none), |c| c.inc());
+        fam.with(flow_only(&flow, &none), Counter::inc);
+        fam.with(flow_only(&flow, &none), Counter::inc);
         assert_eq!((fam.len(), folds.get()), (1, 2));
     }
 

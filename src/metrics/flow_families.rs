@@ -255,7 +255,7 @@ impl FlowFamilies {
         if first {
             self.create_zero_series(flow, start_dims, None);
         }
-        self.in_progress.with(self.flow_only(flow), |g| g.inc());
+        self.in_progress.with(self.flow_only(flow), Gauge::inc);
         first
     }
 
@@ -276,13 +276,13 @@ impl FlowFamilies {
             extra: Some(reason.label()),
             ..self.flow_only(flow)
         };
-        self.dropped.with(labels, |c| c.inc());
+        self.dropped.with(labels, Counter::inc);
     }
 
     /// An open instance dropped because the store was full.
     pub(super) fn dropped(&self, flow: &Arc<str>) {
         self.drop_one(flow, DropReason::Capacity);
-        self.in_progress.with(self.flow_only(flow), |g| g.dec());
+        self.in_progress.with(self.flow_only(flow), Gauge::dec);
     }
 
     /// An instance whose timeout passed without an end.
@@ -293,12 +293,12 @@ impl FlowFamilies {
             start_dims,
             None,
         );
-        self.errors.with(labels, |c| c.inc());
-        self.in_progress.with(self.flow_only(flow), |g| g.dec());
+        self.errors.with(labels, Counter::inc);
+        self.in_progress.with(self.flow_only(flow), Gauge::dec);
     }
 
     pub(super) fn unmatched_end(&self, flow: &Arc<str>) {
-        self.unmatched_ends.with(self.flow_only(flow), |c| c.inc());
+        self.unmatched_ends.with(self.flow_only(flow), Counter::inc);
     }
 
     /// A label set's `completed{outcome}` and `errors{error_reason}` series, at 0, so
@@ -337,7 +337,7 @@ impl FlowFamilies {
         if first && self.has_end_dims {
             self.create_zero_series(flow, start_dims, Some(&end.dims));
         }
-        self.in_progress.with(self.flow_only(flow), |g| g.dec());
+        self.in_progress.with(self.flow_only(flow), Gauge::dec);
         match end.outcome {
             Outcome::Failure => self
                 .errors
@@ -347,7 +347,7 @@ impl FlowFamilies {
             Outcome::Success if duration_secs < 0.0 => {
                 self.negative_durations.with(self.flow_only(flow), |c| {
                     c.inc();
-                })
+                });
             }
             Outcome::Success => self
                 .duration

@@ -32,7 +32,7 @@ mod totals;
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -60,13 +60,16 @@ pub struct MetricsSettings {
     pub max_series_per_metric: usize,
     /// Label names of the start and end dimensions (already valid label names).
     pub start_dim_labels: Vec<String>,
+    /// The same for end dimensions.
     pub end_dim_labels: Vec<String>,
+    /// Duration buckets of flows without their own (`flows.default.buckets`).
     pub default_buckets: Vec<f64>,
     /// Flows with their own duration buckets.
     pub per_flow_buckets: HashMap<String, Vec<f64>>,
     /// Classic, native or both buckets (`flows.*.histogram`): the default, and flows
     /// with their own.
     pub default_histogram: HistogramShape,
+    /// Flows with their own histogram kind.
     pub per_flow_histogram: HashMap<String, HistogramShape>,
     /// Label values cut to `limits.max_label_value_bytes`, per label: exposed as
     /// `flowmetrics_label_values_truncated_total`.
@@ -90,6 +93,7 @@ pub struct MetricsSettings {
     pub objectives: ObjectiveSettings,
 }
 
+/// The registry and every family flowmetrics exposes; the sink the stages report to.
 pub struct Metrics {
     registry: Registry,
     /// Makes each report atomic to a scrape (the invariant of docs/behaviour.md §3 holds in every
@@ -288,22 +292,27 @@ impl Metrics {
         removed
     }
 
+    /// Counts a flow event accepted (`flowmetrics_flow_events_total`).
     pub fn event_accepted(&self, kind: EventKind, source: Source) {
         self.events.accepted(kind, source);
     }
 
+    /// Counts a flow event refused (`flowmetrics_flow_events_rejected_total`).
     pub fn event_rejected(&self, rejection: &Rejection) {
         self.events.refused(rejection);
     }
 
+    /// Counts an answered OTLP request (`flowmetrics_otlp_requests_total`).
     pub fn request(&self, transport: Transport, signal: Signal, code: &'static str) {
         self.events.request(transport, signal, code);
     }
 
+    /// Counts spans received (`flowmetrics_otlp_spans_total`).
     pub fn spans_received(&self, transport: Transport, n: u64) {
         self.events.spans(transport, n);
     }
 
+    /// Counts log records received (`flowmetrics_otlp_log_records_total`).
     pub fn log_records_received(&self, transport: Transport, n: u64) {
         self.events.log_records(transport, n);
     }
@@ -398,13 +407,13 @@ thread_local! {
 impl ScrapeGate {
     fn enter(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         let stripe = &self.stripes[STRIPE.with(|s| *s)].0;
-        stripe.read().unwrap_or_else(|p| p.into_inner())
+        stripe.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn close(&self) -> Vec<std::sync::RwLockWriteGuard<'_, ()>> {
         self.stripes
             .iter()
-            .map(|s| s.0.write().unwrap_or_else(|p| p.into_inner()))
+            .map(|s| s.0.write().unwrap_or_else(PoisonError::into_inner))
             .collect()
     }
 }

@@ -139,10 +139,11 @@ impl NetworkMetrics {
         })
     }
 
+    /// Counts one network flow record into the network families.
     pub fn record(&self, record: &NetworkFlowRecord) {
         let digest = std::hash::BuildHasher::hash_one(&LABELS_DIGEST, &*record.dims);
         self.records
-            .with(NetworkKey::new(None, &record.dims, digest), |c| c.inc());
+            .with(NetworkKey::new(None, &record.dims, digest), Counter::inc);
         for (i, direction) in [Direction::forward, Direction::reverse]
             .into_iter()
             .enumerate()

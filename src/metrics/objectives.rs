@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -21,7 +21,9 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 /// `within_secs` when set).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FlowObjective {
+    /// The share of counted instances that must be good (strictly between 0 and 1).
     pub target: f64,
+    /// Seconds within which a success must complete to be good; `None`: every success is.
     pub within_secs: Option<f64>,
 }
 
@@ -106,7 +108,7 @@ impl ObjectiveMetrics {
         let Some(objective) = self.settings.objective_for(flow) else {
             return;
         };
-        let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shown = self.shown.lock().unwrap_or_else(PoisonError::into_inner);
         if shown.contains(flow) || shown.len() >= self.max_flows {
             return;
         }

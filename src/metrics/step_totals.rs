@@ -45,7 +45,7 @@ impl StepMetrics {
             let n = c.get();
             match l.step() {
                 Some(name) if &**name == "start" => {
-                    flows.entry(l.flow().clone()).or_default().stalled_at_start += n
+                    flows.entry(l.flow().clone()).or_default().stalled_at_start += n;
                 }
                 Some(_) => {
                     if let Some(s) = step(flows, l) {

@@ -179,7 +179,7 @@ impl StepMetrics {
         // Negative (clock skew): counted above, not observed.
         if since_start_secs >= 0.0 {
             self.duration.with(labels, |h| {
-                h.observe(since_start_secs, trace.map(TraceExemplar))
+                h.observe(since_start_secs, trace.map(TraceExemplar));
             });
         }
     }
@@ -189,7 +189,7 @@ impl StepMetrics {
         for t in transits.iter().filter(|t| t.transit_secs >= 0.0) {
             self.transit
                 .with(self.labels(flow, &t.step, start_dims), |h| {
-                    h.observe(t.transit_secs)
+                    h.observe(t.transit_secs);
                 });
         }
     }

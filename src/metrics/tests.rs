@@ -106,7 +106,7 @@ fn record(m: &Metrics) {
             end,
             duration_secs,
             transits: &[],
-        })
+        });
     };
 
     let timed_out = |flow: &Arc<str>, transits: &[StepTransit], last_step: Option<&Arc<str>>| {
@@ -115,7 +115,7 @@ fn record(m: &Metrics) {
             start_dims: &eu,
             transits,
             last_step,
-        })
+        });
     };
 
     for _ in 0..1234 {

@@ -31,7 +31,7 @@ pub fn from_openmetrics(openmetrics: &str) -> String {
                     let renamed = help.take();
                     match renamed {
                         Some((help_name, _)) if help_name == name => {
-                            flush_help(&mut out, renamed, Some(suffix))
+                            flush_help(&mut out, renamed, Some(suffix));
                         }
                         other => flush_help(&mut out, other, None),
                     }

@@ -12,19 +12,30 @@ use super::Metrics;
 /// `otel_metric_overflow` belong to no flow and are not counted.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FlowTotals {
+    /// The flow's name.
     pub flow: String,
+    /// Instances opened (`flowmetrics_flows_started_total`).
     pub started: u64,
+    /// Instances ended with outcome `success`.
     pub completed_success: u64,
+    /// Instances ended with outcome `failure`.
     pub completed_failure: u64,
+    /// Instances ended with outcome `cancelled`.
     pub completed_cancelled: u64,
+    /// Instances that timed out with no end.
     pub incomplete: u64,
+    /// Instances open now.
     pub in_progress: i64,
+    /// Instances evicted from a full store.
     pub dropped: u64,
+    /// Ends whose start never came.
     pub unmatched: u64,
     /// Cumulative duration buckets: (upper bound in seconds, count), ascending, ending
     /// with `+Inf`.
     pub duration_buckets: Vec<(f64, u64)>,
+    /// Instances in the duration histogram.
     pub duration_count: u64,
+    /// Their durations, summed, in seconds.
     pub duration_sum: f64,
     /// The flow's steps (docs/behaviour.md §9), declared ones in their order, others by
     /// instances reached (most first); empty for a flow without steps.
@@ -36,6 +47,7 @@ pub struct FlowTotals {
 /// One step of a flow, summed over its dimension labels.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepTotals {
+    /// The step's name.
     pub step: String,
     /// Instances that reached it.
     pub reached: u64,
@@ -46,10 +58,12 @@ pub struct StepTotals {
 }
 
 impl FlowTotals {
+    /// Instances closed: completed with any outcome, or timed out.
     pub fn ended(&self) -> u64 {
         self.completed_success + self.completed_failure + self.completed_cancelled + self.incomplete
     }
 
+    /// Instances that failed or timed out.
     pub fn errors(&self) -> u64 {
         self.completed_failure + self.incomplete
     }

@@ -65,7 +65,7 @@ impl Counts {
                 flow, last_step, ..
             } => {
                 self.add(flow, "incomplete");
-                let last = last_step.map_or("start".to_string(), |s| s.to_string());
+                let last = last_step.map_or("start".to_string(), ToString::to_string);
                 self.add(flow, &format!("stalled_{last}"));
             }
             Report::Dropped { flow, .. } => self.add(flow, "dropped"),
@@ -81,7 +81,7 @@ impl Counts {
             Report::Discarded { flow, .. } => self.add(flow, "discarded"),
             Report::StepReached { flow, step, .. } => self.add(flow, &format!("step_{step}")),
             Report::StepUnmatched { flow, reason } => {
-                self.add(flow, &format!("step_unmatched_{}", reason.label()))
+                self.add(flow, &format!("step_unmatched_{}", reason.label()));
             }
             Report::Overdue { .. } => {}
         }

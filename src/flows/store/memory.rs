@@ -24,7 +24,8 @@ mod steps;
 #[cfg(test)]
 mod tests;
 
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::{FixedState, RandomState};
@@ -48,6 +49,7 @@ use steps::{ClosedMarks, Pending, Stepped, WaitingStep};
 /// Fingerprint shards: the lock of one serialises the events of its keys.
 const SHARDS: usize = 64;
 
+/// The correlation store in process: open instances in a moka cache, one replica.
 pub struct MemoryStore {
     cache: Cache<Key, Slot, RandomState>,
     /// Retry fingerprints per shard; the lock also serialises each key's events.
@@ -71,6 +73,7 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// An empty store reporting to `sink`.
     pub fn new(settings: StoreSettings, sink: Arc<dyn FlowSink>) -> Self {
         Self::with_numbering(settings, sink, Numbering::default())
     }
@@ -156,7 +159,7 @@ impl MemoryStore {
         // A panic while holding a shard (a sink bug) leaves the fingerprints valid.
         self.shards[(key >> 64) as usize % SHARDS]
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Applies one flow event (docs/behaviour.md §3).
@@ -210,16 +213,16 @@ impl MemoryStore {
             // Most starts open a new instance: `contains_key` answers that without
             // cloning a value or recording an access, as `get` would.
             EventKind::Start if !self.cache.contains_key(&key) => {
-                self.open(key, flow, timestamp_nanos, dims, now)
+                self.open(key, flow, timestamp_nanos, dims, now);
             }
             EventKind::Start => match self.cache.get(&key).map(|slot| slot.state) {
                 None => self.open(key, flow, timestamp_nanos, dims, now),
                 Some(state) => match state.view(&self.numbering, &flow) {
                     View::Open { start_nanos, .. } => {
-                        self.earlier_start(key, flow, start_nanos, timestamp_nanos, dims, now)
+                        self.earlier_start(key, flow, start_nanos, timestamp_nanos, dims, now);
                     }
                     View::Stepped(open) => {
-                        self.earlier_start(key, flow, open.start_nanos, timestamp_nanos, dims, now)
+                        self.earlier_start(key, flow, open.start_nanos, timestamp_nanos, dims, now);
                     }
                     View::Waiting(_) => match self.take(key, now) {
                         Some(slot) => match slot.state.view(&self.numbering, &flow) {
@@ -371,7 +374,7 @@ impl MemoryStore {
     fn take(&self, key: Key, now: u64) -> Option<Slot> {
         EXPIRED_IN_REMOVE.with(|cell| cell.set(Some((key, false))));
         let removed = self.cache.remove(&key);
-        let counted = EXPIRED_IN_REMOVE.with(|cell| cell.take()) == Some((key, true));
+        let counted = EXPIRED_IN_REMOVE.with(Cell::take) == Some((key, true));
         let slot = removed?;
         if counted {
             return None;

@@ -28,13 +28,18 @@ pub use snapshot::{unix_nanos_now, StoreSnapshot};
 pub enum Report<'a> {
     /// A new instance opened.
     Opened {
+        /// The flow's name.
         flow: &'a Arc<str>,
+        /// The dimension values captured from the start event.
         start_dims: &'a DimValues,
     },
     /// An instance closed by its end event.
     Completed {
+        /// The flow's name.
         flow: &'a Arc<str>,
+        /// The dimension values captured from the start event.
         start_dims: &'a DimValues,
+        /// The end event that closed it.
         end: &'a EndRecord,
         /// end − start in seconds; negative from clock skew.
         duration_secs: f64,
@@ -43,7 +48,9 @@ pub enum Report<'a> {
     },
     /// The instance's deadline passed with no end.
     TimedOut {
+        /// The flow's name.
         flow: &'a Arc<str>,
+        /// The dimension values captured from the start event.
         start_dims: &'a DimValues,
         /// The steps it reached, by event timestamp (empty for a flow without steps).
         transits: &'a [StepTransit],
@@ -53,8 +60,11 @@ pub enum Report<'a> {
     /// A step of an instance whose start is known (on the step's arrival, or on the
     /// start's when the step came first). Once per (instance, step).
     StepReached {
+        /// The flow's name.
         flow: &'a Arc<str>,
+        /// The dimension values captured from the start event.
         start_dims: &'a DimValues,
+        /// The step reached.
         step: &'a Arc<str>,
         /// step − start in seconds, by event timestamps; negative from clock skew.
         since_start_secs: f64,
@@ -63,37 +73,56 @@ pub enum Report<'a> {
     },
     /// A step that never met its instance: counted here and nowhere else.
     StepUnmatched {
+        /// The flow's name.
         flow: &'a Arc<str>,
+        /// Why it was not counted with an instance.
         reason: StepUnmatchedReason,
     },
     /// The instance was evicted because the store was full.
     Dropped {
+        /// The flow's name.
         flow: &'a Arc<str>,
+        /// The dimension values captured from the start event.
         start_dims: &'a DimValues,
     },
     /// An open instance read back from the state file at start (counted instead of
     /// `Opened`: it was opened by the run before).
     Restored {
+        /// The flow's name.
         flow: &'a Arc<str>,
+        /// The dimension values captured from the start event.
         start_dims: &'a DimValues,
     },
     /// A restored instance of a flow the new configuration no longer tracks
     /// (`flows.allow_unknown: false` and not in `flows.per_flow`): counted restored and
     /// dropped at once, so the invariant holds.
     Discarded {
+        /// The flow's name.
         flow: &'a Arc<str>,
+        /// The dimension values captured from the start event.
         start_dims: &'a DimValues,
     },
     /// An end waited for its start, which never came (or it was evicted while waiting).
-    Unmatched { flow: &'a Arc<str>, evicted: bool },
+    Unmatched {
+        /// The flow's name.
+        flow: &'a Arc<str>,
+        /// `true`: evicted from a full store while waiting, rather than timed out.
+        evicted: bool,
+    },
     /// An event ignored as a duplicate (a second start, a second end, or a retry).
-    Duplicate { kind: EventKind },
+    Duplicate {
+        /// The kind of the ignored event.
+        kind: EventKind,
+    },
     /// The open instances of a flow with an overdue threshold (docs/behaviour.md §10),
     /// counted about once a second: how many are older than the threshold, and the age
     /// of the oldest (0 when none is open).
     Overdue {
+        /// The flow's name.
         flow: &'a Arc<str>,
+        /// Open instances older than the flow's overdue threshold.
         overdue: u64,
+        /// Age of the oldest open instance in seconds (0 when none is open).
         oldest_open_secs: f64,
     },
 }
@@ -102,7 +131,9 @@ pub enum Report<'a> {
 /// timestamp (the first step's since the start). Negative only from clock skew.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepTransit {
+    /// The step reached.
     pub step: Arc<str>,
+    /// Seconds since the step before it (the first step's since the start).
     pub transit_secs: f64,
 }
 
@@ -117,6 +148,7 @@ pub enum StepUnmatchedReason {
 }
 
 impl StepUnmatchedReason {
+    /// The `reason` label value.
     pub fn label(self) -> &'static str {
         match self {
             StepUnmatchedReason::AfterClose => "after_close",
@@ -124,6 +156,7 @@ impl StepUnmatchedReason {
         }
     }
 
+    /// Every `reason` label value, in declaration order.
     pub const LABELS: [&'static str; 2] = ["after_close", "no_start"];
 }
 
@@ -131,15 +164,20 @@ impl StepUnmatchedReason {
 /// recording sink in tests. It may be called from any thread, also from inside the
 /// store's own bookkeeping: it must not call back into the store.
 pub trait FlowSink: Send + Sync + 'static {
+    /// Handles one decision of the store; must not call back into the store.
     fn report(&self, report: Report<'_>);
 }
 
 /// An end event, kept while it waits for its start and handed to the sink on completion.
 #[derive(Debug, Clone)]
 pub struct EndRecord {
+    /// The outcome the end reported.
     pub outcome: Outcome,
+    /// Unix nanoseconds of the end event.
     pub timestamp_nanos: u64,
+    /// Values of the end dimensions, in config order.
     pub dims: DimValues,
+    /// The end event's trace, for the exemplar.
     pub trace: Option<TraceRef>,
 }
 

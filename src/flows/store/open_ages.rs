@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use foldhash::fast::RandomState;
@@ -54,6 +54,7 @@ struct FlowAges {
 }
 
 impl OpenAges {
+    /// Tracks the flows with a threshold in `settings`.
     pub fn new(settings: OverdueSettings) -> Self {
         let this = Self {
             settings,
@@ -71,7 +72,7 @@ impl OpenAges {
     pub fn opened(&self, flow: &Arc<str>, start_nanos: u64) {
         {
             // The common case: a flow seen before, under the read lock (no clone).
-            let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
+            let flows = self.flows.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(known) = flows.get(&**flow) {
                 if let Some(ages) = known {
                     lock(&ages.seconds).add(start_nanos / NANOS);
@@ -87,7 +88,7 @@ impl OpenAges {
     /// An instance opened with [`OpenAges::opened`] left the store (end, time-out,
     /// eviction).
     pub fn closed(&self, flow: &str, start_nanos: u64) {
-        let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
+        let flows = self.flows.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(Some(ages)) = flows.get(flow) {
             lock(&ages.seconds).remove(start_nanos / NANOS);
         }
@@ -96,7 +97,7 @@ impl OpenAges {
     /// (overdue, age of the oldest in seconds) of `flow` at `now_nanos` (Unix); `None`
     /// when the flow is not tracked.
     pub fn counts(&self, flow: &str, now_nanos: u64) -> Option<(u64, f64)> {
-        let flows = self.flows.read().unwrap_or_else(|p| p.into_inner());
+        let flows = self.flows.read().unwrap_or_else(PoisonError::into_inner);
         let ages = flows.get(flow)?.as_ref()?;
         let seconds = lock(&ages.seconds);
         Some(seconds.counts(now_nanos, ages.threshold_nanos))
@@ -114,7 +115,7 @@ impl OpenAges {
         let tracked: Vec<(Arc<str>, Arc<FlowAges>)> = self
             .flows
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter_map(|(flow, ages)| Some((flow.clone(), ages.clone()?)))
             .collect();
@@ -135,12 +136,12 @@ impl OpenAges {
         if let Some(known) = self
             .flows
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&**flow)
         {
             return known.clone();
         }
-        let mut flows = self.flows.write().unwrap_or_else(|p| p.into_inner());
+        let mut flows = self.flows.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(known) = flows.get(&**flow) {
             return known.clone();
         }
@@ -159,7 +160,7 @@ impl OpenAges {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Open instances by start second.

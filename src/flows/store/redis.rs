@@ -54,7 +54,7 @@
 //! replies read back), [`steps`], [`ages`], and the scripts (`redis/*.lua`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::{Cmd, FromRedisValue, RedisResult, Script, Value};
@@ -110,9 +110,13 @@ pub struct RedisSettings {
     pub shards: u32,
     /// PEM CA certificate(s) for `rediss://`, in place of the system's roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Start of every key (`correlation.redis.key_prefix`).
     pub key_prefix: String,
+    /// Opening a connection must succeed within this.
     pub connect_timeout: Duration,
+    /// One command must be answered within this, else the export is refused and retried.
     pub command_timeout: Duration,
+    /// Idle connections kept open.
     pub pool_size: usize,
 }
 
@@ -120,9 +124,11 @@ pub struct RedisSettings {
 /// (reading back the outcomes of a batch whose reply was lost). Implemented
 /// by the metrics registry (errors counter, latency histogram).
 pub trait StoreProbe: Send + Sync + 'static {
+    /// Called after each call to the store: its `op`, how long it took, whether it succeeded.
     fn store_call(&self, op: &'static str, seconds: f64, ok: bool);
 }
 
+/// The correlation store in Redis (or Valkey), shared by every replica.
 pub struct RedisStore {
     pool: Pool,
     apply: Script,
@@ -484,7 +490,7 @@ impl RedisStore {
                     let mut acks = self.shards[shard]
                         .acks
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner());
+                        .unwrap_or_else(PoisonError::into_inner);
                     let keep = acks.len().saturating_sub(MAX_ACKS);
                     acks.split_off(keep)
                 };
@@ -533,7 +539,7 @@ impl CorrelationStore for RedisStore {
                     self.shards[call.shard]
                         .acks
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner())
+                        .unwrap_or_else(PoisonError::into_inner)
                         .push(call.result_key);
                 }
                 Err(e) => {
@@ -550,7 +556,7 @@ impl CorrelationStore for RedisStore {
         let lost = !self
             .pending
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .is_empty();
         if lost {
             self.recover();

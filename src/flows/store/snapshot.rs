@@ -14,6 +14,7 @@ use crate::model::{is_valid_flow_name, is_valid_step_name};
 /// Everything a store needs to carry on after a restart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoreSnapshot {
+    /// When the snapshot was taken.
     pub saved_at_unix_nanos: u64,
     /// Seed of the hashers that turn (flow, correlation id) into a key: the file holds
     /// keys, not ids, so the new process must hash new events the same way.
@@ -21,9 +22,11 @@ pub struct StoreSnapshot {
     /// Dimension labels of the run that wrote the file: values are matched to the new
     /// run's labels by name.
     pub start_dim_labels: Vec<String>,
+    /// The same for end dimensions.
     pub end_dim_labels: Vec<String>,
     /// Flow names and dimension values, each once; entries refer to them by index.
     pub strings: Vec<Arc<str>>,
+    /// Open instances and waiting ends (and steps).
     pub entries: Vec<SavedEntry>,
     /// Retry fingerprints, one item per store shard.
     pub shards: Vec<SavedShard>,
@@ -34,24 +37,33 @@ pub struct StoreSnapshot {
 pub struct SavedShard {
     /// Generation tag (1 or 2) of the newer fingerprints.
     pub current_tag: u8,
+    /// When the shard last rotated its generations.
     pub rotated_at_unix_nanos: u64,
     /// Fingerprints with their generation tag in the low two bits.
     pub fingerprints: Vec<u64>,
 }
 
+/// One entry of the store: an open instance, or what waits for its start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedEntry {
+    /// The entry's key: the hash of (flow, correlation id).
     pub key: [u8; 16],
     /// Index into [`StoreSnapshot::strings`].
     pub flow: u32,
+    /// When the entry times out.
     pub deadline_unix_nanos: u64,
+    /// What the entry holds.
     pub state: SavedState,
 }
 
+/// What an entry holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SavedState {
+    /// An open instance without steps.
     Open {
+        /// Unix nanoseconds of its start event.
         start_nanos: u64,
+        /// Its start dimension values, as indexes into [`StoreSnapshot::strings`].
         dims: Vec<u32>,
     },
     /// An end waiting for its start (the file holds its fields as a struct variant's:
@@ -59,13 +71,18 @@ pub enum SavedState {
     Waiting(SavedEnd),
     /// An open instance with the steps it reached (version 2).
     Stepped {
+        /// Unix nanoseconds of its start event.
         start_nanos: u64,
+        /// Its start dimension values, as indexes into [`StoreSnapshot::strings`].
         dims: Vec<u32>,
+        /// The steps it reached.
         steps: Vec<SavedStep>,
     },
     /// Steps waiting for their start, with or without a waiting end (version 2).
     Pending {
+        /// The end waiting beside the steps, if any.
         end: Option<SavedEnd>,
+        /// The steps waiting for the start.
         steps: Vec<SavedStep>,
     },
 }
@@ -75,6 +92,7 @@ pub enum SavedState {
 pub struct SavedStep {
     /// Index into [`StoreSnapshot::strings`].
     pub step: u32,
+    /// Unix nanoseconds of the step event.
     pub timestamp_nanos: u64,
     /// Kept for waiting steps only (the exemplar when their start comes).
     pub trace: Option<([u8; 16], [u8; 8])>,
@@ -85,8 +103,11 @@ pub struct SavedStep {
 pub struct SavedEnd {
     /// [`Outcome::code`].
     pub outcome: u8,
+    /// Unix nanoseconds of the end event.
     pub timestamp_nanos: u64,
+    /// Its end dimension values, as indexes into [`StoreSnapshot::strings`].
     pub dims: Vec<u32>,
+    /// The end event's trace and span ids, for the exemplar.
     pub trace: Option<([u8; 16], [u8; 8])>,
 }
 

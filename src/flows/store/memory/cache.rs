@@ -242,7 +242,7 @@ pub(super) fn build_cache(
         if cause != RemovalCause::Explicit {
             forget_age(&ages, &slot);
         }
-        on_removal(key, slot, cause)
+        on_removal(key, slot, cause);
     };
     Cache::builder()
         .max_capacity(settings.capacity)
@@ -299,6 +299,7 @@ pub struct CacheBaseline {
 
 #[cfg(feature = "test-hooks")]
 impl CacheBaseline {
+    /// A cache built as the store builds its own, for one flow named `baseline`.
     pub fn new(settings: StoreSettings, sink: Arc<dyn FlowSink>) -> Self {
         let clock = Clock {
             epoch: Instant::now(),
@@ -322,6 +323,7 @@ impl CacheBaseline {
         }
     }
 
+    /// Opens an instance under `key`.
     pub fn start(&self, key: u128, start_nanos: u64) {
         let slot = Slot {
             flow: self.flow.clone(),
@@ -334,10 +336,12 @@ impl CacheBaseline {
         self.cache.insert(key, slot);
     }
 
+    /// Closes the instance under `key`; `false` when it was not there.
     pub fn end(&self, key: u128) -> bool {
         self.cache.remove(&key).is_some()
     }
 
+    /// Runs moka's pending housekeeping (expiry, eviction).
     pub fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();
     }

@@ -16,6 +16,7 @@ pub struct Maintenance {
 }
 
 impl Maintenance {
+    /// Runs `store`'s pending tasks every `every` on a thread of its own.
     pub fn start(store: Arc<dyn CorrelationStore>, every: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();

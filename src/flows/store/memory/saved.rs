@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
@@ -40,7 +40,7 @@ impl FinalSnapshot {
         if !self.taken.load(Ordering::Acquire) {
             return false;
         }
-        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         let held = keys.binary_search(&key).is_ok();
         if held {
             self.left_to_next_run.fetch_add(1, Ordering::AcqRel);
@@ -200,7 +200,7 @@ impl MemoryStore {
         if saved.len() == SHARDS {
             for (shard, saved) in self.shards.iter().zip(saved) {
                 let age = now_wall.saturating_sub(saved.rotated_at_unix_nanos);
-                let mut recent = shard.lock().unwrap_or_else(|p| p.into_inner());
+                let mut recent = shard.lock().unwrap_or_else(PoisonError::into_inner);
                 recent.import(
                     &saved.fingerprints,
                     u64::from(saved.current_tag),
@@ -251,8 +251,10 @@ impl MemoryStore {
             .shards
             .iter()
             .map(|shard| {
-                let (fingerprints, tag, rotated_at) =
-                    shard.lock().unwrap_or_else(|p| p.into_inner()).export();
+                let (fingerprints, tag, rotated_at) = shard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .export();
                 SavedShard {
                     current_tag: tag as u8,
                     rotated_at_unix_nanos: to_wall(rotated_at),
@@ -289,7 +291,7 @@ impl MemoryStore {
             .final_snapshot
             .keys
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = keys;
+            .unwrap_or_else(PoisonError::into_inner) = keys;
         self.final_snapshot.taken.store(true, Ordering::Release);
         let give_up = Instant::now() + FINAL_SETTLE_LIMIT;
         loop {

@@ -17,7 +17,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use super::cache::{report_gone, Gone, Key, More, Slot, SlotState, View};
 use super::step_words::Numbering;
@@ -96,7 +96,7 @@ impl ClosedMarks {
         }
         self.flows
             .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(flow.clone());
         self.any.store(true, Ordering::Release);
     }
@@ -106,14 +106,14 @@ impl ClosedMarks {
             && self
                 .flows
                 .read()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(PoisonError::into_inner)
                 .contains(flow)
     }
 
     fn shard(&self, key: Key) -> std::sync::MutexGuard<'_, RecentEvents> {
         self.marks[(key >> 64) as usize % SHARDS]
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// An instance closed (ended, timed out or was dropped) at `now`.

@@ -66,12 +66,12 @@ impl FlowSink for Recorder {
             // The invariant counts restored with started.
             Report::Restored { flow, .. } => {
                 self.add(flow, "started");
-                self.add(flow, "restored")
+                self.add(flow, "restored");
             }
             Report::Discarded { flow, .. } => {
                 self.add(flow, "started");
                 self.add(flow, "dropped");
-                self.add(flow, "discarded")
+                self.add(flow, "discarded");
             }
             Report::Completed {
                 flow,
@@ -90,7 +90,7 @@ impl FlowSink for Recorder {
             Report::Duplicate { kind } => self.add("*", &format!("dup_{}", kind.label())),
             Report::StepReached { flow, step, .. } => self.add(flow, &format!("step_{step}")),
             Report::StepUnmatched { flow, reason } => {
-                self.add(flow, &format!("step_unmatched_{}", reason.label()))
+                self.add(flow, &format!("step_unmatched_{}", reason.label()));
             }
             Report::Overdue { .. } => {}
         }
@@ -371,7 +371,7 @@ fn changed_config_drops_untracked_flows_and_matches_dims_by_label() {
             assert_eq!(
                 dims.iter().map(|d| &**d).collect::<Vec<_>>(),
                 ["none", "web"]
-            )
+            );
         }
         _ => panic!("not restored as open"),
     }

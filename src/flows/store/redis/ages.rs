@@ -11,7 +11,7 @@
 //! aggregates them with `max by (flow)`, not `sum`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::{Cmd, FromRedisValue, Script};
@@ -58,13 +58,13 @@ impl RedisAges {
         if let Some(known) = self
             .flows
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .get(flow)
         {
             return known.is_some();
         }
         let threshold = (self.settings.threshold_for)(flow).map(|t| t.as_secs_f64());
-        let mut flows = self.flows.write().unwrap_or_else(|p| p.into_inner());
+        let mut flows = self.flows.write().unwrap_or_else(PoisonError::into_inner);
         if flows.len() < self.settings.max_flows {
             flows.insert(flow.clone(), threshold);
         }
@@ -75,7 +75,10 @@ impl RedisAges {
     /// Called from the store's maintenance.
     pub(super) fn report_if_due(&self, store: &RedisStore) {
         {
-            let mut last = self.last_report.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self
+                .last_report
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
                 return;
             }
@@ -84,7 +87,7 @@ impl RedisAges {
         let mut tracked: Vec<(Arc<str>, f64)> = self
             .flows
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter_map(|(flow, t)| Some((flow.clone(), (*t)?)))
             .collect();

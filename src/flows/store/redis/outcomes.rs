@@ -2,7 +2,7 @@
 //! apply call, the instances a sweep or an eviction took out, and the outcomes of calls
 //! whose reply was lost, read back from the result key the script kept.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use super::codec::{decode, parse_netstrings, Entry};
@@ -18,7 +18,7 @@ impl RedisStore {
         self.shards[call.shard]
             .acks
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .extend(call.acks);
         self.remember_lost(call.result_key, call.events);
     }
@@ -26,7 +26,7 @@ impl RedisStore {
     /// The script may have run although its reply never came: keep what is needed to
     /// read its outcomes back ([`RedisStore::recover`]).
     fn remember_lost(&self, result_key: Vec<u8>, events: Vec<FlowEvent>) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if pending.len() >= MAX_PENDING {
             pending.pop_front();
             self.warnings.lost.warn(format_args!(
@@ -47,7 +47,7 @@ impl RedisStore {
         let lost: Vec<Pending> = self
             .pending
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .drain(..)
             .collect();
         let mut keep = Vec::new();
@@ -76,7 +76,7 @@ impl RedisStore {
         }
         keep.extend(lost);
         if !keep.is_empty() {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
             for batch in keep.into_iter().rev() {
                 pending.push_front(batch);
             }

@@ -3,7 +3,7 @@
 //! cache emptied by a restart; and what a failed call means for the exporter.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterConnection};
@@ -18,30 +18,50 @@ use crate::flows::store::StoreError;
 /// The store cannot be set up from its settings (the service does not start).
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSetupError {
+    /// `correlation.redis.ca_file` cannot be used.
     #[error(transparent)]
     CaFile(#[from] CaFileError),
+    /// The cluster client cannot be made from the node URLs.
     #[error("correlation.redis.cluster {nodes:?}: {source}")]
     Cluster {
+        /// The nodes as configured.
         nodes: Vec<String>,
+        /// What the client said.
         source: RedisError,
     },
+    /// The client cannot be made from the URL.
     #[error("correlation.redis.url {url:?}: {source}")]
-    Url { url: String, source: RedisError },
+    Url {
+        /// The URL as configured.
+        url: String,
+        /// What the client said.
+        source: RedisError,
+    },
 }
 
 /// `correlation.redis.ca_file` is not a usable CA certificate file.
 #[derive(Debug, thiserror::Error)]
 pub enum CaFileError {
+    /// The file cannot be read.
     #[error("correlation.redis.ca_file {:?}: {source}", path.display())]
     Unreadable {
+        /// The file as configured.
         path: PathBuf,
+        /// What reading it said.
         source: std::io::Error,
     },
+    /// The file holds no PEM certificate.
     #[error("correlation.redis.ca_file {:?}: no PEM certificate in it", path.display())]
-    NoCertificate { path: PathBuf },
+    NoCertificate {
+        /// The file as configured.
+        path: PathBuf,
+    },
+    /// The file is not PEM.
     #[error("correlation.redis.ca_file {:?}: not PEM certificates: {source}", path.display())]
     NotPem {
+        /// The file as configured.
         path: PathBuf,
+        /// What the PEM parser said.
         source: rustls::pki_types::pem::Error,
     },
 }
@@ -296,20 +316,24 @@ impl Pool {
     }
 
     pub(super) fn with<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> RedisResult<T> {
-        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
         let mut con = match pooled {
             Some(con) => con,
             None => self.connect()?,
         };
         let result = f(&mut con);
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         match &result {
             Ok(_) if idle.len() < self.size => idle.push(con),
             Ok(_) => {}
             // The others were opened to the same servers: after a restart they are all
             // dead, and each would cost a failed export.
             Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
-                idle.clear()
+                idle.clear();
             }
             Err(_) => {}
         }

@@ -9,7 +9,7 @@
 //! it only when an instance leaves: a flow without steps costs no key and no round trip.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::super::{duration_secs, FlowSink, Report, StepTransit, StepUnmatchedReason};
 use super::codec::parse_netstrings;
@@ -42,9 +42,9 @@ impl KnownStepFlows {
         let mut new: Vec<Arc<str>> = self
             .declared
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         if known.len() >= Self::MAX {
             return new;
         }
@@ -59,9 +59,9 @@ impl KnownStepFlows {
     pub fn learned(&self, flows: Vec<Arc<str>>) {
         self.declared
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .retain(|d| !flows.contains(d));
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         for flow in flows {
             if known.len() < Self::MAX {
                 known.insert(flow);
