@@ -108,11 +108,12 @@ chrome() {
     --disable-background-networking --disable-component-update --disable-sync \
     --user-data-dir="$(mktemp -d -p "$work")" "$@" 2>>"$out/chromium.log"
 }
-rows=4
-[ -n "$summary" ] && rows=7
+rows=4 journeys=0
+# With the demo: seven flows, and the journey of checkout (four steps) below the table.
+[ -n "$summary" ] && rows=7 journeys=330
 # The virtual time budget lets the page run its first poll of /api/flows before the dump.
 chrome --virtual-time-budget=5000 --dump-dom "$base/" >"$out/overview.dom.html"
-chrome --virtual-time-budget=5000 --hide-scrollbars --window-size=1500,$((210 + 34 * rows)) \
+chrome --virtual-time-budget=5000 --hide-scrollbars --window-size=1500,$((210 + 34 * rows + journeys)) \
   --screenshot="$out/overview.png" "$base/" >/dev/null
 
 # The page's own measure of its width at 1400×900: scrollWidth past clientWidth is a
