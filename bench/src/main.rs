@@ -3,7 +3,8 @@
 //! ```text
 //! cargo run --release -p flowmetrics-bench -- [--quick] [--json PATH] [--only LIST]
 //!     [--server PATH] [--steady SECS] [--profile-pipeline BATCHES]
-//!     [--profile-sparse BATCHES] [--profile-network BATCHES] [--profile-moka BATCHES]
+//!     [--profile-sparse BATCHES] [--profile-network BATCHES] [--profile-steps BATCHES]
+//!     [--profile-moka BATCHES]
 //! ```
 //!
 //! Prints one table and writes it as JSON. Every throughput is also given as a ratio to
@@ -66,6 +67,9 @@ struct Args {
     /// The same with every span a network Flow Span
     #[arg(long, value_name = "N")]
     profile_network: Option<u64>,
+    /// The same with the steps workload (start, 4 steps, end per instance)
+    #[arg(long, value_name = "N")]
+    profile_steps: Option<u64>,
     /// Only the moka-alone baseline for N batches (valgrind --toggle-collect='*moka_alone*')
     #[arg(long, value_name = "N")]
     profile_moka: Option<u64>,
@@ -90,6 +94,7 @@ impl Args {
             (self.profile_pipeline, Shape::Flow),
             (self.profile_sparse, Shape::Sparse),
             (self.profile_network, Shape::NetworkAll),
+            (self.profile_steps, Shape::Steps),
         ]
         .into_iter()
         .find_map(|(batches, shape)| Some((shape, batches?)))
@@ -1397,7 +1402,7 @@ fn render(rows: &[Row]) -> String {
     out
 }
 
-/// `--profile-pipeline` / `--profile-sparse` / `--profile-network`: only the in-process
+/// `--profile-pipeline` / `--profile-sparse` / `--profile-network` / `--profile-steps`: only the in-process
 /// pipeline, for callgrind.
 fn profile(shape: Shape, batches: u64) {
     let t = Template::new(shape);
