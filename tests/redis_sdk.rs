@@ -18,7 +18,9 @@ use std::time::{Duration, SystemTime};
 
 use common::redis::RedisServer;
 use common::replicas::{wait_ready, Rng};
-use common::sdk::{self, flush_traces, shutdown_all, tracer_provider, Transport};
+use common::sdk::{
+    self, flush_traces, shutdown_all, tracer_provider, Transport, TransportExt as _,
+};
 use common::*;
 use flowmetrics::config::StoreKind;
 use flowmetrics::RunningApp;

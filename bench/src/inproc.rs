@@ -216,12 +216,22 @@ fn seeded_metrics(flows: usize, histogram: HistogramKind, max_series: usize) -> 
 /// Time to encode `/metrics` with `flows` flows (see [`seeded_metrics`]).
 pub fn encode(flows: usize, reps: usize) -> Encode {
     let metrics = seeded_metrics(flows, HistogramKind::Classic, flows.max(10_000) + 1);
+    timed_bodies(&metrics, flows, reps, |m| m.encode(0).into_bytes())
+}
+
+/// `reps` bodies made by `make`: p50 and max time, and the body's size.
+fn timed_bodies(
+    metrics: &Metrics,
+    flows: usize,
+    reps: usize,
+    make: impl Fn(&Metrics) -> Vec<u8>,
+) -> Encode {
     let series = metrics.series_counts().iter().map(|(_, n)| n).sum();
     let mut times = Vec::with_capacity(reps);
     let mut bytes = 0;
     for _ in 0..reps.max(1) {
         let t = Instant::now();
-        let body = metrics.encode(0);
+        let body = make(metrics);
         times.push(t.elapsed().as_secs_f64() * 1e3);
         bytes = body.len();
         std::hint::black_box(body);
@@ -248,31 +258,16 @@ pub struct Exposition {
 /// when asked), and its size. Every series fits under the series limit.
 pub fn encode_exposition(flows: usize, reps: usize, how: Exposition) -> Encode {
     let metrics = seeded_metrics(flows, how.histogram, 3 * flows + 1);
-    let series = metrics.series_counts().iter().map(|(_, n)| n).sum();
-    let mut times = Vec::with_capacity(reps);
-    let mut bytes = 0;
-    for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        let body = metrics
+    timed_bodies(&metrics, flows, reps, |m| {
+        let body = m
             .encode_format(how.format, 0)
             .expect("the exposition encodes");
-        let body = if how.gzip {
+        if how.gzip {
             exposition::gzip(&body)
         } else {
             body
-        };
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        bytes = body.len();
-        std::hint::black_box(body);
-    }
-    times.sort_by(f64::total_cmp);
-    Encode {
-        flows,
-        series,
-        bytes,
-        p50_ms: percentile(&times, 0.5),
-        max_ms: *times.last().unwrap_or(&0.0),
-    }
+        }
+    })
 }
 
 /// Records when each instance's time-out is reported. Instances are flows named `t<n>`.

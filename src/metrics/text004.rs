@@ -3,6 +3,11 @@
 //! the metadata named as 0.0.4 names it (a counter's HELP and TYPE name its `_total`
 //! sample, as client_golang writes them; OpenMetrics `unknown` and `info` become
 //! `untyped` and a `_info` gauge).
+//!
+//! Why a rewrite and not an encoder: prometheus-client 0.25 encodes OpenMetrics text and
+//! protobuf only, and its `MetricEncoder` is not pluggable. The families stay in its
+//! registry and are encoded by it; this only renames metadata lines of its output, line
+//! by line, and writes no family of its own.
 
 /// One pass over the OpenMetrics text; the output is never longer than the input plus
 /// `_total`/`_info` on metadata lines.

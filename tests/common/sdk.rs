@@ -18,23 +18,17 @@ use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Http,
-    Grpc,
+/// The library's own transport type: the tests name exporters by it.
+pub use flowmetrics::model::Transport;
+
+/// What the tests need of a transport beyond its label.
+pub trait TransportExt {
+    /// How `flowmetrics_otlp_requests_total` spells success on this transport.
+    fn ok_code(self) -> &'static str;
 }
 
-impl Transport {
-    /// The `transport` label of `flowmetrics_otlp_requests_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Transport::Http => "http",
-            Transport::Grpc => "grpc",
-        }
-    }
-
-    /// How `flowmetrics_otlp_requests_total` spells success on this transport.
-    pub fn ok_code(self) -> &'static str {
+impl TransportExt for Transport {
+    fn ok_code(self) -> &'static str {
         match self {
             Transport::Http => "200",
             Transport::Grpc => "OK",

@@ -137,6 +137,28 @@ pub struct StepTransit {
     pub transit_secs: f64,
 }
 
+impl StepTransit {
+    /// The transits of steps given in the order reached (by event timestamp), each
+    /// (step, timestamp): both stores close an instance's journey with this.
+    pub(crate) fn in_order<'a>(
+        start_nanos: u64,
+        steps: impl IntoIterator<Item = (&'a Arc<str>, u64)>,
+    ) -> Vec<StepTransit> {
+        let mut previous = start_nanos;
+        steps
+            .into_iter()
+            .map(|(step, timestamp_nanos)| {
+                let transit_secs = duration_secs(previous, timestamp_nanos);
+                previous = timestamp_nanos;
+                StepTransit {
+                    step: step.clone(),
+                    transit_secs,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Why a step event was not counted with an instance (`reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepUnmatchedReason {

@@ -137,18 +137,10 @@ fn mark_of(key: Key) -> u64 {
 pub(crate) fn transits(start_nanos: u64, steps: &[StepAt]) -> (Vec<StepTransit>, Option<Arc<str>>) {
     let mut order: Vec<&StepAt> = steps.iter().collect();
     order.sort_by_key(|s| s.timestamp_nanos);
-    let mut previous = start_nanos;
-    let transits = order
-        .iter()
-        .map(|s| {
-            let transit_secs = duration_secs(previous, s.timestamp_nanos);
-            previous = s.timestamp_nanos;
-            StepTransit {
-                step: s.step.clone(),
-                transit_secs,
-            }
-        })
-        .collect();
+    let transits = StepTransit::in_order(
+        start_nanos,
+        order.iter().map(|s| (&s.step, s.timestamp_nanos)),
+    );
     (transits, order.last().map(|s| s.step.clone()))
 }
 

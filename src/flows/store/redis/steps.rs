@@ -130,18 +130,10 @@ pub(super) fn parse_steps(blob: &[u8]) -> Vec<StoredStep> {
 /// Each step's time since the one before it (the first's since the start), in the
 /// order reached, and the last step reached.
 pub(super) fn transits(start_nanos: u64, steps: &[StoredStep]) -> Vec<StepTransit> {
-    let mut before = start_nanos;
-    steps
-        .iter()
-        .map(|s| {
-            let transit_secs = duration_secs(before, s.timestamp_nanos);
-            before = s.timestamp_nanos;
-            StepTransit {
-                step: s.name.clone(),
-                transit_secs,
-            }
-        })
-        .collect()
+    StepTransit::in_order(
+        start_nanos,
+        steps.iter().map(|s| (&s.name, s.timestamp_nanos)),
+    )
 }
 
 /// Steps that waited for the start, now known: each reached once.
