@@ -242,6 +242,11 @@ pub trait CorrelationStore: Send + Sync + 'static {
     /// Counts and removes what is due: time-outs, capacity evictions.
     fn run_pending_tasks(&self);
 
+    /// Called once at shutdown, after the last event and the last housekeeping: writes
+    /// out what the store still holds only in this process (the shared store's changes
+    /// to the overdue counts).
+    fn shutdown(&self) {}
+
     /// Entries held now: open instances plus ends waiting for their start.
     fn entries(&self) -> u64;
 

@@ -39,9 +39,10 @@
 //! later step counts as after_close), `sstepflows` the flows that sent a step (only
 //! their instances leave a mark). The scripts live in `redis/*.lua`.
 //!
-//! Overdue instances (docs/behaviour.md §10, [`ages`]): `sages:<flow>` a flow's open
-//! instances by start second (a hash), for flows with a threshold only, and `sagelog`
-//! the changes not yet folded into them.
+//! Overdue instances (docs/behaviour.md §10, [`ages`]): `fages:<flow>`, with `f` the
+//! first shard's prefix, a flow's open instances by start second (a hash), for flows
+//! with a threshold only; each replica writes the opens and closes it saw there, from
+//! the scripts' answers.
 //!
 //! The client is redis-rs' synchronous connection (or its cluster connection, which
 //! routes each call by its first key) with socket timeouts, in a small pool: the store
@@ -88,16 +89,9 @@ const MAX_ACKS: usize = 256;
 /// Longest timeout in ms the script is handed: Lua prints numbers with 14 digits.
 const MAX_TIMEOUT_MS: u64 = 1_000_000_000_000;
 
-/// The overdue log's functions (`ages_log.lua`) come first in each script that uses them.
-const APPLY: &str = concat!(
-    include_str!("redis/ages_log.lua"),
-    include_str!("redis/apply.lua")
-);
+const APPLY: &str = include_str!("redis/apply.lua");
 const CLAIM: &str = include_str!("redis/claim.lua");
-const SWEEP: &str = concat!(
-    include_str!("redis/ages_log.lua"),
-    include_str!("redis/sweep.lua")
-);
+const SWEEP: &str = include_str!("redis/sweep.lua");
 
 /// Where the shared store is and how long to wait for it (`correlation.redis`).
 #[derive(Clone, Debug)]
@@ -406,9 +400,6 @@ impl RedisStore {
         args.push(call.acks.len().to_string().into_bytes());
         args.push(shard.prefix.len().to_string().into_bytes());
         args.push(self.mark_ms.to_string().into_bytes());
-        // Whether the open instances of the last event's flow are counted: one look-up
-        // per run of events of one flow.
-        let mut counted: Option<(&Arc<str>, bool)> = None;
         for event in &call.events {
             let tag = hex(digest(&event.flow, &event.correlation_id));
             let mut key = shard.tagged(&tag, b'i');
@@ -431,18 +422,7 @@ impl RedisStore {
                 .min(MAX_TIMEOUT_MS);
             keys.push(key);
             keys.push(fingerprint);
-            let count = match (&self.ages, counted) {
-                (None, _) => false,
-                (Some(_), Some((flow, known))) if *flow == event.flow => known,
-                (Some(ages), _) => ages.counted(&event.flow),
-            };
-            counted = Some((&event.flow, count));
-            // A counted flow's name follows the kind: the script parses no key for it.
-            let mut kind_arg = vec![kind];
-            if count {
-                kind_arg.extend_from_slice(event.flow.as_bytes());
-            }
-            args.push(kind_arg);
+            args.push(vec![kind]);
             args.push(encode(state, event));
             args.push(timeout_ms.to_string().into_bytes());
             args.push(match event.kind {
@@ -451,13 +431,73 @@ impl RedisStore {
             });
         }
         keys.extend(call.acks.iter().cloned());
-        args.push(vec![if self.ages.is_some() { b'1' } else { b'0' }]);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.apply.get_hash())
             .arg(keys.len())
             .arg(&keys[..])
             .arg(&args[..]);
         cmd
+    }
+
+    /// Pops every shard's instances past their deadline and reports them.
+    fn sweep(&self) {
+        // A sweep's reply cannot be read back (unlike an apply's): on a cluster, where a
+        // NOSCRIPT or a failed node in a pipeline loses the replies of the calls sent
+        // with it, each shard is swept in a call of its own.
+        let per_call = match self.pool.target {
+            Target::Cluster(_) => 1,
+            Target::One(_) => self.shards.len(),
+        };
+        // Every shard at first; then again those that had more due than one call pops.
+        let mut due_shards: Vec<usize> = (0..self.shards.len()).collect();
+        for _ in 0..SWEEP_ROUNDS {
+            let mut again = Vec::new();
+            for group in due_shards.chunks(per_call) {
+                let cmds: Vec<Cmd> = group
+                    .iter()
+                    .map(|&n| {
+                        let mut cmd = redis::cmd("EVALSHA");
+                        let shard = &self.shards[n];
+                        cmd.arg(self.sweep.get_hash())
+                            .arg(2)
+                            .arg(&shard.deadlines[..])
+                            .arg(&shard.stepflows[..])
+                            .arg(SWEEP_LIMIT)
+                            .arg(shard.prefix.len())
+                            .arg(self.mark_ms);
+                        cmd
+                    })
+                    .collect();
+                let Ok(results) = self.eval_all("sweep", &self.sweep, &cmds) else {
+                    return;
+                };
+                for (&n, result) in group.iter().zip(results) {
+                    let Ok(out) = result
+                        .and_then(|v| Vec::<Vec<u8>>::from_redis_value(v).map_err(Into::into))
+                    else {
+                        continue;
+                    };
+                    let Some((left, due)) = out.split_first() else {
+                        continue;
+                    };
+                    let left = std::str::from_utf8(left)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    self.shards[n].entries.store(left, Ordering::Relaxed);
+                    for popped in due.chunks_exact(2) {
+                        self.settle(None, Some(b'T'), &popped[0], &popped[1]);
+                    }
+                    if due.len() / 2 >= SWEEP_LIMIT {
+                        again.push(n);
+                    }
+                }
+            }
+            if again.is_empty() {
+                return;
+            }
+            due_shards = again;
+        }
     }
 
     /// Splits a batch by shard (order kept within each), in chunks of [`CHUNK`].
@@ -561,66 +601,16 @@ impl CorrelationStore for RedisStore {
         if lost {
             self.recover();
         }
+        self.sweep();
+        // After the sweep: its time-outs are in the counts written and read.
         if let Some(ages) = &self.ages {
-            ages.report_if_due(self);
+            ages.maintain(self);
         }
-        // A sweep's reply cannot be read back (unlike an apply's): on a cluster, where a
-        // NOSCRIPT or a failed node in a pipeline loses the replies of the calls sent
-        // with it, each shard is swept in a call of its own.
-        let per_call = match self.pool.target {
-            Target::Cluster(_) => 1,
-            Target::One(_) => self.shards.len(),
-        };
-        // Every shard at first; then again those that had more due than one call pops.
-        let mut due_shards: Vec<usize> = (0..self.shards.len()).collect();
-        for _ in 0..SWEEP_ROUNDS {
-            let mut again = Vec::new();
-            for group in due_shards.chunks(per_call) {
-                let cmds: Vec<Cmd> = group
-                    .iter()
-                    .map(|&n| {
-                        let mut cmd = redis::cmd("EVALSHA");
-                        let shard = &self.shards[n];
-                        cmd.arg(self.sweep.get_hash())
-                            .arg(2)
-                            .arg(&shard.deadlines[..])
-                            .arg(&shard.stepflows[..])
-                            .arg(SWEEP_LIMIT)
-                            .arg(shard.prefix.len())
-                            .arg(self.mark_ms)
-                            .arg(u8::from(self.ages.is_some()));
-                        cmd
-                    })
-                    .collect();
-                let Ok(results) = self.eval_all("sweep", &self.sweep, &cmds) else {
-                    return;
-                };
-                for (&n, result) in group.iter().zip(results) {
-                    let Ok(out) = result
-                        .and_then(|v| Vec::<Vec<u8>>::from_redis_value(v).map_err(Into::into))
-                    else {
-                        continue;
-                    };
-                    let Some((left, due)) = out.split_first() else {
-                        continue;
-                    };
-                    let left = std::str::from_utf8(left)
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .unwrap_or(0);
-                    self.shards[n].entries.store(left, Ordering::Relaxed);
-                    for popped in due.chunks_exact(2) {
-                        self.settle(None, Some(b'T'), &popped[0], &popped[1]);
-                    }
-                    if due.len() / 2 >= SWEEP_LIMIT {
-                        again.push(n);
-                    }
-                }
-            }
-            if again.is_empty() {
-                return;
-            }
-            due_shards = again;
+    }
+
+    fn shutdown(&self) {
+        if let Some(ages) = &self.ages {
+            ages.write_changes(self);
         }
     }
 

@@ -3,9 +3,10 @@
 -- steps, then per event its instance key and its fingerprint, then result keys to delete.
 -- ARGV: dedup window (ms), shard capacity, number of acks, shard prefix length, how long
 -- a closed mark stays (ms, the longest flow timeout), then per
--- event: kind (s start, e end, t step; followed by the flow's name when its open instances
--- are counted), value, timeout (ms), and for a step "<step>\0<stored step value>"; last,
--- '1' when some flow of the deployment has an overdue threshold.
+-- event: kind (s start, e end, t step), value, timeout (ms), and for a step
+-- "<step>\0<stored step value>".
+-- The outcomes tell the replica which instances opened and closed, with their start
+-- timestamps: it keeps the overdue counts from them (ages.rs), not this script.
 local zset = KEYS[1]
 local stepflows = KEYS[3]
 local window = ARGV[1]
@@ -31,23 +32,6 @@ local function flow_of(key)
   local stop = string.find(key, '\0', from, true)
   return string.sub(key, from, (stop or 0) - 1)
 end
--- Open instances of a flow with an overdue threshold (docs/behaviour.md §10, ages_log.lua):
--- `flow` is the event's flow when counted, else nil (nothing to do, and no key parsed).
--- The changes are summed here per (flow, second) and logged once at the end of the call.
-local prefix = string.sub(zset, 1, plen)
-local deltas = {}
-local function age(flow, v, d)
-  if not flow or string.sub(v, 1, 1) ~= 'o' then return end
-  local per = deltas[flow]
-  if not per then
-    per = {}
-    deltas[flow] = per
-  end
-  local second = string.sub(v, 2, 12)
-  per[second] = (per[second] or 0) + d
-end
--- Open instances known by their key only (evicted): -1 if their flow is counted.
-local evicted_ages = {}
 -- The instance's steps as netstrings (name, value, ...); '' when it has none.
 local function steps_of(key)
   local all = redis.call('HGETALL', companion(key, 'k'))
@@ -59,8 +43,7 @@ end
 -- Removes an instance leaving the store; answers its steps. An instance that had opened
 -- leaves a closed mark (for the longest flow timeout) when its flow uses steps, so that a
 -- later step of it counts as after_close. Flows without steps keep nothing more.
-local function take(key, old, counted)
-  age(counted, old, -1)
+local function take(key, old)
   local steps = steps_of(key)
   if steps ~= '' then redis.call('DEL', companion(key, 'k')) end
   redis.call('DEL', key)
@@ -102,15 +85,12 @@ local function step(i, key, old, value, timeout, aux)
 end
 local acks = tonumber(ARGV[3])
 local n = (#KEYS - 3 - acks) / 2
-local track = ARGV[4 * n + 6] == '1'
 -- Results this replica has read: no longer needed for recovery.
 for j = 2 * n + 4, #KEYS do redis.call('DEL', KEYS[j]) end
 for i = 1, n do
   local key = KEYS[2 * i + 2]
   local fp = KEYS[2 * i + 3]
   local kind = ARGV[4 * i + 2]
-  local counted = #kind > 1 and string.sub(kind, 2) or nil
-  kind = string.sub(kind, 1, 1)
   local value = ARGV[4 * i + 3]
   local timeout = tonumber(ARGV[4 * i + 4])
   if not redis.call('SET', fp, '1', 'NX', 'PX', window) then
@@ -123,7 +103,7 @@ for i = 1, n do
       local due = redis.call('ZSCORE', zset, key)
       if due and tonumber(due) <= now then
         -- Past its deadline and not yet swept: it timed out, and this event finds nothing.
-        emit(i, 'T', old, take(key, old, counted))
+        emit(i, 'T', old, take(key, old))
         old = nil
       end
     end
@@ -134,7 +114,6 @@ for i = 1, n do
       redis.call('SET', key, value)
       redis.call('ZADD', zset, now + timeout, key)
       if kind == 's' then
-        age(counted, value, 1)
         -- A new instance: a closed mark of an earlier one with this id is gone.
         redis.call('DEL', companion(key, 'c'))
         emit(i, 'O')
@@ -143,27 +122,26 @@ for i = 1, n do
       end
     elseif kind == 's' then
       if state == 'o' then
-        -- The earliest start wins; the instance keeps its dims and deadline.
+        -- The earliest start wins; the instance keeps its dims and deadline. The value
+        -- it had goes back with the duplicate: its start moved.
         if string.sub(value, 2, 21) < string.sub(old, 2, 21) then
-          local earlier = string.sub(value, 1, 21) .. string.sub(old, 22)
-          redis.call('SET', key, earlier)
-          age(counted, old, -1)
-          age(counted, earlier, 1)
+          redis.call('SET', key, string.sub(value, 1, 21) .. string.sub(old, 22))
+          emit(i, 'D', old)
+        else
+          emit(i, 'D')
         end
-        emit(i, 'D')
       elseif state == 'p' then
         -- Steps waited for this start: the instance opens with them.
         redis.call('SET', key, value)
         redis.call('ZADD', zset, now + timeout, key)
         redis.call('DEL', companion(key, 'c'))
-        age(counted, value, 1)
         emit(i, 'S', '', steps_of(key))
       else
         -- Never counted (it waited, not open); 'o': it leaves a closed mark.
         emit(i, 'P', old, take(key, 'o'))
       end
     elseif state == 'o' then
-      emit(i, 'C', old, take(key, old, counted))
+      emit(i, 'C', old, take(key, old))
     elseif state == 'p' then
       -- Steps waited, and now the end too: it waits for the start with them.
       redis.call('SET', key, value)
@@ -182,22 +160,11 @@ while over > 0 do
   if #popped == 0 then break end
   local v = redis.call('GET', popped[1])
   if v then
-    if track and string.sub(v, 1, 1) == 'o' then
-      evicted_ages[#evicted_ages + 1] = ages_entry(flow_of(popped[1]), string.sub(v, 2, 12), '?')
-    end
     local steps = take(popped[1], v)
     if tonumber(popped[2]) <= now then emit(0, 'T', v, steps) else emit(0, 'E', v, steps) end
   end
   over = over - 1
 end
-local entries = {}
-for flow, per in pairs(deltas) do
-  for second, d in pairs(per) do
-    if d ~= 0 then entries[#entries + 1] = ages_entry(flow, second, d) end
-  end
-end
-for _, entry in ipairs(evicted_ages) do entries[#entries + 1] = entry end
-log_ages(prefix, entries)
 -- Kept until this replica has read the reply: if the reply is lost, the replica reads
 -- the outcomes from here and reports them (the exporter's retry finds only duplicates).
 local parts = {}

@@ -126,6 +126,18 @@ pub(super) fn decode(raw: &[u8]) -> Option<Entry> {
     })
 }
 
+/// The flow and start timestamp of an open instance's value, read without decoding the
+/// rest; `None` for any other value.
+pub(super) fn open_start(raw: &[u8]) -> Option<(&str, u64)> {
+    let mut r = Reader(raw);
+    if r.take(1)? != b"o" {
+        return None;
+    }
+    let timestamp_nanos = std::str::from_utf8(r.take(20)?).ok()?.parse().ok()?;
+    let len = r.u32()? as usize;
+    Some((std::str::from_utf8(r.take(len)?).ok()?, timestamp_nanos))
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -182,6 +194,20 @@ mod tests {
         assert_eq!(&*record.dims[0], "web");
         assert!(decode(b"x").is_none());
         assert!(decode(b"o0000000000000000000").is_none());
+    }
+
+    #[test]
+    fn an_open_value_gives_its_flow_and_start_and_no_other_does() {
+        let start = event(EventKind::Start, None);
+        assert_eq!(
+            open_start(&encode(b'o', &start)),
+            Some(("checkout", 1_700_000_000_123_456_789))
+        );
+        let end = event(EventKind::End(Outcome::Success), None);
+        assert_eq!(open_start(&encode(b'w', &end)), None);
+        assert_eq!(open_start(&encode(b'p', &start)), None);
+        assert_eq!(open_start(b"o0000000000000000000"), None);
+        assert_eq!(open_start(b""), None);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
-use super::codec::{decode, parse_netstrings, Entry};
+use super::ages::RedisAges;
+use super::codec::{decode, open_start, parse_netstrings, Entry};
 use super::steps::{self, StoredStep};
 use super::{Call, RedisStore, MAX_PENDING};
 use crate::flows::event::{DimValues, EventKind, FlowEvent};
@@ -104,6 +105,9 @@ impl RedisStore {
         stored: &[u8],
         kept: &[u8],
     ) {
+        if let Some(ages) = &self.ages {
+            counts_of_open(ages, event, code, stored);
+        }
         let sink = &*self.sink;
         let stored = || {
             let entry = decode(stored);
@@ -194,6 +198,27 @@ impl RedisStore {
             // `W`: the end waits; nothing to report yet.
             _ => {}
         }
+    }
+}
+
+/// What an outcome changes in the overdue counts (ages.rs): an instance opened (by this
+/// event, with its start) or an open one left (its stored value has its start); a
+/// duplicate start that moved an instance's start earlier hands back the value it had.
+fn counts_of_open(ages: &RedisAges, event: Option<&FlowEvent>, code: Option<u8>, stored: &[u8]) {
+    match (code, event) {
+        (Some(b'O' | b'S'), Some(e)) => ages.opened(&e.flow, e.timestamp_nanos),
+        (Some(b'C' | b'T' | b'E'), _) => {
+            if let Some((flow, start_nanos)) = open_start(stored) {
+                ages.closed(flow, start_nanos);
+            }
+        }
+        (Some(b'D'), Some(e)) => {
+            if let Some((flow, start_nanos)) = open_start(stored) {
+                ages.closed(flow, start_nanos);
+                ages.opened(&e.flow, e.timestamp_nanos);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -1,15 +1,12 @@
 -- Pops the shard's instances past their deadline (see redis.rs).
 -- KEYS: the shard's deadlines, the shard's set of flows that use steps.
--- ARGV: most entries popped, shard prefix length, how long a closed mark stays (ms), '1'
--- when some flow has an overdue threshold (docs/behaviour.md §10: the open instances
--- popped are logged for their flow's count, ages_log.lua).
+-- ARGV: most entries popped, shard prefix length, how long a closed mark stays (ms).
 -- Answers the entries left, then per instance popped its value and its steps.
 local plen = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 local out = { tostring(redis.call('ZCARD', KEYS[1]) - #due) }
-local popped_ages = {}
 local function companion(key, letter)
   return string.sub(key, 1, plen + 18) .. letter .. string.sub(key, plen + 20)
 end
@@ -35,14 +32,9 @@ for _, key in ipairs(due) do
       if steps ~= '' or redis.call('SISMEMBER', KEYS[2], flow) == 1 then
         redis.call('SET', companion(key, 'c'), '1', 'PX', ARGV[3])
       end
-      -- Counted only if its flow has a threshold: known when the log is folded.
-      if ARGV[4] == '1' then
-        popped_ages[#popped_ages + 1] = ages_entry(flow, string.sub(v, 2, 12), '?')
-      end
     end
     out[#out + 1] = v
     out[#out + 1] = steps
   end
 end
-log_ages(string.sub(KEYS[1], 1, plen), popped_ages)
 return out
