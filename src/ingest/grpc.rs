@@ -129,8 +129,13 @@ impl OtlpGrpc {
             .await
             .map_err(|e| Refusal::read(e, Transport::Grpc, limit))?;
         let pipeline = self.pipeline.clone();
+        let inline = Limits::decodes_inline(
+            framed.len(),
+            encoding != GrpcEncoding::Identity,
+            pipeline.store().blocks(),
+        );
         self.limits
-            .decode(deadline, move || {
+            .decode(deadline, inline, move || {
                 let message = unary_message(framed, encoding, limit, &mut held)?;
                 export(&pipeline, signal, &message, &mut held)
             })

@@ -160,8 +160,13 @@ impl OtlpHttp {
             }
         };
         let pipeline = self.pipeline.clone();
+        let inline = Limits::decodes_inline(
+            body.len(),
+            encoding != ContentEncoding::Identity,
+            pipeline.store().blocks(),
+        );
         self.limits
-            .decode(deadline, move || {
+            .decode(deadline, inline, move || {
                 decode_export(&pipeline, signal, media, encoding, body, limit, held)
             })
             .await

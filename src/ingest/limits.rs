@@ -190,6 +190,11 @@ impl Held {
     }
 }
 
+/// Largest uncompressed body decoded on the async worker that read it (see
+/// [`Limits::decodes_inline`]): an SDK's usual export (512 spans) fits; at the scan's
+/// slowest, a body of nothing but flow events, it is about 4 ms of work.
+pub const INLINE_DECODE_BYTES: usize = 512 * 1024;
+
 /// The shared limits of both transports.
 #[derive(Clone)]
 pub struct Limits {
@@ -293,10 +298,20 @@ impl Limits {
         Ok(whole.freeze())
     }
 
-    /// Runs `work` on the blocking pool (decompression and decoding must not stall the
-    /// async workers that answer `/healthz` and every other connection), at most
-    /// `decode_slots` at once; `None` if no slot frees up by `deadline`.
-    pub async fn decode<T, F>(&self, deadline: Instant, work: F) -> Option<T>
+    /// Whether an export of `body_len` bytes is decoded on the async worker that read it
+    /// ([`Limits::decode`]): only an uncompressed body of at most [`INLINE_DECODE_BYTES`]
+    /// for a store that does not wait on the network, so the work is bounded (a few
+    /// milliseconds at most, far less for the usual export of few flow events).
+    pub fn decodes_inline(body_len: usize, compressed: bool, store_blocks: bool) -> bool {
+        !compressed && !store_blocks && body_len <= INLINE_DECODE_BYTES
+    }
+
+    /// Runs `work`, at most `decode_slots` at once; `None` if no slot frees up by
+    /// `deadline`. On the blocking pool (decompression and decoding must not stall the
+    /// async workers that answer `/healthz` and every other connection), unless
+    /// `inline` ([`Limits::decodes_inline`]): then on this worker, sparing a small
+    /// export the two thread hand-offs, which cost as much as decoding it.
+    pub async fn decode<T, F>(&self, deadline: Instant, inline: bool, work: F) -> Option<T>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
@@ -305,6 +320,14 @@ impl Limits {
             .await
             .ok()?
             .ok()?;
+        if inline {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            drop(slot);
+            // A panic in decoding must not take the connection (or the worker) with it.
+            return out
+                .map_err(|_| tracing::error!("decoding failed: it panicked"))
+                .ok();
+        }
         let joined = tokio::task::spawn_blocking(move || {
             let out = work();
             drop(slot);
