@@ -11,8 +11,8 @@
 //! place, so the cost is cache misses. Hence a flat open-addressing array of `u64` with
 //! linear probing: the fingerprint is its own key and hash, and one check reads (and an
 //! insert writes) a single cache line, where a general hash table touches two. The array
-//! doubles as it fills, but never past what two full generations need (its length is then
-//! no power of two: a fingerprint's place is its high bits scaled to the length).
+//! grows by a quarter as it fills, but never past what two full generations need (its length
+//! is no power of two: a fingerprint's place is its high bits scaled to the length).
 //!
 //! Every correlation-table shard owns one of these and uses it under the shard's lock:
 //! an event's fingerprint lives in the same shard as its instance.
@@ -75,7 +75,10 @@ impl RecentEvents {
             self.rotate(now);
         }
         if (self.len + 1) * 10 > self.slots.len() * MAX_FILL_TENTHS {
-            let grown = (self.slots.len() * 2)
+            // By a quarter, not double: the slack an array carries after growing is a
+            // fifth of it at most, not half (RSS per open instance, BENCHMARKS.md). The
+            // rebuilds this adds copy in order, at memory speed.
+            let grown = (self.slots.len() + self.slots.len() / 4)
                 .max(INITIAL_SLOTS)
                 .min(slots_for(self.capacity.saturating_mul(2)))
                 .max(slots_for(self.len + 1));
