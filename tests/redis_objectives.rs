@@ -231,7 +231,13 @@ fn measure_overdue_cost_on_redis() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let order = (0..rounds).flat_map(|r| if r % 2 == 0 { [false, true] } else { [true, false] });
+    let order = (0..rounds).flat_map(|r| {
+        if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        }
+    });
     for track in order {
         server.flush();
         let base = server.used_memory();
@@ -431,7 +437,10 @@ fn counts_written_out_of_order_or_left_behind_settle() {
     let ((a, a_sink), (b, b_sink)) = (replica(&server), replica(&server));
     let now = now_nanos();
     apply(&a, vec![ev("f", "1", EventKind::Start, now - 30 * SEC)]);
-    apply(&b, vec![ev("f", "1", EventKind::End(Outcome::Success), now)]);
+    apply(
+        &b,
+        vec![ev("f", "1", EventKind::End(Outcome::Success), now)],
+    );
     // The close first: the count is -1 for a moment, reported as none open.
     b.shutdown();
     assert_eq!(ages_keys(&server).len(), 1);

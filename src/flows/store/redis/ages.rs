@@ -118,7 +118,10 @@ impl RedisAges {
             return;
         };
         let second = i64::try_from(start_nanos / 1_000_000_000).unwrap_or(i64::MAX);
-        let mut unwritten = self.unwritten.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut unwritten = self
+            .unwritten
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let full = unwritten.changes.len() >= MAX_UNWRITTEN;
         match unwritten.changes.get_mut(&(flow.clone(), second)) {
             Some(sum) => *sum += by,
@@ -154,9 +157,16 @@ impl RedisAges {
     /// time.
     pub(super) fn write_changes(&self, store: &RedisStore) {
         let changes: Vec<((Arc<str>, i64), i64)> = {
-            let mut unwritten = self.unwritten.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut unwritten = self
+                .unwritten
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             unwritten.since = None;
-            unwritten.changes.drain().filter(|(_, by)| *by != 0).collect()
+            unwritten
+                .changes
+                .drain()
+                .filter(|(_, by)| *by != 0)
+                .collect()
         };
         let first = &store.shards[0].deadlines[..];
         for (n, chunk) in changes.chunks(WRITE_CHUNK).enumerate() {
@@ -178,12 +188,18 @@ impl RedisAges {
 
     /// Puts back changes that could not be written.
     fn keep(&self, changes: &[((Arc<str>, i64), i64)]) {
-        let mut unwritten = self.unwritten.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut unwritten = self
+            .unwritten
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         for ((flow, second), by) in changes {
             if unwritten.changes.len() >= MAX_UNWRITTEN {
                 break;
             }
-            *unwritten.changes.entry((flow.clone(), *second)).or_default() += by;
+            *unwritten
+                .changes
+                .entry((flow.clone(), *second))
+                .or_default() += by;
         }
         unwritten.since.get_or_insert_with(Instant::now);
     }
