@@ -742,11 +742,7 @@ fn collect<'a>(
         };
         let Some(slot) = keys.slot(k) else { continue };
         if found[slot].is_none() {
-            // A value that is read is checked as a full decode checks it.
-            if check_any_value(v, value_depth(field)).is_err() {
-                MALFORMED_READ.with(|m| m.set(true));
-            }
-            found[slot] = Some(any_value(v));
+            found[slot] = Some(checked_any_value(v, value_depth(field)));
             *missing -= 1;
             if *missing == 0 {
                 return;
@@ -806,6 +802,28 @@ fn key_value(kv: &[u8]) -> Option<(&[u8], &[u8])> {
             Err(_) => return None,
         }
     }
+}
+
+/// An `AnyValue` that is read, checked as a full decode checks it (a malformed one sets
+/// [`MALFORMED_READ`]). A lone short string, the common case, has nothing to check but
+/// its UTF-8: validated once, not once per check and once per read.
+#[inline]
+fn checked_any_value(msg: &[u8], depth: u32) -> AttrValue<'_> {
+    if let [ANY_STRING_TAG, len, ref s @ ..] = *msg {
+        if len < 0x80 && usize::from(len) == s.len() {
+            return match utf8(s) {
+                Ok(s) => AttrValue::Str(s),
+                Err(_) => {
+                    MALFORMED_READ.with(|m| m.set(true));
+                    AttrValue::Other
+                }
+            };
+        }
+    }
+    if check_any_value(msg, depth).is_err() {
+        MALFORMED_READ.with(|m| m.set(true));
+    }
+    any_value(msg)
 }
 
 /// An `AnyValue`. Like a full decode, the last value field present wins.

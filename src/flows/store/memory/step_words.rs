@@ -239,13 +239,25 @@ impl Words {
                 words[HEAD + i] = words[HEAD + i].min(timestamp_nanos);
                 Some((Self(words), false))
             }
+            // Built straight from these words, as `build` lays them out: the new
+            // timestamp after the others, its number in the next free lane.
             None => {
-                let mut steps: Vec<(u16, u64)> = self.steps().collect();
-                steps.push((number, timestamp_nanos));
-                Some((
-                    Self::build(self.start_nanos(), self.dims_number(), &steps)?,
-                    true,
-                ))
+                let count = self.count();
+                let grown = u16::try_from(count + 1).ok()?;
+                let numbers = &self.0[HEAD + count..];
+                let lane = count % PER_WORD;
+                let mut words =
+                    Vec::with_capacity(HEAD + count + 1 + numbers.len() + usize::from(lane == 0));
+                words.push(self.start_nanos());
+                words.push(u64::from(self.dims_number()) | u64::from(grown) << 32);
+                words.extend_from_slice(&self.0[HEAD..HEAD + count]);
+                words.push(timestamp_nanos);
+                words.extend_from_slice(numbers);
+                match words.last_mut() {
+                    Some(last) if lane != 0 => *last |= u64::from(number) << (16 * lane),
+                    _ => words.push(u64::from(number)),
+                }
+                Some((Self(words.into()), true))
             }
         }
     }
@@ -304,6 +316,19 @@ mod tests {
             [("paid".to_string(), 3), ("packed".to_string(), 8)]
         );
         assert_eq!(more.with_start(2).start_nanos(), 2);
+    }
+
+    #[test]
+    fn an_appended_step_is_laid_out_as_built() {
+        let mut steps: Vec<(u16, u64)> = Vec::new();
+        let mut words = Words::build(7, 3, &steps).unwrap();
+        for n in 0..11u16 {
+            let (more, new) = words.with_step(n * 3 + 1, 100 + u64::from(n)).unwrap();
+            assert!(new);
+            steps.push((n * 3 + 1, 100 + u64::from(n)));
+            assert_eq!(more.0, Words::build(7, 3, &steps).unwrap().0, "{n}");
+            words = more;
+        }
     }
 
     #[test]
