@@ -274,9 +274,7 @@ pub(super) fn build_cache(
         steps::gone(&*sink, &closed, &numbering, *key, &slot, why, clock.now());
     };
     let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| {
-        // moka's notice of a written-over value is `Replaced` (`Expired` past its
-        // time-to-live); anything else about the key is a removal as usual.
-        if matches!(cause, RemovalCause::Replaced | RemovalCause::Expired) && rewritten(*key) {
+        if rewritten(*key) {
             return;
         }
         // Whatever but the store's own removal took it, the instance is no longer open.
