@@ -13,8 +13,7 @@
 //!   the listener records nothing, so the caller counts it (it checks the deadline).
 //! - `insert` over an entry that `get` no longer returns (past its per-entry deadline)
 //!   reports the old one as `Replaced`: the listener counts it as timed out. The store
-//!   replaces a live entry only for a step, and tells the listener so through
-//!   [`REWRITING`] (the new value carries the instance on).
+//!   never replaces a live entry.
 //! - housekeeping removes an entry before calling the listener, so a concurrent `remove`
 //!   of the same key finds nothing: one of the two owns the entry.
 
@@ -164,24 +163,6 @@ thread_local! {
     pub(super) static EXPIRED_IN_REMOVE: Cell<Option<(Key, bool)>> = const { Cell::new(None) };
 }
 
-thread_local! {
-    /// The key whose live entry this thread is writing over (a step), and whether
-    /// moka's notice of the old value (inside that `insert`) came: that notice is not a
-    /// removal, the new value carries the instance on.
-    pub(super) static REWRITING: Cell<Option<(Key, bool)>> = const { Cell::new(None) };
-}
-
-/// Whether this notice is the one for the entry this thread writes over (taken once).
-fn rewritten(key: Key) -> bool {
-    REWRITING.with(|cell| match cell.get() {
-        Some((watched, false)) if watched == key => {
-            cell.set(Some((watched, true)));
-            true
-        }
-        _ => false,
-    })
-}
-
 /// Entries whose remaining time is within this of the cache's time-to-live are left to
 /// the time-to-live (exact) instead of the per-entry timer wheel (coarse).
 const TTL_SLACK: Duration = Duration::from_millis(50);
@@ -201,23 +182,6 @@ impl Expiry<Key, Slot> for Deadlines {
         let remaining =
             Duration::from_nanos(slot.deadline.saturating_sub(self.clock.at(created_at)));
         (remaining + TTL_SLACK < self.ttl).then_some(remaining)
-    }
-
-    /// A step's write over a live entry expires as the insert after a remove would;
-    /// any other update keeps moka's default.
-    fn expire_after_update(
-        &self,
-        key: &Key,
-        slot: &Slot,
-        updated_at: Instant,
-        duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        match REWRITING.with(Cell::get) {
-            Some((watched, _)) if watched == *key => {
-                self.expire_after_create(key, slot, updated_at)
-            }
-            _ => duration_until_expiry,
-        }
     }
 }
 
@@ -274,9 +238,6 @@ pub(super) fn build_cache(
         steps::gone(&*sink, &closed, &numbering, *key, &slot, why, clock.now());
     };
     let listener = move |key: Arc<Key>, slot: Slot, cause: RemovalCause| {
-        if rewritten(*key) {
-            return;
-        }
         // Whatever but the store's own removal took it, the instance is no longer open.
         if cause != RemovalCause::Explicit {
             forget_age(&ages, &slot);

@@ -15,12 +15,11 @@
 //! and, if it never comes, is `no_start`. Flows that never see a step pay one relaxed
 //! atomic load per close.
 
-use std::cell::Cell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use super::cache::{forget_age, report_gone, Gone, Key, More, Slot, SlotState, View, REWRITING};
+use super::cache::{report_gone, Gone, Key, More, Slot, SlotState, View};
 use super::step_words::Numbering;
 use super::{MemoryStore, SHARDS};
 use crate::flows::dedup::RecentEvents;
@@ -183,37 +182,12 @@ fn with_step(steps: &[StepAt], step: &Arc<str>, timestamp_nanos: u64) -> (Box<[S
     }
 }
 
-/// What a step event reports, once its entry is written.
-enum StepNote {
-    Reached {
-        dims: DimValues,
-        start_nanos: u64,
-    },
-    Duplicate,
-    /// Waits for its start: nothing to report yet.
-    Waits,
-}
-
-/// A step event's try at rewriting its open entry in place.
-enum InPlace {
-    Done,
-    /// The entry left between the look and the write (counted by whoever removed it).
-    Gone,
-    /// Not an open, live entry: the general path decides.
-    Elsewhere,
-}
-
 impl MemoryStore {
     /// A step event of `key` (docs/behaviour.md §9).
     pub(super) fn apply_step(&self, key: Key, flow: Arc<str>, step: WaitingStep, now: u64) {
         let sink = &*self.sink;
         self.closed.note_flow(&flow);
-        let slot = match self.step_in_place(key, &step, now) {
-            InPlace::Done => return,
-            InPlace::Gone => None,
-            InPlace::Elsewhere => self.take(key, now),
-        };
-        let Some(slot) = slot else {
+        let Some(slot) = self.take(key, now) else {
             if self.closed.is_closed(key, now) {
                 return sink.report(Report::StepUnmatched {
                     flow: &flow,
@@ -226,69 +200,11 @@ impl MemoryStore {
             };
             return self.put_new(key, flow, SlotState::waiting(pending), now);
         };
-        let (state, note) = self.with_step(&slot.flow, &slot.state, &step);
-        self.note(&slot.flow, note, &step);
+        let state = match self.step_by_number(&slot.flow, &slot.state, &step) {
+            Some(state) => state,
+            None => self.step_by_name(&slot.flow, &slot.state, step),
+        };
         self.put(key, Slot { state, ..slot });
-    }
-
-    /// Most steps reach an open instance: its entry is read and written over (one
-    /// moka update instead of a remove and an insert). The old value's notice of the
-    /// write is not a removal: the new value carries the instance on.
-    fn step_in_place(&self, key: Key, step: &WaitingStep, now: u64) -> InPlace {
-        let Some(old) = self.cache.get(&key) else {
-            return InPlace::Elsewhere;
-        };
-        // Past its deadline (counted by `take`), or waiting for its start.
-        if old.deadline <= now || old.state.is_waiting() {
-            return InPlace::Elsewhere;
-        }
-        let (state, note) = self.with_step(&old.flow, &old.state, step);
-        let new = Slot {
-            flow: old.flow.clone(),
-            deadline: old.deadline,
-            state,
-        };
-        REWRITING.with(|cell| cell.set(Some((key, false))));
-        self.put(key, new);
-        let replaced = REWRITING.with(Cell::take) == Some((key, true));
-        if replaced {
-            forget_age(&self.ages, &old);
-            self.note(&old.flow, note, step);
-            return InPlace::Done;
-        }
-        // A fresh insert: the old entry was removed meanwhile, and counted there. The
-        // copy goes too, silently (it is the same instance).
-        REWRITING.with(|cell| cell.set(Some((key, false))));
-        if let Some(copy) = self.cache.remove(&key) {
-            forget_age(&self.ages, &copy);
-        }
-        REWRITING.with(|cell| cell.set(None));
-        InPlace::Gone
-    }
-
-    /// The entry's state with `step` added, and what to report for it.
-    fn with_step(
-        &self,
-        flow: &Arc<str>,
-        state: &SlotState,
-        step: &WaitingStep,
-    ) -> (SlotState, StepNote) {
-        match self.step_by_number(flow, state, step) {
-            Some(done) => done,
-            None => self.step_by_name(flow, state, step),
-        }
-    }
-
-    fn note(&self, flow: &Arc<str>, note: StepNote, step: &WaitingStep) {
-        match note {
-            StepNote::Reached { dims, start_nanos } => {
-                reached(&*self.sink, flow, &dims, start_nanos, step);
-            }
-            StepNote::Duplicate => self.sink.report(Report::Duplicate {
-                kind: crate::flows::EventKind::Step,
-            }),
-            StepNote::Waits => {}
-        }
     }
 
     /// A step of an instance held by number: no name or dimension list is looked up
@@ -298,79 +214,69 @@ impl MemoryStore {
         flow: &Arc<str>,
         state: &SlotState,
         step: &WaitingStep,
-    ) -> Option<(SlotState, StepNote)> {
+    ) -> Option<SlotState> {
         let SlotState::More(More::Steps(words)) = state else {
             return None;
         };
         let number = self.numbering.step_number(flow, &step.step)?;
         let (words, new) = words.with_step(number, step.timestamp_nanos)?;
-        let note = if new {
-            StepNote::Reached {
-                dims: self.numbering.dims(&words),
-                start_nanos: words.start_nanos(),
-            }
+        if new {
+            let dims = self.numbering.dims(&words);
+            reached(&*self.sink, flow, &dims, words.start_nanos(), step);
         } else {
-            StepNote::Duplicate
-        };
-        Some((SlotState::More(More::Steps(words)), note))
+            self.sink.report(Report::Duplicate {
+                kind: crate::flows::EventKind::Step,
+            });
+        }
+        Some(SlotState::More(More::Steps(words)))
     }
 
     /// A step of any entry, by name.
-    fn step_by_name(
-        &self,
-        flow: &Arc<str>,
-        state: &SlotState,
-        step: &WaitingStep,
-    ) -> (SlotState, StepNote) {
+    fn step_by_name(&self, flow: &Arc<str>, state: &SlotState, step: WaitingStep) -> SlotState {
+        let sink = &*self.sink;
         match state.view(&self.numbering, flow) {
             View::Open { start_nanos, dims } => {
+                reached(sink, flow, dims, start_nanos, &step);
                 let (steps, _) = with_step(&[], &step.step, step.timestamp_nanos);
                 let open = Stepped {
                     start_nanos,
                     dims: dims.clone(),
                     steps,
                 };
-                let note = StepNote::Reached {
-                    dims: dims.clone(),
-                    start_nanos,
-                };
-                (SlotState::stepped(&self.numbering, flow, open), note)
+                SlotState::stepped(&self.numbering, flow, open)
             }
             View::Stepped(open) => {
                 let (steps, new) = with_step(&open.steps, &step.step, step.timestamp_nanos);
-                let note = if new {
-                    StepNote::Reached {
-                        dims: open.dims.clone(),
-                        start_nanos: open.start_nanos,
-                    }
+                if new {
+                    reached(sink, flow, &open.dims, open.start_nanos, &step);
                 } else {
-                    StepNote::Duplicate
-                };
+                    sink.report(Report::Duplicate {
+                        kind: crate::flows::EventKind::Step,
+                    });
+                }
                 let open = Stepped {
                     steps,
                     ..open.into_owned()
                 };
-                (SlotState::stepped(&self.numbering, flow, open), note)
+                SlotState::stepped(&self.numbering, flow, open)
             }
             View::Waiting(pending) => {
                 let mut steps = pending.steps.to_vec();
-                let note = match steps.iter_mut().find(|s| s.step == step.step) {
+                match steps.iter_mut().find(|s| s.step == step.step) {
                     Some(known) => {
                         if step.timestamp_nanos < known.timestamp_nanos {
-                            *known = step.clone();
+                            *known = step;
                         }
-                        StepNote::Duplicate
+                        sink.report(Report::Duplicate {
+                            kind: crate::flows::EventKind::Step,
+                        });
                     }
-                    None => {
-                        steps.push(step.clone());
-                        StepNote::Waits
-                    }
-                };
-                let state = SlotState::waiting(Pending {
+                    None => steps.push(step),
+                }
+                SlotState::waiting(Pending {
                     end: pending.end.clone(),
                     steps: steps.into(),
-                });
-                (state, note)
+                })
             }
         }
     }
