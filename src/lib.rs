@@ -382,14 +382,12 @@ impl RunningApp {
         // Joining threads and writing the file block: off the runtime's workers.
         let _ = tokio::task::spawn_blocking(move || {
             drop(checkpointer);
-            let Some((st, labels)) = state else {
-                drop(maintenance);
-                return store.shutdown();
-            };
-            // What is in the file is the next run's to count; what is already due is
-            // counted now (final_snapshot), so each instance is counted once.
+            // After the last housekeeping, what the store holds only here is written out.
             drop(maintenance);
             store.shutdown();
+            // What is in the file is the next run's to count; what is already due is
+            // counted now (final_snapshot), so each instance is counted once.
+            let Some((st, labels)) = state else { return };
             match state::save_final(&*store, &st.path, &labels) {
                 Ok(Some(saved)) => saved.log(&st.path, true),
                 Ok(None) => {}

@@ -189,7 +189,7 @@ impl Words {
         let count = u16::try_from(steps.len()).ok()?;
         let mut words = Vec::with_capacity(HEAD + steps.len() + steps.len().div_ceil(PER_WORD));
         words.push(start_nanos);
-        words.push(u64::from(dims) | u64::from(count) << 32);
+        words.push(header(dims, count));
         words.extend(steps.iter().map(|&(_, t)| t));
         for group in steps.chunks(PER_WORD) {
             let packed = group
@@ -249,7 +249,7 @@ impl Words {
                 let mut words =
                     Vec::with_capacity(HEAD + count + 1 + numbers.len() + usize::from(lane == 0));
                 words.push(self.start_nanos());
-                words.push(u64::from(self.dims_number()) | u64::from(grown) << 32);
+                words.push(header(self.dims_number(), grown));
                 words.extend_from_slice(&self.0[HEAD..HEAD + count]);
                 words.push(timestamp_nanos);
                 words.extend_from_slice(numbers);
@@ -261,6 +261,11 @@ impl Words {
             }
         }
     }
+}
+
+/// The second word: the dimension list's number, and the step count above it.
+fn header(dims: u32, count: u16) -> u64 {
+    u64::from(dims) | u64::from(count) << 32
 }
 
 #[cfg(test)]
