@@ -288,6 +288,20 @@ impl FlowSink for Stamps {
     }
 }
 
+/// Event `kind` of instance `i` of the timeliness run (flow `t{i}`).
+fn instance_event(i: usize, kind: EventKind, step: Option<&str>, dims: &DimValues) -> FlowEvent {
+    FlowEvent {
+        flow: Arc::from(format!("t{i}")),
+        correlation_id: format!("id-{i}").into(),
+        kind,
+        timestamp_nanos: 1_750_000_000_000_000_000 + i as u64,
+        dims: dims.clone(),
+        trace: None,
+        source: Source::SpanEvent,
+        step: step.map(Arc::from),
+    }
+}
+
 pub struct Lateness {
     pub instances: usize,
     pub counted: usize,
@@ -301,9 +315,16 @@ pub struct Lateness {
 /// long after each deadline its time-out is reported.
 ///
 /// `longest`: the longest timeout of any flow (the cache's time-to-live). Equal to
-/// `timeout`, time-outs come from moka's time-to-live; longer, from its per-entry
-/// expiry (timer wheel).
-pub fn timeliness(n: usize, spread: Duration, timeout: Duration, longest: Duration) -> Lateness {
+/// `timeout` (and no steps), time-outs come from moka's time-to-live; otherwise from the
+/// store's exact timers. `step`: every flow declares steps and each instance reaches
+/// one a quarter second after its start (its entry written again).
+pub fn timeliness(
+    n: usize,
+    spread: Duration,
+    timeout: Duration,
+    longest: Duration,
+    step: bool,
+) -> Lateness {
     let stamps = Arc::new(Stamps {
         fired: Mutex::new(vec![None; n]),
     });
@@ -313,7 +334,11 @@ pub fn timeliness(n: usize, spread: Duration, timeout: Duration, longest: Durati
             dedup_window: Duration::from_secs(300),
             timeout_for: Arc::new(move |_| timeout),
             longest_timeout: longest,
-            step_flows: Vec::new(),
+            step_flows: if step {
+                (0..n).map(|i| Arc::from(format!("t{i}"))).collect()
+            } else {
+                Vec::new()
+            },
         },
         stamps.clone(),
     ));
@@ -323,6 +348,7 @@ pub fn timeliness(n: usize, spread: Duration, timeout: Duration, longest: Durati
     let mut deadlines = Vec::with_capacity(n);
     let started = Instant::now();
     let chunk = 100.max(n / 100);
+    let step_lag = n / 8;
     for i in 0..n {
         if i % chunk == 0 {
             // Pace the opens evenly over `spread`.
@@ -332,17 +358,18 @@ pub fn timeliness(n: usize, spread: Duration, timeout: Duration, longest: Durati
             }
         }
         let opened = Instant::now();
-        table.apply(FlowEvent {
-            flow: Arc::from(format!("t{i}")),
-            correlation_id: format!("id-{i}").into(),
-            kind: EventKind::Start,
-            timestamp_nanos: 1_750_000_000_000_000_000 + i as u64,
-            dims: no_dims.clone(),
-            trace: None,
-            source: Source::SpanEvent,
-            step: None,
-        });
+        table.apply(instance_event(i, EventKind::Start, None, &no_dims));
         deadlines.push(opened + timeout);
+        // A step a quarter of the spread after its start: the entry is written again.
+        if step && i >= step_lag {
+            let j = i - step_lag;
+            table.apply(instance_event(j, EventKind::Step, Some("paid"), &no_dims));
+        }
+    }
+    if step {
+        for j in n.saturating_sub(step_lag)..n {
+            table.apply(instance_event(j, EventKind::Step, Some("paid"), &no_dims));
+        }
     }
     let give_up = Instant::now() + timeout + Duration::from_secs(10);
     loop {

@@ -780,18 +780,26 @@ fn scrape_storm_row(bin: &Path) -> Row {
 }
 
 /// (7) Timeliness of time-outs: every flow with the longest timeout (moka's exact
-/// time-to-live), and a flow whose timeout is shorter than another's (moka's per-entry
-/// timer wheel).
+/// time-to-live), a flow whose timeout is shorter than another's, and instances written
+/// again by a step (the store's exact timers, one moka cache per distinct timeout).
 fn timeliness_rows(sizes: &Sizes) -> Vec<Row> {
     progress("timeliness: how late incomplete flows are counted");
     let mut rows = Vec::new();
-    for (id, name, longest, how) in [
-        ("timeout_lateness", "1 s timeout", 1, "time-to-live"),
+    for (id, name, longest, step, how) in [
+        ("timeout_lateness", "1 s timeout", 1, false, "time-to-live"),
         (
             "timeout_lateness_per_entry",
             "1 s timeout, another flow 10 s",
             10,
-            "per-entry expiry",
+            false,
+            "exact timer (time-to-live of the 1 s timer cache)",
+        ),
+        (
+            "timeout_lateness_stepped",
+            "1 s timeout, a step each",
+            1,
+            true,
+            "exact timer (time-to-live of the 1 s timer cache)",
         ),
     ] {
         let l = inproc::timeliness(
@@ -799,6 +807,7 @@ fn timeliness_rows(sizes: &Sizes) -> Vec<Row> {
             sizes.timeliness_spread,
             Duration::from_secs(1),
             Duration::from_secs(longest),
+            step,
         );
         let mut row = Row::new(
             7,

@@ -6,15 +6,17 @@
 //! bounded by `max_in_flight` with LRU eviction (TinyLFU would refuse new entries when
 //! full). Its `time_to_live` is the longest flow timeout, which moka applies exactly
 //! (entries leave in write order); an entry whose deadline comes sooner (a flow with a
-//! shorter timeout, an entry put back after a duplicate) also gets a per-entry expiry,
-//! which moka's timer wheel applies up to ~1 s late.
+//! shorter timeout, an entry put back after a step or a duplicate) also gets a per-entry
+//! expiry, which moka's timer wheel applies up to ~1 s late, so such an instance also
+//! gets an exact timer when it is made (`exact_timeouts`).
 //!
 //! The files: `cache` (the moka cache, its entries and its listener, and why every
-//! instance is counted exactly once), `steps` and `step_words` (flow steps), `saved`
-//! (snapshot and restore), `housekeeping` (the thread that runs moka's pending tasks);
-//! here, how each event changes its entry.
+//! instance is counted exactly once), `exact_timeouts` (the timers), `steps` and
+//! `step_words` (flow steps), `saved` (snapshot and restore), `housekeeping` (the thread
+//! that runs moka's pending tasks); here, how each event changes its entry.
 
 mod cache;
+mod exact_timeouts;
 mod housekeeping;
 mod saved;
 #[cfg(test)]
@@ -39,8 +41,10 @@ use crate::flows::event::{DimValues, EventKind, FlowEvent};
 #[cfg(feature = "test-hooks")]
 pub use cache::CacheBaseline;
 use cache::{
-    build_cache, forget_age, Clock, Gone, Key, More, Slot, SlotState, View, EXPIRED_IN_REMOVE,
+    build_cache, forget_age, timed_by_ttl, Clock, Gone, Key, More, Slot, SlotState, View,
+    EXPIRED_IN_REMOVE,
 };
+use exact_timeouts::ExactTimeouts;
 pub use housekeeping::Maintenance;
 use saved::FinalSnapshot;
 use step_words::Numbering;
@@ -70,6 +74,10 @@ pub struct MemoryStore {
     /// Open-instance ages of flows with an overdue threshold (docs/behaviour.md §10);
     /// unset: no flow has one, and nothing is kept.
     ages: Arc<OnceLock<OpenAges>>,
+    /// Exact timers of the instances the cache's time-to-live cannot time.
+    exact: Arc<ExactTimeouts>,
+    /// The cache's time-to-live: the longest timeout.
+    ttl: Duration,
 }
 
 impl MemoryStore {
@@ -104,7 +112,8 @@ impl MemoryStore {
         ));
         let ages = Arc::new(OnceLock::new());
         let numbering = Arc::new(numbering);
-        let cache = build_cache(
+        let exact = Arc::new(ExactTimeouts::new(settings.capacity));
+        let (cache, ttl) = build_cache(
             &settings,
             clock,
             sink.clone(),
@@ -112,6 +121,7 @@ impl MemoryStore {
             closed.clone(),
             numbering.clone(),
             ages.clone(),
+            exact.clone(),
         );
         let window_nanos = u64::try_from(settings.dedup_window.as_nanos()).unwrap_or(u64::MAX);
         let shards = (0..SHARDS)
@@ -132,6 +142,8 @@ impl MemoryStore {
             closed,
             numbering,
             ages,
+            exact,
+            ttl,
         }
     }
 
@@ -331,7 +343,10 @@ impl MemoryStore {
         };
         match waiting {
             Some(state) => self.put(key, Slot { state, ..slot }),
-            None => self.closed.mark(flow, key, now),
+            None => {
+                self.exact.stop(key);
+                self.closed.mark(flow, key, now);
+            }
         }
     }
 
@@ -347,9 +362,15 @@ impl MemoryStore {
         self.put_new(key, flow, SlotState::Open { start_nanos, dims }, now);
     }
 
-    /// A new entry, due after the flow's timeout.
+    /// A new entry, due after the flow's timeout. Unless the cache's time-to-live will
+    /// time it (its flow is on the longest timeout and the entry is never written
+    /// again), its exact timer starts here.
     fn put_new(&self, key: Key, flow: Arc<str>, state: SlotState, now: u64) {
-        let deadline = now.saturating_add(self.timeout_nanos(&flow));
+        let timeout = self.timeout_nanos(&flow);
+        if !timed_by_ttl(Duration::from_nanos(timeout), self.ttl) || self.closed.uses_steps(&flow) {
+            self.exact.start(key, timeout);
+        }
+        let deadline = now.saturating_add(timeout);
         self.put(
             key,
             Slot {
@@ -367,6 +388,20 @@ impl MemoryStore {
             ages.opened(&slot.flow, start_nanos);
         }
         self.cache.insert(key, slot);
+    }
+
+    /// The exact timer of `key` fired: its instance is due, and is counted now as an
+    /// event of it would count it (under its shard lock).
+    fn time_out(&self, key: Key) {
+        // From the last snapshot on, what is in the file is the next run's to count.
+        if self.final_snapshot.is_taken() {
+            return;
+        }
+        let _recent = self.shard(key);
+        if let Some(slot) = self.take(key, self.clock.now()) {
+            // Not due: another instance under the key, which has its own timer.
+            self.put(key, slot);
+        }
     }
 
     /// Removes the key's entry if it is still live. An entry that is already past its
@@ -412,6 +447,9 @@ impl CorrelationStore for MemoryStore {
     }
 
     fn run_pending_tasks(&self) {
+        for key in self.exact.take_fired() {
+            self.time_out(key);
+        }
         self.cache.run_pending_tasks();
         if let Some(ages) = self.ages.get() {
             ages.report_if_due(&*self.sink, unix_nanos_now());

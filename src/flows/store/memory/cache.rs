@@ -27,6 +27,7 @@ use moka::notification::RemovalCause;
 use moka::policy::{EvictionPolicy, Expiry};
 use moka::sync::Cache;
 
+use super::exact_timeouts::ExactTimeouts;
 use super::saved::FinalSnapshot;
 use super::step_words::{Numbering, Words};
 use super::steps::{self, ClosedMarks, Pending, Stepped};
@@ -181,8 +182,14 @@ impl Expiry<Key, Slot> for Deadlines {
     fn expire_after_create(&self, _: &Key, slot: &Slot, created_at: Instant) -> Option<Duration> {
         let remaining =
             Duration::from_nanos(slot.deadline.saturating_sub(self.clock.at(created_at)));
-        (remaining + TTL_SLACK < self.ttl).then_some(remaining)
+        (!timed_by_ttl(remaining, self.ttl)).then_some(remaining)
     }
+}
+
+/// Whether an entry written with `remaining` time left is timed by the cache's
+/// time-to-live `ttl` (exact) rather than by a per-entry expiry (coarse).
+pub(super) fn timed_by_ttl(remaining: Duration, ttl: Duration) -> bool {
+    remaining + TTL_SLACK >= ttl
 }
 
 /// An open instance left the store: its start time no longer counts as open.
@@ -194,7 +201,8 @@ pub(super) fn forget_age(ages: &OnceLock<OpenAges>, slot: &Slot) {
 
 /// The cache every store uses: bounded, LRU, the longest timeout as time-to-live, a
 /// per-entry expiry for earlier deadlines, and the listener that counts what moka
-/// removes on its own.
+/// removes on its own. Also hands back the time-to-live.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn build_cache(
     settings: &StoreSettings,
     clock: Clock,
@@ -203,7 +211,8 @@ pub(super) fn build_cache(
     closed: Arc<ClosedMarks>,
     numbering: Arc<Numbering>,
     ages: Arc<OnceLock<OpenAges>>,
-) -> Cache<Key, Slot, RandomState> {
+    exact: Arc<ExactTimeouts>,
+) -> (Cache<Key, Slot, RandomState>, Duration) {
     let ttl = settings
         .longest_timeout
         .clamp(Duration::from_millis(1), LONGEST_TTL);
@@ -227,6 +236,7 @@ pub(super) fn build_cache(
             // Only an entry past its per-entry deadline is ever replaced (see above).
             RemovalCause::Replaced => Gone::TimedOut,
             RemovalCause::Size => {
+                exact.stop(*key);
                 eviction_warning.warn(format_args!(
                     "correlation store full (limits.max_in_flight): evicting the oldest \
                      entries (flow {}); raise the limit or shorten flow timeouts",
@@ -244,13 +254,14 @@ pub(super) fn build_cache(
         }
         on_removal(key, slot, cause);
     };
-    Cache::builder()
+    let cache = Cache::builder()
         .max_capacity(settings.capacity)
         .eviction_policy(EvictionPolicy::lru())
         .time_to_live(ttl)
         .expire_after(Deadlines { clock, ttl })
         .eviction_listener(listener)
-        .build_with_hasher(RandomState::default())
+        .build_with_hasher(RandomState::default());
+    (cache, ttl)
 }
 
 /// An entry that left without its counterpart: an open instance timed out or was
@@ -315,7 +326,9 @@ impl CacheBaseline {
                 Arc::new(ClosedMarks::new(&[], 0, 1)),
                 Arc::default(),
                 Arc::default(),
-            ),
+                Arc::new(ExactTimeouts::new(settings.capacity)),
+            )
+            .0,
             clock,
             flow: Arc::from("baseline"),
             dims: Arc::from([]),

@@ -34,10 +34,15 @@ pub(super) struct FinalSnapshot {
 }
 
 impl FinalSnapshot {
+    /// Whether the final snapshot has been taken.
+    pub(super) fn is_taken(&self) -> bool {
+        self.taken.load(Ordering::Acquire)
+    }
+
     /// Called by the listener for an entry moka removed: whether it is in the file, so
     /// the next run counts it (and it is tallied as such here).
     pub(super) fn leave_to_next_run(&self, key: Key) -> bool {
-        if !self.taken.load(Ordering::Acquire) {
+        if !self.is_taken() {
             return false;
         }
         let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);

@@ -101,7 +101,8 @@ impl ClosedMarks {
         self.any.store(true, Ordering::Release);
     }
 
-    fn uses_steps(&self, flow: &str) -> bool {
+    /// Whether the flow uses steps (declared, or seen with a step event).
+    pub(super) fn uses_steps(&self, flow: &str) -> bool {
         self.any.load(Ordering::Acquire)
             && self
                 .flows
@@ -311,6 +312,7 @@ impl MemoryStore {
         match &pending.end {
             Some(end) => {
                 complete(sink, &flow, &dims, start_nanos, &steps, end);
+                self.exact.stop(key);
                 self.closed.mark(&flow, key, now);
             }
             None => {

@@ -728,3 +728,44 @@ fn a_burst_of_a_million_expiries_is_all_counted_once() {
     assert_eq!(rec.get("b", "started"), N as i64);
     assert_eq!(t.entries(), 0);
 }
+
+#[test]
+fn instances_the_time_to_live_cannot_time_get_an_exact_timer_until_they_close() {
+    let (t, rec) = table_with_short_flow(4, Duration::from_secs(60));
+    t.apply(ev("long", "1", START, SEC));
+    assert_eq!(t.exact.running(), 0, "the time-to-live times it");
+    t.apply(ev("short", "1", START, SEC));
+    t.apply(ev("short", "2", START, SEC));
+    t.apply(ev("short", "w", OK, SEC));
+    assert_eq!(t.exact.running(), 3, "two open, one waiting end");
+    t.apply(ev("short", "1", OK, 2 * SEC));
+    t.apply(ev("short", "w", START, 0));
+    rec.expect("short", "success=2 in_progress=1");
+    assert_eq!(t.exact.running(), 1, "closed instances stop theirs");
+    // Evicted for room: its timer goes with it.
+    for i in 0..4 {
+        t.apply(ev("long", &format!("fill{i}"), START, SEC));
+        t.run_pending_tasks();
+    }
+    rec.expect("short", "dropped=1 in_progress=0");
+    assert_eq!(t.exact.running(), 0);
+}
+
+#[test]
+fn a_shorter_timeout_is_counted_at_its_deadline_not_a_timer_wheel_tick_later() {
+    // moka's timer wheel counts ticks of 1.07 s from the cache's creation: a deadline
+    // 100 ms after it would be removed by the wheel only after the first tick.
+    let (t, rec) = table_with_short_flow(1000, Duration::from_millis(100));
+    t.apply(ev("short", "1", START, SEC));
+    t.apply(ev("short", "w", OK, SEC));
+    std::thread::sleep(Duration::from_millis(250));
+    t.run_pending_tasks();
+    rec.expect("short", "incomplete=1 unmatched=1 in_progress=0");
+    assert_eq!(t.entries(), 0);
+    // The same id again is a new instance, with a timer of its own; nothing is
+    // counted twice when the wheel passes.
+    t.apply(ev("short", "1", START, 3 * SEC));
+    std::thread::sleep(Duration::from_millis(250));
+    keep_house(&t, 60);
+    rec.expect("short", "started=2 incomplete=2 unmatched=1 in_progress=0");
+}
