@@ -781,7 +781,7 @@ fn scrape_storm_row(bin: &Path) -> Row {
 
 /// (7) Timeliness of time-outs: every flow with the longest timeout (moka's exact
 /// time-to-live), a flow whose timeout is shorter than another's, and instances written
-/// again by a step (the store's exact timers, one moka cache per distinct timeout).
+/// again by a step (batches of 50 ms of starts, one moka cache per distinct timeout).
 fn timeliness_rows(sizes: &Sizes) -> Vec<Row> {
     progress("timeliness: how late incomplete flows are counted");
     let mut rows = Vec::new();
@@ -792,14 +792,14 @@ fn timeliness_rows(sizes: &Sizes) -> Vec<Row> {
             "1 s timeout, another flow 10 s",
             10,
             false,
-            "exact timer (time-to-live of the 1 s timer cache)",
+            "time-to-live of the 1 s timeout's batches",
         ),
         (
             "timeout_lateness_stepped",
             "1 s timeout, a step each",
             1,
             true,
-            "exact timer (time-to-live of the 1 s timer cache)",
+            "time-to-live of the 1 s timeout's batches",
         ),
     ] {
         let l = inproc::timeliness(

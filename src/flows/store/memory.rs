@@ -8,10 +8,10 @@
 //! (entries leave in write order); an entry whose deadline comes sooner (a flow with a
 //! shorter timeout, an entry put back after a step or a duplicate) also gets a per-entry
 //! expiry, which moka's timer wheel applies up to ~1 s late, so such an instance also
-//! gets an exact timer when it is made (`exact_timeouts`).
+//! goes into a batch timed exactly when it is made (`exact_timeouts`).
 //!
 //! The files: `cache` (the moka cache, its entries and its listener, and why every
-//! instance is counted exactly once), `exact_timeouts` (the timers), `steps` and
+//! instance is counted exactly once), `exact_timeouts` (exact time-outs), `steps` and
 //! `step_words` (flow steps), `saved` (snapshot and restore), `housekeeping` (the thread
 //! that runs moka's pending tasks); here, how each event changes its entry.
 
@@ -74,8 +74,8 @@ pub struct MemoryStore {
     /// Open-instance ages of flows with an overdue threshold (docs/behaviour.md §10);
     /// unset: no flow has one, and nothing is kept.
     ages: Arc<OnceLock<OpenAges>>,
-    /// Exact timers of the instances the cache's time-to-live cannot time.
-    exact: Arc<ExactTimeouts>,
+    /// Exact time-outs of the instances the cache's time-to-live cannot time.
+    exact: ExactTimeouts,
     /// The cache's time-to-live: the longest timeout.
     ttl: Duration,
 }
@@ -112,7 +112,6 @@ impl MemoryStore {
         ));
         let ages = Arc::new(OnceLock::new());
         let numbering = Arc::new(numbering);
-        let exact = Arc::new(ExactTimeouts::new(settings.capacity));
         let (cache, ttl) = build_cache(
             &settings,
             clock,
@@ -121,7 +120,6 @@ impl MemoryStore {
             closed.clone(),
             numbering.clone(),
             ages.clone(),
-            exact.clone(),
         );
         let window_nanos = u64::try_from(settings.dedup_window.as_nanos()).unwrap_or(u64::MAX);
         let shards = (0..SHARDS)
@@ -142,7 +140,7 @@ impl MemoryStore {
             closed,
             numbering,
             ages,
-            exact,
+            exact: ExactTimeouts::new(settings.capacity),
             ttl,
         }
     }
@@ -343,10 +341,7 @@ impl MemoryStore {
         };
         match waiting {
             Some(state) => self.put(key, Slot { state, ..slot }),
-            None => {
-                self.exact.stop(key);
-                self.closed.mark(flow, key, now);
-            }
+            None => self.closed.mark(flow, key, now),
         }
     }
 
@@ -364,11 +359,11 @@ impl MemoryStore {
 
     /// A new entry, due after the flow's timeout. Unless the cache's time-to-live will
     /// time it (its flow is on the longest timeout and the entry is never written
-    /// again), its exact timer starts here.
+    /// again), it also goes into a batch of its timeout (`exact_timeouts`).
     fn put_new(&self, key: Key, flow: Arc<str>, state: SlotState, now: u64) {
         let timeout = self.timeout_nanos(&flow);
         if !timed_by_ttl(Duration::from_nanos(timeout), self.ttl) || self.closed.uses_steps(&flow) {
-            self.exact.start(key, timeout);
+            self.exact.start(key, timeout, now);
         }
         let deadline = now.saturating_add(timeout);
         self.put(
@@ -390,8 +385,8 @@ impl MemoryStore {
         self.cache.insert(key, slot);
     }
 
-    /// The exact timer of `key` fired: its instance is due, and is counted now as an
-    /// event of it would count it (under its shard lock).
+    /// The batch holding `key` expired: its instance, if still open, is due, and is
+    /// counted now as an event of it would count it (under its shard lock).
     fn time_out(&self, key: Key) {
         // From the last snapshot on, what is in the file is the next run's to count.
         if self.final_snapshot.is_taken() {
@@ -399,7 +394,7 @@ impl MemoryStore {
         }
         let _recent = self.shard(key);
         if let Some(slot) = self.take(key, self.clock.now()) {
-            // Not due: another instance under the key, which has its own timer.
+            // Not due: a later instance under the key, in a batch of its own.
             self.put(key, slot);
         }
     }
@@ -447,7 +442,7 @@ impl CorrelationStore for MemoryStore {
     }
 
     fn run_pending_tasks(&self) {
-        for key in self.exact.take_fired() {
+        for key in self.exact.take_due() {
             self.time_out(key);
         }
         self.cache.run_pending_tasks();

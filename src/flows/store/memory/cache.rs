@@ -27,7 +27,6 @@ use moka::notification::RemovalCause;
 use moka::policy::{EvictionPolicy, Expiry};
 use moka::sync::Cache;
 
-use super::exact_timeouts::ExactTimeouts;
 use super::saved::FinalSnapshot;
 use super::step_words::{Numbering, Words};
 use super::steps::{self, ClosedMarks, Pending, Stepped};
@@ -202,7 +201,6 @@ pub(super) fn forget_age(ages: &OnceLock<OpenAges>, slot: &Slot) {
 /// The cache every store uses: bounded, LRU, the longest timeout as time-to-live, a
 /// per-entry expiry for earlier deadlines, and the listener that counts what moka
 /// removes on its own. Also hands back the time-to-live.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn build_cache(
     settings: &StoreSettings,
     clock: Clock,
@@ -211,7 +209,6 @@ pub(super) fn build_cache(
     closed: Arc<ClosedMarks>,
     numbering: Arc<Numbering>,
     ages: Arc<OnceLock<OpenAges>>,
-    exact: Arc<ExactTimeouts>,
 ) -> (Cache<Key, Slot, RandomState>, Duration) {
     let ttl = settings
         .longest_timeout
@@ -236,7 +233,6 @@ pub(super) fn build_cache(
             // Only an entry past its per-entry deadline is ever replaced (see above).
             RemovalCause::Replaced => Gone::TimedOut,
             RemovalCause::Size => {
-                exact.stop(*key);
                 eviction_warning.warn(format_args!(
                     "correlation store full (limits.max_in_flight): evicting the oldest \
                      entries (flow {}); raise the limit or shorten flow timeouts",
@@ -326,7 +322,6 @@ impl CacheBaseline {
                 Arc::new(ClosedMarks::new(&[], 0, 1)),
                 Arc::default(),
                 Arc::default(),
-                Arc::new(ExactTimeouts::new(settings.capacity)),
             )
             .0,
             clock,

@@ -4,20 +4,25 @@
 //! an entry's last write: it times an instance of a flow on the longest timeout that is
 //! never written again. Any other deadline (a flow with a shorter timeout, an instance
 //! written again by each of its steps) falls to moka's per-entry expiry, whose timer
-//! wheel fires up to ~1.07 s late. So such an instance also gets a timer here: an entry
-//! in a small moka cache of its timeout (one per distinct timeout, each with that
-//! timeout as its exact time-to-live) written once, when the instance is made. When it
-//! expires, the store's housekeeping takes the instance out of the main cache and counts
-//! it (under the instance's shard lock, as any event of it), about a housekeeping
-//! interval after its deadline.
+//! wheel fires up to ~1.07 s late.
 //!
-//! The main cache stays the one place that holds instances and enforces
-//! `limits.max_in_flight`; a timer holds only the 16-byte key. A timer left behind (its
-//! instance closed by an end before it was stopped, or evicted) finds nothing when it
-//! fires. The per-entry expiry stays as the backstop: whichever of the two removes an
-//! instance first counts it.
+//! So such an instance is also put in a batch: the keys of the instances of one timeout
+//! made within one window of time (50 ms), the value of one entry of a small moka cache
+//! of that timeout. The entry is written once, by the window's first instance, and the
+//! cache's time-to-live is the timeout plus one window, which moka applies exactly: the
+//! batch expires after every deadline in it (at most two windows after each), and the
+//! store's housekeeping then takes each of its instances that is still there out of the
+//! main cache and counts it (under the instance's shard lock, as an event of it would).
+//! An instance costs its 16-byte key in a batch, not a moka entry of its own; a key
+//! whose instance closed meanwhile stays until its batch expires, and finds nothing.
+//! So the keys held are bounded apart (twice `limits.max_in_flight`): past that, new
+//! instances are left to the per-entry expiry until batches expire.
+//!
+//! The main cache stays the one place that holds instances, enforces
+//! `limits.max_in_flight` and counts what it removes (its listener); its per-entry
+//! expiry stays the backstop (whichever removes an instance first counts it).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -28,110 +33,194 @@ use moka::sync::Cache;
 
 use super::cache::Key;
 
-/// Distinct timeouts with a timer cache of their own; the timeouts come from the
+/// The span of starts one batch holds, at most (a batch expires up to two of them
+/// after a deadline in it).
+const WINDOW_NANOS: u64 = 50_000_000;
+/// Windows of one timeout alive at once, at most: a longer timeout gets wider windows.
+const MAX_WINDOWS: u64 = 100_000;
+/// Beyond this window (timeouts over ~14 h), moka's per-entry expiry is as close.
+const MAX_WINDOW_NANOS: u64 = 500_000_000;
+/// Distinct timeouts with batches of their own; the timeouts come from the
 /// configuration, so this is only a guard. Beyond it, the per-entry expiry times them.
 const MAX_TIMEOUTS: usize = 64;
 
-/// The keys of one timeout's running timers; its time-to-live is that timeout.
-type TimerCache = Cache<Key, (), RandomState>;
+/// The keys of the instances of one timeout made in one window.
+type Batch = Arc<Mutex<Vec<Key>>>;
 
-/// One timer cache per distinct timeout, and the keys whose timers fired.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The batches of one timeout.
+struct Timeout {
+    timeout_nanos: u64,
+    window_nanos: u64,
+    /// Window number → its batch; time-to-live: the timeout plus one window.
+    batches: Cache<u64, Batch, RandomState>,
+    /// The newest window and its batch: most instances go there without a cache call.
+    filling: Mutex<Option<(u64, Batch)>>,
+}
+
+impl Timeout {
+    fn new(
+        timeout_nanos: u64,
+        window_nanos: u64,
+        fired: Arc<Mutex<Vec<Batch>>>,
+        held: Arc<AtomicU64>,
+    ) -> Self {
+        let batches = Cache::builder()
+            // Windows alive at once: the timeout's, one more for the time-to-live, and
+            // room for late clock readings. Never reached, so nothing is evicted.
+            .max_capacity(2 * (timeout_nanos / window_nanos + 2))
+            .eviction_policy(EvictionPolicy::lru())
+            .time_to_live(Duration::from_nanos(
+                timeout_nanos.saturating_add(window_nanos),
+            ))
+            // Called by moka's housekeeping, or inside an insert (with a shard lock
+            // held): only hand the batch over.
+            .eviction_listener(move |_: Arc<u64>, batch: Batch, cause| match cause {
+                RemovalCause::Expired => lock(&fired).push(batch),
+                // Not due: the per-entry expiry times its instances.
+                _ => {
+                    held.fetch_sub(lock(&batch).len() as u64, Ordering::Relaxed);
+                }
+            })
+            .build_with_hasher(RandomState::default());
+        Self {
+            timeout_nanos,
+            window_nanos,
+            batches,
+            filling: Mutex::new(None),
+        }
+    }
+
+    /// Adds `key`, made at `now` (store clock), to its window's batch. A batch is
+    /// written when its window's first instance comes, so it expires no earlier than
+    /// the timeout plus one window after the window began: after every deadline in it.
+    fn add(&self, key: Key, now: u64) {
+        let window = now / self.window_nanos;
+        let mut filling = lock(&self.filling);
+        let batch = match &*filling {
+            Some((newest, batch)) if *newest == window => return lock(batch).push(key),
+            // A clock reading older than the newest window (read before another
+            // thread's): its batch, made now if need be (then it expires later).
+            Some((newest, _)) if *newest > window => {
+                drop(filling);
+                self.batches.get_with(window, Batch::default)
+            }
+            _ => {
+                let batch = Batch::default();
+                self.batches.insert(window, batch.clone());
+                *filling = Some((window, batch.clone()));
+                batch
+            }
+        };
+        lock(&batch).push(key);
+    }
+}
+
+/// The batches of every distinct timeout, and those that expired.
 pub(super) struct ExactTimeouts {
-    /// Each timer cache holds at most this many keys (`limits.max_in_flight`).
-    capacity: u64,
-    /// Set once a timer cache exists: until then, stopping a timer is one load.
+    /// Set once a timeout has batches: until then, the housekeeping has nothing to run.
     any: AtomicBool,
-    /// (timeout in nanoseconds, its timer cache).
-    timers: RwLock<Vec<(u64, TimerCache)>>,
-    /// Keys whose timers expired since the housekeeping last took them.
-    fired: Arc<Mutex<Vec<Key>>>,
+    timeouts: RwLock<Vec<Timeout>>,
+    /// Expired batches, until the housekeeping takes them.
+    fired: Arc<Mutex<Vec<Batch>>>,
+    /// Keys in batches, and their bound.
+    held: Arc<AtomicU64>,
+    max_held: u64,
 }
 
 impl ExactTimeouts {
+    /// `capacity`: the store's (`limits.max_in_flight`); batches hold twice as many keys.
     pub(super) fn new(capacity: u64) -> Self {
         Self {
-            capacity,
             any: AtomicBool::new(false),
-            timers: RwLock::new(Vec::new()),
+            timeouts: RwLock::new(Vec::new()),
             fired: Arc::default(),
+            held: Arc::default(),
+            max_held: capacity.saturating_mul(2),
         }
     }
 
-    /// Starts the timer of a new entry due `timeout_nanos` from now. Written once per
-    /// instance: a second write would move its deadline.
-    pub(super) fn start(&self, key: Key, timeout_nanos: u64) {
+    /// Times the instance `key`, made at `now` (store clock) and due `timeout_nanos`
+    /// later. Once per instance.
+    pub(super) fn start(&self, key: Key, timeout_nanos: u64, now: u64) {
+        if self.held.fetch_add(1, Ordering::Relaxed) >= self.max_held {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        if !self.add(key, timeout_nanos, now) {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds `key` to its timeout's batches, made if need be; `false`: not batched.
+    fn add(&self, key: Key, timeout_nanos: u64, now: u64) -> bool {
         {
-            let timers = self.timers.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some((_, timer)) = timers.iter().find(|(t, _)| *t == timeout_nanos) {
-                timer.insert(key, ());
-                return;
+            let timeouts = self.timeouts.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(t) = timeouts.iter().find(|t| t.timeout_nanos == timeout_nanos) {
+                t.add(key, now);
+                return true;
             }
         }
-        let mut timers = self.timers.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, timer)) = timers.iter().find(|(t, _)| *t == timeout_nanos) {
-            timer.insert(key, ());
-            return;
+        let window_nanos = WINDOW_NANOS.max(timeout_nanos / MAX_WINDOWS);
+        if window_nanos > MAX_WINDOW_NANOS {
+            return false;
         }
-        if timers.len() >= MAX_TIMEOUTS {
-            return;
+        let mut timeouts = self
+            .timeouts
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !timeouts.iter().any(|t| t.timeout_nanos == timeout_nanos) {
+            if timeouts.len() >= MAX_TIMEOUTS {
+                return false;
+            }
+            timeouts.push(Timeout::new(
+                timeout_nanos,
+                window_nanos,
+                self.fired.clone(),
+                self.held.clone(),
+            ));
+            self.any.store(true, Ordering::Release);
         }
-        let timer = self.timer_cache(timeout_nanos);
-        timer.insert(key, ());
-        timers.push((timeout_nanos, timer));
-        self.any.store(true, Ordering::Release);
+        match timeouts.iter().find(|t| t.timeout_nanos == timeout_nanos) {
+            Some(t) => {
+                t.add(key, now);
+                true
+            }
+            None => false,
+        }
     }
 
-    fn timer_cache(&self, timeout_nanos: u64) -> TimerCache {
-        let fired = self.fired.clone();
-        Cache::builder()
-            .max_capacity(self.capacity)
-            .eviction_policy(EvictionPolicy::lru())
-            .time_to_live(Duration::from_nanos(timeout_nanos))
-            // Called by moka's housekeeping, or inside an insert or remove of a timer
-            // that has just expired (with a shard lock held): only note the key.
-            .eviction_listener(move |key: Arc<Key>, (), cause| {
-                if cause == RemovalCause::Expired {
-                    fired
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(*key);
-                }
-            })
-            .build_with_hasher(RandomState::default())
-    }
-
-    /// Stops the timer of `key`, if it has one (its instance closed or was evicted).
-    pub(super) fn stop(&self, key: Key) {
+    /// Runs the batches' housekeeping and hands back the keys of those that expired:
+    /// every instance among them that is still open is due.
+    pub(super) fn take_due(&self) -> Vec<Key> {
         if !self.any.load(Ordering::Acquire) {
-            return;
+            return Vec::new();
         }
-        let timers = self.timers.read().unwrap_or_else(PoisonError::into_inner);
-        for (_, timer) in timers.iter() {
-            timer.invalidate(&key);
-        }
-    }
-
-    /// Runs the timer caches' housekeeping and hands back the keys whose timers fired.
-    pub(super) fn take_fired(&self) -> Vec<Key> {
-        if self.any.load(Ordering::Acquire) {
-            let timers = self.timers.read().unwrap_or_else(PoisonError::into_inner);
-            for (_, timer) in timers.iter() {
-                timer.run_pending_tasks();
+        {
+            let timeouts = self.timeouts.read().unwrap_or_else(PoisonError::into_inner);
+            for t in timeouts.iter() {
+                t.batches.run_pending_tasks();
             }
         }
-        std::mem::take(&mut *self.fired.lock().unwrap_or_else(PoisonError::into_inner))
+        let fired = std::mem::take(&mut *lock(&self.fired));
+        let due: Vec<Key> = fired
+            .iter()
+            .flat_map(|batch| std::mem::take(&mut *lock(batch)))
+            .collect();
+        self.held.fetch_sub(due.len() as u64, Ordering::Relaxed);
+        due
     }
 
-    /// Timers running (tests and the benchmark).
+    /// Keys in batches that have not expired (tests).
     #[cfg(test)]
-    pub(super) fn running(&self) -> u64 {
-        let timers = self.timers.read().unwrap_or_else(PoisonError::into_inner);
-        timers
+    pub(super) fn waiting(&self) -> usize {
+        let timeouts = self.timeouts.read().unwrap_or_else(PoisonError::into_inner);
+        timeouts
             .iter()
-            .map(|(_, timer)| {
-                timer.run_pending_tasks();
-                timer.entry_count()
-            })
+            .flat_map(|t| t.batches.iter().map(|(_, batch)| lock(&batch).len()))
             .sum()
     }
 }

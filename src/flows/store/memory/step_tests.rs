@@ -460,7 +460,7 @@ fn a_version_1_state_file_is_read_as_before() {
 fn an_instance_written_again_by_a_step_times_out_at_its_deadline() {
     // The step writes the entry again, so the cache's time-to-live would count from
     // the step (400 ms) and moka's timer wheel from its first tick (1.07 s): the
-    // instance's exact timer counts it at 300 ms.
+    // instance's batch (exact_timeouts) counts it at 300 ms.
     let (s, log) = store_with(Duration::from_millis(300), &["order"]);
     s.apply(start("1", 10));
     std::thread::sleep(Duration::from_millis(100));

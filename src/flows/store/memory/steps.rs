@@ -312,7 +312,6 @@ impl MemoryStore {
         match &pending.end {
             Some(end) => {
                 complete(sink, &flow, &dims, start_nanos, &steps, end);
-                self.exact.stop(key);
                 self.closed.mark(&flow, key, now);
             }
             None => {

@@ -730,25 +730,41 @@ fn a_burst_of_a_million_expiries_is_all_counted_once() {
 }
 
 #[test]
-fn instances_the_time_to_live_cannot_time_get_an_exact_timer_until_they_close() {
-    let (t, rec) = table_with_short_flow(4, Duration::from_secs(60));
+fn instances_the_time_to_live_cannot_time_are_batched_and_only_open_ones_time_out() {
+    let (t, rec) = table_with_short_flow(1000, Duration::from_millis(100));
     t.apply(ev("long", "1", START, SEC));
-    assert_eq!(t.exact.running(), 0, "the time-to-live times it");
+    assert_eq!(t.exact.waiting(), 0, "the time-to-live times it");
     t.apply(ev("short", "1", START, SEC));
     t.apply(ev("short", "2", START, SEC));
     t.apply(ev("short", "w", OK, SEC));
-    assert_eq!(t.exact.running(), 3, "two open, one waiting end");
+    assert_eq!(t.exact.waiting(), 3, "two open, one waiting end");
+    // Closed before the batch expires: their keys find nothing then.
     t.apply(ev("short", "1", OK, 2 * SEC));
     t.apply(ev("short", "w", START, 0));
-    rec.expect("short", "success=2 in_progress=1");
-    assert_eq!(t.exact.running(), 1, "closed instances stop theirs");
-    // Evicted for room: its timer goes with it.
-    for i in 0..4 {
-        t.apply(ev("long", &format!("fill{i}"), START, SEC));
+    std::thread::sleep(Duration::from_millis(250));
+    t.run_pending_tasks();
+    rec.expect(
+        "short",
+        "started=3 success=2 incomplete=1 unmatched=0 in_progress=0",
+    );
+    assert_eq!(t.exact.waiting(), 0);
+    keep_house(&t, 60);
+    rec.expect("short", "incomplete=1");
+    rec.expect("long", "incomplete=0 in_progress=1");
+}
+
+#[test]
+fn an_instance_evicted_for_room_is_not_timed_out_by_its_batch() {
+    let (t, rec) = table_with_short_flow(2, Duration::from_millis(100));
+    t.apply(ev("short", "1", START, SEC));
+    for i in 0..3 {
+        t.apply(ev("long", &i.to_string(), START, SEC));
         t.run_pending_tasks();
     }
-    rec.expect("short", "dropped=1 in_progress=0");
-    assert_eq!(t.exact.running(), 0);
+    rec.expect("short", "dropped=1");
+    std::thread::sleep(Duration::from_millis(250));
+    keep_house(&t, 3);
+    rec.expect("short", "dropped=1 incomplete=0 in_progress=0");
 }
 
 #[test]
@@ -768,4 +784,24 @@ fn a_shorter_timeout_is_counted_at_its_deadline_not_a_timer_wheel_tick_later() {
     std::thread::sleep(Duration::from_millis(250));
     keep_house(&t, 60);
     rec.expect("short", "started=2 incomplete=2 unmatched=1 in_progress=0");
+}
+
+#[test]
+fn batches_hold_at_most_twice_the_capacity_in_keys() {
+    let (t, rec) = table_with_short_flow(3, Duration::from_millis(100));
+    for i in 0..7 {
+        t.apply(ev("short", &i.to_string(), START, SEC));
+        t.apply(ev("short", &i.to_string(), OK, 2 * SEC));
+    }
+    assert_eq!(
+        t.exact.waiting(),
+        6,
+        "closed instances' keys stay, up to the bound"
+    );
+    std::thread::sleep(Duration::from_millis(250));
+    t.run_pending_tasks();
+    assert_eq!(t.exact.waiting(), 0);
+    t.apply(ev("short", "again", START, SEC));
+    assert_eq!(t.exact.waiting(), 1, "room again once batches expired");
+    rec.expect("short", "success=7 incomplete=0 in_progress=1");
 }
