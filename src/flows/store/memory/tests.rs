@@ -805,3 +805,49 @@ fn batches_hold_at_most_twice_the_capacity_in_keys() {
     assert_eq!(t.exact.waiting(), 1, "room again once batches expired");
     rec.expect("short", "success=7 incomplete=0 in_progress=1");
 }
+
+#[test]
+fn ends_racing_batch_time_outs_count_each_instance_once() {
+    // 20,000 instances of a flow with a shorter timeout, ended while their batches
+    // expire (housekeeping running flat out on another thread): each instance is
+    // completed or timed out, never both, and each end completes one or waits.
+    const N: u64 = 20_000;
+    let timeout = Duration::from_secs(1);
+    let (t, rec) = table_with_short_flow(100_000, timeout);
+    let mut opened = Vec::with_capacity(N as usize);
+    for i in 0..N {
+        opened.push(Instant::now());
+        t.apply(ev("short", &i.to_string(), START, SEC));
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keeper = {
+        let (t, stop) = (t.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                t.run_pending_tasks();
+            }
+        })
+    };
+    // Each end comes about when its instance is due: some just before, most after.
+    for i in 0..N {
+        let due = opened[i as usize] + timeout - Duration::from_millis(3);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        t.apply(ev("short", &i.to_string(), OK, 2 * SEC));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    keeper.join().unwrap();
+    keep_house(&t, 60);
+    let [success, incomplete, unmatched] =
+        rec.counts("short", ["success", "incomplete", "unmatched"]);
+    assert_eq!(success + incomplete, N as i64, "each instance closed once");
+    assert_eq!(
+        success + unmatched,
+        N as i64,
+        "each end completed one or waited"
+    );
+    rec.expect("short", "in_progress=0");
+    assert_eq!(t.entries(), 0);
+}
