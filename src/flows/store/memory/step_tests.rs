@@ -458,14 +458,18 @@ fn a_version_1_state_file_is_read_as_before() {
 
 #[test]
 fn an_instance_written_again_by_a_step_times_out_at_its_deadline() {
-    // The step writes the entry again, so the cache's time-to-live would count from
-    // the step (400 ms) and moka's timer wheel from its first tick (1.07 s): the
-    // instance's batch (exact_timeouts) counts it at 300 ms.
+    // The step at 200 ms writes the entry again, so the cache's time-to-live would count
+    // from the step (500 ms) and moka's timer wheel from its first tick (1.07 s): the
+    // instance's batch (exact_timeouts) expires by 350 ms (deadline 300 ms plus at most
+    // one 50 ms window), and it is looked at 430 ms in.
     let (s, log) = store_with(Duration::from_millis(300), &["order"]);
+    let made = std::time::Instant::now();
     s.apply(start("1", 10));
-    std::thread::sleep(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_millis(200));
     s.apply(step("1", "paid", 11));
-    std::thread::sleep(Duration::from_millis(250));
+    std::thread::sleep(
+        (made + Duration::from_millis(430)).saturating_duration_since(std::time::Instant::now()),
+    );
     s.run_pending_tasks();
     assert_eq!(log.get("incomplete"), 1);
     assert_eq!(log.get("stalled paid"), 1, "{:?}", log.lines());
