@@ -112,7 +112,7 @@ impl MemoryStore {
         ));
         let ages = Arc::new(OnceLock::new());
         let numbering = Arc::new(numbering);
-        let (cache, ttl) = build_cache(
+        let cache = build_cache(
             &settings,
             clock,
             sink.clone(),
@@ -127,6 +127,8 @@ impl MemoryStore {
             .collect();
         let seed =
             std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+        // Which entries the time-to-live times exactly (see `put_new`).
+        let ttl = cache.policy().time_to_live().unwrap_or(Duration::MAX);
         Self {
             cache,
             shards,

@@ -200,7 +200,7 @@ pub(super) fn forget_age(ages: &OnceLock<OpenAges>, slot: &Slot) {
 
 /// The cache every store uses: bounded, LRU, the longest timeout as time-to-live, a
 /// per-entry expiry for earlier deadlines, and the listener that counts what moka
-/// removes on its own. Also hands back the time-to-live.
+/// removes on its own.
 pub(super) fn build_cache(
     settings: &StoreSettings,
     clock: Clock,
@@ -209,7 +209,7 @@ pub(super) fn build_cache(
     closed: Arc<ClosedMarks>,
     numbering: Arc<Numbering>,
     ages: Arc<OnceLock<OpenAges>>,
-) -> (Cache<Key, Slot, RandomState>, Duration) {
+) -> Cache<Key, Slot, RandomState> {
     let ttl = settings
         .longest_timeout
         .clamp(Duration::from_millis(1), LONGEST_TTL);
@@ -250,14 +250,13 @@ pub(super) fn build_cache(
         }
         on_removal(key, slot, cause);
     };
-    let cache = Cache::builder()
+    Cache::builder()
         .max_capacity(settings.capacity)
         .eviction_policy(EvictionPolicy::lru())
         .time_to_live(ttl)
         .expire_after(Deadlines { clock, ttl })
         .eviction_listener(listener)
-        .build_with_hasher(RandomState::default());
-    (cache, ttl)
+        .build_with_hasher(RandomState::default())
 }
 
 /// An entry that left without its counterpart: an open instance timed out or was
@@ -322,8 +321,7 @@ impl CacheBaseline {
                 Arc::new(ClosedMarks::new(&[], 0, 1)),
                 Arc::default(),
                 Arc::default(),
-            )
-            .0,
+            ),
             clock,
             flow: Arc::from("baseline"),
             dims: Arc::from([]),

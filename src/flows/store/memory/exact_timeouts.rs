@@ -157,10 +157,15 @@ impl ExactTimeouts {
 
     /// Adds `key` to its timeout's batches, made if need be; `false`: not batched.
     fn add(&self, key: Key, timeout_nanos: u64, now: u64) -> bool {
+        let of = |timeouts: &[Timeout]| -> Option<usize> {
+            timeouts
+                .iter()
+                .position(|t| t.timeout_nanos == timeout_nanos)
+        };
         {
             let timeouts = self.timeouts.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(t) = timeouts.iter().find(|t| t.timeout_nanos == timeout_nanos) {
-                t.add(key, now);
+            if let Some(i) = of(&timeouts) {
+                timeouts[i].add(key, now);
                 return true;
             }
         }
@@ -172,25 +177,22 @@ impl ExactTimeouts {
             .timeouts
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if !timeouts.iter().any(|t| t.timeout_nanos == timeout_nanos) {
-            if timeouts.len() >= MAX_TIMEOUTS {
-                return false;
+        let i = match of(&timeouts) {
+            Some(i) => i,
+            None if timeouts.len() >= MAX_TIMEOUTS => return false,
+            None => {
+                timeouts.push(Timeout::new(
+                    timeout_nanos,
+                    window_nanos,
+                    self.fired.clone(),
+                    self.held.clone(),
+                ));
+                self.any.store(true, Ordering::Release);
+                timeouts.len() - 1
             }
-            timeouts.push(Timeout::new(
-                timeout_nanos,
-                window_nanos,
-                self.fired.clone(),
-                self.held.clone(),
-            ));
-            self.any.store(true, Ordering::Release);
-        }
-        match timeouts.iter().find(|t| t.timeout_nanos == timeout_nanos) {
-            Some(t) => {
-                t.add(key, now);
-                true
-            }
-            None => false,
-        }
+        };
+        timeouts[i].add(key, now);
+        true
     }
 
     /// Runs the batches' housekeeping and hands back the keys of those that expired:

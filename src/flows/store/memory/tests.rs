@@ -156,6 +156,13 @@ fn on_threads(t: &Arc<MemoryStore>, threads: u64, n: u64, event: fn(u64, u64) ->
     }
 }
 
+/// Waits until instances of `table_with_short_flow(_, 100 ms)` made just before are
+/// due and their batches have expired (the deadline plus at most one 50 ms window),
+/// with room to spare.
+fn past_the_short_batches() {
+    std::thread::sleep(Duration::from_millis(250));
+}
+
 /// Runs the housekeeping `rounds` times, 20 ms apart.
 fn keep_house(t: &MemoryStore, rounds: u32) {
     for _ in 0..rounds {
@@ -741,7 +748,7 @@ fn instances_the_time_to_live_cannot_time_are_batched_and_only_open_ones_time_ou
     // Closed before the batch expires: their keys find nothing then.
     t.apply(ev("short", "1", OK, 2 * SEC));
     t.apply(ev("short", "w", START, 0));
-    std::thread::sleep(Duration::from_millis(250));
+    past_the_short_batches();
     t.run_pending_tasks();
     rec.expect(
         "short",
@@ -762,7 +769,7 @@ fn an_instance_evicted_for_room_is_not_timed_out_by_its_batch() {
         t.run_pending_tasks();
     }
     rec.expect("short", "dropped=1");
-    std::thread::sleep(Duration::from_millis(250));
+    past_the_short_batches();
     keep_house(&t, 3);
     rec.expect("short", "dropped=1 incomplete=0 in_progress=0");
 }
@@ -774,14 +781,14 @@ fn a_shorter_timeout_is_counted_at_its_deadline_not_a_timer_wheel_tick_later() {
     let (t, rec) = table_with_short_flow(1000, Duration::from_millis(100));
     t.apply(ev("short", "1", START, SEC));
     t.apply(ev("short", "w", OK, SEC));
-    std::thread::sleep(Duration::from_millis(250));
+    past_the_short_batches();
     t.run_pending_tasks();
     rec.expect("short", "incomplete=1 unmatched=1 in_progress=0");
     assert_eq!(t.entries(), 0);
     // The same id again is a new instance, with a timer of its own; nothing is
     // counted twice when the wheel passes.
     t.apply(ev("short", "1", START, 3 * SEC));
-    std::thread::sleep(Duration::from_millis(250));
+    past_the_short_batches();
     keep_house(&t, 60);
     rec.expect("short", "started=2 incomplete=2 unmatched=1 in_progress=0");
 }
@@ -798,7 +805,7 @@ fn batches_hold_at_most_twice_the_capacity_in_keys() {
         6,
         "closed instances' keys stay, up to the bound"
     );
-    std::thread::sleep(Duration::from_millis(250));
+    past_the_short_batches();
     t.run_pending_tasks();
     assert_eq!(t.exact.waiting(), 0);
     t.apply(ev("short", "again", START, SEC));
