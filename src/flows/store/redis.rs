@@ -71,7 +71,7 @@ mod pool;
 mod steps;
 use codec::{digest, encode, hex};
 use outcomes::Pending;
-use pool::{store_error, Conn, Pool, Target};
+use pool::{is_dropped_reply, store_error, Conn, Pool, Target};
 pub use pool::{CaFileError, RedisSetupError};
 
 /// Events per script call: bounds how long one call holds the server.
@@ -380,7 +380,7 @@ impl RedisStore {
             |results| {
                 results
                     .iter()
-                    .find_map(|r| r.as_ref().err())
+                    .find_map(|r| r.as_ref().err().filter(|e| !is_dropped_reply(e)))
                     .map(store_error)
             },
         )
@@ -442,8 +442,8 @@ impl RedisStore {
     /// Pops every shard's instances past their deadline and reports them.
     fn sweep(&self) {
         // A sweep's reply cannot be read back (unlike an apply's): on a cluster, where a
-        // NOSCRIPT or a failed node in a pipeline loses the replies of the calls sent
-        // with it, each shard is swept in a call of its own.
+        // call refused in a pipeline (NOSCRIPT) drops the replies of the calls sent with
+        // it, each shard is swept in a call of its own.
         let per_call = match self.pool.target {
             Target::Cluster(_) => 1,
             Target::One(_) => self.shards.len(),
@@ -581,6 +581,11 @@ impl CorrelationStore for RedisStore {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(call.result_key);
+                }
+                Err(e) if is_dropped_reply(&e) => {
+                    if let Err(e) = self.read_back(call) {
+                        refused.get_or_insert(e);
+                    }
                 }
                 Err(e) => {
                     refused.get_or_insert_with(|| store_error(&e));

@@ -10,7 +10,9 @@ use super::codec::{decode, open_start, parse_netstrings, Entry};
 use super::steps::{self, StoredStep};
 use super::{Call, RedisStore, MAX_PENDING};
 use crate::flows::event::{DimValues, EventKind, FlowEvent};
-use crate::flows::store::{duration_secs, EndRecord, FlowSink, Report, StepUnmatchedReason};
+use crate::flows::store::{
+    duration_secs, EndRecord, FlowSink, Report, StepUnmatchedReason, StoreError,
+};
 
 impl RedisStore {
     /// A call failed or its reply was lost: its acks are sent again later, and its
@@ -22,6 +24,32 @@ impl RedisStore {
             .unwrap_or_else(PoisonError::into_inner)
             .extend(call.acks);
         self.remember_lost(call.result_key, call.events);
+    }
+
+    /// A call that ran, but whose reply a cluster pipeline dropped (another call in it
+    /// was refused): its outcomes are read back from its result key at once, so that
+    /// the export is taken. If they cannot be, the call is treated as failed.
+    pub(super) fn read_back(&self, call: Call) -> Result<(), StoreError> {
+        let mut invocation = self.claim.prepare_invoke();
+        invocation.key(&call.result_key[..]);
+        let read = self.call(
+            "recover",
+            |con| invocation.invoke::<Option<Vec<u8>>>(con.like()),
+            |_| None,
+        );
+        let error = match read {
+            Ok(Some(blob)) => match parse_netstrings(&blob) {
+                Some(out) => {
+                    self.settle_all(&call.events, &out);
+                    return Ok(());
+                }
+                None => StoreError::Failed("a call's kept result could not be read".into()),
+            },
+            Ok(None) => StoreError::Failed("a call's kept result was not found".into()),
+            Err(e) => e,
+        };
+        self.failed(call);
+        Err(error)
     }
 
     /// The script may have run although its reply never came: keep what is needed to

@@ -164,31 +164,20 @@ impl Conn {
                 }
                 match pipe.query::<Vec<Value>>(c) {
                     Ok(values) => values,
-                    // A cluster pipeline answers only the errors when some command
-                    // failed: the others ran, and their replies are lost (their
-                    // outcomes are read back from their result keys).
+                    // A cluster pipeline with a command refused (a NOSCRIPT from a node
+                    // whose scripts were flushed) answers only the errors: the others
+                    // ran, but their replies are dropped (an apply's is read back from
+                    // the result key it keeps).
                     Err(e) => {
                         let Some(errors) = e.clone().into_server_errors() else {
                             return Err(e);
                         };
-                        let mut values = vec![Value::Nil; cmds.len()];
-                        let mut failed = vec![false; cmds.len()];
+                        let mut results: Vec<RedisResult<Value>> =
+                            cmds.iter().map(|_| Err(dropped_reply())).collect();
                         for (i, error) in errors.iter() {
-                            if let Some(v) = values.get_mut(*i) {
-                                *v = Value::ServerError(error.clone());
-                                failed[*i] = true;
+                            if let Some(result) = results.get_mut(*i) {
+                                *result = Value::ServerError(error.clone()).extract_error();
                             }
-                        }
-                        let mut results: Vec<RedisResult<Value>> = Vec::new();
-                        for (value, failed) in values.into_iter().zip(failed) {
-                            results.push(if failed {
-                                value.extract_error()
-                            } else {
-                                Err(RedisError::from((
-                                    redis::ErrorKind::Io,
-                                    "reply lost in a pipeline with a failed command",
-                                )))
-                            });
                         }
                         return Ok(self.retry_refused(script, cmds, results));
                     }
@@ -269,6 +258,23 @@ impl Conn {
         }
         results
     }
+}
+
+/// What stands for the reply of a call that ran in a cluster pipeline which dropped it
+/// (another call in it was refused).
+fn dropped_reply() -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::Client,
+        "reply dropped",
+        DROPPED_REPLY.to_owned(),
+    ))
+}
+
+const DROPPED_REPLY: &str = "a call in the same cluster pipeline was refused";
+
+/// The call ran, but its reply was dropped by a cluster pipeline ([`Conn::eval_all`]).
+pub(super) fn is_dropped_reply(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Client && e.detail() == Some(DROPPED_REPLY)
 }
 
 /// Synchronous connections, opened on demand; at most `size` kept idle.
