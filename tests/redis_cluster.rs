@@ -8,6 +8,7 @@ mod common;
 use std::time::Instant;
 
 use flowmetrics::config::Config;
+use flowmetrics::RunningApp;
 
 use common::redis::RedisCluster;
 use common::replicas::*;
@@ -72,14 +73,13 @@ async fn exactly(cluster: &RedisCluster, seed: u64) {
     }
 }
 
-/// A script missing on the primaries (flushed, as after a restart or a failover) is
-/// loaded again on every primary, and the batch goes through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scripts_flushed_on_every_primary_are_loaded_again() {
-    let Some(cluster) = RedisCluster::start(3) else {
-        return;
-    };
-    let app = replica_with(|c| on_cluster(c, &cluster)).await;
+/// One replica on `cluster`, ready, that took the last export of `batches(seed)`: the
+/// replica, its trace URL, the other exports, and the flow starts sent so far.
+async fn one_replica_after_an_export(
+    cluster: &RedisCluster,
+    seed: u64,
+) -> (RunningApp, String, Vec<Vec<u8>>, usize) {
+    let app = replica_with(|c| on_cluster(c, cluster)).await;
     wait_ready(
         std::slice::from_ref(&app),
         StatusCode::OK,
@@ -87,11 +87,21 @@ async fn scripts_flushed_on_every_primary_are_loaded_again() {
     )
     .await;
     let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
-    let mut bodies = batches(11);
-    assert_eq!(
-        post_once(&url, bodies.pop().unwrap()).await,
-        Some(StatusCode::OK)
-    );
+    let mut bodies = batches(seed);
+    let first = bodies.pop().unwrap();
+    let starts = starts_in(&first);
+    assert_eq!(post_once(&url, first).await, Some(StatusCode::OK));
+    (app, url, bodies, starts)
+}
+
+/// A script missing on the primaries (flushed, as after a restart or a failover) is
+/// loaded again on every primary, and the batch goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_flushed_on_every_primary_are_loaded_again() {
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    let (app, url, mut bodies, _) = one_replica_after_an_export(&cluster, 11).await;
     for &port in &cluster.ports {
         cluster
             .node_cmd(port, &["SCRIPT", "FLUSH"])
@@ -118,19 +128,7 @@ async fn scripts_flushed_on_one_primary_refuse_no_export() {
     let Some(cluster) = RedisCluster::start(3) else {
         return;
     };
-    let app = replica_with(|c| on_cluster(c, &cluster)).await;
-    wait_ready(
-        std::slice::from_ref(&app),
-        StatusCode::OK,
-        "replica never ready",
-    )
-    .await;
-    let url = format!("http://{}/v1/traces", app.otlp_http.unwrap());
-    let mut bodies = batches(12);
-    let mut starts = 0;
-    let first = bodies.pop().unwrap();
-    starts += starts_in(&first);
-    assert_eq!(post_once(&url, first).await, Some(StatusCode::OK));
+    let (app, url, mut bodies, mut starts) = one_replica_after_an_export(&cluster, 12).await;
     // Each batch spreads over every shard, so over every primary.
     for (round, body) in bodies.drain(..10).enumerate() {
         let port = cluster.ports[round % cluster.ports.len()];

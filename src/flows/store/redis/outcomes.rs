@@ -30,26 +30,36 @@ impl RedisStore {
     /// was refused): its outcomes are read back from its result key at once, so that
     /// the export is taken. If they cannot be, the call is treated as failed.
     pub(super) fn read_back(&self, call: Call) -> Result<(), StoreError> {
-        let mut invocation = self.claim.prepare_invoke();
-        invocation.key(&call.result_key[..]);
-        let read = self.call(
-            "recover",
-            |con| invocation.invoke::<Option<Vec<u8>>>(con.like()),
-            |_| None,
-        );
-        let error = match read {
-            Ok(Some(blob)) => match parse_netstrings(&blob) {
-                Some(out) => {
-                    self.settle_all(&call.events, &out);
-                    return Ok(());
-                }
-                None => StoreError::Failed("a call's kept result could not be read".into()),
-            },
+        let error = match self.claim_kept(&call.result_key) {
+            Ok(Some(blob)) if self.settle_kept(&call.events, &blob) => return Ok(()),
+            Ok(Some(_)) => StoreError::Failed("a call's kept result could not be read".into()),
             Ok(None) => StoreError::Failed("a call's kept result was not found".into()),
             Err(e) => e,
         };
         self.failed(call);
         Err(error)
+    }
+
+    /// Reads and deletes a call's kept result (so it is reported once); `None` if there
+    /// is none: not applied yet (the script may still be queued), or never.
+    fn claim_kept(&self, result_key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut invocation = self.claim.prepare_invoke();
+        invocation.key(result_key);
+        // `invoke` loads the script after NOSCRIPT (on a cluster: on every primary).
+        self.call(
+            "recover",
+            |con| invocation.invoke::<Option<Vec<u8>>>(con.like()),
+            |_| None,
+        )
+    }
+
+    /// Reports the outcomes of a kept result; `false` if it could not be read.
+    fn settle_kept(&self, events: &[FlowEvent], blob: &[u8]) -> bool {
+        let Some(out) = parse_netstrings(blob) else {
+            return false;
+        };
+        self.settle_all(events, &out);
+        true
     }
 
     /// The script may have run although its reply never came: keep what is needed to
@@ -82,19 +92,12 @@ impl RedisStore {
         let mut keep = Vec::new();
         let mut lost = lost.into_iter();
         for batch in lost.by_ref() {
-            let mut invocation = self.claim.prepare_invoke();
-            invocation.key(&batch.result_key[..]);
-            // `invoke` loads the script after NOSCRIPT (on a cluster: on every primary).
-            match self.call(
-                "recover",
-                |con| invocation.invoke::<Option<Vec<u8>>>(con.like()),
-                |_| None,
-            ) {
-                Ok(Some(blob)) => match parse_netstrings(&blob) {
-                    Some(out) => self.settle_all(&batch.events, &out),
-                    None => tracing::warn!("correlation store (redis): a result could not be read"),
-                },
-                // Not applied yet (the script may still be queued), or never.
+            match self.claim_kept(&batch.result_key) {
+                Ok(Some(blob)) => {
+                    if !self.settle_kept(&batch.events, &blob) {
+                        tracing::warn!("correlation store (redis): a result could not be read");
+                    }
+                }
                 Ok(None) if batch.since.elapsed() < self.recover_for => keep.push(batch),
                 Ok(None) => {}
                 Err(_) => {
