@@ -119,7 +119,7 @@ fn declaring(
         .collect()
 }
 
-fn step(flow: &str, id: &str, name: &str, ts: u64) -> FlowEvent {
+fn step(flow: &str, id: &str, name: &str, ts: u64) -> FlowEvent<'static> {
     FlowEvent {
         trace: TraceRef::from_ids(&[7; 16], &ts.to_be_bytes()),
         ..common::store::step(flow, id, name, ts)

@@ -289,7 +289,12 @@ impl FlowSink for Stamps {
 }
 
 /// Event `kind` of instance `i` of the timeliness run (flow `t{i}`).
-fn instance_event(i: usize, kind: EventKind, step: Option<&str>, dims: &DimValues) -> FlowEvent {
+fn instance_event(
+    i: usize,
+    kind: EventKind,
+    step: Option<&str>,
+    dims: &DimValues,
+) -> FlowEvent<'static> {
     FlowEvent {
         flow: Arc::from(format!("t{i}")),
         correlation_id: format!("id-{i}").into(),

@@ -68,7 +68,7 @@ impl Events {
     }
 
     /// Instance `i`: its start `age` seconds before the run began.
-    fn event(&self, i: u64, kind: EventKind, age: u64) -> FlowEvent {
+    fn event(&self, i: u64, kind: EventKind, age: u64) -> FlowEvent<'static> {
         FlowEvent {
             flow: self.flows[i as usize % FLOWS].clone(),
             correlation_id: format!("order-{i:012}").into(),

@@ -31,7 +31,7 @@ fn store(capacity: u64) -> MemoryStore {
     )
 }
 
-fn event(i: u64, kind: EventKind, dims: &[DimValues], flows: &[Arc<str>]) -> FlowEvent {
+fn event(i: u64, kind: EventKind, dims: &[DimValues], flows: &[Arc<str>]) -> FlowEvent<'static> {
     FlowEvent {
         flow: flows[(i % 10) as usize].clone(),
         correlation_id: format!("order-{i:012}").into(),

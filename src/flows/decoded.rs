@@ -21,21 +21,21 @@ const SEVERITY_ERROR: i32 = 17;
 
 /// What a walk of one logs export found.
 #[derive(Debug, Default)]
-pub struct LogEvents {
+pub struct LogEvents<'a> {
     /// Log records read.
     pub records: u64,
     /// Flow events and refusals, in the order of the request.
-    pub events: Vec<Result<FlowEvent, Rejection>>,
+    pub events: Vec<Result<FlowEvent<'a>, Rejection>>,
 }
 
 /// Every span event of a decoded trace export that is a flow event (and with `network`,
 /// every Flow Span), in order. `received_nanos`: when the request arrived.
-pub fn trace_events(
-    request: &ExportTraceServiceRequest,
+pub fn trace_events<'r>(
+    request: &'r ExportTraceServiceRequest,
     extractor: &Extractor,
     network: Option<&NetworkFlows>,
     received_nanos: u64,
-) -> TraceEvents {
+) -> TraceEvents<'r> {
     let spans = items(
         &request.resource_spans,
         |r| (r.resource.as_ref(), &r.scope_spans),
@@ -52,12 +52,12 @@ pub fn trace_events(
     found
 }
 
-fn span_events(
-    span: &Span,
-    resource: &[KeyValue],
+fn span_events<'r>(
+    span: &'r Span,
+    resource: &'r [KeyValue],
     extractor: &Extractor,
     received_nanos: u64,
-    found: &mut Vec<Result<FlowEvent, Rejection>>,
+    found: &mut Vec<Result<FlowEvent<'r>, Rejection>>,
 ) {
     let mut flow_events = span
         .events
@@ -94,11 +94,11 @@ fn span_events(
 }
 
 /// Log records whose `event_name` (or `event.name` attribute) is a flow event name.
-pub fn log_events(
-    request: &ExportLogsServiceRequest,
+pub fn log_events<'r>(
+    request: &'r ExportLogsServiceRequest,
     extractor: &Extractor,
     received_nanos: u64,
-) -> LogEvents {
+) -> LogEvents<'r> {
     let records = items(
         &request.resource_logs,
         |r| (r.resource.as_ref(), &r.scope_logs),
@@ -118,12 +118,12 @@ pub fn log_events(
     found
 }
 
-fn log_event(
-    record: &LogRecord,
-    resource: &[KeyValue],
+fn log_event<'r>(
+    record: &'r LogRecord,
+    resource: &'r [KeyValue],
     extractor: &Extractor,
     received_nanos: u64,
-    found: &mut Vec<Result<FlowEvent, Rejection>>,
+    found: &mut Vec<Result<FlowEvent<'r>, Rejection>>,
 ) {
     let Some(name) = event_name(record).filter(|n| extractor.may_be_flow_event(n)) else {
         return;

@@ -1,6 +1,7 @@
 //! What a flow event is: the vocabulary every later stage shares. How one is recognised
 //! is [`super::extract`]'s business.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Values of the configured dimensions of one side (start or end), in config order.
@@ -128,13 +129,15 @@ impl TraceRef {
     }
 }
 
-/// One recognised flow event, ready for the correlation store.
+/// One recognised flow event, ready for the correlation store. Its correlation id is
+/// borrowed from the request where it can be (the in-memory store only hashes it);
+/// [`FlowEvent::into_owned`] copies it for a store that keeps events past the call.
 #[derive(Debug, Clone)]
-pub struct FlowEvent {
+pub struct FlowEvent<'a> {
     /// The flow's name (from the event name).
     pub flow: Arc<str>,
     /// The correlation id pairing the instance's events.
-    pub correlation_id: Box<str>,
+    pub correlation_id: Cow<'a, str>,
     /// Start, end (with its outcome) or step.
     pub kind: EventKind,
     /// Unix nanoseconds: the event's own time, else its span's end time (a log
@@ -150,6 +153,32 @@ pub struct FlowEvent {
     /// The step's name (shared by every event of that step of the flow), exactly when
     /// `kind` is [`EventKind::Step`].
     pub step: Option<Arc<str>>,
+}
+
+impl FlowEvent<'_> {
+    /// The same event, owning its correlation id.
+    pub fn into_owned(self) -> FlowEvent<'static> {
+        let FlowEvent {
+            flow,
+            correlation_id,
+            kind,
+            timestamp_nanos,
+            dims,
+            trace,
+            source,
+            step,
+        } = self;
+        FlowEvent {
+            flow,
+            correlation_id: Cow::Owned(correlation_id.into_owned()),
+            kind,
+            timestamp_nanos,
+            dims,
+            trace,
+            source,
+            step,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -57,11 +57,11 @@ pub struct Origin {
 
 /// What a walk of one trace export found.
 #[derive(Debug, Default)]
-pub struct TraceEvents {
+pub struct TraceEvents<'a> {
     /// Spans read.
     pub spans: u64,
     /// Flow events and refusals, in the order of the request.
-    pub events: Vec<Result<FlowEvent, Rejection>>,
+    pub events: Vec<Result<FlowEvent<'a>, Rejection>>,
     /// Flow Spans read (empty unless network flows are counted).
     pub network: Vec<NetworkFlowRecord>,
 }
@@ -237,7 +237,7 @@ impl Extractor {
         &self,
         event: &EventContext<'_, E, P, R>,
         received_nanos: u64,
-    ) -> Result<Option<FlowEvent>, Rejection> {
+    ) -> Result<Option<FlowEvent<'a>>, Rejection> {
         let Some((side, flow)) = self.classify(event.name) else {
             return Ok(None);
         };
@@ -308,8 +308,8 @@ impl Extractor {
         };
         Ok(Some(FlowEvent {
             flow: self.names.intern(flow),
-            // Borrowed text is copied once, straight into the box.
-            correlation_id: correlation_id.into(),
+            // Borrowed from the request (an integer id is printed).
+            correlation_id,
             kind,
             timestamp_nanos: event.timestamp_nanos(received_nanos),
             dims,
@@ -326,7 +326,7 @@ impl Extractor {
         &self,
         event: &EventContext<'_, E, P, R>,
         received_nanos: u64,
-        found: &mut Vec<Result<FlowEvent, Rejection>>,
+        found: &mut Vec<Result<FlowEvent<'a>, Rejection>>,
     ) {
         if let Some(verdict) = self.extract(event, received_nanos).transpose() {
             found.push(verdict);
@@ -389,9 +389,10 @@ mod tests {
         name: &str,
         attributes: &[KeyValue],
         is_error: bool,
-    ) -> Result<Option<FlowEvent>, Rejection> {
+    ) -> Result<Option<FlowEvent<'static>>, Rejection> {
         let e = candidate(name, attributes, NO_ATTRIBUTES, NO_ATTRIBUTES, is_error);
         x.extract(&e, 99)
+            .map(|found| found.map(FlowEvent::into_owned))
     }
 
     /// An extractor of the default configuration with these `dimensions` (YAML).
@@ -404,7 +405,12 @@ mod tests {
     }
 
     /// [`extract`] of a flow event that is accepted.
-    fn accept(x: &Extractor, name: &str, attributes: &[KeyValue], is_error: bool) -> FlowEvent {
+    fn accept(
+        x: &Extractor,
+        name: &str,
+        attributes: &[KeyValue],
+        is_error: bool,
+    ) -> FlowEvent<'static> {
         extract(x, name, attributes, is_error).unwrap().unwrap()
     }
 
@@ -513,6 +519,7 @@ mod tests {
                 &candidate("flow.f.start", attributes, parent, resource, false),
                 2,
             )
+            .map(|found| found.map(FlowEvent::into_owned))
         };
         // First key in the list wins across layers? No: the first *key* present anywhere,
         // searched event → span → resource for each key in order.
@@ -678,6 +685,7 @@ mod tests {
             )
             .unwrap()
             .unwrap()
+            .into_owned()
         };
         let e = get(&[s("correlation-id", "e")], &[s("x", "from-span")]);
         assert_eq!(

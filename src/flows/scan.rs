@@ -273,21 +273,21 @@ const SPAN_KEYS_NETWORK: [KeyAction; 256] = {
 
 /// Walks an `ExportTraceServiceRequest` and extracts its flow events. Nothing is applied
 /// here: a malformed request is refused whole, before any event reaches the correlation store.
-pub fn scan_traces(
-    body: &[u8],
+pub fn scan_traces<'a>(
+    body: &'a [u8],
     extractor: &Extractor,
     received_nanos: u64,
-) -> Result<TraceEvents, ScanError> {
+) -> Result<TraceEvents<'a>, ScanError> {
     scan_traces_with_network(body, extractor, None, received_nanos)
 }
 
 /// [`scan_traces`], also reading Flow Spans when `network` is given.
-pub fn scan_traces_with_network(
-    body: &[u8],
+pub fn scan_traces_with_network<'a>(
+    body: &'a [u8],
     extractor: &Extractor,
     network: Option<&NetworkFlows>,
     received_nanos: u64,
-) -> Result<TraceEvents, ScanError> {
+) -> Result<TraceEvents<'a>, ScanError> {
     let mut scan = Scan {
         x: extractor,
         received: received_nanos,
@@ -328,7 +328,7 @@ struct SpanIds<'a> {
 struct Scan<'x, 'a> {
     x: &'x Extractor,
     received: u64,
-    found: TraceEvents,
+    found: TraceEvents<'a>,
     /// Reused for every span: most spans have no candidate, none allocates.
     candidates: Vec<Candidate<'a>>,
     network: Option<&'x NetworkFlows>,
@@ -869,6 +869,8 @@ fn span_end_time(span: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
     use crate::config::Config;
     use crate::flows::test_attrs::{kv, str_kv};
@@ -1013,10 +1015,10 @@ mod tests {
     }
 
     /// The same events as a full prost decode through the decoded-struct path.
-    fn full_decode(
-        req: &ExportTraceServiceRequest,
+    fn full_decode<'r>(
+        req: &'r ExportTraceServiceRequest,
         x: &Extractor,
-    ) -> Vec<Result<FlowEvent, Rejection>> {
+    ) -> Vec<Result<FlowEvent<'r>, Rejection>> {
         crate::flows::decoded::trace_events(req, x, None, 1).events
     }
 
@@ -1052,6 +1054,11 @@ mod tests {
             crate::flows::EventKind::End(crate::flows::Outcome::Failure)
         );
         assert_eq!(&*ok[2].correlation_id, "from-resource");
+        // Text ids are read in place (the in-memory store only hashes them); an integer
+        // id is printed.
+        assert!(matches!(ok[0].correlation_id, Cow::Borrowed(_)));
+        assert!(matches!(ok[1].correlation_id, Cow::Owned(_)));
+        assert!(matches!(ok[2].correlation_id, Cow::Borrowed(_)));
     }
 
     /// An event without a time takes its span's end time, else the receive time, the

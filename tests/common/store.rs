@@ -89,10 +89,10 @@ impl Counts {
 }
 
 /// A flow event of a span event, without dimensions or trace.
-pub fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
+pub fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent<'static> {
     FlowEvent {
         flow: Arc::from(flow),
-        correlation_id: id.into(),
+        correlation_id: id.to_owned().into(),
         kind,
         timestamp_nanos: ts,
         dims: Arc::from([]),
@@ -103,7 +103,7 @@ pub fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
 }
 
 /// A step event named `name`.
-pub fn step(flow: &str, id: &str, name: &str, ts: u64) -> FlowEvent {
+pub fn step(flow: &str, id: &str, name: &str, ts: u64) -> FlowEvent<'static> {
     FlowEvent {
         step: Some(Arc::from(name)),
         ..ev(flow, id, EventKind::Step, ts)

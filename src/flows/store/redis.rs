@@ -233,7 +233,7 @@ impl Shard {
 /// One script call of a batch: a chunk of one shard's events.
 struct Call {
     shard: usize,
-    events: Vec<FlowEvent>,
+    events: Vec<FlowEvent<'static>>,
     result_key: Vec<u8>,
     acks: Vec<Vec<u8>>,
 }
@@ -501,12 +501,12 @@ impl RedisStore {
     }
 
     /// Splits a batch by shard (order kept within each), in chunks of [`CHUNK`].
-    fn calls(&self, events: Vec<FlowEvent>) -> Vec<Call> {
+    fn calls(&self, events: Vec<FlowEvent<'static>>) -> Vec<Call> {
         let count = self.shards.len();
-        let mut groups: Vec<(usize, Vec<FlowEvent>)> = if count == 1 {
+        let mut groups: Vec<(usize, Vec<FlowEvent<'static>>)> = if count == 1 {
             vec![(0, events)]
         } else {
-            let mut by_shard: Vec<Vec<FlowEvent>> = Vec::new();
+            let mut by_shard: Vec<Vec<FlowEvent<'static>>> = Vec::new();
             by_shard.resize_with(count, Vec::new);
             for event in events {
                 let n = (digest(&event.flow, &event.correlation_id) % count as u64) as usize;
@@ -552,7 +552,8 @@ impl RedisStore {
 
 impl CorrelationStore for RedisStore {
     fn apply_batch(&self, events: &mut dyn Iterator<Item = FlowEvent>) -> Result<(), StoreError> {
-        let events: Vec<FlowEvent> = events.collect();
+        // Owned: a call whose reply is lost keeps its events for the read-back.
+        let events: Vec<FlowEvent<'static>> = events.map(FlowEvent::into_owned).collect();
         if events.is_empty() {
             return Ok(());
         }

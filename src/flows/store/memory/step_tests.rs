@@ -104,10 +104,10 @@ fn store() -> (Arc<MemoryStore>, Arc<Log>) {
     store_with(Duration::from_secs(60), &[])
 }
 
-fn event(id: &str, kind: EventKind, secs: u64, step: Option<&str>) -> FlowEvent {
+fn event(id: &str, kind: EventKind, secs: u64, step: Option<&str>) -> FlowEvent<'static> {
     FlowEvent {
         flow: Arc::from("order"),
-        correlation_id: id.into(),
+        correlation_id: id.to_owned().into(),
         kind,
         timestamp_nanos: secs * SEC,
         dims: Arc::from([]),
@@ -117,13 +117,13 @@ fn event(id: &str, kind: EventKind, secs: u64, step: Option<&str>) -> FlowEvent 
     }
 }
 
-fn start(id: &str, secs: u64) -> FlowEvent {
+fn start(id: &str, secs: u64) -> FlowEvent<'static> {
     event(id, EventKind::Start, secs, None)
 }
-fn end(id: &str, secs: u64) -> FlowEvent {
+fn end(id: &str, secs: u64) -> FlowEvent<'static> {
     event(id, EventKind::End(Outcome::Success), secs, None)
 }
-fn step(id: &str, name: &str, secs: u64) -> FlowEvent {
+fn step(id: &str, name: &str, secs: u64) -> FlowEvent<'static> {
     event(id, EventKind::Step, secs, Some(name))
 }
 

@@ -140,7 +140,12 @@ fn table_with_short_flow(capacity: u64, short: Duration) -> (Arc<MemoryStore>, A
 
 /// Applies `event(thread, i)` for i in 0..n from each of `threads` threads at once;
 /// returns when all are done.
-fn on_threads(t: &Arc<MemoryStore>, threads: u64, n: u64, event: fn(u64, u64) -> FlowEvent) {
+fn on_threads(
+    t: &Arc<MemoryStore>,
+    threads: u64,
+    n: u64,
+    event: fn(u64, u64) -> FlowEvent<'static>,
+) {
     let handles: Vec<_> = (0..threads)
         .map(|thread| {
             let t = t.clone();
@@ -194,10 +199,10 @@ fn past_its_deadline_then(
     (t, rec)
 }
 
-fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent {
+fn ev(flow: &str, id: &str, kind: EventKind, ts: u64) -> FlowEvent<'static> {
     FlowEvent {
         flow: Arc::from(flow),
-        correlation_id: id.into(),
+        correlation_id: id.to_owned().into(),
         kind,
         timestamp_nanos: ts,
         dims: Arc::from(Vec::new()),

@@ -162,7 +162,7 @@ mod tests {
     use super::*;
     use crate::flows::event::Source;
 
-    fn event(kind: EventKind, trace: Option<TraceRef>) -> FlowEvent {
+    fn event(kind: EventKind, trace: Option<TraceRef>) -> FlowEvent<'static> {
         FlowEvent {
             flow: Arc::from("checkout"),
             correlation_id: "o-1".into(),

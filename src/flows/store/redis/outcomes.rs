@@ -64,7 +64,7 @@ impl RedisStore {
 
     /// The script may have run although its reply never came: keep what is needed to
     /// read its outcomes back ([`RedisStore::recover`]).
-    fn remember_lost(&self, result_key: Vec<u8>, events: Vec<FlowEvent>) {
+    fn remember_lost(&self, result_key: Vec<u8>, events: Vec<FlowEvent<'static>>) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if pending.len() >= MAX_PENDING {
             pending.pop_front();
@@ -256,7 +256,7 @@ fn counts_of_open(ages: &RedisAges, event: Option<&FlowEvent>, code: Option<u8>,
 /// A batch sent whose reply did not come.
 pub(super) struct Pending {
     result_key: Vec<u8>,
-    events: Vec<FlowEvent>,
+    events: Vec<FlowEvent<'static>>,
     since: Instant,
 }
 
