@@ -18,6 +18,7 @@ mod load;
 mod objectives;
 mod scrape_load;
 mod server;
+mod sink;
 mod state;
 mod workload;
 
@@ -73,6 +74,13 @@ struct Args {
     /// Only the moka-alone baseline for N batches (valgrind --toggle-collect='*moka_alone*')
     #[arg(long, value_name = "N")]
     profile_moka: Option<u64>,
+    /// Serve as the transport-only server of the ceiling row (the harness starts its
+    /// own binary so)
+    #[arg(long, hide = true)]
+    sink_server: bool,
+    /// Ignored: the ceiling server is started as `flowmetrics` is, with a config file
+    #[arg(long, hide = true, value_name = "PATH")]
+    config: Option<PathBuf>,
 }
 
 impl Args {
@@ -222,6 +230,13 @@ impl Baselines {
 
 fn main() {
     let args = Args::parse();
+    if args.sink_server {
+        if let Err(e) = sink::serve_from_env() {
+            eprintln!("flowmetrics-bench --sink-server: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if run_profile(&args) || run_alone(&args) {
         return;
     }
@@ -549,8 +564,44 @@ fn e2e_rows(run: &Run, bin: &Path) -> (Vec<Row>, Option<f64>) {
             );
         }
         rows.push(row);
+        if id == "e2e_http_protobuf_rare" {
+            // Right after the rare row, on the same machine state.
+            rows.push(ceiling_row(run, &rows));
+        }
     }
     (rows, e2e_protobuf)
+}
+
+/// (4) The transport ceiling ([`sink`]): the rare workload's bodies sent as in row 4 to
+/// a server that reads them and decodes nothing; the rare row as a share of it.
+fn ceiling_row(run: &Run, e2e: &[Row]) -> Row {
+    let t = &run.rare;
+    progress(&format!(
+        "end to end: transport ceiling, nothing decoded [{}]",
+        t.shape.label()
+    ));
+    let exe = std::env::current_exe().unwrap_or_else(|e| {
+        eprintln!("flowmetrics-bench: own binary: {e}");
+        std::process::exit(1);
+    });
+    let sink = Server::start_with(&exe, &["--sink-server"], "").unwrap_or_else(|e| {
+        eprintln!("flowmetrics-bench: {e}");
+        std::process::exit(1);
+    });
+    let r = load::run(&sink, e2e_load(&run.sizes, Wire::Protobuf, (*t).clone()));
+    let name =
+        "transport ceiling: HTTP/protobuf bodies read whole and dropped, 4 conns, server 1 core";
+    let mut row = e2e_row(4, "e2e_transport_ceiling", name, t, &r, &run.baselines, "");
+    let rare = e2e
+        .iter()
+        .find(|row| row.id == "e2e_http_protobuf_rare")
+        .and_then(|row| row.extra["spans_per_sec"].as_f64());
+    if let Some(rare) = rare {
+        let share = rare / r.spans_per_sec.max(1e-9);
+        row.notes = format!("{}; rare row {share:.2}x of it", row.notes);
+        row.extra["rare_share"] = json!(share);
+    }
+    row
 }
 
 /// Gzip'd bodies compressed ahead of the run, and a note on their sizes.

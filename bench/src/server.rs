@@ -52,6 +52,11 @@ impl Server {
     /// Starts `binary` with the YAML `config` (listen addresses come from the
     /// environment) and waits until `/readyz` answers.
     pub fn start(binary: &Path, config: &str) -> Result<Server, String> {
+        Self::start_with(binary, &[], config)
+    }
+
+    /// [`Server::start`], with `args` before `--config`.
+    pub fn start_with(binary: &Path, args: &[&str], config: &str) -> Result<Server, String> {
         let (http, grpc, metrics) = (
             free_port().map_err(|e| e.to_string())?,
             free_port().map_err(|e| e.to_string())?,
@@ -66,6 +71,7 @@ impl Server {
         let log = fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let mut command = Command::new(binary);
         command
+            .args(args)
             .arg("--config")
             .arg(&config_path)
             .env("FLOWMETRICS_LISTEN__OTLP_HTTP", http.to_string())
