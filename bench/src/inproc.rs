@@ -141,14 +141,7 @@ pub fn moka_alone(t: &Template, budget: Budget) -> Throughput {
         let n = batch * per_batch + i;
         u128::from(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)) << 64 | u128::from(n)
     };
-    let batch_ops = |b: u64| {
-        for i in 0..per_batch {
-            cache.start(key(b, i), b);
-            if b >= LAG {
-                cache.end(key(b - LAG, i));
-            }
-        }
-    };
+    let batch_ops = |b: u64| moka_batch(&cache, b, per_batch, key);
     for b in 0..LAG {
         batch_ops(b);
     }
@@ -164,6 +157,19 @@ pub fn moka_alone(t: &Template, budget: Budget) -> Throughput {
         batches += 1;
     }
     throughput(t, batches, started.elapsed().as_secs_f64(), 0.0)
+}
+
+/// One batch of [`moka_alone`]: `per_batch` inserts, and as many removes once `LAG`
+/// batches are open. Not inlined, so that a profiler can collect just the cache's work
+/// (`--toggle-collect='*moka_batch*'`), as `measured_batch` for the pipeline.
+#[inline(never)]
+fn moka_batch(cache: &CacheBaseline, b: u64, per_batch: u64, key: impl Fn(u64, u64) -> u128) {
+    for i in 0..per_batch {
+        cache.start(key(b, i), b);
+        if b >= LAG {
+            cache.end(key(b - LAG, i));
+        }
+    }
 }
 
 /// A sink that records nothing (the baseline measures the cache alone).

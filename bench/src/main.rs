@@ -71,7 +71,8 @@ struct Args {
     /// The same with the steps workload (start, 4 steps, end per instance)
     #[arg(long, value_name = "N")]
     profile_steps: Option<u64>,
-    /// Only the moka-alone baseline for N batches (valgrind --toggle-collect='*moka_alone*')
+    /// Only the moka-alone baseline for N batches (valgrind --toggle-collect='*moka_batch*':
+    /// the cache's operations alone, 500 per warm-up batch and 1,000 per batch after)
     #[arg(long, value_name = "N")]
     profile_moka: Option<u64>,
     /// Serve as the transport-only server of the ceiling row (the harness starts its
