@@ -1,25 +1,27 @@
-//! The transport-only server of the ceiling row: the HTTP stack flowmetrics serves OTLP
-//! with (hyper's HTTP/1.1 + h2c connection builder on a tokio runtime, started and
-//! pinned to the server's core exactly as `flowmetrics` is), reading every request body
-//! whole and answering 200 with an empty export response, decoding nothing.
+//! The transport-only server of the ceiling row: flowmetrics' own accept loop and
+//! connection handling (`flowmetrics::server::serve`, default limits) and its own body
+//! reader (`Limits::read_body`), started and pinned to the server's core exactly as
+//! `flowmetrics` is, answering 200 with an empty body and decoding nothing.
 //!
-//! What it measures is what the loopback, the kernel's socket copies and hyper cost on
-//! their own: no server that reads the bodies can go faster on this machine, so the
-//! end-to-end rows are also given as a share of it.
+//! What it measures is what the loopback, the kernel's socket copies and the HTTP stack
+//! cost on their own: no server that reads the bodies this way goes faster on this
+//! machine, so the rare row is also given as a share of it.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use flowmetrics::config::Config;
+use flowmetrics::ingest::limits::Limits;
+use flowmetrics::server::{serve, HttpResponse};
+use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// Serves until killed (the harness's guard sends SIGTERM, then SIGKILL): OTLP/HTTP on
-/// `FLOWMETRICS_LISTEN__OTLP_HTTP`, `/readyz` (and an empty `/metrics`) on
+/// `FLOWMETRICS_LISTEN__OTLP_HTTP`, `/readyz` (any path answers 200) on
 /// `FLOWMETRICS_LISTEN__METRICS`, as the harness starts `flowmetrics`.
 pub fn serve_from_env() -> Result<(), String> {
     let addr = |var: &str| -> Result<SocketAddr, String> {
@@ -28,10 +30,13 @@ pub fn serve_from_env() -> Result<(), String> {
             .parse()
             .map_err(|e| format!("{var}: {e}"))
     };
-    let (otlp, metrics) = (
+    let (otlp, admin) = (
         addr("FLOWMETRICS_LISTEN__OTLP_HTTP")?,
         addr("FLOWMETRICS_LISTEN__METRICS")?,
     );
+    let settings = flowmetrics::settings::limits(&Config::default());
+    let (conn, admin_conn) = (settings.conn_limits(), settings.admin_conn_limits());
+    let limits = Limits::new(settings);
     // The same runtime flowmetrics builds: multi-threaded, one worker per allowed core.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -39,49 +44,46 @@ pub fn serve_from_env() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         let otlp = TcpListener::bind(otlp).await.map_err(|e| e.to_string())?;
-        let metrics = TcpListener::bind(metrics)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(accept_loop(metrics, false));
-        accept_loop(otlp, true).await;
+        let admin = TcpListener::bind(admin).await.map_err(|e| e.to_string())?;
+        // Never set: the process is killed.
+        let (_stop, shutdown) = watch::channel(false);
+        let ready = |_req: Request<Incoming>| async { respond(StatusCode::OK) };
+        tokio::spawn(serve(admin, ready, admin_conn, shutdown.clone()));
+        let read = move |req| read_and_drop(req, limits.clone());
+        serve(otlp, read, conn, shutdown).await;
         Ok(())
     })
 }
 
-async fn accept_loop(listener: TcpListener, otlp: bool) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection(
-                TokioIo::new(stream),
-                hyper::service::service_fn(move |req| answer(req, otlp)),
-            )
-            .into_owned();
-        tokio::spawn(conn);
+/// Reads the body as the OTLP handler does (one contiguous buffer, within the limits)
+/// and drops it.
+async fn read_and_drop(req: Request<Incoming>, limits: Limits) -> HttpResponse {
+    let deadline = limits.deadline();
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let limit = limits.settings.max_body_bytes;
+    let mut held = limits.hold();
+    let mut body = req.into_body();
+    let read = limits
+        .read_body(&mut body, limit, declared, deadline, &mut held)
+        .await;
+    match read {
+        Ok(body) => {
+            std::hint::black_box(&body);
+            respond(StatusCode::OK)
+        }
+        Err(_) => respond(StatusCode::BAD_REQUEST),
     }
 }
 
-/// Reads the body whole (one contiguous buffer, as flowmetrics decodes from) and drops it.
-async fn answer(req: Request<Incoming>, otlp: bool) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = req.into_body().collect().await.map(|b| b.to_bytes());
-    let status = match body {
-        Ok(body) => {
-            std::hint::black_box(&body);
-            StatusCode::OK
-        }
-        Err(_) => StatusCode::BAD_REQUEST,
-    };
+fn respond(status: StatusCode) -> HttpResponse {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = status;
-    if otlp {
-        response.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/x-protobuf"),
-        );
-    }
-    Ok(response)
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-protobuf"),
+    );
+    response
 }

@@ -158,25 +158,15 @@ pub struct FlowEvent<'a> {
 impl FlowEvent<'_> {
     /// The same event, owning its correlation id.
     pub fn into_owned(self) -> FlowEvent<'static> {
-        let FlowEvent {
-            flow,
-            correlation_id,
-            kind,
-            timestamp_nanos,
-            dims,
-            trace,
-            source,
-            step,
-        } = self;
         FlowEvent {
-            flow,
-            correlation_id: Cow::Owned(correlation_id.into_owned()),
-            kind,
-            timestamp_nanos,
-            dims,
-            trace,
-            source,
-            step,
+            correlation_id: Cow::Owned(self.correlation_id.into_owned()),
+            flow: self.flow,
+            kind: self.kind,
+            timestamp_nanos: self.timestamp_nanos,
+            dims: self.dims,
+            trace: self.trace,
+            source: self.source,
+            step: self.step,
         }
     }
 }
