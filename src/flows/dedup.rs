@@ -16,6 +16,13 @@
 //!
 //! Every correlation-table shard owns one of these and uses it under the shard's lock:
 //! an event's fingerprint lives in the same shard as its instance.
+//!
+//! The probe misses the cache all the same (a tenth of the store's time in a profile), so
+//! the store asks for the next event's line while it handles the current one: a
+//! [`ProbeHint`] tells where a table is without taking its lock.
+
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// What the caller learns about one event.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,6 +43,8 @@ const INITIAL_SLOTS: usize = 1024;
 pub struct RecentEvents {
     /// Fingerprints without their low two bits, or-ed with their generation's tag.
     slots: Vec<u64>,
+    /// Where `slots` is, for readers without the lock; set whenever `slots` is replaced.
+    hint: Arc<ProbeHint>,
     len: usize,
     current_tag: u64,
     in_current: usize,
@@ -50,6 +59,7 @@ impl RecentEvents {
     pub fn new(window_nanos: u64, capacity: usize, now: u64) -> Self {
         Self {
             slots: Vec::new(),
+            hint: Arc::default(),
             len: 0,
             current_tag: 1,
             in_current: 0,
@@ -84,8 +94,7 @@ impl RecentEvents {
                 .max(slots_for(self.len + 1));
             self.rebuild(grown, |_| true);
         }
-        // A fingerprint of zero (in its kept bits) would read as an empty slot.
-        let key = (fingerprint & !TAG_BITS).max(TAG_BITS + 1);
+        let key = stored_key(fingerprint);
         let size = self.slots.len();
         let mut at = home(key, size);
         loop {
@@ -111,7 +120,7 @@ impl RecentEvents {
         {
             return false;
         }
-        let key = (fingerprint & !TAG_BITS).max(TAG_BITS + 1);
+        let key = stored_key(fingerprint);
         let size = self.slots.len();
         let mut at = home(key, size);
         loop {
@@ -121,6 +130,17 @@ impl RecentEvents {
                 _ => at = next(at, size),
             }
         }
+    }
+
+    /// Where this table is, for [`ProbeHint::prefetch`] without the lock.
+    pub fn hint(&self) -> Arc<ProbeHint> {
+        self.hint.clone()
+    }
+
+    fn replace_slots(&mut self, slots: Vec<u64>) -> Vec<u64> {
+        let old = std::mem::replace(&mut self.slots, slots);
+        self.hint.set(&self.slots);
+        old
     }
 
     /// Forgets the previous generation; the current one becomes the previous.
@@ -137,7 +157,7 @@ impl RecentEvents {
     /// Walking the old array in order visits home positions in order, so the writes to
     /// the new one are nearly sequential.
     fn rebuild(&mut self, size: usize, keep: impl Fn(u64) -> bool) {
-        let old = std::mem::replace(&mut self.slots, vec![0; size]);
+        let old = self.replace_slots(vec![0; size]);
         self.len = 0;
         for slot in old.into_iter().filter(|&s| s != 0 && keep(s)) {
             let mut at = home(slot & !TAG_BITS, size);
@@ -173,7 +193,7 @@ impl RecentEvents {
             .copied()
             .collect();
         let size = slots_for(kept.len()).max(INITIAL_SLOTS);
-        self.slots = vec![0; size];
+        self.replace_slots(vec![0; size]);
         self.len = 0;
         self.in_current = 0;
         for slot in kept {
@@ -202,6 +222,54 @@ impl RecentEvents {
     pub fn footprint(&self) -> (usize, usize) {
         (self.len, self.slots.len() * std::mem::size_of::<u64>())
     }
+}
+
+/// Where a table's slots are, read without its lock. A reading taken while the table is
+/// replaced can be stale or torn: it then names a wrong line, and a prefetch of a wrong
+/// line only costs the line.
+#[derive(Debug, Default)]
+pub struct ProbeHint {
+    base: AtomicPtr<u64>,
+    len: AtomicUsize,
+}
+
+impl ProbeHint {
+    fn set(&self, slots: &[u64]) {
+        self.base
+            .store(slots.as_ptr().cast_mut(), Ordering::Relaxed);
+        self.len.store(slots.len(), Ordering::Relaxed);
+    }
+
+    /// Asks the CPU for the line where the probe for `fingerprint` starts, so that the
+    /// [`RecentEvents::check_and_remember`] that follows finds it in cache. Reads nothing.
+    #[inline]
+    pub fn prefetch(&self, fingerprint: u64) {
+        let len = self.len.load(Ordering::Relaxed);
+        if len == 0 {
+            return;
+        }
+        let at = home(stored_key(fingerprint), len);
+        let line = self.base.load(Ordering::Relaxed).wrapping_add(at);
+        prefetch_line(line);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_line(line: *const u64) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // SAFETY: a prefetch is a hint: it reads no memory the program sees and cannot fault,
+    // whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(line.cast()) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[inline]
+fn prefetch_line(_: *const u64) {}
+
+/// What a fingerprint is stored as: without its tag bits, and never zero (an empty slot).
+fn stored_key(fingerprint: u64) -> u64 {
+    (fingerprint & !TAG_BITS).max(TAG_BITS + 1)
 }
 
 /// Where a key's probe starts in an array of `size` slots: the bits above the tag
@@ -253,6 +321,33 @@ mod tests {
         assert_eq!(r.check_and_remember(fp("a", true, 2), 0), Seen::New);
         assert_eq!(r.check_and_remember(fp("a", false, 1), 0), Seen::New);
         assert_eq!(r.check_and_remember(fp("b", true, 1), 0), Seen::New);
+    }
+
+    /// The hint names the table in use after every replacement (growth, rotation, a
+    /// restore): a stale one would prefetch lines nobody reads.
+    #[test]
+    fn the_probe_hint_follows_the_table() {
+        let mut r = RecentEvents::new(10 * SEC, 100_000, 0);
+        let hint = r.hint();
+        let follows = |r: &RecentEvents| {
+            hint.len.load(Ordering::Relaxed) == r.slots.len()
+                && std::ptr::eq(hint.base.load(Ordering::Relaxed), r.slots.as_ptr())
+        };
+        for i in 0..5_000u32 {
+            r.check_and_remember(fp(&i.to_string(), true, 1), 0);
+            assert!(follows(&r), "after {} fingerprints", i + 1);
+        }
+        r.check_and_remember(fp("later", true, 1), 10 * SEC);
+        assert!(follows(&r), "after a rotation");
+        let (slots, tag, rotated_at) = r.export();
+        let mut restored = RecentEvents::new(10 * SEC, 100_000, 0);
+        let hint = restored.hint();
+        restored.import(&slots, tag, rotated_at);
+        assert_eq!(hint.len.load(Ordering::Relaxed), restored.slots.len());
+        assert!(std::ptr::eq(
+            hint.base.load(Ordering::Relaxed),
+            restored.slots.as_ptr()
+        ));
     }
 
     #[test]

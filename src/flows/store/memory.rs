@@ -36,7 +36,7 @@ use moka::sync::Cache;
 use super::open_ages::{OpenAges, OverdueSettings};
 use super::snapshot::{unix_nanos_now, StoreSnapshot};
 use super::{CorrelationStore, EndRecord, FlowSink, Report, StoreSettings};
-use crate::flows::dedup::{RecentEvents, Seen};
+use crate::flows::dedup::{ProbeHint, RecentEvents, Seen};
 use crate::flows::event::{DimValues, EventKind, FlowEvent};
 #[cfg(feature = "test-hooks")]
 pub use cache::CacheBaseline;
@@ -58,6 +58,8 @@ pub struct MemoryStore {
     cache: Cache<Key, Slot, RandomState>,
     /// Retry fingerprints per shard; the lock also serialises each key's events.
     shards: Box<[Mutex<RecentEvents>]>,
+    /// Where each shard's fingerprint table is, to prefetch without its lock.
+    probe_hints: Box<[Arc<ProbeHint>]>,
     /// Two independently seeded hashers make the 128-bit key.
     key_hashers: [FixedState; 2],
     /// What `key_hashers` are made from: saved in the state file.
@@ -122,9 +124,11 @@ impl MemoryStore {
             ages.clone(),
         );
         let window_nanos = u64::try_from(settings.dedup_window.as_nanos()).unwrap_or(u64::MAX);
-        let shards = (0..SHARDS)
-            .map(|_| Mutex::new(RecentEvents::new(window_nanos, per_shard, 0)))
+        let tables: Vec<RecentEvents> = (0..SHARDS)
+            .map(|_| RecentEvents::new(window_nanos, per_shard, 0))
             .collect();
+        let probe_hints = tables.iter().map(RecentEvents::hint).collect();
+        let shards = tables.into_iter().map(Mutex::new).collect();
         let seed =
             std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
         // Which entries the time-to-live times exactly (see `put_new`).
@@ -132,6 +136,7 @@ impl MemoryStore {
         Self {
             cache,
             shards,
+            probe_hints,
             key_hashers: key_hashers(seed),
             key_seed: seed,
             clock,
@@ -169,18 +174,20 @@ impl MemoryStore {
 
     fn shard(&self, key: Key) -> MutexGuard<'_, RecentEvents> {
         // A panic while holding a shard (a sink bug) leaves the fingerprints valid.
-        self.shards[(key >> 64) as usize % SHARDS]
+        self.shards[shard_of(key)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Applies one flow event (docs/behaviour.md §3).
     pub fn apply(&self, event: FlowEvent) {
-        self.apply_at(event, self.clock.now());
+        let identity = self.identify(&event);
+        self.apply_at(event, identity, self.clock.now());
     }
 
-    /// Applies one flow event received at `now` (the store's clock).
-    fn apply_at(&self, event: FlowEvent, now: u64) {
+    /// An event's key and retry fingerprint, with its fingerprint's line asked for:
+    /// identified one event ahead, the line is in cache when the event is applied.
+    fn identify(&self, event: &FlowEvent) -> Identity {
         use std::hash::BuildHasher;
         let key = self.key(&event.flow, &event.correlation_id);
         let is_start = event.kind == EventKind::Start;
@@ -189,6 +196,13 @@ impl MemoryStore {
             Some(step) => self.key_hashers[0].hash_one((key, &**step, event.timestamp_nanos)),
             None => self.key_hashers[0].hash_one((key, is_start, event.timestamp_nanos)),
         };
+        self.probe_hints[shard_of(key)].prefetch(fingerprint);
+        Identity { key, fingerprint }
+    }
+
+    /// Applies one flow event received at `now` (the store's clock).
+    fn apply_at(&self, event: FlowEvent, identity: Identity, now: u64) {
+        let Identity { key, fingerprint } = identity;
         let mut recent = self.shard(key);
         if recent.check_and_remember(fingerprint, now) == Seen::Again {
             self.sink.report(Report::Duplicate { kind: event.kind });
@@ -437,8 +451,19 @@ impl CorrelationStore for MemoryStore {
     ) -> Result<(), super::StoreError> {
         // One clock reading per export: its events arrived together.
         let now = self.clock.now();
-        for event in events {
-            self.apply_at(event, now);
+        let Some(mut event) = events.next() else {
+            return Ok(());
+        };
+        let mut identity = self.identify(&event);
+        loop {
+            // The next event is identified (its fingerprint's line fetched) first.
+            let next = events.next();
+            let next_identity = next.as_ref().map(|e| self.identify(e));
+            self.apply_at(event, identity, now);
+            match (next, next_identity) {
+                (Some(e), Some(i)) => (event, identity) = (e, i),
+                _ => break,
+            }
         }
         Ok(())
     }
@@ -472,6 +497,18 @@ impl CorrelationStore for MemoryStore {
     fn final_snapshot(&self) -> Option<StoreSnapshot> {
         Some(self.final_snapshot_now())
     }
+}
+
+/// What the store derives from an event before applying it.
+#[derive(Clone, Copy)]
+struct Identity {
+    key: Key,
+    fingerprint: u64,
+}
+
+/// The shard of a key: its fingerprints and the lock that orders its events.
+fn shard_of(key: Key) -> usize {
+    (key >> 64) as usize % SHARDS
 }
 
 /// Two independently seeded hashers from one seed: the 128-bit key.
