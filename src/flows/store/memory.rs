@@ -451,19 +451,13 @@ impl CorrelationStore for MemoryStore {
     ) -> Result<(), super::StoreError> {
         // One clock reading per export: its events arrived together.
         let now = self.clock.now();
-        let Some(mut event) = events.next() else {
-            return Ok(());
-        };
-        let mut identity = self.identify(&event);
-        loop {
+        let mut next = events.next();
+        let mut next_identity = next.as_ref().map(|e| self.identify(e));
+        while let (Some(event), Some(identity)) = (next.take(), next_identity) {
             // The next event is identified (its fingerprint's line fetched) first.
-            let next = events.next();
-            let next_identity = next.as_ref().map(|e| self.identify(e));
+            next = events.next();
+            next_identity = next.as_ref().map(|e| self.identify(e));
             self.apply_at(event, identity, now);
-            match (next, next_identity) {
-                (Some(e), Some(i)) => (event, identity) = (e, i),
-                _ => break,
-            }
         }
         Ok(())
     }
