@@ -48,6 +48,7 @@ const SPAN_END_TIME: u32 = 8;
 const SPAN_ATTRIBUTES: u32 = 9;
 const SPAN_EVENTS: u32 = 11;
 const SPAN_STATUS: u32 = 15;
+const SPAN_FLAGS: u32 = 16;
 const STATUS_CODE: u32 = 3;
 const STATUS_CODE_ERROR: u64 = 2;
 const EVENT_TIME: u32 = 1;
@@ -70,6 +71,7 @@ const EVENT_NAME_TAG: u8 = (EVENT_NAME as u8) << 3 | 2;
 const EVENT_ATTRIBUTES_TAG: u8 = (EVENT_ATTRIBUTES as u8) << 3 | 2;
 const STATUS_CODE_TAG: u8 = (STATUS_CODE as u8) << 3;
 const ANY_STRING_TAG: u8 = (ANY_STRING as u8) << 3 | 2;
+const SPANS_TAG: u8 = (SCOPE_SPANS_SPANS as u8) << 3 | 2;
 
 /// What a walk does with a field, by its key's first byte. (Flat, so that one jump
 /// table dispatches it.)
@@ -86,6 +88,9 @@ enum KeyAction {
     Read,
     /// A span attribute: only its key is looked at (Flow Spans, docs/behaviour.md §8).
     Attribute,
+    /// The first byte of `flags` (field 16, fixed32), the one span field every recent
+    /// SDK writes with a two-byte key.
+    SkipFlags,
 }
 
 /// `SPAN_KEYS[key byte]`: fields 1–15 of a `Span`.
@@ -110,7 +115,14 @@ const SPAN_KEYS: [KeyAction; 256] = {
         }
         number += 1;
     }
+    keys[SPAN_FLAGS_KEY[0] as usize] = KeyAction::SkipFlags;
     keys
+};
+
+/// The key of `flags` (field 16, wire type 5) as a varint: two bytes.
+const SPAN_FLAGS_KEY: [u8; 2] = {
+    let key = SPAN_FLAGS << 3 | 5;
+    [0x80 | (key & 0x7f) as u8, (key >> 7) as u8]
 };
 
 /// Wire types of the fields of the messages the scan walks (opentelemetry-proto v1):
@@ -386,8 +398,24 @@ impl<'a> Scan<'_, 'a> {
         let mut fields = Fields::new(msg);
         while let Some(field) = fields.next_field()? {
             if let (RESOURCE_SPANS_SCOPE_SPANS, Value::Bytes(scope_spans)) = field {
-                let mut fields = Fields::new(scope_spans);
-                while let Some(field) = fields.next_field()? {
+                let mut rest = scope_spans;
+                while !rest.is_empty() {
+                    // A span of 128 bytes to 16 KiB, the usual size, inline; anything
+                    // else (and every other field) through the general reader.
+                    if let [SPANS_TAG, l0, l1, ref tail @ ..] = *rest {
+                        if l0 >= 0x80 && l1 < 0x80 && l1 > 0 {
+                            let len = usize::from(l0 & 0x7f) | usize::from(l1) << 7;
+                            if let Some((span, after)) = tail.split_at_checked(len) {
+                                rest = after;
+                                self.found.spans += 1;
+                                self.span(span, &resource)?;
+                                continue;
+                            }
+                        }
+                    }
+                    let mut fields = Fields::new(rest);
+                    let field = fields.next_field()?.ok_or(WireError::PastTheEnd)?;
+                    rest = fields.rest();
                     check_wire(field.0, &field.1, container_wire)?;
                     if let (SCOPE_SPANS_SPANS, Value::Bytes(span)) = field {
                         self.found.spans += 1;
@@ -465,6 +493,16 @@ impl<'a> Scan<'_, 'a> {
                             if may_be_flow_span_kv(tail) {
                                 ids.flow_span |= is_flow_span_kv(&tail[..usize::from(len)]);
                             }
+                            rest = after;
+                            continue;
+                        }
+                    }
+                }
+                KeyAction::SkipFlags => {
+                    // The same first byte starts the keys of fields 32, 48, …: the
+                    // second byte tells.
+                    if let [second, _, _, _, _, ref after @ ..] = *tail {
+                        if second == SPAN_FLAGS_KEY[1] {
                             rest = after;
                             continue;
                         }
@@ -1571,5 +1609,92 @@ mod tests {
             }
         }
         assert!(compared > 1000, "{compared}");
+    }
+
+    /// Spans as SDKs send them: `flags` (field 16, a two-byte key) and lengths of two
+    /// bytes, both read inline. Also fields 32 and 48, whose keys start with the same byte
+    /// as `flags`; and with bytes flipped, what prost reads the scan reads the same (ids
+    /// of the wrong length aside).
+    #[test]
+    fn flags_and_two_byte_span_lengths_read_like_prost() {
+        let flags = |number: u32, wire: u32| {
+            let mut out = Vec::new();
+            varint(u64::from(number << 3 | wire), &mut out);
+            out.extend_from_slice(&1u32.to_le_bytes());
+            out
+        };
+        let event = message(&[
+            fixed64_field(EVENT_TIME, 7),
+            bytes_field(EVENT_NAME, b"flow.a.start"),
+            bytes_field(EVENT_ATTRIBUTES, &plain_kv("correlation-id", "c1")),
+        ]);
+        let span = |extra: Vec<u8>, name_len: usize| {
+            message(&[
+                bytes_field(SPAN_TRACE_ID, &[1; 16]),
+                bytes_field(SPAN_SPAN_ID, &[2; 8]),
+                bytes_field(5, &vec![b'n'; name_len]),
+                bytes_field(SPAN_EVENTS, &event),
+                extra,
+            ])
+        };
+        let spans = [
+            span(flags(SPAN_FLAGS, 5), 200),
+            span(flags(SPAN_FLAGS, 5), 10),
+            span(flags(32, 5), 300),
+            span(flags(48, 5), 150),
+        ];
+        assert!(spans[0].len() >= 0x80 && spans[1].len() < 0x80);
+        let scope: Vec<u8> = spans
+            .iter()
+            .flat_map(|s| bytes_field(SCOPE_SPANS_SPANS, s))
+            .collect();
+        let rs = bytes_field(RESOURCE_SPANS_SCOPE_SPANS, &scope);
+        let good = bytes_field(REQUEST_RESOURCE_SPANS, &rs);
+        assert_eq!(assert_like_prost(&good), Ok(4));
+        // `flags` with another wire type is refused, as prost refuses it.
+        let bad = bytes_field(
+            REQUEST_RESOURCE_SPANS,
+            &bytes_field(
+                RESOURCE_SPANS_SCOPE_SPANS,
+                &bytes_field(SCOPE_SPANS_SPANS, &span(varint_field(SPAN_FLAGS, 1), 200)),
+            ),
+        );
+        assert_eq!(assert_like_prost(&bad), Err(()));
+        // The first byte of `flags` with a second byte that makes field number 0.
+        let zero = bytes_field(
+            REQUEST_RESOURCE_SPANS,
+            &bytes_field(
+                RESOURCE_SPANS_SCOPE_SPANS,
+                &bytes_field(SCOPE_SPANS_SPANS, &span(vec![0x85, 0, 1, 0, 0, 0], 200)),
+            ),
+        );
+        assert_eq!(assert_like_prost(&zero), Err(()));
+        // Flipped bytes: what prost reads, the scan reads the same. (The scan may accept
+        // more: fields it never reads, such as links, are only skipped.)
+        let x = Extractor::new(crate::settings::extractor(&config()));
+        let show = |v: &[Result<FlowEvent, Rejection>]| format!("{v:?}");
+        let mut compared = 0;
+        for at in 0..good.len() {
+            for change in [0x01u8, 0x04, 0x40, 0x80, 0xff] {
+                let mut bytes = good.clone();
+                bytes[at] ^= change;
+                let Ok(req) = ExportTraceServiceRequest::decode(&bytes[..]) else {
+                    continue;
+                };
+                let scan = match scan_traces(&bytes, &x, 1) {
+                    Ok(scan) => scan,
+                    // Ids of the wrong length are refused here, not by prost.
+                    Err(ScanError::IdLength(_)) => continue,
+                    Err(e) => panic!("byte {at} ^ {change:#x}: {e}"),
+                };
+                assert_eq!(
+                    show(&scan.events),
+                    show(&full_decode(&req, &x)),
+                    "byte {at} ^ {change:#x}"
+                );
+                compared += 1;
+            }
+        }
+        assert!(compared > 500, "{compared}");
     }
 }
