@@ -406,3 +406,36 @@ pub fn timeliness(
         max_ms: *late.last().unwrap_or(&0.0),
     }
 }
+
+/// `--profile-scan`: the scan alone (what a server does with every span before any
+/// event reaches the store), `batches` times over one body, with the default config.
+pub fn scan_alone(t: &Template, batches: u64) {
+    let config = Config::default();
+    let extractor = flowmetrics::flows::Extractor::new(settings::extractor(&config));
+    let network = NetworkFlows::new(settings::network_flows(&config));
+    let body = t.batch(0);
+    let started = Instant::now();
+    let mut spans = 0;
+    for _ in 0..batches {
+        spans += measured_scan(&body, &extractor, network.as_ref());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "scanned {batches} bodies of {} spans: {:.1} ns per span, {:.2}M spans/s",
+        t.spans,
+        secs * 1e9 / spans as f64,
+        spans as f64 / secs / 1e6
+    );
+}
+
+#[inline(never)]
+fn measured_scan(
+    body: &[u8],
+    extractor: &flowmetrics::flows::Extractor,
+    network: Option<&NetworkFlows>,
+) -> u64 {
+    let found = flowmetrics::flows::scan::scan_traces_with_network(body, extractor, network, 1)
+        .expect("the workload is well formed");
+    std::hint::black_box(&found);
+    found.spans
+}

@@ -4,7 +4,7 @@
 //! cargo run --release -p flowmetrics-bench -- [--quick] [--json PATH] [--only LIST]
 //!     [--server PATH] [--steady SECS] [--profile-pipeline BATCHES]
 //!     [--profile-sparse BATCHES] [--profile-network BATCHES] [--profile-steps BATCHES]
-//!     [--profile-moka BATCHES]
+//!     [--profile-scan BODIES] [--profile-moka BATCHES]
 //! ```
 //!
 //! Prints one table and writes it as JSON. Every throughput is also given as a ratio to
@@ -71,6 +71,10 @@ struct Args {
     /// The same with the steps workload (start, 4 steps, end per instance)
     #[arg(long, value_name = "N")]
     profile_steps: Option<u64>,
+    /// Only the scan (the walk that finds flow events, nothing applied) of the rare
+    /// workload's body, N times, timed (valgrind --toggle-collect='*measured_scan*')
+    #[arg(long, value_name = "N")]
+    profile_scan: Option<u64>,
     /// Only the moka-alone baseline for N batches (valgrind --toggle-collect='*moka_batch*':
     /// the cache's operations alone, 500 per warm-up batch and 1,000 per batch after)
     #[arg(long, value_name = "N")]
@@ -275,6 +279,10 @@ fn main() {
 fn run_profile(args: &Args) -> bool {
     if let Some((shape, batches)) = args.profile() {
         profile(shape, batches);
+        return true;
+    }
+    if let Some(batches) = args.profile_scan {
+        inproc::scan_alone(&Template::new(Shape::Rare), batches);
         return true;
     }
     let Some(batches) = args.profile_moka else {
