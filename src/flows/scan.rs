@@ -1183,6 +1183,13 @@ mod tests {
         out
     }
 
+    fn fixed32_field(number: u32, v: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        varint(u64::from(number << 3 | 5), &mut out);
+        out.extend_from_slice(&v.to_le_bytes());
+        out
+    }
+
     fn message(fields: &[Vec<u8>]) -> Vec<u8> {
         fields.concat()
     }
@@ -1617,12 +1624,6 @@ mod tests {
     /// of the wrong length aside).
     #[test]
     fn flags_and_two_byte_span_lengths_read_like_prost() {
-        let flags = |number: u32, wire: u32| {
-            let mut out = Vec::new();
-            varint(u64::from(number << 3 | wire), &mut out);
-            out.extend_from_slice(&1u32.to_le_bytes());
-            out
-        };
         let event = message(&[
             fixed64_field(EVENT_TIME, 7),
             bytes_field(EVENT_NAME, b"flow.a.start"),
@@ -1638,10 +1639,10 @@ mod tests {
             ])
         };
         let spans = [
-            span(flags(SPAN_FLAGS, 5), 200),
-            span(flags(SPAN_FLAGS, 5), 10),
-            span(flags(32, 5), 300),
-            span(flags(48, 5), 150),
+            span(fixed32_field(SPAN_FLAGS, 1), 200),
+            span(fixed32_field(SPAN_FLAGS, 1), 10),
+            span(fixed32_field(32, 1), 300),
+            span(fixed32_field(48, 1), 150),
         ];
         assert!(spans[0].len() >= 0x80 && spans[1].len() < 0x80);
         let scope: Vec<u8> = spans
