@@ -187,6 +187,12 @@ def cmd_rules(a):
             res, err = query(a.prom, r["query"])
             if kind == "record":
                 stored, err2 = query(a.prom, name)
+                # Series that appeared after the group's last evaluation (a time-out just
+                # counted, say) are recorded at its next one: wait for it, bounded.
+                deadline = time.time() + 2 * float(g.get("interval") or 15) + 5
+                while healthy and err is None and res and not stored and time.time() < deadline:
+                    time.sleep(1)
+                    stored, err2 = query(a.prom, name)
                 report(f"rules: {kind} {name} evaluates to series and is recorded",
                        healthy and err is None and res and err2 is None and stored,
                        f"health={r.get('health')} lastError={r.get('lastError')!r} query error={err} "
