@@ -1411,7 +1411,15 @@ mod tests {
             bytes_field(SPAN_EVENTS, &event),
         ]);
         span.extend_from_slice(span_extra);
-        let scope = bytes_field(SCOPE_SPANS_SPANS, &span);
+        request_of(&[span])
+    }
+
+    /// A request of one resource and one scope holding `spans` (encoded `Span`s).
+    fn request_of(spans: &[Vec<u8>]) -> Vec<u8> {
+        let scope: Vec<u8> = spans
+            .iter()
+            .flat_map(|s| bytes_field(SCOPE_SPANS_SPANS, s))
+            .collect();
         let rs = bytes_field(RESOURCE_SPANS_SCOPE_SPANS, &scope);
         bytes_field(REQUEST_RESOURCE_SPANS, &rs)
     }
@@ -1593,29 +1601,40 @@ mod tests {
     #[test]
     fn mutations_prost_accepts_extract_like_prost() {
         let x = Extractor::new(crate::settings::extractor(&odd_config()));
+        let compared: usize = [odd_request(), varied_request().encode_to_vec()]
+            .iter()
+            .map(|good| flips_read_like_prost(good, &x, &[0x01, 0x02, 0x08, 0x80, 0xff]))
+            .sum();
+        assert!(compared > 1000, "{compared}");
+    }
+
+    /// `good` with each byte flipped by each of `changes` in turn: every request prost
+    /// reads, the scan reads to the same events, or refuses for an id of the wrong length
+    /// (which prost does not check). How many requests were compared.
+    fn flips_read_like_prost(good: &[u8], x: &Extractor, changes: &[u8]) -> usize {
         let show = |v: &[Result<FlowEvent, Rejection>]| format!("{v:?}");
         let mut compared = 0;
-        for good in [odd_request(), varied_request().encode_to_vec()] {
-            for at in 0..good.len() {
-                for change in [0x01u8, 0x02, 0x08, 0x80, 0xff] {
-                    let mut bytes = good.clone();
-                    bytes[at] ^= change;
-                    let Ok(req) = ExportTraceServiceRequest::decode(&bytes[..]) else {
-                        continue;
-                    };
-                    let Ok(scan) = scan_traces(&bytes, &x, 1) else {
-                        continue;
-                    };
-                    compared += 1;
-                    assert_eq!(
-                        show(&scan.events),
-                        show(&full_decode(&req, &x)),
-                        "byte {at} ^ {change:#x}"
-                    );
-                }
+        for at in 0..good.len() {
+            for change in changes {
+                let mut bytes = good.to_vec();
+                bytes[at] ^= change;
+                let Ok(req) = ExportTraceServiceRequest::decode(&bytes[..]) else {
+                    continue;
+                };
+                let scan = match scan_traces(&bytes, x, 1) {
+                    Ok(scan) => scan,
+                    Err(ScanError::IdLength(_)) => continue,
+                    Err(e) => panic!("byte {at} ^ {change:#x}: {e}"),
+                };
+                assert_eq!(
+                    show(&scan.events),
+                    show(&full_decode(&req, x)),
+                    "byte {at} ^ {change:#x}"
+                );
+                compared += 1;
             }
         }
-        assert!(compared > 1000, "{compared}");
+        compared
     }
 
     /// Spans as SDKs send them: `flags` (field 16, a two-byte key) and lengths of two
@@ -1645,57 +1664,18 @@ mod tests {
             span(fixed32_field(48, 1), 150),
         ];
         assert!(spans[0].len() >= 0x80 && spans[1].len() < 0x80);
-        let scope: Vec<u8> = spans
-            .iter()
-            .flat_map(|s| bytes_field(SCOPE_SPANS_SPANS, s))
-            .collect();
-        let rs = bytes_field(RESOURCE_SPANS_SCOPE_SPANS, &scope);
-        let good = bytes_field(REQUEST_RESOURCE_SPANS, &rs);
+        let good = request_of(&spans);
         assert_eq!(assert_like_prost(&good), Ok(4));
         // `flags` with another wire type is refused, as prost refuses it.
-        let bad = bytes_field(
-            REQUEST_RESOURCE_SPANS,
-            &bytes_field(
-                RESOURCE_SPANS_SCOPE_SPANS,
-                &bytes_field(SCOPE_SPANS_SPANS, &span(varint_field(SPAN_FLAGS, 1), 200)),
-            ),
-        );
+        let bad = request_of(&[span(varint_field(SPAN_FLAGS, 1), 200)]);
         assert_eq!(assert_like_prost(&bad), Err(()));
         // The first byte of `flags` with a second byte that makes field number 0.
-        let zero = bytes_field(
-            REQUEST_RESOURCE_SPANS,
-            &bytes_field(
-                RESOURCE_SPANS_SCOPE_SPANS,
-                &bytes_field(SCOPE_SPANS_SPANS, &span(vec![0x85, 0, 1, 0, 0, 0], 200)),
-            ),
-        );
+        let zero = request_of(&[span(vec![0x85, 0, 1, 0, 0, 0], 200)]);
         assert_eq!(assert_like_prost(&zero), Err(()));
         // Flipped bytes: what prost reads, the scan reads the same. (The scan may accept
         // more: fields it never reads, such as links, are only skipped.)
         let x = Extractor::new(crate::settings::extractor(&config()));
-        let show = |v: &[Result<FlowEvent, Rejection>]| format!("{v:?}");
-        let mut compared = 0;
-        for at in 0..good.len() {
-            for change in [0x01u8, 0x04, 0x40, 0x80, 0xff] {
-                let mut bytes = good.clone();
-                bytes[at] ^= change;
-                let Ok(req) = ExportTraceServiceRequest::decode(&bytes[..]) else {
-                    continue;
-                };
-                let scan = match scan_traces(&bytes, &x, 1) {
-                    Ok(scan) => scan,
-                    // Ids of the wrong length are refused here, not by prost.
-                    Err(ScanError::IdLength(_)) => continue,
-                    Err(e) => panic!("byte {at} ^ {change:#x}: {e}"),
-                };
-                assert_eq!(
-                    show(&scan.events),
-                    show(&full_decode(&req, &x)),
-                    "byte {at} ^ {change:#x}"
-                );
-                compared += 1;
-            }
-        }
+        let compared = flips_read_like_prost(&good, &x, &[0x01, 0x04, 0x40, 0x80, 0xff]);
         assert!(compared > 500, "{compared}");
     }
 }
